@@ -1,0 +1,1 @@
+//! distbuild client (skeleton; built in a later issue).

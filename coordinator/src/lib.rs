@@ -1,0 +1,1 @@
+//! distbuild coordinator (skeleton; built in a later issue).

@@ -1,0 +1,109 @@
+//! Opening the RocksDB instance, the store's own column families and keys,
+//! and the value encoding.
+
+use std::path::Path;
+
+use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, DB, DBRecoveryMode, Options};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::StoreError;
+
+/// Log entries, keyed by [`log_key`].
+pub(crate) const CF_LOG: &str = "raft.log";
+/// Single keys below: the store's own metadata.
+pub(crate) const CF_META: &str = "raft.meta";
+
+/// Prefix reserved for the store's own column families.
+const RESERVED_PREFIX: &str = "raft.";
+
+pub(crate) const KEY_VOTE: &[u8] = b"vote";
+pub(crate) const KEY_COMMITTED: &[u8] = b"committed";
+pub(crate) const KEY_LAST_PURGED: &[u8] = b"last_purged";
+pub(crate) const KEY_APPLIED: &[u8] = b"sm.applied";
+pub(crate) const KEY_MEMBERSHIP: &[u8] = b"sm.membership";
+/// Present while a snapshot install is under way; holds the snapshot's meta.
+pub(crate) const KEY_INSTALLING: &[u8] = b"sm.installing";
+
+/// Opens the database in `dir` with the store's column families and the
+/// application's. Column families found on disk but no longer declared are
+/// opened too (RocksDB requires it) and left alone.
+pub(crate) fn open(dir: &Path, app_column_families: &[&str]) -> Result<DB, StoreError> {
+    for name in app_column_families {
+        if name.starts_with(RESERVED_PREFIX) || name.is_empty() || *name == "default" {
+            return Err(StoreError::Config(format!(
+                "application column family {name:?} is reserved (empty, \"default\" or starting with {RESERVED_PREFIX:?})"
+            )));
+        }
+    }
+    std::fs::create_dir_all(dir)
+        .map_err(|e| StoreError::io(format!("create {}", dir.display()), e))?;
+
+    let mut opts = Options::default();
+    opts.create_if_missing(true);
+    opts.create_missing_column_families(true);
+    // Recover the longest consistent prefix of the WAL after a crash: the
+    // log, vote and state machine share it, so they recover together.
+    opts.set_wal_recovery_mode(DBRecoveryMode::PointInTime);
+    opts.set_keep_log_file_num(4);
+    opts.set_max_log_file_size(8 << 20);
+
+    let mut names: Vec<String> = vec![CF_LOG.into(), CF_META.into()];
+    names.extend(app_column_families.iter().map(|s| s.to_string()));
+    if let Ok(existing) = DB::list_cf(&opts, dir) {
+        for name in existing {
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        }
+    }
+    let descriptors = names
+        .into_iter()
+        .map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
+    Ok(DB::open_cf_descriptors(&opts, dir, descriptors)?)
+}
+
+/// The handle of a column family that [`open`] created.
+pub(crate) fn cf<'a>(db: &'a DB, name: &str) -> &'a ColumnFamily {
+    db.cf_handle(name)
+        .expect("every store column family is created by db::open")
+}
+
+/// Log keys sort by index: big-endian u64.
+pub(crate) fn log_key(index: u64) -> [u8; 8] {
+    index.to_be_bytes()
+}
+
+/// Greater than every log key (9 bytes sort after any 8-byte key with the
+/// same prefix, and 0xff.. after any other): the end of "to the last entry".
+pub(crate) const LOG_KEY_END: [u8; 9] = [0xff; 9];
+
+pub(crate) fn index_of_log_key(key: &[u8]) -> Result<u64, StoreError> {
+    let bytes: [u8; 8] = key
+        .try_into()
+        .map_err(|_| StoreError::Corrupt(format!("log key of {} bytes", key.len())))?;
+    Ok(u64::from_be_bytes(bytes))
+}
+
+pub(crate) fn encode<T: Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>, StoreError> {
+    postcard::to_stdvec(value).map_err(|source| StoreError::Encode { what, source })
+}
+
+pub(crate) fn decode<T: DeserializeOwned>(
+    what: &'static str,
+    bytes: &[u8],
+) -> Result<T, StoreError> {
+    postcard::from_bytes(bytes).map_err(|source| StoreError::Decode { what, source })
+}
+
+/// Reads and decodes one key of `raft.meta`.
+pub(crate) fn get_meta<T: DeserializeOwned>(
+    db: &DB,
+    key: &'static [u8],
+    what: &'static str,
+) -> Result<Option<T>, StoreError> {
+    match db.get_pinned_cf(cf(db, CF_META), key)? {
+        Some(bytes) => Ok(Some(decode(what, &bytes)?)),
+        None => Ok(None),
+    }
+}

@@ -1,0 +1,843 @@
+//! openraft's `RaftStateMachine` on RocksDB, and the seam through which the
+//! application supplies its deterministic `apply`.
+
+use std::collections::BTreeMap;
+use std::ops::{Bound, ControlFlow};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use openraft::storage::RaftStateMachine;
+use openraft::{
+    EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, Snapshot, SnapshotMeta, StorageError,
+    StorageIOError, StoredMembership,
+};
+use rocksdb::{
+    DB, DBIteratorWithThreadMode, Direction, IteratorMode, ReadOptions, WriteBatch, WriteOptions,
+};
+use tokio::io::AsyncWriteExt;
+
+use crate::db::{self, CF_META, KEY_APPLIED, KEY_INSTALLING, KEY_MEMBERSHIP};
+use crate::snapshot::{self, Meta, SnapshotDir};
+use crate::{StoreError, StoreTypeConfig};
+
+/// Largest write batch used while loading a snapshot: bounds the memory an
+/// install takes whatever the snapshot's size.
+const MAX_LOAD_BATCH_BYTES: usize = 4 << 20;
+
+/// The application whose state the store keeps: the coordinator implements
+/// it. Its state lives in its own column families; `apply` reads and writes
+/// them through an [`ApplyTxn`].
+pub trait Application<C: StoreTypeConfig>: Send + Sync + 'static {
+    /// Names of the column families holding the application's state. They
+    /// must not be empty, `"default"`, or start with `raft.`.
+    const COLUMN_FAMILIES: &'static [&'static str];
+
+    /// Applies one committed command. Must be deterministic: a function of
+    /// the state read through `txn`, the log id and the command only — no
+    /// clock, no randomness, no I/O but `txn`. Writes made through `txn` are
+    /// committed atomically with the entry's log id once this returns `Ok`.
+    ///
+    /// An error here is a storage failure and stops the Raft node; a command
+    /// the application refuses is a normal response, not an error.
+    fn apply(
+        &mut self,
+        txn: &mut ApplyTxn<'_>,
+        log_id: &LogId<u64>,
+        command: &C::D,
+    ) -> Result<C::R, StoreError>;
+
+    /// The response for entries that carry no command (blank and membership
+    /// entries), which openraft still expects one for.
+    fn empty_response(&self) -> C::R;
+
+    /// Called once the state was loaded as a whole (on open, after a
+    /// snapshot install), so the application can rebuild any in-memory index
+    /// it keeps beside its column families.
+    fn restore(&mut self, state: &StateReader<'_>) -> Result<(), StoreError> {
+        let _ = state;
+        Ok(())
+    }
+}
+
+/// Reads of the application's state.
+pub trait ReadState {
+    /// The value of `key` in `table`.
+    fn get(&self, table: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Calls `f` for every key in `table` starting with `prefix`, in key
+    /// order, until it returns `Break`.
+    fn for_each_prefix(
+        &self,
+        table: &str,
+        prefix: &[u8],
+        f: &mut dyn FnMut(&[u8], &[u8]) -> ControlFlow<()>,
+    ) -> Result<(), StoreError>;
+}
+
+fn table_index(tables: &[&str], table: &str) -> Result<usize, StoreError> {
+    tables
+        .iter()
+        .position(|t| *t == table)
+        .ok_or_else(|| StoreError::UnknownColumnFamily(table.to_string()))
+}
+
+/// The smallest key greater than every key starting with `prefix`, if any.
+fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+fn prefix_read_options(prefix: &[u8]) -> ReadOptions {
+    let mut opts = ReadOptions::default();
+    if let Some(end) = prefix_end(prefix) {
+        opts.set_iterate_upper_bound(end);
+    }
+    opts
+}
+
+/// Walks a RocksDB iterator bounded to a prefix, merged with pending writes
+/// (`overlay`, already restricted to the prefix), which win on equal keys.
+fn merge_scan<'o>(
+    iter: DBIteratorWithThreadMode<'_, DB>,
+    overlay: impl Iterator<Item = (&'o [u8], Option<&'o [u8]>)>,
+    f: &mut dyn FnMut(&[u8], &[u8]) -> ControlFlow<()>,
+) -> Result<(), StoreError> {
+    use std::cmp::Ordering;
+    let mut stored = iter.peekable();
+    let mut pending = overlay.peekable();
+    loop {
+        // Which side holds the smaller key; `None` once both are done.
+        let order = match (stored.peek(), pending.peek()) {
+            (None, None) => return Ok(()),
+            (Some(Err(_)), _) => None,
+            (Some(Ok(_)), None) => Some(Ordering::Less),
+            (None, Some(_)) => Some(Ordering::Greater),
+            (Some(Ok((s, _))), Some((p, _))) => Some(s.as_ref().cmp(*p)),
+        };
+        let flow = match order {
+            None => {
+                let err = stored.next().expect("peeked").expect_err("peeked an error");
+                return Err(err.into());
+            }
+            Some(Ordering::Less) => {
+                let (key, value) = stored.next().expect("peeked").expect("peeked ok");
+                f(&key, &value)
+            }
+            Some(order) => {
+                if order == Ordering::Equal {
+                    // The pending write replaces the stored value.
+                    stored.next();
+                }
+                match pending.next().expect("peeked") {
+                    (key, Some(value)) => f(key, value),
+                    (_, None) => ControlFlow::Continue(()),
+                }
+            }
+        };
+        if flow.is_break() {
+            return Ok(());
+        }
+    }
+}
+
+/// The application's view of the state while applying one entry: reads see
+/// the state before the entry plus the entry's own writes so far.
+pub struct ApplyTxn<'a> {
+    db: &'a DB,
+    tables: &'static [&'static str],
+    batch: WriteBatch,
+    /// Writes of this entry, for reading them back: `None` is a deletion.
+    overlay: BTreeMap<(usize, Vec<u8>), Option<Vec<u8>>>,
+}
+
+impl<'a> ApplyTxn<'a> {
+    fn new(db: &'a DB, tables: &'static [&'static str]) -> Self {
+        Self {
+            db,
+            tables,
+            batch: WriteBatch::default(),
+            overlay: BTreeMap::new(),
+        }
+    }
+
+    /// Sets `key` in `table` to `value`.
+    pub fn put(&mut self, table: &str, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        let index = table_index(self.tables, table)?;
+        self.batch.put_cf(db::cf(self.db, table), key, value);
+        self.overlay
+            .insert((index, key.to_vec()), Some(value.to_vec()));
+        Ok(())
+    }
+
+    /// Removes `key` from `table`.
+    pub fn delete(&mut self, table: &str, key: &[u8]) -> Result<(), StoreError> {
+        let index = table_index(self.tables, table)?;
+        self.batch.delete_cf(db::cf(self.db, table), key);
+        self.overlay.insert((index, key.to_vec()), None);
+        Ok(())
+    }
+
+    fn put_meta<T: serde::Serialize>(
+        &mut self,
+        key: &[u8],
+        what: &'static str,
+        value: &T,
+    ) -> Result<(), StoreError> {
+        self.batch
+            .put_cf(db::cf(self.db, CF_META), key, db::encode(what, value)?);
+        Ok(())
+    }
+}
+
+impl ReadState for ApplyTxn<'_> {
+    fn get(&self, table: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let index = table_index(self.tables, table)?;
+        if let Some(pending) = self.overlay.get(&(index, key.to_vec())) {
+            return Ok(pending.clone());
+        }
+        Ok(self.db.get_cf(db::cf(self.db, table), key)?)
+    }
+
+    fn for_each_prefix(
+        &self,
+        table: &str,
+        prefix: &[u8],
+        f: &mut dyn FnMut(&[u8], &[u8]) -> ControlFlow<()>,
+    ) -> Result<(), StoreError> {
+        let index = table_index(self.tables, table)?;
+        let iter = self.db.iterator_cf_opt(
+            db::cf(self.db, table),
+            prefix_read_options(prefix),
+            IteratorMode::From(prefix, Direction::Forward),
+        );
+        let overlay = self
+            .overlay
+            .range((Bound::Included((index, prefix.to_vec())), Bound::Unbounded))
+            .take_while(|((t, k), _)| *t == index && k.starts_with(prefix))
+            .map(|((_, k), v)| (k.as_slice(), v.as_deref()));
+        merge_scan(iter, overlay, f)
+    }
+}
+
+/// A consistent point-in-time view of the application's state.
+pub struct StateReader<'a> {
+    db: &'a DB,
+    view: rocksdb::Snapshot<'a>,
+    tables: &'static [&'static str],
+}
+
+impl<'a> StateReader<'a> {
+    fn new(db: &'a DB, tables: &'static [&'static str]) -> Self {
+        Self {
+            db,
+            view: db.snapshot(),
+            tables,
+        }
+    }
+
+    /// The log id of the last entry the state reflects.
+    pub fn applied(&self) -> Result<Option<LogId<u64>>, StoreError> {
+        match self.view.get_cf(db::cf(self.db, CF_META), KEY_APPLIED)? {
+            Some(bytes) => db::decode("last applied log id", &bytes),
+            None => Ok(None),
+        }
+    }
+}
+
+impl ReadState for StateReader<'_> {
+    fn get(&self, table: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        table_index(self.tables, table)?;
+        Ok(self.view.get_cf(db::cf(self.db, table), key)?)
+    }
+
+    fn for_each_prefix(
+        &self,
+        table: &str,
+        prefix: &[u8],
+        f: &mut dyn FnMut(&[u8], &[u8]) -> ControlFlow<()>,
+    ) -> Result<(), StoreError> {
+        table_index(self.tables, table)?;
+        let iter = self.view.iterator_cf_opt(
+            db::cf(self.db, table),
+            prefix_read_options(prefix),
+            IteratorMode::From(prefix, Direction::Forward),
+        );
+        merge_scan(iter, std::iter::empty(), f)
+    }
+}
+
+/// A cloneable handle for reading the application's state outside `apply`
+/// (for queries), always through a consistent view.
+#[derive(Clone)]
+pub struct StateHandle {
+    db: Arc<DB>,
+    tables: &'static [&'static str],
+}
+
+impl StateHandle {
+    /// Runs `f` on a point-in-time view of the state.
+    pub fn read<T>(&self, f: impl FnOnce(&StateReader<'_>) -> T) -> T {
+        f(&StateReader::new(&self.db, self.tables))
+    }
+}
+
+/// The state-machine half of the store, running application `A`.
+pub struct StateMachineStore<C: StoreTypeConfig, A: Application<C>> {
+    db: Arc<DB>,
+    app: A,
+    snapshots: Arc<SnapshotDir<C>>,
+    /// Held through a whole snapshot install, and by a snapshot build while
+    /// it takes its view, so a build never sees a half-installed state.
+    install_lock: Arc<Mutex<()>>,
+    last_applied: Option<LogId<u64>>,
+}
+
+/// Builds snapshots from a point-in-time view, beside ongoing applies.
+#[derive(Clone)]
+pub struct SnapshotBuilder<C: StoreTypeConfig> {
+    db: Arc<DB>,
+    snapshots: Arc<SnapshotDir<C>>,
+    install_lock: Arc<Mutex<()>>,
+    tables: &'static [&'static str],
+}
+
+fn sync_write() -> WriteOptions {
+    let mut opts = WriteOptions::default();
+    opts.set_sync(true);
+    opts
+}
+
+fn task_error(e: tokio::task::JoinError) -> StoreError {
+    StoreError::Task(e.to_string())
+}
+
+/// Replaces the application's state with the current snapshot's, in bounded
+/// batches. The caller has written the `installing` marker; the last batch
+/// sets the applied id and membership and removes the marker, synced.
+fn load_current_snapshot<C: StoreTypeConfig>(
+    db: &DB,
+    snapshots: &SnapshotDir<C>,
+    tables: &'static [&'static str],
+    meta: &Meta<C>,
+) -> Result<(), StoreError> {
+    let path = snapshots.current_path();
+    let mut reader = snapshot::open_reader(&path)?;
+    let file_meta: Meta<C> = reader.meta()?;
+    if file_meta != *meta {
+        return Err(StoreError::BadSnapshot {
+            path,
+            problem: format!("holds snapshot {file_meta}, expected {meta}"),
+        });
+    }
+    // Map the snapshot's tables to ours before touching anything.
+    let mapping = reader
+        .tables
+        .iter()
+        .map(|name| table_index(tables, name).map(|i| tables[i]))
+        .collect::<Result<Vec<&'static str>, StoreError>>()?;
+
+    for table in tables {
+        let cf = db::cf(db, table);
+        // Everything in the table is in [first, last]: one range deletion
+        // plus the last key clears it without a tombstone per key.
+        let first = db.iterator_cf(cf, IteratorMode::Start).next().transpose()?;
+        let last = db.iterator_cf(cf, IteratorMode::End).next().transpose()?;
+        if let (Some((first, _)), Some((last, _))) = (first, last) {
+            let mut batch = WriteBatch::default();
+            batch.delete_range_cf(cf, &first, &last);
+            batch.delete_cf(cf, &last);
+            db.write(batch)?;
+        }
+    }
+
+    let mut batch = WriteBatch::default();
+    while let Some((table, key, value)) = reader.next_record()? {
+        batch.put_cf(db::cf(db, mapping[table]), key, value);
+        if batch.size_in_bytes() >= MAX_LOAD_BATCH_BYTES {
+            db.write(std::mem::take(&mut batch))?;
+        }
+    }
+    let cf_meta = db::cf(db, CF_META);
+    batch.put_cf(
+        cf_meta,
+        KEY_APPLIED,
+        db::encode("last applied log id", &meta.last_log_id)?,
+    );
+    batch.put_cf(
+        cf_meta,
+        KEY_MEMBERSHIP,
+        db::encode("membership", &meta.last_membership)?,
+    );
+    batch.delete_cf(cf_meta, KEY_INSTALLING);
+    db.write_opt(batch, &sync_write())?;
+    Ok(())
+}
+
+impl<C: StoreTypeConfig, A: Application<C>> StateMachineStore<C, A> {
+    pub(crate) fn open(
+        db: Arc<DB>,
+        snapshots: SnapshotDir<C>,
+        mut app: A,
+    ) -> Result<Self, StoreError> {
+        let snapshots = Arc::new(snapshots);
+        let installing: Option<Meta<C>> = db::get_meta(&db, KEY_INSTALLING, "installing marker")?;
+        if let Some(meta) = installing {
+            tracing::info!(snapshot = %meta, "finishing a snapshot install interrupted by a crash");
+            let received = snapshots.install_path();
+            if received.exists() {
+                let mut reader = snapshot::open_reader(&received)?;
+                reader.verify_to_end()?;
+                snapshots.promote_installed(&reader.meta()?)?;
+            }
+            load_current_snapshot(&db, &snapshots, A::COLUMN_FAMILIES, &meta)?;
+        }
+        let received = snapshots.install_path();
+        if received.exists() {
+            std::fs::remove_file(&received)
+                .map_err(|e| StoreError::io(format!("remove {}", received.display()), e))?;
+        }
+        let reader = StateReader::new(&db, A::COLUMN_FAMILIES);
+        let last_applied = reader.applied()?;
+        app.restore(&reader)?;
+        drop(reader);
+        Ok(Self {
+            db,
+            app,
+            snapshots,
+            install_lock: Arc::new(Mutex::new(())),
+            last_applied,
+        })
+    }
+
+    /// A handle for reading the application's state from elsewhere.
+    pub fn state(&self) -> StateHandle {
+        StateHandle {
+            db: self.db.clone(),
+            tables: A::COLUMN_FAMILIES,
+        }
+    }
+
+    /// The application, for its in-memory parts.
+    pub fn app(&self) -> &A {
+        &self.app
+    }
+
+    fn apply_one(&mut self, entry: &C::Entry) -> Result<C::R, StoreError> {
+        let log_id = entry.log_id;
+        assert!(
+            Some(log_id) > self.last_applied,
+            "apply out of order: {log_id} after {:?}",
+            self.last_applied
+        );
+        let mut txn = ApplyTxn::new(&self.db, A::COLUMN_FAMILIES);
+        let response = match &entry.payload {
+            EntryPayload::Blank => self.app.empty_response(),
+            EntryPayload::Normal(command) => self.app.apply(&mut txn, &log_id, command)?,
+            EntryPayload::Membership(membership) => {
+                let stored = StoredMembership::new(Some(log_id), membership.clone());
+                txn.put_meta(KEY_MEMBERSHIP, "membership", &stored)?;
+                self.app.empty_response()
+            }
+        };
+        txn.put_meta(KEY_APPLIED, "last applied log id", &Some(log_id))?;
+        self.db.write(txn.batch)?;
+        self.last_applied = Some(log_id);
+        Ok(response)
+    }
+}
+
+impl<C: StoreTypeConfig, A: Application<C>> RaftStateMachine<C> for StateMachineStore<C, A> {
+    type SnapshotBuilder = SnapshotBuilder<C>;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId<u64>>, StoredMembership<u64, C::Node>), StorageError<u64>> {
+        let read = || -> Result<_, StoreError> {
+            let applied: Option<Option<LogId<u64>>> =
+                db::get_meta(&self.db, KEY_APPLIED, "last applied log id")?;
+            let membership: Option<StoredMembership<u64, C::Node>> =
+                db::get_meta(&self.db, KEY_MEMBERSHIP, "membership")?;
+            Ok((applied.flatten(), membership.unwrap_or_default()))
+        };
+        read().map_err(|e| StorageIOError::read_state_machine(&e).into())
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<C::R>, StorageError<u64>>
+    where
+        I: IntoIterator<Item = C::Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut responses = Vec::new();
+        for entry in entries {
+            let response = self
+                .apply_one(&entry)
+                .map_err(|e| StorageIOError::apply(entry.log_id, &e))?;
+            responses.push(response);
+        }
+        Ok(responses)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        SnapshotBuilder {
+            db: self.db.clone(),
+            snapshots: self.snapshots.clone(),
+            install_lock: self.install_lock.clone(),
+            tables: A::COLUMN_FAMILIES,
+        }
+    }
+
+    async fn begin_receiving_snapshot(
+        &mut self,
+    ) -> Result<Box<tokio::fs::File>, StorageError<u64>> {
+        // An unnamed file: it vanishes when openraft drops it, installed or not.
+        let file = tempfile::tempfile_in(self.snapshots.dir())
+            .map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+        Ok(Box::new(tokio::fs::File::from_std(file)))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<u64, C::Node>,
+        snapshot: Box<tokio::fs::File>,
+    ) -> Result<(), StorageError<u64>> {
+        let signature = meta.signature();
+        let io_err = |e: StoreError| {
+            StorageError::from(StorageIOError::write_snapshot(Some(signature.clone()), &e))
+        };
+        let mut file = *snapshot;
+        file.flush()
+            .await
+            .map_err(|e| io_err(StoreError::io("flush received snapshot", e)))?;
+        let file = file.into_std().await;
+
+        let db = self.db.clone();
+        let snapshots = self.snapshots.clone();
+        let install_lock = self.install_lock.clone();
+        let meta = meta.clone();
+        let installed = tokio::task::spawn_blocking(move || -> Result<Meta<C>, StoreError> {
+            let _installing = install_lock.lock().expect("install lock poisoned");
+            let received = snapshots.receive(file)?;
+            if received != meta {
+                return Err(StoreError::BadSnapshot {
+                    path: snapshots.install_path(),
+                    problem: format!("holds snapshot {received}, openraft announced {meta}"),
+                });
+            }
+            db.put_cf_opt(
+                db::cf(&db, CF_META),
+                KEY_INSTALLING,
+                db::encode("installing marker", &meta)?,
+                &sync_write(),
+            )?;
+            snapshots.promote_installed(&meta)?;
+            load_current_snapshot(&db, &snapshots, A::COLUMN_FAMILIES, &meta)?;
+            Ok(meta)
+        })
+        .await
+        .map_err(task_error)
+        .and_then(|r| r)
+        .map_err(io_err)?;
+
+        self.last_applied = installed.last_log_id;
+        let reader = StateReader::new(&self.db, A::COLUMN_FAMILIES);
+        self.app.restore(&reader).map_err(io_err)?;
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<C>>, StorageError<u64>> {
+        let current = self
+            .snapshots
+            .open_current()
+            .map_err(|e| StorageIOError::read_snapshot(None, &e))?;
+        Ok(current.map(|(meta, file)| Snapshot {
+            meta,
+            snapshot: Box::new(tokio::fs::File::from_std(file)),
+        }))
+    }
+}
+
+impl<C: StoreTypeConfig> SnapshotBuilder<C> {
+    fn build_blocking(self) -> Result<(Meta<C>, std::fs::File), StoreError> {
+        let view = {
+            let _no_install = self.install_lock.lock().expect("install lock poisoned");
+            self.db.snapshot()
+        };
+        let cf_meta = db::cf(&self.db, CF_META);
+        let applied: Option<LogId<u64>> = match view.get_cf(cf_meta, KEY_APPLIED)? {
+            Some(bytes) => db::decode("last applied log id", &bytes)?,
+            None => None,
+        };
+        let membership: StoredMembership<u64, C::Node> =
+            match view.get_cf(cf_meta, KEY_MEMBERSHIP)? {
+                Some(bytes) => db::decode("membership", &bytes)?,
+                None => StoredMembership::default(),
+            };
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        let meta = SnapshotMeta {
+            last_log_id: applied,
+            last_membership: membership,
+            snapshot_id: format!("{}-{nanos}", applied.map(|l| l.index).unwrap_or(0)),
+        };
+        let file = self.snapshots.build(&meta, self.tables, |writer| {
+            for (index, table) in self.tables.iter().enumerate() {
+                for item in view.iterator_cf(db::cf(&self.db, table), IteratorMode::Start) {
+                    let (key, value) = item?;
+                    writer.record(index, &key, &value)?;
+                }
+            }
+            Ok(())
+        })?;
+        drop(view);
+        Ok((meta, file))
+    }
+}
+
+impl<C: StoreTypeConfig> RaftSnapshotBuilder<C> for SnapshotBuilder<C> {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<C>, StorageError<u64>> {
+        let builder = self.clone();
+        let (meta, file) = tokio::task::spawn_blocking(move || builder.build_blocking())
+            .await
+            .map_err(task_error)
+            .and_then(|r| r)
+            .map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(tokio::fs::File::from_std(file)),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use openraft::{CommittedLeaderId, Entry, RaftSnapshotBuilder};
+    use serde::{Deserialize, Serialize};
+
+    use super::*;
+
+    openraft::declare_raft_types!(
+        pub Config:
+            D = Put,
+            R = (),
+            NodeId = u64,
+            Node = openraft::BasicNode,
+            Entry = openraft::Entry<Config>,
+            SnapshotData = tokio::fs::File,
+            AsyncRuntime = openraft::TokioRuntime,
+    );
+
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    pub struct Put(Vec<u8>, Option<Vec<u8>>);
+
+    const T: &str = "t";
+
+    struct KvApp;
+
+    impl Application<Config> for KvApp {
+        const COLUMN_FAMILIES: &'static [&'static str] = &[T, "u"];
+
+        fn apply(
+            &mut self,
+            txn: &mut ApplyTxn<'_>,
+            _: &LogId<u64>,
+            Put(k, v): &Put,
+        ) -> Result<(), StoreError> {
+            match v {
+                Some(v) => txn.put(T, k, v),
+                None => txn.delete(T, k),
+            }
+        }
+
+        fn empty_response(&self) {}
+    }
+
+    fn entry(index: u64, key: &str, value: Option<&str>) -> Entry<Config> {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 0), index),
+            payload: EntryPayload::Normal(Put(
+                key.as_bytes().to_vec(),
+                value.map(|v| v.as_bytes().to_vec()),
+            )),
+        }
+    }
+
+    fn contents(state: &StateHandle) -> BTreeMap<Vec<u8>, Vec<u8>> {
+        state.read(|r| {
+            let mut all = BTreeMap::new();
+            r.for_each_prefix(T, b"", &mut |k, v| {
+                all.insert(k.to_vec(), v.to_vec());
+                ControlFlow::Continue(())
+            })
+            .expect("scan");
+            all
+        })
+    }
+
+    fn scan(state: &impl ReadState, prefix: &[u8]) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        state
+            .for_each_prefix(T, prefix, &mut |k, v| {
+                out.push((
+                    String::from_utf8_lossy(k).into(),
+                    String::from_utf8_lossy(v).into(),
+                ));
+                ControlFlow::Continue(())
+            })
+            .expect("scan");
+        out
+    }
+
+    #[test]
+    fn prefix_end_is_the_next_prefix() {
+        assert_eq!(prefix_end(b"ab"), Some(b"ac".to_vec()));
+        assert_eq!(prefix_end(&[1, 0xff]), Some(vec![2]));
+        assert_eq!(prefix_end(&[0xff, 0xff]), None);
+        assert_eq!(prefix_end(b""), None);
+    }
+
+    #[test]
+    fn apply_txn_reads_its_own_writes_merged_with_stored_state() {
+        let dir = tempfile::TempDir::new().expect("tempdir");
+        let db = db::open(dir.path(), KvApp::COLUMN_FAMILIES).expect("open");
+        for (k, v) in [("a1", "old"), ("a2", "old"), ("a4", "old"), ("b1", "old")] {
+            db.put_cf(db::cf(&db, T), k, v).expect("put");
+        }
+        let mut txn = ApplyTxn::new(&db, KvApp::COLUMN_FAMILIES);
+        txn.put(T, b"a2", b"new").expect("put");
+        txn.put(T, b"a3", b"new").expect("put");
+        txn.delete(T, b"a4").expect("delete");
+        txn.put(T, b"a", b"new").expect("put");
+
+        assert_eq!(txn.get(T, b"a2").expect("get"), Some(b"new".to_vec()));
+        assert_eq!(txn.get(T, b"a4").expect("get"), None);
+        assert_eq!(txn.get(T, b"a1").expect("get"), Some(b"old".to_vec()));
+        let pairs = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+            v.iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect()
+        };
+        assert_eq!(
+            scan(&txn, b"a"),
+            pairs(&[("a", "new"), ("a1", "old"), ("a2", "new"), ("a3", "new")])
+        );
+        assert_eq!(scan(&txn, b"b"), pairs(&[("b1", "old")]));
+        assert_eq!(scan(&txn, b"c"), pairs(&[]));
+        assert!(matches!(
+            txn.get("nope", b"x"),
+            Err(StoreError::UnknownColumnFamily(_))
+        ));
+        // Nothing reached the database before the batch is written.
+        assert_eq!(db.get_cf(db::cf(&db, T), b"a3").expect("get"), None);
+    }
+
+    #[test]
+    fn reserved_column_family_names_are_refused() {
+        let dir = tempfile::TempDir::new().expect("tempdir");
+        for name in ["raft.log", "default", ""] {
+            assert!(
+                matches!(db::open(dir.path(), &[name]), Err(StoreError::Config(_))),
+                "{name:?}"
+            );
+        }
+    }
+
+    /// Where a crash can interrupt an install, in order.
+    #[derive(Clone, Copy, Debug)]
+    enum CrashPoint {
+        AfterMarker,
+        AfterPromote,
+        MidLoad,
+    }
+
+    /// An install interrupted at each point is finished by the next open, and
+    /// the result is exactly the snapshot's state.
+    #[tokio::test]
+    async fn interrupted_install_is_finished_on_open() {
+        for crash in [
+            CrashPoint::AfterMarker,
+            CrashPoint::AfterPromote,
+            CrashPoint::MidLoad,
+        ] {
+            let source_dir = tempfile::TempDir::new().expect("tempdir");
+            let (_log, mut source) =
+                crate::open::<Config, _>(source_dir.path(), KvApp).expect("open");
+            let entries: Vec<_> = (1..=300)
+                .map(|i| entry(i, &format!("k{i:04}"), Some("v")))
+                .collect();
+            source.apply(entries).await.expect("apply");
+            source
+                .apply([entry(301, "k0001", None)])
+                .await
+                .expect("apply");
+            let snapshot = source
+                .get_snapshot_builder()
+                .await
+                .build_snapshot()
+                .await
+                .expect("build");
+            let expected = contents(&source.state());
+            assert_eq!(expected.len(), 299);
+
+            let target_dir = tempfile::TempDir::new().expect("tempdir");
+            {
+                let (_log, mut target) =
+                    crate::open::<Config, _>(target_dir.path(), KvApp).expect("open");
+                target
+                    .apply([entry(1, "stale", Some("x")), entry(2, "zzz", Some("y"))])
+                    .await
+                    .expect("apply");
+            }
+            {
+                // The install's steps by hand, stopping at `crash`.
+                let db = db::open(target_dir.path(), KvApp::COLUMN_FAMILIES).expect("open");
+                let snapshots =
+                    SnapshotDir::<Config>::open(&target_dir.path().join("snapshots")).expect("dir");
+                let file = (*snapshot.snapshot).into_std().await;
+                let meta = snapshots.receive(file).expect("receive");
+                assert_eq!(meta, snapshot.meta);
+                db.put_cf(
+                    db::cf(&db, CF_META),
+                    KEY_INSTALLING,
+                    db::encode("marker", &meta).expect("encode"),
+                )
+                .expect("marker");
+                if !matches!(crash, CrashPoint::AfterMarker) {
+                    snapshots.promote_installed(&meta).expect("promote");
+                }
+                if matches!(crash, CrashPoint::MidLoad) {
+                    // Part of the old state cleared, part of the new written.
+                    db.delete_cf(db::cf(&db, T), b"stale").expect("delete");
+                    db.put_cf(db::cf(&db, T), b"k0002", b"v").expect("put");
+                }
+            }
+            let (_log, target) =
+                crate::open::<Config, _>(target_dir.path(), KvApp).expect("reopen");
+            assert_eq!(
+                contents(&target.state()),
+                expected,
+                "after a crash {crash:?}"
+            );
+            assert_eq!(
+                target.state().read(|r| r.applied()).expect("applied"),
+                snapshot.meta.last_log_id
+            );
+            let marker: Option<Meta<Config>> =
+                db::get_meta(&target.db, KEY_INSTALLING, "marker").expect("read marker");
+            assert!(
+                marker.is_none(),
+                "the marker outlived the install ({crash:?})"
+            );
+            assert_eq!(target.snapshots.current_meta(), Some(snapshot.meta.clone()));
+        }
+    }
+}

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs what building distbuild needs on a fresh Debian machine that has
+# the Rust toolchain: libclang (RocksDB's bindgen) and a C++ compiler.
+# protoc is not needed: the build uses a vendored one.
+set -euo pipefail
+
+packages=(libclang-dev clang g++ make pkg-config)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}" >&2
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}"
+fi

@@ -1,0 +1,1 @@
+//! distbuild simulation (skeleton; built in a later issue).

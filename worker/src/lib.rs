@@ -1,0 +1,1 @@
+//! distbuild worker (skeleton; built in a later issue).
