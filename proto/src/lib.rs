@@ -1,4 +1,10 @@
-//! distbuild's wire protocol and shared domain types.
+//! distbuild's wire protocol and shared domain types. Every other crate of
+//! ours speaks through this one; it depends on none of them.
+
+pub mod graph;
+mod ids;
+
+pub use ids::{Digest, IdError, JobId};
 
 /// Generated code for the Raft transport between coordinators.
 pub mod raft_v1 {
