@@ -514,7 +514,7 @@ mod tests {
                 "climbs out with ..",
             ),
             (
-                format!(r#"{{"SourceFiles": {{"xx": "a"}}}}"#),
+                r#"{"SourceFiles": {"xx": "a"}}"#.to_string(),
                 "source file ID \"xx\"",
             ),
             (

@@ -1,1 +1,4 @@
-//! distbuild worker (skeleton; built in a later issue).
+//! distbuild worker. Built in the end-to-end issue; today it holds the
+//! artifact format (`artifact`), which every transfer of job outputs uses.
+
+pub mod artifact;
