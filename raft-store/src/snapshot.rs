@@ -407,8 +407,9 @@ impl<C: StoreTypeConfig> SnapshotDir<C> {
     }
 
     /// Copies a received snapshot to `install.tmp`, verifying its structure
-    /// and checksum on the way, and fsyncs it. Returns the meta it carries.
-    pub(crate) fn receive(&self, mut input: File) -> Result<Meta<C>, StoreError> {
+    /// and checksum on the way, and fsyncs it. Returns the meta it carries
+    /// and its table names.
+    pub(crate) fn receive(&self, mut input: File) -> Result<(Meta<C>, Vec<String>), StoreError> {
         input
             .seek(SeekFrom::Start(0))
             .map_err(|e| StoreError::io("seek received snapshot", e))?;
@@ -422,6 +423,7 @@ impl<C: StoreTypeConfig> SnapshotDir<C> {
         let mut reader = SnapshotReader::new(tee, &path)?;
         reader.verify_to_end()?;
         let meta: Meta<C> = reader.meta()?;
+        let tables = std::mem::take(&mut reader.tables);
         let out = reader
             .input
             .out
@@ -429,7 +431,7 @@ impl<C: StoreTypeConfig> SnapshotDir<C> {
             .map_err(|e| StoreError::io("flush received snapshot", e.into_error()))?;
         out.sync_all()
             .map_err(|e| StoreError::io("fsync received snapshot", e))?;
-        Ok(meta)
+        Ok((meta, tables))
     }
 
     /// Makes `install.tmp` the current snapshot, whatever was current.

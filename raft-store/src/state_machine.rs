@@ -317,6 +317,18 @@ fn task_error(e: tokio::task::JoinError) -> StoreError {
     StoreError::Task(e.to_string())
 }
 
+/// Our table for each of a snapshot's tables, in its order; fails on a table
+/// the application does not declare.
+fn map_tables(
+    snapshot_tables: &[String],
+    tables: &'static [&'static str],
+) -> Result<Vec<&'static str>, StoreError> {
+    snapshot_tables
+        .iter()
+        .map(|name| table_index(tables, name).map(|i| tables[i]))
+        .collect()
+}
+
 /// Replaces the application's state with the current snapshot's, in bounded
 /// batches. The caller has written the `installing` marker; the last batch
 /// sets the applied id and membership and removes the marker, synced.
@@ -336,11 +348,7 @@ fn load_current_snapshot<C: StoreTypeConfig>(
         });
     }
     // Map the snapshot's tables to ours before touching anything.
-    let mapping = reader
-        .tables
-        .iter()
-        .map(|name| table_index(tables, name).map(|i| tables[i]))
-        .collect::<Result<Vec<&'static str>, StoreError>>()?;
+    let mapping = map_tables(&reader.tables, tables)?;
 
     for table in tables {
         let cf = db::cf(db, table);
@@ -522,7 +530,10 @@ impl<C: StoreTypeConfig, A: Application<C>> RaftStateMachine<C> for StateMachine
         let meta = meta.clone();
         let installed = tokio::task::spawn_blocking(move || -> Result<Meta<C>, StoreError> {
             let _installing = install_lock.lock().expect("install lock poisoned");
-            let received = snapshots.receive(file)?;
+            let (received, snapshot_tables) = snapshots.receive(file)?;
+            // Everything that can refuse the snapshot is checked before the
+            // marker: once it is written, the install must complete.
+            map_tables(&snapshot_tables, A::COLUMN_FAMILIES)?;
             if received != meta {
                 return Err(StoreError::BadSnapshot {
                     path: snapshots.install_path(),
@@ -803,7 +814,7 @@ mod tests {
                 let snapshots =
                     SnapshotDir::<Config>::open(&target_dir.path().join("snapshots")).expect("dir");
                 let file = (*snapshot.snapshot).into_std().await;
-                let meta = snapshots.receive(file).expect("receive");
+                let (meta, _) = snapshots.receive(file).expect("receive");
                 assert_eq!(meta, snapshot.meta);
                 db.put_cf(
                     db::cf(&db, CF_META),
@@ -839,5 +850,40 @@ mod tests {
             );
             assert_eq!(target.snapshots.current_meta(), Some(snapshot.meta.clone()));
         }
+    }
+
+    /// A snapshot the application cannot hold (a table it does not declare)
+    /// is refused before anything changes, and the store still opens.
+    #[tokio::test]
+    async fn snapshot_with_unknown_table_is_refused_and_changes_nothing() {
+        let dir = tempfile::TempDir::new().expect("tempdir");
+        let (_log, mut sm) = crate::open::<Config, _>(dir.path(), KvApp).expect("open");
+        sm.apply([entry(1, "keep", Some("me"))])
+            .await
+            .expect("apply");
+        let before = contents(&sm.state());
+
+        let meta = SnapshotMeta::<u64, openraft::BasicNode> {
+            last_log_id: Some(LogId::new(CommittedLeaderId::new(1, 0), 5)),
+            last_membership: StoredMembership::default(),
+            snapshot_id: "foreign".into(),
+        };
+        let mut file = tempfile::tempfile().expect("tempfile");
+        let mut writer =
+            snapshot::SnapshotWriter::new(&mut file, &meta, &[T, "extra"]).expect("header");
+        writer.record(1, b"k", b"v").expect("record");
+        writer.finish().expect("finish");
+        let err = sm
+            .install_snapshot(&meta, Box::new(tokio::fs::File::from_std(file)))
+            .await
+            .expect_err("an unknown table must be refused");
+        assert!(err.to_string().contains("extra"), "{err}");
+        assert_eq!(contents(&sm.state()), before);
+        drop((_log, sm));
+
+        let (_log, sm) =
+            crate::open::<Config, _>(dir.path(), KvApp).expect("reopen after a refused install");
+        assert_eq!(contents(&sm.state()), before);
+        assert_eq!(sm.snapshots.current_meta(), None);
     }
 }
