@@ -303,6 +303,10 @@ impl Flusher {
             .name("raft-log-flush".into())
             .spawn(move || {
                 let mut group = Vec::new();
+                // After a failed fsync the kernel may have dropped the dirty
+                // pages, so a later successful fsync proves nothing about
+                // earlier writes: the first failure fails everything after.
+                let mut failed: Option<String> = None;
                 while let Ok(first) = rx.recv() {
                     group.push(first);
                     while group.len() < MAX_PENDING_FLUSHES {
@@ -311,14 +315,18 @@ impl Flusher {
                             Err(_) => break,
                         }
                     }
-                    let result = db.flush_wal(true);
+                    if failed.is_none() {
+                        if let Err(e) = db.flush_wal(true) {
+                            failed = Some(e.to_string());
+                        }
+                    }
                     for done in group.drain(..) {
-                        done(
-                            result
-                                .as_ref()
-                                .map(|_| ())
-                                .map_err(|e| std::io::Error::other(e.to_string())),
-                        );
+                        done(match &failed {
+                            None => Ok(()),
+                            Some(e) => Err(std::io::Error::other(format!(
+                                "WAL fsync failed earlier: {e}"
+                            ))),
+                        });
                     }
                 }
             })

@@ -431,6 +431,9 @@ impl<C: StoreTypeConfig> SnapshotDir<C> {
             .map_err(|e| StoreError::io("flush received snapshot", e.into_error()))?;
         out.sync_all()
             .map_err(|e| StoreError::io("fsync received snapshot", e))?;
+        // The marker written next names this file: its directory entry must
+        // be durable first.
+        sync_dir(&self.dir)?;
         Ok((meta, tables))
     }
 

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::ops::{Bound, ControlFlow};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use openraft::storage::RaftStateMachine;
@@ -16,7 +16,7 @@ use rocksdb::{
 };
 use tokio::io::AsyncWriteExt;
 
-use crate::db::{self, CF_META, KEY_APPLIED, KEY_INSTALLING, KEY_MEMBERSHIP};
+use crate::db::{self, CF_META, KEY_APPLIED, KEY_INSTALLING, KEY_LAST_PURGED, KEY_MEMBERSHIP};
 use crate::snapshot::{self, Meta, SnapshotDir};
 use crate::{StoreError, StoreTypeConfig};
 
@@ -278,12 +278,18 @@ impl ReadState for StateReader<'_> {
 pub struct StateHandle {
     db: Arc<DB>,
     tables: &'static [&'static str],
+    install_lock: Arc<RwLock<()>>,
 }
 
 impl StateHandle {
-    /// Runs `f` on a point-in-time view of the state.
+    /// Runs `f` on a point-in-time view of the state (never one taken in the
+    /// middle of a snapshot install).
     pub fn read<T>(&self, f: impl FnOnce(&StateReader<'_>) -> T) -> T {
-        f(&StateReader::new(&self.db, self.tables))
+        let reader = {
+            let _no_install = self.install_lock.read().expect("install lock poisoned");
+            StateReader::new(&self.db, self.tables)
+        };
+        f(&reader)
     }
 }
 
@@ -292,9 +298,10 @@ pub struct StateMachineStore<C: StoreTypeConfig, A: Application<C>> {
     db: Arc<DB>,
     app: A,
     snapshots: Arc<SnapshotDir<C>>,
-    /// Held through a whole snapshot install, and by a snapshot build while
-    /// it takes its view, so a build never sees a half-installed state.
-    install_lock: Arc<Mutex<()>>,
+    /// Held for writing through a whole snapshot install, and for reading by
+    /// anything taking a view of the state (snapshot builds, queries), so no
+    /// view ever sees a half-installed state.
+    install_lock: Arc<RwLock<()>>,
     last_applied: Option<LogId<u64>>,
 }
 
@@ -303,7 +310,7 @@ pub struct StateMachineStore<C: StoreTypeConfig, A: Application<C>> {
 pub struct SnapshotBuilder<C: StoreTypeConfig> {
     db: Arc<DB>,
     snapshots: Arc<SnapshotDir<C>>,
-    install_lock: Arc<Mutex<()>>,
+    install_lock: Arc<RwLock<()>>,
     tables: &'static [&'static str],
 }
 
@@ -412,13 +419,26 @@ impl<C: StoreTypeConfig, A: Application<C>> StateMachineStore<C, A> {
         }
         let reader = StateReader::new(&db, A::COLUMN_FAMILIES);
         let last_applied = reader.applied()?;
+        let last_purged: Option<LogId<u64>> =
+            db::get_meta(&db, KEY_LAST_PURGED, "last purged log id")?;
+        if last_purged.map(|p| p.index) > last_applied.map(|a| a.index) {
+            // The log was purged past the state (a snapshot install that
+            // never completed): replaying the log cannot rebuild it, and
+            // serving would apply later entries to an older state.
+            return Err(StoreError::Corrupt(format!(
+                "the log is purged up to {:?} but the state machine is only at {:?}; \
+                 this replica must be wiped and rejoin to receive a snapshot",
+                last_purged.map(|p| p.index),
+                last_applied.map(|a| a.index)
+            )));
+        }
         app.restore(&reader)?;
         drop(reader);
         Ok(Self {
             db,
             app,
             snapshots,
-            install_lock: Arc::new(Mutex::new(())),
+            install_lock: Arc::new(RwLock::new(())),
             last_applied,
         })
     }
@@ -428,6 +448,7 @@ impl<C: StoreTypeConfig, A: Application<C>> StateMachineStore<C, A> {
         StateHandle {
             db: self.db.clone(),
             tables: A::COLUMN_FAMILIES,
+            install_lock: self.install_lock.clone(),
         }
     }
 
@@ -529,7 +550,7 @@ impl<C: StoreTypeConfig, A: Application<C>> RaftStateMachine<C> for StateMachine
         let install_lock = self.install_lock.clone();
         let meta = meta.clone();
         let installed = tokio::task::spawn_blocking(move || -> Result<Meta<C>, StoreError> {
-            let _installing = install_lock.lock().expect("install lock poisoned");
+            let _installing = install_lock.write().expect("install lock poisoned");
             let (received, snapshot_tables) = snapshots.receive(file)?;
             // Everything that can refuse the snapshot is checked before the
             // marker: once it is written, the install must complete.
@@ -576,7 +597,7 @@ impl<C: StoreTypeConfig, A: Application<C>> RaftStateMachine<C> for StateMachine
 impl<C: StoreTypeConfig> SnapshotBuilder<C> {
     fn build_blocking(self) -> Result<(Meta<C>, std::fs::File), StoreError> {
         let view = {
-            let _no_install = self.install_lock.lock().expect("install lock poisoned");
+            let _no_install = self.install_lock.read().expect("install lock poisoned");
             self.db.snapshot()
         };
         let cf_meta = db::cf(&self.db, CF_META);
