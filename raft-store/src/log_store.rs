@@ -13,7 +13,8 @@ use openraft::{LogId, OptionalSend, RaftLogId, RaftLogReader, StorageError, Stor
 use rocksdb::{DB, Direction, IteratorMode, ReadOptions, WriteBatch, WriteOptions};
 
 use crate::db::{
-    self, CF_LOG, CF_META, KEY_COMMITTED, KEY_LAST_PURGED, KEY_VOTE, LOG_KEY_END, log_key,
+    self, CF_LOG, CF_META, KEY_APPLIED, KEY_COMMITTED, KEY_LAST_PURGED, KEY_VOTE, LOG_KEY_END,
+    log_key,
 };
 use crate::{StoreError, StoreTypeConfig};
 
@@ -28,6 +29,10 @@ pub const MAX_LOG_READ_BYTES: usize = 4 << 20;
 pub struct LogStore<C: StoreTypeConfig> {
     db: Arc<DB>,
     flusher: Flusher,
+    /// Purged as far as openraft knows: entries up to it are hidden. The
+    /// durable purge point may lag it (see `purge`), never pass it. Not
+    /// persisted: after a restart the durable point is the truth.
+    purge_requested: Option<LogId<u64>>,
     _config: PhantomData<C>,
 }
 
@@ -47,6 +52,7 @@ impl<C: StoreTypeConfig> LogStore<C> {
         Ok(Self {
             db,
             flusher,
+            purge_requested: None,
             _config: PhantomData,
         })
     }
@@ -157,7 +163,11 @@ impl<C: StoreTypeConfig> RaftLogReader<C> for LogStore<C> {
         &mut self,
         range: RB,
     ) -> Result<Vec<C::Entry>, StorageError<u64>> {
-        read_entries::<C>(&self.db, range, usize::MAX).map_err(read_err)
+        let mut entries = read_entries::<C>(&self.db, range, usize::MAX).map_err(read_err)?;
+        if let Some(hidden) = self.purge_requested {
+            entries.retain(|e| e.get_log_id().index > hidden.index);
+        }
+        Ok(entries)
     }
 
     async fn limited_get_log_entries(
@@ -190,8 +200,9 @@ impl<C: StoreTypeConfig> RaftLogStorage<C> for LogStore<C> {
     type LogReader = LogReader<C>;
 
     async fn get_log_state(&mut self) -> Result<LogState<C>, StorageError<u64>> {
-        let last_purged_log_id: Option<LogId<u64>> =
+        let durable_purged: Option<LogId<u64>> =
             db::get_meta(&self.db, KEY_LAST_PURGED, "last purged log id").map_err(read_err)?;
+        let last_purged_log_id = durable_purged.max(self.purge_requested);
         let last = self
             .db
             .iterator_cf(db::cf(&self.db, CF_LOG), IteratorMode::End)
@@ -201,7 +212,7 @@ impl<C: StoreTypeConfig> RaftLogStorage<C> for LogStore<C> {
         let last_log_id = match last {
             Some((_, value)) => {
                 let entry: C::Entry = db::decode("log entry", &value).map_err(read_err)?;
-                Some(*entry.get_log_id())
+                Some(*entry.get_log_id()).max(last_purged_log_id)
             }
             None => last_purged_log_id,
         };
@@ -274,13 +285,39 @@ impl<C: StoreTypeConfig> RaftLogStorage<C> for LogStore<C> {
     }
 
     async fn purge(&mut self, log_id: LogId<u64>) -> Result<(), StorageError<u64>> {
+        // openraft may purge up to a snapshot whose install is still under
+        // way. Entries past the state machine's applied index are therefore
+        // only hidden (`purge_requested`), never deleted: should the install
+        // die, they are still there to re-apply after a restart. They are
+        // deleted by a later purge, once the state machine has passed them.
+        let requested = self.purge_requested.max(Some(log_id)).expect("just set");
+        self.purge_requested = Some(requested);
+        let applied =
+            db::get_meta::<Option<LogId<u64>>>(&self.db, KEY_APPLIED, "last applied log id")
+                .map_err(read_err)?
+                .flatten();
+        let Some(applied) = applied else {
+            return Ok(());
+        };
+        let physical = if applied.index >= requested.index {
+            requested
+        } else {
+            let at = applied.index;
+            match read_entries::<C>(&self.db, at..=at, usize::MAX)
+                .map_err(read_err)?
+                .first()
+            {
+                Some(entry) => *entry.get_log_id(),
+                None => return Ok(()),
+            }
+        };
         let mut batch = WriteBatch::default();
-        let last_purged = db::encode("last purged log id", &log_id).map_err(write_err)?;
+        let last_purged = db::encode("last purged log id", &physical).map_err(write_err)?;
         batch.put_cf(db::cf(&self.db, CF_META), KEY_LAST_PURGED, last_purged);
         batch.delete_range_cf(
             db::cf(&self.db, CF_LOG),
             log_key(0),
-            log_key(log_id.index + 1),
+            log_key(physical.index + 1),
         );
         // Not synced: a purge lost in a crash leaves entries that a snapshot
         // already covers, which is harmless; the marker and the deletion are

@@ -600,6 +600,10 @@ impl<C: StoreTypeConfig> SnapshotBuilder<C> {
             let _no_install = self.install_lock.read().expect("install lock poisoned");
             self.db.snapshot()
         };
+        // The snapshot will be fsynced and made current: the state it holds
+        // must be durable first, or a power loss could leave the current
+        // snapshot ahead of the state machine.
+        self.db.flush_wal(true)?;
         let cf_meta = db::cf(&self.db, CF_META);
         let applied: Option<LogId<u64>> = match view.get_cf(cf_meta, KEY_APPLIED)? {
             Some(bytes) => db::decode("last applied log id", &bytes)?,
