@@ -175,6 +175,12 @@ impl<C: StoreTypeConfig> RaftLogReader<C> for LogStore<C> {
         start: u64,
         end: u64,
     ) -> Result<Vec<C::Entry>, StorageError<u64>> {
+        // Entries up to the requested purge point are hidden, as in
+        // `try_get_log_entries`.
+        let start = match self.purge_requested {
+            Some(hidden) => start.max(hidden.index + 1),
+            None => start,
+        };
         read_entries::<C>(&self.db, start..end, MAX_LOG_READ_BYTES).map_err(read_err)
     }
 }
