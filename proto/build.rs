@@ -2,12 +2,13 @@
 //! no system protoc is needed.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/raft.proto"];
+    let protos = ["proto/raft.proto", "proto/distbuild.proto"];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
     }
     let mut config = prost_build::Config::new();
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
+    config.bytes(["."]);
     tonic_prost_build::configure().compile_with_config(config, &protos, &["proto"])?;
     Ok(())
 }

@@ -93,8 +93,8 @@ pub struct TemplateDirs<'a> {
 
 impl Template {
     /// Parses `text`; `deps` are the job's declared dependencies, the only
-    /// IDs `{{index .Deps ...}}` may name.
-    fn parse(job: &str, text: &str, deps: &HashSet<JobId>) -> Result<Self, GraphError> {
+    /// IDs `{{index .Deps ...}}` may name. `job` labels the error.
+    pub fn parse(job: &str, text: &str, deps: &HashSet<JobId>) -> Result<Self, GraphError> {
         let err = |problem: String| GraphError::Template {
             job: job.to_string(),
             text: text.to_string(),

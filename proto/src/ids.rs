@@ -12,6 +12,8 @@ use sha1::{Digest as _, Sha1};
 pub enum IdError {
     #[error("{0:?} is not 40 lowercase hex characters")]
     NotHex(String),
+    #[error("{0} bytes where a 20-byte digest was expected")]
+    BadLength(usize),
 }
 
 fn parse_hex20(s: &str) -> Result<[u8; 20], IdError> {
@@ -41,6 +43,17 @@ macro_rules! hex20_type {
             /// From raw bytes (already validated by their length).
             pub fn from_bytes(bytes: [u8; 20]) -> Self {
                 Self(bytes)
+            }
+        }
+
+        impl TryFrom<&[u8]> for $name {
+            type Error = IdError;
+
+            /// From 20 raw bytes, as they travel on the wire.
+            fn try_from(bytes: &[u8]) -> Result<Self, IdError> {
+                <[u8; 20]>::try_from(bytes)
+                    .map(Self)
+                    .map_err(|_| IdError::BadLength(bytes.len()))
             }
         }
 

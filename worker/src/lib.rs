@@ -1,6 +1,6 @@
-//! distbuild worker. Built in the end-to-end issue; today it holds the
-//! artifact format (`artifact`), which every transfer of job outputs uses,
-//! and the content-addressed cache (`cache`).
+//! distbuild worker: takes jobs from the coordinator, runs them in sandbox
+//! directories, keeps their outputs in a content-addressed cache (`cache`)
+//! and serves them to peers. The artifact format lives in
+//! `distbuild_proto::artifact`, shared with the client.
 
-pub mod artifact;
 pub mod cache;

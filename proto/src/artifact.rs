@@ -14,8 +14,8 @@ use std::io::{self, Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
-use distbuild_proto::Digest;
-use distbuild_proto::graph::check_relative_path;
+use crate::Digest;
+use crate::graph::check_relative_path;
 use sha1::{Digest as _, Sha1};
 
 /// Why an artifact was refused or could not be written.
