@@ -1,0 +1,205 @@
+//! Source blobs on the coordinator's disk, by content digest. A blob is
+//! written to a temporary file while it streams in, verified against its
+//! declared digest and size, fsynced, and only then renamed into place, so
+//! a stored blob is always complete and correct.
+
+use std::path::{Path, PathBuf};
+
+use distbuild_proto::Digest;
+use sha1::{Digest as _, Sha1};
+use tokio::io::AsyncWriteExt;
+
+/// Largest source blob accepted (streamed; memory use does not depend on it).
+pub const MAX_BLOB_BYTES: u64 = 64 << 30;
+
+/// Why a blob was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum BlobError {
+    #[error("blob {expected}: content hashes to {actual}")]
+    DigestMismatch { expected: Digest, actual: Digest },
+    #[error("blob {digest}: declared {declared} bytes, received {received}")]
+    SizeMismatch {
+        digest: Digest,
+        declared: u64,
+        received: u64,
+    },
+    #[error("blob {digest}: {size} bytes is over the limit of {MAX_BLOB_BYTES}")]
+    TooLarge { digest: Digest, size: u64 },
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> BlobError {
+    let context = context.into();
+    move |source| BlobError::Io { context, source }
+}
+
+/// The directory of stored blobs.
+#[derive(Clone)]
+pub struct BlobStore {
+    dir: PathBuf,
+}
+
+/// A blob being received.
+pub struct BlobWriter {
+    store: BlobStore,
+    digest: Digest,
+    declared: u64,
+    received: u64,
+    sha1: Sha1,
+    file: tokio::fs::File,
+    tmp: tempfile::TempPath,
+}
+
+impl BlobStore {
+    /// Opens (creating) the store in `dir`, clearing leftovers of
+    /// interrupted uploads.
+    pub fn open(dir: &Path) -> Result<Self, BlobError> {
+        let tmp = dir.join("tmp");
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(io(format!("clear {}", tmp.display())))?;
+        }
+        for sub in ["objects", "tmp"] {
+            let path = dir.join(sub);
+            std::fs::create_dir_all(&path).map_err(io(format!("create {}", path.display())))?;
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    fn path_of(&self, digest: &Digest) -> PathBuf {
+        self.dir.join("objects").join(digest.to_string())
+    }
+
+    /// Whether the blob is stored here.
+    pub fn contains(&self, digest: &Digest) -> bool {
+        self.path_of(digest).is_file()
+    }
+
+    /// Opens a stored blob.
+    pub async fn open_blob(&self, digest: &Digest) -> Result<Option<tokio::fs::File>, BlobError> {
+        match tokio::fs::File::open(self.path_of(digest)).await {
+            Ok(file) => Ok(Some(file)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(BlobError::Io {
+                context: format!("open blob {digest}"),
+                source: e,
+            }),
+        }
+    }
+
+    /// Starts receiving a blob of `size` bytes that must hash to `digest`.
+    pub async fn writer(&self, digest: Digest, size: u64) -> Result<BlobWriter, BlobError> {
+        if size > MAX_BLOB_BYTES {
+            return Err(BlobError::TooLarge { digest, size });
+        }
+        let tmp = tempfile::NamedTempFile::new_in(self.dir.join("tmp"))
+            .map_err(io("create a blob temporary file"))?;
+        let (file, tmp) = tmp.into_parts();
+        Ok(BlobWriter {
+            store: self.clone(),
+            digest,
+            declared: size,
+            received: 0,
+            sha1: Sha1::new(),
+            file: tokio::fs::File::from_std(file),
+            tmp,
+        })
+    }
+}
+
+impl BlobWriter {
+    /// Appends a chunk.
+    pub async fn write(&mut self, data: &[u8]) -> Result<(), BlobError> {
+        self.received += data.len() as u64;
+        if self.received > self.declared {
+            return Err(BlobError::SizeMismatch {
+                digest: self.digest,
+                declared: self.declared,
+                received: self.received,
+            });
+        }
+        self.sha1.update(data);
+        self.file
+            .write_all(data)
+            .await
+            .map_err(io("write a blob temporary file"))
+    }
+
+    /// Verifies and stores the blob durably.
+    pub async fn finish(self) -> Result<(), BlobError> {
+        if self.received != self.declared {
+            return Err(BlobError::SizeMismatch {
+                digest: self.digest,
+                declared: self.declared,
+                received: self.received,
+            });
+        }
+        let actual = Digest::from_bytes(self.sha1.finalize().into());
+        if actual != self.digest {
+            return Err(BlobError::DigestMismatch {
+                expected: self.digest,
+                actual,
+            });
+        }
+        self.file.sync_all().await.map_err(io("fsync a blob"))?;
+        drop(self.file);
+        let dest = self.store.path_of(&self.digest);
+        self.tmp
+            .persist(&dest)
+            .map_err(|e| BlobError::Io {
+                context: format!("move blob into {}", dest.display()),
+                source: e.error,
+            })?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn only_verified_blobs_are_stored() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = BlobStore::open(dir.path()).expect("open");
+        let content = b"hello blob";
+        let digest = Digest::of(content);
+
+        let mut bad = store.writer(digest, 10).await.expect("writer");
+        bad.write(b"hello blop").await.expect("write");
+        let err = bad.finish().await.expect_err("wrong content");
+        assert!(matches!(err, BlobError::DigestMismatch { .. }), "{err}");
+        assert!(!store.contains(&digest));
+
+        let mut short = store.writer(digest, 11).await.expect("writer");
+        short.write(content).await.expect("write");
+        assert!(matches!(
+            short.finish().await,
+            Err(BlobError::SizeMismatch { .. })
+        ));
+
+        let mut long = store.writer(digest, 3).await.expect("writer");
+        assert!(matches!(
+            long.write(content).await,
+            Err(BlobError::SizeMismatch { .. })
+        ));
+        drop(long);
+
+        let mut good = store.writer(digest, 10).await.expect("writer");
+        good.write(&content[..4]).await.expect("write");
+        good.write(&content[4..]).await.expect("write");
+        good.finish().await.expect("stored");
+        assert!(store.contains(&digest));
+        // Nothing is left in tmp.
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).expect("tmp").count(),
+            0
+        );
+    }
+}

@@ -1,0 +1,431 @@
+//! The client API: source uploads, build submission, event streams.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use distbuild_proto::graph::{BuildGraph, Cmd, Template, check_relative_path};
+use distbuild_proto::v1::client_api_server::ClientApi;
+use distbuild_proto::v1::{
+    self, ArtifactLocation, BlobChunk, BuildEvent, FindMissingBlobsRequest,
+    FindMissingBlobsResponse, LocateArtifactsRequest, LocateArtifactsResponse,
+    SubmitBuildRequest, SubmitBuildResponse, UploadBlobResponse, WatchBuildRequest, build_event,
+};
+use distbuild_proto::wire::{digest_from_wire, digest_to_wire};
+use distbuild_proto::{Digest, JobId, cache_key};
+use futures::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{ResponseStream, digests};
+use crate::blobs::BlobError;
+use crate::node::Node;
+use crate::state::{
+    self, CmdText, Command, DepRef, Event, InputRef, JobSpec, SubmittedJob, T_EVENTS,
+};
+
+/// Most jobs one build may have.
+pub const MAX_JOBS_PER_BUILD: usize = 100_000;
+/// Longest submit request ID.
+const MAX_REQUEST_ID_CHARS: usize = 128;
+/// How long an upload may sit without a chunk.
+const UPLOAD_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Events read per state view while streaming.
+const EVENTS_PER_READ: usize = 256;
+/// Buffered events per watcher.
+const WATCH_BUFFER: usize = 64;
+
+pub struct ClientService {
+    pub node: Arc<Node>,
+}
+
+fn blob_status(e: BlobError) -> Status {
+    match e {
+        BlobError::Io { .. } => Status::internal(e.to_string()),
+        _ => Status::invalid_argument(e.to_string()),
+    }
+}
+
+fn cmd_text(cmd: &Cmd) -> CmdText {
+    let text = |t: &Template| t.text.clone();
+    match cmd {
+        Cmd::Exec {
+            argv,
+            environ,
+            working_directory,
+        } => CmdText::Exec {
+            argv: argv.iter().map(text).collect(),
+            environ: environ.iter().map(text).collect(),
+            working_directory: working_directory.as_ref().map(text).unwrap_or_default(),
+        },
+        Cmd::Cat { template, output } => CmdText::Cat {
+            template: text(template),
+            output: text(output),
+        },
+    }
+}
+
+/// Orders a validated (acyclic) graph's jobs so dependencies come first,
+/// keeping the graph's order otherwise.
+fn dependency_order(graph: &BuildGraph) -> Vec<usize> {
+    let index: HashMap<JobId, usize> = graph
+        .jobs
+        .iter()
+        .enumerate()
+        .map(|(i, j)| (j.id, i))
+        .collect();
+    let mut pending: Vec<usize> = graph.jobs.iter().map(|j| j.deps.len()).collect();
+    let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); graph.jobs.len()];
+    for (i, job) in graph.jobs.iter().enumerate() {
+        for dep in &job.deps {
+            dependents[index[dep]].push(i);
+        }
+    }
+    let mut ready: VecDeque<usize> = (0..graph.jobs.len()).filter(|&i| pending[i] == 0).collect();
+    let mut order = Vec::with_capacity(graph.jobs.len());
+    while let Some(i) = ready.pop_front() {
+        order.push(i);
+        for &d in &dependents[i] {
+            pending[d] -= 1;
+            if pending[d] == 0 {
+                ready.push_back(d);
+            }
+        }
+    }
+    assert_eq!(order.len(), graph.jobs.len(), "a validated graph is acyclic");
+    order
+}
+
+impl ClientService {
+    /// Turns a submit request into the command that records the build, or
+    /// refuses it with the one-line reason.
+    fn plan(&self, req: &SubmitBuildRequest) -> Result<Vec<SubmittedJob>, Status> {
+        let graph =
+            BuildGraph::from_json(&req.graph_json).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if graph.jobs.len() > MAX_JOBS_PER_BUILD {
+            return Err(Status::invalid_argument(format!(
+                "the graph has {} jobs, over the limit of {MAX_JOBS_PER_BUILD}",
+                graph.jobs.len()
+            )));
+        }
+        let mut by_path: HashMap<&str, (Digest, u64)> = HashMap::new();
+        for source in &req.sources {
+            check_relative_path(&source.path).map_err(|problem| {
+                Status::invalid_argument(format!("source path {:?} {problem}", source.path))
+            })?;
+            let digest = digest_from_wire(&source.digest, &format!("source {:?}", source.path))
+                .map_err(Status::invalid_argument)?;
+            by_path.insert(&source.path, (digest, source.size));
+        }
+        {
+            let model = self.node.model();
+            for (id, path) in &graph.source_files {
+                let Some((digest, size)) = by_path.get(path.as_str()) else {
+                    return Err(Status::invalid_argument(format!(
+                        "source file {path:?} ({id}): the request gives no digest for it"
+                    )));
+                };
+                if model.blob_size(digest) != Some(*size) {
+                    return Err(Status::failed_precondition(format!(
+                        "source file {path:?}: blob {digest} ({size} bytes) was not uploaded"
+                    )));
+                }
+            }
+        }
+        let order = dependency_order(&graph);
+        let mut position = vec![0u32; graph.jobs.len()];
+        for (pos, &i) in order.iter().enumerate() {
+            position[i] = pos as u32;
+        }
+        let index: HashMap<JobId, usize> = graph
+            .jobs
+            .iter()
+            .enumerate()
+            .map(|(i, j)| (j.id, i))
+            .collect();
+        let mut keys: HashMap<JobId, Digest> = HashMap::new();
+        let mut jobs = Vec::with_capacity(order.len());
+        for &i in &order {
+            let job = &graph.jobs[i];
+            let input = |path: &str| by_path[path].0;
+            let dep_key = |id: &JobId| keys[id];
+            let key = cache_key(job, &input, &dep_key);
+            keys.insert(job.id, key);
+            jobs.push(SubmittedJob {
+                cache_key: key,
+                deps: job.deps.iter().map(|d| position[index[d]]).collect(),
+                spec: JobSpec {
+                    job_id: job.id,
+                    name: job.name.clone(),
+                    cmds: job.cmds.iter().map(cmd_text).collect(),
+                    inputs: job
+                        .inputs
+                        .iter()
+                        .map(|path| {
+                            let (digest, size) = by_path[path.as_str()];
+                            InputRef {
+                                path: path.clone(),
+                                digest,
+                                size,
+                            }
+                        })
+                        .collect(),
+                    deps: job
+                        .deps
+                        .iter()
+                        .map(|d| DepRef {
+                            job_id: *d,
+                            cache_key: keys[d],
+                        })
+                        .collect(),
+                },
+            });
+        }
+        Ok(jobs)
+    }
+}
+
+/// The wire form of a stored event.
+fn event_to_wire(node: &Node, build_id: u64, seq: u64, event: Event) -> BuildEvent {
+    let job_label = |job: u32| {
+        node.model()
+            .build(build_id)
+            .and_then(|b| b.jobs.get(job as usize))
+            .map(|j| (j.spec.job_id.to_string(), j.spec.name.clone()))
+            .unwrap_or_default()
+    };
+    let event = match event {
+        Event::JobStarted { job, worker_id } => {
+            let (job_id, name) = job_label(job);
+            build_event::Event::JobStarted(v1::JobStarted {
+                job_id,
+                name,
+                worker_id,
+            })
+        }
+        Event::JobFinished {
+            job,
+            exit_code,
+            stdout,
+            stderr,
+            cached,
+            error,
+            artifact,
+        } => {
+            let (job_id, name) = job_label(job);
+            build_event::Event::JobFinished(v1::JobFinished {
+                job_id,
+                name,
+                exit_code,
+                stdout: stdout.into(),
+                stderr: stderr.into(),
+                cached,
+                error: error.unwrap_or_default(),
+                artifact_digest: artifact
+                    .map(|(d, _)| digest_to_wire(&d))
+                    .unwrap_or_default(),
+                artifact_size: artifact.map_or(0, |(_, size)| size),
+            })
+        }
+        Event::JobSkipped { job, reason } => {
+            let (job_id, name) = job_label(job);
+            build_event::Event::JobSkipped(v1::JobSkipped {
+                job_id,
+                name,
+                reason,
+            })
+        }
+        Event::BuildFinished { ok, error } => build_event::Event::BuildFinished(v1::BuildFinished {
+            ok,
+            error: error.unwrap_or_default(),
+        }),
+    };
+    BuildEvent {
+        seq,
+        event: Some(event),
+    }
+}
+
+/// Reads the stored events of `build_id` from `from_seq` on (a bounded
+/// number).
+fn read_events(node: &Node, build_id: u64, from_seq: u64) -> Result<Vec<(u64, Event)>, Status> {
+    node.state.read(|reader| {
+        use distbuild_raft_store::ReadState as _;
+        let mut events = Vec::new();
+        let mut seq = from_seq;
+        while events.len() < EVENTS_PER_READ {
+            let stored = reader
+                .get(T_EVENTS, &state::event_key(build_id, seq))
+                .map_err(|e| Status::internal(format!("read build events: {e}")))?;
+            let Some(bytes) = stored else { break };
+            let event = state::decode_event(&bytes)
+                .map_err(|e| Status::internal(format!("read build events: {e}")))?;
+            events.push((seq, event));
+            seq += 1;
+        }
+        Ok(events)
+    })
+}
+
+/// The next chunk of an upload, or an error if none arrives in time.
+async fn next_chunk(chunks: &mut Streaming<BlobChunk>) -> Result<Option<BlobChunk>, Status> {
+    match tokio::time::timeout(UPLOAD_IDLE_TIMEOUT, chunks.next()).await {
+        Err(_) => Err(Status::deadline_exceeded("upload stalled")),
+        Ok(None) => Ok(None),
+        Ok(Some(chunk)) => chunk.map(Some),
+    }
+}
+
+#[tonic::async_trait]
+impl ClientApi for ClientService {
+    async fn find_missing_blobs(
+        &self,
+        request: Request<FindMissingBlobsRequest>,
+    ) -> Result<Response<FindMissingBlobsResponse>, Status> {
+        let wanted = digests(&request.get_ref().digests, "digests")?;
+        let model = self.node.model();
+        let missing = wanted
+            .iter()
+            .filter(|d| !model.has_blob(d) || !self.node.blobs.contains(d))
+            .map(digest_to_wire)
+            .collect();
+        Ok(Response::new(FindMissingBlobsResponse { missing }))
+    }
+
+    async fn upload_blob(
+        &self,
+        request: Request<Streaming<BlobChunk>>,
+    ) -> Result<Response<UploadBlobResponse>, Status> {
+        let mut chunks = request.into_inner();
+        let first = next_chunk(&mut chunks)
+            .await?
+            .ok_or_else(|| Status::invalid_argument("empty upload"))?;
+        let digest = digest_from_wire(&first.digest, "upload digest")
+            .map_err(Status::invalid_argument)?;
+        let size = first.size;
+        let mut writer = self
+            .node
+            .blobs
+            .writer(digest, size)
+            .await
+            .map_err(blob_status)?;
+        writer.write(&first.data).await.map_err(blob_status)?;
+        while let Some(chunk) = next_chunk(&mut chunks).await? {
+            writer.write(&chunk.data).await.map_err(blob_status)?;
+        }
+        writer.finish().await.map_err(blob_status)?;
+        self.node
+            .propose(Command::BlobStored { digest, size })
+            .await?;
+        Ok(Response::new(UploadBlobResponse {}))
+    }
+
+    async fn submit_build(
+        &self,
+        request: Request<SubmitBuildRequest>,
+    ) -> Result<Response<SubmitBuildResponse>, Status> {
+        let req = request.into_inner();
+        if req.request_id.is_empty() || req.request_id.len() > MAX_REQUEST_ID_CHARS {
+            return Err(Status::invalid_argument(format!(
+                "request_id must have 1 to {MAX_REQUEST_ID_CHARS} characters"
+            )));
+        }
+        let known = self.node.model().build_for_request(&req.request_id);
+        if let Some(build_id) = known {
+            let job_count = self
+                .node
+                .model()
+                .build(build_id)
+                .map_or(0, |b| b.header.job_count);
+            return Ok(Response::new(SubmitBuildResponse {
+                build_id,
+                job_count,
+            }));
+        }
+        let jobs = self.plan(&req)?;
+        let response = self
+            .node
+            .propose(Command::SubmitBuild {
+                request_id: req.request_id,
+                now_ms: self.node.now_ms(),
+                jobs,
+            })
+            .await?;
+        match response {
+            state::Response::BuildSubmitted {
+                build_id,
+                job_count,
+            } => Ok(Response::new(SubmitBuildResponse {
+                build_id,
+                job_count,
+            })),
+            other => Err(Status::internal(format!(
+                "unexpected answer to a submit: {other:?}"
+            ))),
+        }
+    }
+
+    type WatchBuildStream = ResponseStream<BuildEvent>;
+
+    async fn watch_build(
+        &self,
+        request: Request<WatchBuildRequest>,
+    ) -> Result<Response<Self::WatchBuildStream>, Status> {
+        let WatchBuildRequest { build_id, from_seq } = request.into_inner();
+        if self.node.model().build(build_id).is_none() {
+            return Err(Status::not_found(format!("no build {build_id}")));
+        }
+        let node = self.node.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(WATCH_BUFFER);
+        tokio::spawn(async move {
+            let mut seq = from_seq;
+            let mut last_applied = None;
+            loop {
+                let events = match read_events(&node, build_id, seq) {
+                    Ok(events) => events,
+                    Err(status) => {
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                };
+                if events.is_empty() {
+                    if tx.is_closed() {
+                        return;
+                    }
+                    node.wait_for_change(&mut last_applied, Duration::from_secs(1))
+                        .await;
+                    continue;
+                }
+                for (event_seq, event) in events {
+                    let last = matches!(event, Event::BuildFinished { .. });
+                    let wire = event_to_wire(&node, build_id, event_seq, event);
+                    if tx.send(Ok(wire)).await.is_err() {
+                        return;
+                    }
+                    seq = event_seq + 1;
+                    if last {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn locate_artifacts(
+        &self,
+        request: Request<LocateArtifactsRequest>,
+    ) -> Result<Response<LocateArtifactsResponse>, Status> {
+        let wanted = digests(&request.get_ref().digests, "digests")?;
+        let model = self.node.model();
+        let locations = wanted
+            .iter()
+            .map(|d| ArtifactLocation {
+                digest: digest_to_wire(d),
+                holders: model.holders(d),
+            })
+            .collect();
+        Ok(Response::new(LocateArtifactsResponse { locations }))
+    }
+}

@@ -1,0 +1,309 @@
+//! The worker API: registration, work assignment by long poll, lease
+//! renewal, results, and source blobs.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use distbuild_proto::Digest;
+use distbuild_proto::v1::worker_api_server::WorkerApi;
+use distbuild_proto::v1::{
+    self, Assignment, BlobChunk, DepArtifact, FetchRequest, HeartbeatRequest, HeartbeatResponse,
+    InputFile, PollWorkRequest, PollWorkResponse, RegisterRequest, RegisterResponse,
+    ReportResultRequest, ReportResultResponse,
+};
+use distbuild_proto::wire::{MAX_JOB_OUTPUT_BYTES, digest_from_wire, digest_to_wire};
+use tonic::{Request, Response, Status};
+
+use super::{ResponseStream, digests, stream_file};
+use crate::node::Node;
+use crate::state::{self, CmdText, Command, MAX_ASSIGN_BATCH, Outcome};
+
+/// Longest a poll waits for work.
+const MAX_POLL_WAIT: Duration = Duration::from_secs(10);
+/// Most slots a worker may declare.
+const MAX_SLOTS: u32 = 1024;
+const MAX_WORKER_ID_CHARS: usize = 64;
+const MAX_ADDR_CHARS: usize = 256;
+
+pub struct WorkerService {
+    pub node: Arc<Node>,
+}
+
+fn check_worker_id(id: &str) -> Result<(), Status> {
+    let ok = !id.is_empty()
+        && id.len() <= MAX_WORKER_ID_CHARS
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+    if ok {
+        Ok(())
+    } else {
+        Err(Status::invalid_argument(format!(
+            "worker_id {:?} must be 1 to {MAX_WORKER_ID_CHARS} characters of [A-Za-z0-9._-]",
+            id.chars().take(80).collect::<String>()
+        )))
+    }
+}
+
+fn cmd_to_wire(cmd: &CmdText) -> v1::Command {
+    let kind = match cmd {
+        CmdText::Exec {
+            argv,
+            environ,
+            working_directory,
+        } => v1::command::Kind::Exec(v1::ExecCommand {
+            argv: argv.clone(),
+            environ: environ.clone(),
+            working_directory: working_directory.clone(),
+        }),
+        CmdText::Cat { template, output } => v1::command::Kind::Cat(v1::CatCommand {
+            template: template.clone(),
+            output: output.clone(),
+        }),
+    };
+    v1::Command { kind: Some(kind) }
+}
+
+impl WorkerService {
+    /// The assignment of the execution of `key` under lease `token`.
+    fn assignment(&self, key: &Digest, token: u64) -> Option<Assignment> {
+        let model = self.node.model();
+        let exec = model.execution(key)?;
+        let spec = &exec.spec;
+        let mut deps = Vec::with_capacity(spec.deps.len());
+        for dep in &spec.deps {
+            let result = model.result(&dep.cache_key)?;
+            deps.push(DepArtifact {
+                job_id: dep.job_id.to_string(),
+                digest: digest_to_wire(&result.artifact),
+                size: result.artifact_size,
+                holders: model.holders(&result.artifact),
+            });
+        }
+        Some(Assignment {
+            lease_token: token,
+            cache_key: digest_to_wire(key),
+            job_id: spec.job_id.to_string(),
+            name: spec.name.clone(),
+            cmds: spec.cmds.iter().map(cmd_to_wire).collect(),
+            inputs: spec
+                .inputs
+                .iter()
+                .map(|i| InputFile {
+                    path: i.path.clone(),
+                    digest: digest_to_wire(&i.digest),
+                    size: i.size,
+                })
+                .collect(),
+            deps,
+        })
+    }
+}
+
+fn truncated(mut bytes: Vec<u8>) -> Vec<u8> {
+    if bytes.len() > MAX_JOB_OUTPUT_BYTES {
+        bytes.truncate(MAX_JOB_OUTPUT_BYTES);
+        bytes.extend_from_slice(b"\n[truncated by the coordinator]\n");
+    }
+    bytes
+}
+
+#[tonic::async_trait]
+impl WorkerApi for WorkerService {
+    async fn register(
+        &self,
+        request: Request<RegisterRequest>,
+    ) -> Result<Response<RegisterResponse>, Status> {
+        let req = request.into_inner();
+        check_worker_id(&req.worker_id)?;
+        if req.addr.is_empty() || req.addr.len() > MAX_ADDR_CHARS {
+            return Err(Status::invalid_argument("addr must be a host:port"));
+        }
+        if req.slots == 0 || req.slots > MAX_SLOTS {
+            return Err(Status::invalid_argument(format!(
+                "slots must be 1 to {MAX_SLOTS}, not {}",
+                req.slots
+            )));
+        }
+        let held = digests(&req.held_artifacts, "held_artifacts")?;
+        self.node
+            .propose(Command::RegisterWorker {
+                worker_id: req.worker_id,
+                addr: req.addr,
+                slots: req.slots,
+                held,
+                now_ms: self.node.now_ms(),
+            })
+            .await?;
+        Ok(Response::new(RegisterResponse {
+            lease_timeout_ms: self.node.tuning.lease_timeout_ms,
+            heartbeat_interval_ms: self.node.tuning.heartbeat_interval_ms,
+        }))
+    }
+
+    async fn poll_work(
+        &self,
+        request: Request<PollWorkRequest>,
+    ) -> Result<Response<PollWorkResponse>, Status> {
+        let req = request.into_inner();
+        check_worker_id(&req.worker_id)?;
+        let wait = Duration::from_millis(req.wait_ms).min(MAX_POLL_WAIT);
+        let deadline = tokio::time::Instant::now() + wait;
+        let max = (req.free_slots as u64).min(MAX_ASSIGN_BATCH) as usize;
+        let tuning = &self.node.tuning;
+        let mut last_applied = None;
+        loop {
+            let now_ms = self.node.now_ms();
+            let (known, picks, queued) = {
+                let model = self.node.model();
+                (
+                    model.workers().contains_key(&req.worker_id),
+                    model.pick_for(
+                        &req.worker_id,
+                        max,
+                        now_ms,
+                        tuning.locality_wait_ms,
+                        tuning.lease_timeout_ms,
+                    ),
+                    model.has_queued(),
+                )
+            };
+            if !known {
+                return Ok(Response::new(PollWorkResponse {
+                    assignments: Vec::new(),
+                    reregister: true,
+                }));
+            }
+            if !picks.is_empty() {
+                let response = self
+                    .node
+                    .propose(Command::Assign {
+                        worker_id: req.worker_id.clone(),
+                        cache_keys: picks.clone(),
+                        lease_timeout_ms: tuning.lease_timeout_ms,
+                        now_ms,
+                    })
+                    .await?;
+                let state::Response::Assigned { tokens } = response else {
+                    return Err(Status::internal("unexpected answer to an assignment"));
+                };
+                let assignments: Vec<Assignment> = picks
+                    .iter()
+                    .zip(tokens)
+                    .filter_map(|(key, token)| self.assignment(key, token?))
+                    .collect();
+                if !assignments.is_empty() {
+                    return Ok(Response::new(PollWorkResponse {
+                        assignments,
+                        reregister: false,
+                    }));
+                }
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Ok(Response::new(PollWorkResponse::default()));
+            }
+            // Queued work held back for locality is looked at again soon.
+            let mut pause = deadline - now;
+            if queued {
+                pause = pause.min(Duration::from_millis(tuning.locality_wait_ms.max(5)));
+            }
+            self.node.wait_for_change(&mut last_applied, pause).await;
+        }
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatResponse>, Status> {
+        let req = request.into_inner();
+        check_worker_id(&req.worker_id)?;
+        if req.lease_tokens.len() > MAX_SLOTS as usize {
+            return Err(Status::invalid_argument("more leases than a worker can hold"));
+        }
+        let added = digests(&req.added_artifacts, "added_artifacts")?;
+        let dropped = digests(&req.dropped_artifacts, "dropped_artifacts")?;
+        let response = self
+            .node
+            .propose(Command::Heartbeat {
+                worker_id: req.worker_id,
+                tokens: req.lease_tokens,
+                added,
+                dropped,
+                lease_timeout_ms: self.node.tuning.lease_timeout_ms,
+                now_ms: self.node.now_ms(),
+            })
+            .await?;
+        match response {
+            state::Response::Heartbeat {
+                revoked,
+                reregister,
+            } => Ok(Response::new(HeartbeatResponse {
+                revoked_tokens: revoked,
+                reregister,
+            })),
+            _ => Err(Status::internal("unexpected answer to a heartbeat")),
+        }
+    }
+
+    async fn report_result(
+        &self,
+        request: Request<ReportResultRequest>,
+    ) -> Result<Response<ReportResultResponse>, Status> {
+        let req = request.into_inner();
+        check_worker_id(&req.worker_id)?;
+        let cache_key =
+            digest_from_wire(&req.cache_key, "cache_key").map_err(Status::invalid_argument)?;
+        let stdout = truncated(req.stdout.to_vec());
+        let stderr = truncated(req.stderr.to_vec());
+        let outcome = if req.exit_code == 0 && req.error.is_empty() {
+            Outcome::Success {
+                stdout,
+                stderr,
+                artifact: digest_from_wire(&req.artifact_digest, "artifact_digest")
+                    .map_err(Status::invalid_argument)?,
+                artifact_size: req.artifact_size,
+            }
+        } else {
+            let mut error = req.error;
+            error.truncate(4096);
+            Outcome::Failure {
+                exit_code: req.exit_code,
+                stdout,
+                stderr,
+                error: (!error.is_empty()).then_some(error),
+            }
+        };
+        let response = self
+            .node
+            .propose(Command::Report {
+                worker_id: req.worker_id,
+                token: req.lease_token,
+                cache_key,
+                outcome,
+                now_ms: self.node.now_ms(),
+            })
+            .await?;
+        match response {
+            state::Response::Reported { accepted } => {
+                Ok(Response::new(ReportResultResponse { accepted }))
+            }
+            _ => Err(Status::internal("unexpected answer to a report")),
+        }
+    }
+
+    type FetchBlobStream = ResponseStream<BlobChunk>;
+
+    async fn fetch_blob(
+        &self,
+        request: Request<FetchRequest>,
+    ) -> Result<Response<Self::FetchBlobStream>, Status> {
+        let digest =
+            digest_from_wire(&request.get_ref().digest, "digest").map_err(Status::invalid_argument)?;
+        match self.node.blobs.open_blob(&digest).await {
+            Ok(Some(file)) => Ok(Response::new(stream_file(file))),
+            Ok(None) => Err(Status::not_found(format!("no blob {digest}"))),
+            Err(e) => Err(Status::internal(e.to_string())),
+        }
+    }
+}

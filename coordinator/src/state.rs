@@ -1,0 +1,1340 @@
+//! The coordinator's replicated state: builds, their jobs and events, the
+//! executions in flight (one per cache key) with their leases, the result
+//! cache, workers and what their caches hold, and the source blobs stored.
+//!
+//! [`Model`] is the whole state in memory; [`Model::apply`] is the
+//! deterministic transition function openraft drives (time and IDs arrive in
+//! the command or come from the log id, iteration is over ordered maps only).
+//! Every change marks the records it touched; [`Model::flush`] writes exactly
+//! those to the column families, so each log entry is one atomic batch, and
+//! [`Model::load`] rebuilds the model from the column families after a
+//! restart or a snapshot install. Build events are write-only here: they go
+//! to the `events` table and are read from there by watchers.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::ops::ControlFlow;
+
+use distbuild_proto::{Digest, JobId};
+use distbuild_raft_store::{ApplyTxn, ReadState, StoreError};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// Finished builds kept (with their events) for late watchers; older ones
+/// are dropped, oldest first.
+pub const MAX_RETAINED_BUILDS: usize = 1000;
+
+/// Column families of the coordinator's state.
+pub const TABLES: &[&str] = &[
+    T_BUILDS,
+    T_JOBS,
+    T_EVENTS,
+    T_EXECUTIONS,
+    T_RESULTS,
+    T_WORKERS,
+    T_HOLDINGS,
+    T_BLOBS,
+    T_META,
+];
+const T_BUILDS: &str = "builds";
+const T_JOBS: &str = "jobs";
+pub(crate) const T_EVENTS: &str = "events";
+const T_EXECUTIONS: &str = "executions";
+const T_RESULTS: &str = "results";
+const T_WORKERS: &str = "workers";
+const T_HOLDINGS: &str = "holdings";
+const T_BLOBS: &str = "blobs";
+const T_META: &str = "meta";
+const KEY_CLOCK: &[u8] = b"clock";
+
+/// A command as the graph wrote it (templates as text).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CmdText {
+    Exec {
+        argv: Vec<String>,
+        environ: Vec<String>,
+        working_directory: String,
+    },
+    Cat {
+        template: String,
+        output: String,
+    },
+}
+
+/// A source file a job reads.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InputRef {
+    pub path: String,
+    pub digest: Digest,
+    pub size: u64,
+}
+
+/// A dependency as a job's templates name it, and the cache key whose
+/// result is its output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DepRef {
+    pub job_id: JobId,
+    pub cache_key: Digest,
+}
+
+/// Everything a worker needs to run a job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobSpec {
+    pub job_id: JobId,
+    pub name: String,
+    pub cmds: Vec<CmdText>,
+    pub inputs: Vec<InputRef>,
+    pub deps: Vec<DepRef>,
+}
+
+/// One job of a submitted build; the leader validated the graph, ordered
+/// the jobs so that dependencies come first, and computed the cache keys.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubmittedJob {
+    pub cache_key: Digest,
+    /// Indices of its dependencies in the build's job list, each smaller
+    /// than its own.
+    pub deps: Vec<u32>,
+    pub spec: JobSpec,
+}
+
+/// How a run ended, as the worker reported it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    Success {
+        stdout: Vec<u8>,
+        stderr: Vec<u8>,
+        artifact: Digest,
+        artifact_size: u64,
+    },
+    Failure {
+        exit_code: i32,
+        stdout: Vec<u8>,
+        stderr: Vec<u8>,
+        /// Set when the job could not be run at all.
+        error: Option<String>,
+    },
+}
+
+/// A change to the state, proposed by the leader. `now_ms` is the leader's
+/// clock when it proposed; the state's clock never goes backwards.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    SubmitBuild {
+        request_id: String,
+        now_ms: u64,
+        jobs: Vec<SubmittedJob>,
+    },
+    RegisterWorker {
+        worker_id: String,
+        addr: String,
+        slots: u32,
+        held: Vec<Digest>,
+        now_ms: u64,
+    },
+    /// Lease queued executions to a worker; each lease's token is derived
+    /// from the entry's log index.
+    Assign {
+        worker_id: String,
+        cache_keys: Vec<Digest>,
+        lease_timeout_ms: u64,
+        now_ms: u64,
+    },
+    Heartbeat {
+        worker_id: String,
+        tokens: Vec<u64>,
+        added: Vec<Digest>,
+        dropped: Vec<Digest>,
+        lease_timeout_ms: u64,
+        now_ms: u64,
+    },
+    Report {
+        worker_id: String,
+        token: u64,
+        cache_key: Digest,
+        outcome: Outcome,
+        now_ms: u64,
+    },
+    /// Requeue (or give up on) every execution whose lease expired.
+    ExpireLeases { now_ms: u64, max_attempts: u32 },
+    BlobStored { digest: Digest, size: u64 },
+}
+
+/// The answer to a command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    None,
+    BuildSubmitted { build_id: u64, job_count: u32 },
+    /// Per requested key, the lease token, or `None` if it was no longer
+    /// queued.
+    Assigned { tokens: Vec<Option<u64>> },
+    Heartbeat { revoked: Vec<u64>, reregister: bool },
+    Reported { accepted: bool },
+}
+
+/// An event of a build, numbered from 0 in its build.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Event {
+    JobStarted {
+        job: u32,
+        worker_id: String,
+    },
+    JobFinished {
+        job: u32,
+        exit_code: i32,
+        stdout: Vec<u8>,
+        stderr: Vec<u8>,
+        cached: bool,
+        error: Option<String>,
+        artifact: Option<(Digest, u64)>,
+    },
+    JobSkipped {
+        job: u32,
+        reason: String,
+    },
+    BuildFinished {
+        ok: bool,
+        error: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobState {
+    /// Some dependency has not finished.
+    Waiting,
+    /// Attached to the execution of its cache key.
+    Queued,
+    Succeeded,
+    Failed,
+    Skipped,
+}
+
+/// One job of a build.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildJob {
+    pub spec: JobSpec,
+    pub cache_key: Digest,
+    pub deps: Vec<u32>,
+    pub dependents: Vec<u32>,
+    pub pending_deps: u32,
+    pub state: JobState,
+}
+
+/// A build's summary record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildHeader {
+    pub request_id: String,
+    pub created_ms: u64,
+    pub job_count: u32,
+    /// Jobs not yet in a final state.
+    pub remaining: u32,
+    pub failed: u32,
+    pub skipped: u32,
+    pub next_event_seq: u64,
+    pub finished: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Build {
+    pub header: BuildHeader,
+    pub jobs: Vec<BuildJob>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExecState {
+    Queued {
+        since_ms: u64,
+    },
+    Running {
+        worker_id: String,
+        token: u64,
+        expires_ms: u64,
+    },
+}
+
+/// The one run of a cache key that the builds wanting it wait for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Execution {
+    pub spec: JobSpec,
+    pub state: ExecState,
+    /// Leases that expired so far.
+    pub attempts: u32,
+    /// (build, job index) waiting for the result.
+    pub waiters: Vec<(u64, u32)>,
+}
+
+/// A successful job's cached result (exit code 0).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CachedResult {
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub artifact: Digest,
+    pub artifact_size: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct WorkerRecord {
+    addr: String,
+    slots: u32,
+    last_seen_ms: u64,
+}
+
+/// A registered worker.
+#[derive(Debug, Clone, Default)]
+pub struct Worker {
+    pub addr: String,
+    pub slots: u32,
+    pub last_seen_ms: u64,
+    /// Leases it holds now.
+    pub running: u32,
+    /// Artifacts its cache holds.
+    pub held: BTreeSet<Digest>,
+}
+
+/// Records changed by the entry being applied.
+#[derive(Default)]
+struct Dirty {
+    clock: bool,
+    builds: BTreeSet<u64>,
+    jobs: BTreeSet<(u64, u32)>,
+    events: Vec<(u64, u64, Event)>,
+    executions: BTreeSet<Digest>,
+    results: BTreeSet<Digest>,
+    workers: BTreeSet<String>,
+    holdings: BTreeSet<(String, Digest)>,
+    blobs: BTreeSet<Digest>,
+    removed_builds: Vec<u64>,
+}
+
+/// The coordinator's whole state.
+#[derive(Default)]
+pub struct Model {
+    clock_ms: u64,
+    builds: BTreeMap<u64, Build>,
+    /// Submit request ID -> build ID (derived from the builds).
+    requests: BTreeMap<String, u64>,
+    executions: BTreeMap<Digest, Execution>,
+    /// (queued since, cache key) of every queued execution (derived).
+    queue: BTreeSet<(u64, Digest)>,
+    /// Lease token -> cache key (derived).
+    leases: BTreeMap<u64, Digest>,
+    results: BTreeMap<Digest, CachedResult>,
+    workers: BTreeMap<String, Worker>,
+    /// Artifact -> workers holding it (derived from `Worker::held`).
+    held_by: BTreeMap<Digest, BTreeSet<String>>,
+    blobs: BTreeMap<Digest, u64>,
+    dirty: Dirty,
+}
+
+/// Leases per `Assign` entry: token = log index × this + position.
+pub const MAX_ASSIGN_BATCH: u64 = 1024;
+
+fn encode<T: Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>, StoreError> {
+    postcard::to_stdvec(value).map_err(|source| StoreError::Encode { what, source })
+}
+
+fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
+    postcard::from_bytes(bytes).map_err(|source| StoreError::Decode { what, source })
+}
+
+fn build_key(build: u64) -> [u8; 8] {
+    build.to_be_bytes()
+}
+
+fn job_key(build: u64, job: u32) -> Vec<u8> {
+    let mut key = build.to_be_bytes().to_vec();
+    key.extend_from_slice(&job.to_be_bytes());
+    key
+}
+
+/// Key of event `seq` of `build` in the `events` table.
+pub fn event_key(build: u64, seq: u64) -> Vec<u8> {
+    let mut key = build.to_be_bytes().to_vec();
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
+/// Decodes an `events` table value.
+pub fn decode_event(bytes: &[u8]) -> Result<Event, StoreError> {
+    decode("build event", bytes)
+}
+
+fn holding_key(worker: &str, digest: &Digest) -> Vec<u8> {
+    let mut key = worker.as_bytes().to_vec();
+    key.push(0);
+    key.extend_from_slice(digest.as_bytes());
+    key
+}
+
+fn scan(
+    state: &dyn ReadState,
+    table: &str,
+    prefix: &[u8],
+    mut f: impl FnMut(&[u8], &[u8]) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    let mut failure = None;
+    state.for_each_prefix(table, prefix, &mut |k, v| match f(k, v) {
+        Ok(()) => ControlFlow::Continue(()),
+        Err(e) => {
+            failure = Some(e);
+            ControlFlow::Break(())
+        }
+    })?;
+    failure.map_or(Ok(()), Err)
+}
+
+fn digest_of_key(what: &'static str, bytes: &[u8]) -> Result<Digest, StoreError> {
+    Digest::try_from(bytes).map_err(|e| StoreError::Config(format!("{what} key: {e}")))
+}
+
+impl Model {
+    /// Rebuilds the model from the column families.
+    pub fn load(state: &dyn ReadState) -> Result<Self, StoreError> {
+        let mut model = Model::default();
+        if let Some(bytes) = state.get(T_META, KEY_CLOCK)? {
+            model.clock_ms = decode("clock", &bytes)?;
+        }
+        scan(state, T_BUILDS, &[], |k, v| {
+            let id = u64::from_be_bytes(
+                k.try_into()
+                    .map_err(|_| StoreError::Config("build key length".into()))?,
+            );
+            let header: BuildHeader = decode("build header", v)?;
+            model.requests.insert(header.request_id.clone(), id);
+            model.builds.insert(
+                id,
+                Build {
+                    header,
+                    jobs: Vec::new(),
+                },
+            );
+            Ok(())
+        })?;
+        for (id, build) in model.builds.iter_mut() {
+            scan(state, T_JOBS, &build_key(*id), |_, v| {
+                build.jobs.push(decode("build job", v)?);
+                Ok(())
+            })?;
+            assert_eq!(
+                build.jobs.len(),
+                build.header.job_count as usize,
+                "build {id}: stored jobs match its header"
+            );
+        }
+        scan(state, T_EXECUTIONS, &[], |k, v| {
+            let key = digest_of_key("execution", k)?;
+            let exec: Execution = decode("execution", v)?;
+            model.executions.insert(key, exec);
+            Ok(())
+        })?;
+        scan(state, T_RESULTS, &[], |k, v| {
+            model
+                .results
+                .insert(digest_of_key("result", k)?, decode("result", v)?);
+            Ok(())
+        })?;
+        scan(state, T_WORKERS, &[], |k, v| {
+            let id = String::from_utf8_lossy(k).into_owned();
+            let record: WorkerRecord = decode("worker", v)?;
+            model.workers.insert(
+                id,
+                Worker {
+                    addr: record.addr,
+                    slots: record.slots,
+                    last_seen_ms: record.last_seen_ms,
+                    ..Worker::default()
+                },
+            );
+            Ok(())
+        })?;
+        scan(state, T_HOLDINGS, &[], |k, _| {
+            let split = k
+                .iter()
+                .position(|b| *b == 0)
+                .ok_or_else(|| StoreError::Config("holding key without separator".into()))?;
+            let worker = String::from_utf8_lossy(&k[..split]).into_owned();
+            let digest = digest_of_key("holding", &k[split + 1..])?;
+            if let Some(w) = model.workers.get_mut(&worker) {
+                w.held.insert(digest);
+            }
+            model.held_by.entry(digest).or_default().insert(worker);
+            Ok(())
+        })?;
+        scan(state, T_BLOBS, &[], |k, v| {
+            model
+                .blobs
+                .insert(digest_of_key("blob", k)?, decode("blob size", v)?);
+            Ok(())
+        })?;
+        // Derived indexes.
+        for (key, exec) in &model.executions {
+            match &exec.state {
+                ExecState::Queued { since_ms } => {
+                    model.queue.insert((*since_ms, *key));
+                }
+                ExecState::Running {
+                    worker_id, token, ..
+                } => {
+                    model.leases.insert(*token, *key);
+                    if let Some(w) = model.workers.get_mut(worker_id) {
+                        w.running += 1;
+                    }
+                }
+            }
+        }
+        Ok(model)
+    }
+
+    /// Applies one committed command; `index` is its log index.
+    pub fn apply(&mut self, index: u64, command: &Command) -> Response {
+        match command {
+            Command::SubmitBuild {
+                request_id,
+                now_ms,
+                jobs,
+            } => {
+                self.tick(*now_ms);
+                self.submit(index, request_id, jobs)
+            }
+            Command::RegisterWorker {
+                worker_id,
+                addr,
+                slots,
+                held,
+                now_ms,
+            } => {
+                self.tick(*now_ms);
+                self.register(worker_id, addr, *slots, held);
+                Response::None
+            }
+            Command::Assign {
+                worker_id,
+                cache_keys,
+                lease_timeout_ms,
+                now_ms,
+            } => {
+                self.tick(*now_ms);
+                self.assign(index, worker_id, cache_keys, *lease_timeout_ms)
+            }
+            Command::Heartbeat {
+                worker_id,
+                tokens,
+                added,
+                dropped,
+                lease_timeout_ms,
+                now_ms,
+            } => {
+                self.tick(*now_ms);
+                self.heartbeat(worker_id, tokens, added, dropped, *lease_timeout_ms)
+            }
+            Command::Report {
+                worker_id,
+                token,
+                cache_key,
+                outcome,
+                now_ms,
+            } => {
+                self.tick(*now_ms);
+                let accepted = self.report(worker_id, *token, cache_key, outcome);
+                Response::Reported { accepted }
+            }
+            Command::ExpireLeases {
+                now_ms,
+                max_attempts,
+            } => {
+                self.tick(*now_ms);
+                self.expire_leases(*max_attempts);
+                Response::None
+            }
+            Command::BlobStored { digest, size } => {
+                if self.blobs.insert(*digest, *size).is_none() {
+                    self.dirty.blobs.insert(*digest);
+                }
+                Response::None
+            }
+        }
+    }
+
+    fn tick(&mut self, now_ms: u64) {
+        if now_ms > self.clock_ms {
+            self.clock_ms = now_ms;
+            self.dirty.clock = true;
+        }
+    }
+
+    fn submit(&mut self, index: u64, request_id: &str, jobs: &[SubmittedJob]) -> Response {
+        if let Some(&build_id) = self.requests.get(request_id) {
+            let job_count = self.builds.get(&build_id).map_or(0, |b| b.header.job_count);
+            return Response::BuildSubmitted {
+                build_id,
+                job_count,
+            };
+        }
+        let build_id = index;
+        let job_count = u32::try_from(jobs.len()).expect("the leader bounds a build's jobs");
+        let mut build_jobs: Vec<BuildJob> = jobs
+            .iter()
+            .map(|j| BuildJob {
+                spec: j.spec.clone(),
+                cache_key: j.cache_key,
+                deps: j.deps.clone(),
+                dependents: Vec::new(),
+                pending_deps: j.deps.len() as u32,
+                state: JobState::Waiting,
+            })
+            .collect();
+        for (i, job) in jobs.iter().enumerate() {
+            for &dep in &job.deps {
+                assert!(
+                    (dep as usize) < i,
+                    "the leader orders dependencies first ({dep} < {i})"
+                );
+                build_jobs[dep as usize].dependents.push(i as u32);
+            }
+        }
+        self.builds.insert(
+            build_id,
+            Build {
+                header: BuildHeader {
+                    request_id: request_id.to_string(),
+                    created_ms: self.clock_ms,
+                    job_count,
+                    remaining: job_count,
+                    failed: 0,
+                    skipped: 0,
+                    next_event_seq: 0,
+                    finished: false,
+                },
+                jobs: build_jobs,
+            },
+        );
+        self.requests.insert(request_id.to_string(), build_id);
+        self.dirty.builds.insert(build_id);
+        for i in 0..job_count {
+            self.dirty.jobs.insert((build_id, i));
+        }
+        let roots: Vec<(u64, u32)> = (0..job_count)
+            .filter(|&i| jobs[i as usize].deps.is_empty())
+            .map(|i| (build_id, i))
+            .collect();
+        self.make_ready(roots);
+        self.check_finished(build_id);
+        Response::BuildSubmitted {
+            build_id,
+            job_count,
+        }
+    }
+
+    fn push_event(&mut self, build_id: u64, event: Event) {
+        let build = self.builds.get_mut(&build_id).expect("event for a live build");
+        let seq = build.header.next_event_seq;
+        build.header.next_event_seq += 1;
+        self.dirty.builds.insert(build_id);
+        self.dirty.events.push((build_id, seq, event));
+    }
+
+    fn job_mut(&mut self, build_id: u64, job: u32) -> &mut BuildJob {
+        self.dirty.jobs.insert((build_id, job));
+        &mut self
+            .builds
+            .get_mut(&build_id)
+            .expect("job of a live build")
+            .jobs[job as usize]
+    }
+
+    /// Jobs whose dependencies all succeeded: served from the cache, or
+    /// attached to the execution of their cache key.
+    fn make_ready(&mut self, jobs: Vec<(u64, u32)>) {
+        let mut ready: VecDeque<(u64, u32)> = jobs.into();
+        while let Some((build_id, job)) = ready.pop_front() {
+            let (key, spec) = {
+                let j = self.job_mut(build_id, job);
+                debug_assert_eq!(j.state, JobState::Waiting);
+                (j.cache_key, j.spec.clone())
+            };
+            if let Some(result) = self.results.get(&key).cloned() {
+                self.job_mut(build_id, job).state = JobState::Succeeded;
+                self.push_event(
+                    build_id,
+                    Event::JobFinished {
+                        job,
+                        exit_code: 0,
+                        stdout: result.stdout,
+                        stderr: result.stderr,
+                        cached: true,
+                        error: None,
+                        artifact: Some((result.artifact, result.artifact_size)),
+                    },
+                );
+                ready.extend(self.job_done(build_id, job));
+                continue;
+            }
+            self.job_mut(build_id, job).state = JobState::Queued;
+            self.dirty.executions.insert(key);
+            match self.executions.get_mut(&key) {
+                Some(exec) => {
+                    exec.waiters.push((build_id, job));
+                    if let ExecState::Running { worker_id, .. } = &exec.state {
+                        let worker_id = worker_id.clone();
+                        self.push_event(build_id, Event::JobStarted { job, worker_id });
+                    }
+                }
+                None => {
+                    let since_ms = self.clock_ms;
+                    self.executions.insert(
+                        key,
+                        Execution {
+                            spec,
+                            state: ExecState::Queued { since_ms },
+                            attempts: 0,
+                            waiters: vec![(build_id, job)],
+                        },
+                    );
+                    self.queue.insert((since_ms, key));
+                }
+            }
+        }
+    }
+
+    /// Records that a job reached a final state; returns the dependents that
+    /// became ready (when it succeeded).
+    fn job_done(&mut self, build_id: u64, job: u32) -> Vec<(u64, u32)> {
+        let build = self.builds.get_mut(&build_id).expect("live build");
+        build.header.remaining -= 1;
+        self.dirty.builds.insert(build_id);
+        let succeeded = build.jobs[job as usize].state == JobState::Succeeded;
+        let mut ready = Vec::new();
+        if succeeded {
+            for dependent in build.jobs[job as usize].dependents.clone() {
+                let d = &mut build.jobs[dependent as usize];
+                d.pending_deps -= 1;
+                self.dirty.jobs.insert((build_id, dependent));
+                if d.pending_deps == 0 && d.state == JobState::Waiting {
+                    ready.push((build_id, dependent));
+                }
+            }
+        }
+        ready
+    }
+
+    /// Skips every job that (transitively) depends on the failed `job`.
+    fn skip_dependents(&mut self, build_id: u64, job: u32) {
+        let mut work: VecDeque<u32> = VecDeque::from([job]);
+        while let Some(cause) = work.pop_front() {
+            let build = self.builds.get(&build_id).expect("live build");
+            let cause_job = &build.jobs[cause as usize];
+            let verb = if cause_job.state == JobState::Failed {
+                "failed"
+            } else {
+                "was skipped"
+            };
+            let reason = format!(
+                "dependency {:?} ({}) {verb}",
+                cause_job.spec.name, cause_job.spec.job_id
+            );
+            for dependent in cause_job.dependents.clone() {
+                let state = self.builds[&build_id].jobs[dependent as usize].state;
+                if state != JobState::Waiting {
+                    continue;
+                }
+                self.job_mut(build_id, dependent).state = JobState::Skipped;
+                self.builds
+                    .get_mut(&build_id)
+                    .expect("live build")
+                    .header
+                    .skipped += 1;
+                self.push_event(
+                    build_id,
+                    Event::JobSkipped {
+                        job: dependent,
+                        reason: reason.clone(),
+                    },
+                );
+                self.job_done(build_id, dependent);
+                work.push_back(dependent);
+            }
+        }
+    }
+
+    fn check_finished(&mut self, build_id: u64) {
+        let header = &self.builds[&build_id].header;
+        if header.finished || header.remaining > 0 {
+            return;
+        }
+        let ok = header.failed == 0 && header.skipped == 0;
+        let error = (!ok).then(|| {
+            format!(
+                "{} of {} jobs failed, {} skipped",
+                header.failed, header.job_count, header.skipped
+            )
+        });
+        self.builds
+            .get_mut(&build_id)
+            .expect("live build")
+            .header
+            .finished = true;
+        self.push_event(build_id, Event::BuildFinished { ok, error });
+        self.retire_old_builds();
+    }
+
+    fn retire_old_builds(&mut self) {
+        while self.builds.len() > MAX_RETAINED_BUILDS {
+            let Some(oldest) = self
+                .builds
+                .iter()
+                .find(|(_, b)| b.header.finished)
+                .map(|(id, _)| *id)
+            else {
+                return;
+            };
+            let build = self.builds.remove(&oldest).expect("found above");
+            self.requests.remove(&build.header.request_id);
+            self.dirty.removed_builds.push(oldest);
+        }
+    }
+
+    fn register(&mut self, worker_id: &str, addr: &str, slots: u32, held: &[Digest]) {
+        // A worker that registers has just started: nothing of its earlier
+        // life is running any more.
+        let stale: Vec<u64> = self
+            .leases
+            .iter()
+            .filter(|(_, key)| {
+                matches!(&self.executions[*key].state,
+                    ExecState::Running { worker_id: w, .. } if w == worker_id)
+            })
+            .map(|(token, _)| *token)
+            .collect();
+        for token in stale {
+            self.release_lease(token);
+        }
+        let old_held = self
+            .workers
+            .get(worker_id)
+            .map(|w| w.held.clone())
+            .unwrap_or_default();
+        let new_held: BTreeSet<Digest> = held.iter().copied().collect();
+        for digest in old_held.difference(&new_held) {
+            self.drop_holding(worker_id, *digest);
+        }
+        let worker = self.workers.entry(worker_id.to_string()).or_default();
+        worker.addr = addr.to_string();
+        worker.slots = slots;
+        worker.last_seen_ms = self.clock_ms;
+        self.dirty.workers.insert(worker_id.to_string());
+        for digest in new_held {
+            self.add_holding(worker_id, digest);
+        }
+    }
+
+    fn add_holding(&mut self, worker_id: &str, digest: Digest) {
+        let Some(worker) = self.workers.get_mut(worker_id) else {
+            return;
+        };
+        if worker.held.insert(digest) {
+            self.held_by
+                .entry(digest)
+                .or_default()
+                .insert(worker_id.to_string());
+            self.dirty.holdings.insert((worker_id.to_string(), digest));
+        }
+    }
+
+    fn drop_holding(&mut self, worker_id: &str, digest: Digest) {
+        if let Some(worker) = self.workers.get_mut(worker_id) {
+            worker.held.remove(&digest);
+        }
+        if let Some(holders) = self.held_by.get_mut(&digest) {
+            holders.remove(worker_id);
+            if holders.is_empty() {
+                self.held_by.remove(&digest);
+            }
+        }
+        self.dirty.holdings.insert((worker_id.to_string(), digest));
+    }
+
+    /// Ends the lease `token`: its execution is queued again.
+    fn release_lease(&mut self, token: u64) {
+        let key = self.leases.remove(&token).expect("a current lease");
+        let exec = self.executions.get_mut(&key).expect("leased execution");
+        if let ExecState::Running { worker_id, .. } = &exec.state {
+            if let Some(w) = self.workers.get_mut(worker_id) {
+                w.running -= 1;
+            }
+        }
+        exec.state = ExecState::Queued {
+            since_ms: self.clock_ms,
+        };
+        self.queue.insert((self.clock_ms, key));
+        self.dirty.executions.insert(key);
+    }
+
+    fn assign(
+        &mut self,
+        index: u64,
+        worker_id: &str,
+        keys: &[Digest],
+        lease_timeout_ms: u64,
+    ) -> Response {
+        assert!(keys.len() as u64 <= MAX_ASSIGN_BATCH, "assign batch bounded");
+        let mut tokens = Vec::with_capacity(keys.len());
+        for (position, key) in keys.iter().enumerate() {
+            let token = index * MAX_ASSIGN_BATCH + position as u64;
+            let free = self
+                .workers
+                .get(worker_id)
+                .is_some_and(|w| w.running < w.slots);
+            let since = match self.executions.get(key).map(|e| &e.state) {
+                Some(ExecState::Queued { since_ms }) if free => *since_ms,
+                _ => {
+                    tokens.push(None);
+                    continue;
+                }
+            };
+            self.queue.remove(&(since, *key));
+            let exec = self.executions.get_mut(key).expect("checked above");
+            exec.state = ExecState::Running {
+                worker_id: worker_id.to_string(),
+                token,
+                expires_ms: self.clock_ms + lease_timeout_ms,
+            };
+            let waiters = exec.waiters.clone();
+            self.leases.insert(token, *key);
+            self.workers.get_mut(worker_id).expect("checked").running += 1;
+            self.dirty.executions.insert(*key);
+            for (build_id, job) in waiters {
+                self.push_event(
+                    build_id,
+                    Event::JobStarted {
+                        job,
+                        worker_id: worker_id.to_string(),
+                    },
+                );
+            }
+            tokens.push(Some(token));
+        }
+        Response::Assigned { tokens }
+    }
+
+    fn heartbeat(
+        &mut self,
+        worker_id: &str,
+        tokens: &[u64],
+        added: &[Digest],
+        dropped: &[Digest],
+        lease_timeout_ms: u64,
+    ) -> Response {
+        let Some(worker) = self.workers.get_mut(worker_id) else {
+            return Response::Heartbeat {
+                revoked: tokens.to_vec(),
+                reregister: true,
+            };
+        };
+        worker.last_seen_ms = self.clock_ms;
+        self.dirty.workers.insert(worker_id.to_string());
+        let mut revoked = Vec::new();
+        for token in tokens {
+            let current = self.leases.get(token).and_then(|key| {
+                let exec = self.executions.get_mut(key)?;
+                match &mut exec.state {
+                    ExecState::Running {
+                        worker_id: w,
+                        expires_ms,
+                        ..
+                    } if w == worker_id => {
+                        *expires_ms = self.clock_ms + lease_timeout_ms;
+                        Some(*key)
+                    }
+                    _ => None,
+                }
+            });
+            match current {
+                Some(key) => {
+                    self.dirty.executions.insert(key);
+                }
+                None => revoked.push(*token),
+            }
+        }
+        for digest in added {
+            self.add_holding(worker_id, *digest);
+        }
+        for digest in dropped {
+            self.drop_holding(worker_id, *digest);
+        }
+        Response::Heartbeat {
+            revoked,
+            reregister: false,
+        }
+    }
+
+    fn report(&mut self, worker_id: &str, token: u64, key: &Digest, outcome: &Outcome) -> bool {
+        let current = self.leases.get(&token) == Some(key)
+            && matches!(
+                self.executions.get(key).map(|e| &e.state),
+                Some(ExecState::Running { worker_id: w, token: t, .. }) if w == worker_id && *t == token
+            );
+        if !current {
+            return false;
+        }
+        self.leases.remove(&token);
+        if let Some(w) = self.workers.get_mut(worker_id) {
+            w.running -= 1;
+            w.last_seen_ms = self.clock_ms;
+            self.dirty.workers.insert(worker_id.to_string());
+        }
+        let exec = self.executions.remove(key).expect("checked above");
+        self.dirty.executions.insert(*key);
+        match outcome {
+            Outcome::Success {
+                stdout,
+                stderr,
+                artifact,
+                artifact_size,
+            } => {
+                self.results.insert(
+                    *key,
+                    CachedResult {
+                        stdout: stdout.clone(),
+                        stderr: stderr.clone(),
+                        artifact: *artifact,
+                        artifact_size: *artifact_size,
+                    },
+                );
+                self.dirty.results.insert(*key);
+                self.add_holding(worker_id, *artifact);
+                let mut ready = Vec::new();
+                for &(build_id, job) in &exec.waiters {
+                    self.job_mut(build_id, job).state = JobState::Succeeded;
+                    self.push_event(
+                        build_id,
+                        Event::JobFinished {
+                            job,
+                            exit_code: 0,
+                            stdout: stdout.clone(),
+                            stderr: stderr.clone(),
+                            cached: false,
+                            error: None,
+                            artifact: Some((*artifact, *artifact_size)),
+                        },
+                    );
+                    ready.extend(self.job_done(build_id, job));
+                }
+                self.make_ready(ready);
+            }
+            Outcome::Failure {
+                exit_code,
+                stdout,
+                stderr,
+                error,
+            } => {
+                for &(build_id, job) in &exec.waiters {
+                    self.fail_job(
+                        build_id,
+                        job,
+                        *exit_code,
+                        stdout.clone(),
+                        stderr.clone(),
+                        error.clone(),
+                    );
+                }
+            }
+        }
+        self.finish_builds_of(&exec.waiters);
+        true
+    }
+
+    fn fail_job(
+        &mut self,
+        build_id: u64,
+        job: u32,
+        exit_code: i32,
+        stdout: Vec<u8>,
+        stderr: Vec<u8>,
+        error: Option<String>,
+    ) {
+        self.job_mut(build_id, job).state = JobState::Failed;
+        self.builds
+            .get_mut(&build_id)
+            .expect("live build")
+            .header
+            .failed += 1;
+        self.push_event(
+            build_id,
+            Event::JobFinished {
+                job,
+                exit_code,
+                stdout,
+                stderr,
+                cached: false,
+                error,
+                artifact: None,
+            },
+        );
+        self.job_done(build_id, job);
+        self.skip_dependents(build_id, job);
+    }
+
+    fn finish_builds_of(&mut self, waiters: &[(u64, u32)]) {
+        let builds: BTreeSet<u64> = waiters.iter().map(|(b, _)| *b).collect();
+        for build_id in builds {
+            if self.builds.contains_key(&build_id) {
+                self.check_finished(build_id);
+            }
+        }
+    }
+
+    fn expire_leases(&mut self, max_attempts: u32) {
+        let expired: Vec<u64> = self
+            .leases
+            .iter()
+            .filter(|(_, key)| {
+                matches!(&self.executions[*key].state,
+                    ExecState::Running { expires_ms, .. } if *expires_ms <= self.clock_ms)
+            })
+            .map(|(token, _)| *token)
+            .collect();
+        for token in expired {
+            let key = self.leases[&token];
+            let worker = match &self.executions[&key].state {
+                ExecState::Running { worker_id, .. } => worker_id.clone(),
+                ExecState::Queued { .. } => unreachable!("leases index running executions"),
+            };
+            self.release_lease(token);
+            let exec = self.executions.get_mut(&key).expect("released above");
+            exec.attempts += 1;
+            if exec.attempts < max_attempts {
+                continue;
+            }
+            let since = match exec.state {
+                ExecState::Queued { since_ms } => since_ms,
+                ExecState::Running { .. } => unreachable!("released above"),
+            };
+            let exec = self.executions.remove(&key).expect("present");
+            self.queue.remove(&(since, key));
+            let error = format!(
+                "gave up after {} attempts: the lease expired each time (last on worker {worker}, which stopped renewing it)",
+                exec.attempts
+            );
+            for &(build_id, job) in &exec.waiters {
+                self.fail_job(
+                    build_id,
+                    job,
+                    -1,
+                    Vec::new(),
+                    Vec::new(),
+                    Some(error.clone()),
+                );
+            }
+            self.finish_builds_of(&exec.waiters);
+        }
+    }
+
+    /// Writes every record the applied entry changed, and forgets the marks.
+    pub fn flush(&mut self, txn: &mut ApplyTxn<'_>) -> Result<(), StoreError> {
+        let dirty = std::mem::take(&mut self.dirty);
+        if dirty.clock {
+            txn.put(T_META, KEY_CLOCK, &encode("clock", &self.clock_ms)?)?;
+        }
+        for build_id in dirty.removed_builds {
+            txn.delete(T_BUILDS, &build_key(build_id))?;
+            for table in [T_JOBS, T_EVENTS] {
+                let mut keys = Vec::new();
+                scan(txn, table, &build_key(build_id), |k, _| {
+                    keys.push(k.to_vec());
+                    Ok(())
+                })?;
+                for key in keys {
+                    txn.delete(table, &key)?;
+                }
+            }
+        }
+        for build_id in dirty.builds {
+            if let Some(build) = self.builds.get(&build_id) {
+                txn.put(
+                    T_BUILDS,
+                    &build_key(build_id),
+                    &encode("build header", &build.header)?,
+                )?;
+            }
+        }
+        for (build_id, job) in dirty.jobs {
+            if let Some(build) = self.builds.get(&build_id) {
+                txn.put(
+                    T_JOBS,
+                    &job_key(build_id, job),
+                    &encode("build job", &build.jobs[job as usize])?,
+                )?;
+            }
+        }
+        for (build_id, seq, event) in dirty.events {
+            if self.builds.contains_key(&build_id) {
+                txn.put(
+                    T_EVENTS,
+                    &event_key(build_id, seq),
+                    &encode("build event", &event)?,
+                )?;
+            }
+        }
+        for key in dirty.executions {
+            match self.executions.get(&key) {
+                Some(exec) => txn.put(T_EXECUTIONS, key.as_bytes(), &encode("execution", exec)?)?,
+                None => txn.delete(T_EXECUTIONS, key.as_bytes())?,
+            }
+        }
+        for key in dirty.results {
+            match self.results.get(&key) {
+                Some(result) => txn.put(T_RESULTS, key.as_bytes(), &encode("result", result)?)?,
+                None => txn.delete(T_RESULTS, key.as_bytes())?,
+            }
+        }
+        for id in dirty.workers {
+            match self.workers.get(&id) {
+                Some(w) => txn.put(
+                    T_WORKERS,
+                    id.as_bytes(),
+                    &encode(
+                        "worker",
+                        &WorkerRecord {
+                            addr: w.addr.clone(),
+                            slots: w.slots,
+                            last_seen_ms: w.last_seen_ms,
+                        },
+                    )?,
+                )?,
+                None => txn.delete(T_WORKERS, id.as_bytes())?,
+            }
+        }
+        for (worker, digest) in dirty.holdings {
+            let key = holding_key(&worker, &digest);
+            let held = self
+                .workers
+                .get(&worker)
+                .is_some_and(|w| w.held.contains(&digest));
+            if held {
+                txn.put(T_HOLDINGS, &key, &[])?;
+            } else {
+                txn.delete(T_HOLDINGS, &key)?;
+            }
+        }
+        for digest in dirty.blobs {
+            if let Some(size) = self.blobs.get(&digest) {
+                txn.put(T_BLOBS, digest.as_bytes(), &encode("blob size", size)?)?;
+            }
+        }
+        Ok(())
+    }
+
+    // ---- Queries (outside apply) ----
+
+    /// The state's clock: the latest leader time applied.
+    pub fn clock_ms(&self) -> u64 {
+        self.clock_ms
+    }
+
+    pub fn build(&self, id: u64) -> Option<&Build> {
+        self.builds.get(&id)
+    }
+
+    pub fn build_for_request(&self, request_id: &str) -> Option<u64> {
+        self.requests.get(request_id).copied()
+    }
+
+    pub fn has_blob(&self, digest: &Digest) -> bool {
+        self.blobs.contains_key(digest)
+    }
+
+    pub fn blob_size(&self, digest: &Digest) -> Option<u64> {
+        self.blobs.get(digest).copied()
+    }
+
+    pub fn workers(&self) -> &BTreeMap<String, Worker> {
+        &self.workers
+    }
+
+    pub fn execution(&self, key: &Digest) -> Option<&Execution> {
+        self.executions.get(key)
+    }
+
+    pub fn result(&self, key: &Digest) -> Option<&CachedResult> {
+        self.results.get(key)
+    }
+
+    /// Peer addresses of the workers holding `artifact`.
+    pub fn holders(&self, artifact: &Digest) -> Vec<String> {
+        self.held_by
+            .get(artifact)
+            .into_iter()
+            .flatten()
+            .filter_map(|w| self.workers.get(w).map(|w| w.addr.clone()))
+            .collect()
+    }
+
+    /// Whether some lease expired by `now_ms`.
+    pub fn has_expired_lease(&self, now_ms: u64) -> bool {
+        self.leases.values().any(|key| {
+            matches!(&self.executions[key].state,
+                ExecState::Running { expires_ms, .. } if *expires_ms <= now_ms)
+        })
+    }
+
+    /// Queued executions for `worker_id`, up to `max`, oldest first, with
+    /// locality: an execution whose dependency artifacts another live
+    /// worker with a free slot holds more of than this one is left for that
+    /// worker until it has waited `locality_wait_ms`.
+    pub fn pick_for(
+        &self,
+        worker_id: &str,
+        max: usize,
+        now_ms: u64,
+        locality_wait_ms: u64,
+        alive_ms: u64,
+    ) -> Vec<Digest> {
+        let Some(me) = self.workers.get(worker_id) else {
+            return Vec::new();
+        };
+        let free = (me.slots.saturating_sub(me.running) as usize).min(max);
+        let mut picks = Vec::new();
+        for (since_ms, key) in &self.queue {
+            if picks.len() >= free {
+                break;
+            }
+            let exec = &self.executions[key];
+            let mut bytes_by_worker: BTreeMap<&str, u64> = BTreeMap::new();
+            for dep in &exec.spec.deps {
+                if let Some(result) = self.results.get(&dep.cache_key) {
+                    for holder in self.held_by.get(&result.artifact).into_iter().flatten() {
+                        *bytes_by_worker.entry(holder.as_str()).or_default() +=
+                            result.artifact_size.max(1);
+                    }
+                }
+            }
+            let mine = bytes_by_worker.get(worker_id).copied().unwrap_or(0);
+            let better_elsewhere = bytes_by_worker.iter().any(|(w, bytes)| {
+                *bytes > mine
+                    && *w != worker_id
+                    && self.workers.get(*w).is_some_and(|other| {
+                        other.running < other.slots
+                            && now_ms.saturating_sub(other.last_seen_ms) < alive_ms
+                    })
+            });
+            if !better_elsewhere || now_ms.saturating_sub(*since_ms) >= locality_wait_ms {
+                picks.push(*key);
+            }
+        }
+        picks
+    }
+
+    /// Whether any execution is queued.
+    pub fn has_queued(&self) -> bool {
+        !self.queue.is_empty()
+    }
+
+    /// The events the applied entries produced, forgetting every change mark
+    /// (tests look at transitions without a store).
+    #[cfg(test)]
+    fn take_events(&mut self) -> Vec<(u64, u64, Event)> {
+        std::mem::take(&mut self.dirty).events
+    }
+}
+
+#[cfg(test)]
+mod tests;
