@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Sets up a fresh Debian machine (see setup.sh), builds distbuild and runs it.
-# Until the end-to-end issue lands, "running" is the raft-store append
-# benchmark, which prints appends per second and latency beside the disk's
-# raw fdatasync rate.
+# Sets up a fresh Debian machine (see setup.sh), builds distbuild, runs the
+# example build (scripts/example.sh), then the benchmarks: build throughput
+# against ninja, and raft-store appends against the disk's fsync rate.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 . ./scripts/env.sh
 cargo build --release --locked --bin distbuild
+./scripts/example.sh "$CARGO_TARGET_DIR/release/distbuild"
+cargo bench --locked --bench build
 cargo bench --locked -p distbuild-raft-store --bench append

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Installs what building distbuild needs on a fresh Debian machine that has
 # the Rust toolchain: libclang (RocksDB's bindgen) and a C++ compiler.
-# protoc is not needed: the build uses a vendored one.
+# protoc is not needed: the build uses a vendored one. ninja is what the build
+# benchmark compares against.
 set -euo pipefail
 
-packages=(libclang-dev clang g++ make pkg-config)
+packages=(libclang-dev clang g++ make pkg-config ninja-build)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -1,19 +1,77 @@
-//! `distbuild`: the one binary users run. Its subcommands (coordinator,
-//! worker, build, cluster) arrive with the end-to-end issue; today it only
-//! answers `--help` and `--version`.
+//! `distbuild`: the one binary users run. Each subcommand's flags and
+//! behaviour live in its crate; this file only dispatches and maps failures
+//! to exit codes.
 
-use clap::Parser;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
 
 /// Distributed build execution: a Raft-replicated coordinator schedules a
 /// build graph's jobs onto workers, caching results by content.
 #[derive(Parser, Debug)]
 #[command(name = "distbuild", version, about)]
-struct Cli {}
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() {
-    let _cli = Cli::parse();
-    println!(
-        "distbuild {}: no subcommands yet; see README.md",
-        env!("CARGO_PKG_VERSION")
-    );
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a build graph on the cluster and stream its results.
+    Build(distbuild_client::BuildArgs),
+    /// Serve as a coordinator replica.
+    Coordinator(distbuild_coordinator::CoordinatorArgs),
+    /// Serve as a worker: run jobs, keep and serve their outputs.
+    Worker(distbuild_worker::WorkerArgs),
+    /// Inspect the cluster.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum ClusterCommand {
+    /// The leader, the members, and the connected workers.
+    Status(distbuild_client::ClusterStatusArgs),
+}
+
+/// Exit code of a server that stopped on an error (bad flags are 2).
+const EXIT_SERVER_FAILED: u8 = 1;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("DISTBUILD_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: start the async runtime: {e}");
+            return ExitCode::from(EXIT_SERVER_FAILED);
+        }
+    };
+    let code: i32 = runtime.block_on(async move {
+        let server = match cli.command {
+            Command::Build(args) => return distbuild_client::build_cli(args).await,
+            Command::Cluster(ClusterCommand::Status(args)) => {
+                return distbuild_client::cluster_status_cli(args).await;
+            }
+            Command::Coordinator(args) => distbuild_coordinator::run_cli(args).await,
+            Command::Worker(args) => distbuild_worker::run_cli(args).await,
+        };
+        match server {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                EXIT_SERVER_FAILED.into()
+            }
+        }
+    });
+    // Streams still draining (for example a watcher's task) must not keep
+    // the process alive.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    ExitCode::from(u8::try_from(code).unwrap_or(EXIT_SERVER_FAILED))
 }

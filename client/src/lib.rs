@@ -1,1 +1,39 @@
-//! distbuild client (skeleton; built in a later issue).
+#![warn(missing_docs)]
+//! The distbuild client: `distbuild build` (hash and upload sources, submit
+//! a graph, stream its events, download the outputs) and
+//! `distbuild cluster status`.
+//!
+//! Layout by concern: [`args`] (flags), [`connect`] (the one place that
+//! opens a connection — the network seam), [`cluster`] (retries, deadlines,
+//! following the leader), [`sources`] and [`upload`] (source files),
+//! [`watch`] (the event stream, resumed after a break), [`render`] (what the
+//! user sees), [`download`] (leaf outputs), [`build`] and [`status`] (the
+//! two commands). Depends only on `distbuild-proto` among our crates.
+
+pub mod args;
+pub mod build;
+pub mod cluster;
+pub mod connect;
+pub mod download;
+pub mod render;
+pub mod sources;
+pub mod status;
+pub mod upload;
+pub mod watch;
+
+pub use args::{BuildArgs, ClusterStatusArgs, ConnectionArgs};
+pub use build::{build_cli, run_build};
+pub use status::{cluster_status_cli, run_cluster_status};
+
+/// Process exit codes of the client commands.
+pub mod exit_code {
+    /// Every job succeeded (or the command did what it was asked).
+    pub const OK: i32 = 0;
+    /// A job failed or was skipped, or the build did not finish ok.
+    pub const BUILD_FAILED: i32 = 1;
+    /// Bad input: flags, graph, source files, or a request the cluster
+    /// refused as invalid.
+    pub const BAD_INPUT: i32 = 2;
+    /// The cluster could not be reached within `--timeout`.
+    pub const UNREACHABLE: i32 = 3;
+}

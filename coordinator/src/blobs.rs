@@ -150,12 +150,10 @@ impl BlobWriter {
         self.file.sync_all().await.map_err(io("fsync a blob"))?;
         drop(self.file);
         let dest = self.store.path_of(&self.digest);
-        self.tmp
-            .persist(&dest)
-            .map_err(|e| BlobError::Io {
-                context: format!("move blob into {}", dest.display()),
-                source: e.error,
-            })?;
+        self.tmp.persist(&dest).map_err(|e| BlobError::Io {
+            context: format!("move blob into {}", dest.display()),
+            source: e.error,
+        })?;
         Ok(())
     }
 }
@@ -198,7 +196,9 @@ mod tests {
         assert!(store.contains(&digest));
         // Nothing is left in tmp.
         assert_eq!(
-            std::fs::read_dir(dir.path().join("tmp")).expect("tmp").count(),
+            std::fs::read_dir(dir.path().join("tmp"))
+                .expect("tmp")
+                .count(),
             0
         );
     }

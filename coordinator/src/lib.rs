@@ -78,8 +78,7 @@ pub async fn run_cli(args: CoordinatorArgs) -> anyhow::Result<()> {
 }
 
 async fn shutdown_on_signal(shutdown: CancellationToken) {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-    {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(term) => term,
         Err(e) => {
             tracing::error!("cannot watch SIGTERM: {e}");

@@ -155,20 +155,36 @@ pub enum Command {
         now_ms: u64,
     },
     /// Requeue (or give up on) every execution whose lease expired.
-    ExpireLeases { now_ms: u64, max_attempts: u32 },
-    BlobStored { digest: Digest, size: u64 },
+    ExpireLeases {
+        now_ms: u64,
+        max_attempts: u32,
+    },
+    BlobStored {
+        digest: Digest,
+        size: u64,
+    },
 }
 
 /// The answer to a command.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Response {
     None,
-    BuildSubmitted { build_id: u64, job_count: u32 },
+    BuildSubmitted {
+        build_id: u64,
+        job_count: u32,
+    },
     /// Per requested key, the lease token, or `None` if it was no longer
     /// queued.
-    Assigned { tokens: Vec<Option<u64>> },
-    Heartbeat { revoked: Vec<u64>, reregister: bool },
-    Reported { accepted: bool },
+    Assigned {
+        tokens: Vec<Option<u64>>,
+    },
+    Heartbeat {
+        revoked: Vec<u64>,
+        reregister: bool,
+    },
+    Reported {
+        accepted: bool,
+    },
 }
 
 /// An event of a build, numbered from 0 in its build.
@@ -625,7 +641,10 @@ impl Model {
     }
 
     fn push_event(&mut self, build_id: u64, event: Event) {
-        let build = self.builds.get_mut(&build_id).expect("event for a live build");
+        let build = self
+            .builds
+            .get_mut(&build_id)
+            .expect("event for a live build");
         let seq = build.header.next_event_seq;
         build.header.next_event_seq += 1;
         self.dirty.builds.insert(build_id);
@@ -875,7 +894,10 @@ impl Model {
         keys: &[Digest],
         lease_timeout_ms: u64,
     ) -> Response {
-        assert!(keys.len() as u64 <= MAX_ASSIGN_BATCH, "assign batch bounded");
+        assert!(
+            keys.len() as u64 <= MAX_ASSIGN_BATCH,
+            "assign batch bounded"
+        );
         let mut tokens = Vec::with_capacity(keys.len());
         for (position, key) in keys.iter().enumerate() {
             let token = index * MAX_ASSIGN_BATCH + position as u64;

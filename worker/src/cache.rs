@@ -21,11 +21,20 @@ use sha1::{Digest as _, Sha1};
 /// Why a cache operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
+    /// The content hashed to another digest than the one expected.
     #[error("content does not match its digest: expected {expected}, got {actual}")]
-    DigestMismatch { expected: Digest, actual: Digest },
+    DigestMismatch {
+        /// The digest the caller named.
+        expected: Digest,
+        /// The content's digest.
+        actual: Digest,
+    },
+    /// A filesystem operation failed.
     #[error("{context}: {source}")]
     Io {
+        /// What was being done.
         context: String,
+        /// The underlying error.
         #[source]
         source: io::Error,
     },
@@ -45,7 +54,15 @@ struct Index {
     pins: HashMap<Digest, usize>,
     total_bytes: u64,
     tick: u64,
+    /// Evicted since the last `take_evicted`, oldest first, at most
+    /// `MAX_EVICTION_LOG` (the oldest are forgotten beyond it).
+    evicted: Vec<Digest>,
 }
+
+/// Evictions remembered for `Cache::take_evicted` between two calls. Beyond
+/// it the oldest are forgotten: a holder list that is briefly too long only
+/// costs a peer one NOT_FOUND before it tries the next holder.
+pub const MAX_EVICTION_LOG: usize = 100_000;
 
 impl Index {
     fn touch(&mut self, digest: Digest) {
@@ -84,6 +101,11 @@ impl Index {
             self.lru.remove(&(tick, digest));
             self.total_bytes -= size;
             victims.push(digest);
+        }
+        self.evicted.extend_from_slice(&victims);
+        if self.evicted.len() > MAX_EVICTION_LOG {
+            let excess = self.evicted.len() - MAX_EVICTION_LOG;
+            self.evicted.drain(..excess);
         }
         victims
     }
@@ -173,6 +195,24 @@ impl Cache {
             .contains_key(digest)
     }
 
+    /// Up to `limit` held digests, most recently used first.
+    pub fn digests(&self, limit: usize) -> Vec<Digest> {
+        let index = self.index.lock().expect("cache index poisoned");
+        index
+            .lru
+            .iter()
+            .rev()
+            .take(limit)
+            .map(|(_, d)| *d)
+            .collect()
+    }
+
+    /// The digests evicted since the previous call, oldest first (at most
+    /// [`MAX_EVICTION_LOG`]).
+    pub fn take_evicted(&self) -> Vec<Digest> {
+        std::mem::take(&mut self.index.lock().expect("cache index poisoned").evicted)
+    }
+
     /// Opens a held blob for reading, pinned while the pin lives, and marks
     /// it used.
     pub fn open_blob(&self, digest: &Digest) -> Result<Option<(File, Pin)>, CacheError> {
@@ -218,10 +258,10 @@ impl Cache {
             size += n as u64;
         }
         let actual = Digest::from_bytes(sha1.finalize().into());
-        if let Some(expected) = expected {
-            if expected != actual {
-                return Err(CacheError::DigestMismatch { expected, actual });
-            }
+        if let Some(expected) = expected
+            && expected != actual
+        {
+            return Err(CacheError::DigestMismatch { expected, actual });
         }
         tmp.persist(self.path_of(&actual))
             .map_err(|e| CacheError::Io {
@@ -298,6 +338,13 @@ mod tests {
             "c was the least recently used unpinned blob"
         );
         assert!(cache.total_bytes() <= 3000);
+        assert_eq!(
+            cache.take_evicted(),
+            vec![c],
+            "the eviction is reported once"
+        );
+        assert!(cache.take_evicted().is_empty());
+        assert_eq!(cache.digests(2), vec![d, a], "most recently used first");
         drop(pin_b);
     }
 

@@ -1,6 +1,28 @@
 //! distbuild worker: takes jobs from the coordinator, runs them in sandbox
 //! directories, keeps their outputs in a content-addressed cache (`cache`)
-//! and serves them to peers. The artifact format lives in
+//! and serves them to peers (`peer`). The artifact format lives in
 //! `distbuild_proto::artifact`, shared with the client.
+//!
+//! Modules by concern: `cli` (flags), `runtime` (register, poll,
+//! heartbeat, report), `job` (one job in its sandbox), `process` (the
+//! process-spawning seam), `connect` (the network seam for outgoing
+//! connections), `coordinator` (the WorkerApi client, leader following),
+//! `fetch` (blobs and artifacts into the cache), `peer` (the PeerApi
+//! server).
+//!
+//! Invariants: never touches Raft; depends only on `proto` among our crates.
+
+#![warn(missing_docs)]
 
 pub mod cache;
+pub mod cli;
+pub mod connect;
+pub mod coordinator;
+pub mod fetch;
+pub mod job;
+pub mod peer;
+pub mod process;
+pub mod runtime;
+
+pub use cli::{WorkerArgs, run_cli};
+pub use runtime::{WorkerConfig, run};

@@ -8,8 +8,8 @@ use distbuild_proto::graph::{BuildGraph, Cmd, Template, check_relative_path};
 use distbuild_proto::v1::client_api_server::ClientApi;
 use distbuild_proto::v1::{
     self, ArtifactLocation, BlobChunk, BuildEvent, FindMissingBlobsRequest,
-    FindMissingBlobsResponse, LocateArtifactsRequest, LocateArtifactsResponse,
-    SubmitBuildRequest, SubmitBuildResponse, UploadBlobResponse, WatchBuildRequest, build_event,
+    FindMissingBlobsResponse, LocateArtifactsRequest, LocateArtifactsResponse, SubmitBuildRequest,
+    SubmitBuildResponse, UploadBlobResponse, WatchBuildRequest, build_event,
 };
 use distbuild_proto::wire::{digest_from_wire, digest_to_wire};
 use distbuild_proto::{Digest, JobId, cache_key};
@@ -91,7 +91,11 @@ fn dependency_order(graph: &BuildGraph) -> Vec<usize> {
             }
         }
     }
-    assert_eq!(order.len(), graph.jobs.len(), "a validated graph is acyclic");
+    assert_eq!(
+        order.len(),
+        graph.jobs.len(),
+        "a validated graph is acyclic"
+    );
     order
 }
 
@@ -99,8 +103,8 @@ impl ClientService {
     /// Turns a submit request into the command that records the build, or
     /// refuses it with the one-line reason.
     fn plan(&self, req: &SubmitBuildRequest) -> Result<Vec<SubmittedJob>, Status> {
-        let graph =
-            BuildGraph::from_json(&req.graph_json).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let graph = BuildGraph::from_json(&req.graph_json)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         if graph.jobs.len() > MAX_JOBS_PER_BUILD {
             return Err(Status::invalid_argument(format!(
                 "the graph has {} jobs, over the limit of {MAX_JOBS_PER_BUILD}",
@@ -234,10 +238,12 @@ fn event_to_wire(node: &Node, build_id: u64, seq: u64, event: Event) -> BuildEve
                 reason,
             })
         }
-        Event::BuildFinished { ok, error } => build_event::Event::BuildFinished(v1::BuildFinished {
-            ok,
-            error: error.unwrap_or_default(),
-        }),
+        Event::BuildFinished { ok, error } => {
+            build_event::Event::BuildFinished(v1::BuildFinished {
+                ok,
+                error: error.unwrap_or_default(),
+            })
+        }
     };
     BuildEvent {
         seq,
@@ -299,8 +305,8 @@ impl ClientApi for ClientService {
         let first = next_chunk(&mut chunks)
             .await?
             .ok_or_else(|| Status::invalid_argument("empty upload"))?;
-        let digest = digest_from_wire(&first.digest, "upload digest")
-            .map_err(Status::invalid_argument)?;
+        let digest =
+            digest_from_wire(&first.digest, "upload digest").map_err(Status::invalid_argument)?;
         let size = first.size;
         let mut writer = self
             .node

@@ -33,9 +33,7 @@ pub fn digests(list: &[bytes::Bytes], what: &str) -> Result<Vec<Digest>, Status>
 }
 
 /// Streams `file` as blob chunks.
-pub fn stream_file(
-    mut file: tokio::fs::File,
-) -> ResponseStream<distbuild_proto::v1::BlobChunk> {
+pub fn stream_file(mut file: tokio::fs::File) -> ResponseStream<distbuild_proto::v1::BlobChunk> {
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tokio::spawn(async move {
         loop {

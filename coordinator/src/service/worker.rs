@@ -219,7 +219,9 @@ impl WorkerApi for WorkerService {
         let req = request.into_inner();
         check_worker_id(&req.worker_id)?;
         if req.lease_tokens.len() > MAX_SLOTS as usize {
-            return Err(Status::invalid_argument("more leases than a worker can hold"));
+            return Err(Status::invalid_argument(
+                "more leases than a worker can hold",
+            ));
         }
         let added = digests(&req.added_artifacts, "added_artifacts")?;
         let dropped = digests(&req.dropped_artifacts, "dropped_artifacts")?;
@@ -298,8 +300,8 @@ impl WorkerApi for WorkerService {
         &self,
         request: Request<FetchRequest>,
     ) -> Result<Response<Self::FetchBlobStream>, Status> {
-        let digest =
-            digest_from_wire(&request.get_ref().digest, "digest").map_err(Status::invalid_argument)?;
+        let digest = digest_from_wire(&request.get_ref().digest, "digest")
+            .map_err(Status::invalid_argument)?;
         match self.node.blobs.open_blob(&digest).await {
             Ok(Some(file)) => Ok(Response::new(stream_file(file))),
             Ok(None) => Err(Status::not_found(format!("no blob {digest}"))),

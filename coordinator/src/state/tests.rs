@@ -161,7 +161,10 @@ fn a_chain_runs_in_order_and_finishes() {
     let mut h = Harness::new();
     let b = h.submit("r1", graph(&[(1, &[]), (2, &[0])]));
     h.events();
-    assert_eq!(h.model.pick_for("a", 4, h.now_ms, 50, LEASE_MS), vec![key(1)]);
+    assert_eq!(
+        h.model.pick_for("a", 4, h.now_ms, 50, LEASE_MS),
+        vec![key(1)]
+    );
     assert!(h.run_one("a", key(1), success(1)));
     assert_eq!(h.events(), [format!("{b}:start:0"), format!("{b}:ok:0")]);
     assert!(h.run_one("a", key(2), success(2)));
@@ -182,7 +185,10 @@ fn the_same_cache_key_runs_once_for_every_build_and_is_cached_after() {
     let b2 = h.submit("r2", graph(&[(1, &[])]));
     h.events();
     // One execution serves both builds.
-    assert_eq!(h.model.pick_for("a", 4, h.now_ms, 50, LEASE_MS), vec![key(1)]);
+    assert_eq!(
+        h.model.pick_for("a", 4, h.now_ms, 50, LEASE_MS),
+        vec![key(1)]
+    );
     assert!(h.run_one("a", key(1), success(1)));
     let events = h.events();
     for b in [b1, b2] {
@@ -219,7 +225,10 @@ fn a_failure_skips_its_dependents_but_not_independent_jobs() {
         ]
     );
     // Nothing of the failed chain is queued; the independent job is.
-    assert_eq!(h.model.pick_for("a", 4, h.now_ms, 50, LEASE_MS), vec![key(4)]);
+    assert_eq!(
+        h.model.pick_for("a", 4, h.now_ms, 50, LEASE_MS),
+        vec![key(4)]
+    );
     assert!(h.run_one("a", key(4), success(4)));
     assert_eq!(
         h.events(),
@@ -231,7 +240,10 @@ fn a_failure_skips_its_dependents_but_not_independent_jobs() {
     );
     // A failure is not cached: the same job runs again in a new build.
     h.submit("r2", graph(&[(1, &[])]));
-    assert_eq!(h.model.pick_for("a", 4, h.now_ms, 50, LEASE_MS), vec![key(1)]);
+    assert_eq!(
+        h.model.pick_for("a", 4, h.now_ms, 50, LEASE_MS),
+        vec![key(1)]
+    );
 }
 
 #[test]
@@ -265,7 +277,10 @@ fn an_expired_lease_requeues_and_its_late_result_is_refused() {
         now_ms: h.now_ms,
         max_attempts: 3,
     });
-    assert_eq!(h.model.pick_for("b", 4, h.now_ms, 50, LEASE_MS), vec![key(1)]);
+    assert_eq!(
+        h.model.pick_for("b", 4, h.now_ms, 50, LEASE_MS),
+        vec![key(1)]
+    );
     // The old holder's result and renewal are refused.
     assert!(!h.report("a", token, key(1), success(1)));
     let late = h.apply(Command::Heartbeat {
@@ -322,7 +337,10 @@ fn ready_jobs_wait_briefly_for_the_worker_holding_their_inputs() {
     assert!(h.run_one("a", key(1), success(1)));
     // Worker b polls first: job 2's input lives on a, which has a free slot.
     assert!(h.model.pick_for("b", 4, h.now_ms, 50, LEASE_MS).is_empty());
-    assert_eq!(h.model.pick_for("a", 4, h.now_ms, 50, LEASE_MS), vec![key(2)]);
+    assert_eq!(
+        h.model.pick_for("a", 4, h.now_ms, 50, LEASE_MS),
+        vec![key(2)]
+    );
     // After the locality wait, anyone may take it.
     assert_eq!(
         h.model.pick_for("b", 4, h.now_ms + 50, 50, LEASE_MS),
@@ -337,7 +355,10 @@ fn ready_jobs_wait_briefly_for_the_worker_holding_their_inputs() {
         lease_timeout_ms: LEASE_MS,
         now_ms: h.now_ms,
     });
-    assert_eq!(h.model.pick_for("b", 4, h.now_ms, 50, LEASE_MS), vec![key(2)]);
+    assert_eq!(
+        h.model.pick_for("b", 4, h.now_ms, 50, LEASE_MS),
+        vec![key(2)]
+    );
 }
 
 #[test]
@@ -365,7 +386,10 @@ fn a_reregistering_worker_loses_its_leases() {
         now_ms: h.now_ms,
     });
     assert!(!h.report("a", token, key(1), success(1)));
-    assert_eq!(h.model.pick_for("b", 4, h.now_ms, 50, LEASE_MS), vec![key(1)]);
+    assert_eq!(
+        h.model.pick_for("b", 4, h.now_ms, 50, LEASE_MS),
+        vec![key(1)]
+    );
 }
 
 #[test]

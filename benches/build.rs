@@ -1,0 +1,102 @@
+//! Build throughput: a graph of trivial jobs on a local cluster (one
+//! coordinator, one worker with a slot per CPU), against `ninja -j<CPUs>`
+//! running the same commands on the same machine; then a fully cached
+//! rebuild of the same graph.
+//!
+//! `cargo bench --bench build` (BENCH_JOBS overrides the 2,000 jobs).
+//! Under `cargo test --all-targets` it runs 20 jobs as a smoke test.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use support::{Cluster, id};
+
+fn command(i: usize) -> String {
+    format!("echo {i} > out")
+}
+
+fn main() {
+    let benchmarking = std::env::args().any(|a| a == "--bench");
+    let jobs: usize = std::env::var("BENCH_JOBS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if benchmarking { 2000 } else { 20 });
+    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+
+    let cluster = Cluster::start(1, cpus as u32);
+    let graph = json!({"Jobs": (0..jobs).map(|i| json!({
+        "ID": id(&format!("bench job {i}")),
+        "Name": format!("job {i}"),
+        "Cmds": [{"Exec": ["/bin/sh", "-c", command(i)], "WorkingDirectory": "{{.OutputDir}}"}],
+    })).collect::<Vec<_>>()});
+
+    let started = Instant::now();
+    let run = cluster.build(&graph, &cluster.path("nosrc"), &[]);
+    let cold = started.elapsed();
+    assert_eq!(run.code, Some(0), "{}", run.describe());
+    assert_eq!(
+        run.events.iter().filter(|e| e["cached"] == false).count(),
+        jobs
+    );
+
+    let started = Instant::now();
+    let run = cluster.build(&graph, &cluster.path("nosrc"), &[]);
+    let cached = started.elapsed();
+    assert_eq!(run.code, Some(0), "{}", run.describe());
+    assert_eq!(
+        run.events.iter().filter(|e| e["cached"] == true).count(),
+        jobs
+    );
+
+    let rate = |d: Duration| jobs as f64 / d.as_secs_f64();
+    println!("build: {jobs} trivial jobs, 1 worker with {cpus} slots");
+    println!(
+        "  distbuild cold:   {:>8.2} s  {:>8.0} jobs/s",
+        cold.as_secs_f64(),
+        rate(cold)
+    );
+    println!(
+        "  distbuild cached: {:>8.2} s  {:>8.0} jobs/s",
+        cached.as_secs_f64(),
+        rate(cached)
+    );
+    match ninja(jobs, cpus, &cluster.path("ninja")) {
+        Some(ninja) => println!(
+            "  ninja -j{cpus}:        {:>8.2} s  {:>8.0} jobs/s  (distbuild cold / ninja: {:.2}x the time)",
+            ninja.as_secs_f64(),
+            rate(ninja),
+            cold.as_secs_f64() / ninja.as_secs_f64()
+        ),
+        None => println!("  ninja: not installed (scripts/run.sh installs ninja-build)"),
+    }
+}
+
+/// Runs the same commands under ninja, each in its own directory; None if
+/// ninja is missing.
+fn ninja(jobs: usize, cpus: usize, dir: &std::path::Path) -> Option<Duration> {
+    Command::new("ninja").arg("--version").output().ok()?;
+    std::fs::create_dir_all(dir).expect("mkdir");
+    let mut file =
+        String::from("rule run\n  command = mkdir -p $dir && cd $dir && /bin/sh -c '$cmd'\n\n");
+    for i in 0..jobs {
+        file += &format!(
+            "build j{i}/out: run\n  dir = j{i}\n  cmd = {}\n",
+            command(i)
+        );
+    }
+    std::fs::write(dir.join("build.ninja"), file).expect("write build.ninja");
+    let started = Instant::now();
+    let status = Command::new("ninja")
+        .arg(format!("-j{cpus}"))
+        .arg("--quiet")
+        .current_dir(dir)
+        .status()
+        .expect("run ninja");
+    let elapsed = started.elapsed();
+    assert!(status.success(), "ninja failed");
+    Some(elapsed)
+}

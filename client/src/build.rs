@@ -1,0 +1,195 @@
+//! `distbuild build`: check the graph and its sources, upload what the
+//! cluster lacks, submit, follow the events, download the leaves' outputs.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::Path;
+
+use bytes::Bytes;
+use distbuild_proto::graph::BuildGraph;
+use distbuild_proto::v1::{SourceFile, SubmitBuildRequest, SubmitBuildResponse, build_event};
+use distbuild_proto::wire::{MAX_MESSAGE_BYTES, digest_from_wire, digest_to_wire};
+use tokio::time::Instant;
+
+use crate::args::BuildArgs;
+use crate::cluster::{Cluster, RPC_TIMEOUT};
+use crate::connect::{Connector, client_api};
+use crate::download::{DownloadError, Output, download_outputs};
+use crate::exit_code;
+use crate::render::{Console, Reporter, print_error};
+use crate::sources::hash_sources;
+use crate::upload::{UploadError, upload_missing};
+use crate::watch::watch_build;
+
+/// Largest graph file accepted: it travels in one message.
+pub const MAX_GRAPH_FILE_BYTES: u64 = MAX_MESSAGE_BYTES as u64 / 2;
+
+/// Runs `distbuild build` against real TCP connections, printing to the
+/// process's stdout and stderr; returns the process exit code (see
+/// [`crate::exit_code`]).
+pub async fn build_cli(args: BuildArgs) -> i32 {
+    run_build(args, Connector::tcp(), Console::stdio()).await
+}
+
+/// Reads and validates the graph file; the error is one line.
+pub fn read_graph(path: &Path) -> Result<(Bytes, BuildGraph), String> {
+    let meta =
+        std::fs::metadata(path).map_err(|e| format!("read graph file {}: {e}", path.display()))?;
+    if meta.len() > MAX_GRAPH_FILE_BYTES {
+        return Err(format!(
+            "graph file {} is {} bytes, more than the {MAX_GRAPH_FILE_BYTES} accepted",
+            path.display(),
+            meta.len()
+        ));
+    }
+    let bytes =
+        std::fs::read(path).map_err(|e| format!("read graph file {}: {e}", path.display()))?;
+    let graph =
+        BuildGraph::from_json(&bytes).map_err(|e| format!("graph file {}: {e}", path.display()))?;
+    Ok((Bytes::from(bytes), graph))
+}
+
+/// A fresh request ID for one submit (reused by its retries).
+fn new_request_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+/// Runs `distbuild build` through `connector`, writing to `console`;
+/// returns the process exit code. Bad input is reported before anything is
+/// sent to the cluster.
+pub async fn run_build(args: BuildArgs, connector: Connector, console: Console) -> i32 {
+    let started = Instant::now();
+    let Console {
+        out,
+        mut err,
+        progress,
+    } = console;
+    let err: &mut dyn Write = &mut err;
+
+    let addrs = match args.connection.addresses() {
+        Ok(addrs) => addrs,
+        Err(message) => return print_error(err, exit_code::BAD_INPUT, message),
+    };
+    let (graph_json, graph) = match read_graph(&args.graph) {
+        Ok(read) => read,
+        Err(message) => return print_error(err, exit_code::BAD_INPUT, message),
+    };
+    let sources = match hash_sources(&graph, &args.source_dir).await {
+        Ok(sources) => sources,
+        Err(e) => return print_error(err, exit_code::BAD_INPUT, e),
+    };
+
+    let cluster = Cluster::new(connector, addrs, args.connection.patience());
+    match upload_missing(&cluster, &sources).await {
+        Ok(count) => tracing::debug!(count, "uploaded source blobs"),
+        Err(UploadError::Call(e)) => return print_error(err, e.exit_code(), e),
+        Err(e @ UploadError::Read { .. }) => return print_error(err, exit_code::BAD_INPUT, e),
+    }
+
+    let request = SubmitBuildRequest {
+        request_id: new_request_id(),
+        graph_json,
+        sources: sources
+            .iter()
+            .map(|s| SourceFile {
+                path: s.path.clone(),
+                digest: digest_to_wire(&s.digest),
+                size: s.size,
+            })
+            .collect(),
+    };
+    let submitted: SubmitBuildResponse = match cluster
+        .call("submit the build", Some(RPC_TIMEOUT), |channel| {
+            let request = request.clone();
+            async move {
+                Ok(client_api(channel)
+                    .submit_build(request)
+                    .await?
+                    .into_inner())
+            }
+        })
+        .await
+    {
+        Ok(response) => response,
+        Err(e) => return print_error(err, e.exit_code(), e),
+    };
+    let build_id = submitted.build_id;
+
+    let mut reporter = Reporter::new(args.json, out, progress);
+    reporter.build_started(build_id, u64::from(submitted.job_count));
+    reporter.note(&format!(
+        "build {build_id}: {} jobs submitted",
+        submitted.job_count
+    ));
+
+    // Artifacts of the jobs that succeeded, by job ID.
+    let mut artifacts: HashMap<String, (Bytes, u64)> = HashMap::new();
+    let watched = watch_build(&cluster, build_id, |event| {
+        if let Some(build_event::Event::JobFinished(f)) = &event.event
+            && f.exit_code == 0
+            && f.error.is_empty()
+        {
+            artifacts.insert(
+                f.job_id.clone(),
+                (f.artifact_digest.clone(), f.artifact_size),
+            );
+        }
+        reporter.event(event);
+    })
+    .await;
+    if let Err(e) = watched {
+        reporter.finish(build_id, started.elapsed());
+        return print_error(err, e.exit_code(), e);
+    }
+    let tally = reporter.tally.clone();
+    let build_ok =
+        reporter.finished.as_ref().is_some_and(|f| f.ok) && tally.failed == 0 && tally.skipped == 0;
+    let code = if build_ok {
+        exit_code::OK
+    } else {
+        exit_code::BUILD_FAILED
+    };
+
+    if let Some(output_dir) = &args.output_dir {
+        // Every leaf that succeeded, even when others failed.
+        let mut outputs = Vec::new();
+        for leaf in graph.leaves() {
+            let Some((digest, size)) = artifacts.get(&leaf.id.to_string()) else {
+                continue;
+            };
+            match digest_from_wire(digest, "artifact digest") {
+                Ok(digest) => outputs.push(Output {
+                    job_id: leaf.id,
+                    name: leaf.name.clone(),
+                    digest,
+                    size: *size,
+                }),
+                Err(problem) => {
+                    reporter.finish(build_id, started.elapsed());
+                    return print_error(
+                        err,
+                        exit_code::BUILD_FAILED,
+                        format!("job {}: the cluster reported no output: {problem}", leaf.id),
+                    );
+                }
+            }
+        }
+        match download_outputs(&cluster, &outputs, output_dir).await {
+            Ok(()) => reporter.note(&format!(
+                "downloaded {} outputs to {}",
+                outputs.len(),
+                output_dir.display()
+            )),
+            Err(e) => {
+                reporter.finish(build_id, started.elapsed());
+                let fail_code = match &e {
+                    DownloadError::Call(call) => call.exit_code(),
+                    _ => exit_code::BUILD_FAILED,
+                };
+                return print_error(err, fail_code.max(code), e);
+            }
+        }
+    }
+    reporter.finish(build_id, started.elapsed());
+    code
+}

@@ -1,0 +1,257 @@
+//! The graph's source files on disk: checked, then hashed by streaming (a
+//! file of any size costs one buffer), several at a time.
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+
+use distbuild_proto::Digest;
+use distbuild_proto::graph::BuildGraph;
+use futures::{StreamExt, TryStreamExt};
+use sha1::{Digest as _, Sha1};
+
+/// Bytes read per step while hashing a file.
+pub const HASH_BUFFER_BYTES: usize = 256 << 10;
+
+/// Files hashed at the same time (each on a blocking thread).
+pub const MAX_CONCURRENT_HASHES: usize = 4;
+
+/// Why a listed source file cannot be used. Each message is one line naming
+/// the file.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// Nothing at the path (or a dangling symlink).
+    #[error("source file {path:?} (ID {id}): not found in source directory {dir}")]
+    Missing {
+        /// The file ID.
+        id: String,
+        /// The path the graph gives.
+        path: String,
+        /// The source directory.
+        dir: String,
+    },
+    /// A directory, device, socket...
+    #[error("source file {path:?} (ID {id}): not a regular file")]
+    NotRegular {
+        /// The file ID.
+        id: String,
+        /// The path the graph gives.
+        path: String,
+    },
+    /// It could not be read.
+    #[error("source file {path:?} (ID {id}): {source}")]
+    Io {
+        /// The file ID.
+        id: String,
+        /// The path the graph gives.
+        path: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A checked, hashed source file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Source {
+    /// The file ID the graph gives it.
+    pub id: String,
+    /// Its path relative to the source directory, as the graph writes it.
+    pub path: String,
+    /// Where it is on this machine.
+    pub local_path: PathBuf,
+    /// SHA-1 of its content.
+    pub digest: Digest,
+    /// Its length in bytes.
+    pub size: u64,
+}
+
+/// SHA-1 and length of everything `reader` yields, read in bounded steps.
+pub fn hash_reader(mut reader: impl Read) -> io::Result<(Digest, u64)> {
+    let mut sha1 = Sha1::new();
+    let mut buffer = vec![0u8; HASH_BUFFER_BYTES];
+    let mut total = 0u64;
+    loop {
+        let n = match reader.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        sha1.update(&buffer[..n]);
+        total += n as u64;
+    }
+    Ok((Digest::from_bytes(sha1.finalize().into()), total))
+}
+
+/// SHA-1 and length of the file at `path`.
+pub fn hash_file(path: &Path) -> io::Result<(Digest, u64)> {
+    hash_reader(File::open(path)?)
+}
+
+/// Checks that every source file the graph lists is a regular file under
+/// `source_dir` (symlinks are followed), in the graph's order; returns them
+/// unhashed: `(id, path, local path)`. A graph without source files never
+/// looks at `source_dir`.
+pub fn check_sources(
+    graph: &BuildGraph,
+    source_dir: &Path,
+) -> Result<Vec<(String, String, PathBuf)>, SourceError> {
+    let mut out = Vec::with_capacity(graph.source_files.len());
+    for (id, path) in &graph.source_files {
+        let local_path = source_dir.join(path);
+        match std::fs::metadata(&local_path) {
+            Ok(meta) if meta.is_file() => {}
+            Ok(_) => {
+                return Err(SourceError::NotRegular {
+                    id: id.clone(),
+                    path: path.clone(),
+                });
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(SourceError::Missing {
+                    id: id.clone(),
+                    path: path.clone(),
+                    dir: source_dir.display().to_string(),
+                });
+            }
+            Err(source) => {
+                return Err(SourceError::Io {
+                    id: id.clone(),
+                    path: path.clone(),
+                    source,
+                });
+            }
+        }
+        out.push((id.clone(), path.clone(), local_path));
+    }
+    Ok(out)
+}
+
+/// Checks and hashes every source file the graph lists (see
+/// [`check_sources`]); the result is in the graph's order.
+pub async fn hash_sources(
+    graph: &BuildGraph,
+    source_dir: &Path,
+) -> Result<Vec<Source>, SourceError> {
+    let checked = check_sources(graph, source_dir)?;
+    futures::stream::iter(checked)
+        .map(|(id, path, local_path)| async move {
+            let file = local_path.clone();
+            let hashed = tokio::task::spawn_blocking(move || hash_file(&file))
+                .await
+                .unwrap_or_else(|join| Err(io::Error::other(join.to_string())));
+            match hashed {
+                Ok((digest, size)) => Ok(Source {
+                    id,
+                    path,
+                    local_path,
+                    digest,
+                    size,
+                }),
+                Err(source) => Err(SourceError::Io { id, path, source }),
+            }
+        })
+        .buffered(MAX_CONCURRENT_HASHES)
+        .try_collect()
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+
+    const A: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    const B: &str = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
+
+    fn graph(files: &[(&str, &str)]) -> BuildGraph {
+        let entries: Vec<String> = files
+            .iter()
+            .map(|(id, path)| format!("{id:?}: {path:?}"))
+            .collect();
+        BuildGraph::from_json(format!(r#"{{"SourceFiles": {{{}}}}}"#, entries.join(",")).as_bytes())
+            .expect("valid graph")
+    }
+
+    #[test]
+    fn streaming_hash_equals_digest_of() {
+        // Several buffers and a partial one.
+        let data: Vec<u8> = (0..(HASH_BUFFER_BYTES * 2 + 123))
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let dir = tempfile::tempdir().expect("tempdir");
+        fs::write(dir.path().join("f"), &data).expect("write");
+        let (digest, size) = hash_file(&dir.path().join("f")).expect("hash");
+        assert_eq!(digest, Digest::of(&data));
+        assert_eq!(size, data.len() as u64);
+        assert_eq!(hash_reader(&b""[..]).expect("empty"), (Digest::of(b""), 0));
+    }
+
+    #[tokio::test]
+    async fn sources_are_hashed_in_graph_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        fs::create_dir_all(dir.path().join("src")).expect("mkdir");
+        fs::write(dir.path().join("src/a.c"), b"int a;").expect("write");
+        fs::write(dir.path().join("b.h"), b"").expect("write");
+        let g = graph(&[(B, "b.h"), (A, "src/a.c")]);
+        let sources = hash_sources(&g, dir.path()).await.expect("hashed");
+        let got: Vec<(&str, &str, Digest, u64)> = sources
+            .iter()
+            .map(|s| (s.id.as_str(), s.path.as_str(), s.digest, s.size))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (A, "src/a.c", Digest::of(b"int a;"), 6),
+                (B, "b.h", Digest::of(b""), 0),
+            ]
+        );
+    }
+
+    /// Each broken source directory and a fragment its one-line error must
+    /// contain.
+    #[tokio::test]
+    async fn missing_and_odd_files_are_bad_input() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        fs::create_dir_all(dir.path().join("adir")).expect("mkdir");
+        fs::write(dir.path().join("present"), b"x").expect("write");
+        std::os::unix::fs::symlink("nowhere", dir.path().join("dangling")).expect("symlink");
+        let cases: &[(&str, &str)] = &[
+            ("missing.c", "source file \"missing.c\" (ID aaaa"),
+            ("sub/missing.c", "not found in source directory"),
+            (
+                "adir",
+                "\"adir\" (ID aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa): not a regular file",
+            ),
+            ("dangling", "not found"),
+            (
+                "present/under-a-file",
+                "source file \"present/under-a-file\"",
+            ),
+        ];
+        for (path, expected) in cases {
+            let err = hash_sources(&graph(&[(A, path)]), dir.path())
+                .await
+                .expect_err(path)
+                .to_string();
+            assert!(err.contains(expected), "{path}: got {err:?}");
+            assert!(!err.contains('\n'), "{err}");
+        }
+        // A symlink to a regular file is followed.
+        std::os::unix::fs::symlink("present", dir.path().join("link")).expect("symlink");
+        let sources = hash_sources(&graph(&[(A, "link")]), dir.path())
+            .await
+            .expect("followed");
+        assert_eq!(sources[0].digest, Digest::of(b"x"));
+    }
+
+    #[tokio::test]
+    async fn no_source_files_need_no_source_dir() {
+        let g = graph(&[]);
+        let sources = hash_sources(&g, Path::new("/nonexistent/source/dir"))
+            .await
+            .expect("no files, no checks");
+        assert!(sources.is_empty());
+    }
+}

@@ -1,0 +1,110 @@
+//! Following a build's event stream to its end. When the stream breaks (a
+//! coordinator dies, the leader changes, the network drops it) the client
+//! reconnects and resumes from the next sequence number it expects, so each
+//! event is handed on exactly once and in order.
+
+use std::time::Duration;
+
+use distbuild_proto::v1::{BuildEvent, WatchBuildRequest, build_event};
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use crate::cluster::{
+    CallError, Cluster, Disposition, INITIAL_BACKOFF, MAX_BACKOFF, RPC_TIMEOUT, classify, describe,
+};
+use crate::connect::client_api;
+
+/// Longest wait for the next event before the stream is presumed stuck and
+/// reopened. Events can be minutes apart (long jobs); keepalive pings catch
+/// a dead connection much sooner.
+pub const WATCH_IDLE_TIMEOUT: Duration = Duration::from_secs(10 * 60);
+
+/// Streams the events of build `build_id` into `on_event`, from sequence
+/// number 0 through build_finished. Fails when the cluster stays
+/// unreachable for its patience (counted from the last event received), or
+/// answers with an error that retrying cannot fix.
+pub async fn watch_build(
+    cluster: &Cluster,
+    build_id: u64,
+    on_event: impl FnMut(&BuildEvent),
+) -> Result<(), CallError> {
+    watch_build_with_idle_timeout(cluster, build_id, WATCH_IDLE_TIMEOUT, on_event).await
+}
+
+/// [`watch_build`] with a chosen idle timeout (tests use a short one).
+pub async fn watch_build_with_idle_timeout(
+    cluster: &Cluster,
+    build_id: u64,
+    idle_timeout: Duration,
+    mut on_event: impl FnMut(&BuildEvent),
+) -> Result<(), CallError> {
+    let mut next_seq = 0u64;
+    // Since when the stream has been failing without delivering an event.
+    let mut failing_since: Option<Instant> = None;
+    let mut backoff = INITIAL_BACKOFF;
+    loop {
+        let from_seq = next_seq;
+        let (addr, mut stream) = cluster
+            .call_at("watch the build", Some(RPC_TIMEOUT), |channel| async move {
+                Ok(client_api(channel)
+                    .watch_build(WatchBuildRequest { build_id, from_seq })
+                    .await?
+                    .into_inner())
+            })
+            .await?;
+        let break_reason = loop {
+            match tokio::time::timeout(idle_timeout, stream.message()).await {
+                Err(_) => break format!("no event for {idle_timeout:?}"),
+                Ok(Ok(None)) => break "the stream ended before build_finished".to_string(),
+                Ok(Ok(Some(event))) => {
+                    if event.seq < next_seq {
+                        continue; // seen before the stream was reopened
+                    }
+                    if event.seq > next_seq {
+                        warn!(
+                            build_id,
+                            expected = next_seq,
+                            got = event.seq,
+                            "events missing from the build's stream"
+                        );
+                    }
+                    next_seq = event.seq + 1;
+                    failing_since = None;
+                    backoff = INITIAL_BACKOFF;
+                    let done = matches!(event.event, Some(build_event::Event::BuildFinished(_)));
+                    on_event(&event);
+                    if done {
+                        return Ok(());
+                    }
+                }
+                Ok(Err(status)) => match classify(&status) {
+                    Disposition::Redirect(leader) => {
+                        cluster.follow_leader(&addr, &leader).await;
+                        break describe(&status);
+                    }
+                    Disposition::Retry => break describe(&status),
+                    Disposition::Fatal => {
+                        return Err(CallError::Rejected {
+                            what: "watch the build".to_string(),
+                            status,
+                        });
+                    }
+                },
+            }
+        };
+        drop(stream);
+        // Whatever broke, the next attempt starts on a fresh connection.
+        cluster.failed(&addr).await;
+        debug!(build_id, next_seq, %addr, "build stream broke: {break_reason}; reopening");
+        let since = *failing_since.get_or_insert_with(Instant::now);
+        if since.elapsed() >= cluster.patience() {
+            return Err(CallError::Unreachable {
+                addrs: cluster.addrs_display(),
+                waited_secs: since.elapsed().as_secs(),
+                last_error: format!("watch the build: {break_reason}"),
+            });
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}

@@ -1,0 +1,314 @@
+//! Test support for the end-to-end tests: a cluster of real `distbuild`
+//! processes on loopback ports (one coordinator, some workers), the client
+//! CLI, and build graphs written as the Go distbuild JSON.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use sha1::{Digest as _, Sha1};
+
+/// How long a process may take to start listening.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub fn distbuild() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_distbuild"))
+}
+
+/// A 40-hex ID derived from `name`.
+pub fn id(name: &str) -> String {
+    hex::encode(Sha1::digest(name.as_bytes()))
+}
+
+/// A running `distbuild` server process; killed when dropped.
+pub struct Server {
+    pub child: Child,
+    pub addr: String,
+    pub log: PathBuf,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    /// Starts `distbuild args...`, waits for its "listening on ADDR" line,
+    /// and copies its stderr to `log`.
+    pub fn start(args: &[String], log: PathBuf) -> Server {
+        let mut child = distbuild()
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn distbuild");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (tx, rx) = mpsc::channel();
+        let log_path = log.clone();
+        std::thread::spawn(move || {
+            use std::io::Write as _;
+            let mut file = std::fs::File::create(&log_path).expect("create server log");
+            let mut tx = Some(tx);
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let _ = writeln!(file, "{line}");
+                if let Some((_, addr)) = line.split_once(" listening on ") {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(addr.trim().to_string());
+                    }
+                }
+            }
+        });
+        let addr = match rx.recv_timeout(START_TIMEOUT) {
+            Ok(addr) => addr,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "distbuild {args:?} did not start; its log:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+        };
+        Server { child, addr, log }
+    }
+
+    /// Kills the process (SIGKILL) and waits for it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One coordinator and some workers, in a temporary directory.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub coordinator: Option<Server>,
+    pub coordinator_port: u16,
+    pub workers: Vec<Server>,
+}
+
+impl Cluster {
+    /// A coordinator and `workers` workers with `slots` slots each.
+    pub fn start(workers: usize, slots: u32) -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut cluster = Cluster {
+            dir,
+            coordinator: None,
+            coordinator_port: 0,
+            workers: Vec::new(),
+        };
+        cluster.start_coordinator();
+        for i in 0..workers {
+            cluster.start_worker(i, slots);
+        }
+        cluster.wait_for_workers(workers);
+        cluster
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// Starts (or restarts, on the same data dir and port) the coordinator.
+    pub fn start_coordinator(&mut self) {
+        let listen = format!("127.0.0.1:{}", self.coordinator_port);
+        let args: Vec<String> = [
+            "coordinator",
+            "--listen",
+            &listen,
+            "--data-dir",
+            self.path("coordinator").to_str().expect("utf-8 path"),
+            "--lease-timeout-ms",
+            "3000",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let log = self.path(&format!("coordinator-{}.log", self.coordinator_port));
+        let server = Server::start(&args, log);
+        self.coordinator_port = server
+            .addr
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("coordinator port");
+        self.coordinator = Some(server);
+    }
+
+    pub fn coordinator_addr(&self) -> String {
+        format!("127.0.0.1:{}", self.coordinator_port)
+    }
+
+    pub fn start_worker(&mut self, i: usize, slots: u32) {
+        let args: Vec<String> = vec![
+            "worker".into(),
+            "--coordinator".into(),
+            self.coordinator_addr(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--cache-dir".into(),
+            self.path(&format!("worker{i}"))
+                .to_str()
+                .expect("utf-8")
+                .into(),
+            "--slots".into(),
+            slots.to_string(),
+        ];
+        let log = self.path(&format!("worker{i}.log"));
+        self.workers.push(Server::start(&args, log));
+    }
+
+    /// Waits until the coordinator lists `n` live workers.
+    pub fn wait_for_workers(&self, n: usize) {
+        let deadline = std::time::Instant::now() + START_TIMEOUT;
+        loop {
+            let status = self.status();
+            let alive = status["workers"]
+                .as_array()
+                .map(|w| w.iter().filter(|w| w["alive"] == json!(true)).count())
+                .unwrap_or(0);
+            if alive >= n {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "only {alive} of {n} workers registered: {status}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `distbuild cluster status --json`.
+    pub fn status(&self) -> Value {
+        let out = distbuild()
+            .args(["cluster", "status", "--json", "--coordinator"])
+            .arg(self.coordinator_addr())
+            .output()
+            .expect("run cluster status");
+        assert!(
+            out.status.success(),
+            "cluster status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("status is JSON")
+    }
+
+    /// Runs `distbuild build --json` on `graph` with `source_dir`.
+    pub fn build(&self, graph: &Value, source_dir: &Path, extra: &[&str]) -> BuildRun {
+        let graph_path = self.path(&format!("graph-{}.json", rand_suffix()));
+        std::fs::write(&graph_path, graph.to_string()).expect("write graph");
+        self.build_file(&graph_path, source_dir, extra)
+    }
+
+    pub fn build_file(&self, graph_path: &Path, source_dir: &Path, extra: &[&str]) -> BuildRun {
+        let out = distbuild()
+            .args(["build", "--json", "--graph"])
+            .arg(graph_path)
+            .arg("--source-dir")
+            .arg(source_dir)
+            .arg("--coordinator")
+            .arg(self.coordinator_addr())
+            .args(extra)
+            .output()
+            .expect("run distbuild build");
+        BuildRun::from(out)
+    }
+
+    /// Everything the servers logged, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut all = String::new();
+        for server in self.coordinator.iter().chain(&self.workers) {
+            all += &format!("==> {} <==\n", server.log.display());
+            all += &std::fs::read_to_string(&server.log).unwrap_or_default();
+        }
+        all
+    }
+}
+
+fn rand_suffix() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A finished `distbuild build --json`.
+pub struct BuildRun {
+    pub code: Option<i32>,
+    pub events: Vec<Value>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl From<Output> for BuildRun {
+    fn from(out: Output) -> Self {
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let events = stdout
+            .lines()
+            .map(|l| {
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line {l:?}: {e}"))
+            })
+            .collect();
+        BuildRun {
+            code: out.status.code(),
+            events,
+            stdout,
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+}
+
+impl BuildRun {
+    /// The `job_finished` event of job `id`.
+    pub fn finished(&self, id: &str) -> &Value {
+        self.events
+            .iter()
+            .find(|e| e["event"] == "job_finished" && e["id"] == id)
+            .unwrap_or_else(|| panic!("no job_finished for {id} in {:#?}", self.events))
+    }
+
+    pub fn kinds(&self) -> Vec<String> {
+        self.events
+            .iter()
+            .map(|e| e["event"].as_str().unwrap_or("?").to_string())
+            .collect()
+    }
+
+    pub fn describe(&self) -> String {
+        format!(
+            "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+/// A job in graph JSON: `cmds` are shell scripts run by /bin/sh -c.
+pub fn sh_job(name: &str, inputs: &[&str], deps: &[&str], scripts: &[&str]) -> Value {
+    json!({
+        "ID": id(name),
+        "Name": name,
+        "Inputs": inputs,
+        "Deps": deps.iter().map(|d| id(d)).collect::<Vec<_>>(),
+        "Cmds": scripts.iter().map(|s| json!({"Exec": ["/bin/sh", "-c", s]})).collect::<Vec<_>>(),
+    })
+}
+
+/// A graph of `jobs` with `sources` (relative paths).
+pub fn graph(sources: &[&str], jobs: Vec<Value>) -> Value {
+    let files: serde_json::Map<String, Value> = sources
+        .iter()
+        .map(|p| (id(&format!("file:{p}")), json!(p)))
+        .collect();
+    json!({"SourceFiles": files, "Jobs": jobs})
+}

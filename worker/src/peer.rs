@@ -1,0 +1,141 @@
+//! The peer server: `PeerApi.FetchArtifact` streams a blob from the cache
+//! to another worker or a client, pinned while it streams, with a bound on
+//! concurrent transfers.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use distbuild_proto::v1::peer_api_server::PeerApi;
+use distbuild_proto::v1::{BlobChunk, FetchRequest};
+use distbuild_proto::wire::{MAX_BLOB_CHUNK_BYTES, digest_from_wire};
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::{Request, Response, Status};
+
+use crate::cache::Cache;
+
+/// Transfers served at once; more wait for a turn.
+pub const MAX_CONCURRENT_TRANSFERS: usize = 16;
+/// How long a request may wait for a turn before it is refused with
+/// RESOURCE_EXHAUSTED (the caller tries another holder).
+pub const TRANSFER_QUEUE_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a transfer waits for a receiver that takes no data before it
+/// gives up (and frees its turn).
+pub const SEND_STALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// Chunks read ahead of the network per transfer.
+const CHUNKS_IN_FLIGHT: usize = 2;
+
+/// Serves the cache's blobs to peers.
+pub struct PeerService {
+    cache: Cache,
+    transfers: Arc<Semaphore>,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+impl PeerService {
+    /// A service over `cache`; reader tasks are spawned on `tracker` and stop
+    /// when `shutdown` is cancelled.
+    pub fn new(cache: Cache, tracker: TaskTracker, shutdown: CancellationToken) -> Self {
+        Self {
+            cache,
+            transfers: Arc::new(Semaphore::new(MAX_CONCURRENT_TRANSFERS)),
+            tracker,
+            shutdown,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl PeerApi for PeerService {
+    type FetchArtifactStream = ReceiverStream<Result<BlobChunk, Status>>;
+
+    async fn fetch_artifact(
+        &self,
+        request: Request<FetchRequest>,
+    ) -> Result<Response<Self::FetchArtifactStream>, Status> {
+        let digest = digest_from_wire(&request.get_ref().digest, "digest")
+            .map_err(Status::invalid_argument)?;
+        let permit = tokio::time::timeout(
+            TRANSFER_QUEUE_TIMEOUT,
+            self.transfers.clone().acquire_owned(),
+        )
+        .await
+        .map_err(|_| Status::resource_exhausted("too many transfers in progress"))?
+        .map_err(|_| Status::unavailable("shutting down"))?;
+        let cache = self.cache.clone();
+        let opened = tokio::task::spawn_blocking(move || cache.open_blob(&digest))
+            .await
+            .map_err(|e| Status::internal(format!("open blob {digest}: {e}")))?;
+        let (file, pin) = match opened {
+            Ok(Some(found)) => found,
+            Ok(None) => return Err(Status::not_found(format!("blob {digest} is not here"))),
+            Err(e) => {
+                tracing::warn!(%digest, error = %e, "cannot open a cached blob");
+                return Err(Status::internal(format!("open blob {digest}: {e}")));
+            }
+        };
+        let (sender, receiver) = mpsc::channel(CHUNKS_IN_FLIGHT);
+        let shutdown = self.shutdown.clone();
+        let mut file = tokio::fs::File::from_std(file);
+        self.tracker.spawn(async move {
+            // Held until the last chunk is sent: the blob stays, and the
+            // transfer counts against the bound.
+            let _pin = pin;
+            let _permit = permit;
+            loop {
+                let mut buf = vec![0u8; MAX_BLOB_CHUNK_BYTES];
+                let chunk = match read_full(&mut file, &mut buf).await {
+                    Ok(0) => return,
+                    Ok(n) => {
+                        buf.truncate(n);
+                        Ok(BlobChunk {
+                            data: Bytes::from(buf),
+                            ..Default::default()
+                        })
+                    }
+                    Err(e) => {
+                        tracing::warn!(%digest, error = %e, "reading a cached blob failed");
+                        Err(Status::internal(format!("read blob {digest}: {e}")))
+                    }
+                };
+                let failed = chunk.is_err();
+                tokio::select! {
+                    sent = sender.send_timeout(chunk, SEND_STALL_TIMEOUT) => {
+                        if sent.is_err() {
+                            return; // the receiver went away or stalled
+                        }
+                    }
+                    () = shutdown.cancelled() => {
+                        // Best effort: an explicit error rather than a
+                        // stream that merely stops short.
+                        let _ = sender.try_send(Err(Status::unavailable("worker shutting down")));
+                        return;
+                    }
+                }
+                if failed {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(receiver)))
+    }
+}
+
+/// Reads until `buf` is full or the input ends; returns the bytes read.
+async fn read_full(input: &mut (impl AsyncRead + Unpin), buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match input.read(&mut buf[filled..]).await {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}

@@ -1,0 +1,264 @@
+//! The process seam: how a job's `exec` command becomes a process. The
+//! production runner uses tokio::process, each process in its own process
+//! group so that a killed job takes its children with it; tests and
+//! simulations may pass their own [`ProcessRunner`].
+
+use std::ffi::OsString;
+use std::io;
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+/// How long output is still read after a process exits (from whatever
+/// escaped its process group and still holds the pipes).
+pub const OUTPUT_DRAIN_AFTER_EXIT: Duration = Duration::from_secs(2);
+
+/// One process to run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessSpec {
+    /// The program (a path, or a name looked up in PATH).
+    pub program: OsString,
+    /// Arguments after the program name.
+    pub args: Vec<OsString>,
+    /// `None`: inherit the worker's environment. `Some`: exactly these
+    /// variables and no others.
+    pub env: Option<Vec<(OsString, OsString)>>,
+    /// Working directory.
+    pub cwd: PathBuf,
+    /// Most bytes of stdout (and, separately, stderr) to keep; the rest is
+    /// read and discarded.
+    pub max_output_bytes: usize,
+}
+
+/// What a finished process left.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProcessOutput {
+    /// Its exit status; 128 + the signal number when a signal killed it.
+    pub exit_code: i32,
+    /// The head of its stdout, at most `max_output_bytes`.
+    pub stdout: Vec<u8>,
+    /// The head of its stderr, at most `max_output_bytes`.
+    pub stderr: Vec<u8>,
+    /// Whether stdout was longer than what was kept.
+    pub stdout_truncated: bool,
+    /// Whether stderr was longer than what was kept.
+    pub stderr_truncated: bool,
+}
+
+/// Runs processes. Dropping the future returned by `run` must kill the
+/// process and everything it started.
+pub trait ProcessRunner: Send + Sync + 'static {
+    /// Runs `spec` to completion, stdin empty. An error means it could not
+    /// be run at all (e.g. the program does not exist).
+    fn run(&self, spec: ProcessSpec) -> BoxFuture<'_, io::Result<ProcessOutput>>;
+}
+
+/// Runs real processes with tokio::process.
+#[derive(Debug, Clone, Default)]
+pub struct TokioProcessRunner;
+
+impl ProcessRunner for TokioProcessRunner {
+    fn run(&self, spec: ProcessSpec) -> BoxFuture<'_, io::Result<ProcessOutput>> {
+        Box::pin(run_process(spec))
+    }
+}
+
+/// The exit code a shell would show: the status, or 128 + signal.
+pub fn exit_code_of(status: ExitStatus) -> i32 {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => code,
+        (None, Some(signal)) => 128 + signal,
+        // Neither exited nor signalled (cannot happen for a waited child).
+        (None, None) => -1,
+    }
+}
+
+/// Kills a process group when dropped, unless disarmed.
+struct GroupKiller {
+    pgid: Option<i32>,
+}
+
+impl GroupKiller {
+    fn kill(&mut self) {
+        if let Some(pgid) = self.pgid.take() {
+            // ESRCH (the group is already gone) is the usual, fine answer.
+            let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+        }
+    }
+}
+
+impl Drop for GroupKiller {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Bytes read from a pipe: the head up to a bound, and whether there was
+/// more.
+#[derive(Default)]
+struct CappedBuffer {
+    kept: Vec<u8>,
+    truncated: bool,
+}
+
+async fn read_capped(
+    pipe: Option<impl AsyncRead + Unpin>,
+    max_bytes: usize,
+    into: &mut CappedBuffer,
+) -> io::Result<()> {
+    let Some(mut pipe) = pipe else {
+        return Ok(());
+    };
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = pipe.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        let room = max_bytes.saturating_sub(into.kept.len());
+        if n > room {
+            into.truncated = true;
+        }
+        into.kept.extend_from_slice(&buf[..n.min(room)]);
+    }
+}
+
+async fn run_process(spec: ProcessSpec) -> io::Result<ProcessOutput> {
+    let mut command = tokio::process::Command::new(&spec.program);
+    command
+        .args(&spec.args)
+        .current_dir(&spec.cwd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        // Its own group, so the whole tree can be killed at once.
+        .process_group(0);
+    if let Some(env) = &spec.env {
+        command.env_clear();
+        command.envs(env.iter().map(|(k, v)| (k, v)));
+    }
+    let mut child = command.spawn()?;
+    let mut killer = GroupKiller {
+        pgid: child.id().and_then(|pid| i32::try_from(pid).ok()),
+    };
+    let stdout = child.stdout.take();
+    let stderr = child.stderr.take();
+    let mut out = CappedBuffer::default();
+    let mut err = CappedBuffer::default();
+    let status;
+    {
+        let reads = async {
+            let (a, b) = tokio::join!(
+                read_capped(stdout, spec.max_output_bytes, &mut out),
+                read_capped(stderr, spec.max_output_bytes, &mut err)
+            );
+            a.and(b)
+        };
+        tokio::pin!(reads);
+        let mut reads_done = false;
+        status = tokio::select! {
+            status = child.wait() => status?,
+            read = &mut reads => {
+                read?;
+                reads_done = true;
+                child.wait().await?
+            }
+        };
+        // Whatever the process left running in its group dies with it
+        // (the group outlives its leader while members remain, so the ID
+        // still names this group), and the pipes close.
+        killer.kill();
+        if !reads_done {
+            // On timeout something outside the group holds the pipes: keep
+            // what was read.
+            if let Ok(read) = tokio::time::timeout(OUTPUT_DRAIN_AFTER_EXIT, &mut reads).await {
+                read?;
+            }
+        }
+    }
+    Ok(ProcessOutput {
+        exit_code: exit_code_of(status),
+        stdout: out.kept,
+        stderr: err.kept,
+        stdout_truncated: out.truncated,
+        stderr_truncated: err.truncated,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sh(script: &str, max_output_bytes: usize) -> ProcessSpec {
+        ProcessSpec {
+            program: "/bin/sh".into(),
+            args: vec!["-c".into(), script.into()],
+            env: None,
+            cwd: std::env::temp_dir(),
+            max_output_bytes,
+        }
+    }
+
+    #[tokio::test]
+    async fn captures_output_and_exit_codes() {
+        let runner = TokioProcessRunner;
+        let cases: &[(&str, i32, &[u8], &[u8])] = &[
+            ("echo out; echo err >&2", 0, b"out\n", b"err\n"),
+            ("exit 3", 3, b"", b""),
+            ("kill -TERM $$", 128 + 15, b"", b""),
+        ];
+        for (script, code, stdout, stderr) in cases {
+            let output = runner.run(sh(script, 1024)).await.expect("runs");
+            assert_eq!(output.exit_code, *code, "{script}");
+            assert_eq!(output.stdout, *stdout, "{script}");
+            assert_eq!(output.stderr, *stderr, "{script}");
+        }
+    }
+
+    #[tokio::test]
+    async fn keeps_the_head_of_long_output() {
+        let output = TokioProcessRunner
+            .run(sh("yes | head -c 100000", 10))
+            .await
+            .expect("runs");
+        assert_eq!(output.stdout, b"y\ny\ny\ny\ny\n");
+        assert!(output.stdout_truncated && !output.stderr_truncated);
+    }
+
+    #[tokio::test]
+    async fn background_children_do_not_hold_the_job() {
+        let started = std::time::Instant::now();
+        let output = TokioProcessRunner
+            .run(sh("sleep 30 & echo done", 1024))
+            .await
+            .expect("runs");
+        assert_eq!(output.stdout, b"done\n");
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+
+    #[tokio::test]
+    async fn a_missing_program_is_an_error() {
+        let mut spec = sh("", 10);
+        spec.program = "/nonexistent/program".into();
+        let err = TokioProcessRunner.run(spec).await.expect_err("no program");
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+    }
+
+    #[tokio::test]
+    async fn dropping_the_run_kills_the_process_group() {
+        let dir = tempfile::TempDir::new().expect("tempdir");
+        let marker = dir.path().join("survived");
+        let script = format!("(sleep 1; touch {}) & sleep 30", marker.display());
+        let run = TokioProcessRunner.run(sh(&script, 10));
+        let _ = tokio::time::timeout(Duration::from_millis(300), run).await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert!(!marker.exists(), "the job's child outlived the job");
+    }
+}

@@ -1,0 +1,765 @@
+//! The worker's main loops: register with the coordinators, long-poll for
+//! work while a slot is free, run each assignment as a task, heartbeat
+//! (renewing leases, reporting cache changes, stopping revoked jobs) and
+//! report results. Serves the peer API on the caller's listener.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use distbuild_proto::Digest;
+use distbuild_proto::v1::peer_api_server::PeerApiServer;
+use distbuild_proto::v1::{
+    Assignment, HeartbeatRequest, PollWorkRequest, RegisterRequest, ReportResultRequest,
+};
+use distbuild_proto::wire::{MAX_MESSAGE_BYTES, digest_to_wire};
+use rand::Rng;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::Code;
+use tracing::Instrument;
+
+use crate::cache::Cache;
+use crate::connect::{
+    HTTP2_KEEPALIVE_INTERVAL, HTTP2_KEEPALIVE_TIMEOUT, SharedConnector, TcpConnector,
+};
+use crate::coordinator::CoordinatorClient;
+use crate::job::{JobEnv, JobOutcome, JobSpec, remove_dir_forcibly, run_job};
+use crate::peer::PeerService;
+use crate::process::{ProcessRunner, TokioProcessRunner};
+
+/// Default cache bound: 10 GiB.
+pub const DEFAULT_CACHE_MAX_BYTES: u64 = 10 << 30;
+/// How long a `PollWork` long poll waits on the coordinator.
+pub const DEFAULT_POLL_WAIT_MS: u64 = 2000;
+/// Margin added to a long poll's wait for its deadline.
+pub const POLL_DEADLINE_MARGIN: Duration = Duration::from_secs(5);
+/// Most digests listed in `Register.held_artifacts`.
+pub const MAX_HELD_ARTIFACTS_LISTED: usize = 100_000;
+/// Most cache changes (added + dropped) sent in one heartbeat.
+pub const MAX_CHANGES_PER_HEARTBEAT: usize = 10_000;
+/// Most cache changes waiting for a heartbeat; beyond it new ones are
+/// forgotten (stale holder lists cost peers a retry, nothing more).
+pub const MAX_PENDING_CHANGES: usize = 100_000;
+/// Attempts to deliver one result while the coordinators are unreachable.
+pub const MAX_REPORT_ATTEMPTS: u32 = 6;
+/// First retry delay after a failed call; doubles up to `MAX_RETRY_DELAY`.
+pub const FIRST_RETRY_DELAY: Duration = Duration::from_millis(200);
+/// Longest delay between retries.
+pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
+/// Heartbeat interval used until the coordinator names one, and the bounds
+/// any interval it names is clamped to.
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+const MIN_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(100);
+const MAX_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(60);
+/// The shortest deadline of a heartbeat.
+const MIN_HEARTBEAT_DEADLINE: Duration = Duration::from_millis(500);
+/// A poll answered faster than this with nothing is followed by a pause,
+/// so a coordinator that does not wait cannot make the worker spin.
+const MIN_EMPTY_POLL_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Everything the worker runs with. The seams (connector, process runner)
+/// are fields so tests and simulations can pass their own.
+#[derive(Clone)]
+pub struct WorkerConfig {
+    /// Coordinator addresses (`HOST:PORT`), tried in order.
+    pub coordinators: Vec<String>,
+    /// The peer address announced to coordinators; `None`: the listener's.
+    pub advertise_addr: Option<String>,
+    /// Holds the cache, the sandboxes, and the worker ID.
+    pub cache_dir: PathBuf,
+    /// Jobs run at once (at least 1).
+    pub slots: usize,
+    /// Bound on the cache's size.
+    pub cache_max_bytes: u64,
+    /// How long each long poll waits on the coordinator.
+    pub poll_wait_ms: u64,
+    /// Dials coordinators and peers.
+    pub connector: SharedConnector,
+    /// Runs job processes.
+    pub runner: Arc<dyn ProcessRunner>,
+}
+
+impl WorkerConfig {
+    /// Defaults for everything but the coordinators and the cache
+    /// directory: one slot per CPU, a 10 GiB cache, TCP and real processes.
+    pub fn new(coordinators: Vec<String>, cache_dir: PathBuf) -> Self {
+        Self {
+            coordinators,
+            advertise_addr: None,
+            cache_dir,
+            slots: default_slots(),
+            cache_max_bytes: DEFAULT_CACHE_MAX_BYTES,
+            poll_wait_ms: DEFAULT_POLL_WAIT_MS,
+            connector: Arc::new(TcpConnector),
+            runner: Arc::new(TokioProcessRunner),
+        }
+    }
+}
+
+/// One slot per CPU.
+pub fn default_slots() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Cache additions and removals not yet told to the coordinator: digest ->
+/// present. The latest change of a digest wins.
+#[derive(Default)]
+struct CacheChanges {
+    pending: HashMap<Digest, bool>,
+}
+
+impl CacheChanges {
+    fn record(&mut self, digest: Digest, present: bool) {
+        if self.pending.len() >= MAX_PENDING_CHANGES && !self.pending.contains_key(&digest) {
+            return;
+        }
+        self.pending.insert(digest, present);
+    }
+
+    /// Up to `MAX_CHANGES_PER_HEARTBEAT` changes, removed from the pending.
+    fn take_batch(&mut self) -> Vec<(Digest, bool)> {
+        let batch: Vec<(Digest, bool)> = self
+            .pending
+            .iter()
+            .take(MAX_CHANGES_PER_HEARTBEAT)
+            .map(|(d, p)| (*d, *p))
+            .collect();
+        for (digest, _) in &batch {
+            self.pending.remove(digest);
+        }
+        batch
+    }
+
+    /// Puts back a batch that was not delivered; changes made since win.
+    fn restore(&mut self, batch: Vec<(Digest, bool)>) {
+        for (digest, present) in batch {
+            if !self.pending.contains_key(&digest) {
+                self.record(digest, present);
+            }
+        }
+    }
+}
+
+/// A job this worker is running.
+struct RunningJob {
+    cancel: CancellationToken,
+}
+
+struct Worker {
+    worker_id: String,
+    peer_addr: String,
+    slots: usize,
+    poll_wait_ms: u64,
+    sandbox_root: PathBuf,
+    env: JobEnv,
+    coordinator: Arc<CoordinatorClient>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    free_slots: Arc<Semaphore>,
+    jobs: Mutex<HashMap<u64, RunningJob>>,
+    changes: Mutex<CacheChanges>,
+    heartbeat_interval_ms: AtomicU64,
+    /// Serialises registrations; counts them, so a caller that asked for
+    /// one while another was under way does not register twice.
+    registrations: tokio::sync::Mutex<u64>,
+}
+
+fn retry_delay(attempt: u32) -> Duration {
+    FIRST_RETRY_DELAY
+        .saturating_mul(1 << attempt.min(8))
+        .min(MAX_RETRY_DELAY)
+}
+
+/// Whether a failed result report may succeed when retried.
+fn worth_retrying(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Unavailable
+            | Code::DeadlineExceeded
+            | Code::Unknown
+            | Code::Cancelled
+            | Code::Aborted
+            | Code::ResourceExhausted
+            | Code::Internal
+    )
+}
+
+impl Worker {
+    fn heartbeat_interval(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_interval_ms.load(Ordering::Relaxed))
+    }
+
+    /// Sleeps `delay` unless shutting down; false when shutting down.
+    async fn pause(&self, delay: Duration) -> bool {
+        tokio::select! {
+            () = tokio::time::sleep(delay) => true,
+            () = self.shutdown.cancelled() => false,
+        }
+    }
+
+    /// Registers, retrying until it succeeds or the worker shuts down
+    /// (false). `seen` is the registration count the caller saw before
+    /// deciding to register; if another registration happened since, it
+    /// stands.
+    async fn register(&self, seen: u64) -> bool {
+        let mut count = self.registrations.lock().await;
+        if *count != seen {
+            return true;
+        }
+        let mut attempt = 0;
+        loop {
+            if self.shutdown.is_cancelled() {
+                return false;
+            }
+            // The full list supersedes pending changes: clear them first, so
+            // a change made after the listing stays pending.
+            self.changes
+                .lock()
+                .expect("changes lock poisoned")
+                .pending
+                .clear();
+            let _ = self.env.cache.take_evicted();
+            let held = self.env.cache.digests(MAX_HELD_ARTIFACTS_LISTED);
+            let request = RegisterRequest {
+                worker_id: self.worker_id.clone(),
+                addr: self.peer_addr.clone(),
+                slots: u32::try_from(self.slots).unwrap_or(u32::MAX),
+                held_artifacts: held.iter().map(digest_to_wire).collect(),
+            };
+            let result = tokio::select! {
+                result = self.coordinator.register(request) => result,
+                () = self.shutdown.cancelled() => return false,
+            };
+            match result {
+                Ok(response) => {
+                    let interval = if response.heartbeat_interval_ms == 0 {
+                        DEFAULT_HEARTBEAT_INTERVAL
+                    } else {
+                        Duration::from_millis(response.heartbeat_interval_ms)
+                            .clamp(MIN_HEARTBEAT_INTERVAL, MAX_HEARTBEAT_INTERVAL)
+                    };
+                    self.heartbeat_interval_ms
+                        .store(interval.as_millis() as u64, Ordering::Relaxed);
+                    *count += 1;
+                    tracing::info!(
+                        held = held.len(),
+                        lease_timeout_ms = response.lease_timeout_ms,
+                        heartbeat_interval_ms = interval.as_millis() as u64,
+                        "registered"
+                    );
+                    return true;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "registration failed; retrying");
+                    if !self.pause(retry_delay(attempt)).await {
+                        return false;
+                    }
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    async fn registration_count(&self) -> u64 {
+        *self.registrations.lock().await
+    }
+
+    /// Long-polls for work while a slot is free, until shutdown.
+    async fn poll_loop(self: &Arc<Self>) {
+        let mut attempt = 0;
+        loop {
+            let first = tokio::select! {
+                permit = self.free_slots.clone().acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => return,
+                },
+                () = self.shutdown.cancelled() => return,
+            };
+            let mut permits = vec![first];
+            while let Ok(permit) = self.free_slots.clone().try_acquire_owned() {
+                permits.push(permit);
+            }
+            let seen = self.registration_count().await;
+            let request = PollWorkRequest {
+                worker_id: self.worker_id.clone(),
+                free_slots: u32::try_from(permits.len()).unwrap_or(u32::MAX),
+                wait_ms: self.poll_wait_ms,
+            };
+            let deadline = Duration::from_millis(self.poll_wait_ms) + POLL_DEADLINE_MARGIN;
+            let started = tokio::time::Instant::now();
+            let result = tokio::select! {
+                result = self.coordinator.poll_work(request, deadline) => result,
+                () = self.shutdown.cancelled() => return,
+            };
+            let response = match result {
+                Ok(response) => {
+                    attempt = 0;
+                    response
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "polling for work failed; retrying");
+                    drop(permits);
+                    if !self.pause(retry_delay(attempt)).await {
+                        return;
+                    }
+                    attempt += 1;
+                    continue;
+                }
+            };
+            if response.reregister && !self.register(seen).await {
+                return;
+            }
+            let got_work = !response.assignments.is_empty();
+            for assignment in response.assignments {
+                match permits.pop() {
+                    Some(permit) => self.start_job(assignment, permit),
+                    None => tracing::warn!(
+                        lease_token = assignment.lease_token,
+                        job_id = %assignment.job_id,
+                        "more assignments than free slots; leaving this one to expire"
+                    ),
+                }
+            }
+            drop(permits);
+            if !got_work
+                && started.elapsed() < MIN_EMPTY_POLL_INTERVAL
+                && !self.pause(MIN_EMPTY_POLL_INTERVAL).await
+            {
+                return;
+            }
+        }
+    }
+
+    fn start_job(self: &Arc<Self>, assignment: Assignment, permit: OwnedSemaphorePermit) {
+        let cancel = self.shutdown.child_token();
+        let token = assignment.lease_token;
+        {
+            let mut jobs = self.jobs.lock().expect("jobs lock poisoned");
+            if jobs.contains_key(&token) {
+                tracing::warn!(lease_token = token, "lease already running here; ignored");
+                return;
+            }
+            jobs.insert(
+                token,
+                RunningJob {
+                    cancel: cancel.clone(),
+                },
+            );
+        }
+        let span = tracing::info_span!(
+            "job",
+            job_id = %assignment.job_id,
+            name = %assignment.name,
+            lease_token = token,
+        );
+        let worker = Arc::clone(self);
+        self.tracker.spawn(
+            async move {
+                let _permit = permit;
+                worker.run_assignment(assignment, &cancel).await;
+                worker
+                    .jobs
+                    .lock()
+                    .expect("jobs lock poisoned")
+                    .remove(&token);
+            }
+            .instrument(span),
+        );
+    }
+
+    async fn run_assignment(&self, assignment: Assignment, cancel: &CancellationToken) {
+        let token = assignment.lease_token;
+        let outcome = match JobSpec::from_wire(&assignment) {
+            Err(error) => {
+                tracing::warn!(%error, "assignment refused");
+                JobOutcome {
+                    exit_code: crate::job::EXIT_CODE_NOT_RUN,
+                    error: format!("invalid assignment: {error}"),
+                    ..JobOutcome::default()
+                }
+            }
+            Ok(spec) => {
+                tracing::info!("job started");
+                let sandbox = self.sandbox_root.join(token.to_string());
+                let outcome = tokio::select! {
+                    outcome = run_job(&self.env, &spec, &sandbox) => Some(outcome),
+                    () = cancel.cancelled() => None,
+                };
+                let removal = tokio::task::spawn_blocking({
+                    let sandbox = sandbox.clone();
+                    move || remove_dir_forcibly(&sandbox)
+                })
+                .await;
+                if let Ok(Err(e)) = removal {
+                    tracing::warn!(sandbox = %sandbox.display(), error = %e, "cannot remove a sandbox");
+                }
+                let Some(outcome) = outcome else {
+                    tracing::info!("job stopped (lease revoked or worker shutting down)");
+                    return;
+                };
+                let mut changes = self.changes.lock().expect("changes lock poisoned");
+                for digest in &outcome.fetched_artifacts {
+                    changes.record(*digest, true);
+                }
+                outcome
+            }
+        };
+        tracing::info!(
+            exit_code = outcome.exit_code,
+            error = %outcome.error,
+            "job finished"
+        );
+        let (artifact_digest, artifact_size) = match outcome.artifact {
+            Some((digest, size)) => (digest_to_wire(&digest), size),
+            None => (Default::default(), 0),
+        };
+        let request = ReportResultRequest {
+            worker_id: self.worker_id.clone(),
+            lease_token: token,
+            cache_key: assignment.cache_key.clone(),
+            exit_code: outcome.exit_code,
+            stdout: outcome.stdout.into(),
+            stderr: outcome.stderr.into(),
+            error: outcome.error,
+            artifact_digest,
+            artifact_size,
+        };
+        self.report(request, cancel).await;
+    }
+
+    /// Delivers a result, retrying a bounded number of times while the
+    /// coordinators are unreachable; gives up when the lease is revoked or
+    /// the worker shuts down.
+    async fn report(&self, request: ReportResultRequest, cancel: &CancellationToken) {
+        for attempt in 0..MAX_REPORT_ATTEMPTS {
+            let result = tokio::select! {
+                result = self.coordinator.report_result(request.clone()) => result,
+                () = cancel.cancelled() => return,
+            };
+            match result {
+                Ok(response) if response.accepted => {
+                    tracing::debug!("result accepted");
+                    return;
+                }
+                Ok(_) => {
+                    tracing::info!("result refused: the lease is no longer ours");
+                    return;
+                }
+                Err(e) if worth_retrying(e.code()) && attempt + 1 < MAX_REPORT_ATTEMPTS => {
+                    tracing::warn!(error = %e, attempt, "reporting the result failed; retrying");
+                    let delay = retry_delay(attempt);
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = cancel.cancelled() => return,
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "giving up reporting the result; the lease will expire");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Heartbeats every interval until shutdown.
+    async fn heartbeat_loop(&self) {
+        loop {
+            if !self.pause(self.heartbeat_interval()).await {
+                return;
+            }
+            self.heartbeat().await;
+        }
+    }
+
+    async fn heartbeat(&self) {
+        let seen = self.registration_count().await;
+        let lease_tokens: Vec<u64> = {
+            let jobs = self.jobs.lock().expect("jobs lock poisoned");
+            let mut tokens: Vec<u64> = jobs.keys().copied().collect();
+            tokens.sort_unstable();
+            tokens
+        };
+        let batch = {
+            let mut changes = self.changes.lock().expect("changes lock poisoned");
+            for digest in self.env.cache.take_evicted() {
+                changes.record(digest, false);
+            }
+            changes.take_batch()
+        };
+        let (added, dropped): (Vec<_>, Vec<_>) = batch.iter().partition(|(_, present)| *present);
+        let request = HeartbeatRequest {
+            worker_id: self.worker_id.clone(),
+            lease_tokens,
+            added_artifacts: added.iter().map(|(d, _)| digest_to_wire(d)).collect(),
+            dropped_artifacts: dropped.iter().map(|(d, _)| digest_to_wire(d)).collect(),
+        };
+        let deadline = self.heartbeat_interval().max(MIN_HEARTBEAT_DEADLINE);
+        let result = tokio::select! {
+            result = self.coordinator.heartbeat(request, deadline) => result,
+            () = self.shutdown.cancelled() => return,
+        };
+        match result {
+            Err(e) => {
+                tracing::warn!(error = %e, "heartbeat failed");
+                self.changes
+                    .lock()
+                    .expect("changes lock poisoned")
+                    .restore(batch);
+            }
+            Ok(response) => {
+                if !response.revoked_tokens.is_empty() {
+                    let jobs = self.jobs.lock().expect("jobs lock poisoned");
+                    for token in &response.revoked_tokens {
+                        if let Some(job) = jobs.get(token) {
+                            tracing::info!(lease_token = token, "lease revoked; stopping its job");
+                            job.cancel.cancel();
+                        }
+                    }
+                }
+                if response.reregister {
+                    self.register(seen).await;
+                }
+            }
+        }
+    }
+}
+
+/// Keeps `<cache-dir>/lock` locked while it lives: one worker per cache
+/// directory.
+struct DirLock {
+    _file: fs::File,
+}
+
+fn lock_cache_dir(dir: &Path) -> anyhow::Result<DirLock> {
+    let path = dir.join("lock");
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("open {}", path.display()))?;
+    // SAFETY: flock on a file descriptor we own; no memory is involved.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::WouldBlock {
+            anyhow::bail!(
+                "cache directory {} is in use by another worker",
+                dir.display()
+            );
+        }
+        return Err(e).with_context(|| format!("lock {}", path.display()));
+    }
+    Ok(DirLock { _file: file })
+}
+
+/// The worker's ID: read from `<cache-dir>/worker-id`, or generated (16
+/// random hex characters) and kept there.
+pub fn load_or_create_worker_id(cache_dir: &Path) -> anyhow::Result<String> {
+    let path = cache_dir.join("worker-id");
+    match fs::read_to_string(&path) {
+        Ok(text) => {
+            let id = text.trim();
+            if id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Ok(id.to_ascii_lowercase());
+            }
+            tracing::warn!(path = %path.display(), "worker ID file is malformed; choosing a new ID");
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
+    }
+    let id = format!("{:016x}", rand::thread_rng().r#gen::<u64>());
+    let mut temp = tempfile::NamedTempFile::new_in(cache_dir)
+        .with_context(|| format!("create a file in {}", cache_dir.display()))?;
+    writeln!(temp, "{id}").with_context(|| format!("write {}", path.display()))?;
+    temp.as_file()
+        .sync_all()
+        .with_context(|| format!("write {}", path.display()))?;
+    temp.persist(&path)
+        .with_context(|| format!("write {}", path.display()))?;
+    Ok(id)
+}
+
+/// Runs a worker until `shutdown` is cancelled: serves `PeerApi` on
+/// `listener`, registers with the coordinators, runs what they assign.
+/// On shutdown it stops polling, kills running jobs and returns once every
+/// task has finished. Prints `worker <id> listening on <addr>` to stderr
+/// once serving.
+pub async fn run(
+    config: WorkerConfig,
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(config.slots > 0, "slots must be at least 1");
+    anyhow::ensure!(
+        !config.coordinators.is_empty(),
+        "at least one coordinator address is needed"
+    );
+    let cache_dir = config.cache_dir.clone();
+    fs::create_dir_all(&cache_dir)
+        .with_context(|| format!("create cache directory {}", cache_dir.display()))?;
+    let _lock = lock_cache_dir(&cache_dir)?;
+    let worker_id = load_or_create_worker_id(&cache_dir)?;
+    let cache = {
+        let (dir, max) = (cache_dir.clone(), config.cache_max_bytes);
+        tokio::task::spawn_blocking(move || Cache::open(&dir, max))
+            .await
+            .context("open the cache")?
+            .with_context(|| format!("open the cache in {}", cache_dir.display()))?
+    };
+    let sandbox_root = cache_dir.join("sandbox");
+    {
+        let root = sandbox_root.clone();
+        tokio::task::spawn_blocking(move || {
+            remove_dir_forcibly(&root)?;
+            fs::create_dir_all(&root)
+        })
+        .await
+        .context("clear the sandbox directory")?
+        .with_context(|| format!("clear {}", sandbox_root.display()))?;
+    }
+    let local_addr = listener
+        .local_addr()
+        .context("learn the listener's address")?;
+    let peer_addr = config
+        .advertise_addr
+        .clone()
+        .unwrap_or_else(|| local_addr.to_string());
+
+    let tracker = TaskTracker::new();
+    let worker_span = tracing::info_span!("worker", worker_id = %worker_id);
+    let service = PeerService::new(cache.clone(), tracker.clone(), shutdown.clone());
+    let server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
+        .add_service(
+            PeerApiServer::new(service)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown.clone().cancelled_owned(),
+        );
+    let server = tracker.spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            let result = server.await;
+            if result.is_err() {
+                // Without its server the worker cannot serve its artifacts.
+                shutdown.cancel();
+            }
+            result
+        }
+        .instrument(worker_span.clone())
+    });
+    eprintln!("worker {worker_id} listening on {local_addr}");
+
+    let coordinator = Arc::new(CoordinatorClient::new(
+        config.coordinators.clone(),
+        config.connector.clone(),
+    ));
+    let worker = Arc::new(Worker {
+        worker_id,
+        peer_addr,
+        slots: config.slots,
+        poll_wait_ms: config.poll_wait_ms,
+        sandbox_root,
+        env: JobEnv {
+            cache,
+            coordinator: coordinator.clone(),
+            connector: config.connector.clone(),
+            runner: config.runner.clone(),
+        },
+        coordinator,
+        shutdown: shutdown.clone(),
+        tracker: tracker.clone(),
+        free_slots: Arc::new(Semaphore::new(config.slots)),
+        jobs: Mutex::new(HashMap::new()),
+        changes: Mutex::new(CacheChanges::default()),
+        heartbeat_interval_ms: AtomicU64::new(DEFAULT_HEARTBEAT_INTERVAL.as_millis() as u64),
+        registrations: tokio::sync::Mutex::new(0),
+    });
+
+    async {
+        if worker.register(0).await {
+            let heartbeats = Arc::clone(&worker);
+            worker
+                .tracker
+                .spawn(async move { heartbeats.heartbeat_loop().await }.in_current_span());
+            worker.poll_loop().await;
+        }
+    }
+    .instrument(worker_span)
+    .await;
+
+    // Polling stops only on shutdown; make sure everything else stops too.
+    shutdown.cancel();
+    tracker.close();
+    tracker.wait().await;
+    match server.await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(anyhow::Error::new(e).context("serve the peer API")),
+        Err(e) => Err(anyhow::Error::new(e).context("peer API server task")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_changes_keep_the_latest_and_survive_a_failed_heartbeat() {
+        let (a, b, c) = (Digest::of(b"a"), Digest::of(b"b"), Digest::of(b"c"));
+        let mut changes = CacheChanges::default();
+        changes.record(a, true);
+        changes.record(a, false); // fetched, then evicted: dropped wins
+        changes.record(b, true);
+        let mut batch = changes.take_batch();
+        batch.sort();
+        let mut expected = vec![(a, false), (b, true)];
+        expected.sort();
+        assert_eq!(batch, expected);
+        assert!(changes.take_batch().is_empty());
+        // While the heartbeat was failing, b was evicted and c fetched.
+        changes.record(b, false);
+        changes.record(c, true);
+        changes.restore(batch);
+        let mut pending: Vec<_> = changes.pending.iter().map(|(d, p)| (*d, *p)).collect();
+        pending.sort();
+        let mut expected = vec![(a, false), (b, false), (c, true)];
+        expected.sort();
+        assert_eq!(
+            pending, expected,
+            "newer changes win over the restored batch"
+        );
+    }
+
+    #[test]
+    fn worker_id_is_stable_and_repaired() {
+        let dir = tempfile::TempDir::new().expect("tempdir");
+        let id = load_or_create_worker_id(dir.path()).expect("created");
+        assert_eq!(id.len(), 16);
+        assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_eq!(load_or_create_worker_id(dir.path()).expect("read"), id);
+        fs::write(dir.path().join("worker-id"), "garbage").expect("write");
+        let fresh = load_or_create_worker_id(dir.path()).expect("replaced");
+        assert_ne!(fresh, "garbage");
+        assert_eq!(fresh.len(), 16);
+    }
+
+    #[test]
+    fn retry_delays_grow_to_a_bound() {
+        assert_eq!(retry_delay(0), FIRST_RETRY_DELAY);
+        assert_eq!(retry_delay(1), FIRST_RETRY_DELAY * 2);
+        assert_eq!(retry_delay(30), MAX_RETRY_DELAY);
+    }
+}

@@ -1,0 +1,463 @@
+//! The worker runtime against an in-process fake coordinator: registration,
+//! polling, running jobs with inputs and dependencies, reporting, leases
+//! revoked by heartbeat, leader redirects, restart and shutdown.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use distbuild_proto::v1::peer_api_server::PeerApiServer;
+use distbuild_proto::v1::{self, Assignment, FetchRequest};
+use distbuild_proto::wire::digest_to_wire;
+use distbuild_proto::{Digest, artifact};
+use distbuild_worker::cache::Cache;
+use distbuild_worker::connect::{Connector, TcpConnector, peer_api_client};
+use distbuild_worker::peer::PeerService;
+use distbuild_worker::{WorkerConfig, run};
+use support::{FakeCoordinator, serve};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+const WAIT: Duration = Duration::from_secs(20);
+const DEP: &str = "1111111111111111111111111111111111111111";
+const JOB: &str = "2222222222222222222222222222222222222222";
+
+struct RunningWorker {
+    addr: String,
+    shutdown: CancellationToken,
+    handle: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl RunningWorker {
+    async fn start(coordinators: Vec<String>, cache_dir: &Path, slots: usize) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let mut config = WorkerConfig::new(coordinators, cache_dir.to_path_buf());
+        config.slots = slots;
+        config.poll_wait_ms = 200;
+        let shutdown = CancellationToken::new();
+        let handle = tokio::spawn(run(config, listener, shutdown.clone()));
+        Self {
+            addr,
+            shutdown,
+            handle,
+        }
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(WAIT, self.handle)
+            .await
+            .expect("the worker stops promptly")
+            .expect("no panic")
+            .expect("the worker ran without error");
+    }
+}
+
+fn sh(script: &str) -> v1::Command {
+    v1::Command {
+        kind: Some(v1::command::Kind::Exec(v1::ExecCommand {
+            argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
+            environ: vec![],
+            working_directory: String::new(),
+        })),
+    }
+}
+
+fn assignment(lease_token: u64, cmds: Vec<v1::Command>) -> Assignment {
+    Assignment {
+        lease_token,
+        cache_key: digest_to_wire(&Digest::of(format!("key {lease_token}").as_bytes())),
+        job_id: JOB.into(),
+        name: format!("job {lease_token}"),
+        cmds,
+        inputs: vec![],
+        deps: vec![],
+    }
+}
+
+fn input(path: &str, content: &[u8]) -> v1::InputFile {
+    v1::InputFile {
+        path: path.into(),
+        digest: digest_to_wire(&Digest::of(content)),
+        size: content.len() as u64,
+    }
+}
+
+/// Serves `cache` as a peer on 127.0.0.1:0; returns its address.
+async fn serve_peer(cache: Cache, stop: CancellationToken) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let service = PeerService::new(cache, TaskTracker::new(), stop.clone());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(PeerApiServer::new(service))
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                stop.cancelled_owned(),
+            ),
+    );
+    addr
+}
+
+/// Packs a directory holding `files` into `cache`; returns digest and size.
+fn make_artifact(cache: &Cache, scratch: &Path, files: &[(&str, &str)]) -> (Digest, u64) {
+    let dir = scratch.join("artifact-src");
+    for (path, text) in files {
+        let path = dir.join(path);
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        std::fs::write(path, text).expect("write");
+    }
+    let mut packed = Vec::new();
+    let (digest, size) = artifact::pack(&dir, &mut packed).expect("pack");
+    cache.insert(Some(digest), &packed[..]).expect("insert");
+    (digest, size)
+}
+
+/// Downloads an artifact from a worker's peer server.
+async fn download(addr: &str, digest: &Digest) -> Result<Vec<u8>, tonic::Status> {
+    let channel = TcpConnector
+        .connect(addr)
+        .await
+        .expect("connect to the peer");
+    let mut stream = peer_api_client(channel)
+        .fetch_artifact(FetchRequest {
+            digest: digest_to_wire(digest),
+        })
+        .await?
+        .into_inner();
+    let mut data = Vec::new();
+    while let Some(chunk) = stream.message().await? {
+        data.extend_from_slice(&chunk.data);
+    }
+    Ok(data)
+}
+
+fn read_tree(artifact_bytes: &[u8], dest: &Path) -> Vec<(String, String)> {
+    artifact::unpack(artifact_bytes, dest, 1 << 20).expect("unpack");
+    let mut files: Vec<(String, String)> = std::fs::read_dir(dest)
+        .expect("list")
+        .map(|e| {
+            let path = e.expect("entry").path();
+            let name = path
+                .file_name()
+                .expect("name")
+                .to_string_lossy()
+                .into_owned();
+            (name, std::fs::read_to_string(&path).expect("read"))
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+/// Whether the process named in `pid_file` runs (a zombie does not: in a
+/// container nobody may reap the orphans).
+fn pid_alive(pid_file: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(pid_file) else {
+        return false;
+    };
+    let pid: i32 = text.trim().parse().expect("a pid");
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name.
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X')),
+        Err(_) => false,
+    }
+}
+
+/// Waits (briefly) for the process in `pid_file` to be gone.
+async fn dies_soon(pid_file: &Path) -> bool {
+    for _ in 0..100 {
+        if !pid_alive(pid_file) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+async fn wait_for_file(path: &Path) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !path.exists() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn runs_a_job_with_inputs_and_a_dependency_then_restarts_with_its_cache() {
+    let dir = tempfile::TempDir::new().expect("tempdir");
+    let stop_peer = CancellationToken::new();
+    let peer_cache = Cache::open(&dir.path().join("peer"), 1 << 30).expect("peer cache");
+    let (dep_digest, dep_size) = make_artifact(&peer_cache, dir.path(), &[("lib.txt", "lib\n")]);
+    let peer_addr = serve_peer(peer_cache, stop_peer.clone()).await;
+
+    let coordinator = serve(FakeCoordinator::default()).await;
+    let source = b"hello\n";
+    coordinator.fake.with(|s| {
+        s.blobs.insert(Digest::of(source), source.to_vec());
+        let mut job = assignment(
+            41,
+            vec![sh(&format!(
+                "cat {{{{.SourceDir}}}}/dir/a.txt {{{{index .Deps \"{DEP}\"}}}}/lib.txt > {{{{.OutputDir}}}}/all.txt; echo done"
+            ))],
+        );
+        job.inputs = vec![input("dir/a.txt", source)];
+        job.deps = vec![v1::DepArtifact {
+            job_id: DEP.into(),
+            digest: digest_to_wire(&dep_digest),
+            size: dep_size,
+            // The first holder is gone: the worker must try the next.
+            holders: vec!["127.0.0.1:1".into(), peer_addr.clone()],
+        }];
+        s.queue.push_back(job);
+    });
+    let cache_dir = dir.path().join("worker");
+    let worker = RunningWorker::start(vec![coordinator.addr.to_string()], &cache_dir, 2).await;
+    coordinator
+        .fake
+        .wait_until("a report", WAIT, |s| !s.reports.is_empty())
+        .await;
+    let report = coordinator.fake.with(|s| s.reports[0].clone());
+    assert_eq!(report.error, "");
+    assert_eq!(report.exit_code, 0);
+    assert_eq!(report.lease_token, 41);
+    assert_eq!(report.stdout, Bytes::from_static(b"done\n"));
+    assert_eq!(report.cache_key, digest_to_wire(&Digest::of(b"key 41")));
+    let artifact_digest = Digest::try_from(&report.artifact_digest[..]).expect("a digest");
+
+    let registration = coordinator.fake.with(|s| s.registrations[0].clone());
+    assert_eq!(registration.addr, worker.addr);
+    assert_eq!(registration.slots, 2);
+    assert_eq!(registration.worker_id.len(), 16);
+    assert!(registration.held_artifacts.is_empty());
+    coordinator
+        .fake
+        .wait_until("the fetched artifact in a heartbeat", WAIT, |s| {
+            s.heartbeats
+                .iter()
+                .any(|h| h.added_artifacts.contains(&digest_to_wire(&dep_digest)))
+        })
+        .await;
+    assert!(
+        std::fs::read_dir(cache_dir.join("sandbox"))
+            .expect("list")
+            .next()
+            .is_none(),
+        "the sandbox is removed"
+    );
+
+    // The worker serves what it built, and refuses what it lacks.
+    let bytes = download(&worker.addr, &artifact_digest)
+        .await
+        .expect("download");
+    assert_eq!(Digest::of(&bytes), artifact_digest);
+    assert_eq!(
+        read_tree(&bytes, &dir.path().join("unpacked")),
+        vec![("all.txt".to_string(), "hello\nlib\n".to_string())]
+    );
+    let missing = download(&worker.addr, &Digest::of(b"nothing")).await;
+    assert_eq!(missing.expect_err("absent").code(), tonic::Code::NotFound);
+    let channel = TcpConnector.connect(&worker.addr).await.expect("connect");
+    let bad = peer_api_client(channel)
+        .fetch_artifact(FetchRequest {
+            digest: Bytes::from_static(b"short"),
+        })
+        .await;
+    assert_eq!(
+        bad.expect_err("bad digest").code(),
+        tonic::Code::InvalidArgument
+    );
+
+    worker.stop().await;
+    stop_peer.cancel();
+
+    // Restarted on the same cache: same ID, and it announces what it holds.
+    let worker = RunningWorker::start(vec![coordinator.addr.to_string()], &cache_dir, 2).await;
+    coordinator
+        .fake
+        .wait_until("a second registration", WAIT, |s| {
+            s.registrations.len() == 2
+        })
+        .await;
+    let again = coordinator.fake.with(|s| s.registrations[1].clone());
+    assert_eq!(again.worker_id, registration.worker_id);
+    for digest in [artifact_digest, dep_digest, Digest::of(source)] {
+        assert!(
+            again.held_artifacts.contains(&digest_to_wire(&digest)),
+            "{digest} is announced"
+        );
+    }
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_failed_input_fetch_is_reported_as_not_run() {
+    let dir = tempfile::TempDir::new().expect("tempdir");
+    let coordinator = serve(FakeCoordinator::default()).await;
+    coordinator.fake.with(|s| {
+        // Served with the wrong content for its digest.
+        s.blobs.insert(Digest::of(b"right"), b"wrong".to_vec());
+        let mut bad_content = assignment(1, vec![sh("true")]);
+        bad_content.inputs = vec![input("x.c", b"right")];
+        let mut absent = assignment(2, vec![sh("true")]);
+        absent.inputs = vec![input("y.c", b"nobody has this")];
+        s.queue.extend([bad_content, absent]);
+    });
+    let worker =
+        RunningWorker::start(vec![coordinator.addr.to_string()], &dir.path().join("w"), 2).await;
+    coordinator
+        .fake
+        .wait_until("two reports", WAIT, |s| s.reports.len() == 2)
+        .await;
+    let mut reports = coordinator.fake.with(|s| s.reports.clone());
+    reports.sort_by_key(|r| r.lease_token);
+    for (report, (path, problem)) in reports.iter().zip([
+        ("x.c", "does not match its digest"),
+        ("y.c", "no such blob"),
+    ]) {
+        assert_eq!(report.exit_code, -1);
+        assert!(
+            report.error.contains(&format!("input {path:?}")),
+            "{}",
+            report.error
+        );
+        assert!(report.error.contains(problem), "{}", report.error);
+        assert!(report.artifact_digest.is_empty());
+    }
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_revoked_job_is_killed_and_not_reported_and_frees_its_slot() {
+    let dir = tempfile::TempDir::new().expect("tempdir");
+    let pid_file = dir.path().join("pid");
+    let coordinator = serve(FakeCoordinator::default()).await;
+    coordinator.fake.with(|s| {
+        s.queue.push_back(assignment(
+            7,
+            vec![sh(&format!("echo $$ > {}; sleep 30", pid_file.display()))],
+        ));
+    });
+    let worker =
+        RunningWorker::start(vec![coordinator.addr.to_string()], &dir.path().join("w"), 1).await;
+    wait_for_file(&pid_file).await;
+    coordinator
+        .fake
+        .wait_until("the lease renewed", WAIT, |s| {
+            s.heartbeats.iter().any(|h| h.lease_tokens == [7])
+        })
+        .await;
+    assert!(pid_alive(&pid_file));
+    coordinator.fake.with(|s| {
+        s.revoke.insert(7);
+        s.queue.push_back(assignment(8, vec![sh("echo next")]));
+    });
+    // One slot: the next job runs only once the revoked one is gone.
+    coordinator
+        .fake
+        .wait_until("the next job's report", WAIT, |s| !s.reports.is_empty())
+        .await;
+    assert!(
+        dies_soon(&pid_file).await,
+        "the revoked job's process is killed"
+    );
+    let reports = coordinator.fake.with(|s| s.reports.clone());
+    assert_eq!(reports.len(), 1);
+    assert_eq!(reports[0].lease_token, 8);
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn follows_the_leader_past_an_unreachable_address() {
+    let dir = tempfile::TempDir::new().expect("tempdir");
+    let leader = serve(FakeCoordinator::default()).await;
+    let follower = serve(FakeCoordinator::default()).await;
+    follower
+        .fake
+        .with(|s| s.leader = Some(leader.addr.to_string()));
+    leader.fake.with(|s| {
+        s.queue.push_back(assignment(3, vec![sh("echo hi")]));
+        s.reregister_next_poll = true;
+    });
+    let worker = RunningWorker::start(
+        vec!["127.0.0.1:1".into(), follower.addr.to_string()],
+        &dir.path().join("w"),
+        1,
+    )
+    .await;
+    leader
+        .fake
+        .wait_until("a report at the leader", WAIT, |s| !s.reports.is_empty())
+        .await;
+    assert_eq!(leader.fake.with(|s| s.reports[0].stdout.clone()), "hi\n");
+    // Told to register again by its first poll, it did.
+    assert!(leader.fake.with(|s| s.registrations.len()) >= 2);
+    assert!(
+        follower
+            .fake
+            .with(|s| s.registrations.is_empty() && s.reports.is_empty())
+    );
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_kills_running_jobs_and_returns() {
+    let dir = tempfile::TempDir::new().expect("tempdir");
+    let pid_file: PathBuf = dir.path().join("pid");
+    let coordinator = serve(FakeCoordinator::default()).await;
+    coordinator.fake.with(|s| {
+        s.queue.push_back(assignment(
+            9,
+            vec![sh(&format!(
+                "sleep 30 & echo $! > {}; wait",
+                pid_file.display()
+            ))],
+        ));
+    });
+    let worker =
+        RunningWorker::start(vec![coordinator.addr.to_string()], &dir.path().join("w"), 1).await;
+    wait_for_file(&pid_file).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(pid_alive(&pid_file));
+    let started = tokio::time::Instant::now();
+    worker.stop().await;
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(dies_soon(&pid_file).await, "the job's child is killed too");
+    assert!(coordinator.fake.with(|s| s.reports.is_empty()));
+}
+
+#[tokio::test]
+async fn one_worker_per_cache_directory() {
+    let dir = tempfile::TempDir::new().expect("tempdir");
+    let coordinator = serve(FakeCoordinator::default()).await;
+    let cache_dir = dir.path().join("w");
+    let first = RunningWorker::start(vec![coordinator.addr.to_string()], &cache_dir, 1).await;
+    coordinator
+        .fake
+        .wait_until("registration", WAIT, |s| !s.registrations.is_empty())
+        .await;
+    let second = RunningWorker::start(vec![coordinator.addr.to_string()], &cache_dir, 1).await;
+    let err = tokio::time::timeout(WAIT, second.handle)
+        .await
+        .expect("fails at once")
+        .expect("no panic")
+        .expect_err("the directory is taken");
+    assert!(
+        err.to_string().contains("in use by another worker"),
+        "{err}"
+    );
+    first.stop().await;
+}
