@@ -16,21 +16,29 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# Starts a server in the background and prints the address it listens on.
+# Starts a server in the background (not in a subshell, so its pid is kept
+# and no command substitution waits on its output).
 start() {
   local log="$1"; shift
-  "$bin" "$@" 2>"$log" &
+  "$bin" "$@" >/dev/null 2>"$log" &
   pids+=($!)
+}
+
+# Prints the address a server logged that it listens on.
+address_in() {
+  local log="$1"
   for _ in $(seq 1 300); do
     addr="$(sed -n 's/.* listening on //p' "$log" | head -1)"
     if [ -n "$addr" ]; then echo "$addr"; return; fi
     sleep 0.1
   done
-  echo "example: $* did not start:" >&2; cat "$log" >&2; exit 1
+  echo "example: the server did not start:" >&2; cat "$log" >&2; exit 1
 }
 
-coordinator="$(start "$work/coordinator.log" coordinator --listen 127.0.0.1:0 --data-dir "$work/coordinator")"
-start "$work/worker.log" worker --coordinator "$coordinator" --listen 127.0.0.1:0 --cache-dir "$work/worker" >/dev/null
+start "$work/coordinator.log" coordinator --listen 127.0.0.1:0 --data-dir "$work/coordinator"
+coordinator="$(address_in "$work/coordinator.log")"
+start "$work/worker.log" worker --coordinator "$coordinator" --listen 127.0.0.1:0 --cache-dir "$work/worker"
+address_in "$work/worker.log" >/dev/null
 
 "$bin" build --coordinator "$coordinator" --graph examples/hello-c/graph.json \
   --source-dir examples/hello-c --output-dir "$work/out"
