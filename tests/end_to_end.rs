@@ -298,3 +298,66 @@ fn cluster_status_lists_the_leader_and_workers() {
         );
     }
 }
+
+#[test]
+fn a_job_whose_worker_dies_runs_again_elsewhere() {
+    // Leases expire after 3 s in test clusters (see support).
+    let mut cluster = Cluster::start(2, 1);
+    let starts = cluster.path("starts.log");
+    let g = graph(
+        &[],
+        vec![sh_job(
+            "slow",
+            &[],
+            &[],
+            &[&format!(
+                "echo start >> {}; sleep 2; echo done",
+                starts.display()
+            )],
+        )],
+    );
+    let build = {
+        let graph_path = cluster.path("slow.json");
+        std::fs::write(&graph_path, g.to_string()).expect("write graph");
+        support::distbuild()
+            .args(["build", "--json", "--graph"])
+            .arg(&graph_path)
+            .args(["--coordinator", &cluster.coordinator_addr()])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start the build")
+    };
+    // Wait for the job to start, then kill the worker running it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let busy = loop {
+        let status = cluster.status();
+        let busy = status["workers"]
+            .as_array()
+            .and_then(|ws| ws.iter().find(|w| w["running"] == 1))
+            .and_then(|w| w["addr"].as_str().map(str::to_string));
+        if let (Some(addr), true) = (busy, lines(&starts).len() == 1) {
+            break addr;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the job never started: {status}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let victim = cluster
+        .workers
+        .iter_mut()
+        .find(|w| w.addr == busy)
+        .expect("the busy worker is ours");
+    victim.kill();
+
+    let run = support::BuildRun::from(build.wait_with_output().expect("build finishes"));
+    assert_eq!(run.code, Some(0), "{}\n{}", run.describe(), cluster.logs());
+    assert_eq!(run.finished(&id("slow"))["stdout"], "done\n");
+    assert_eq!(
+        lines(&starts).len(),
+        2,
+        "it ran again on the surviving worker"
+    );
+}

@@ -1,0 +1,222 @@
+//! The coordinator's gRPC services on a real socket: what they refuse, and
+//! that they keep serving after refusing it.
+
+use std::sync::Arc;
+
+use distbuild_coordinator::{Config, SystemClock, Tuning};
+use distbuild_proto::Digest;
+use distbuild_proto::v1::client_api_client::ClientApiClient;
+use distbuild_proto::v1::worker_api_client::WorkerApiClient;
+use distbuild_proto::v1::{
+    BlobChunk, FindMissingBlobsRequest, RegisterRequest, ReportResultRequest, SourceFile,
+    SubmitBuildRequest,
+};
+use distbuild_proto::wire::MAX_MESSAGE_BYTES;
+use tokio_util::sync::CancellationToken;
+use tonic::Code;
+use tonic::transport::Channel;
+
+struct Coordinator {
+    channel: Channel,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    _dir: tempfile::TempDir,
+}
+
+async fn start() -> Coordinator {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let shutdown = CancellationToken::new();
+    let config = Config {
+        node_id: 1,
+        data_dir: dir.path().to_path_buf(),
+        tuning: Tuning::default(),
+    };
+    let task = tokio::spawn(distbuild_coordinator::run(
+        config,
+        listener,
+        Arc::new(SystemClock),
+        shutdown.clone(),
+    ));
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    Coordinator {
+        channel,
+        shutdown,
+        task,
+        _dir: dir,
+    }
+}
+
+impl Coordinator {
+    fn client(&self) -> ClientApiClient<Channel> {
+        ClientApiClient::new(self.channel.clone())
+            .max_encoding_message_size(2 * MAX_MESSAGE_BYTES)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    fn worker(&self) -> WorkerApiClient<Channel> {
+        WorkerApiClient::new(self.channel.clone())
+    }
+
+    async fn missing(&self, digests: &[Digest]) -> Vec<Digest> {
+        let response = self
+            .client()
+            .find_missing_blobs(FindMissingBlobsRequest {
+                digests: digests
+                    .iter()
+                    .map(|d| bytes::Bytes::copy_from_slice(d.as_bytes()))
+                    .collect(),
+            })
+            .await
+            .expect("find missing blobs");
+        response
+            .into_inner()
+            .missing
+            .iter()
+            .map(|d| Digest::try_from(d.as_ref()).expect("20 bytes"))
+            .collect()
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.expect("join").expect("clean stop");
+    }
+}
+
+fn upload(
+    digest: Digest,
+    size: u64,
+    data: &'static [u8],
+) -> impl futures::Stream<Item = BlobChunk> {
+    futures::stream::iter([BlobChunk {
+        digest: bytes::Bytes::copy_from_slice(digest.as_bytes()),
+        size,
+        data: bytes::Bytes::from_static(data),
+    }])
+}
+
+#[tokio::test]
+async fn refused_requests_change_nothing_and_the_server_keeps_serving() {
+    let c = start().await;
+    let content: &'static [u8] = b"int main;\n";
+    let digest = Digest::of(content);
+
+    // An oversized message is refused without being buffered whole.
+    let huge = SubmitBuildRequest {
+        request_id: "huge".into(),
+        graph_json: vec![b' '; MAX_MESSAGE_BYTES + 1024].into(),
+        sources: Vec::new(),
+    };
+    let err = c.client().submit_build(huge).await.expect_err("too large");
+    assert!(
+        matches!(err.code(), Code::OutOfRange | Code::ResourceExhausted),
+        "{err:?}"
+    );
+
+    // A bad digest.
+    let err = c
+        .client()
+        .find_missing_blobs(FindMissingBlobsRequest {
+            digests: vec![bytes::Bytes::from_static(b"short")],
+        })
+        .await
+        .expect_err("bad digest");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("20-byte"), "{}", err.message());
+
+    // Content that does not hash to its digest is not stored.
+    let wrong = Digest::of(b"something else");
+    let err = c
+        .client()
+        .upload_blob(upload(wrong, content.len() as u64, content))
+        .await
+        .expect_err("digest mismatch");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert_eq!(c.missing(&[wrong]).await, vec![wrong]);
+
+    // A graph naming a source that was never uploaded.
+    let graph = format!(
+        r#"{{"SourceFiles": {{"{}": "a.c"}}, "Jobs": [{{"ID": "{}", "Inputs": ["a.c"], "Cmds": [{{"Exec": ["true"]}}]}}]}}"#,
+        "1".repeat(40),
+        "2".repeat(40)
+    );
+    let submit = |request_id: &str| SubmitBuildRequest {
+        request_id: request_id.into(),
+        graph_json: graph.clone().into_bytes().into(),
+        sources: vec![SourceFile {
+            path: "a.c".into(),
+            digest: bytes::Bytes::copy_from_slice(digest.as_bytes()),
+            size: content.len() as u64,
+        }],
+    };
+    let err = c
+        .client()
+        .submit_build(submit("r1"))
+        .await
+        .expect_err("not uploaded");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("a.c"), "{}", err.message());
+
+    // A malformed graph names the problem.
+    let mut bad = submit("r2");
+    bad.graph_json = bytes::Bytes::from_static(b"{\"Jobs\": 3}");
+    let err = c.client().submit_build(bad).await.expect_err("bad graph");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().starts_with("malformed graph JSON"),
+        "{}",
+        err.message()
+    );
+
+    // Workers: bad IDs and slot counts.
+    let register = |worker_id: &str, slots: u32| RegisterRequest {
+        worker_id: worker_id.into(),
+        addr: "127.0.0.1:1".into(),
+        slots,
+        held_artifacts: Vec::new(),
+    };
+    for (id, slots) in [("", 1), ("bad id!", 1), ("w1", 0), ("w1", 100_000)] {
+        let err = c
+            .worker()
+            .register(register(id, slots))
+            .await
+            .expect_err("refused");
+        assert_eq!(err.code(), Code::InvalidArgument, "{id:?} {slots}");
+    }
+    // A result for a lease that does not exist is refused, not applied.
+    c.worker()
+        .register(register("w1", 1))
+        .await
+        .expect("register");
+    let report = c
+        .worker()
+        .report_result(ReportResultRequest {
+            worker_id: "w1".into(),
+            lease_token: 12345,
+            cache_key: bytes::Bytes::copy_from_slice(&[7; 20]),
+            exit_code: 0,
+            artifact_digest: bytes::Bytes::copy_from_slice(&[8; 20]),
+            artifact_size: 1,
+            ..Default::default()
+        })
+        .await
+        .expect("report answered");
+    assert!(!report.into_inner().accepted);
+
+    // Still serving: the upload and the submit now succeed.
+    c.client()
+        .upload_blob(upload(digest, content.len() as u64, content))
+        .await
+        .expect("upload");
+    assert!(c.missing(&[digest]).await.is_empty());
+    let built = c.client().submit_build(submit("r3")).await.expect("submit");
+    assert!(built.into_inner().build_id > 0);
+    c.stop().await;
+}
