@@ -81,6 +81,7 @@ struct JsonWorker<'a> {
     slots: u32,
     running: u32,
     alive: bool,
+    peer_bytes_fetched_total: u64,
 }
 
 /// The status as one JSON object (one line).
@@ -104,6 +105,7 @@ pub fn status_json(status: &ClusterStatusResponse) -> String {
                 slots: w.slots,
                 running: w.running,
                 alive: w.alive,
+                peer_bytes_fetched_total: w.peer_bytes_fetched_total,
             })
             .collect(),
     };
@@ -205,6 +207,7 @@ mod tests {
                 slots: 4,
                 running: 2,
                 alive: true,
+                peer_bytes_fetched_total: 5,
             }],
         }
     }
@@ -213,7 +216,7 @@ mod tests {
     fn json_is_as_specified() {
         assert_eq!(
             status_json(&sample()),
-            r#"{"leader":1,"members":[{"node_id":1,"addr":"10.0.0.1:7000"},{"node_id":2,"addr":"10.0.0.2:7000"}],"workers":[{"id":"w-1","addr":"10.0.0.9:7100","slots":4,"running":2,"alive":true}]}"#
+            r#"{"leader":1,"members":[{"node_id":1,"addr":"10.0.0.1:7000"},{"node_id":2,"addr":"10.0.0.2:7000"}],"workers":[{"id":"w-1","addr":"10.0.0.9:7100","slots":4,"running":2,"alive":true,"peer_bytes_fetched_total":5}]}"#
         );
     }
 

@@ -48,6 +48,11 @@ pub struct CoordinatorArgs {
     /// Lease expiries after which a job fails.
     #[arg(long, default_value_t = 3)]
     pub max_attempts: u32,
+    /// How long a ready job waits for a free worker that holds its
+    /// dependencies' outputs before any free worker may take it (0 turns
+    /// locality off).
+    #[arg(long, default_value_t = 50)]
+    pub locality_wait_ms: u64,
 }
 
 /// Runs the coordinator from its flags until Ctrl-C or SIGTERM.
@@ -67,7 +72,7 @@ pub async fn run_cli(args: CoordinatorArgs) -> anyhow::Result<()> {
         lease_timeout_ms: args.lease_timeout_ms,
         heartbeat_interval_ms: (args.lease_timeout_ms / 4).max(25),
         max_attempts: args.max_attempts,
-        ..Tuning::default()
+        locality_wait_ms: args.locality_wait_ms,
     };
     let config = Config {
         node_id: args.node_id,

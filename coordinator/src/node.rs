@@ -117,6 +117,9 @@ pub struct Node {
     pub blobs: BlobStore,
     pub clock: Arc<dyn Clock>,
     pub tuning: Tuning,
+    /// Per worker, the peer bytes it last reported fetching: a metric this
+    /// node saw, not replicated state.
+    pub peer_bytes_fetched: Mutex<std::collections::HashMap<String, u64>>,
 }
 
 /// Bounds how long one proposal may take before the caller is told to retry.
@@ -170,6 +173,7 @@ impl Node {
             blobs,
             clock,
             tuning,
+            peer_bytes_fetched: Mutex::default(),
         }))
     }
 

@@ -92,17 +92,25 @@ pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub coordinator: Option<Server>,
     pub coordinator_port: u16,
+    /// Extra flags the coordinator is started with.
+    pub coordinator_flags: Vec<String>,
     pub workers: Vec<Server>,
 }
 
 impl Cluster {
     /// A coordinator and `workers` workers with `slots` slots each.
     pub fn start(workers: usize, slots: u32) -> Cluster {
+        Self::start_with(workers, slots, &[])
+    }
+
+    /// Like `start`, with extra coordinator flags.
+    pub fn start_with(workers: usize, slots: u32, coordinator_flags: &[&str]) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut cluster = Cluster {
             dir,
             coordinator: None,
             coordinator_port: 0,
+            coordinator_flags: coordinator_flags.iter().map(|s| s.to_string()).collect(),
             workers: Vec::new(),
         };
         cluster.start_coordinator();
@@ -120,7 +128,7 @@ impl Cluster {
     /// Starts (or restarts, on the same data dir and port) the coordinator.
     pub fn start_coordinator(&mut self) {
         let listen = format!("127.0.0.1:{}", self.coordinator_port);
-        let args: Vec<String> = [
+        let mut args: Vec<String> = [
             "coordinator",
             "--listen",
             &listen,
@@ -132,6 +140,7 @@ impl Cluster {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        args.extend(self.coordinator_flags.iter().cloned());
         let log = self.path(&format!("coordinator-{}.log", self.coordinator_port));
         let server = Server::start(&args, log);
         self.coordinator_port = server

@@ -171,6 +171,8 @@ pub struct JobEnv {
     pub connector: SharedConnector,
     /// Runs the commands' processes.
     pub runner: Arc<dyn ProcessRunner>,
+    /// Bytes of dependency artifacts fetched from peers so far.
+    pub peer_bytes_fetched: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// A job's captured output across its commands.
@@ -366,7 +368,10 @@ async fn stage_dep(env: &JobEnv, dep: &DepArtifact, layout: &Layout) -> Result<b
             &layout.root,
         )
         .await
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())?;
+        env.peer_bytes_fetched
+            .fetch_add(dep.size, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     })
     .await?;
     let dest = layout.deps.join(dep.job_id.to_string());
@@ -778,6 +783,7 @@ mod tests {
                 coordinator,
                 connector,
                 runner: Arc::new(TokioProcessRunner),
+                peer_bytes_fetched: Default::default(),
             },
             sandbox,
             _dir: dir,

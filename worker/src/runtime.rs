@@ -500,6 +500,7 @@ impl Worker {
             lease_tokens,
             added_artifacts: added.iter().map(|(d, _)| digest_to_wire(d)).collect(),
             dropped_artifacts: dropped.iter().map(|(d, _)| digest_to_wire(d)).collect(),
+            peer_bytes_fetched_total: self.env.peer_bytes_fetched.load(Ordering::Relaxed),
         };
         let deadline = self.heartbeat_interval().max(MIN_HEARTBEAT_DEADLINE);
         let result = tokio::select! {
@@ -678,6 +679,7 @@ pub async fn run(
             coordinator: coordinator.clone(),
             connector: config.connector.clone(),
             runner: config.runner.clone(),
+            peer_bytes_fetched: Default::default(),
         },
         coordinator,
         shutdown: shutdown.clone(),

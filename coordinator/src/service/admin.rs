@@ -28,6 +28,12 @@ impl AdminApi for AdminService {
             })
             .collect();
         let now_ms = self.node.now_ms();
+        let peer_bytes = self
+            .node
+            .peer_bytes_fetched
+            .lock()
+            .expect("metrics lock poisoned")
+            .clone();
         let alive_ms = self.node.tuning.lease_timeout_ms;
         let workers = self
             .node
@@ -40,6 +46,7 @@ impl AdminApi for AdminService {
                 slots: w.slots,
                 running: w.running,
                 alive: now_ms.saturating_sub(w.last_seen_ms) < alive_ms,
+                peer_bytes_fetched_total: peer_bytes.get(id).copied().unwrap_or(0),
             })
             .collect();
         Ok(Response::new(ClusterStatusResponse {

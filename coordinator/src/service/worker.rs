@@ -223,6 +223,11 @@ impl WorkerApi for WorkerService {
                 "more leases than a worker can hold",
             ));
         }
+        self.node
+            .peer_bytes_fetched
+            .lock()
+            .expect("metrics lock poisoned")
+            .insert(req.worker_id.clone(), req.peer_bytes_fetched_total);
         let added = digests(&req.added_artifacts, "added_artifacts")?;
         let dropped = digests(&req.dropped_artifacts, "dropped_artifacts")?;
         let response = self
