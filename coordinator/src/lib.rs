@@ -118,6 +118,7 @@ pub async fn run(
         &config.data_dir,
         clock,
         config.tuning,
+        shutdown.clone(),
     )
     .await?;
     let tasks = tokio_util::task::TaskTracker::new();

@@ -120,6 +120,9 @@ pub struct Node {
     /// Per worker, the peer bytes it last reported fetching: a metric this
     /// node saw, not replicated state.
     pub peer_bytes_fetched: Mutex<std::collections::HashMap<String, u64>>,
+    /// Cancelled when the server stops: long polls and event streams end
+    /// so the server's graceful shutdown does not wait on them.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 /// Bounds how long one proposal may take before the caller is told to retry.
@@ -134,6 +137,7 @@ impl Node {
         data_dir: &Path,
         clock: Arc<dyn Clock>,
         tuning: Tuning,
+        shutdown: tokio_util::sync::CancellationToken,
     ) -> anyhow::Result<Arc<Self>> {
         use anyhow::Context as _;
         let model = Arc::new(Mutex::new(Model::default()));
@@ -174,6 +178,7 @@ impl Node {
             clock,
             tuning,
             peer_bytes_fetched: Mutex::default(),
+            shutdown,
         }))
     }
 
@@ -213,10 +218,11 @@ impl Node {
         }
     }
 
-    /// Waits until the applied state changes or `timeout` passes.
+    /// Waits until the applied state changes, `timeout` passes, or the
+    /// server stops.
     pub async fn wait_for_change(&self, last_applied: &mut Option<u64>, timeout: Duration) {
         let mut metrics = self.raft.metrics();
-        let _ = tokio::time::timeout(timeout, async {
+        let changed = tokio::time::timeout(timeout, async {
             loop {
                 let applied = metrics.borrow_and_update().last_applied.map(|l| l.index);
                 if applied != *last_applied {
@@ -227,7 +233,10 @@ impl Node {
                     return;
                 }
             }
-        })
-        .await;
+        });
+        tokio::select! {
+            _ = changed => {}
+            () = self.shutdown.cancelled() => {}
+        }
     }
 }

@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::ops::ControlFlow;
 
-use distbuild_proto::{Digest, JobId};
+use distbuild_proto::{Digest, JobId, v1};
 use distbuild_raft_store::{ApplyTxn, ReadState, StoreError};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -58,6 +58,48 @@ pub enum CmdText {
         template: String,
         output: String,
     },
+}
+
+impl CmdText {
+    /// From the wire form; a command with neither kind becomes an exec with
+    /// no program, which workers refuse.
+    pub fn from_wire(cmd: v1::Command) -> Self {
+        match cmd.kind {
+            Some(v1::command::Kind::Cat(cat)) => CmdText::Cat {
+                template: cat.template,
+                output: cat.output,
+            },
+            Some(v1::command::Kind::Exec(exec)) => CmdText::Exec {
+                argv: exec.argv,
+                environ: exec.environ,
+                working_directory: exec.working_directory,
+            },
+            None => CmdText::Exec {
+                argv: Vec::new(),
+                environ: Vec::new(),
+                working_directory: String::new(),
+            },
+        }
+    }
+
+    /// The wire form.
+    pub fn to_wire(&self) -> v1::Command {
+        let kind = match self.clone() {
+            CmdText::Exec {
+                argv,
+                environ,
+                working_directory,
+            } => v1::command::Kind::Exec(v1::ExecCommand {
+                argv,
+                environ,
+                working_directory,
+            }),
+            CmdText::Cat { template, output } => {
+                v1::command::Kind::Cat(v1::CatCommand { template, output })
+            }
+        };
+        v1::Command { kind: Some(kind) }
+    }
 }
 
 /// A source file a job reads.

@@ -220,3 +220,65 @@ async fn refused_requests_change_nothing_and_the_server_keeps_serving() {
     assert!(built.into_inner().build_id > 0);
     c.stop().await;
 }
+
+#[tokio::test]
+async fn stopping_ends_open_event_streams_and_polls() {
+    use distbuild_proto::v1::{PollWorkRequest, WatchBuildRequest};
+    let c = start().await;
+    let graph = format!(
+        r#"{{"Jobs": [{{"ID": "{}", "Cmds": [{{"Exec": ["true"]}}]}}]}}"#,
+        "3".repeat(40)
+    );
+    let build_id = c
+        .client()
+        .submit_build(SubmitBuildRequest {
+            request_id: "watched".into(),
+            graph_json: graph.into_bytes().into(),
+            sources: Vec::new(),
+        })
+        .await
+        .expect("submit")
+        .into_inner()
+        .build_id;
+    // No worker runs the job: the stream stays open, waiting.
+    let mut events = c
+        .client()
+        .watch_build(WatchBuildRequest {
+            build_id,
+            from_seq: 0,
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    c.worker()
+        .register(RegisterRequest {
+            worker_id: "idle".into(),
+            addr: "127.0.0.1:1".into(),
+            slots: 1,
+            held_artifacts: Vec::new(),
+        })
+        .await
+        .expect("register");
+    let mut worker = c.worker();
+    let poll = tokio::spawn(async move {
+        // Asks for no slots, so it waits its whole poll.
+        worker
+            .poll_work(PollWorkRequest {
+                worker_id: "idle".into(),
+                free_slots: 0,
+                wait_ms: 10_000,
+            })
+            .await
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    tokio::time::timeout(std::time::Duration::from_secs(5), c.stop())
+        .await
+        .expect("the coordinator stops without waiting for its streams");
+    // The watcher is told to reconnect rather than left hanging.
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        while let Ok(Some(_)) = events.message().await {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the event stream ended");
+    let _ = poll.await;
+}

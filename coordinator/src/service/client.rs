@@ -4,14 +4,14 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use distbuild_proto::graph::{BuildGraph, Cmd, Template, check_relative_path};
+use distbuild_proto::graph::{BuildGraph, check_relative_path};
 use distbuild_proto::v1::client_api_server::ClientApi;
 use distbuild_proto::v1::{
     self, ArtifactLocation, BlobChunk, BuildEvent, FindMissingBlobsRequest,
     FindMissingBlobsResponse, LocateArtifactsRequest, LocateArtifactsResponse, SubmitBuildRequest,
     SubmitBuildResponse, UploadBlobResponse, WatchBuildRequest, build_event,
 };
-use distbuild_proto::wire::{digest_from_wire, digest_to_wire};
+use distbuild_proto::wire::{command_to_wire, digest_from_wire, digest_to_wire};
 use distbuild_proto::{Digest, JobId, cache_key};
 use futures::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
@@ -42,25 +42,6 @@ fn blob_status(e: BlobError) -> Status {
     match e {
         BlobError::Io { .. } => Status::internal(e.to_string()),
         _ => Status::invalid_argument(e.to_string()),
-    }
-}
-
-fn cmd_text(cmd: &Cmd) -> CmdText {
-    let text = |t: &Template| t.text.clone();
-    match cmd {
-        Cmd::Exec {
-            argv,
-            environ,
-            working_directory,
-        } => CmdText::Exec {
-            argv: argv.iter().map(text).collect(),
-            environ: environ.iter().map(text).collect(),
-            working_directory: working_directory.as_ref().map(text).unwrap_or_default(),
-        },
-        Cmd::Cat { template, output } => CmdText::Cat {
-            template: text(template),
-            output: text(output),
-        },
     }
 }
 
@@ -160,7 +141,11 @@ impl ClientService {
                 spec: JobSpec {
                     job_id: job.id,
                     name: job.name.clone(),
-                    cmds: job.cmds.iter().map(cmd_text).collect(),
+                    cmds: job
+                        .cmds
+                        .iter()
+                        .map(|c| CmdText::from_wire(command_to_wire(c)))
+                        .collect(),
                     inputs: job
                         .inputs
                         .iter()
@@ -395,6 +380,12 @@ impl ClientApi for ClientService {
                 };
                 if events.is_empty() {
                     if tx.is_closed() {
+                        return;
+                    }
+                    if node.shutdown.is_cancelled() {
+                        let stopping =
+                            Status::unavailable("the coordinator is stopping; reconnect");
+                        let _ = tx.send(Err(stopping)).await;
                         return;
                     }
                     node.wait_for_change(&mut last_applied, Duration::from_secs(1))

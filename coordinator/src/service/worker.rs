@@ -7,7 +7,7 @@ use std::time::Duration;
 use distbuild_proto::Digest;
 use distbuild_proto::v1::worker_api_server::WorkerApi;
 use distbuild_proto::v1::{
-    self, Assignment, BlobChunk, DepArtifact, FetchRequest, HeartbeatRequest, HeartbeatResponse,
+    Assignment, BlobChunk, DepArtifact, FetchRequest, HeartbeatRequest, HeartbeatResponse,
     InputFile, PollWorkRequest, PollWorkResponse, RegisterRequest, RegisterResponse,
     ReportResultRequest, ReportResultResponse,
 };
@@ -45,25 +45,6 @@ fn check_worker_id(id: &str) -> Result<(), Status> {
     }
 }
 
-fn cmd_to_wire(cmd: &CmdText) -> v1::Command {
-    let kind = match cmd {
-        CmdText::Exec {
-            argv,
-            environ,
-            working_directory,
-        } => v1::command::Kind::Exec(v1::ExecCommand {
-            argv: argv.clone(),
-            environ: environ.clone(),
-            working_directory: working_directory.clone(),
-        }),
-        CmdText::Cat { template, output } => v1::command::Kind::Cat(v1::CatCommand {
-            template: template.clone(),
-            output: output.clone(),
-        }),
-    };
-    v1::Command { kind: Some(kind) }
-}
-
 impl WorkerService {
     /// The assignment of the execution of `key` under lease `token`.
     fn assignment(&self, key: &Digest, token: u64) -> Option<Assignment> {
@@ -85,7 +66,7 @@ impl WorkerService {
             cache_key: digest_to_wire(key),
             job_id: spec.job_id.to_string(),
             name: spec.name.clone(),
-            cmds: spec.cmds.iter().map(cmd_to_wire).collect(),
+            cmds: spec.cmds.iter().map(CmdText::to_wire).collect(),
             inputs: spec
                 .inputs
                 .iter()
@@ -200,7 +181,7 @@ impl WorkerApi for WorkerService {
                 }
             }
             let now = tokio::time::Instant::now();
-            if now >= deadline {
+            if now >= deadline || self.node.shutdown.is_cancelled() {
                 return Ok(Response::new(PollWorkResponse::default()));
             }
             // Queued work held back for locality is looked at again soon.
