@@ -3,9 +3,11 @@
 //! holding a job's inputs) and off (`--locality-wait-ms 0`: any free worker
 //! takes any ready job).
 //!
-//! The graph: `PRODUCERS` jobs each write a `PRODUCER_MIB` MiB artifact;
-//! each has `CONSUMERS` dependents that read it. Four workers, one slot
-//! each. Every dependency artifact fetched from another worker counts.
+//! The graph: independent chains; each step copies its predecessor's
+//! artifact (several MiB) and appends to it. Four one-slot workers, more
+//! than there are chains, so idle workers are always polling when a step
+//! becomes ready: without locality they race the worker that holds the
+//! input. Every dependency artifact fetched from another worker counts.
 //!
 //! `cargo bench --bench locality`. Under `cargo test --all-targets` it runs
 //! a smaller graph as a smoke test.
@@ -18,24 +20,32 @@ use support::{Cluster, id};
 
 const WORKERS: usize = 4;
 
-fn graph(producers: usize, consumers: usize, mib: usize, salt: &str) -> Value {
+fn graph(chains: usize, length: usize, mib: usize, salt: &str) -> Value {
     let mut jobs = Vec::new();
-    for p in 0..producers {
-        let producer = format!("{salt} producer {p}");
-        jobs.push(json!({
-            "ID": id(&producer),
-            "Name": producer,
-            "Cmds": [{"Exec": ["/bin/sh", "-c",
-                format!("head -c {} /dev/zero | tr '\\0' '{p}' > {{{{.OutputDir}}}}/blob", mib << 20)]}],
-        }));
-        for c in 0..consumers {
-            let consumer = format!("{salt} consumer {p}.{c}");
+    for c in 0..chains {
+        for step in 0..length {
+            let name = format!("{salt} chain {c} step {step}");
+            let script = if step == 0 {
+                format!(
+                    "head -c {} /dev/zero | tr '\\0' '{c}' > {{{{.OutputDir}}}}/blob",
+                    mib << 20
+                )
+            } else {
+                let prev = id(&format!("{salt} chain {c} step {}", step - 1));
+                format!(
+                    "cp {{{{index .Deps \"{prev}\"}}}}/blob {{{{.OutputDir}}}}/blob && echo {step} >> {{{{.OutputDir}}}}/blob"
+                )
+            };
+            let deps: Vec<String> = if step == 0 {
+                Vec::new()
+            } else {
+                vec![id(&format!("{salt} chain {c} step {}", step - 1))]
+            };
             jobs.push(json!({
-                "ID": id(&consumer),
-                "Name": consumer,
-                "Deps": [id(&producer)],
-                "Cmds": [{"Exec": ["/bin/sh", "-c",
-                    format!("wc -c < {{{{index .Deps \"{}\"}}}}/blob > {{{{.OutputDir}}}}/n", id(&producer))]}],
+                "ID": id(&name),
+                "Name": name,
+                "Deps": deps,
+                "Cmds": [{"Exec": ["/bin/sh", "-c", script]}],
             }));
         }
     }
@@ -69,13 +79,13 @@ fn measure(flags: &[&str], graph: &Value) -> (u64, std::time::Duration) {
 
 fn main() {
     let benchmarking = std::env::args().any(|a| a == "--bench");
-    let (producers, consumers, artifact_mib) = if benchmarking { (16, 4, 4) } else { (2, 2, 1) };
-    let g = graph(producers, consumers, artifact_mib, "locality");
+    let (chains, length, artifact_mib) = if benchmarking { (2, 20, 4) } else { (2, 3, 1) };
+    let g = graph(chains, length, artifact_mib, "locality");
     let (with, with_time) = measure(&[], &g);
     let (without, without_time) = measure(&["--locality-wait-ms", "0"], &g);
     let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
     println!(
-        "locality: {producers} producers x {consumers} consumers, {artifact_mib} MiB artifacts, {WORKERS} one-slot workers"
+        "locality: {chains} chains of {length} steps, {artifact_mib} MiB artifacts, {WORKERS} one-slot workers"
     );
     println!(
         "  locality on  (50 ms wait): {:>8.1} MiB between workers, build {:.2} s",
