@@ -154,6 +154,15 @@ impl BlobWriter {
             context: format!("move blob into {}", dest.display()),
             source: e.error,
         })?;
+        // The rename is durable only once its directory is synced; the blob
+        // is recorded (through Raft) after this returns.
+        let objects = self.store.dir.join("objects");
+        let dir = tokio::fs::File::open(&objects)
+            .await
+            .map_err(io(format!("open {}", objects.display())))?;
+        dir.sync_all()
+            .await
+            .map_err(io(format!("fsync {}", objects.display())))?;
         Ok(())
     }
 }

@@ -273,12 +273,18 @@ impl ClientApi for ClientService {
         request: Request<FindMissingBlobsRequest>,
     ) -> Result<Response<FindMissingBlobsResponse>, Status> {
         let wanted = digests(&request.get_ref().digests, "digests")?;
-        let model = self.node.model();
-        let missing = wanted
-            .iter()
-            .filter(|d| !model.has_blob(d) || !self.node.blobs.contains(d))
-            .map(digest_to_wire)
-            .collect();
+        // Split by the replicated index first, so the model lock is not
+        // held across one file check per digest.
+        let (recorded, mut missing): (Vec<Digest>, Vec<Digest>) = {
+            let model = self.node.model();
+            wanted.iter().partition(|d| model.has_blob(d))
+        };
+        missing.extend(
+            recorded
+                .into_iter()
+                .filter(|d| !self.node.blobs.contains(d)),
+        );
+        let missing = missing.iter().map(digest_to_wire).collect();
         Ok(Response::new(FindMissingBlobsResponse { missing }))
     }
 
