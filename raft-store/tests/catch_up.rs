@@ -12,7 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use distbuild_raft_store::StateHandle;
-use openraft::error::{InstallSnapshotError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::error::{
+    ClientWriteError, InstallSnapshotError, RPCError, RaftError, RemoteError, Unreachable,
+};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
@@ -150,6 +152,30 @@ fn applied_index(node: &Node) -> u64 {
         .unwrap_or(0)
 }
 
+/// Writes through whichever node leads now, following `ForwardToLeader`
+/// (under load an election can move the leadership mid-test); returns the
+/// ID of the node that took the write. `hint` is the node tried first.
+async fn write(nodes: &BTreeMap<u64, Node>, hint: u64, command: Command) -> u64 {
+    let mut target = if nodes.contains_key(&hint) {
+        hint
+    } else {
+        *nodes.keys().next().expect("a node")
+    };
+    for _ in 0..200 {
+        match nodes[&target].raft.client_write(command.clone()).await {
+            Ok(_) => return target,
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
+                match forward.leader_id.filter(|id| nodes.contains_key(id)) {
+                    Some(id) if id != target => target = id,
+                    _ => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+            Err(e) => panic!("write through the leader: {e}"),
+        }
+    }
+    panic!("no node took the write within 200 attempts");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lagging_node_catches_up_by_snapshot_after_purge() {
     let dirs: Vec<tempfile::TempDir> = (0..3)
@@ -179,28 +205,20 @@ async fn lagging_node_catches_up_by_snapshot_after_purge() {
     // Node 3 goes down; the leader is one of the other two.
     let node3 = nodes.remove(&3).expect("node 3");
     stop_node(&router, node3).await;
-    let leader_id = loop {
-        let leader = nodes[&1].raft.metrics().borrow().current_leader;
-        match leader {
-            Some(id) if id != 3 => break id,
-            _ => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    };
-    let leader = &nodes[&leader_id].raft;
 
     // Record commands carry their own index (the state of the test app is a
     // function of it); membership and blank entries take indexes too, so
     // commands are numbered by the count the app returns.
     let n_commands = 6 * SNAPSHOT_EVERY_LOGS;
+    let mut leader_id = 0;
     for i in 1..=n_commands {
-        leader
-            .client_write(Command::Put {
-                key: format!("key-{i}").into_bytes(),
-                value: vec![i as u8; 100],
-            })
-            .await
-            .expect("write through the leader");
+        let command = Command::Put {
+            key: format!("key-{i}").into_bytes(),
+            value: vec![i as u8; 100],
+        };
+        leader_id = write(&nodes, leader_id, command).await;
     }
+    let leader = &nodes[&leader_id].raft;
     let last = applied_index(&nodes[&leader_id]);
     leader
         .wait(Some(Duration::from_secs(20)))
@@ -265,13 +283,11 @@ async fn lagging_node_catches_up_by_snapshot_after_purge() {
     );
 
     // And it keeps following: one more write reaches it.
-    leader
-        .client_write(Command::Put {
-            key: b"after".to_vec(),
-            value: b"catch-up".to_vec(),
-        })
-        .await
-        .expect("write after catch-up");
+    let after = Command::Put {
+        key: b"after".to_vec(),
+        value: b"catch-up".to_vec(),
+    };
+    let leader_id = write(&nodes, leader_id, after).await;
     let last = applied_index(&nodes[&leader_id]);
     node3
         .raft
