@@ -9,8 +9,10 @@
 //! from that state.
 
 pub mod blobs;
-mod network;
+pub mod network;
 pub mod node;
+pub mod replication;
+pub mod requests;
 pub mod service;
 pub mod state;
 
@@ -20,6 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use distbuild_proto::raft_v1::raft_transport_server::RaftTransportServer;
 use distbuild_proto::v1::admin_api_server::AdminApiServer;
 use distbuild_proto::v1::client_api_server::ClientApiServer;
 use distbuild_proto::v1::worker_api_server::WorkerApiServer;
@@ -27,7 +30,7 @@ use distbuild_proto::wire::MAX_MESSAGE_BYTES;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-pub use node::{Clock, Node, SystemClock, Tuning};
+pub use node::{Bootstrap, Clock, Node, SystemClock, Tuning};
 
 /// `distbuild coordinator` flags.
 #[derive(Debug, clap::Args)]
@@ -38,9 +41,18 @@ pub struct CoordinatorArgs {
     /// Directory of the Raft log, the state and the source blobs.
     #[arg(long)]
     pub data_dir: PathBuf,
-    /// This replica's node ID.
+    /// This replica's node ID (1 or more, unique in the cluster).
     #[arg(long, default_value_t = 1)]
     pub node_id: u64,
+    /// The initial voters, the same list on every one of them:
+    /// `1=HOST:PORT,2=HOST:PORT,3=HOST:PORT` (each node's --listen address
+    /// as the others reach it). Used only while the data dir is pristine;
+    /// without it (and without --join) a node is a cluster of one.
+    #[arg(long, value_name = "ID=HOST:PORT[,...]", conflicts_with = "join")]
+    pub initial_cluster: Option<String>,
+    /// Start empty and wait to be added by `distbuild cluster add-node`.
+    #[arg(long)]
+    pub join: bool,
     /// A job lease not renewed for this long expires and the job runs
     /// elsewhere.
     #[arg(long, default_value_t = 10_000)]
@@ -63,6 +75,14 @@ pub async fn run_cli(args: CoordinatorArgs) -> anyhow::Result<()> {
     if args.max_attempts == 0 {
         anyhow::bail!("--max-attempts must be at least 1");
     }
+    if args.node_id == 0 {
+        anyhow::bail!("--node-id must be at least 1");
+    }
+    let bootstrap = match (&args.initial_cluster, args.join) {
+        (Some(list), _) => Bootstrap::Initial(parse_initial_cluster(list, args.node_id)?),
+        (None, true) => Bootstrap::Join,
+        (None, false) => Bootstrap::Single,
+    };
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listen on {}", args.listen))?;
@@ -76,6 +96,7 @@ pub async fn run_cli(args: CoordinatorArgs) -> anyhow::Result<()> {
     };
     let config = Config {
         node_id: args.node_id,
+        bootstrap,
         data_dir: args.data_dir,
         tuning,
     };
@@ -97,9 +118,44 @@ async fn shutdown_on_signal(shutdown: CancellationToken) {
     shutdown.cancel();
 }
 
+/// Parses `--initial-cluster`: `ID=HOST:PORT` pairs, IDs unique and at
+/// least 1, addresses unique, `node_id` among them.
+pub fn parse_initial_cluster(
+    list: &str,
+    node_id: u64,
+) -> anyhow::Result<std::collections::BTreeMap<u64, String>> {
+    let mut members = std::collections::BTreeMap::new();
+    for item in list.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let Some((id, addr)) = item.split_once('=') else {
+            anyhow::bail!("--initial-cluster: {item:?} is not ID=HOST:PORT");
+        };
+        let id: u64 = id.trim().parse().ok().filter(|id| *id > 0).ok_or_else(|| {
+            anyhow::anyhow!("--initial-cluster: {id:?} is not a node ID (1 or more)")
+        })?;
+        let addr = addr.trim();
+        let port_ok = addr.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+        });
+        if !port_ok {
+            anyhow::bail!("--initial-cluster: {addr:?} (node {id}) is not HOST:PORT");
+        }
+        if members.values().any(|a| a == addr) {
+            anyhow::bail!("--initial-cluster: address {addr} is listed twice");
+        }
+        if members.insert(id, addr.to_string()).is_some() {
+            anyhow::bail!("--initial-cluster: node {id} is listed twice");
+        }
+    }
+    if !members.contains_key(&node_id) {
+        anyhow::bail!("--initial-cluster does not list this node (--node-id {node_id})");
+    }
+    Ok(members)
+}
+
 /// What a coordinator needs besides its socket.
 pub struct Config {
     pub node_id: u64,
+    pub bootstrap: Bootstrap,
     pub data_dir: PathBuf,
     pub tuning: Tuning,
 }
@@ -115,6 +171,7 @@ pub async fn run(
     let node = Node::start(
         config.node_id,
         addr.to_string(),
+        config.bootstrap,
         &config.data_dir,
         clock,
         config.tuning,
@@ -122,6 +179,7 @@ pub async fn run(
     )
     .await?;
     let tasks = tokio_util::task::TaskTracker::new();
+    tasks.spawn(leader_duties(node.clone(), shutdown.clone()));
     tasks.spawn(expire_leases(node.clone(), shutdown.clone()));
 
     let client = ClientApiServer::new(service::client::ClientService { node: node.clone() })
@@ -131,6 +189,9 @@ pub async fn run(
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let admin = AdminApiServer::new(service::admin::AdminService { node: node.clone() });
+    let raft = RaftTransportServer::new(service::raft::RaftService { node: node.clone() })
+        .max_decoding_message_size(network::MAX_RAFT_MESSAGE_BYTES)
+        .max_encoding_message_size(network::MAX_RAFT_MESSAGE_BYTES);
     eprintln!("coordinator {} listening on {addr}", config.node_id);
     let served = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
@@ -138,6 +199,7 @@ pub async fn run(
         .add_service(client)
         .add_service(worker)
         .add_service(admin)
+        .add_service(raft)
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             shutdown.clone().cancelled_owned(),
@@ -150,7 +212,56 @@ pub async fn run(
     served.context("serve gRPC")
 }
 
-/// On the leader, proposes lease expiry whenever some lease ran out.
+/// What only a leader does besides answering: on election, extend every
+/// lease by one period (through the log) before serving; then keep
+/// confirming with a quorum that it still leads, so an isolated leader
+/// stops serving within [`node::LEADERSHIP_FRESH_MS`].
+async fn leader_duties(node: Arc<Node>, shutdown: CancellationToken) {
+    let period = Duration::from_millis(node::HEARTBEAT_INTERVAL_MS * 2);
+    let mut metrics = node.raft.metrics();
+    let mut last_confirm = None;
+    loop {
+        let (state, term) = {
+            let m = metrics.borrow_and_update();
+            (m.state, m.current_term)
+        };
+        if state == openraft::ServerState::Leader {
+            if node.leases_extended_term() != term {
+                let command = state::Command::ExtendLeases {
+                    now_ms: node.now_ms(),
+                    lease_timeout_ms: node.tuning.lease_timeout_ms,
+                };
+                match node.propose(command).await {
+                    Ok(_) => node.leases_extended(term),
+                    Err(status) => tracing::warn!("extend leases: {}", status.message()),
+                }
+            }
+            // Metrics change with every applied entry: confirm at most
+            // every `period`, not per entry.
+            if last_confirm.is_none_or(|at: tokio::time::Instant| at.elapsed() >= period) {
+                last_confirm = Some(tokio::time::Instant::now());
+                let confirm = tokio::time::timeout(
+                    Duration::from_millis(node::LEADERSHIP_FRESH_MS),
+                    node.raft.ensure_linearizable(),
+                )
+                .await;
+                if let Ok(Ok(_)) = confirm {
+                    node.leadership_confirmed(term);
+                }
+            }
+        } else {
+            last_confirm = None;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = metrics.changed() => {}
+            _ = tokio::time::sleep(period) => {}
+        }
+    }
+}
+
+/// On the leader, proposes lease expiry whenever some lease ran out or
+/// some worker stopped heartbeating.
 async fn expire_leases(node: Arc<Node>, shutdown: CancellationToken) {
     let period = Duration::from_millis((node.tuning.lease_timeout_ms / 4).clamp(25, 1000));
     loop {
@@ -159,12 +270,16 @@ async fn expire_leases(node: Arc<Node>, shutdown: CancellationToken) {
             _ = tokio::time::sleep(period) => {}
         }
         let now_ms = node.now_ms();
-        if !node.is_leader() || !node.model().has_expired_lease(now_ms) {
+        // A worker silent for a lease period is dead: no lease of its
+        // could still be renewed.
+        let worker_timeout_ms = node.tuning.lease_timeout_ms;
+        if node.check_leader().is_err() || !node.model().needs_expiry(now_ms, worker_timeout_ms) {
             continue;
         }
         let command = state::Command::ExpireLeases {
             now_ms,
             max_attempts: node.tuning.max_attempts,
+            worker_timeout_ms,
         };
         if let Err(status) = node.propose(command).await {
             tracing::warn!("expire leases: {}", status.message());

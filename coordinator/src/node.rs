@@ -4,23 +4,25 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use distbuild_proto::wire::LEADER_METADATA_KEY;
 use distbuild_raft_store::{Application, ApplyTxn, StateHandle, StateReader, StoreError};
 use openraft::error::{ClientWriteError, RaftError};
-use openraft::{BasicNode, LogId, Raft};
+use openraft::{BasicNode, LogId, Raft, ServerState};
 use tonic::Status;
 
 use crate::blobs::BlobStore;
-use crate::network::Network;
+use crate::network::{MAX_RAFT_MESSAGE_BYTES, Network, Peers};
+use crate::requests::{Proposal, Requests};
 use crate::state::{Command, Model, Response, TABLES};
 
 openraft::declare_raft_types!(
     /// openraft's types for the coordinator's log.
     pub TypeConfig:
-        D = Command,
+        D = Proposal,
         R = Response,
         NodeId = u64,
         Node = BasicNode,
@@ -52,6 +54,7 @@ impl Clock for SystemClock {
 /// writes what changed.
 struct App {
     model: Arc<Mutex<Model>>,
+    requests: Requests,
 }
 
 fn lock(model: &Mutex<Model>) -> MutexGuard<'_, Model> {
@@ -65,11 +68,12 @@ impl Application<TypeConfig> for App {
         &mut self,
         txn: &mut ApplyTxn<'_>,
         log_id: &LogId<u64>,
-        command: &Command,
+        proposal: &Proposal,
     ) -> Result<Response, StoreError> {
         let mut model = lock(&self.model);
-        let response = model.apply(log_id.index, command);
+        let response = self.requests.apply(&mut model, log_id.index, proposal);
         model.flush(txn)?;
+        self.requests.flush(txn)?;
         Ok(response)
     }
 
@@ -79,6 +83,7 @@ impl Application<TypeConfig> for App {
 
     fn restore(&mut self, state: &StateReader<'_>) -> Result<(), StoreError> {
         *lock(&self.model) = Model::load(state)?;
+        self.requests = Requests::load(state)?;
         Ok(())
     }
 }
@@ -107,11 +112,42 @@ impl Default for Tuning {
     }
 }
 
+/// How a replica finds its cluster when its data dir is pristine (a
+/// restarted replica ignores this: its log knows the cluster).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Bootstrap {
+    /// A cluster of one: this node.
+    Single,
+    /// The initial voters by node ID (this node among them); every one of
+    /// them initializes with the same list, which is safe in Raft: the
+    /// membership entry they write is identical.
+    Initial(BTreeMap<u64, String>),
+    /// Wait to be added by the leader (`cluster add-node`).
+    Join,
+}
+
+/// The Raft timing every replica runs with.
+pub const HEARTBEAT_INTERVAL_MS: u64 = 100;
+pub const ELECTION_TIMEOUT_MIN_MS: u64 = 300;
+pub const ELECTION_TIMEOUT_MAX_MS: u64 = 600;
+/// A leader serves only while a quorum confirmed its leadership this
+/// recently; an isolated leader stops serving (clients and workers move
+/// to the majority's new leader) instead of answering from a stale state.
+pub const LEADERSHIP_FRESH_MS: u64 = 1_000;
+
 /// A running replica, shared by every service.
 pub struct Node {
     pub node_id: u64,
     pub addr: String,
     pub raft: Raft<TypeConfig>,
+    /// Channels to the other replicas.
+    pub peers: Peers,
+    /// The term whose leader (this node) has extended every lease; the
+    /// leader expires leases only in such a term.
+    leases_extended_in: AtomicU64,
+    /// When a quorum last confirmed this node's leadership, and in which
+    /// term.
+    confirmed: Mutex<Option<(u64, tokio::time::Instant)>>,
     model: Arc<Mutex<Model>>,
     pub state: StateHandle,
     pub blobs: BlobStore,
@@ -134,6 +170,7 @@ impl Node {
     pub async fn start(
         node_id: u64,
         addr: String,
+        bootstrap: Bootstrap,
         data_dir: &Path,
         clock: Arc<dyn Clock>,
         tuning: Tuning,
@@ -143,6 +180,7 @@ impl Node {
         let model = Arc::new(Mutex::new(Model::default()));
         let app = App {
             model: model.clone(),
+            requests: Requests::default(),
         };
         let raft_dir = data_dir.join("raft");
         let (log_store, state_machine) = distbuild_raft_store::open(&raft_dir, app)
@@ -150,20 +188,56 @@ impl Node {
         let state = state_machine.state();
         let config = openraft::Config {
             cluster_name: "distbuild".to_string(),
-            heartbeat_interval: 100,
-            election_timeout_min: 300,
-            election_timeout_max: 600,
+            heartbeat_interval: HEARTBEAT_INTERVAL_MS,
+            election_timeout_min: ELECTION_TIMEOUT_MIN_MS,
+            election_timeout_max: ELECTION_TIMEOUT_MAX_MS,
+            // Entries per append: a batch stays far below the transport's
+            // message limit even when it carries large submits.
+            max_payload_entries: 64,
+            snapshot_max_chunk_size: 4 * 1024 * 1024,
             ..Default::default()
         };
+        debug_assert!(4 * 1024 * 1024 < MAX_RAFT_MESSAGE_BYTES);
         let config = Arc::new(config.validate().context("raft configuration")?);
-        let raft = Raft::new(node_id, config, Network, log_store, state_machine)
+        let peers = Peers::default();
+        let network = Network {
+            peers: peers.clone(),
+        };
+        let raft = Raft::new(node_id, config, network, log_store, state_machine)
             .await
             .context("start the raft node")?;
+        let mut addr = addr;
         if !raft.is_initialized().await.context("raft status")? {
-            let members = BTreeMap::from([(node_id, BasicNode { addr: addr.clone() })]);
-            raft.initialize(members)
-                .await
-                .context("initialize a cluster of one")?;
+            let members = match &bootstrap {
+                Bootstrap::Single => Some(BTreeMap::from([(node_id, addr.clone())])),
+                Bootstrap::Initial(members) => {
+                    addr = members[&node_id].clone();
+                    Some(members.clone())
+                }
+                Bootstrap::Join => None,
+            };
+            if let Some(members) = members {
+                let members: BTreeMap<u64, BasicNode> = members
+                    .into_iter()
+                    .map(|(id, addr)| (id, BasicNode { addr }))
+                    .collect();
+                match raft.initialize(members).await {
+                    Ok(()) => {}
+                    // Another initial member reached this node first.
+                    Err(RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => {}
+                    Err(e) => return Err(e).context("initialize the cluster"),
+                }
+            }
+        }
+        // The address the cluster knows this node by, once it knows it.
+        if let Some(known) = raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&node_id)
+        {
+            addr = known.addr.clone();
         }
         let blobs_dir = data_dir.join("blobs");
         let blobs = BlobStore::open(&blobs_dir)
@@ -172,6 +246,9 @@ impl Node {
             node_id,
             addr,
             raft,
+            peers,
+            leases_extended_in: AtomicU64::new(0),
+            confirmed: Mutex::new(None),
             model,
             state,
             blobs,
@@ -197,9 +274,105 @@ impl Node {
         self.raft.metrics().borrow().current_leader == Some(self.node_id)
     }
 
+    /// Ok when this node leads, a quorum confirmed it recently, and it has
+    /// extended the leases of its term: only then does it serve. Otherwise
+    /// the answer a caller should get: UNAVAILABLE naming the leader when
+    /// another node is known to lead.
+    pub fn check_leader(&self) -> Result<(), Status> {
+        let (state, term, leader, leader_addr) = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            let leader_addr = m.current_leader.and_then(|id| {
+                m.membership_config
+                    .membership()
+                    .get_node(&id)
+                    .map(|n| n.addr.clone())
+            });
+            (m.state, m.current_term, m.current_leader, leader_addr)
+        };
+        if state == ServerState::Leader {
+            if self.leases_extended_in.load(Ordering::Acquire) != term {
+                return Err(Status::unavailable(
+                    "this coordinator was just elected leader; retry",
+                ));
+            }
+            let fresh = matches!(
+                *self.confirmed.lock().expect("confirmed lock poisoned"),
+                Some((t, at)) if t == term
+                    && at.elapsed() < Duration::from_millis(LEADERSHIP_FRESH_MS)
+            );
+            if fresh {
+                return Ok(());
+            }
+            return Err(Status::unavailable(
+                "this coordinator cannot reach a quorum of its cluster; retry another",
+            ));
+        }
+        let mut status = Status::unavailable(match leader {
+            Some(id) => format!("not the leader (coordinator {id} is)"),
+            None => "not the leader, and no leader is elected yet; retry".to_string(),
+        });
+        if let Some(value) = leader_addr.and_then(|a| a.parse().ok()) {
+            status.metadata_mut().insert(LEADER_METADATA_KEY, value);
+        }
+        Err(status)
+    }
+
+    /// This node's own view of Raft.
+    pub fn status(&self) -> distbuild_proto::raft_v1::NodeStatusResponse {
+        let m = self.raft.metrics().borrow().clone();
+        distbuild_proto::raft_v1::NodeStatusResponse {
+            node_id: self.node_id,
+            role: crate::service::raft::role_name(m.state).to_string(),
+            term: m.current_term,
+            last_log_index: m.last_log_index.unwrap_or(0),
+            applied_index: m.last_applied.map_or(0, |l| l.index),
+            leader: m.current_leader.unwrap_or(0),
+        }
+    }
+
+    /// Records that a quorum confirmed this node's leadership in `term`.
+    pub fn leadership_confirmed(&self, term: u64) {
+        *self.confirmed.lock().expect("confirmed lock poisoned") =
+            Some((term, tokio::time::Instant::now()));
+    }
+
+    /// Records that this leader extended every lease in `term`.
+    pub fn leases_extended(&self, term: u64) {
+        self.leases_extended_in.store(term, Ordering::Release);
+    }
+
+    /// The term in which this leader extended the leases (0 if never).
+    pub fn leases_extended_term(&self) -> u64 {
+        self.leases_extended_in.load(Ordering::Acquire)
+    }
+
     /// Proposes `command` and waits until it is applied.
     pub async fn propose(&self, command: Command) -> Result<Response, Status> {
-        let write = tokio::time::timeout(PROPOSE_TIMEOUT, self.raft.client_write(command)).await;
+        self.propose_once(Proposal::once(command)).await
+    }
+
+    /// Proposes `command` on behalf of request `request_id` (already
+    /// checked): a retry of the same request gets the first answer.
+    pub async fn propose_request(
+        &self,
+        request_id: String,
+        command: Command,
+    ) -> Result<Response, Status> {
+        let request_id = (!request_id.is_empty()).then_some(request_id);
+        self.propose_once(Proposal {
+            request_id,
+            command,
+        })
+        .await
+    }
+
+    async fn propose_once(&self, proposal: Proposal) -> Result<Response, Status> {
+        // The leader's own lease extension is proposed before it serves.
+        if !matches!(proposal.command, Command::ExtendLeases { .. }) {
+            self.check_leader()?;
+        }
+        let write = tokio::time::timeout(PROPOSE_TIMEOUT, self.raft.client_write(proposal)).await;
         match write {
             Err(_) => Err(Status::unavailable(
                 "the coordinator did not commit the change in time; retry",

@@ -34,6 +34,7 @@ pub const TABLES: &[&str] = &[
     T_HOLDINGS,
     T_BLOBS,
     T_META,
+    crate::requests::T_REQUESTS,
 ];
 const T_BUILDS: &str = "builds";
 const T_JOBS: &str = "jobs";
@@ -155,6 +156,9 @@ pub enum Outcome {
         /// Set when the job could not be run at all.
         error: Option<String>,
     },
+    /// The job could not start: these dependency artifacts could be
+    /// fetched from none of the holders the assignment named.
+    LostInputs { artifacts: Vec<Digest> },
 }
 
 /// A change to the state, proposed by the leader. `now_ms` is the leader's
@@ -196,10 +200,21 @@ pub enum Command {
         outcome: Outcome,
         now_ms: u64,
     },
-    /// Requeue (or give up on) every execution whose lease expired.
+    /// Requeue (or give up on) every execution whose lease expired, and
+    /// remove every worker not seen for `worker_timeout_ms` (its leases
+    /// expire with it, its holdings are forgotten).
     ExpireLeases {
         now_ms: u64,
         max_attempts: u32,
+        worker_timeout_ms: u64,
+    },
+    /// A new leader's first command: every lease runs at least one more
+    /// lease period from `now_ms`, and every worker counts as seen at
+    /// `now_ms`, so time the cluster spent without a leader (when no
+    /// heartbeat could land) expires no healthy work and removes no worker.
+    ExtendLeases {
+        now_ms: u64,
+        lease_timeout_ms: u64,
     },
     BlobStored {
         digest: Digest,
@@ -215,9 +230,11 @@ pub enum Response {
         build_id: u64,
         job_count: u32,
     },
-    /// Per requested key, the lease token, or `None` if it was no longer
-    /// queued.
+    /// The requested keys and, per key, the lease token, or `None` if it
+    /// was no longer queued (a retried poll gets this answer again, keys
+    /// included, whatever it would pick now).
     Assigned {
+        keys: Vec<Digest>,
         tokens: Vec<Option<u64>>,
     },
     Heartbeat {
@@ -299,14 +316,18 @@ pub struct Build {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ExecState {
-    Queued {
-        since_ms: u64,
-    },
+    /// Waiting for a worker (in the queue).
+    Queued { since_ms: u64 },
+    /// Leased to a worker.
     Running {
         worker_id: String,
         token: u64,
         expires_ms: u64,
     },
+    /// Some dependency's artifact was lost: waiting until the executions
+    /// rebuilding these dependency cache keys (never empty; each has an
+    /// execution) succeed. Neither queued nor leased.
+    Blocked { on: BTreeSet<Digest> },
 }
 
 /// The one run of a cache key that the builds wanting it wait for.
@@ -316,7 +337,8 @@ pub struct Execution {
     pub state: ExecState,
     /// Leases that expired so far.
     pub attempts: u32,
-    /// (build, job index) waiting for the result.
+    /// (build, job index) waiting for the result; empty for the rebuild
+    /// of a lost artifact that no build has asked for again.
     pub waiters: Vec<(u64, u32)>,
 }
 
@@ -327,6 +349,8 @@ pub struct CachedResult {
     pub stderr: Vec<u8>,
     pub artifact: Digest,
     pub artifact_size: u64,
+    /// What produced it: run again if every copy of the artifact is lost.
+    pub spec: JobSpec,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -375,12 +399,25 @@ pub struct Model {
     queue: BTreeSet<(u64, Digest)>,
     /// Lease token -> cache key (derived).
     leases: BTreeMap<u64, Digest>,
+    /// Dependency cache key being rebuilt -> executions blocked on it
+    /// (derived from `ExecState::Blocked`).
+    blocked_on: BTreeMap<Digest, BTreeSet<Digest>>,
     results: BTreeMap<Digest, CachedResult>,
     workers: BTreeMap<String, Worker>,
     /// Artifact -> workers holding it (derived from `Worker::held`).
     held_by: BTreeMap<Digest, BTreeSet<String>>,
     blobs: BTreeMap<Digest, u64>,
     dirty: Dirty,
+}
+
+/// What `assign` found of a queued execution's dependency artifacts.
+enum Inputs {
+    /// Every one has a holder.
+    Available,
+    /// These dependency cache keys are being rebuilt.
+    Rebuilding(BTreeSet<Digest>),
+    /// This dependency's output is gone and its rebuild failed.
+    Unrecoverable(Digest),
 }
 
 /// Leases per `Assign` entry: token = log index × this + position.
@@ -438,6 +475,23 @@ fn scan(
         }
     })?;
     failure.map_or(Ok(()), Err)
+}
+
+/// Where [`Model::flush`] writes: the entry's transaction (the tests write
+/// to a map, to check that [`Model::load`] reads back the same model).
+trait Tables: ReadState {
+    fn put(&mut self, table: &str, key: &[u8], value: &[u8]) -> Result<(), StoreError>;
+    fn delete(&mut self, table: &str, key: &[u8]) -> Result<(), StoreError>;
+}
+
+impl Tables for ApplyTxn<'_> {
+    fn put(&mut self, table: &str, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        ApplyTxn::put(self, table, key, value)
+    }
+
+    fn delete(&mut self, table: &str, key: &[u8]) -> Result<(), StoreError> {
+        ApplyTxn::delete(self, table, key)
+    }
 }
 
 fn digest_of_key(what: &'static str, bytes: &[u8]) -> Result<Digest, StoreError> {
@@ -537,7 +591,19 @@ impl Model {
                         w.running += 1;
                     }
                 }
+                ExecState::Blocked { on } => {
+                    assert!(!on.is_empty(), "execution {key} is blocked on something");
+                    for dep in on {
+                        model.blocked_on.entry(*dep).or_default().insert(*key);
+                    }
+                }
             }
+        }
+        for (dep, blocked) in &model.blocked_on {
+            assert!(
+                model.executions.contains_key(dep),
+                "{dep}, which blocks {blocked:?}, is being rebuilt"
+            );
         }
         Ok(model)
     }
@@ -598,9 +664,18 @@ impl Model {
             Command::ExpireLeases {
                 now_ms,
                 max_attempts,
+                worker_timeout_ms,
             } => {
                 self.tick(*now_ms);
-                self.expire_leases(*max_attempts);
+                self.expire_leases(*max_attempts, *worker_timeout_ms);
+                Response::None
+            }
+            Command::ExtendLeases {
+                now_ms,
+                lease_timeout_ms,
+            } => {
+                self.tick(*now_ms);
+                self.extend_leases(*lease_timeout_ms);
                 Response::None
             }
             Command::BlobStored { digest, size } => {
@@ -712,6 +787,21 @@ impl Model {
                 debug_assert_eq!(j.state, JobState::Waiting);
                 (j.cache_key, j.spec.clone())
             };
+            let leaf = self.builds[&build_id].jobs[job as usize]
+                .dependents
+                .is_empty();
+            if leaf
+                && self
+                    .results
+                    .get(&key)
+                    .is_some_and(|r| !self.is_held(&r.artifact))
+            {
+                // The client downloads a leaf's output: a result whose
+                // artifact nobody holds cannot answer it, so it is built
+                // again. (Other jobs' lost outputs are rebuilt only when a
+                // dependent is about to run, see `assign`.)
+                self.forget_result(key);
+            }
             if let Some(result) = self.results.get(&key).cloned() {
                 self.job_mut(build_id, job).state = JobState::Succeeded;
                 self.push_event(
@@ -955,6 +1045,26 @@ impl Model {
                 }
             };
             self.queue.remove(&(since, *key));
+            match self.check_inputs(*key, since) {
+                Inputs::Available => {}
+                Inputs::Rebuilding(on) => {
+                    for dep in &on {
+                        self.blocked_on.entry(*dep).or_default().insert(*key);
+                    }
+                    let exec = self.executions.get_mut(key).expect("checked above");
+                    exec.state = ExecState::Blocked { on };
+                    self.dirty.executions.insert(*key);
+                    tokens.push(None);
+                    continue;
+                }
+                Inputs::Unrecoverable(dep) => {
+                    let exec = self.executions.remove(key).expect("checked above");
+                    self.dirty.executions.insert(*key);
+                    self.fail_for_lost_dependency(*key, exec, dep, "its rebuild already failed");
+                    tokens.push(None);
+                    continue;
+                }
+            }
             let exec = self.executions.get_mut(key).expect("checked above");
             exec.state = ExecState::Running {
                 worker_id: worker_id.to_string(),
@@ -976,7 +1086,176 @@ impl Model {
             }
             tokens.push(Some(token));
         }
-        Response::Assigned { tokens }
+        Response::Assigned {
+            keys: keys.to_vec(),
+            tokens,
+        }
+    }
+
+    /// Whether some live worker holds `artifact`.
+    fn is_held(&self, artifact: &Digest) -> bool {
+        self.held_by.get(artifact).is_some_and(|h| !h.is_empty())
+    }
+
+    fn forget_result(&mut self, key: Digest) {
+        self.results.remove(&key);
+        self.dirty.results.insert(key);
+    }
+
+    /// Whether the dependency artifacts of the queued execution of `key`
+    /// (queued since `since_ms`) can be fetched. A dependency whose
+    /// artifact no worker holds any more is rebuilt: its result is
+    /// forgotten (new builds attach to the rebuild instead) and an
+    /// execution of its cache key is made sure of, queued as early as this
+    /// one so it does not wait behind younger work.
+    fn check_inputs(&mut self, key: Digest, since_ms: u64) -> Inputs {
+        let deps: BTreeSet<Digest> = self.executions[&key]
+            .spec
+            .deps
+            .iter()
+            .map(|d| d.cache_key)
+            .collect();
+        // Its result was forgotten for a rebuild, and the rebuild ended
+        // without one. (Checked first: a doomed execution starts no
+        // rebuilds.)
+        if let Some(dep) = deps
+            .iter()
+            .find(|d| !self.results.contains_key(d) && !self.executions.contains_key(d))
+        {
+            return Inputs::Unrecoverable(*dep);
+        }
+        let mut on = BTreeSet::new();
+        for dep in deps {
+            match self.results.get(&dep) {
+                Some(result) if self.is_held(&result.artifact) => {}
+                Some(result) => {
+                    let spec = result.spec.clone();
+                    self.forget_result(dep);
+                    if !self.executions.contains_key(&dep) {
+                        self.executions.insert(
+                            dep,
+                            Execution {
+                                spec,
+                                state: ExecState::Queued { since_ms },
+                                attempts: 0,
+                                waiters: Vec::new(),
+                            },
+                        );
+                        self.queue.insert((since_ms, dep));
+                        self.dirty.executions.insert(dep);
+                    }
+                    on.insert(dep);
+                }
+                // Already being rebuilt (checked above).
+                None => {
+                    on.insert(dep);
+                }
+            }
+        }
+        if on.is_empty() {
+            Inputs::Available
+        } else {
+            Inputs::Rebuilding(on)
+        }
+    }
+
+    /// The execution of `key` (removed by the caller) cannot run: its
+    /// dependency `dep` lost its output and no rebuild produced it again
+    /// (`why`). Its waiting jobs fail naming the dependency, and so,
+    /// transitively, do the executions blocked on it.
+    fn fail_for_lost_dependency(&mut self, key: Digest, exec: Execution, dep: Digest, why: &str) {
+        let mut work = VecDeque::from([(key, exec, dep, why.to_string())]);
+        while let Some((key, exec, dep, why)) = work.pop_front() {
+            if let ExecState::Blocked { on } = &exec.state {
+                for other in on {
+                    self.unindex_blocked(*other, key);
+                }
+            }
+            for &(build_id, job) in &exec.waiters {
+                let error = format!(
+                    "the output of dependency {} was lost and could not be rebuilt: {why}",
+                    self.dependency_name(build_id, job, &exec.spec, dep)
+                );
+                self.fail_job(build_id, job, -1, Vec::new(), Vec::new(), Some(error));
+            }
+            self.finish_builds_of(&exec.waiters);
+            for blocked in self.blocked_on.remove(&key).unwrap_or_default() {
+                let next = self
+                    .executions
+                    .remove(&blocked)
+                    .expect("blocked executions are indexed");
+                self.dirty.executions.insert(blocked);
+                work.push_back((
+                    blocked,
+                    next,
+                    key,
+                    "its rebuild needed a lost output that could not be rebuilt".to_string(),
+                ));
+            }
+        }
+    }
+
+    /// Fails every execution blocked on the execution of `key`, which
+    /// ended without a result (`why`).
+    fn fail_blocked_on(&mut self, key: Digest, why: &str) {
+        for blocked in self.blocked_on.remove(&key).unwrap_or_default() {
+            let exec = self
+                .executions
+                .remove(&blocked)
+                .expect("blocked executions are indexed");
+            self.dirty.executions.insert(blocked);
+            self.fail_for_lost_dependency(blocked, exec, key, why);
+        }
+    }
+
+    /// Queues again the executions that were blocked only on the rebuild
+    /// of `key`, which just succeeded.
+    fn unblock(&mut self, key: Digest) {
+        for blocked in self.blocked_on.remove(&key).unwrap_or_default() {
+            let exec = self
+                .executions
+                .get_mut(&blocked)
+                .expect("blocked executions are indexed");
+            let ExecState::Blocked { on } = &mut exec.state else {
+                unreachable!("blocked_on indexes blocked executions");
+            };
+            on.remove(&key);
+            if on.is_empty() {
+                exec.state = ExecState::Queued {
+                    since_ms: self.clock_ms,
+                };
+                self.queue.insert((self.clock_ms, blocked));
+            }
+            self.dirty.executions.insert(blocked);
+        }
+    }
+
+    fn unindex_blocked(&mut self, dep: Digest, blocked: Digest) {
+        if let Some(set) = self.blocked_on.get_mut(&dep) {
+            set.remove(&blocked);
+            if set.is_empty() {
+                self.blocked_on.remove(&dep);
+            }
+        }
+    }
+
+    /// How job `job` of `build_id` (running `spec`) names its dependency
+    /// of cache key `dep`.
+    fn dependency_name(&self, build_id: u64, job: u32, spec: &JobSpec, dep: Digest) -> String {
+        let build = &self.builds[&build_id];
+        build.jobs[job as usize]
+            .deps
+            .iter()
+            .map(|&d| &build.jobs[d as usize])
+            .find(|d| d.cache_key == dep)
+            .map(|d| format!("{:?} ({})", d.spec.name, d.spec.job_id))
+            .or_else(|| {
+                spec.deps
+                    .iter()
+                    .find(|d| d.cache_key == dep)
+                    .map(|d| d.job_id.to_string())
+            })
+            .unwrap_or_else(|| format!("of cache key {dep}"))
     }
 
     fn heartbeat(
@@ -1039,6 +1318,14 @@ impl Model {
         if !current {
             return false;
         }
+        if let Outcome::LostInputs { artifacts } = outcome {
+            self.lost_inputs(token, key, artifacts);
+            if let Some(w) = self.workers.get_mut(worker_id) {
+                w.last_seen_ms = self.clock_ms;
+                self.dirty.workers.insert(worker_id.to_string());
+            }
+            return true;
+        }
         self.leases.remove(&token);
         if let Some(w) = self.workers.get_mut(worker_id) {
             w.running -= 1;
@@ -1061,10 +1348,12 @@ impl Model {
                         stderr: stderr.clone(),
                         artifact: *artifact,
                         artifact_size: *artifact_size,
+                        spec: exec.spec.clone(),
                     },
                 );
                 self.dirty.results.insert(*key);
                 self.add_holding(worker_id, *artifact);
+                self.unblock(*key);
                 let mut ready = Vec::new();
                 for &(build_id, job) in &exec.waiters {
                     self.job_mut(build_id, job).state = JobState::Succeeded;
@@ -1084,6 +1373,7 @@ impl Model {
                 }
                 self.make_ready(ready);
             }
+            Outcome::LostInputs { .. } => unreachable!("handled above"),
             Outcome::Failure {
                 exit_code,
                 stdout,
@@ -1100,10 +1390,40 @@ impl Model {
                         error.clone(),
                     );
                 }
+                let why = match error {
+                    Some(error) => format!("its rebuild failed: {error}"),
+                    None => format!("its rebuild exited with code {exit_code}"),
+                };
+                self.fail_blocked_on(*key, &why);
             }
         }
         self.finish_builds_of(&exec.waiters);
         true
+    }
+
+    /// The current lease `token` of `key` could not start: none of the
+    /// holders named for these dependency artifacts served them. The
+    /// execution is queued again without counting an attempt (the run
+    /// never began), and no worker counts as holding them any more, so
+    /// the next assignment rebuilds them. Artifacts that are not this
+    /// execution's inputs are ignored: a report cannot make others lost.
+    fn lost_inputs(&mut self, token: u64, key: &Digest, artifacts: &[Digest]) {
+        let inputs: BTreeSet<Digest> = self.executions[key]
+            .spec
+            .deps
+            .iter()
+            .filter_map(|d| self.results.get(&d.cache_key))
+            .map(|r| r.artifact)
+            .collect();
+        self.release_lease(token);
+        for artifact in artifacts {
+            if !inputs.contains(artifact) {
+                continue;
+            }
+            for holder in self.held_by.get(artifact).cloned().unwrap_or_default() {
+                self.drop_holding(&holder, *artifact);
+            }
+        }
     }
 
     fn fail_job(
@@ -1146,13 +1466,40 @@ impl Model {
         }
     }
 
-    fn expire_leases(&mut self, max_attempts: u32) {
+    fn extend_leases(&mut self, lease_timeout_ms: u64) {
+        for (id, worker) in self.workers.iter_mut() {
+            if worker.last_seen_ms < self.clock_ms {
+                worker.last_seen_ms = self.clock_ms;
+                self.dirty.workers.insert(id.clone());
+            }
+        }
+        let until = self.clock_ms + lease_timeout_ms;
+        for key in self.leases.values() {
+            let exec = self.executions.get_mut(key).expect("leased execution");
+            if let ExecState::Running { expires_ms, .. } = &mut exec.state {
+                if *expires_ms < until {
+                    *expires_ms = until;
+                    self.dirty.executions.insert(*key);
+                }
+            }
+        }
+    }
+
+    fn expire_leases(&mut self, max_attempts: u32, worker_timeout_ms: u64) {
+        let dead: BTreeSet<String> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.last_seen_ms.saturating_add(worker_timeout_ms) <= self.clock_ms)
+            .map(|(id, _)| id.clone())
+            .collect();
+        // A dead worker's leases expire with it, renewed or not.
         let expired: Vec<u64> = self
             .leases
             .iter()
             .filter(|(_, key)| {
                 matches!(&self.executions[*key].state,
-                    ExecState::Running { expires_ms, .. } if *expires_ms <= self.clock_ms)
+                    ExecState::Running { expires_ms, worker_id, .. }
+                        if *expires_ms <= self.clock_ms || dead.contains(worker_id))
             })
             .map(|(token, _)| *token)
             .collect();
@@ -1160,7 +1507,7 @@ impl Model {
             let key = self.leases[&token];
             let worker = match &self.executions[&key].state {
                 ExecState::Running { worker_id, .. } => worker_id.clone(),
-                ExecState::Queued { .. } => unreachable!("leases index running executions"),
+                _ => unreachable!("leases index running executions"),
             };
             self.release_lease(token);
             let exec = self.executions.get_mut(&key).expect("released above");
@@ -1170,7 +1517,7 @@ impl Model {
             }
             let since = match exec.state {
                 ExecState::Queued { since_ms } => since_ms,
-                ExecState::Running { .. } => unreachable!("released above"),
+                _ => unreachable!("released above"),
             };
             let exec = self.executions.remove(&key).expect("present");
             self.queue.remove(&(since, key));
@@ -1189,11 +1536,30 @@ impl Model {
                 );
             }
             self.finish_builds_of(&exec.waiters);
+            self.fail_blocked_on(
+                key,
+                &format!(
+                    "its rebuild gave up after {} attempts (the lease expired each time)",
+                    exec.attempts
+                ),
+            );
+        }
+        for id in dead {
+            let held = self.workers[&id].held.clone();
+            for digest in held {
+                self.drop_holding(&id, digest);
+            }
+            self.workers.remove(&id);
+            self.dirty.workers.insert(id);
         }
     }
 
     /// Writes every record the applied entry changed, and forgets the marks.
     pub fn flush(&mut self, txn: &mut ApplyTxn<'_>) -> Result<(), StoreError> {
+        self.flush_to(txn)
+    }
+
+    fn flush_to(&mut self, txn: &mut impl Tables) -> Result<(), StoreError> {
         let dirty = std::mem::take(&mut self.dirty);
         if dirty.clock {
             txn.put(T_META, KEY_CLOCK, &encode("clock", &self.clock_ms)?)?;
@@ -1202,7 +1568,7 @@ impl Model {
             txn.delete(T_BUILDS, &build_key(build_id))?;
             for table in [T_JOBS, T_EVENTS] {
                 let mut keys = Vec::new();
-                scan(txn, table, &build_key(build_id), |k, _| {
+                scan(&*txn, table, &build_key(build_id), |k, _| {
                     keys.push(k.to_vec());
                     Ok(())
                 })?;
@@ -1332,12 +1698,18 @@ impl Model {
             .collect()
     }
 
-    /// Whether some lease expired by `now_ms`.
-    pub fn has_expired_lease(&self, now_ms: u64) -> bool {
-        self.leases.values().any(|key| {
+    /// Whether an `ExpireLeases` at `now_ms` would change anything: some
+    /// lease expired, or some worker was not seen for `worker_timeout_ms`.
+    pub fn needs_expiry(&self, now_ms: u64, worker_timeout_ms: u64) -> bool {
+        let lease_expired = self.leases.values().any(|key| {
             matches!(&self.executions[key].state,
                 ExecState::Running { expires_ms, .. } if *expires_ms <= now_ms)
-        })
+        });
+        lease_expired
+            || self
+                .workers
+                .values()
+                .any(|w| w.last_seen_ms.saturating_add(worker_timeout_ms) <= now_ms)
     }
 
     /// Queued executions for `worker_id`, up to `max`, oldest first, with
@@ -1390,13 +1762,6 @@ impl Model {
     /// Whether any execution is queued.
     pub fn has_queued(&self) -> bool {
         !self.queue.is_empty()
-    }
-
-    /// The events the applied entries produced, forgetting every change mark
-    /// (tests look at transitions without a store).
-    #[cfg(test)]
-    fn take_events(&mut self) -> Vec<(u64, u64, Event)> {
-        std::mem::take(&mut self.dirty).events
     }
 }
 

@@ -10,12 +10,20 @@ pub mod wire;
 pub use cache_key::cache_key;
 pub use ids::{Digest, IdError, JobId};
 
-/// Generated code for the Raft transport between coordinators.
-pub mod raft_v1 {
-    tonic::include_proto!("distbuild.raft.v1");
+/// Generated code, nested as the proto packages are (the Raft transport's
+/// messages refer to `distbuild.v1` types by relative path).
+pub mod distbuild {
+    /// The client, worker, peer and admin APIs.
+    pub mod v1 {
+        tonic::include_proto!("distbuild.v1");
+    }
+    pub mod raft {
+        /// The transport between coordinator replicas.
+        pub mod v1 {
+            tonic::include_proto!("distbuild.raft.v1");
+        }
+    }
 }
 
-/// Generated code for the client, worker, peer and admin APIs.
-pub mod v1 {
-    tonic::include_proto!("distbuild.v1");
-}
+pub use distbuild::raft::v1 as raft_v1;
+pub use distbuild::v1;

@@ -321,3 +321,320 @@ pub fn graph(sources: &[&str], jobs: Vec<Value>) -> Value {
         .collect();
     json!({"SourceFiles": files, "Jobs": jobs})
 }
+
+/// Free loopback ports (bound and released: another process could take
+/// one in between, which a test would notice as a failed start).
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().expect("local addr").port())
+        .collect()
+}
+
+/// Several coordinators (node IDs 1..) forming one Raft cluster, and
+/// workers that know all of them, in a temporary directory.
+pub struct HaCluster {
+    /// Held for the cluster's life: multi-coordinator tests run one at a
+    /// time (on two cores, parallel clusters starve each other's
+    /// elections and measure the machine, not the code).
+    _serial: std::sync::MutexGuard<'static, ()>,
+    pub dir: tempfile::TempDir,
+    /// Index = node ID - 1; `None` while the node is down (or never ran).
+    pub coordinators: Vec<Option<Server>>,
+    pub ports: Vec<u16>,
+    /// How many nodes form the initial cluster.
+    pub initial: usize,
+    pub workers: Vec<Option<Server>>,
+    pub worker_slots: u32,
+}
+
+impl HaCluster {
+    /// `coordinators` nodes initialised together, and `workers` workers
+    /// with `slots` slots each. `spare` more ports are reserved for nodes
+    /// added later.
+    pub fn start(coordinators: usize, spare: usize, workers: usize, slots: u32) -> HaCluster {
+        static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let serial = SERIAL
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ports = free_ports(coordinators + spare);
+        let mut cluster = HaCluster {
+            _serial: serial,
+            dir,
+            coordinators: (0..coordinators + spare).map(|_| None).collect(),
+            ports,
+            initial: coordinators,
+            workers: Vec::new(),
+            worker_slots: slots,
+        };
+        for id in 1..=coordinators as u64 {
+            cluster.start_node(id);
+        }
+        cluster.wait_for_leader();
+        for _ in 0..workers {
+            cluster.add_worker();
+        }
+        cluster.wait_for_workers(workers);
+        cluster
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn node_addr(&self, id: u64) -> String {
+        format!("127.0.0.1:{}", self.ports[id as usize - 1])
+    }
+
+    /// Every coordinator address (up or down), for `--coordinator`.
+    pub fn all_addrs(&self) -> String {
+        (1..=self.ports.len() as u64)
+            .map(|id| self.node_addr(id))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn initial_cluster(&self) -> String {
+        (1..=self.initial as u64)
+            .map(|id| format!("{id}={}", self.node_addr(id)))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Starts (or restarts on its data dir) node `id`; nodes beyond the
+    /// initial ones start with `--join`.
+    pub fn start_node(&mut self, id: u64) {
+        let mut args: Vec<String> = vec![
+            "coordinator".into(),
+            "--node-id".into(),
+            id.to_string(),
+            "--listen".into(),
+            self.node_addr(id),
+            "--data-dir".into(),
+            self.path(&format!("coordinator{id}"))
+                .to_str()
+                .expect("utf-8")
+                .into(),
+            "--lease-timeout-ms".into(),
+            "3000".into(),
+        ];
+        if id as usize <= self.initial {
+            args.push("--initial-cluster".into());
+            args.push(self.initial_cluster());
+        } else {
+            args.push("--join".into());
+        }
+        let log = self.path(&format!("coordinator{id}-{}.log", rand_suffix()));
+        self.coordinators[id as usize - 1] = Some(Server::start(&args, log));
+    }
+
+    /// SIGKILLs node `id`.
+    pub fn kill_node(&mut self, id: u64) {
+        if let Some(mut server) = self.coordinators[id as usize - 1].take() {
+            server.kill();
+        }
+    }
+
+    pub fn add_worker(&mut self) {
+        let i = self.workers.len();
+        let args: Vec<String> = vec![
+            "worker".into(),
+            "--coordinator".into(),
+            self.all_addrs(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--cache-dir".into(),
+            self.path(&format!("worker{i}"))
+                .to_str()
+                .expect("utf-8")
+                .into(),
+            "--slots".into(),
+            self.worker_slots.to_string(),
+        ];
+        let log = self.path(&format!("worker{i}.log"));
+        self.workers.push(Some(Server::start(&args, log)));
+    }
+
+    /// `distbuild cluster status --json` through every address, or the
+    /// error of the last attempt.
+    pub fn try_status(&self) -> Result<Value, String> {
+        let out = distbuild()
+            .args([
+                "cluster",
+                "status",
+                "--json",
+                "--timeout",
+                "5",
+                "--coordinator",
+            ])
+            .arg(self.all_addrs())
+            .output()
+            .expect("run cluster status");
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("status is not JSON: {e}"))
+    }
+
+    pub fn status(&self) -> Value {
+        self.try_status()
+            .unwrap_or_else(|e| panic!("cluster status failed: {e}\n{}", self.logs()))
+    }
+
+    /// Waits until some node leads and answers; returns its ID.
+    pub fn wait_for_leader(&self) -> u64 {
+        let deadline = std::time::Instant::now() + START_TIMEOUT;
+        loop {
+            if let Ok(status) = self.try_status() {
+                let leader = status["leader"].as_u64().unwrap_or(0);
+                if leader != 0 && self.coordinators[leader as usize - 1].is_some() {
+                    return leader;
+                }
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no leader elected\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits until `n` workers are alive.
+    pub fn wait_for_workers(&self, n: usize) {
+        let deadline = std::time::Instant::now() + START_TIMEOUT;
+        loop {
+            let alive = self
+                .try_status()
+                .ok()
+                .and_then(|s| {
+                    s["workers"]
+                        .as_array()
+                        .map(|w| w.iter().filter(|w| w["alive"] == json!(true)).count())
+                })
+                .unwrap_or(0);
+            if alive >= n {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "only {alive} of {n} workers registered\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Starts `distbuild build --json` on `graph` in the background.
+    pub fn spawn_build(&self, graph: &Value, extra: &[&str]) -> Child {
+        let graph_path = self.path(&format!("graph-{}.json", rand_suffix()));
+        std::fs::write(&graph_path, graph.to_string()).expect("write graph");
+        distbuild()
+            .args(["build", "--json", "--graph"])
+            .arg(&graph_path)
+            .arg("--source-dir")
+            .arg(self.dir.path())
+            .arg("--coordinator")
+            .arg(self.all_addrs())
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn distbuild build")
+    }
+
+    /// Everything the servers logged, for failure messages (the tail of
+    /// each log).
+    pub fn logs(&self) -> String {
+        let mut all = String::new();
+        let mut paths: Vec<PathBuf> = std::fs::read_dir(self.dir.path())
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        paths.retain(|p| p.extension().is_some_and(|e| e == "log"));
+        paths.sort();
+        for path in paths {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(40)..];
+            all += &format!("==> {} <==\n{}\n", path.display(), tail.join("\n"));
+        }
+        all
+    }
+}
+
+/// Waits for a background build to finish, at most `timeout`.
+pub fn finish_build(mut child: Child, timeout: Duration) -> BuildRun {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if child.try_wait().expect("poll the build").is_some() {
+            return BuildRun::from(child.wait_with_output().expect("build output"));
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let run = BuildRun::from(child.wait_with_output().expect("build output"));
+            panic!(
+                "the build did not finish in {timeout:?}: {}",
+                run.describe()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Lines of a file (empty if missing).
+pub fn read_lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// Waits until `path` has at least `n` lines.
+pub fn wait_for_lines(path: &Path, n: usize, timeout: Duration) {
+    let deadline = std::time::Instant::now() + timeout;
+    while read_lines(path).len() < n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} has {} of {n} lines after {timeout:?}",
+            path.display(),
+            read_lines(path).len()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `chains` chains of `length` jobs; each sleeps `sleep` seconds, then
+/// appends its name to `log` (outside every sandbox), reading its
+/// predecessor's output so that artifacts move between workers.
+pub fn sleep_chains(chains: usize, length: usize, sleep: &str, log: &Path) -> Value {
+    let mut jobs = Vec::new();
+    for c in 0..chains {
+        for s in 0..length {
+            let name = format!("c{c}s{s}");
+            let prev = format!("c{c}s{}", s.wrapping_sub(1));
+            let (deps, read_prev) = if s == 0 {
+                (vec![], String::new())
+            } else {
+                (
+                    vec![prev.as_str()],
+                    format!(
+                        "cat {{{{index .Deps \"{}\"}}}}/done >/dev/null && ",
+                        id(&prev)
+                    ),
+                )
+            };
+            let script = format!(
+                "{read_prev}sleep {sleep} && echo {name} >> {} && echo {name} > {{{{.OutputDir}}}}/done",
+                log.display()
+            );
+            jobs.push(sh_job(&name, &[], &deps, &[&script]));
+        }
+    }
+    graph(&[], jobs)
+}

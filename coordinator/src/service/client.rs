@@ -13,22 +13,17 @@ use distbuild_proto::v1::{
 };
 use distbuild_proto::wire::{command_to_wire, digest_from_wire, digest_to_wire};
 use distbuild_proto::{Digest, JobId, cache_key};
-use futures::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{ResponseStream, digests};
-use crate::blobs::BlobError;
+use super::{ResponseStream, digests, receive_blob};
 use crate::node::Node;
+use crate::requests::MAX_REQUEST_ID_CHARS;
 use crate::state::{
     self, CmdText, Command, DepRef, Event, InputRef, JobSpec, SubmittedJob, T_EVENTS,
 };
 
 /// Most jobs one build may have.
 pub const MAX_JOBS_PER_BUILD: usize = 100_000;
-/// Longest submit request ID.
-const MAX_REQUEST_ID_CHARS: usize = 128;
-/// How long an upload may sit without a chunk.
-const UPLOAD_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Events read per state view while streaming.
 const EVENTS_PER_READ: usize = 256;
 /// Buffered events per watcher.
@@ -36,13 +31,6 @@ const WATCH_BUFFER: usize = 64;
 
 pub struct ClientService {
     pub node: Arc<Node>,
-}
-
-fn blob_status(e: BlobError) -> Status {
-    match e {
-        BlobError::Io { .. } => Status::internal(e.to_string()),
-        _ => Status::invalid_argument(e.to_string()),
-    }
 }
 
 /// Orders a validated (acyclic) graph's jobs so dependencies come first,
@@ -258,32 +246,20 @@ fn read_events(node: &Node, build_id: u64, from_seq: u64) -> Result<Vec<(u64, Ev
 }
 
 /// The next chunk of an upload, or an error if none arrives in time.
-async fn next_chunk(chunks: &mut Streaming<BlobChunk>) -> Result<Option<BlobChunk>, Status> {
-    match tokio::time::timeout(UPLOAD_IDLE_TIMEOUT, chunks.next()).await {
-        Err(_) => Err(Status::deadline_exceeded("upload stalled")),
-        Ok(None) => Ok(None),
-        Ok(Some(chunk)) => chunk.map(Some),
-    }
-}
-
 #[tonic::async_trait]
 impl ClientApi for ClientService {
     async fn find_missing_blobs(
         &self,
         request: Request<FindMissingBlobsRequest>,
     ) -> Result<Response<FindMissingBlobsResponse>, Status> {
+        self.node.check_leader()?;
         let wanted = digests(&request.get_ref().digests, "digests")?;
-        // Split by the replicated index first, so the model lock is not
-        // held across one file check per digest.
-        let (recorded, mut missing): (Vec<Digest>, Vec<Digest>) = {
+        // A recorded blob is stored on a quorum of coordinators (a node
+        // lacking its copy fetches it from a peer when asked for it).
+        let missing: Vec<Digest> = {
             let model = self.node.model();
-            wanted.iter().partition(|d| model.has_blob(d))
+            wanted.into_iter().filter(|d| !model.has_blob(d)).collect()
         };
-        missing.extend(
-            recorded
-                .into_iter()
-                .filter(|d| !self.node.blobs.contains(d)),
-        );
         let missing = missing.iter().map(digest_to_wire).collect();
         Ok(Response::new(FindMissingBlobsResponse { missing }))
     }
@@ -292,24 +268,10 @@ impl ClientApi for ClientService {
         &self,
         request: Request<Streaming<BlobChunk>>,
     ) -> Result<Response<UploadBlobResponse>, Status> {
-        let mut chunks = request.into_inner();
-        let first = next_chunk(&mut chunks)
-            .await?
-            .ok_or_else(|| Status::invalid_argument("empty upload"))?;
-        let digest =
-            digest_from_wire(&first.digest, "upload digest").map_err(Status::invalid_argument)?;
-        let size = first.size;
-        let mut writer = self
-            .node
-            .blobs
-            .writer(digest, size)
-            .await
-            .map_err(blob_status)?;
-        writer.write(&first.data).await.map_err(blob_status)?;
-        while let Some(chunk) = next_chunk(&mut chunks).await? {
-            writer.write(&chunk.data).await.map_err(blob_status)?;
-        }
-        writer.finish().await.map_err(blob_status)?;
+        // A follower redirects before reading any data.
+        self.node.check_leader()?;
+        let (digest, size) = receive_blob(&self.node.blobs, request.into_inner()).await?;
+        crate::replication::replicate_blob(&self.node, digest, size).await?;
         self.node
             .propose(Command::BlobStored { digest, size })
             .await?;
@@ -320,6 +282,7 @@ impl ClientApi for ClientService {
         &self,
         request: Request<SubmitBuildRequest>,
     ) -> Result<Response<SubmitBuildResponse>, Status> {
+        self.node.check_leader()?;
         let req = request.into_inner();
         if req.request_id.is_empty() || req.request_id.len() > MAX_REQUEST_ID_CHARS {
             return Err(Status::invalid_argument(format!(
@@ -368,6 +331,9 @@ impl ClientApi for ClientService {
         request: Request<WatchBuildRequest>,
     ) -> Result<Response<Self::WatchBuildStream>, Status> {
         let WatchBuildRequest { build_id, from_seq } = request.into_inner();
+        // Only the leader streams: a follower (or a leader cut off from
+        // its quorum) would stream a state that may have stopped moving.
+        self.node.check_leader()?;
         if self.node.model().build(build_id).is_none() {
             return Err(Status::not_found(format!("no build {build_id}")));
         }
@@ -386,6 +352,11 @@ impl ClientApi for ClientService {
                 };
                 if events.is_empty() {
                     if tx.is_closed() {
+                        return;
+                    }
+                    if let Err(moved) = node.check_leader() {
+                        // The caller resumes from `seq` at the new leader.
+                        let _ = tx.send(Err(moved)).await;
                         return;
                     }
                     if node.shutdown.is_cancelled() {
@@ -420,6 +391,7 @@ impl ClientApi for ClientService {
         &self,
         request: Request<LocateArtifactsRequest>,
     ) -> Result<Response<LocateArtifactsResponse>, Status> {
+        self.node.check_leader()?;
         let wanted = digests(&request.get_ref().digests, "digests")?;
         let model = self.node.model();
         let locations = wanted

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod client;
+pub mod raft;
 pub mod worker;
 
 use std::pin::Pin;
@@ -12,6 +13,48 @@ use distbuild_proto::wire::{MAX_BLOB_CHUNK_BYTES, digest_from_wire};
 use futures::Stream;
 use tokio::io::AsyncReadExt;
 use tonic::Status;
+
+/// How long an upload may sit without a chunk.
+const UPLOAD_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+fn blob_status(e: crate::blobs::BlobError) -> Status {
+    match e {
+        crate::blobs::BlobError::Io { .. } => Status::internal(e.to_string()),
+        _ => Status::invalid_argument(e.to_string()),
+    }
+}
+
+async fn next_chunk(
+    chunks: &mut tonic::Streaming<distbuild_proto::v1::BlobChunk>,
+) -> Result<Option<distbuild_proto::v1::BlobChunk>, Status> {
+    use futures::StreamExt;
+    match tokio::time::timeout(UPLOAD_IDLE_TIMEOUT, chunks.next()).await {
+        Err(_) => Err(Status::deadline_exceeded("upload stalled")),
+        Ok(None) => Ok(None),
+        Ok(Some(chunk)) => chunk.map(Some),
+    }
+}
+
+/// Receives one blob (the first chunk names digest and size) into
+/// `blobs`, verified and durable; returns its digest and size.
+pub async fn receive_blob(
+    blobs: &crate::blobs::BlobStore,
+    mut chunks: tonic::Streaming<distbuild_proto::v1::BlobChunk>,
+) -> Result<(Digest, u64), Status> {
+    let first = next_chunk(&mut chunks)
+        .await?
+        .ok_or_else(|| Status::invalid_argument("empty upload"))?;
+    let digest =
+        digest_from_wire(&first.digest, "upload digest").map_err(Status::invalid_argument)?;
+    let size = first.size;
+    let mut writer = blobs.writer(digest, size).await.map_err(blob_status)?;
+    writer.write(&first.data).await.map_err(blob_status)?;
+    while let Some(chunk) = next_chunk(&mut chunks).await? {
+        writer.write(&chunk.data).await.map_err(blob_status)?;
+    }
+    writer.finish().await.map_err(blob_status)?;
+    Ok((digest, size))
+}
 
 /// A server-streaming response.
 pub type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;

@@ -16,6 +16,7 @@ use tonic::{Request, Response, Status};
 
 use super::{ResponseStream, digests, stream_file};
 use crate::node::Node;
+use crate::requests::MAX_REQUEST_ID_CHARS;
 use crate::state::{self, CmdText, Command, MAX_ASSIGN_BATCH, Outcome};
 
 /// Longest a poll waits for work.
@@ -46,10 +47,16 @@ fn check_worker_id(id: &str) -> Result<(), Status> {
 }
 
 impl WorkerService {
-    /// The assignment of the execution of `key` under lease `token`.
-    fn assignment(&self, key: &Digest, token: u64) -> Option<Assignment> {
+    /// The assignment of the execution of `key` under lease `token`, if
+    /// that lease is still `worker_id`'s.
+    fn assignment(&self, worker_id: &str, key: &Digest, token: u64) -> Option<Assignment> {
         let model = self.node.model();
         let exec = model.execution(key)?;
+        let current = matches!(&exec.state,
+            state::ExecState::Running { worker_id: w, token: t, .. } if w == worker_id && *t == token);
+        if !current {
+            return None;
+        }
         let spec = &exec.spec;
         let mut deps = Vec::with_capacity(spec.deps.len());
         for dep in &spec.deps {
@@ -81,6 +88,20 @@ impl WorkerService {
     }
 }
 
+/// The dedup key of a worker's request: per call kind and worker, so IDs
+/// of different workers never collide. Empty when the worker sent none.
+fn request_key(kind: &str, worker_id: &str, request_id: &str) -> Result<String, Status> {
+    if request_id.is_empty() {
+        return Ok(String::new());
+    }
+    if request_id.len() > MAX_REQUEST_ID_CHARS || request_id.chars().any(char::is_control) {
+        return Err(Status::invalid_argument(format!(
+            "request_id must be at most {MAX_REQUEST_ID_CHARS} printable characters"
+        )));
+    }
+    Ok(format!("{kind}/{worker_id}/{request_id}"))
+}
+
 fn truncated(mut bytes: Vec<u8>) -> Vec<u8> {
     if bytes.len() > MAX_JOB_OUTPUT_BYTES {
         bytes.truncate(MAX_JOB_OUTPUT_BYTES);
@@ -107,14 +128,18 @@ impl WorkerApi for WorkerService {
             )));
         }
         let held = digests(&req.held_artifacts, "held_artifacts")?;
+        let request = request_key("register", &req.worker_id, &req.request_id)?;
         self.node
-            .propose(Command::RegisterWorker {
-                worker_id: req.worker_id,
-                addr: req.addr,
-                slots: req.slots,
-                held,
-                now_ms: self.node.now_ms(),
-            })
+            .propose_request(
+                request,
+                Command::RegisterWorker {
+                    worker_id: req.worker_id,
+                    addr: req.addr,
+                    slots: req.slots,
+                    held,
+                    now_ms: self.node.now_ms(),
+                },
+            )
             .await?;
         Ok(Response::new(RegisterResponse {
             lease_timeout_ms: self.node.tuning.lease_timeout_ms,
@@ -132,8 +157,13 @@ impl WorkerApi for WorkerService {
         let deadline = tokio::time::Instant::now() + wait;
         let max = (req.free_slots as u64).min(MAX_ASSIGN_BATCH) as usize;
         let tuning = &self.node.tuning;
+        let request = request_key("poll", &req.worker_id, &req.request_id)?;
+        // Each assignment this poll proposes gets the next ID of a
+        // sequence, so a retried poll replays the same answers in order.
+        let mut proposals = 0u32;
         let mut last_applied = None;
         loop {
+            self.node.check_leader()?;
             let now_ms = self.node.now_ms();
             let (known, picks, queued) = {
                 let model = self.node.model();
@@ -156,22 +186,31 @@ impl WorkerApi for WorkerService {
                 }));
             }
             if !picks.is_empty() {
+                let id = if request.is_empty() {
+                    String::new()
+                } else {
+                    format!("{request}#{proposals}")
+                };
+                proposals += 1;
                 let response = self
                     .node
-                    .propose(Command::Assign {
-                        worker_id: req.worker_id.clone(),
-                        cache_keys: picks.clone(),
-                        lease_timeout_ms: tuning.lease_timeout_ms,
-                        now_ms,
-                    })
+                    .propose_request(
+                        id,
+                        Command::Assign {
+                            worker_id: req.worker_id.clone(),
+                            cache_keys: picks.clone(),
+                            lease_timeout_ms: tuning.lease_timeout_ms,
+                            now_ms,
+                        },
+                    )
                     .await?;
-                let state::Response::Assigned { tokens } = response else {
+                let state::Response::Assigned { keys, tokens } = response else {
                     return Err(Status::internal("unexpected answer to an assignment"));
                 };
-                let assignments: Vec<Assignment> = picks
+                let assignments: Vec<Assignment> = keys
                     .iter()
                     .zip(tokens)
-                    .filter_map(|(key, token)| self.assignment(key, token?))
+                    .filter_map(|(key, token)| self.assignment(&req.worker_id, key, token?))
                     .collect();
                 if !assignments.is_empty() {
                     return Ok(Response::new(PollWorkResponse {
@@ -211,16 +250,20 @@ impl WorkerApi for WorkerService {
             .insert(req.worker_id.clone(), req.peer_bytes_fetched_total);
         let added = digests(&req.added_artifacts, "added_artifacts")?;
         let dropped = digests(&req.dropped_artifacts, "dropped_artifacts")?;
+        let request = request_key("heartbeat", &req.worker_id, &req.request_id)?;
         let response = self
             .node
-            .propose(Command::Heartbeat {
-                worker_id: req.worker_id,
-                tokens: req.lease_tokens,
-                added,
-                dropped,
-                lease_timeout_ms: self.node.tuning.lease_timeout_ms,
-                now_ms: self.node.now_ms(),
-            })
+            .propose_request(
+                request,
+                Command::Heartbeat {
+                    worker_id: req.worker_id,
+                    tokens: req.lease_tokens,
+                    added,
+                    dropped,
+                    lease_timeout_ms: self.node.tuning.lease_timeout_ms,
+                    now_ms: self.node.now_ms(),
+                },
+            )
             .await?;
         match response {
             state::Response::Heartbeat {
@@ -242,9 +285,13 @@ impl WorkerApi for WorkerService {
         check_worker_id(&req.worker_id)?;
         let cache_key =
             digest_from_wire(&req.cache_key, "cache_key").map_err(Status::invalid_argument)?;
+        let request = request_key("report", &req.worker_id, &req.request_id)?;
+        let lost = digests(&req.lost_inputs, "lost_inputs")?;
         let stdout = truncated(req.stdout.to_vec());
         let stderr = truncated(req.stderr.to_vec());
-        let outcome = if req.exit_code == 0 && req.error.is_empty() {
+        let outcome = if !lost.is_empty() {
+            Outcome::LostInputs { artifacts: lost }
+        } else if req.exit_code == 0 && req.error.is_empty() {
             Outcome::Success {
                 stdout,
                 stderr,
@@ -264,13 +311,16 @@ impl WorkerApi for WorkerService {
         };
         let response = self
             .node
-            .propose(Command::Report {
-                worker_id: req.worker_id,
-                token: req.lease_token,
-                cache_key,
-                outcome,
-                now_ms: self.node.now_ms(),
-            })
+            .propose_request(
+                request,
+                Command::Report {
+                    worker_id: req.worker_id,
+                    token: req.lease_token,
+                    cache_key,
+                    outcome,
+                    now_ms: self.node.now_ms(),
+                },
+            )
             .await?;
         match response {
             state::Response::Reported { accepted } => {
@@ -288,6 +338,8 @@ impl WorkerApi for WorkerService {
     ) -> Result<Response<Self::FetchBlobStream>, Status> {
         let digest = digest_from_wire(&request.get_ref().digest, "digest")
             .map_err(Status::invalid_argument)?;
+        // A blob recorded while this node was down is fetched from a peer.
+        crate::replication::ensure_local(&self.node, digest).await?;
         match self.node.blobs.open_blob(&digest).await {
             Ok(Some(file)) => Ok(Response::new(stream_file(file))),
             Ok(None) => Err(Status::not_found(format!("no blob {digest}"))),

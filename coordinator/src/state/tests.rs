@@ -40,18 +40,112 @@ fn graph(jobs: &[(u8, &[u32])]) -> Vec<SubmittedJob> {
 
 const LEASE_MS: u64 = 1000;
 
+/// A worker timeout for tests where no worker dies.
+const NO_DEATHS_MS: u64 = 1000 * LEASE_MS;
+
+fn artifact(n: u8) -> Digest {
+    Digest::from_bytes([100 + n; 20])
+}
+
+/// The column families in memory: what `flush` writes, `load` reads.
+#[derive(Default)]
+struct MemStore {
+    tables: BTreeMap<String, BTreeMap<Vec<u8>, Vec<u8>>>,
+}
+
+impl ReadState for MemStore {
+    fn get(&self, table: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.tables.get(table).and_then(|t| t.get(key)).cloned())
+    }
+
+    fn for_each_prefix(
+        &self,
+        table: &str,
+        prefix: &[u8],
+        f: &mut dyn FnMut(&[u8], &[u8]) -> ControlFlow<()>,
+    ) -> Result<(), StoreError> {
+        let Some(t) = self.tables.get(table) else {
+            return Ok(());
+        };
+        for (k, v) in t.range(prefix.to_vec()..) {
+            if !k.starts_with(prefix) || f(k, v).is_break() {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Tables for MemStore {
+    fn put(&mut self, table: &str, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        assert!(TABLES.contains(&table), "unknown table {table}");
+        self.tables
+            .entry(table.to_string())
+            .or_default()
+            .insert(key.to_vec(), value.to_vec());
+        Ok(())
+    }
+
+    fn delete(&mut self, table: &str, key: &[u8]) -> Result<(), StoreError> {
+        assert!(TABLES.contains(&table), "unknown table {table}");
+        if let Some(t) = self.tables.get_mut(table) {
+            t.remove(key);
+        }
+        Ok(())
+    }
+}
+
+/// `loaded` (read back from the store) equals `live`, derived indexes
+/// included.
+fn assert_same(loaded: &Model, live: &Model) {
+    assert_eq!(loaded.clock_ms, live.clock_ms, "clock");
+    assert_eq!(
+        loaded.builds.keys().collect::<Vec<_>>(),
+        live.builds.keys().collect::<Vec<_>>(),
+        "builds"
+    );
+    for (id, build) in &live.builds {
+        assert_eq!(loaded.builds[id].header, build.header, "build {id}");
+        assert_eq!(loaded.builds[id].jobs, build.jobs, "jobs of build {id}");
+    }
+    assert_eq!(loaded.requests, live.requests, "requests");
+    assert_eq!(loaded.executions, live.executions, "executions");
+    assert_eq!(loaded.queue, live.queue, "queue");
+    assert_eq!(loaded.leases, live.leases, "leases");
+    assert_eq!(loaded.blocked_on, live.blocked_on, "blocked_on");
+    assert_eq!(loaded.results, live.results, "results");
+    assert_eq!(
+        format!("{:?}", loaded.workers),
+        format!("{:?}", live.workers),
+        "workers"
+    );
+    assert_eq!(loaded.held_by, live.held_by, "held_by");
+    assert_eq!(loaded.blobs, live.blobs, "blobs");
+}
+
+/// Drives the model command by command. After every command it flushes to
+/// a store, checks that loading the store gives the same model, and that
+/// no job finished twice.
 struct Harness {
     model: Model,
+    store: MemStore,
     index: u64,
     now_ms: u64,
+    /// Events applied and not yet taken.
+    events: Vec<(u64, u64, Event)>,
+    /// Jobs that reached a final state, by their events.
+    finished: BTreeSet<(u64, u32)>,
 }
 
 impl Harness {
     fn new() -> Self {
         let mut h = Self {
             model: Model::default(),
+            store: MemStore::default(),
             index: 0,
             now_ms: 1_000,
+            events: Vec::new(),
+            finished: BTreeSet::new(),
         };
         for w in ["a", "b"] {
             h.apply(Command::RegisterWorker {
@@ -67,7 +161,67 @@ impl Harness {
 
     fn apply(&mut self, command: Command) -> Response {
         self.index += 1;
-        self.model.apply(self.index, &command)
+        let response = self.model.apply(self.index, &command);
+        for (build, _, event) in &self.model.dirty.events {
+            if let Event::JobFinished { job, .. } | Event::JobSkipped { job, .. } = event {
+                assert!(
+                    self.finished.insert((*build, *job)),
+                    "job {job} of build {build} finished twice: {event:?}"
+                );
+            }
+        }
+        self.events.extend(self.model.dirty.events.iter().cloned());
+        self.model.flush_to(&mut self.store).expect("flush");
+        let loaded = Model::load(&self.store).expect("load");
+        assert_same(&loaded, &self.model);
+        response
+    }
+
+    /// The events applied since the last call.
+    fn take_events(&mut self) -> Vec<(u64, u64, Event)> {
+        std::mem::take(&mut self.events)
+    }
+
+    fn heartbeat(&mut self, worker: &str, tokens: &[u64]) -> Response {
+        self.apply(Command::Heartbeat {
+            worker_id: worker.into(),
+            tokens: tokens.to_vec(),
+            added: Vec::new(),
+            dropped: Vec::new(),
+            lease_timeout_ms: LEASE_MS,
+            now_ms: self.now_ms,
+        })
+    }
+
+    fn expire(&mut self, max_attempts: u32, worker_timeout_ms: u64) {
+        self.apply(Command::ExpireLeases {
+            now_ms: self.now_ms,
+            max_attempts,
+            worker_timeout_ms,
+        });
+    }
+
+    fn pick(&self, worker: &str) -> Vec<Digest> {
+        self.model.pick_for(worker, 4, self.now_ms, 50, LEASE_MS)
+    }
+
+    fn exec(&self, n: u8) -> &Execution {
+        self.model.execution(&key(n)).expect("an execution")
+    }
+
+    /// The error of the only `JobFinished` of `job` in `events`.
+    fn error_of(events: &[(u64, u64, Event)], build: u64, job: u32) -> String {
+        let errors: Vec<_> = events
+            .iter()
+            .filter_map(|(b, _, e)| match e {
+                Event::JobFinished { job: j, error, .. } if *b == build && *j == job => {
+                    Some(error.clone().expect("an error message"))
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(errors.len(), 1, "{events:?}");
+        errors[0].clone()
     }
 
     fn submit(&mut self, request: &str, jobs: Vec<SubmittedJob>) -> u64 {
@@ -88,7 +242,7 @@ impl Harness {
             lease_timeout_ms: LEASE_MS,
             now_ms: self.now_ms,
         }) {
-            Response::Assigned { tokens } => tokens,
+            Response::Assigned { tokens, .. } => tokens,
             other => panic!("assign answered {other:?}"),
         }
     }
@@ -113,8 +267,7 @@ impl Harness {
 
     /// The events since the last call, rendered short: `build:kind:job`.
     fn events(&mut self) -> Vec<String> {
-        self.model
-            .take_events()
+        self.take_events()
             .into_iter()
             .map(|(build, _, e)| match e {
                 Event::JobStarted { job, .. } => format!("{build}:start:{job}"),
@@ -142,7 +295,7 @@ fn success(n: u8) -> Outcome {
     Outcome::Success {
         stdout: vec![n],
         stderr: Vec::new(),
-        artifact: Digest::from_bytes([100 + n; 20]),
+        artifact: artifact(n),
         artifact_size: 10,
     }
 }
@@ -269,14 +422,12 @@ fn an_expired_lease_requeues_and_its_late_result_is_refused() {
         }
     );
     h.now_ms += LEASE_MS - 1;
-    assert!(!h.model.has_expired_lease(h.now_ms));
+    assert!(!h.model.needs_expiry(h.now_ms, NO_DEATHS_MS));
     // Not renewed: it expires and the job is queued again.
     h.now_ms += 1;
-    assert!(h.model.has_expired_lease(h.now_ms));
-    h.apply(Command::ExpireLeases {
-        now_ms: h.now_ms,
-        max_attempts: 3,
-    });
+    assert!(h.model.needs_expiry(h.now_ms, NO_DEATHS_MS));
+    h.expire(3, NO_DEATHS_MS);
+    assert_eq!(h.exec(1).attempts, 1);
     assert_eq!(
         h.model.pick_for("b", 4, h.now_ms, 50, LEASE_MS),
         vec![key(1)]
@@ -309,12 +460,9 @@ fn a_job_whose_lease_keeps_expiring_fails_with_a_message() {
     for _ in 0..2 {
         h.assign("a", &[key(1)]);
         h.now_ms += LEASE_MS;
-        h.apply(Command::ExpireLeases {
-            now_ms: h.now_ms,
-            max_attempts: 2,
-        });
+        h.expire(2, NO_DEATHS_MS);
     }
-    let events = h.model.take_events();
+    let events = h.take_events();
     let Some((_, _, Event::JobFinished { error, .. })) = events
         .iter()
         .find(|(_, _, e)| matches!(e, Event::JobFinished { .. }))
@@ -397,4 +545,377 @@ fn an_empty_build_finishes_at_once() {
     let mut h = Harness::new();
     let b = h.submit("r", Vec::new());
     assert_eq!(h.events(), [format!("{b}:done:true")]);
+}
+
+#[test]
+fn a_dead_worker_is_removed_with_its_holdings_and_leases() {
+    let mut h = Harness::new();
+    let b = h.submit("r", graph(&[(1, &[]), (2, &[])]));
+    // a is last seen when it reports (at 1000), then leases job 2 at 1500:
+    // the lease would run to 2500, but a dies at 2000.
+    assert!(h.run_one("a", key(1), success(1)));
+    h.now_ms += LEASE_MS / 2;
+    let token = h.assign("a", &[key(2)])[0].expect("assigned");
+    h.now_ms = 1_000 + LEASE_MS - 1;
+    h.heartbeat("b", &[]);
+    assert!(!h.model.needs_expiry(h.now_ms, LEASE_MS));
+    h.now_ms += 1;
+    h.heartbeat("b", &[]);
+    assert!(h.model.needs_expiry(h.now_ms, LEASE_MS));
+    h.events();
+    h.expire(3, LEASE_MS);
+    assert!(!h.model.workers().contains_key("a"));
+    assert!(h.model.workers().contains_key("b"));
+    assert!(!h.model.needs_expiry(h.now_ms, LEASE_MS));
+    // Its holdings are gone, from memory and from the tables.
+    assert!(h.model.holders(&artifact(1)).is_empty());
+    assert_eq!(h.store.get(T_WORKERS, b"a").expect("get"), None);
+    assert_eq!(
+        h.store
+            .get(T_HOLDINGS, &holding_key("a", &artifact(1)))
+            .expect("get"),
+        None
+    );
+    // Its lease expired with it, counting an attempt.
+    assert_eq!(h.exec(2).attempts, 1);
+    assert!(matches!(h.exec(2).state, ExecState::Queued { .. }));
+    assert!(h.events().is_empty());
+    // Its late heartbeat is told to register again, its result is refused.
+    assert_eq!(
+        h.heartbeat("a", &[token]),
+        Response::Heartbeat {
+            revoked: vec![token],
+            reregister: true
+        }
+    );
+    assert!(!h.report("a", token, key(2), success(2)));
+    assert_eq!(h.pick("b"), vec![key(2)]);
+    assert!(h.run_one("b", key(2), success(2)));
+    assert_eq!(
+        h.events(),
+        [
+            format!("{b}:start:1"),
+            format!("{b}:ok:1"),
+            format!("{b}:done:true")
+        ]
+    );
+}
+
+#[test]
+fn a_dead_worker_s_lease_counts_toward_giving_up() {
+    let mut h = Harness::new();
+    let b = h.submit("r", graph(&[(1, &[])]));
+    h.now_ms += LEASE_MS / 2;
+    h.assign("a", &[key(1)]);
+    h.now_ms += LEASE_MS / 2;
+    h.heartbeat("b", &[]);
+    h.expire(1, LEASE_MS);
+    let events = h.take_events();
+    let error = Harness::error_of(&events, b, 0);
+    assert!(error.contains("gave up after 1 attempts"), "{error}");
+    assert!(matches!(
+        events.last(),
+        Some((id, _, Event::BuildFinished { ok: false, .. })) if *id == b
+    ));
+    assert!(h.model.execution(&key(1)).is_none());
+}
+
+#[test]
+fn extending_leases_also_refreshes_worker_liveness() {
+    let mut h = Harness::new();
+    h.submit("r", graph(&[(1, &[])]));
+    let token = h.assign("a", &[key(1)])[0].expect("assigned");
+    // No leader for ten lease periods: no heartbeat could land.
+    h.now_ms += 10 * LEASE_MS;
+    assert!(h.model.needs_expiry(h.now_ms, LEASE_MS));
+    h.apply(Command::ExtendLeases {
+        now_ms: h.now_ms,
+        lease_timeout_ms: LEASE_MS,
+    });
+    for (id, worker) in h.model.workers() {
+        assert_eq!(worker.last_seen_ms, h.now_ms, "worker {id}");
+    }
+    assert!(!h.model.needs_expiry(h.now_ms, LEASE_MS));
+    h.expire(3, LEASE_MS);
+    assert_eq!(h.model.workers().len(), 2, "nobody was removed");
+    assert_eq!(
+        h.exec(1).state,
+        ExecState::Running {
+            worker_id: "a".into(),
+            token,
+            expires_ms: h.now_ms + LEASE_MS
+        }
+    );
+    assert_eq!(h.exec(1).attempts, 0);
+    // Silent for a whole period after that, they are dead after all.
+    h.now_ms += LEASE_MS;
+    assert!(h.model.needs_expiry(h.now_ms, LEASE_MS));
+    h.expire(3, LEASE_MS);
+    assert!(h.model.workers().is_empty());
+    assert_eq!(h.exec(1).attempts, 1);
+}
+
+/// Build `A <- B <- C (<- D)` with A and B run on worker a, which then
+/// dies: both artifacts are lost and C is ready. Returns the build ID.
+fn chain_whose_holder_died(h: &mut Harness, jobs: &[(u8, &[u32])]) -> u64 {
+    let b = h.submit("r", graph(jobs));
+    assert!(h.run_one("a", key(1), success(1)));
+    assert!(h.run_one("a", key(2), success(2)));
+    h.now_ms += LEASE_MS;
+    h.heartbeat("b", &[]);
+    h.expire(3, LEASE_MS);
+    assert!(!h.model.workers().contains_key("a"));
+    assert_eq!(
+        h.events(),
+        [
+            format!("{b}:start:0"),
+            format!("{b}:ok:0"),
+            format!("{b}:start:1"),
+            format!("{b}:ok:1")
+        ]
+    );
+    b
+}
+
+/// Assigns C, then B, to b: each is blocked on its lost input, whose
+/// rebuild is queued with no (build, job) waiting for it.
+fn block_c_then_b(h: &mut Harness) {
+    assert_eq!(h.pick("b"), vec![key(3)]);
+    assert_eq!(h.assign("b", &[key(3)]), vec![None]);
+    assert_eq!(
+        h.exec(3).state,
+        ExecState::Blocked {
+            on: BTreeSet::from([key(2)])
+        }
+    );
+    assert!(h.model.result(&key(2)).is_none(), "no longer servable");
+    assert!(h.exec(2).waiters.is_empty());
+    // The rebuild of B is next; C is never picked while blocked.
+    assert_eq!(h.pick("b"), vec![key(2)]);
+    assert_eq!(h.assign("b", &[key(2)]), vec![None]);
+    assert_eq!(
+        h.exec(2).state,
+        ExecState::Blocked {
+            on: BTreeSet::from([key(1)])
+        }
+    );
+    assert!(h.model.result(&key(1)).is_none());
+    assert_eq!(h.pick("b"), vec![key(1)]);
+}
+
+#[test]
+fn lost_inputs_are_rebuilt_dependencies_first_and_finish_once_per_job() {
+    let mut h = Harness::new();
+    let b = chain_whose_holder_died(&mut h, &[(1, &[]), (2, &[0]), (3, &[1])]);
+    block_c_then_b(&mut h);
+    assert!(h.run_one("b", key(1), success(1)));
+    assert_eq!(h.model.holders(&artifact(1)), ["b:1"]);
+    assert!(h.model.result(&key(1)).is_some());
+    assert_eq!(h.pick("b"), vec![key(2)], "B unblocked, C still blocked");
+    assert!(h.run_one("b", key(2), success(2)));
+    // The build's A and B finished before: the rebuilds add no event.
+    assert!(h.events().is_empty());
+    assert_eq!(h.pick("b"), vec![key(3)]);
+    assert!(h.run_one("b", key(3), success(3)));
+    assert_eq!(
+        h.events(),
+        [
+            format!("{b}:start:2"),
+            format!("{b}:ok:2"),
+            format!("{b}:done:true")
+        ]
+    );
+    assert!(h.model.blocked_on.is_empty());
+    assert!(!h.model.has_queued());
+}
+
+#[test]
+fn a_failed_rebuild_fails_the_jobs_blocked_on_it_naming_the_lost_dependency() {
+    let mut h = Harness::new();
+    // A <- B <- C <- D.
+    let b = chain_whose_holder_died(&mut h, &[(1, &[]), (2, &[0]), (3, &[1]), (4, &[2])]);
+    block_c_then_b(&mut h);
+    let token = h.assign("b", &[key(1)])[0].expect("assigned");
+    assert!(h.report("b", token, key(1), failure(3)));
+    let events = h.take_events();
+    // B's rebuild, blocked on A, fails with it; C, blocked on B, fails
+    // naming B; D is skipped. A and B get no second event.
+    let error = Harness::error_of(&events, b, 2);
+    assert!(
+        error.contains("dependency \"job2\"") && error.contains("lost and could not be rebuilt"),
+        "{error}"
+    );
+    let rendered: Vec<_> = events
+        .iter()
+        .map(|(_, _, e)| match e {
+            Event::JobFinished { job, exit_code, .. } => format!("exit{exit_code}:{job}"),
+            Event::JobSkipped { job, .. } => format!("skip:{job}"),
+            Event::BuildFinished { ok, .. } => format!("done:{ok}"),
+            Event::JobStarted { job, .. } => format!("start:{job}"),
+        })
+        .collect();
+    assert_eq!(rendered, ["exit-1:2", "skip:3", "done:false"]);
+    for n in 1..=4 {
+        assert!(h.model.execution(&key(n)).is_none(), "execution {n} left");
+    }
+    assert!(h.model.blocked_on.is_empty());
+    assert!(!h.model.has_queued());
+}
+
+#[test]
+fn a_rebuild_that_gives_up_fails_the_jobs_blocked_on_it() {
+    let mut h = Harness::new();
+    let b = chain_whose_holder_died(&mut h, &[(1, &[]), (2, &[0]), (3, &[1])]);
+    block_c_then_b(&mut h);
+    // A's rebuild is leased to b, which keeps heartbeating without renewing
+    // the lease.
+    h.assign("b", &[key(1)]);
+    h.now_ms += LEASE_MS;
+    h.heartbeat("b", &[]);
+    h.expire(1, LEASE_MS);
+    let error = Harness::error_of(&h.take_events(), b, 2);
+    assert!(
+        error.contains("dependency \"job2\"") && error.contains("could not be rebuilt"),
+        "{error}"
+    );
+    assert!(h.model.execution(&key(2)).is_none());
+    assert!(h.model.execution(&key(3)).is_none());
+}
+
+#[test]
+fn a_job_needing_an_output_whose_rebuild_failed_fails_when_assigned() {
+    let mut h = Harness::new();
+    // A <- B and A <- C: B is assigned first and blocks on A's rebuild,
+    // which fails while C is still queued.
+    let b = h.submit("r", graph(&[(1, &[]), (2, &[0]), (3, &[0])]));
+    assert!(h.run_one("a", key(1), success(1)));
+    h.now_ms += LEASE_MS;
+    h.heartbeat("b", &[]);
+    h.expire(3, LEASE_MS);
+    assert_eq!(h.assign("b", &[key(2)]), vec![None]);
+    let token = h.assign("b", &[key(1)])[0].expect("assigned");
+    assert!(h.report("b", token, key(1), failure(3)));
+    let error = Harness::error_of(&h.take_events(), b, 1);
+    assert!(error.contains("dependency \"job1\""), "{error}");
+    // C's input has neither a result nor a rebuild any more.
+    assert_eq!(h.pick("b"), vec![key(3)]);
+    assert_eq!(h.assign("b", &[key(3)]), vec![None]);
+    let events = h.take_events();
+    let error = Harness::error_of(&events, b, 2);
+    assert!(
+        error.contains("dependency \"job1\"") && error.contains("could not be rebuilt"),
+        "{error}"
+    );
+    assert!(matches!(
+        events.last(),
+        Some((id, _, Event::BuildFinished { ok: false, .. })) if *id == b
+    ));
+    assert!(h.model.execution(&key(1)).is_none(), "no rebuild started");
+    assert!(!h.model.has_queued());
+}
+
+#[test]
+fn lost_inputs_requeue_without_an_attempt_and_lead_to_a_rebuild() {
+    let mut h = Harness::new();
+    // A <- B, and E on its own.
+    let b = h.submit("r", graph(&[(1, &[]), (2, &[0]), (5, &[])]));
+    assert!(h.run_one("a", key(1), success(1)));
+    assert!(h.run_one("a", key(5), success(5)));
+    let token = h.assign("b", &[key(2)])[0].expect("assigned");
+    h.events();
+    let lost = Outcome::LostInputs {
+        artifacts: vec![artifact(1), artifact(5)],
+    };
+    assert!(h.report("b", token, key(2), lost.clone()));
+    assert_eq!(h.exec(2).attempts, 0);
+    assert!(matches!(h.exec(2).state, ExecState::Queued { .. }));
+    assert_eq!(h.model.workers()["b"].running, 0);
+    // Every holding of B's input is dropped, though a is alive; E's
+    // artifact is no input of B: the report cannot make it lost.
+    assert!(h.model.holders(&artifact(1)).is_empty());
+    assert_eq!(h.model.holders(&artifact(5)), ["a:1"]);
+    // The same report again holds a stale lease: refused.
+    assert!(!h.report("b", token, key(2), lost));
+    // The next assignment rebuilds A first.
+    assert_eq!(h.assign("b", &[key(2)]), vec![None]);
+    assert_eq!(
+        h.exec(2).state,
+        ExecState::Blocked {
+            on: BTreeSet::from([key(1)])
+        }
+    );
+    assert!(h.run_one("b", key(1), success(1)));
+    assert!(h.run_one("b", key(2), success(2)));
+    assert_eq!(
+        h.events(),
+        [
+            format!("{b}:start:1"),
+            format!("{b}:ok:1"),
+            format!("{b}:done:true")
+        ]
+    );
+}
+
+#[test]
+fn a_build_submitted_during_a_rebuild_attaches_to_it() {
+    let mut h = Harness::new();
+    let b1 = h.submit("r1", graph(&[(1, &[]), (2, &[0])]));
+    assert!(h.run_one("a", key(1), success(1)));
+    h.now_ms += LEASE_MS;
+    h.heartbeat("b", &[]);
+    h.expire(3, LEASE_MS);
+    assert_eq!(h.assign("b", &[key(2)]), vec![None]);
+    h.events();
+    // A is being rebuilt: the new build's A waits for that run instead of
+    // being answered from the cache.
+    let b2 = h.submit("r2", graph(&[(1, &[]), (2, &[0])]));
+    assert!(h.events().is_empty());
+    assert_eq!(h.exec(1).waiters, [(b2, 0)]);
+    assert!(h.run_one("b", key(1), success(1)));
+    assert_eq!(h.events(), [format!("{b2}:start:0"), format!("{b2}:ok:0")]);
+    // Its B joins the one execution of B, unblocked now.
+    assert_eq!(h.exec(2).waiters, [(b1, 1), (b2, 1)]);
+    assert!(h.run_one("b", key(2), success(2)));
+    assert_eq!(
+        h.events(),
+        [
+            format!("{b1}:start:1"),
+            format!("{b2}:start:1"),
+            format!("{b1}:ok:1"),
+            format!("{b2}:ok:1"),
+            format!("{b1}:done:true"),
+            format!("{b2}:done:true")
+        ]
+    );
+}
+
+#[test]
+fn a_lost_leaf_output_is_built_again_not_answered_from_the_cache() {
+    let mut h = Harness::new();
+    // A <- B, both run on a, which dies.
+    h.submit("r1", graph(&[(1, &[]), (2, &[0])]));
+    assert!(h.run_one("a", key(1), success(1)));
+    assert!(h.run_one("a", key(2), success(2)));
+    h.now_ms += LEASE_MS;
+    h.heartbeat("b", &[]);
+    h.expire(3, LEASE_MS);
+    h.events();
+    // A new build with the same graph: A is no leaf (only B needs it, and
+    // only if B runs), so it is answered from the cache; B's output is what
+    // the client downloads, so B runs again.
+    let b2 = h.submit("r2", graph(&[(1, &[]), (2, &[0])]));
+    assert_eq!(h.events(), [format!("{b2}:cached:0")]);
+    assert_eq!(h.pick("b"), vec![key(2)]);
+    // Running it needs A, whose output is lost too.
+    assert_eq!(h.assign("b", &[key(2)]), vec![None]);
+    assert!(h.run_one("b", key(1), success(1)));
+    assert!(h.run_one("b", key(2), success(2)));
+    assert_eq!(
+        h.events(),
+        [
+            format!("{b2}:start:1"),
+            format!("{b2}:ok:1"),
+            format!("{b2}:done:true")
+        ]
+    );
 }

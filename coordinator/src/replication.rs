@@ -1,0 +1,200 @@
+//! Source blobs outlive any one coordinator: the leader acknowledges an
+//! upload only once a quorum of voters stores the blob (itself and enough
+//! followers, each verified and fsynced), and a node asked for a recorded
+//! blob it lacks (it was down, or joined later) fetches it from a peer.
+
+use std::time::Duration;
+
+use distbuild_proto::Digest;
+use distbuild_proto::v1::{BlobChunk, FetchRequest};
+use distbuild_proto::wire::{MAX_BLOB_CHUNK_BYTES, digest_to_wire};
+use futures::StreamExt;
+use tokio::io::AsyncReadExt;
+use tokio::task::JoinSet;
+use tonic::Status;
+
+use crate::node::Node;
+
+/// Longest one copy to or from a peer may take, before its share of the
+/// bytes: a copy to a dead peer gives up after this.
+const COPY_BASE: Duration = Duration::from_secs(10);
+/// Slowest transfer rate a copy is allowed (bytes per second).
+const COPY_MIN_RATE: u64 = 4 * 1024 * 1024;
+
+fn copy_deadline(size: u64) -> Duration {
+    COPY_BASE + Duration::from_secs(size / COPY_MIN_RATE)
+}
+
+/// The other voters (ID, address) and the quorum of the voters.
+fn other_voters(node: &Node) -> (Vec<(u64, String)>, usize) {
+    let metrics = node.raft.metrics();
+    let metrics = metrics.borrow();
+    let membership = metrics.membership_config.membership();
+    let voters: Vec<u64> = membership.voter_ids().collect();
+    let quorum = voters.len() / 2 + 1;
+    let others = voters
+        .into_iter()
+        .filter(|id| *id != node.node_id)
+        .filter_map(|id| membership.get_node(&id).map(|n| (id, n.addr.clone())))
+        .collect();
+    (others, quorum)
+}
+
+/// Every member but this one (voters and learners), to fetch from.
+fn other_members(node: &Node) -> Vec<(u64, String)> {
+    let metrics = node.raft.metrics();
+    let metrics = metrics.borrow();
+    metrics
+        .membership_config
+        .membership()
+        .nodes()
+        .filter(|(id, _)| **id != node.node_id)
+        .map(|(id, n)| (*id, n.addr.clone()))
+        .collect()
+}
+
+/// Copies a blob this node stores to the other voters and returns once a
+/// quorum (counting this node) has it. Copies still running then carry on
+/// in the background, bounded by their deadline.
+pub async fn replicate_blob(node: &Node, digest: Digest, size: u64) -> Result<(), Status> {
+    let (others, quorum) = other_voters(node);
+    let mut needed = quorum.saturating_sub(1);
+    if needed == 0 {
+        return Ok(());
+    }
+    let mut copies = JoinSet::new();
+    for (id, addr) in others {
+        let peers = node.peers.clone();
+        let blobs = node.blobs.clone();
+        copies.spawn(async move {
+            let copy = push(&peers, &addr, &blobs, digest, size);
+            let result = match tokio::time::timeout(copy_deadline(size), copy).await {
+                Ok(result) => result,
+                Err(_) => Err(format!("no answer in {:?}", copy_deadline(size))),
+            };
+            if result.is_err() {
+                peers.forget(&addr);
+            }
+            (id, result)
+        });
+    }
+    let mut problems = Vec::new();
+    while let Some(joined) = copies.join_next().await {
+        match joined {
+            Ok((_, Ok(()))) => {
+                needed -= 1;
+                if needed == 0 {
+                    copies.detach_all();
+                    return Ok(());
+                }
+            }
+            Ok((id, Err(e))) => problems.push(format!("coordinator {id}: {e}")),
+            Err(e) => problems.push(format!("copy task: {e}")),
+        }
+    }
+    Err(Status::unavailable(format!(
+        "blob {digest} could not be stored on a quorum of coordinators ({}); retry",
+        problems.join("; ")
+    )))
+}
+
+/// Streams the local copy of `digest` to the peer at `addr`.
+async fn push(
+    peers: &crate::network::Peers,
+    addr: &str,
+    blobs: &crate::blobs::BlobStore,
+    digest: Digest,
+    size: u64,
+) -> Result<(), String> {
+    let mut file = blobs
+        .open_blob(&digest)
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("blob {digest} is not stored here"))?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<BlobChunk>(4);
+    let reader = tokio::spawn(async move {
+        let mut first = true;
+        loop {
+            let mut buf = vec![0u8; MAX_BLOB_CHUNK_BYTES];
+            let n = file
+                .read(&mut buf)
+                .await
+                .map_err(|e| format!("read blob: {e}"))?;
+            if n == 0 && !first {
+                return Ok::<(), String>(());
+            }
+            buf.truncate(n);
+            let chunk = BlobChunk {
+                digest: if first {
+                    digest_to_wire(&digest)
+                } else {
+                    Default::default()
+                },
+                size: if first { size } else { 0 },
+                data: buf.into(),
+            };
+            first = false;
+            if tx.send(chunk).await.is_err() || n == 0 {
+                return Ok(());
+            }
+        }
+    });
+    let mut client = peers.transport(addr)?;
+    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    request.set_timeout(copy_deadline(size));
+    let sent = client.store_blob(request).await;
+    let read = reader.await.map_err(|e| format!("reader task: {e}"))?;
+    sent.map_err(|s| format!("{}: {}", s.code(), s.message()))?;
+    read
+}
+
+/// Makes sure this node stores `digest` (recorded in the state, so a
+/// quorum stored it): fetches it from the other members when missing.
+/// Returns whether it is stored here now.
+pub async fn ensure_local(node: &Node, digest: Digest) -> Result<bool, Status> {
+    if node.blobs.contains(&digest) {
+        return Ok(true);
+    }
+    let Some(size) = node.model().blob_size(&digest) else {
+        return Ok(false);
+    };
+    let mut problems = Vec::new();
+    for (id, addr) in other_members(node) {
+        let fetch = fetch_from(node, &addr, digest, size);
+        match tokio::time::timeout(copy_deadline(size), fetch).await {
+            Ok(Ok(())) => return Ok(true),
+            Ok(Err(e)) => problems.push(format!("coordinator {id}: {e}")),
+            Err(_) => {
+                node.peers.forget(&addr);
+                problems.push(format!("coordinator {id}: no answer in time"));
+            }
+        }
+    }
+    Err(Status::unavailable(format!(
+        "blob {digest} is recorded but no coordinator could supply it ({})",
+        problems.join("; ")
+    )))
+}
+
+async fn fetch_from(node: &Node, addr: &str, digest: Digest, size: u64) -> Result<(), String> {
+    let mut client = node.peers.transport(addr)?;
+    let mut request = tonic::Request::new(FetchRequest {
+        digest: digest_to_wire(&digest),
+    });
+    request.set_timeout(copy_deadline(size));
+    let mut chunks = client
+        .fetch_blob(request)
+        .await
+        .map_err(|s| format!("{}: {}", s.code(), s.message()))?
+        .into_inner();
+    let mut writer = node
+        .blobs
+        .writer(digest, size)
+        .await
+        .map_err(|e| e.to_string())?;
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk.map_err(|s| format!("{}: {}", s.code(), s.message()))?;
+        writer.write(&chunk.data).await.map_err(|e| e.to_string())?;
+    }
+    writer.finish().await.map_err(|e| e.to_string())
+}

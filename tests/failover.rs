@@ -1,0 +1,270 @@
+//! Failover with real processes on loopback: three (or five) coordinators
+//! forming one Raft cluster, several workers, and the client CLI. Jobs
+//! append their names to a log outside every sandbox, so the tests can
+//! tell how often each one ran.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use support::*;
+
+const BUILD_TIMEOUT: Duration = Duration::from_secs(180);
+
+fn names(chains: usize, length: usize) -> Vec<String> {
+    (0..chains)
+        .flat_map(|c| (0..length).map(move |s| format!("c{c}s{s}")))
+        .collect()
+}
+
+/// The build succeeded, reported every job finished exactly once, and
+/// (unless listed in `may_rerun`) every job ran exactly once.
+fn assert_complete(run: &BuildRun, names: &[String], log: &Path, may_rerun: &[&str], logs: &str) {
+    assert_eq!(run.code, Some(0), "{}\n{logs}", run.describe());
+    let mut reported: BTreeMap<String, usize> = BTreeMap::new();
+    for event in &run.events {
+        if event["event"] == "job_finished" {
+            *reported
+                .entry(event["id"].as_str().unwrap_or("?").to_string())
+                .or_default() += 1;
+        }
+    }
+    for name in names {
+        assert_eq!(
+            reported.get(&id(name)),
+            Some(&1),
+            "job {name} reported {:?} times: {}",
+            reported.get(&id(name)),
+            run.describe()
+        );
+    }
+    assert_eq!(reported.len(), names.len(), "{}", run.describe());
+    let mut ran: BTreeMap<String, usize> = BTreeMap::new();
+    for line in read_lines(log) {
+        *ran.entry(line).or_default() += 1;
+    }
+    for name in names {
+        let times = ran.get(name).copied().unwrap_or(0);
+        if may_rerun.contains(&name.as_str()) {
+            assert!(times >= 1, "job {name} never ran");
+        } else {
+            assert_eq!(
+                times, 1,
+                "job {name} ran {times} times; log: {ran:?}\n{logs}"
+            );
+        }
+    }
+}
+
+#[test]
+fn killing_the_leader_mid_build_loses_nothing_and_reruns_nothing() {
+    let mut cluster = HaCluster::start(3, 0, 3, 2);
+    let log = cluster.path("ran.log");
+    let graph = sleep_chains(3, 10, "0.3", &log);
+    let build = cluster.spawn_build(&graph, &["--timeout", "60"]);
+    wait_for_lines(&log, 6, BUILD_TIMEOUT);
+    let leader = cluster.wait_for_leader();
+    cluster.kill_node(leader);
+    let run = finish_build(build, BUILD_TIMEOUT);
+    assert_complete(&run, &names(3, 10), &log, &[], &cluster.logs());
+    // The survivors elected another leader.
+    assert_ne!(cluster.wait_for_leader(), leader);
+}
+
+#[test]
+fn killing_every_coordinator_mid_build_and_restarting_them_completes_it() {
+    let mut cluster = HaCluster::start(3, 0, 2, 2);
+    let log = cluster.path("ran.log");
+    let graph = sleep_chains(2, 8, "0.3", &log);
+    let mut build = cluster.spawn_build(&graph, &["--timeout", "60"]);
+    wait_for_lines(&log, 4, BUILD_TIMEOUT);
+    for id in 1..=3 {
+        cluster.kill_node(id);
+    }
+    // With every coordinator down, the client waits.
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        build.try_wait().expect("poll the build").is_none(),
+        "the client exited while the cluster was down"
+    );
+    for id in 1..=3 {
+        cluster.start_node(id);
+    }
+    let run = finish_build(build, BUILD_TIMEOUT);
+    // A job running while all coordinators were down may have finished
+    // then and reported to nobody; its worker retries the report, so it
+    // still runs once.
+    assert_complete(&run, &names(2, 8), &log, &[], &cluster.logs());
+}
+
+#[test]
+fn a_killed_worker_s_job_runs_again_on_another_worker() {
+    let mut cluster = HaCluster::start(3, 0, 2, 1);
+    let log = cluster.path("ran.log");
+    let pwd_log = cluster.path("where.log");
+    // One long job that records where it runs, then a quick one after it.
+    let long = sh_job(
+        "long",
+        &[],
+        &[],
+        &[&format!(
+            "echo $PWD >> {}; sleep 3; echo long >> {}; echo done > {{{{.OutputDir}}}}/out",
+            pwd_log.display(),
+            log.display()
+        )],
+    );
+    let after = sh_job(
+        "after",
+        &[],
+        &["long"],
+        &[&format!(
+            "cat {{{{index .Deps \"{}\"}}}}/out && echo after >> {}",
+            id("long"),
+            log.display()
+        )],
+    );
+    let build = cluster.spawn_build(&graph(&[], vec![long, after]), &["--timeout", "60"]);
+    wait_for_lines(&pwd_log, 1, BUILD_TIMEOUT);
+    let first = read_lines(&pwd_log)[0].clone();
+    let victim = (0..cluster.workers.len())
+        .find(|i| first.contains(&format!("/worker{i}/")))
+        .unwrap_or_else(|| panic!("which worker ran in {first}?"));
+    cluster.workers[victim].take().expect("running").kill();
+    let run = finish_build(build, BUILD_TIMEOUT);
+    assert_eq!(run.code, Some(0), "{}\n{}", run.describe(), cluster.logs());
+    let places = read_lines(&pwd_log);
+    assert_eq!(places.len(), 2, "long ran in {places:?}");
+    assert!(
+        !places[1].contains(&format!("/worker{victim}/")),
+        "the job ran again on the dead worker: {places:?}"
+    );
+    assert_eq!(read_lines(&log), vec!["long", "after"]);
+}
+
+#[test]
+fn builds_go_on_with_one_coordinator_down_and_wait_while_two_are() {
+    let mut cluster = HaCluster::start(3, 0, 2, 2);
+    let leader = cluster.wait_for_leader();
+    let follower = (1..=3).find(|id| *id != leader).expect("a follower");
+    cluster.kill_node(follower);
+    // One follower down: a build works.
+    let log = cluster.path("ran.log");
+    let run = finish_build(
+        cluster.spawn_build(&sleep_chains(2, 2, "0", &log), &["--timeout", "60"]),
+        BUILD_TIMEOUT,
+    );
+    assert_complete(&run, &names(2, 2), &log, &[], &cluster.logs());
+
+    // Two down: the client waits (no quorum) ...
+    let log = cluster.path("ran2.log");
+    let second = (1..=3)
+        .find(|id| *id != follower && cluster.coordinators[*id as usize - 1].is_some())
+        .expect("a live node");
+    cluster.kill_node(second);
+    let mut build = cluster.spawn_build(&sleep_chains(1, 3, "0", &log), &["--timeout", "60"]);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        build.try_wait().expect("poll the build").is_none(),
+        "the client exited without a quorum"
+    );
+    assert!(read_lines(&log).is_empty(), "a job ran without a quorum");
+    // ... and one back completes it.
+    cluster.start_node(second);
+    let run = finish_build(build, BUILD_TIMEOUT);
+    assert_complete(&run, &names(1, 3), &log, &[], &cluster.logs());
+}
+
+#[test]
+fn a_rolling_restart_of_every_coordinator_during_a_build_completes_it() {
+    let mut cluster = HaCluster::start(3, 0, 3, 2);
+    let log = cluster.path("ran.log");
+    let graph = sleep_chains(3, 12, "0.3", &log);
+    let build = cluster.spawn_build(&graph, &["--timeout", "60"]);
+    wait_for_lines(&log, 3, BUILD_TIMEOUT);
+    for id in 1..=3 {
+        cluster.kill_node(id);
+        std::thread::sleep(Duration::from_millis(500));
+        cluster.start_node(id);
+        cluster.wait_for_leader();
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let run = finish_build(build, BUILD_TIMEOUT);
+    assert_complete(&run, &names(3, 12), &log, &[], &cluster.logs());
+}
+
+fn membership(cluster: &HaCluster, args: &[&str]) {
+    let out = distbuild()
+        .args(["cluster"])
+        .args(args)
+        .args(["--coordinator", &cluster.all_addrs(), "--timeout", "60"])
+        .output()
+        .expect("run cluster membership command");
+    assert!(
+        out.status.success(),
+        "cluster {args:?}: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        cluster.logs()
+    );
+}
+
+fn voters(cluster: &HaCluster) -> Vec<u64> {
+    let status = cluster.status();
+    let mut voters: Vec<u64> = status["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .filter(|m| m["voter"] == serde_json::json!(true))
+        .map(|m| m["node_id"].as_u64().expect("node_id"))
+        .collect();
+    voters.sort();
+    voters
+}
+
+#[test]
+fn the_cluster_grows_to_five_and_shrinks_to_three_during_a_build() {
+    let mut cluster = HaCluster::start(3, 2, 2, 2);
+    let log = cluster.path("ran.log");
+    let graph = sleep_chains(2, 10, "0.3", &log);
+    let build = cluster.spawn_build(&graph, &["--timeout", "60"]);
+    wait_for_lines(&log, 2, BUILD_TIMEOUT);
+    for id in [4u64, 5] {
+        cluster.start_node(id);
+        let addr = cluster.node_addr(id);
+        membership(
+            &cluster,
+            &["add-node", "--node-id", &id.to_string(), "--addr", &addr],
+        );
+    }
+    assert_eq!(voters(&cluster), vec![1, 2, 3, 4, 5]);
+    for id in [1u64, 2] {
+        membership(&cluster, &["remove-node", "--node-id", &id.to_string()]);
+        cluster.kill_node(id);
+    }
+    assert_eq!(voters(&cluster), vec![3, 4, 5]);
+    let run = finish_build(build, BUILD_TIMEOUT);
+    assert_complete(&run, &names(2, 10), &log, &[], &cluster.logs());
+}
+
+#[test]
+fn removing_a_node_that_would_break_the_quorum_needs_force() {
+    let mut cluster = HaCluster::start(3, 0, 0, 1);
+    let leader = cluster.wait_for_leader();
+    let down = (1..=3).find(|id| *id != leader).expect("a follower");
+    cluster.kill_node(down);
+    let remove = (1..=3)
+        .find(|id| *id != leader && *id != down)
+        .expect("the other follower");
+    // Removing the live follower would leave {leader, down}: one of two up.
+    let out = distbuild()
+        .args(["cluster", "remove-node", "--node-id", &remove.to_string()])
+        .args(["--coordinator", &cluster.all_addrs(), "--timeout", "20"])
+        .output()
+        .expect("run remove-node");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--force"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert_eq!(voters(&cluster), vec![1, 2, 3]);
+}
