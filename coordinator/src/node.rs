@@ -54,7 +54,7 @@ impl Clock for SystemClock {
 /// writes what changed.
 struct App {
     model: Arc<Mutex<Model>>,
-    requests: Requests,
+    requests: Arc<Mutex<Requests>>,
 }
 
 fn lock(model: &Mutex<Model>) -> MutexGuard<'_, Model> {
@@ -71,9 +71,10 @@ impl Application<TypeConfig> for App {
         proposal: &Proposal,
     ) -> Result<Response, StoreError> {
         let mut model = lock(&self.model);
-        let response = self.requests.apply(&mut model, log_id.index, proposal);
+        let mut requests = self.requests.lock().expect("requests lock poisoned");
+        let response = requests.apply(&mut model, log_id.index, proposal);
         model.flush(txn)?;
-        self.requests.flush(txn)?;
+        requests.flush(txn)?;
         Ok(response)
     }
 
@@ -83,7 +84,7 @@ impl Application<TypeConfig> for App {
 
     fn restore(&mut self, state: &StateReader<'_>) -> Result<(), StoreError> {
         *lock(&self.model) = Model::load(state)?;
-        self.requests = Requests::load(state)?;
+        *self.requests.lock().expect("requests lock poisoned") = Requests::load(state)?;
         Ok(())
     }
 }
@@ -149,6 +150,7 @@ pub struct Node {
     /// term.
     confirmed: Mutex<Option<(u64, tokio::time::Instant)>>,
     model: Arc<Mutex<Model>>,
+    requests: Arc<Mutex<Requests>>,
     pub state: StateHandle,
     pub blobs: BlobStore,
     pub clock: Arc<dyn Clock>,
@@ -178,9 +180,10 @@ impl Node {
     ) -> anyhow::Result<Arc<Self>> {
         use anyhow::Context as _;
         let model = Arc::new(Mutex::new(Model::default()));
+        let requests = Arc::new(Mutex::new(Requests::default()));
         let app = App {
             model: model.clone(),
-            requests: Requests::default(),
+            requests: requests.clone(),
         };
         let raft_dir = data_dir.join("raft");
         let (log_store, state_machine) = distbuild_raft_store::open(&raft_dir, app)
@@ -247,6 +250,7 @@ impl Node {
             addr,
             raft,
             peers,
+            requests,
             leases_extended_in: AtomicU64::new(0),
             confirmed: Mutex::new(None),
             model,
@@ -262,6 +266,14 @@ impl Node {
     /// The replicated model (read it, never hold the guard across await).
     pub fn model(&self) -> MutexGuard<'_, Model> {
         lock(&self.model)
+    }
+
+    /// The answer the state machine remembers for request `id`, if any.
+    pub fn remembered(&self, id: &str) -> Option<Response> {
+        self.requests
+            .lock()
+            .expect("requests lock poisoned")
+            .answer(id)
     }
 
     /// The leader's clock, never behind the state's.

@@ -96,6 +96,11 @@ impl Requests {
         }
     }
 
+    /// The answer given to request `id`, if remembered.
+    pub fn answer(&self, id: &str) -> Option<Response> {
+        self.by_id.get(id).map(|seen| seen.response.clone())
+    }
+
     /// How many answers are remembered.
     pub fn len(&self) -> usize {
         self.by_id.len()

@@ -11,14 +11,17 @@ use distbuild_proto::wire::MAX_MESSAGE_BYTES;
 use futures::future::BoxFuture;
 use tonic::transport::{Channel, Endpoint};
 
-/// How long establishing a connection may take.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-/// Interval of HTTP/2 keepalive pings on every connection: a dead peer is
-/// noticed even when no call is in flight.
-pub const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// How long establishing a connection may take: short, so an address that
+/// drops packets (a partitioned coordinator or peer) costs about a second
+/// before the next one is tried.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Interval of HTTP/2 keepalive pings on every connection, idle or not: a
+/// peer that stopped answering (partitioned away, packets dropped) is
+/// noticed within interval + timeout, also while a call waits on it.
+pub const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
 /// How long a keepalive ping may go unanswered before the connection is
-/// considered dead.
-pub const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// considered dead (and every call on it fails).
+pub const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Why a connection could not be made.
 #[derive(Debug, thiserror::Error)]

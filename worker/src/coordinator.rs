@@ -1,6 +1,14 @@
 //! The worker's client of the coordinators' `WorkerApi`: one current
 //! coordinator at a time, chosen as the first address that answers, and
 //! switched when a coordinator answers "not the leader" naming another.
+//!
+//! All retrying lives here. Every attempt has a deadline; a failure that
+//! suggests the node cannot serve (UNAVAILABLE without a leader named, a
+//! deadline, a broken connection) drops its channel and moves on to the next
+//! configured address, and the call is retried with bounded exponential
+//! backoff ([`Backoff`]) for as long as its [`Persistence`] allows. A retry
+//! sends the very same message, so it carries the same `request_id` and the
+//! coordinators apply the call at most once.
 
 use std::future::Future;
 use std::time::Duration;
@@ -11,17 +19,78 @@ use distbuild_proto::v1::{
     PollWorkResponse, RegisterRequest, RegisterResponse, ReportResultRequest, ReportResultResponse,
 };
 use distbuild_proto::wire::LEADER_METADATA_KEY;
+use rand::Rng;
 use tokio::sync::Mutex;
+use tokio::time::Instant;
 use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};
 
 use crate::connect::{SharedConnector, worker_api_client};
 
-/// How many "not the leader" redirects one call follows before giving up.
+/// How many "not the leader" redirects one attempt follows before it counts
+/// as failed (the call's retries may follow more).
 pub const MAX_LEADER_REDIRECTS: usize = 3;
 
-/// Deadline of a call that is not a long poll or a heartbeat.
+/// Deadline of one attempt of a call that is not a long poll or a
+/// heartbeat.
 pub const UNARY_DEADLINE: Duration = Duration::from_secs(10);
+
+/// First delay before retrying a failed call; it doubles on every further
+/// failure up to [`MAX_RETRY_DELAY`].
+pub const FIRST_RETRY_DELAY: Duration = Duration::from_millis(50);
+/// Longest delay between two attempts of a call.
+pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(1);
+/// A call that keeps failing is logged at warning level on its first
+/// failure and then once every this many attempts (debug otherwise).
+const WARN_EVERY_ATTEMPTS: u32 = 10;
+
+/// Bounded exponential backoff with jitter: [`FIRST_RETRY_DELAY`] doubling
+/// up to [`MAX_RETRY_DELAY`]; each delay is drawn from its upper half, so
+/// workers that failed together do not retry in lockstep.
+#[derive(Debug, Clone, Default)]
+pub struct Backoff {
+    failures: u32,
+}
+
+impl Backoff {
+    /// A backoff before its first failure.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The longest delay the next call to [`Backoff::next_delay`] may
+    /// return.
+    pub fn ceiling(&self) -> Duration {
+        FIRST_RETRY_DELAY
+            .saturating_mul(1 << self.failures.min(16))
+            .min(MAX_RETRY_DELAY)
+    }
+
+    /// The delay before the next attempt; counts one more failure.
+    pub fn next_delay(&mut self) -> Duration {
+        let ceiling = self.ceiling();
+        self.failures = self.failures.saturating_add(1);
+        let half = ceiling / 2;
+        half + rand::thread_rng().gen_range(Duration::ZERO..=half)
+    }
+
+    /// Failures counted so far.
+    pub fn failures(&self) -> u32 {
+        self.failures
+    }
+}
+
+/// How long a call keeps retrying failures worth retrying
+/// ([`RpcError::worth_retrying`]); other failures end it at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Persistence {
+    /// Until some coordinator answers; the caller bounds it by dropping the
+    /// future (shutdown, cancellation).
+    UntilAnswered,
+    /// Until some coordinator answers or this instant passes, then the last
+    /// error.
+    Until(Instant),
+}
 
 /// Why a call to the coordinators failed.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +122,23 @@ impl RpcError {
             Self::Unreachable { .. } => Code::Unavailable,
             Self::Status { status, .. } => status.code(),
         }
+    }
+
+    /// Whether the same call may succeed when retried (on this or another
+    /// coordinator): nothing reachable, no leader, a deadline, a broken
+    /// connection, an overloaded or failing node. Refusals of the request
+    /// itself (invalid, not found, ...) are not.
+    pub fn worth_retrying(&self) -> bool {
+        matches!(
+            self.code(),
+            Code::Unavailable
+                | Code::DeadlineExceeded
+                | Code::Unknown
+                | Code::Cancelled
+                | Code::Aborted
+                | Code::ResourceExhausted
+                | Code::Internal
+        )
     }
 }
 
@@ -171,9 +257,11 @@ impl CoordinatorClient {
         }
     }
 
-    /// Runs `call` against the current coordinator within `deadline`,
-    /// following "not the leader" answers a bounded number of times.
-    async fn call<T, F, Fut>(
+    /// One attempt: runs `call` against the current coordinator within
+    /// `deadline`, following "not the leader" answers a bounded number of
+    /// times. A failure that suggests the node cannot serve drops its
+    /// channel, so the next attempt goes to the next address.
+    async fn attempt<T, F, Fut>(
         &self,
         what: &'static str,
         deadline: Duration,
@@ -209,9 +297,56 @@ impl CoordinatorClient {
                 continue;
             }
             if connection_suspect(status.code()) {
+                tracing::debug!(coordinator = %addr, code = ?status.code(), "dropping the connection; next address");
                 self.forget(&addr).await;
             }
             return Err(RpcError::Status { what, addr, status });
+        }
+    }
+
+    /// Runs `call` until it succeeds, a failure not worth retrying, or
+    /// `persistence` says stop; each attempt within `deadline`, separated
+    /// by [`Backoff`] delays. `call` must send the same message every time.
+    async fn call<T, F, Fut>(
+        &self,
+        what: &'static str,
+        deadline: Duration,
+        persistence: Persistence,
+        call: F,
+    ) -> Result<T, RpcError>
+    where
+        F: Fn(WorkerApiClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let mut backoff = Backoff::new();
+        loop {
+            let error = match self.attempt(what, deadline, &call).await {
+                Ok(response) => {
+                    if backoff.failures() > 0 {
+                        tracing::info!(
+                            attempts = backoff.failures() + 1,
+                            "{what}: answered after retrying"
+                        );
+                    }
+                    return Ok(response);
+                }
+                Err(error) => error,
+            };
+            let delay = backoff.next_delay();
+            let give_up = match persistence {
+                Persistence::UntilAnswered => false,
+                Persistence::Until(end) => Instant::now() + delay >= end,
+            };
+            if give_up || !error.worth_retrying() {
+                return Err(error);
+            }
+            let attempt = backoff.failures();
+            if attempt == 1 || attempt.is_multiple_of(WARN_EVERY_ATTEMPTS) {
+                tracing::warn!(%error, attempt, "call failed; retrying");
+            } else {
+                tracing::debug!(%error, attempt, "call failed; retrying");
+            }
+            tokio::time::sleep(delay).await;
         }
     }
 
@@ -221,64 +356,130 @@ impl CoordinatorClient {
         request
     }
 
-    /// `Register`.
-    pub async fn register(&self, message: RegisterRequest) -> Result<RegisterResponse, RpcError> {
-        self.call("register", UNARY_DEADLINE, |mut client| {
+    /// `Register`, retried as `persistence` allows.
+    pub async fn register(
+        &self,
+        message: RegisterRequest,
+        persistence: Persistence,
+    ) -> Result<RegisterResponse, RpcError> {
+        self.call("register", UNARY_DEADLINE, persistence, |mut client| {
             let request = Self::request(message.clone(), UNARY_DEADLINE);
             async move { client.register(request).await }
         })
         .await
     }
 
-    /// `PollWork`: a long poll; the deadline is its wait plus a margin.
+    /// `PollWork`: a long poll; `deadline` (each attempt's) is its wait
+    /// plus a margin.
     pub async fn poll_work(
         &self,
         message: PollWorkRequest,
         deadline: Duration,
+        persistence: Persistence,
     ) -> Result<PollWorkResponse, RpcError> {
-        self.call("poll for work", deadline, |mut client| {
+        self.call("poll for work", deadline, persistence, |mut client| {
             let request = Self::request(message.clone(), deadline);
             async move { client.poll_work(request).await }
         })
         .await
     }
 
-    /// `Heartbeat`, within `deadline`.
+    /// `Heartbeat`, each attempt within `deadline`.
     pub async fn heartbeat(
         &self,
         message: HeartbeatRequest,
         deadline: Duration,
+        persistence: Persistence,
     ) -> Result<HeartbeatResponse, RpcError> {
-        self.call("heartbeat", deadline, |mut client| {
+        self.call("heartbeat", deadline, persistence, |mut client| {
             let request = Self::request(message.clone(), deadline);
             async move { client.heartbeat(request).await }
         })
         .await
     }
 
-    /// `ReportResult`, once (callers retry).
+    /// `ReportResult`, retried as `persistence` allows.
     pub async fn report_result(
         &self,
         message: ReportResultRequest,
+        persistence: Persistence,
     ) -> Result<ReportResultResponse, RpcError> {
-        self.call("report a result", UNARY_DEADLINE, |mut client| {
-            let request = Self::request(message.clone(), UNARY_DEADLINE);
-            async move { client.report_result(request).await }
-        })
+        self.call(
+            "report a result",
+            UNARY_DEADLINE,
+            persistence,
+            |mut client| {
+                let request = Self::request(message.clone(), UNARY_DEADLINE);
+                async move { client.report_result(request).await }
+            },
+        )
         .await
     }
 
     /// `FetchBlob`: the stream of a source blob's chunks. `deadline` bounds
-    /// the wait for the stream to start; callers bound each message.
+    /// each attempt's wait for the stream to start; callers bound each
+    /// message.
     pub async fn fetch_blob(
         &self,
         message: FetchRequest,
         deadline: Duration,
+        persistence: Persistence,
     ) -> Result<Streaming<BlobChunk>, RpcError> {
-        self.call("fetch a source blob", deadline, |mut client| {
-            let request = tonic::Request::new(message.clone());
-            async move { client.fetch_blob(request).await }
-        })
+        self.call(
+            "fetch a source blob",
+            deadline,
+            persistence,
+            |mut client| {
+                let request = tonic::Request::new(message.clone());
+                async move { client.fetch_blob(request).await }
+            },
+        )
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_from_the_first_delay_to_a_cap() {
+        let mut backoff = Backoff::new();
+        let mut ceilings = Vec::new();
+        for _ in 0..8 {
+            let ceiling = backoff.ceiling();
+            let delay = backoff.next_delay();
+            assert!(
+                delay <= ceiling && delay >= ceiling / 2,
+                "{delay:?} within the upper half of {ceiling:?}"
+            );
+            ceilings.push(ceiling.as_millis());
+        }
+        assert_eq!(ceilings, [50, 100, 200, 400, 800, 1000, 1000, 1000]);
+        assert_eq!(backoff.failures(), 8);
+    }
+
+    #[test]
+    fn what_is_worth_retrying() {
+        let status = |code| RpcError::Status {
+            what: "test",
+            addr: "a:1".into(),
+            status: Status::new(code, "x"),
+        };
+        for code in [Code::Unavailable, Code::DeadlineExceeded, Code::Unknown] {
+            assert!(status(code).worth_retrying(), "{code:?}");
+        }
+        for code in [
+            Code::InvalidArgument,
+            Code::NotFound,
+            Code::FailedPrecondition,
+        ] {
+            assert!(!status(code).worth_retrying(), "{code:?}");
+        }
+        let unreachable = RpcError::Unreachable {
+            what: "test",
+            problems: String::new(),
+        };
+        assert!(unreachable.worth_retrying());
     }
 }

@@ -10,16 +10,27 @@ use distbuild_proto::Digest;
 use distbuild_proto::v1::{BlobChunk, FetchRequest};
 use distbuild_proto::wire::digest_to_wire;
 use tokio::io::AsyncWriteExt;
-use tonic::Streaming;
+use tokio::time::Instant;
+use tonic::{Code, Streaming};
 
 use crate::cache::{Cache, CacheError};
 use crate::connect::{SharedConnector, error_chain, peer_api_client};
-use crate::coordinator::{CoordinatorClient, RpcError};
+use crate::coordinator::{Backoff, CoordinatorClient, Persistence, RpcError, UNARY_DEADLINE};
+use crate::peer::TRANSFER_QUEUE_TIMEOUT;
 
-/// How long a transfer may wait for its first answer.
+/// How long a transfer may wait for its first answer. Longer than a peer
+/// keeps a request waiting for a transfer slot, so a busy holder answers
+/// "busy" (it has the artifact) rather than looking dead.
 pub const FETCH_START_DEADLINE: Duration = Duration::from_secs(30);
+const _: () = assert!(FETCH_START_DEADLINE.as_secs() > TRANSFER_QUEUE_TIMEOUT.as_secs());
 /// How long a transfer may wait for its next chunk before it is abandoned.
 pub const FETCH_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long fetching a source blob keeps retrying while the coordinators
+/// cannot serve it (a failover, a stream broken by one).
+pub const SOURCE_FETCH_RETRY_WINDOW: Duration = Duration::from_secs(30);
+/// Rounds over an artifact's holders while some holder answers that it is
+/// too busy (it has the artifact, so the artifact is not lost).
+pub const MAX_ARTIFACT_FETCH_ROUNDS: u32 = 3;
 
 /// Why a blob could not be fetched.
 #[derive(Debug, thiserror::Error)]
@@ -27,16 +38,50 @@ pub enum FetchError {
     /// The coordinators refused or could not be reached.
     #[error(transparent)]
     Rpc(#[from] RpcError),
-    /// The transfer failed (no holder, a broken or short stream, ...).
+    /// The other side did not deliver it (refused, no answer, a broken or
+    /// short stream, ...).
     #[error("{0}")]
     Transfer(String),
+    /// A holder has the artifact but is too busy to serve it now.
+    #[error("{0}")]
+    Busy(String),
+    /// Something on this worker failed (a scratch file, the disk).
+    #[error("{0}")]
+    Local(String),
     /// The content could not be stored (or did not match its digest).
     #[error(transparent)]
     Cache(#[from] CacheError),
+    /// None of the holders the assignment named could deliver the
+    /// artifact: the coordinators must rebuild it.
+    #[error("artifact {digest} is lost: no holder could serve it ({problems})")]
+    Lost {
+        /// The artifact.
+        digest: Digest,
+        /// Why each holder failed, one line.
+        problems: String,
+    },
+}
+
+impl FetchError {
+    /// Whether the failure is this worker's own (its disk), not the other
+    /// side's: trying another source would not help.
+    pub fn is_local(&self) -> bool {
+        matches!(self, Self::Local(_) | Self::Cache(CacheError::Io { .. }))
+    }
+
+    /// The artifact no holder could serve, for a [`FetchError::Lost`].
+    pub fn lost_digest(&self) -> Option<Digest> {
+        match self {
+            Self::Lost { digest, .. } => Some(*digest),
+            _ => None,
+        }
+    }
 }
 
 /// Fetches source blob `digest` (`size` bytes) from the coordinators into
-/// the cache; `scratch` is a directory for the partial download.
+/// the cache; `scratch` is a directory for the partial download. Retries
+/// through failovers for up to [`SOURCE_FETCH_RETRY_WINDOW`]; a refusal
+/// (no such blob), wrong content or a local failure ends it at once.
 pub async fn fetch_source_blob(
     coordinator: &CoordinatorClient,
     cache: &Cache,
@@ -44,17 +89,42 @@ pub async fn fetch_source_blob(
     size: u64,
     scratch: &Path,
 ) -> Result<(), FetchError> {
-    let request = FetchRequest {
-        digest: digest_to_wire(&digest),
-    };
-    let stream = coordinator
-        .fetch_blob(request, FETCH_START_DEADLINE)
-        .await?;
-    receive_into_cache(stream, cache, digest, size, scratch).await
+    let give_up = Instant::now() + SOURCE_FETCH_RETRY_WINDOW;
+    let mut backoff = Backoff::new();
+    loop {
+        let request = FetchRequest {
+            digest: digest_to_wire(&digest),
+        };
+        let result = match coordinator
+            .fetch_blob(request, UNARY_DEADLINE, Persistence::Until(give_up))
+            .await
+        {
+            Ok(stream) => receive_into_cache(stream, cache, digest, size, scratch).await,
+            Err(e) => Err(e.into()),
+        };
+        let error = match result {
+            Ok(()) => return Ok(()),
+            // The call itself already retried what was worth retrying.
+            Err(error @ FetchError::Rpc(_)) => return Err(error),
+            Err(error) => error,
+        };
+        let delay = backoff.next_delay();
+        if !matches!(error, FetchError::Transfer(_)) || Instant::now() + delay >= give_up {
+            return Err(error);
+        }
+        tracing::info!(%digest, %error, "source blob transfer failed; retrying");
+        tokio::time::sleep(delay).await;
+    }
 }
 
 /// Fetches artifact `digest` (`size` bytes) from the first of `holders`
 /// (peer addresses, tried in order) that delivers it intact.
+///
+/// When none can ([`FetchError::Lost`]): every holder was unreachable,
+/// refused, or sent something broken, or no holder was named. A local
+/// failure ends the fetch at once (another holder would not help) and is
+/// never "lost"; neither is a holder too busy to serve it (tried again for
+/// up to [`MAX_ARTIFACT_FETCH_ROUNDS`] rounds).
 pub async fn fetch_artifact(
     connector: &SharedConnector,
     holders: &[String],
@@ -64,24 +134,39 @@ pub async fn fetch_artifact(
     scratch: &Path,
 ) -> Result<(), FetchError> {
     if holders.is_empty() {
-        return Err(FetchError::Transfer(format!(
-            "artifact {digest}: no worker holds it"
-        )));
+        return Err(FetchError::Lost {
+            digest,
+            problems: "no worker holds it".to_string(),
+        });
     }
-    let mut problems = Vec::new();
-    for holder in holders {
-        match fetch_artifact_from(connector, holder, cache, digest, size, scratch).await {
-            Ok(()) => return Ok(()),
-            Err(e) => {
-                tracing::info!(%holder, %digest, error = %e, "artifact fetch failed; trying the next holder");
-                problems.push(format!("{holder}: {e}"));
+    let mut backoff = Backoff::new();
+    let mut round = 1;
+    loop {
+        let mut problems = Vec::new();
+        let mut busy = false;
+        for holder in holders {
+            match fetch_artifact_from(connector, holder, cache, digest, size, scratch).await {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_local() => return Err(e),
+                Err(e) => {
+                    tracing::info!(%holder, %digest, error = %e, "artifact fetch failed; trying the next holder");
+                    busy |= matches!(e, FetchError::Busy(_));
+                    problems.push(format!("{holder}: {e}"));
+                }
             }
         }
+        let problems = problems.join("; ");
+        if !busy {
+            return Err(FetchError::Lost { digest, problems });
+        }
+        if round >= MAX_ARTIFACT_FETCH_ROUNDS {
+            return Err(FetchError::Transfer(format!(
+                "artifact {digest}: no holder delivered it in {round} rounds ({problems})"
+            )));
+        }
+        round += 1;
+        tokio::time::sleep(backoff.next_delay()).await;
     }
-    Err(FetchError::Transfer(format!(
-        "artifact {digest}: every holder failed ({})",
-        problems.join("; ")
-    )))
 }
 
 async fn fetch_artifact_from(
@@ -104,13 +189,19 @@ async fn fetch_artifact_from(
         match tokio::time::timeout(FETCH_START_DEADLINE, client.fetch_artifact(request)).await {
             Ok(Ok(response)) => response.into_inner(),
             Ok(Err(status)) => {
+                let problem = format!("{}: {}", status.code(), status.message());
+                return Err(if status.code() == Code::ResourceExhausted {
+                    FetchError::Busy(problem)
+                } else {
+                    FetchError::Transfer(problem)
+                });
+            }
+            Err(_) => {
                 return Err(FetchError::Transfer(format!(
-                    "{}: {}",
-                    status.code(),
-                    status.message()
+                    "no answer within {} s",
+                    FETCH_START_DEADLINE.as_secs()
                 )));
             }
-            Err(_) => return Err(FetchError::Transfer("no answer".to_string())),
         };
     receive_into_cache(stream, cache, digest, size, scratch).await
 }
@@ -126,8 +217,9 @@ pub async fn receive_into_cache(
     scratch: &Path,
 ) -> Result<(), FetchError> {
     let transfer = |problem: String| FetchError::Transfer(format!("blob {digest}: {problem}"));
+    let local = |problem: String| FetchError::Local(format!("blob {digest}: {problem}"));
     let temp = tempfile::NamedTempFile::new_in(scratch).map_err(|e| {
-        transfer(format!(
+        local(format!(
             "create a download file in {}: {e}",
             scratch.display()
         ))
@@ -154,7 +246,7 @@ pub async fn receive_into_cache(
             return Err(transfer(format!("more than the expected {size} bytes")));
         }
         file.write_all(&chunk.data).await.map_err(|e| {
-            transfer(format!(
+            local(format!(
                 "write {}: {}",
                 temp_path.display(),
                 error_chain(&e)
@@ -166,16 +258,140 @@ pub async fn receive_into_cache(
     }
     file.flush()
         .await
-        .map_err(|e| transfer(format!("write {}: {e}", temp_path.display())))?;
+        .map_err(|e| local(format!("write {}: {e}", temp_path.display())))?;
     drop(file);
     let cache = cache.clone();
     tokio::task::spawn_blocking(move || -> Result<(), FetchError> {
         let reader = std::fs::File::open(&temp_path)
-            .map_err(|e| FetchError::Transfer(format!("reopen {}: {e}", temp_path.display())))?;
+            .map_err(|e| FetchError::Local(format!("reopen {}: {e}", temp_path.display())))?;
         cache.insert(Some(digest), reader)?;
         // The temporary path is removed when `temp_path` drops.
         Ok(())
     })
     .await
-    .map_err(|e| FetchError::Transfer(format!("store blob {digest}: {e}")))?
+    .map_err(|e| FetchError::Local(format!("store blob {digest}: {e}")))?
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use distbuild_proto::v1::peer_api_server::{PeerApi, PeerApiServer};
+    use tokio_util::sync::CancellationToken;
+    use tokio_util::task::TaskTracker;
+    use tonic::{Request, Response, Status};
+
+    use super::*;
+    use crate::connect::TcpConnector;
+    use crate::peer::PeerService;
+
+    /// A holder that has the artifact but never has a free transfer slot.
+    struct BusyPeer;
+
+    #[tonic::async_trait]
+    impl PeerApi for BusyPeer {
+        type FetchArtifactStream = tokio_stream::Empty<Result<BlobChunk, Status>>;
+
+        async fn fetch_artifact(
+            &self,
+            _request: Request<FetchRequest>,
+        ) -> Result<Response<Self::FetchArtifactStream>, Status> {
+            Err(Status::resource_exhausted("every transfer slot is taken"))
+        }
+    }
+
+    async fn serve_peer<S: PeerApi>(service: S, stop: &CancellationToken) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(PeerApiServer::new(service))
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    stop.clone().cancelled_owned(),
+                ),
+        );
+        addr
+    }
+
+    #[derive(Debug)]
+    enum Want {
+        Fetched,
+        Lost,
+        /// An ordinary failure whose text contains this.
+        NotLost(&'static str),
+    }
+
+    #[tokio::test]
+    async fn lost_only_when_no_holder_can_serve_it() {
+        let dir = tempfile::TempDir::new().expect("tempdir");
+        let stop = CancellationToken::new();
+        let content = b"the artifact's bytes".to_vec();
+        let digest = Digest::of(&content);
+        let size = content.len() as u64;
+        let holder_cache = Cache::open(&dir.path().join("holder"), 1 << 20).expect("cache");
+        holder_cache
+            .insert(Some(digest), &content[..])
+            .expect("insert");
+        let good = serve_peer(
+            PeerService::new(holder_cache, TaskTracker::new(), stop.clone()),
+            &stop,
+        )
+        .await;
+        let busy = serve_peer(BusyPeer, &stop).await;
+        let dead = "127.0.0.1:1".to_string();
+        let scratch = dir.path().join("scratch");
+        std::fs::create_dir(&scratch).expect("mkdir");
+        let missing_scratch = dir.path().join("no such directory");
+
+        let cases: Vec<(&str, Vec<String>, &Path, Want)> = vec![
+            ("no holder named", vec![], &scratch, Want::Lost),
+            (
+                "the only holder is dead",
+                vec![dead.clone()],
+                &scratch,
+                Want::Lost,
+            ),
+            (
+                "a busy holder still has it",
+                vec![dead.clone(), busy.clone()],
+                &scratch,
+                Want::NotLost("3 rounds"),
+            ),
+            (
+                "a live holder after a dead one",
+                vec![dead.clone(), good.clone()],
+                &scratch,
+                Want::Fetched,
+            ),
+            (
+                "a local failure is not the holders'",
+                vec![good.clone(), dead.clone()],
+                &missing_scratch,
+                Want::NotLost("create a download file"),
+            ),
+        ];
+        let connector: SharedConnector = Arc::new(TcpConnector);
+        for (i, (what, holders, scratch, want)) in cases.into_iter().enumerate() {
+            let cache = Cache::open(&dir.path().join(format!("cache{i}")), 1 << 20).expect("cache");
+            let result = fetch_artifact(&connector, &holders, &cache, digest, size, scratch).await;
+            match (&result, &want) {
+                (Ok(()), Want::Fetched) => {
+                    assert!(cache.open_blob(&digest).expect("open").is_some(), "{what}");
+                }
+                (Err(e), Want::Lost) => {
+                    assert_eq!(e.lost_digest(), Some(digest), "{what}: {e}");
+                    assert!(e.to_string().contains(&digest.to_string()), "{what}: {e}");
+                }
+                (Err(e), Want::NotLost(text)) => {
+                    assert_eq!(e.lost_digest(), None, "{what}: {e}");
+                    assert!(e.to_string().contains(text), "{what}: {e}");
+                }
+                _ => panic!("{what}: got {result:?}, want {want:?}"),
+            }
+        }
+        stop.cancel();
+    }
 }

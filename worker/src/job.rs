@@ -10,7 +10,10 @@
 //! Templates expand to these absolute paths. Commands run in order; the
 //! first non-zero exit stops the job and is its exit code. A job that
 //! cannot run at all (an input missing, a template or I/O error, a program
-//! not found) ends with exit code -1 and a one-line `error`.
+//! not found) ends with exit code -1 and a one-line `error`; when that is
+//! because dependency artifacts could be fetched from none of their holders,
+//! the outcome also lists them (`lost_inputs`), so the coordinators rebuild
+//! them instead of counting a failure.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
@@ -29,7 +32,7 @@ use futures::{StreamExt, TryStreamExt};
 use crate::cache::{Cache, Pin};
 use crate::connect::SharedConnector;
 use crate::coordinator::CoordinatorClient;
-use crate::fetch::{fetch_artifact, fetch_source_blob};
+use crate::fetch::{FetchError, fetch_artifact, fetch_source_blob};
 use crate::process::{ProcessOutput, ProcessRunner, ProcessSpec};
 
 /// Inputs (or dependencies) of one job fetched at once.
@@ -158,6 +161,10 @@ pub struct JobOutcome {
     pub artifact: Option<(Digest, u64)>,
     /// Artifacts fetched from peers into the cache for it.
     pub fetched_artifacts: Vec<Digest>,
+    /// Dependency artifacts that no holder could serve (with exit code
+    /// [`EXIT_CODE_NOT_RUN`] and an `error` naming them): the job did not
+    /// run for want of them.
+    pub lost_inputs: Vec<Digest>,
 }
 
 /// What a job needs from the worker.
@@ -294,6 +301,24 @@ fn utf8(path: &Path) -> Result<String, String> {
         .ok_or_else(|| format!("sandbox path {} is not UTF-8", path.display()))
 }
 
+/// Why an input or a dependency could not be put in the sandbox.
+#[derive(Debug)]
+struct StageError {
+    /// One line, naming the input or dependency.
+    message: String,
+    /// Set when it is an artifact that none of its holders could serve.
+    lost: Option<Digest>,
+}
+
+impl From<String> for StageError {
+    fn from(message: String) -> Self {
+        Self {
+            message,
+            lost: None,
+        }
+    }
+}
+
 /// Opens `digest` from the cache, pinned, fetching it with `fetch` when it
 /// is absent. Returns whether a fetch happened.
 async fn open_or_fetch<F, Fut>(
@@ -301,10 +326,10 @@ async fn open_or_fetch<F, Fut>(
     digest: Digest,
     what: &str,
     fetch: F,
-) -> Result<(fs::File, Pin, bool), String>
+) -> Result<(fs::File, Pin, bool), StageError>
 where
     F: Fn() -> Fut,
-    Fut: std::future::Future<Output = Result<(), String>>,
+    Fut: std::future::Future<Output = Result<(), FetchError>>,
 {
     let mut fetched = false;
     // A second round only when the blob was evicted between its fetch and
@@ -317,17 +342,21 @@ where
         if let Some((file, pin)) = opened {
             return Ok((file, pin, fetched));
         }
-        fetch().await.map_err(|e| format!("{what}: {e}"))?;
+        fetch().await.map_err(|e| StageError {
+            message: format!("{what}: {e}"),
+            lost: e.lost_digest(),
+        })?;
         fetched = true;
     }
-    Err(format!(
-        "{what}: blob {digest} was evicted as soon as it was fetched (cache too small?)"
-    ))
+    Err(
+        format!("{what}: blob {digest} was evicted as soon as it was fetched (cache too small?)")
+            .into(),
+    )
 }
 
 async fn stage_input(env: &JobEnv, input: &InputFile, layout: &Layout) -> Result<(), String> {
     let what = format!("input {:?}", input.path);
-    let (mut file, pin, _) = open_or_fetch(&env.cache, input.digest, &what, || async {
+    let (mut file, pin, _) = open_or_fetch(&env.cache, input.digest, &what, || {
         fetch_source_blob(
             &env.coordinator,
             &env.cache,
@@ -335,10 +364,9 @@ async fn stage_input(env: &JobEnv, input: &InputFile, layout: &Layout) -> Result
             input.size,
             &layout.root,
         )
-        .await
-        .map_err(|e| e.to_string())
     })
-    .await?;
+    .await
+    .map_err(|e| e.message)?;
     let dest = layout.src.join(&input.path);
     blocking(move || {
         let _pin = pin;
@@ -356,7 +384,7 @@ async fn stage_input(env: &JobEnv, input: &InputFile, layout: &Layout) -> Result
 }
 
 /// Stages one dependency; returns whether its artifact came from a peer.
-async fn stage_dep(env: &JobEnv, dep: &DepArtifact, layout: &Layout) -> Result<bool, String> {
+async fn stage_dep(env: &JobEnv, dep: &DepArtifact, layout: &Layout) -> Result<bool, StageError> {
     let what = format!("dependency {}", dep.job_id);
     let (file, pin, fetched) = open_or_fetch(&env.cache, dep.digest, &what, || async {
         fetch_artifact(
@@ -367,8 +395,7 @@ async fn stage_dep(env: &JobEnv, dep: &DepArtifact, layout: &Layout) -> Result<b
             dep.size,
             &layout.root,
         )
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
         env.peer_bytes_fetched
             .fetch_add(dep.size, std::sync::atomic::Ordering::Relaxed);
         Ok(())
@@ -476,8 +503,19 @@ pub fn expand_command(cmd: &Cmd, dirs: &SandboxDirs) -> Result<ExpandedCmd, Stri
 }
 
 enum Finished {
-    Succeeded { digest: Digest, size: u64 },
-    Failed { exit_code: i32 },
+    Succeeded {
+        digest: Digest,
+        size: u64,
+    },
+    Failed {
+        exit_code: i32,
+    },
+    /// Not run: these dependency artifacts could be fetched from none of
+    /// their holders.
+    LostInputs {
+        error: String,
+        digests: Vec<Digest>,
+    },
 }
 
 async fn run_steps(
@@ -509,22 +547,42 @@ async fn run_steps(
         .buffer_unordered(MAX_PARALLEL_FETCHES)
         .try_collect::<()>()
         .await?;
+    // Every lost dependency is found before giving up, so one report lets
+    // the coordinators rebuild them all; any other failure ends the job.
     let staged_deps: Vec<_> = spec
         .deps
         .iter()
         .map(|dep| stage_dep(env, dep, layout))
         .collect();
-    let fetched: Vec<bool> = futures::stream::iter(staged_deps)
-        .buffered(MAX_PARALLEL_FETCHES)
-        .try_collect()
-        .await?;
-    fetched_artifacts.extend(
-        spec.deps
+    let mut staged_deps = futures::stream::iter(staged_deps).buffered(MAX_PARALLEL_FETCHES);
+    let mut deps = spec.deps.iter();
+    let mut lost: Vec<(Digest, String)> = Vec::new();
+    while let Some(staged) = staged_deps.next().await {
+        let dep = deps.next().expect("one result per dependency");
+        match staged {
+            Ok(true) => fetched_artifacts.push(dep.digest),
+            Ok(false) => {}
+            Err(StageError {
+                message,
+                lost: Some(digest),
+            }) => lost.push((digest, message)),
+            Err(StageError {
+                message,
+                lost: None,
+            }) => return Err(message),
+        }
+    }
+    if !lost.is_empty() {
+        let error = lost
             .iter()
-            .zip(fetched)
-            .filter(|(_, fetched)| *fetched)
-            .map(|(dep, _)| dep.digest),
-    );
+            .map(|(_, message)| message.as_str())
+            .collect::<Vec<_>>()
+            .join("; ");
+        return Ok(Finished::LostInputs {
+            error,
+            digests: lost.into_iter().map(|(digest, _)| digest).collect(),
+        });
+    }
 
     let source_dir = utf8(&layout.src)?;
     let output_dir = utf8(&layout.out)?;
@@ -620,6 +678,11 @@ pub async fn run_job(env: &JobEnv, spec: &JobSpec, sandbox: &Path) -> JobOutcome
             outcome.artifact = Some((digest, size));
         }
         Ok(Finished::Failed { exit_code }) => outcome.exit_code = exit_code,
+        Ok(Finished::LostInputs { error, digests }) => {
+            outcome.exit_code = EXIT_CODE_NOT_RUN;
+            outcome.error = error.replace('\n', " ");
+            outcome.lost_inputs = digests;
+        }
         Err(error) => {
             outcome.exit_code = EXIT_CODE_NOT_RUN;
             // One line, whatever the underlying errors said.

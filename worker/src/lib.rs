@@ -10,6 +10,13 @@
 //! `fetch` (blobs and artifacts into the cache), `peer` (the PeerApi
 //! server).
 //!
+//! Through coordinator failovers: every call to the coordinators has a
+//! deadline and carries a request ID that its retries reuse (applied once);
+//! the worker retries, rotating through the coordinator addresses with
+//! bounded backoff, and never gives up on the cluster; failing heartbeats
+//! never stop a job. A dependency artifact that none of its holders can
+//! serve is reported as lost (`lost_inputs`), not as the job's failure.
+//!
 //! Invariants: never touches Raft; depends only on `proto` among our crates.
 
 #![warn(missing_docs)]

@@ -129,6 +129,34 @@ async fn read_capped(
     }
 }
 
+/// A job's process is killed when the worker dies (even by SIGKILL): a
+/// dead worker's jobs run again elsewhere, and a survivor would run twice
+/// and could write where the rerun writes. (Linux: the parent-death signal
+/// fires when the spawning thread exits; jobs are spawned from the
+/// runtime's long-lived worker threads.)
+fn die_with_the_worker(command: &mut tokio::process::Command) {
+    #[cfg(target_os = "linux")]
+    {
+        let parent = std::process::id() as libc::pid_t;
+        // SAFETY: the closure runs in the forked child before exec and
+        // calls only async-signal-safe functions (prctl, getppid).
+        unsafe {
+            command.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                // The worker died between fork and prctl.
+                if libc::getppid() != parent {
+                    return Err(io::Error::other("the worker exited"));
+                }
+                Ok(())
+            });
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = command;
+}
+
 async fn run_process(spec: ProcessSpec) -> io::Result<ProcessOutput> {
     let mut command = tokio::process::Command::new(&spec.program);
     command
@@ -144,6 +172,7 @@ async fn run_process(spec: ProcessSpec) -> io::Result<ProcessOutput> {
         command.env_clear();
         command.envs(env.iter().map(|(k, v)| (k, v)));
     }
+    die_with_the_worker(&mut command);
     let mut child = command.spawn()?;
     let mut killer = GroupKiller {
         pgid: child.id().and_then(|pid| i32::try_from(pid).ok()),

@@ -2,6 +2,14 @@
 //! work while a slot is free, run each assignment as a task, heartbeat
 //! (renewing leases, reporting cache changes, stopping revoked jobs) and
 //! report results. Serves the peer API on the caller's listener.
+//!
+//! Through failovers: every call carries a request ID ([`RequestIds`]) that
+//! its retries reuse, so the coordinators apply it once and answer a retry
+//! with the first answer. Registration, polls and heartbeats retry until
+//! the cluster answers (a worker never gives up on it); a result report
+//! retries for a few lease periods. Failing heartbeats never stop a job:
+//! only a lease the coordinators revoke, or a registration they forgot,
+//! does.
 
 use std::collections::HashMap;
 use std::fs;
@@ -23,14 +31,13 @@ use rand::Rng;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tonic::Code;
 use tracing::Instrument;
 
 use crate::cache::Cache;
 use crate::connect::{
     HTTP2_KEEPALIVE_INTERVAL, HTTP2_KEEPALIVE_TIMEOUT, SharedConnector, TcpConnector,
 };
-use crate::coordinator::CoordinatorClient;
+use crate::coordinator::{Backoff, CoordinatorClient, Persistence};
 use crate::job::{JobEnv, JobOutcome, JobSpec, remove_dir_forcibly, run_job};
 use crate::peer::PeerService;
 use crate::process::{ProcessRunner, TokioProcessRunner};
@@ -48,19 +55,25 @@ pub const MAX_CHANGES_PER_HEARTBEAT: usize = 10_000;
 /// Most cache changes waiting for a heartbeat; beyond it new ones are
 /// forgotten (stale holder lists cost peers a retry, nothing more).
 pub const MAX_PENDING_CHANGES: usize = 100_000;
-/// Attempts to deliver one result while the coordinators are unreachable.
-pub const MAX_REPORT_ATTEMPTS: u32 = 6;
-/// First retry delay after a failed call; doubles up to `MAX_RETRY_DELAY`.
-pub const FIRST_RETRY_DELAY: Duration = Duration::from_millis(200);
-/// Longest delay between retries.
-pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(5);
+/// A result report is retried (through failovers) for this many lease
+/// periods, then given up (the lease expires and the job runs again).
+pub const REPORT_RETRY_LEASE_PERIODS: u32 = 3;
+/// The shortest time a result report is retried, however short the lease.
+pub const MIN_REPORT_RETRY_WINDOW: Duration = Duration::from_secs(10);
 /// Heartbeat interval used until the coordinator names one, and the bounds
 /// any interval it names is clamped to.
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 const MIN_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(100);
 const MAX_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(60);
-/// The shortest deadline of a heartbeat.
+/// Lease period assumed until the coordinator names one.
+pub const DEFAULT_LEASE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bounds of one heartbeat attempt's deadline (otherwise the interval): an
+/// attempt stuck on a node that cannot commit moves on to the next node
+/// well within the lease period.
 const MIN_HEARTBEAT_DEADLINE: Duration = Duration::from_millis(500);
+const MAX_HEARTBEAT_DEADLINE: Duration = Duration::from_secs(2);
+/// Longest request ID the coordinators accept.
+pub const MAX_REQUEST_ID_CHARS: usize = 128;
 /// A poll answered faster than this with nothing is followed by a pause,
 /// so a coordinator that does not wait cannot make the worker spin.
 const MIN_EMPTY_POLL_INTERVAL: Duration = Duration::from_millis(50);
@@ -148,6 +161,36 @@ impl CacheChanges {
     }
 }
 
+/// Names this worker's calls for the coordinators' at-most-once
+/// application: `<worker ID>-<random per process>-<kind><counter>`. The
+/// random part keeps a restarted worker (same worker ID, counter from zero)
+/// from reusing an ID the coordinators still remember.
+pub struct RequestIds {
+    prefix: String,
+    counter: AtomicU64,
+}
+
+impl RequestIds {
+    /// IDs for worker `worker_id`, unique to this instance.
+    pub fn new(worker_id: &str) -> Self {
+        Self {
+            prefix: format!("{worker_id}-{:016x}", rand::thread_rng().r#gen::<u64>()),
+            counter: AtomicU64::new(1),
+        }
+    }
+
+    /// A fresh ID for one logical call of `kind` (a short word).
+    pub fn next(&self, kind: &str) -> String {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{}-{kind}{n}", self.prefix);
+        debug_assert!(
+            id.len() <= MAX_REQUEST_ID_CHARS,
+            "request ID too long: {id}"
+        );
+        id
+    }
+}
+
 /// A job this worker is running.
 struct RunningJob {
     cancel: CancellationToken,
@@ -166,35 +209,21 @@ struct Worker {
     free_slots: Arc<Semaphore>,
     jobs: Mutex<HashMap<u64, RunningJob>>,
     changes: Mutex<CacheChanges>,
+    request_ids: RequestIds,
     heartbeat_interval_ms: AtomicU64,
+    lease_timeout_ms: AtomicU64,
     /// Serialises registrations; counts them, so a caller that asked for
     /// one while another was under way does not register twice.
     registrations: tokio::sync::Mutex<u64>,
 }
 
-fn retry_delay(attempt: u32) -> Duration {
-    FIRST_RETRY_DELAY
-        .saturating_mul(1 << attempt.min(8))
-        .min(MAX_RETRY_DELAY)
-}
-
-/// Whether a failed result report may succeed when retried.
-fn worth_retrying(code: Code) -> bool {
-    matches!(
-        code,
-        Code::Unavailable
-            | Code::DeadlineExceeded
-            | Code::Unknown
-            | Code::Cancelled
-            | Code::Aborted
-            | Code::ResourceExhausted
-            | Code::Internal
-    )
-}
-
 impl Worker {
     fn heartbeat_interval(&self) -> Duration {
         Duration::from_millis(self.heartbeat_interval_ms.load(Ordering::Relaxed))
+    }
+
+    fn lease_timeout(&self) -> Duration {
+        Duration::from_millis(self.lease_timeout_ms.load(Ordering::Relaxed))
     }
 
     /// Sleeps `delay` unless shutting down; false when shutting down.
@@ -214,28 +243,28 @@ impl Worker {
         if *count != seen {
             return true;
         }
-        let mut attempt = 0;
+        // The full list supersedes pending changes: clear them first, so a
+        // change made after the listing stays pending.
+        self.changes
+            .lock()
+            .expect("changes lock poisoned")
+            .pending
+            .clear();
+        let _ = self.env.cache.take_evicted();
+        let held = self.env.cache.digests(MAX_HELD_ARTIFACTS_LISTED);
+        // One registration, however many times it is sent: applied twice
+        // (the first answer lost), it would drop leases given in between.
+        let request = RegisterRequest {
+            worker_id: self.worker_id.clone(),
+            addr: self.peer_addr.clone(),
+            slots: u32::try_from(self.slots).unwrap_or(u32::MAX),
+            held_artifacts: held.iter().map(digest_to_wire).collect(),
+            request_id: self.request_ids.next("register"),
+        };
+        let mut backoff = Backoff::new();
         loop {
-            if self.shutdown.is_cancelled() {
-                return false;
-            }
-            // The full list supersedes pending changes: clear them first, so
-            // a change made after the listing stays pending.
-            self.changes
-                .lock()
-                .expect("changes lock poisoned")
-                .pending
-                .clear();
-            let _ = self.env.cache.take_evicted();
-            let held = self.env.cache.digests(MAX_HELD_ARTIFACTS_LISTED);
-            let request = RegisterRequest {
-                worker_id: self.worker_id.clone(),
-                addr: self.peer_addr.clone(),
-                slots: u32::try_from(self.slots).unwrap_or(u32::MAX),
-                held_artifacts: held.iter().map(digest_to_wire).collect(),
-            };
             let result = tokio::select! {
-                result = self.coordinator.register(request) => result,
+                result = self.coordinator.register(request.clone(), Persistence::UntilAnswered) => result,
                 () = self.shutdown.cancelled() => return false,
             };
             match result {
@@ -248,6 +277,13 @@ impl Worker {
                     };
                     self.heartbeat_interval_ms
                         .store(interval.as_millis() as u64, Ordering::Relaxed);
+                    let lease_timeout = if response.lease_timeout_ms == 0 {
+                        DEFAULT_LEASE_TIMEOUT
+                    } else {
+                        Duration::from_millis(response.lease_timeout_ms)
+                    };
+                    self.lease_timeout_ms
+                        .store(lease_timeout.as_millis() as u64, Ordering::Relaxed);
                     *count += 1;
                     tracing::info!(
                         held = held.len(),
@@ -258,11 +294,12 @@ impl Worker {
                     return true;
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "registration failed; retrying");
-                    if !self.pause(retry_delay(attempt)).await {
+                    // Refused (retryable failures were retried by the
+                    // client): try again, slower, in case it was transient.
+                    tracing::warn!(error = %e, "registration refused; retrying");
+                    if !self.pause(backoff.next_delay()).await {
                         return false;
                     }
-                    attempt += 1;
                 }
             }
         }
@@ -273,44 +310,62 @@ impl Worker {
     }
 
     /// Long-polls for work while a slot is free, until shutdown.
+    ///
+    /// A poll that got no answer (a deadline, a broken connection, a node
+    /// that lost its leadership) may still have leased jobs: it is sent
+    /// again as it was, same request ID and free slots, until some
+    /// coordinator answers it, so the answer names those leases rather than
+    /// new ones. Only an answered poll is followed by a fresh one.
     async fn poll_loop(self: &Arc<Self>) {
-        let mut attempt = 0;
+        // The poll in flight: its message, the slots it offered, and the
+        // registration count seen when it was made.
+        let mut unanswered: Option<(PollWorkRequest, Vec<OwnedSemaphorePermit>, u64)> = None;
+        let mut backoff = Backoff::new();
         loop {
-            let first = tokio::select! {
-                permit = self.free_slots.clone().acquire_owned() => match permit {
-                    Ok(permit) => permit,
-                    Err(_) => return,
-                },
-                () = self.shutdown.cancelled() => return,
-            };
-            let mut permits = vec![first];
-            while let Ok(permit) = self.free_slots.clone().try_acquire_owned() {
-                permits.push(permit);
-            }
-            let seen = self.registration_count().await;
-            let request = PollWorkRequest {
-                worker_id: self.worker_id.clone(),
-                free_slots: u32::try_from(permits.len()).unwrap_or(u32::MAX),
-                wait_ms: self.poll_wait_ms,
+            let (request, mut permits, seen) = match unanswered.take() {
+                Some(poll) => poll,
+                None => {
+                    let first = tokio::select! {
+                        permit = self.free_slots.clone().acquire_owned() => match permit {
+                            Ok(permit) => permit,
+                            Err(_) => return,
+                        },
+                        () = self.shutdown.cancelled() => return,
+                    };
+                    let mut permits = vec![first];
+                    while let Ok(permit) = self.free_slots.clone().try_acquire_owned() {
+                        permits.push(permit);
+                    }
+                    let seen = self.registration_count().await;
+                    let request = PollWorkRequest {
+                        worker_id: self.worker_id.clone(),
+                        free_slots: u32::try_from(permits.len()).unwrap_or(u32::MAX),
+                        wait_ms: self.poll_wait_ms,
+                        request_id: self.request_ids.next("poll"),
+                    };
+                    (request, permits, seen)
+                }
             };
             let deadline = Duration::from_millis(self.poll_wait_ms) + POLL_DEADLINE_MARGIN;
             let started = tokio::time::Instant::now();
             let result = tokio::select! {
-                result = self.coordinator.poll_work(request, deadline) => result,
+                result = self.coordinator.poll_work(request.clone(), deadline, Persistence::UntilAnswered) => result,
                 () = self.shutdown.cancelled() => return,
             };
             let response = match result {
                 Ok(response) => {
-                    attempt = 0;
+                    backoff = Backoff::new();
                     response
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "polling for work failed; retrying");
-                    drop(permits);
-                    if !self.pause(retry_delay(attempt)).await {
+                    // Refused: the client retried whatever was worth it. Still
+                    // the same poll next time: nothing says it was not applied.
+                    tracing::warn!(error = %e, "polling for work refused; retrying");
+                    let delay = backoff.next_delay();
+                    unanswered = Some((request, permits, seen));
+                    if !self.pause(delay).await {
                         return;
                     }
-                    attempt += 1;
                     continue;
                 }
             };
@@ -431,41 +486,33 @@ impl Worker {
             error: outcome.error,
             artifact_digest,
             artifact_size,
+            request_id: self.request_ids.next("report"),
+            lost_inputs: outcome.lost_inputs.iter().map(digest_to_wire).collect(),
         };
         self.report(request, cancel).await;
     }
 
-    /// Delivers a result, retrying a bounded number of times while the
-    /// coordinators are unreachable; gives up when the lease is revoked or
-    /// the worker shuts down.
+    /// Delivers a result: sent again (same request ID) through failovers
+    /// until some coordinator answers, for [`REPORT_RETRY_LEASE_PERIODS`]
+    /// lease periods at most; stops early when the lease is revoked or the
+    /// worker shuts down. The job stays among the running ones meanwhile,
+    /// so heartbeats keep its lease alive.
     async fn report(&self, request: ReportResultRequest, cancel: &CancellationToken) {
-        for attempt in 0..MAX_REPORT_ATTEMPTS {
-            let result = tokio::select! {
-                result = self.coordinator.report_result(request.clone()) => result,
-                () = cancel.cancelled() => return,
-            };
-            match result {
-                Ok(response) if response.accepted => {
-                    tracing::debug!("result accepted");
-                    return;
-                }
-                Ok(_) => {
-                    tracing::info!("result refused: the lease is no longer ours");
-                    return;
-                }
-                Err(e) if worth_retrying(e.code()) && attempt + 1 < MAX_REPORT_ATTEMPTS => {
-                    tracing::warn!(error = %e, attempt, "reporting the result failed; retrying");
-                    let delay = retry_delay(attempt);
-                    tokio::select! {
-                        () = tokio::time::sleep(delay) => {}
-                        () = cancel.cancelled() => return,
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "giving up reporting the result; the lease will expire");
-                    return;
-                }
-            }
+        let window =
+            (self.lease_timeout() * REPORT_RETRY_LEASE_PERIODS).max(MIN_REPORT_RETRY_WINDOW);
+        let persistence = Persistence::Until(tokio::time::Instant::now() + window);
+        let result = tokio::select! {
+            result = self.coordinator.report_result(request, persistence) => result,
+            () = cancel.cancelled() => return,
+        };
+        match result {
+            Ok(response) if response.accepted => tracing::debug!("result accepted"),
+            Ok(_) => tracing::info!("result refused: the lease is no longer ours"),
+            Err(e) => tracing::error!(
+                error = %e,
+                retried_for_ms = window.as_millis() as u64,
+                "giving up reporting the result; the lease will expire"
+            ),
         }
     }
 
@@ -501,15 +548,21 @@ impl Worker {
             added_artifacts: added.iter().map(|(d, _)| digest_to_wire(d)).collect(),
             dropped_artifacts: dropped.iter().map(|(d, _)| digest_to_wire(d)).collect(),
             peer_bytes_fetched_total: self.env.peer_bytes_fetched.load(Ordering::Relaxed),
+            request_id: self.request_ids.next("heartbeat"),
         };
-        let deadline = self.heartbeat_interval().max(MIN_HEARTBEAT_DEADLINE);
+        let deadline = self
+            .heartbeat_interval()
+            .clamp(MIN_HEARTBEAT_DEADLINE, MAX_HEARTBEAT_DEADLINE);
+        // Retried promptly (next node, short backoff) until answered: the
+        // leases must be renewed well within their period. Jobs keep running
+        // meanwhile; a lease that did expire is revoked by the answer.
         let result = tokio::select! {
-            result = self.coordinator.heartbeat(request, deadline) => result,
+            result = self.coordinator.heartbeat(request, deadline, Persistence::UntilAnswered) => result,
             () = self.shutdown.cancelled() => return,
         };
         match result {
             Err(e) => {
-                tracing::warn!(error = %e, "heartbeat failed");
+                tracing::warn!(error = %e, "heartbeat refused");
                 self.changes
                     .lock()
                     .expect("changes lock poisoned")
@@ -668,6 +721,7 @@ pub async fn run(
         config.coordinators.clone(),
         config.connector.clone(),
     ));
+    let request_ids = RequestIds::new(&worker_id);
     let worker = Arc::new(Worker {
         worker_id,
         peer_addr,
@@ -687,7 +741,9 @@ pub async fn run(
         free_slots: Arc::new(Semaphore::new(config.slots)),
         jobs: Mutex::new(HashMap::new()),
         changes: Mutex::new(CacheChanges::default()),
+        request_ids,
         heartbeat_interval_ms: AtomicU64::new(DEFAULT_HEARTBEAT_INTERVAL.as_millis() as u64),
+        lease_timeout_ms: AtomicU64::new(DEFAULT_LEASE_TIMEOUT.as_millis() as u64),
         registrations: tokio::sync::Mutex::new(0),
     });
 
@@ -759,9 +815,15 @@ mod tests {
     }
 
     #[test]
-    fn retry_delays_grow_to_a_bound() {
-        assert_eq!(retry_delay(0), FIRST_RETRY_DELAY);
-        assert_eq!(retry_delay(1), FIRST_RETRY_DELAY * 2);
-        assert_eq!(retry_delay(30), MAX_RETRY_DELAY);
+    fn request_ids_are_fresh_bounded_and_differ_across_restarts() {
+        let id = "0123456789abcdef";
+        let ids = RequestIds::new(id);
+        let (a, b) = (ids.next("poll"), ids.next("poll"));
+        assert_ne!(a, b);
+        assert!(a.starts_with(&format!("{id}-")), "{a}");
+        let restarted = RequestIds::new(id);
+        assert_ne!(restarted.next("poll"), a, "a restart does not reuse IDs");
+        let long = ids.next("heartbeat") + &u64::MAX.to_string();
+        assert!(long.len() <= MAX_REQUEST_ID_CHARS, "{long}");
     }
 }

@@ -8,117 +8,16 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytes::Bytes;
-use distbuild_proto::v1::peer_api_server::PeerApiServer;
-use distbuild_proto::v1::{self, Assignment, FetchRequest};
+use distbuild_proto::v1::{self, FetchRequest};
 use distbuild_proto::wire::digest_to_wire;
 use distbuild_proto::{Digest, artifact};
 use distbuild_worker::cache::Cache;
 use distbuild_worker::connect::{Connector, TcpConnector, peer_api_client};
-use distbuild_worker::peer::PeerService;
-use distbuild_worker::{WorkerConfig, run};
-use support::{FakeCoordinator, serve};
+use support::{
+    DEP, FakeCoordinator, RunningWorker, WAIT, assignment, dies_soon, input, make_artifact,
+    pid_alive, serve, serve_peer, sh, wait_for_file,
+};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-
-const WAIT: Duration = Duration::from_secs(20);
-const DEP: &str = "1111111111111111111111111111111111111111";
-const JOB: &str = "2222222222222222222222222222222222222222";
-
-struct RunningWorker {
-    addr: String,
-    shutdown: CancellationToken,
-    handle: tokio::task::JoinHandle<anyhow::Result<()>>,
-}
-
-impl RunningWorker {
-    async fn start(coordinators: Vec<String>, cache_dir: &Path, slots: usize) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr").to_string();
-        let mut config = WorkerConfig::new(coordinators, cache_dir.to_path_buf());
-        config.slots = slots;
-        config.poll_wait_ms = 200;
-        let shutdown = CancellationToken::new();
-        let handle = tokio::spawn(run(config, listener, shutdown.clone()));
-        Self {
-            addr,
-            shutdown,
-            handle,
-        }
-    }
-
-    async fn stop(self) {
-        self.shutdown.cancel();
-        tokio::time::timeout(WAIT, self.handle)
-            .await
-            .expect("the worker stops promptly")
-            .expect("no panic")
-            .expect("the worker ran without error");
-    }
-}
-
-fn sh(script: &str) -> v1::Command {
-    v1::Command {
-        kind: Some(v1::command::Kind::Exec(v1::ExecCommand {
-            argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
-            environ: vec![],
-            working_directory: String::new(),
-        })),
-    }
-}
-
-fn assignment(lease_token: u64, cmds: Vec<v1::Command>) -> Assignment {
-    Assignment {
-        lease_token,
-        cache_key: digest_to_wire(&Digest::of(format!("key {lease_token}").as_bytes())),
-        job_id: JOB.into(),
-        name: format!("job {lease_token}"),
-        cmds,
-        inputs: vec![],
-        deps: vec![],
-    }
-}
-
-fn input(path: &str, content: &[u8]) -> v1::InputFile {
-    v1::InputFile {
-        path: path.into(),
-        digest: digest_to_wire(&Digest::of(content)),
-        size: content.len() as u64,
-    }
-}
-
-/// Serves `cache` as a peer on 127.0.0.1:0; returns its address.
-async fn serve_peer(cache: Cache, stop: CancellationToken) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr").to_string();
-    let service = PeerService::new(cache, TaskTracker::new(), stop.clone());
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(PeerApiServer::new(service))
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
-                stop.cancelled_owned(),
-            ),
-    );
-    addr
-}
-
-/// Packs a directory holding `files` into `cache`; returns digest and size.
-fn make_artifact(cache: &Cache, scratch: &Path, files: &[(&str, &str)]) -> (Digest, u64) {
-    let dir = scratch.join("artifact-src");
-    for (path, text) in files {
-        let path = dir.join(path);
-        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
-        std::fs::write(path, text).expect("write");
-    }
-    let mut packed = Vec::new();
-    let (digest, size) = artifact::pack(&dir, &mut packed).expect("pack");
-    cache.insert(Some(digest), &packed[..]).expect("insert");
-    (digest, size)
-}
 
 /// Downloads an artifact from a worker's peer server.
 async fn download(addr: &str, digest: &Digest) -> Result<Vec<u8>, tonic::Status> {
@@ -155,45 +54,6 @@ fn read_tree(artifact_bytes: &[u8], dest: &Path) -> Vec<(String, String)> {
         .collect();
     files.sort();
     files
-}
-
-/// Whether the process named in `pid_file` runs (a zombie does not: in a
-/// container nobody may reap the orphans).
-fn pid_alive(pid_file: &Path) -> bool {
-    let Ok(text) = std::fs::read_to_string(pid_file) else {
-        return false;
-    };
-    let pid: i32 = text.trim().parse().expect("a pid");
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the parenthesised command name.
-        Ok(stat) => stat
-            .rsplit_once(") ")
-            .is_some_and(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X')),
-        Err(_) => false,
-    }
-}
-
-/// Waits (briefly) for the process in `pid_file` to be gone.
-async fn dies_soon(pid_file: &Path) -> bool {
-    for _ in 0..100 {
-        if !pid_alive(pid_file) {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    false
-}
-
-async fn wait_for_file(path: &Path) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !path.exists() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{} never appeared",
-            path.display()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test]

@@ -161,6 +161,27 @@ impl WorkerApi for WorkerService {
         // Each assignment this poll proposes gets the next ID of a
         // sequence, so a retried poll replays the same answers in order.
         let mut proposals = 0u32;
+        // A retried poll first replays what the lost one was answered.
+        self.node.check_leader()?;
+        while !request.is_empty() {
+            let Some(state::Response::Assigned { keys, tokens }) =
+                self.node.remembered(&format!("{request}#{proposals}"))
+            else {
+                break;
+            };
+            proposals += 1;
+            let assignments: Vec<Assignment> = keys
+                .iter()
+                .zip(tokens)
+                .filter_map(|(key, token)| self.assignment(&req.worker_id, key, token?))
+                .collect();
+            if !assignments.is_empty() {
+                return Ok(Response::new(PollWorkResponse {
+                    assignments,
+                    reregister: false,
+                }));
+            }
+        }
         let mut last_applied = None;
         loop {
             self.node.check_leader()?;

@@ -1,22 +1,30 @@
 //! Test helpers for the worker: an in-process fake coordinator serving
-//! `WorkerApi` on 127.0.0.1:0, scripted by the test, and small utilities.
+//! `WorkerApi` on 127.0.0.1:0, scripted by the test, a worker running in
+//! the test's process, peers, and small utilities.
 
 #![allow(dead_code)] // each test binary uses a different part
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use distbuild_proto::Digest;
+use distbuild_proto::v1::peer_api_server::PeerApiServer;
 use distbuild_proto::v1::worker_api_server::{WorkerApi, WorkerApiServer};
 use distbuild_proto::v1::{
-    Assignment, BlobChunk, FetchRequest, HeartbeatRequest, HeartbeatResponse, PollWorkRequest,
-    PollWorkResponse, RegisterRequest, RegisterResponse, ReportResultRequest, ReportResultResponse,
+    self, Assignment, BlobChunk, FetchRequest, HeartbeatRequest, HeartbeatResponse,
+    PollWorkRequest, PollWorkResponse, RegisterRequest, RegisterResponse, ReportResultRequest,
+    ReportResultResponse,
 };
-use distbuild_proto::wire::LEADER_METADATA_KEY;
+use distbuild_proto::wire::{LEADER_METADATA_KEY, digest_to_wire};
+use distbuild_proto::{Digest, artifact};
+use distbuild_worker::cache::Cache;
+use distbuild_worker::peer::PeerService;
+use distbuild_worker::{WorkerConfig, run};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status};
 
 /// What the fake coordinator has seen and will answer.
@@ -32,10 +40,32 @@ pub struct State {
     pub leader: Option<String>,
     /// Tell the next poll to register again.
     pub reregister_next_poll: bool,
+    /// Tell the next heartbeat to register again (revoking its leases, as
+    /// the coordinators do for a worker they do not know).
+    pub reregister_next_heartbeat: bool,
+    /// The next this many polls are carried out (jobs leased, the answer
+    /// remembered by request ID) and then answered UNAVAILABLE, as when a
+    /// leader loses its leadership before answering.
+    pub lose_poll_answers: usize,
+    /// The next this many reports are refused UNAVAILABLE (no leader
+    /// named) without being applied.
+    pub refuse_reports: usize,
+    /// While set, heartbeats are refused UNAVAILABLE (no leader named).
+    pub refuse_heartbeats: bool,
+    /// Answers of polls that leased jobs, by request ID: a retry gets the
+    /// same answer (the coordinators' at-most-once application).
+    pub poll_answers: HashMap<String, PollWorkResponse>,
     pub registrations: Vec<RegisterRequest>,
+    /// Every poll received, answered or not.
     pub polls: Vec<PollWorkRequest>,
+    /// Heartbeats answered.
     pub heartbeats: Vec<HeartbeatRequest>,
+    /// Heartbeats refused (`refuse_heartbeats`).
+    pub refused_heartbeats: Vec<HeartbeatRequest>,
+    /// Reports accepted.
     pub reports: Vec<ReportResultRequest>,
+    /// Every report received, accepted or not.
+    pub report_attempts: Vec<ReportResultRequest>,
     pub fetches: usize,
 }
 
@@ -51,6 +81,12 @@ pub const FAKE_HEARTBEAT_INTERVAL_MS: u64 = 100;
 impl FakeCoordinator {
     pub fn with<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
         f(&mut self.state.lock().expect("fake state"))
+    }
+
+    /// UNAVAILABLE without a leader named: during an election, or from a
+    /// node that lost its leadership.
+    pub fn no_leader() -> Status {
+        Status::unavailable("no leader known")
     }
 
     fn not_leader(&self) -> Result<(), Status> {
@@ -106,20 +142,38 @@ impl WorkerApi for FakeCoordinator {
         let request = request.into_inner();
         let wait = Duration::from_millis(request.wait_ms);
         let deadline = tokio::time::Instant::now() + wait;
-        let reregister = self.with(|s| {
+        let (reregister, remembered) = self.with(|s| {
             s.polls.push(request.clone());
-            std::mem::take(&mut s.reregister_next_poll)
+            let remembered = s.poll_answers.get(&request.request_id).cloned();
+            let reregister = remembered.is_none() && std::mem::take(&mut s.reregister_next_poll);
+            (reregister, remembered)
         });
+        if let Some(answer) = remembered {
+            return Ok(Response::new(answer));
+        }
         loop {
             let assignments: Vec<Assignment> = self.with(|s| {
                 let n = (request.free_slots as usize).min(s.queue.len());
                 s.queue.drain(..n).collect()
             });
             if !assignments.is_empty() || reregister || tokio::time::Instant::now() >= deadline {
-                return Ok(Response::new(PollWorkResponse {
+                let answer = PollWorkResponse {
                     assignments,
                     reregister,
-                }));
+                };
+                let lost = self.with(|s| {
+                    if !answer.assignments.is_empty() {
+                        s.poll_answers
+                            .insert(request.request_id.clone(), answer.clone());
+                    }
+                    let lost = s.lose_poll_answers > 0;
+                    s.lose_poll_answers = s.lose_poll_answers.saturating_sub(1);
+                    lost
+                });
+                if lost {
+                    return Err(Self::no_leader());
+                }
+                return Ok(Response::new(answer));
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -131,20 +185,24 @@ impl WorkerApi for FakeCoordinator {
     ) -> Result<Response<HeartbeatResponse>, Status> {
         self.not_leader()?;
         let request = request.into_inner();
-        let revoked_tokens = self.with(|s| {
-            let revoked = request
+        self.with(|s| {
+            if s.refuse_heartbeats {
+                s.refused_heartbeats.push(request);
+                return Err(Self::no_leader());
+            }
+            let reregister = std::mem::take(&mut s.reregister_next_heartbeat);
+            let revoked_tokens = request
                 .lease_tokens
                 .iter()
                 .copied()
-                .filter(|t| s.revoke.contains(t))
+                .filter(|t| reregister || s.revoke.contains(t))
                 .collect();
             s.heartbeats.push(request);
-            revoked
-        });
-        Ok(Response::new(HeartbeatResponse {
-            revoked_tokens,
-            reregister: false,
-        }))
+            Ok(Response::new(HeartbeatResponse {
+                revoked_tokens,
+                reregister,
+            }))
+        })
     }
 
     async fn report_result(
@@ -152,8 +210,16 @@ impl WorkerApi for FakeCoordinator {
         request: Request<ReportResultRequest>,
     ) -> Result<Response<ReportResultResponse>, Status> {
         self.not_leader()?;
-        self.with(|s| s.reports.push(request.into_inner()));
-        Ok(Response::new(ReportResultResponse { accepted: true }))
+        let request = request.into_inner();
+        self.with(|s| {
+            s.report_attempts.push(request.clone());
+            if s.refuse_reports > 0 {
+                s.refuse_reports -= 1;
+                return Err(Self::no_leader());
+            }
+            s.reports.push(request);
+            Ok(Response::new(ReportResultResponse { accepted: true }))
+        })
     }
 
     async fn fetch_blob(
@@ -210,4 +276,145 @@ pub async fn serve(fake: FakeCoordinator) -> Served {
         );
     tokio::spawn(server);
     Served { addr, fake, stop }
+}
+
+pub const WAIT: Duration = Duration::from_secs(20);
+pub const DEP: &str = "1111111111111111111111111111111111111111";
+pub const JOB: &str = "2222222222222222222222222222222222222222";
+
+/// A worker running in this process (`run` on a task).
+pub struct RunningWorker {
+    /// Its peer address.
+    pub addr: String,
+    pub shutdown: CancellationToken,
+    pub handle: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl RunningWorker {
+    pub async fn start(coordinators: Vec<String>, cache_dir: &Path, slots: usize) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let mut config = WorkerConfig::new(coordinators, cache_dir.to_path_buf());
+        config.slots = slots;
+        config.poll_wait_ms = 200;
+        let shutdown = CancellationToken::new();
+        let handle = tokio::spawn(run(config, listener, shutdown.clone()));
+        Self {
+            addr,
+            shutdown,
+            handle,
+        }
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(WAIT, self.handle)
+            .await
+            .expect("the worker stops promptly")
+            .expect("no panic")
+            .expect("the worker ran without error");
+    }
+}
+
+pub fn sh(script: &str) -> v1::Command {
+    v1::Command {
+        kind: Some(v1::command::Kind::Exec(v1::ExecCommand {
+            argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
+            environ: vec![],
+            working_directory: String::new(),
+        })),
+    }
+}
+
+pub fn assignment(lease_token: u64, cmds: Vec<v1::Command>) -> Assignment {
+    Assignment {
+        lease_token,
+        cache_key: digest_to_wire(&Digest::of(format!("key {lease_token}").as_bytes())),
+        job_id: JOB.into(),
+        name: format!("job {lease_token}"),
+        cmds,
+        inputs: vec![],
+        deps: vec![],
+    }
+}
+
+pub fn input(path: &str, content: &[u8]) -> v1::InputFile {
+    v1::InputFile {
+        path: path.into(),
+        digest: digest_to_wire(&Digest::of(content)),
+        size: content.len() as u64,
+    }
+}
+
+/// Serves `cache` as a peer on 127.0.0.1:0; returns its address.
+pub async fn serve_peer(cache: Cache, stop: CancellationToken) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let service = PeerService::new(cache, TaskTracker::new(), stop.clone());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(PeerApiServer::new(service))
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                stop.cancelled_owned(),
+            ),
+    );
+    addr
+}
+
+/// Packs a directory holding `files` into `cache`; returns digest and size.
+pub fn make_artifact(cache: &Cache, scratch: &Path, files: &[(&str, &str)]) -> (Digest, u64) {
+    let dir = scratch.join("artifact-src");
+    for (path, text) in files {
+        let path = dir.join(path);
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        std::fs::write(path, text).expect("write");
+    }
+    let mut packed = Vec::new();
+    let (digest, size) = artifact::pack(&dir, &mut packed).expect("pack");
+    cache.insert(Some(digest), &packed[..]).expect("insert");
+    (digest, size)
+}
+
+/// Whether the process named in `pid_file` runs (a zombie does not: in a
+/// container nobody may reap the orphans).
+pub fn pid_alive(pid_file: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(pid_file) else {
+        return false;
+    };
+    let pid: i32 = text.trim().parse().expect("a pid");
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name.
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X')),
+        Err(_) => false,
+    }
+}
+
+/// Waits (briefly) for the process in `pid_file` to be gone.
+pub async fn dies_soon(pid_file: &Path) -> bool {
+    for _ in 0..100 {
+        if !pid_alive(pid_file) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+pub async fn wait_for_file(path: &Path) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !path.exists() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
