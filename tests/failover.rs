@@ -268,3 +268,121 @@ fn removing_a_node_that_would_break_the_quorum_needs_force() {
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert_eq!(voters(&cluster), vec![1, 2, 3]);
 }
+
+#[test]
+fn an_uploaded_source_is_stored_on_a_quorum_and_survives_the_leader() {
+    let mut cluster = HaCluster::start(3, 0, 1, 2);
+    std::fs::write(cluster.path("input.txt"), "quorum me\n").expect("write source");
+    let log = cluster.path("ran.log");
+    let job = |name: &str| {
+        sh_job(
+            name,
+            &["input.txt"],
+            &[],
+            &[&format!(
+                "cat {{{{.SourceDir}}}}/input.txt > {{{{.OutputDir}}}}/copy && echo {name} >> {}",
+                log.display()
+            )],
+        )
+    };
+    let sources = ["input.txt"];
+    let first = finish_build(
+        cluster.spawn_build(&graph(&sources, vec![job("first")]), &[]),
+        BUILD_TIMEOUT,
+    );
+    assert_eq!(first.code, Some(0), "{}", first.describe());
+    // Acknowledged means stored (verified, fsynced) on at least two of the
+    // three coordinators.
+    let digest = hex::encode(<sha1::Sha1 as sha1::Digest>::digest(b"quorum me\n"));
+    let holders: Vec<u64> = (1..=3u64)
+        .filter(|id| {
+            cluster
+                .path(&format!("coordinator{id}/blobs/objects/{digest}"))
+                .is_file()
+        })
+        .collect();
+    assert!(holders.len() >= 2, "the blob is on {holders:?} only");
+    // The leader dies; a job reading the source runs on the new one.
+    let leader = cluster.wait_for_leader();
+    cluster.kill_node(leader);
+    let second = finish_build(
+        cluster.spawn_build(&graph(&sources, vec![job("second")]), &[]),
+        BUILD_TIMEOUT,
+    );
+    assert_eq!(
+        second.code,
+        Some(0),
+        "{}\n{}",
+        second.describe(),
+        cluster.logs()
+    );
+    assert_eq!(read_lines(&log), vec!["first", "second"]);
+}
+
+#[test]
+fn an_output_whose_only_holder_died_is_rebuilt_when_a_dependent_needs_it() {
+    let mut cluster = HaCluster::start(3, 0, 2, 1);
+    let log = cluster.path("ran.log");
+    let where_log = cluster.path("where.log");
+    // `quick` finishes at once on one worker; `slow` keeps the other busy;
+    // `needs_both` can start only after `slow`, and reads quick's output.
+    let quick = sh_job(
+        "quick",
+        &[],
+        &[],
+        &[&format!(
+            "echo $PWD >> {} && echo quick >> {} && echo q > {{{{.OutputDir}}}}/q",
+            where_log.display(),
+            log.display()
+        )],
+    );
+    let slow = sh_job(
+        "slow",
+        &[],
+        &[],
+        &[&format!(
+            "sleep 4 && echo slow >> {} && echo s > {{{{.OutputDir}}}}/s",
+            log.display()
+        )],
+    );
+    let needs_both = sh_job(
+        "needs_both",
+        &[],
+        &["quick", "slow"],
+        &[&format!(
+            "cat {{{{index .Deps \"{}\"}}}}/q && echo needs_both >> {}",
+            id("quick"),
+            log.display()
+        )],
+    );
+    let build = cluster.spawn_build(&graph(&[], vec![quick, slow, needs_both]), &[]);
+    wait_for_lines(&where_log, 1, BUILD_TIMEOUT);
+    wait_for_lines(&log, 1, BUILD_TIMEOUT);
+    let first = read_lines(&where_log)[0].clone();
+    let holder = (0..cluster.workers.len())
+        .find(|i| first.contains(&format!("/worker{i}/")))
+        .unwrap_or_else(|| panic!("which worker ran in {first}?"));
+    cluster.workers[holder].take().expect("running").kill();
+    let run = finish_build(build, BUILD_TIMEOUT);
+    assert_eq!(run.code, Some(0), "{}\n{}", run.describe(), cluster.logs());
+    let ran = read_lines(&log);
+    assert_eq!(
+        ran.iter().filter(|l| *l == "quick").count(),
+        2,
+        "quick's lost output was not rebuilt: {ran:?}"
+    );
+    assert_eq!(
+        ran.iter().filter(|l| *l == "needs_both").count(),
+        1,
+        "{ran:?}"
+    );
+    // Each job is reported finished once.
+    for name in ["quick", "slow", "needs_both"] {
+        let finished = run
+            .events
+            .iter()
+            .filter(|e| e["event"] == "job_finished" && e["id"] == id(name))
+            .count();
+        assert_eq!(finished, 1, "{name}: {}", run.describe());
+    }
+}
