@@ -23,7 +23,7 @@ enum Command {
     Coordinator(distbuild_coordinator::CoordinatorArgs),
     /// Serve as a worker: run jobs, keep and serve their outputs.
     Worker(distbuild_worker::WorkerArgs),
-    /// Inspect the cluster.
+    /// Inspect the cluster, change its coordinators.
     #[command(subcommand)]
     Cluster(ClusterCommand),
 }
@@ -32,6 +32,11 @@ enum Command {
 enum ClusterCommand {
     /// The leader, the members, and the connected workers.
     Status(distbuild_client::ClusterStatusArgs),
+    /// Add a coordinator (started with --join) as a voter: it catches up as
+    /// a learner first.
+    AddNode(distbuild_client::AddNodeArgs),
+    /// Remove a coordinator from the voters.
+    RemoveNode(distbuild_client::RemoveNodeArgs),
 }
 
 /// Exit code of a server that stopped on an error (bad flags are 2).
@@ -58,6 +63,12 @@ fn main() -> ExitCode {
             Command::Build(args) => return distbuild_client::build_cli(args).await,
             Command::Cluster(ClusterCommand::Status(args)) => {
                 return distbuild_client::cluster_status_cli(args).await;
+            }
+            Command::Cluster(ClusterCommand::AddNode(args)) => {
+                return distbuild_client::add_node_cli(args).await;
+            }
+            Command::Cluster(ClusterCommand::RemoveNode(args)) => {
+                return distbuild_client::remove_node_cli(args).await;
             }
             Command::Coordinator(args) => distbuild_coordinator::run_cli(args).await,
             Command::Worker(args) => distbuild_worker::run_cli(args).await,

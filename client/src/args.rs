@@ -1,4 +1,5 @@
-//! Command-line flags of `distbuild build` and `distbuild cluster status`.
+//! Command-line flags of `distbuild build` and the `distbuild cluster`
+//! commands.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -97,6 +98,84 @@ pub struct ClusterStatusArgs {
     pub connection: ConnectionArgs,
 }
 
+/// Flags of `distbuild cluster add-node`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AddNodeArgs {
+    /// The new coordinator's node ID (1 or more), as it was started with.
+    // A string, checked by the command: every bad value (`0`, `-1`, `x`)
+    // gets the same one-line error before anything is sent.
+    #[arg(long = "node-id", value_name = "N", allow_hyphen_values = true)]
+    pub node_id: String,
+
+    /// Where the other coordinators reach the new one (HOST:PORT, its
+    /// --listen address).
+    #[arg(long, value_name = "HOST:PORT", allow_hyphen_values = true)]
+    pub addr: String,
+
+    /// Where the cluster is.
+    #[command(flatten)]
+    pub connection: ConnectionArgs,
+}
+
+/// Flags of `distbuild cluster remove-node`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RemoveNodeArgs {
+    /// The coordinator to remove from the voters.
+    // A string for the same reason as in `AddNodeArgs`.
+    #[arg(long = "node-id", value_name = "N", allow_hyphen_values = true)]
+    pub node_id: String,
+
+    /// Remove it even when the voters left that are up would not be a
+    /// quorum (the cluster then stops accepting writes until enough of
+    /// them are back).
+    #[arg(long)]
+    pub force: bool,
+
+    /// Where the cluster is.
+    #[command(flatten)]
+    pub connection: ConnectionArgs,
+}
+
+/// `--node-id` as a number; the error is the one-line message to print.
+pub fn parse_node_id(text: &str) -> Result<u64, String> {
+    match text.trim().parse::<u64>() {
+        Ok(id) if id >= 1 => Ok(id),
+        _ => Err(format!(
+            "bad --node-id {text:?}: expected a node ID, a whole number from 1"
+        )),
+    }
+}
+
+/// Checks that `addr` is `HOST:PORT` (a host name, an IPv4 address or a
+/// bracketed IPv6 address, and a port from 1 to 65535); the error is the
+/// one-line message to print.
+pub fn check_host_port(addr: &str) -> Result<(), String> {
+    let bad = |why: &str| {
+        Err(format!(
+            "bad --addr {addr:?}: {why}; expected HOST:PORT (for example 10.0.0.4:7000)"
+        ))
+    };
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        return bad("no port");
+    };
+    if !matches!(port.parse::<u16>(), Ok(p) if p >= 1) || !port.bytes().all(|b| b.is_ascii_digit())
+    {
+        return bad("the port is not a number from 1 to 65535");
+    }
+    let host_ok = if let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        inner.parse::<std::net::Ipv6Addr>().is_ok()
+    } else {
+        !host.is_empty()
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+    };
+    if !host_ok {
+        return bad("not a host name or IP address before the port");
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -146,6 +225,61 @@ mod tests {
             assert!(help.contains(flag), "{flag} missing from:\n{help}");
         }
         assert!(!help.contains("Where the cluster is"), "{help}");
+    }
+
+    #[test]
+    fn node_ids_and_addresses_are_checked() {
+        for (text, ok) in [
+            ("1", Some(1)),
+            ("42", Some(42)),
+            ("0", None),
+            ("-1", None),
+            ("x", None),
+            ("", None),
+            ("18446744073709551616", None),
+        ] {
+            assert_eq!(parse_node_id(text).ok(), ok, "{text:?}");
+        }
+        for (addr, ok) in [
+            ("10.0.0.4:7000", true),
+            ("coord-4.example.com:7000", true),
+            ("[::1]:7000", true),
+            ("10.0.0.4", false),
+            ("10.0.0.4:", false),
+            ("10.0.0.4:0", false),
+            ("10.0.0.4:70000", false),
+            ("10.0.0.4:+70", false),
+            (":7000", false),
+            ("http://10.0.0.4:7000", false),
+            ("a b:7000", false),
+            ("::1:7000", false),
+            ("[not v6]:7000", false),
+        ] {
+            assert_eq!(check_host_port(addr).is_ok(), ok, "{addr:?}");
+        }
+        let message = check_host_port("h").expect_err("no port");
+        assert!(message.contains("expected HOST:PORT"), "{message}");
+        assert!(!message.contains('\n'), "{message}");
+    }
+
+    #[test]
+    fn membership_flags_parse() {
+        #[derive(Parser)]
+        struct Remove {
+            #[command(flatten)]
+            args: RemoveNodeArgs,
+        }
+        let remove =
+            Remove::try_parse_from(["x", "--coordinator", "a:1", "--node-id", "-1", "--force"])
+                .expect("parses")
+                .args;
+        assert_eq!(remove.node_id, "-1");
+        assert!(remove.force);
+        let remove = Remove::try_parse_from(["x", "--coordinator", "a:1", "--node-id", "3"])
+            .expect("parses")
+            .args;
+        assert!(!remove.force);
+        assert!(Remove::try_parse_from(["x", "--coordinator", "a:1"]).is_err());
     }
 
     #[test]

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
+use std::time::Duration;
 
 use bytes::Bytes;
 use distbuild_proto::graph::BuildGraph;
@@ -18,7 +19,7 @@ use crate::download::{DownloadError, Output, download_outputs};
 use crate::exit_code;
 use crate::render::{Console, Reporter, print_error};
 use crate::sources::hash_sources;
-use crate::upload::{UploadError, upload_missing};
+use crate::upload::{MIN_UPLOAD_BYTES_PER_SEC, UploadError, upload_missing};
 use crate::watch::watch_build;
 
 /// Largest graph file accepted: it travels in one message.
@@ -98,8 +99,13 @@ pub async fn run_build(args: BuildArgs, connector: Connector, console: Console) 
             })
             .collect(),
     };
+    // Retries (after a failover, a lost answer) send the same request ID:
+    // the cluster applies the submit once and answers a retry with the same
+    // build.
+    let submit_timeout = RPC_TIMEOUT
+        + Duration::from_secs(request.graph_json.len() as u64 / MIN_UPLOAD_BYTES_PER_SEC);
     let submitted: SubmitBuildResponse = match cluster
-        .call("submit the build", Some(RPC_TIMEOUT), |channel| {
+        .call("submit the build", Some(submit_timeout), |channel| {
             let request = request.clone();
             async move {
                 Ok(client_api(channel)

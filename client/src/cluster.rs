@@ -2,9 +2,23 @@
 //! with bounded exponential backoff until `--timeout`, and following a
 //! coordinator's "not the leader" answer to the leader it names.
 //!
+//! What a call can meet during a failover, and what happens:
+//! - UNAVAILABLE with `distbuild-leader` metadata (a follower): the call is
+//!   sent again at once to the leader it names;
+//! - UNAVAILABLE without it (an election, a stopping node), a refused or
+//!   timed-out connection, a broken or silent one (keepalive), no answer
+//!   within the attempt's deadline: the next address is tried, and after
+//!   every address failed once the client pauses ([`Backoff`]: 50 ms,
+//!   doubling to 1 s) before the next round.
+//!
+//! A call gives up (exit 3) only after the cluster has failed it
+//! continuously for the patience (`--timeout`), counted from the call's
+//! start — which is after the last answer the client got.
+//!
 //! Every request the client sends is safe to repeat (lookups, content-
-//! addressed uploads, a submit keyed by its request ID), so any failure that
-//! may be the network's or an election's is retried.
+//! addressed uploads, a submit keyed by its request ID, membership changes
+//! the commands check afterwards), so any failure that may be the network's
+//! or an election's is retried.
 
 use std::error::Error as _;
 use std::future::Future;
@@ -21,14 +35,17 @@ use tracing::debug;
 use crate::connect::{CONNECT_TIMEOUT, Connector};
 use crate::exit_code;
 
-/// Deadline of one unary RPC attempt.
-pub const RPC_TIMEOUT: Duration = Duration::from_secs(30);
+/// Deadline of one unary RPC attempt (calls moving more data add time for
+/// it). A dead or partitioned connection is caught sooner by keepalive; this
+/// bounds a node that is connected but never answers (a leader that lost its
+/// quorum, say).
+pub const RPC_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// First pause after every coordinator failed once; doubles per round.
-pub const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
+pub const INITIAL_BACKOFF: Duration = Duration::from_millis(50);
 
 /// Longest pause between rounds of attempts.
-pub const MAX_BACKOFF: Duration = Duration::from_secs(2);
+pub const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
 /// "Not the leader" answers followed in a row before backing off (an
 /// election may be under way and the hints stale).
@@ -36,6 +53,36 @@ pub const MAX_LEADER_REDIRECTS: u32 = 5;
 
 /// Shortest connection attempt, even when `--timeout` is nearly spent.
 const MIN_CONNECT_ATTEMPT: Duration = Duration::from_millis(200);
+
+/// Bounded exponential backoff: [`INITIAL_BACKOFF`], doubling up to
+/// [`MAX_BACKOFF`].
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            next: INITIAL_BACKOFF,
+        }
+    }
+}
+
+impl Backoff {
+    /// The pause to take now; the next one is twice as long (up to the
+    /// bound).
+    pub fn next_pause(&mut self) -> Duration {
+        let pause = self.next;
+        self.next = (self.next * 2).min(MAX_BACKOFF);
+        pause
+    }
+
+    /// Starts again from the shortest pause (after a success).
+    pub fn reset(&mut self) {
+        self.next = INITIAL_BACKOFF;
+    }
+}
 
 /// Why a call to the cluster failed.
 #[derive(Debug, thiserror::Error)]
@@ -233,7 +280,12 @@ impl Cluster {
             state.current = None;
         }
         if state.leader.as_deref() == Some(addr) {
+            // A leader named but not there: the node that named it (most
+            // likely the current configured one) still believes in a dead
+            // leader until its election timeout, so ask the next one rather
+            // than be sent to the dead one again.
             state.leader = None;
+            state.next = state.next.wrapping_add(1);
         } else if addrs[state.next % addrs.len()] == addr {
             state.next = state.next.wrapping_add(1);
         }
@@ -286,7 +338,7 @@ impl Cluster {
     {
         let started = Instant::now();
         let deadline = started + self.inner.patience;
-        let mut backoff = INITIAL_BACKOFF;
+        let mut backoff = Backoff::default();
         let mut redirects = 0u32;
         let mut failures = 0usize;
         loop {
@@ -339,8 +391,7 @@ impl Cluster {
             failures += 1;
             if failures.is_multiple_of(self.inner.addrs.len()) || redirects >= MAX_LEADER_REDIRECTS
             {
-                tokio::time::sleep(backoff.min(deadline - now)).await;
-                backoff = (backoff * 2).min(MAX_BACKOFF);
+                tokio::time::sleep(backoff.next_pause().min(deadline - now)).await;
                 redirects = 0;
             }
         }
@@ -416,6 +467,55 @@ mod tests {
             last_error: "refused".into(),
         };
         assert_eq!(unreachable.exit_code(), exit_code::UNREACHABLE);
+    }
+
+    #[test]
+    fn failures_rotate_through_every_configured_address() {
+        let addrs: Vec<String> = ["a:1", "b:1", "c:1"].map(String::from).to_vec();
+        let mut state = State {
+            next: 0,
+            leader: None,
+            current: None,
+        };
+        let candidate = |state: &State| {
+            state
+                .leader
+                .clone()
+                .unwrap_or_else(|| addrs[state.next % addrs.len()].clone())
+        };
+        let mut tried = Vec::new();
+        for _ in 0..6 {
+            let addr = candidate(&state);
+            tried.push(addr.clone());
+            if addr == "a:1" || addr == "b:1" {
+                // A follower still naming the leader that died.
+                state.leader = Some("dead:1".into());
+                let addr = candidate(&state);
+                tried.push(addr.clone());
+                Cluster::move_on(&mut state, &addrs, &addr);
+            } else {
+                Cluster::move_on(&mut state, &addrs, &addr);
+            }
+        }
+        assert_eq!(
+            tried,
+            [
+                "a:1", "dead:1", "b:1", "dead:1", "c:1", "a:1", "dead:1", "b:1", "dead:1", "c:1"
+            ]
+        );
+        // A failure elsewhere (another call's stale address) moves nothing.
+        let before = state.next;
+        Cluster::move_on(&mut state, &addrs, "z:1");
+        assert_eq!(state.next, before);
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_its_bound_and_resets() {
+        let mut backoff = Backoff::default();
+        let pauses: Vec<u128> = (0..7).map(|_| backoff.next_pause().as_millis()).collect();
+        assert_eq!(pauses, [50, 100, 200, 400, 800, 1000, 1000]);
+        backoff.reset();
+        assert_eq!(backoff.next_pause(), INITIAL_BACKOFF);
     }
 
     #[test]

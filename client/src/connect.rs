@@ -15,20 +15,26 @@ use distbuild_proto::wire::MAX_MESSAGE_BYTES;
 use futures::future::BoxFuture;
 use tonic::transport::{Channel, Endpoint};
 
-/// How long opening one TCP connection (and its HTTP/2 handshake) may take.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long opening one TCP connection may take. A node cut off by a
+/// partition drops the SYN instead of refusing it: without this bound the
+/// client would wait for the kernel's own timeout (minutes) before trying
+/// another coordinator.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Interval of HTTP/2 keepalive pings: a silently dead connection (a lost
-/// peer, a partition) is noticed within interval + timeout, even while a
+/// Interval of HTTP/2 keepalive pings, sent even while no call is open: a
+/// silently dead connection (a node lost in a partition, its packets
+/// dropped) is noticed within interval + timeout, also while a WatchBuild
 /// stream waits minutes between events.
-pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
 
-/// How long a keepalive ping may go unanswered before the connection is
-/// declared dead.
-pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a keepalive ping may go unanswered before the connection (and
+/// every call on it) is declared dead (UNAVAILABLE).
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The endpoint for `addr` (`HOST:PORT`, or a URL with a scheme), with the
-/// client's timeouts and keepalive set.
+/// client's connect timeout and keepalive set. Every channel the client
+/// opens is built from it, a simulator's [`Connector`] included (through
+/// `Endpoint::connect_with_connector`), so no connection can hang silently.
 pub fn endpoint(addr: &str) -> Result<Endpoint, tonic::transport::Error> {
     let url = if addr.contains("://") {
         addr.to_string()

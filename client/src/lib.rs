@@ -1,28 +1,31 @@
 #![warn(missing_docs)]
 //! The distbuild client: `distbuild build` (hash and upload sources, submit
-//! a graph, stream its events, download the outputs) and
-//! `distbuild cluster status`.
+//! a graph, stream its events, download the outputs), `distbuild cluster
+//! status`, and `distbuild cluster add-node` / `remove-node`.
 //!
 //! Layout by concern: [`args`] (flags), [`connect`] (the one place that
 //! opens a connection — the network seam), [`cluster`] (retries, deadlines,
 //! following the leader), [`sources`] and [`upload`] (source files),
 //! [`watch`] (the event stream, resumed after a break), [`render`] (what the
-//! user sees), [`download`] (leaf outputs), [`build`] and [`status`] (the
-//! two commands). Depends only on `distbuild-proto` among our crates.
+//! user sees), [`download`] (leaf outputs), [`build`], [`status`] and
+//! [`membership`] (the commands). Depends only on `distbuild-proto` among
+//! our crates.
 
 pub mod args;
 pub mod build;
 pub mod cluster;
 pub mod connect;
 pub mod download;
+pub mod membership;
 pub mod render;
 pub mod sources;
 pub mod status;
 pub mod upload;
 pub mod watch;
 
-pub use args::{BuildArgs, ClusterStatusArgs, ConnectionArgs};
+pub use args::{AddNodeArgs, BuildArgs, ClusterStatusArgs, ConnectionArgs, RemoveNodeArgs};
 pub use build::{build_cli, run_build};
+pub use membership::{add_node_cli, remove_node_cli, run_add_node, run_remove_node};
 pub use status::{cluster_status_cli, run_cluster_status};
 
 /// Process exit codes of the client commands.

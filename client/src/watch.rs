@@ -6,12 +6,9 @@
 use std::time::Duration;
 
 use distbuild_proto::v1::{BuildEvent, WatchBuildRequest, build_event};
-use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use crate::cluster::{
-    CallError, Cluster, Disposition, INITIAL_BACKOFF, MAX_BACKOFF, RPC_TIMEOUT, classify, describe,
-};
+use crate::cluster::{Backoff, CallError, Cluster, Disposition, RPC_TIMEOUT, classify, describe};
 use crate::connect::client_api;
 
 /// Longest wait for the next event before the stream is presumed stuck and
@@ -21,8 +18,9 @@ pub const WATCH_IDLE_TIMEOUT: Duration = Duration::from_secs(10 * 60);
 
 /// Streams the events of build `build_id` into `on_event`, from sequence
 /// number 0 through build_finished. Fails when the cluster stays
-/// unreachable for its patience (counted from the last event received), or
-/// answers with an error that retrying cannot fix.
+/// unreachable for its patience (each reopening is a [`Cluster::call_at`],
+/// which counts from the break), or answers with an error that retrying
+/// cannot fix.
 pub async fn watch_build(
     cluster: &Cluster,
     build_id: u64,
@@ -39,9 +37,9 @@ pub async fn watch_build_with_idle_timeout(
     mut on_event: impl FnMut(&BuildEvent),
 ) -> Result<(), CallError> {
     let mut next_seq = 0u64;
-    // Since when the stream has been failing without delivering an event.
-    let mut failing_since: Option<Instant> = None;
-    let mut backoff = INITIAL_BACKOFF;
+    // Reset by every event: a stream that keeps opening and breaking without
+    // delivering anything is reopened at most about once a second.
+    let mut backoff = Backoff::default();
     loop {
         let from_seq = next_seq;
         let (addr, mut stream) = cluster
@@ -54,8 +52,16 @@ pub async fn watch_build_with_idle_timeout(
             .await?;
         let break_reason = loop {
             match tokio::time::timeout(idle_timeout, stream.message()).await {
-                Err(_) => break format!("no event for {idle_timeout:?}"),
-                Ok(Ok(None)) => break "the stream ended before build_finished".to_string(),
+                Err(_) => {
+                    // Keepalive catches a dead connection; this is a live
+                    // one that stopped sending: try another node.
+                    cluster.failed(&addr).await;
+                    break format!("no event for {idle_timeout:?}");
+                }
+                Ok(Ok(None)) => {
+                    cluster.failed(&addr).await;
+                    break "the stream ended before build_finished".to_string();
+                }
                 Ok(Ok(Some(event))) => {
                     if event.seq < next_seq {
                         continue; // seen before the stream was reopened
@@ -69,8 +75,7 @@ pub async fn watch_build_with_idle_timeout(
                         );
                     }
                     next_seq = event.seq + 1;
-                    failing_since = None;
-                    backoff = INITIAL_BACKOFF;
+                    backoff.reset();
                     let done = matches!(event.event, Some(build_event::Event::BuildFinished(_)));
                     on_event(&event);
                     if done {
@@ -78,11 +83,19 @@ pub async fn watch_build_with_idle_timeout(
                     }
                 }
                 Ok(Err(status)) => match classify(&status) {
+                    // The node lost its leadership (or never had it): the
+                    // stream resumes at the leader it names.
                     Disposition::Redirect(leader) => {
                         cluster.follow_leader(&addr, &leader).await;
                         break describe(&status);
                     }
-                    Disposition::Retry => break describe(&status),
+                    // An election, a stopping node, a broken or silent
+                    // connection (keepalive): the next attempt starts on a
+                    // fresh connection, at the next node.
+                    Disposition::Retry => {
+                        cluster.failed(&addr).await;
+                        break describe(&status);
+                    }
                     Disposition::Fatal => {
                         return Err(CallError::Rejected {
                             what: "watch the build".to_string(),
@@ -93,18 +106,7 @@ pub async fn watch_build_with_idle_timeout(
             }
         };
         drop(stream);
-        // Whatever broke, the next attempt starts on a fresh connection.
-        cluster.failed(&addr).await;
         debug!(build_id, next_seq, %addr, "build stream broke: {break_reason}; reopening");
-        let since = *failing_since.get_or_insert_with(Instant::now);
-        if since.elapsed() >= cluster.patience() {
-            return Err(CallError::Unreachable {
-                addrs: cluster.addrs_display(),
-                waited_secs: since.elapsed().as_secs(),
-                last_error: format!("watch the build: {break_reason}"),
-            });
-        }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(MAX_BACKOFF);
+        tokio::time::sleep(backoff.next_pause()).await;
     }
 }

@@ -1,5 +1,7 @@
 //! Test helpers: an in-process fake coordinator (also serving the peer API)
-//! on 127.0.0.1:0 whose answers a test scripts, and a capturable console.
+//! on 127.0.0.1:0 whose answers a test scripts, a TCP proxy that can cut or
+//! black-hole its connections (a crash, a partition), and a capturable
+//! console.
 
 #![allow(dead_code)] // each test binary uses its own part
 
@@ -20,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Response, Status, Streaming};
 
 /// How one WatchBuild call misbehaves.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Default)]
 pub struct WatchScript {
     /// Events before `from_seq` sent again first (a sloppy server).
     pub resend: u64,
@@ -29,6 +31,56 @@ pub struct WatchScript {
     pub take: Option<usize>,
     /// How it stops early: with an UNAVAILABLE status, or by just ending.
     pub fail_with_status: bool,
+    /// With `fail_with_status`: the leader the status names (a node that
+    /// lost its leadership).
+    pub leader: Option<String>,
+    /// Instead of stopping early, stay open and send nothing more (until
+    /// the connection goes).
+    pub hang: bool,
+    /// From this call on, the fake is in an election for this long.
+    pub outage: Option<std::time::Duration>,
+    /// Wait this long after the events before stopping (a stream open
+    /// while a job runs).
+    pub stall: Option<std::time::Duration>,
+}
+
+/// A scripted error answer.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub code: Code,
+    pub message: String,
+    /// Sent as `distbuild-leader` metadata.
+    pub leader: Option<String>,
+}
+
+impl Failure {
+    /// UNAVAILABLE naming no leader (an election).
+    pub fn election() -> Self {
+        Self {
+            code: Code::Unavailable,
+            message: "no leader (election in progress)".into(),
+            leader: None,
+        }
+    }
+
+    /// UNAVAILABLE naming the leader (a follower).
+    pub fn not_leader(leader: &str) -> Self {
+        Self {
+            code: Code::Unavailable,
+            message: "not the leader".into(),
+            leader: Some(leader.into()),
+        }
+    }
+
+    pub fn status(&self) -> Status {
+        let mut status = Status::new(self.code, self.message.clone());
+        if let Some(leader) = &self.leader {
+            status
+                .metadata_mut()
+                .insert(LEADER_METADATA_KEY, leader.parse().expect("ascii address"));
+        }
+        status
+    }
 }
 
 /// What the fake knows and what it saw.
@@ -48,6 +100,35 @@ pub struct FakeState {
     /// Peer addresses LocateArtifacts names for every artifact.
     pub holders: Vec<String>,
     pub redirected: usize,
+    /// Answers scripted per method (by its snake_case name), taken first.
+    /// SubmitBuild records the request before answering one (an answer
+    /// lost after the submit was applied).
+    pub failures: HashMap<&'static str, VecDeque<Failure>>,
+    /// Until then, every call is answered UNAVAILABLE without a leader (an
+    /// election).
+    pub outage_until: Option<std::time::Instant>,
+    /// Calls answered during the outage.
+    pub outage_answers: usize,
+    /// The members ClusterStatus reports.
+    pub members: Vec<Member>,
+    pub add_node_requests: Vec<AddNodeRequest>,
+    pub remove_node_requests: Vec<RemoveNodeRequest>,
+    /// Membership changes (by method) made but then answered UNAVAILABLE
+    /// without a leader, as if the answer was lost in a failover.
+    pub lose_answers: HashMap<&'static str, usize>,
+}
+
+impl FakeState {
+    /// Whether the answer to this call of `method` is to be lost.
+    fn lose_answer(&mut self, method: &'static str) -> bool {
+        match self.lose_answers.get_mut(method) {
+            Some(n) if *n > 0 => {
+                *n -= 1;
+                true
+            }
+            _ => false,
+        }
+    }
 }
 
 /// The fake coordinator (and worker peer API). Clones share state.
@@ -61,8 +142,22 @@ impl Fake {
         self.state.lock().expect("fake state lock")
     }
 
-    fn check_redirect(&self) -> Result<(), Status> {
+    /// The answer to `method` if not a normal one: an outage, a redirect,
+    /// a scripted failure.
+    fn check_redirect(&self, method: &'static str) -> Result<(), Status> {
         let mut state = self.lock();
+        if state
+            .outage_until
+            .is_some_and(|until| std::time::Instant::now() < until)
+        {
+            state.outage_answers += 1;
+            return Err(Failure::election().status());
+        }
+        if method != "submit_build"
+            && let Some(failure) = state.failures.get_mut(method).and_then(VecDeque::pop_front)
+        {
+            return Err(failure.status());
+        }
         if let Some(leader) = state.redirect_to.clone() {
             state.redirected += 1;
             let mut status = Status::unavailable("not the leader");
@@ -84,7 +179,7 @@ impl ClientApi for Fake {
         &self,
         request: Request<FindMissingBlobsRequest>,
     ) -> Result<Response<FindMissingBlobsResponse>, Status> {
-        self.check_redirect()?;
+        self.check_redirect("find_missing_blobs")?;
         let state = self.lock();
         let missing = request
             .into_inner()
@@ -102,7 +197,7 @@ impl ClientApi for Fake {
         &self,
         request: Request<Streaming<BlobChunk>>,
     ) -> Result<Response<UploadBlobResponse>, Status> {
-        self.check_redirect()?;
+        self.check_redirect("upload_blob")?;
         let mut stream = request.into_inner();
         let mut data = Vec::new();
         let mut head: Option<(Digest, u64)> = None;
@@ -131,9 +226,16 @@ impl ClientApi for Fake {
         &self,
         request: Request<SubmitBuildRequest>,
     ) -> Result<Response<SubmitBuildResponse>, Status> {
-        self.check_redirect()?;
+        self.check_redirect("submit_build")?;
         let mut state = self.lock();
         state.submits.push(request.into_inner());
+        if let Some(failure) = state
+            .failures
+            .get_mut("submit_build")
+            .and_then(VecDeque::pop_front)
+        {
+            return Err(failure.status());
+        }
         if let Some((code, message)) = &state.submit_error {
             return Err(Status::new(*code, message.clone()));
         }
@@ -149,17 +251,16 @@ impl ClientApi for Fake {
         &self,
         request: Request<WatchBuildRequest>,
     ) -> Result<Response<EventStream>, Status> {
-        self.check_redirect()?;
+        self.check_redirect("watch_build")?;
         let from = request.into_inner().from_seq;
         let mut state = self.lock();
         state.watch_from.push(from);
-        let script = state.watch_scripts.pop_front().unwrap_or(WatchScript {
-            resend: 0,
-            take: None,
-            fail_with_status: false,
-        });
+        let script = state.watch_scripts.pop_front().unwrap_or_default();
+        if let Some(outage) = script.outage {
+            state.outage_until = Some(std::time::Instant::now() + outage);
+        }
         let start = from.saturating_sub(script.resend) as usize;
-        let mut events: Vec<Result<BuildEvent, Status>> = state
+        let events: Vec<Result<BuildEvent, Status>> = state
             .events
             .iter()
             .skip(start)
@@ -171,17 +272,34 @@ impl ClientApi for Fake {
             .cloned()
             .map(Ok)
             .collect();
-        if script.take.is_some() && script.fail_with_status {
-            events.push(Err(Status::unavailable("leader lost")));
+        let events = futures::stream::iter(events);
+        if script.hang {
+            return Ok(Response::new(
+                events.chain(futures::stream::pending()).boxed(),
+            ));
         }
-        Ok(Response::new(futures::stream::iter(events).boxed()))
+        let end = (script.take.is_some() && script.fail_with_status).then(|| {
+            let mut failure = Failure::election();
+            failure.message = "leader lost".into();
+            failure.leader = script.leader.clone();
+            Err(failure.status())
+        });
+        let stall = script.stall;
+        let end = futures::stream::once(async move {
+            if let Some(stall) = stall {
+                tokio::time::sleep(stall).await;
+            }
+            end
+        })
+        .filter_map(|end| async move { end });
+        Ok(Response::new(events.chain(end).boxed()))
     }
 
     async fn locate_artifacts(
         &self,
         request: Request<LocateArtifactsRequest>,
     ) -> Result<Response<LocateArtifactsResponse>, Status> {
-        self.check_redirect()?;
+        self.check_redirect("locate_artifacts")?;
         let state = self.lock();
         let locations = request
             .into_inner()
@@ -231,14 +349,82 @@ impl AdminApi for Fake {
         &self,
         _request: Request<ClusterStatusRequest>,
     ) -> Result<Response<ClusterStatusResponse>, Status> {
-        self.check_redirect()?;
-        Ok(Response::new(ClusterStatusResponse {
-            leader: 1,
-            members: vec![Member {
+        self.check_redirect("cluster_status")?;
+        let state = self.lock();
+        let members = if state.members.is_empty() {
+            vec![Member {
                 node_id: 1,
                 addr: "leader:1".into(),
-            }],
+                voter: true,
+                role: "leader".into(),
+                term: 2,
+                last_log_index: 10,
+                applied_index: 10,
+                ..Default::default()
+            }]
+        } else {
+            state.members.clone()
+        };
+        Ok(Response::new(ClusterStatusResponse {
+            leader: 1,
+            members,
             workers: vec![],
+            answered_by: 1,
+        }))
+    }
+
+    async fn add_node(
+        &self,
+        request: Request<AddNodeRequest>,
+    ) -> Result<Response<ChangeMembershipResponse>, Status> {
+        self.check_redirect("add_node")?;
+        let request = request.into_inner();
+        let mut state = self.lock();
+        state.add_node_requests.push(request.clone());
+        if state.members.iter().any(|m| m.node_id == request.node_id) {
+            return Err(Status::already_exists(format!(
+                "node {} is already a member",
+                request.node_id
+            )));
+        }
+        state.members.push(Member {
+            node_id: request.node_id,
+            addr: request.addr,
+            voter: true,
+            ..Default::default()
+        });
+        if state.lose_answer("add_node") {
+            return Err(Failure::election().status());
+        }
+        Ok(Response::new(ChangeMembershipResponse {
+            members: state.members.clone(),
+        }))
+    }
+
+    async fn remove_node(
+        &self,
+        request: Request<RemoveNodeRequest>,
+    ) -> Result<Response<ChangeMembershipResponse>, Status> {
+        self.check_redirect("remove_node")?;
+        let request = request.into_inner();
+        let mut state = self.lock();
+        state.remove_node_requests.push(request);
+        let Some(position) = state
+            .members
+            .iter()
+            .position(|m| m.node_id == request.node_id)
+        else {
+            return Err(Status::not_found(format!(
+                "node {} is not a member",
+                request.node_id
+            )));
+        };
+        state.members.remove(position);
+        if state.lose_answer("remove_node") {
+            return Err(Failure::election().status());
+        }
+        Ok(Response::new(ChangeMembershipResponse {
+            members: state.members.clone(),
         }))
     }
 }
@@ -323,4 +509,116 @@ pub async fn dead_address() -> String {
         .await
         .expect("bind");
     listener.local_addr().expect("local addr").to_string()
+}
+
+/// What a [`Proxy`] does with traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyMode {
+    /// Forwards both ways.
+    Pass,
+    /// Keeps every connection open (and accepts new ones) but drops every
+    /// byte: a partition, as a peer sees it.
+    Blackhole,
+}
+
+/// A TCP proxy on 127.0.0.1:0 in front of `target`; [`Proxy::cut`]
+/// closes every connection and stops listening (a crash).
+pub struct Proxy {
+    pub addr: String,
+    mode: tokio::sync::watch::Sender<ProxyMode>,
+    cut: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    pub async fn start(target: String) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("local addr").to_string();
+        let (mode, mode_rx) = tokio::sync::watch::channel(ProxyMode::Pass);
+        let cut = CancellationToken::new();
+        let stop = cut.clone();
+        let task = tokio::spawn(async move {
+            let tracker = tokio_util::task::TaskTracker::new();
+            loop {
+                let (client, _) = tokio::select! {
+                    () = stop.cancelled() => break,
+                    accepted = listener.accept() => accepted.expect("accept"),
+                };
+                let target = target.clone();
+                let mode = mode_rx.clone();
+                let stop = stop.clone();
+                tracker.spawn(async move {
+                    tokio::select! {
+                        () = stop.cancelled() => {}
+                        () = Self::serve(client, target, mode) => {}
+                    }
+                });
+            }
+            tracker.close();
+            tracker.wait().await;
+        });
+        Self {
+            addr,
+            mode,
+            cut,
+            task,
+        }
+    }
+
+    async fn serve(
+        client: tokio::net::TcpStream,
+        target: String,
+        mode: tokio::sync::watch::Receiver<ProxyMode>,
+    ) {
+        if *mode.borrow() == ProxyMode::Blackhole {
+            Self::pump(client.into_split().0, None, mode).await;
+            return;
+        }
+        let Ok(server) = tokio::net::TcpStream::connect(&target).await else {
+            return;
+        };
+        let (client_read, client_write) = client.into_split();
+        let (server_read, server_write) = server.into_split();
+        tokio::join!(
+            Self::pump(client_read, Some(server_write), mode.clone()),
+            Self::pump(server_read, Some(client_write), mode),
+        );
+    }
+
+    /// Copies `from` into `to` while passing; drops what it reads while a
+    /// black hole.
+    async fn pump(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: Option<tokio::net::tcp::OwnedWriteHalf>,
+        mode: tokio::sync::watch::Receiver<ProxyMode>,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if *mode.borrow() == ProxyMode::Blackhole {
+                continue;
+            }
+            let Some(to) = to.as_mut() else { continue };
+            if to.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// From now on, drops every byte (connections stay open).
+    pub fn blackhole(&self) {
+        self.mode.send_replace(ProxyMode::Blackhole);
+    }
+
+    /// Closes every connection and stops listening; waits until done.
+    pub async fn cut(self) {
+        self.cut.cancel();
+        self.task.await.expect("proxy task");
+    }
 }

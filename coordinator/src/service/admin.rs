@@ -92,7 +92,7 @@ fn membership_status(e: RaftError<u64, ClientWriteError<u64, BasicNode>>) -> Sta
         }
         RaftError::APIError(ClientWriteError::ChangeMembershipError(
             ChangeMembershipError::InProgress(_),
-        )) => Status::failed_precondition("another membership change is in progress; retry"),
+        )) => Status::unavailable("another membership change is in progress; retry"),
         RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
             Status::failed_precondition(e.to_string())
         }
