@@ -34,12 +34,18 @@ fn main() {
     for nodes in [1usize, 3] {
         let cluster = HaCluster::start(nodes, 0, 0, 1);
         let leader = cluster.node_addr(cluster.wait_for_leader());
-        let rate = runtime.block_on(commands_per_second(
+        let (rate, refused) = runtime.block_on(commands_per_second(
             &leader,
             64,
             Duration::from_secs(seconds),
         ));
-        println!("  {nodes} coordinator(s): {rate:>8.0} commands/s");
+        let terms: Vec<u64> = cluster.status()["members"]
+            .as_array()
+            .map(|m| m.iter().filter_map(|m| m["term"].as_u64()).collect())
+            .unwrap_or_default();
+        println!(
+            "  {nodes} coordinator(s): {rate:>8.0} commands/s  ({refused} calls refused during elections; terms after: {terms:?})"
+        );
         rates.push(rate);
     }
     println!("  3 coordinators / 1: {:.2}x the rate", rates[1] / rates[0]);
@@ -75,7 +81,9 @@ fn main() {
     );
 }
 
-async fn commands_per_second(leader: &str, callers: usize, duration: Duration) -> f64 {
+/// Commands committed per second, and how many calls were refused
+/// UNAVAILABLE (an election) on the way.
+async fn commands_per_second(leader: &str, callers: usize, duration: Duration) -> (f64, u64) {
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{leader}"))
         .expect("endpoint")
         .connect()
@@ -104,27 +112,36 @@ async fn commands_per_second(leader: &str, callers: usize, duration: Duration) -
                 assert!(attempts < 100, "register: {status}");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            let mut done = 0u64;
+            let (mut done, mut refused) = (0u64, 0u64);
             while tokio::time::Instant::now() < deadline {
-                client
+                let answer = client
                     .heartbeat(HeartbeatRequest {
                         worker_id: worker_id.clone(),
-                        request_id: format!("hb-{done}"),
+                        request_id: format!("hb-{done}-{refused}"),
                         ..Default::default()
                     })
-                    .await
-                    .expect("heartbeat");
-                done += 1;
+                    .await;
+                match answer {
+                    Ok(_) => done += 1,
+                    // An election under this load: count it, wait, retry.
+                    Err(status) if status.code() == tonic::Code::Unavailable => {
+                        refused += 1;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    Err(status) => panic!("heartbeat: {status}"),
+                }
             }
-            done
+            (done, refused)
         }));
     }
     let started = Instant::now();
-    let mut total = 0;
+    let (mut total, mut refused) = (0, 0);
     for task in tasks {
-        total += task.await.expect("caller");
+        let (done, no) = task.await.expect("caller");
+        total += done;
+        refused += no;
     }
-    total as f64 / started.elapsed().as_secs_f64()
+    (total as f64 / started.elapsed().as_secs_f64(), refused)
 }
 
 /// Kills the leader `trials` times during one build of `jobs` trivial

@@ -2,10 +2,11 @@
 # Installs what building distbuild needs on a fresh Debian machine that has
 # the Rust toolchain: libclang (RocksDB's bindgen) and a C++ compiler.
 # protoc is not needed: the build uses a vendored one. ninja is what the build
-# benchmark compares against.
+# benchmark compares against; iproute2 (`ip`) builds the network namespaces of
+# the partition test (tests/partition.rs).
 set -euo pipefail
 
-packages=(libclang-dev clang g++ make pkg-config ninja-build)
+packages=(libclang-dev clang g++ make pkg-config ninja-build iproute2)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

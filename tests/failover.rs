@@ -5,58 +5,12 @@
 
 mod support;
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
 use support::*;
 
 const BUILD_TIMEOUT: Duration = Duration::from_secs(180);
-
-fn names(chains: usize, length: usize) -> Vec<String> {
-    (0..chains)
-        .flat_map(|c| (0..length).map(move |s| format!("c{c}s{s}")))
-        .collect()
-}
-
-/// The build succeeded, reported every job finished exactly once, and
-/// (unless listed in `may_rerun`) every job ran exactly once.
-fn assert_complete(run: &BuildRun, names: &[String], log: &Path, may_rerun: &[&str], logs: &str) {
-    assert_eq!(run.code, Some(0), "{}\n{logs}", run.describe());
-    let mut reported: BTreeMap<String, usize> = BTreeMap::new();
-    for event in &run.events {
-        if event["event"] == "job_finished" {
-            *reported
-                .entry(event["id"].as_str().unwrap_or("?").to_string())
-                .or_default() += 1;
-        }
-    }
-    for name in names {
-        assert_eq!(
-            reported.get(&id(name)),
-            Some(&1),
-            "job {name} reported {:?} times: {}",
-            reported.get(&id(name)),
-            run.describe()
-        );
-    }
-    assert_eq!(reported.len(), names.len(), "{}", run.describe());
-    let mut ran: BTreeMap<String, usize> = BTreeMap::new();
-    for line in read_lines(log) {
-        *ran.entry(line).or_default() += 1;
-    }
-    for name in names {
-        let times = ran.get(name).copied().unwrap_or(0);
-        if may_rerun.contains(&name.as_str()) {
-            assert!(times >= 1, "job {name} never ran");
-        } else {
-            assert_eq!(
-                times, 1,
-                "job {name} ran {times} times; log: {ran:?}\n{logs}"
-            );
-        }
-    }
-}
 
 #[test]
 fn killing_the_leader_mid_build_loses_nothing_and_reruns_nothing() {
@@ -68,7 +22,7 @@ fn killing_the_leader_mid_build_loses_nothing_and_reruns_nothing() {
     let leader = cluster.wait_for_leader();
     cluster.kill_node(leader);
     let run = finish_build(build, BUILD_TIMEOUT);
-    assert_complete(&run, &names(3, 10), &log, &[], &cluster.logs());
+    assert_complete(&run, &chain_job_names(3, 10), &log, &[], &cluster.logs());
     // The survivors elected another leader.
     assert_ne!(cluster.wait_for_leader(), leader);
 }
@@ -96,7 +50,7 @@ fn killing_every_coordinator_mid_build_and_restarting_them_completes_it() {
     // A job running while all coordinators were down may have finished
     // then and reported to nobody; its worker retries the report, so it
     // still runs once.
-    assert_complete(&run, &names(2, 8), &log, &[], &cluster.logs());
+    assert_complete(&run, &chain_job_names(2, 8), &log, &[], &cluster.logs());
 }
 
 #[test]
@@ -155,7 +109,7 @@ fn builds_go_on_with_one_coordinator_down_and_wait_while_two_are() {
         cluster.spawn_build(&sleep_chains(2, 2, "0", &log), &["--timeout", "60"]),
         BUILD_TIMEOUT,
     );
-    assert_complete(&run, &names(2, 2), &log, &[], &cluster.logs());
+    assert_complete(&run, &chain_job_names(2, 2), &log, &[], &cluster.logs());
 
     // Two down: the client waits (no quorum) ...
     let log = cluster.path("ran2.log");
@@ -173,7 +127,7 @@ fn builds_go_on_with_one_coordinator_down_and_wait_while_two_are() {
     // ... and one back completes it.
     cluster.start_node(second);
     let run = finish_build(build, BUILD_TIMEOUT);
-    assert_complete(&run, &names(1, 3), &log, &[], &cluster.logs());
+    assert_complete(&run, &chain_job_names(1, 3), &log, &[], &cluster.logs());
 }
 
 #[test]
@@ -191,7 +145,7 @@ fn a_rolling_restart_of_every_coordinator_during_a_build_completes_it() {
         std::thread::sleep(Duration::from_millis(500));
     }
     let run = finish_build(build, BUILD_TIMEOUT);
-    assert_complete(&run, &names(3, 12), &log, &[], &cluster.logs());
+    assert_complete(&run, &chain_job_names(3, 12), &log, &[], &cluster.logs());
 }
 
 fn membership(cluster: &HaCluster, args: &[&str]) {
@@ -244,7 +198,7 @@ fn the_cluster_grows_to_five_and_shrinks_to_three_during_a_build() {
     }
     assert_eq!(voters(&cluster), vec![3, 4, 5]);
     let run = finish_build(build, BUILD_TIMEOUT);
-    assert_complete(&run, &names(2, 10), &log, &[], &cluster.logs());
+    assert_complete(&run, &chain_job_names(2, 10), &log, &[], &cluster.logs());
 }
 
 #[test]

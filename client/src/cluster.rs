@@ -45,7 +45,7 @@ pub const RPC_TIMEOUT: Duration = Duration::from_secs(10);
 pub const INITIAL_BACKOFF: Duration = Duration::from_millis(50);
 
 /// Longest pause between rounds of attempts.
-pub const MAX_BACKOFF: Duration = Duration::from_secs(1);
+pub const MAX_BACKOFF: Duration = Duration::from_millis(250);
 
 /// "Not the leader" answers followed in a row before backing off (an
 /// election may be under way and the hints stale).
@@ -513,7 +513,7 @@ mod tests {
     fn backoff_doubles_up_to_its_bound_and_resets() {
         let mut backoff = Backoff::default();
         let pauses: Vec<u128> = (0..7).map(|_| backoff.next_pause().as_millis()).collect();
-        assert_eq!(pauses, [50, 100, 200, 400, 800, 1000, 1000]);
+        assert_eq!(pauses, [50, 100, 200, 250, 250, 250, 250]);
         backoff.reset();
         assert_eq!(backoff.next_pause(), INITIAL_BACKOFF);
     }

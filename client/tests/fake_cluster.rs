@@ -696,7 +696,7 @@ async fn an_election_longer_than_the_timeout_exits_3() {
         "{err}"
     );
     assert_eq!(err.lines().count(), 1, "{err}");
-    // Retried with backoff, not hammered: 50 ms doubling to 1 s is about
+    // Retried with backoff, not hammered: 50 ms doubling to 250 ms is about
     // five rounds in a second.
     let answers = fake.lock().outage_answers;
     assert!((3..=10).contains(&answers), "{answers}");

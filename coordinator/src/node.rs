@@ -128,13 +128,22 @@ pub enum Bootstrap {
 }
 
 /// The Raft timing every replica runs with.
-pub const HEARTBEAT_INTERVAL_MS: u64 = 100;
-pub const ELECTION_TIMEOUT_MIN_MS: u64 = 300;
-pub const ELECTION_TIMEOUT_MAX_MS: u64 = 600;
+/// openraft waits a leader lease (= the maximum election timeout) plus a
+/// random election timeout after the last heartbeat before a follower
+/// stands: 450 to 600 ms here, so a dead leader is replaced in well under
+/// a second, while a heartbeat may be late by several intervals on a busy
+/// machine without unseating a live one.
+pub const HEARTBEAT_INTERVAL_MS: u64 = 50;
+pub const ELECTION_TIMEOUT_MIN_MS: u64 = 150;
+pub const ELECTION_TIMEOUT_MAX_MS: u64 = 300;
 /// A leader serves only while a quorum confirmed its leadership this
 /// recently; an isolated leader stops serving (clients and workers move
 /// to the majority's new leader) instead of answering from a stale state.
 pub const LEADERSHIP_FRESH_MS: u64 = 1_000;
+
+/// How long a request waits on a node for an election to settle before
+/// it is told to retry.
+pub const LEADER_WAIT: Duration = Duration::from_secs(2);
 
 /// A running replica, shared by every service.
 pub struct Node {
@@ -291,6 +300,14 @@ impl Node {
     /// the answer a caller should get: UNAVAILABLE naming the leader when
     /// another node is known to lead.
     pub fn check_leader(&self) -> Result<(), Status> {
+        self.leadership().map_err(|(status, _)| status)
+    }
+
+    /// [`Node::check_leader`]'s answer, and on refusal whether waiting a
+    /// moment may change it (an election running, or this node just
+    /// elected), as opposed to a redirect or a leader cut off from its
+    /// quorum, which the caller should act on at once.
+    fn leadership(&self) -> Result<(), (Status, bool)> {
         let (state, term, leader, leader_addr) = {
             let m = self.raft.metrics();
             let m = m.borrow();
@@ -304,8 +321,9 @@ impl Node {
         };
         if state == ServerState::Leader {
             if self.leases_extended_in.load(Ordering::Acquire) != term {
-                return Err(Status::unavailable(
-                    "this coordinator was just elected leader; retry",
+                return Err((
+                    Status::unavailable("this coordinator was just elected leader; retry"),
+                    true,
                 ));
             }
             let fresh = matches!(
@@ -316,18 +334,49 @@ impl Node {
             if fresh {
                 return Ok(());
             }
-            return Err(Status::unavailable(
-                "this coordinator cannot reach a quorum of its cluster; retry another",
+            return Err((
+                Status::unavailable(
+                    "this coordinator cannot reach a quorum of its cluster; retry another",
+                ),
+                false,
             ));
         }
         let mut status = Status::unavailable(match leader {
             Some(id) => format!("not the leader (coordinator {id} is)"),
             None => "not the leader, and no leader is elected yet; retry".to_string(),
         });
+        let mut redirect = false;
         if let Some(value) = leader_addr.and_then(|a| a.parse().ok()) {
             status.metadata_mut().insert(LEADER_METADATA_KEY, value);
+            redirect = true;
         }
-        Err(status)
+        Err((status, !redirect))
+    }
+
+    /// Like [`Node::check_leader`], but while no leader is known (an
+    /// election) or this node was just elected, waits up to
+    /// [`LEADER_WAIT`] for that to settle, so a caller is redirected (or
+    /// served) the moment the election ends instead of polling for it.
+    pub async fn ready_leader(&self) -> Result<(), Status> {
+        let deadline = tokio::time::Instant::now() + LEADER_WAIT;
+        let mut metrics = self.raft.metrics();
+        loop {
+            let err = match self.leadership() {
+                Ok(()) => return Ok(()),
+                Err((err, false)) => return Err(err),
+                Err((err, true)) => err,
+            };
+            if tokio::time::Instant::now() >= deadline {
+                return Err(err);
+            }
+            // Leadership settles through metrics (an election) or through
+            // this leader's own duties (lease extension, confirmation).
+            tokio::select! {
+                _ = metrics.changed() => {}
+                _ = tokio::time::sleep(Duration::from_millis(HEARTBEAT_INTERVAL_MS / 2)) => {}
+                () = self.shutdown.cancelled() => return Err(err),
+            }
+        }
     }
 
     /// This node's own view of Raft.
@@ -382,7 +431,7 @@ impl Node {
     async fn propose_once(&self, proposal: Proposal) -> Result<Response, Status> {
         // The leader's own lease extension is proposed before it serves.
         if !matches!(proposal.command, Command::ExtendLeases { .. }) {
-            self.check_leader()?;
+            self.ready_leader().await?;
         }
         let write = tokio::time::timeout(PROPOSE_TIMEOUT, self.raft.client_write(proposal)).await;
         match write {

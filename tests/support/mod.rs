@@ -42,13 +42,23 @@ impl Server {
     /// Starts `distbuild args...`, waits for its "listening on ADDR" line,
     /// and copies its stderr to `log`.
     pub fn start(args: &[String], log: PathBuf) -> Server {
-        let mut child = distbuild()
-            .args(args)
+        let mut command = distbuild();
+        command.args(args);
+        Server::start_command(command, log)
+    }
+
+    /// Starts `command` (a `distbuild` server, perhaps under a wrapper such
+    /// as `ip netns exec`), waits for its "listening on ADDR" line, and
+    /// copies its stderr to `log`.
+    pub fn start_command(mut command: Command, log: PathBuf) -> Server {
+        let mut child = command
+            // Plain logs: they end up in files and failure messages.
+            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("spawn distbuild");
+            .unwrap_or_else(|e| panic!("spawn {command:?}: {e}"));
         let stderr = child.stderr.take().expect("piped stderr");
         let (tx, rx) = mpsc::channel();
         let log_path = log.clone();
@@ -66,18 +76,17 @@ impl Server {
                 }
             }
         });
-        let addr = match rx.recv_timeout(START_TIMEOUT) {
-            Ok(addr) => addr,
+        match rx.recv_timeout(START_TIMEOUT) {
+            Ok(addr) => Server { child, addr, log },
             Err(_) => {
                 let _ = child.kill();
                 let _ = child.wait();
                 panic!(
-                    "distbuild {args:?} did not start; its log:\n{}",
+                    "{command:?} did not start; its log:\n{}",
                     std::fs::read_to_string(&log).unwrap_or_default()
                 );
             }
-        };
-        Server { child, addr, log }
+        }
     }
 
     /// Kills the process (SIGKILL) and waits for it.
@@ -637,4 +646,58 @@ pub fn sleep_chains(chains: usize, length: usize, sleep: &str, log: &Path) -> Va
         }
     }
     graph(&[], jobs)
+}
+
+/// The job names of `sleep_chains(chains, length, ..)`.
+pub fn chain_job_names(chains: usize, length: usize) -> Vec<String> {
+    (0..chains)
+        .flat_map(|c| (0..length).map(move |s| format!("c{c}s{s}")))
+        .collect()
+}
+
+/// The build succeeded, reported every job finished exactly once, and
+/// (unless listed in `may_rerun`) every job ran exactly once according to
+/// the jobs' own `log`.
+pub fn assert_complete(
+    run: &BuildRun,
+    names: &[String],
+    log: &Path,
+    may_rerun: &[&str],
+    logs: &str,
+) {
+    use std::collections::BTreeMap;
+    assert_eq!(run.code, Some(0), "{}\n{logs}", run.describe());
+    let mut reported: BTreeMap<String, usize> = BTreeMap::new();
+    for event in &run.events {
+        if event["event"] == "job_finished" {
+            *reported
+                .entry(event["id"].as_str().unwrap_or("?").to_string())
+                .or_default() += 1;
+        }
+    }
+    for name in names {
+        assert_eq!(
+            reported.get(&id(name)),
+            Some(&1),
+            "job {name} reported {:?} times: {}",
+            reported.get(&id(name)),
+            run.describe()
+        );
+    }
+    assert_eq!(reported.len(), names.len(), "{}", run.describe());
+    let mut ran: BTreeMap<String, usize> = BTreeMap::new();
+    for line in read_lines(log) {
+        *ran.entry(line).or_default() += 1;
+    }
+    for name in names {
+        let times = ran.get(name).copied().unwrap_or(0);
+        if may_rerun.contains(&name.as_str()) {
+            assert!(times >= 1, "job {name} never ran");
+        } else {
+            assert_eq!(
+                times, 1,
+                "job {name} ran {times} times; log: {ran:?}\n{logs}"
+            );
+        }
+    }
 }

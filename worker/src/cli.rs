@@ -66,7 +66,11 @@ impl WorkerArgs {
             self.cache_max_bytes > 0,
             "--cache-max-bytes: must be at least 1"
         );
-        let mut config = WorkerConfig::new(self.coordinator.clone(), self.cache_dir.clone());
+        // Jobs run with their sandbox as working directory, so every path
+        // the worker hands them must be absolute.
+        let cache_dir = std::path::absolute(&self.cache_dir)
+            .map_err(|e| anyhow::anyhow!("--cache-dir {}: {e}", self.cache_dir.display()))?;
+        let mut config = WorkerConfig::new(self.coordinator.clone(), cache_dir);
         config.slots = self.slots.unwrap_or_else(default_slots);
         config.cache_max_bytes = self.cache_max_bytes;
         config.advertise_addr = self.advertise.clone();

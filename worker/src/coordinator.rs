@@ -39,7 +39,7 @@ pub const UNARY_DEADLINE: Duration = Duration::from_secs(10);
 /// failure up to [`MAX_RETRY_DELAY`].
 pub const FIRST_RETRY_DELAY: Duration = Duration::from_millis(50);
 /// Longest delay between two attempts of a call.
-pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(1);
+pub const MAX_RETRY_DELAY: Duration = Duration::from_millis(250);
 /// A call that keeps failing is logged at warning level on its first
 /// failure and then once every this many attempts (debug otherwise).
 const WARN_EVERY_ATTEMPTS: u32 = 10;
@@ -455,7 +455,7 @@ mod tests {
             );
             ceilings.push(ceiling.as_millis());
         }
-        assert_eq!(ceilings, [50, 100, 200, 400, 800, 1000, 1000, 1000]);
+        assert_eq!(ceilings, [50, 100, 200, 250, 250, 250, 250, 250]);
         assert_eq!(backoff.failures(), 8);
     }
 

@@ -209,7 +209,7 @@ impl AdminApi for AdminService {
                 "addr {addr:?} is not HOST:PORT"
             )));
         }
-        self.node.check_leader()?;
+        self.node.ready_leader().await?;
         let current = members(&self.node);
         if let Some((known, voter)) = current.get(&node_id) {
             if *known != addr {
@@ -259,7 +259,7 @@ impl AdminApi for AdminService {
         request: Request<RemoveNodeRequest>,
     ) -> Result<Response<ChangeMembershipResponse>, Status> {
         let RemoveNodeRequest { node_id, force } = request.into_inner();
-        self.node.check_leader()?;
+        self.node.ready_leader().await?;
         let current = members(&self.node);
         let Some((_, voter)) = current.get(&node_id) else {
             return Err(Status::not_found(format!("node {node_id} is not a member")));

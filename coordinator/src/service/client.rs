@@ -252,7 +252,7 @@ impl ClientApi for ClientService {
         &self,
         request: Request<FindMissingBlobsRequest>,
     ) -> Result<Response<FindMissingBlobsResponse>, Status> {
-        self.node.check_leader()?;
+        self.node.ready_leader().await?;
         let wanted = digests(&request.get_ref().digests, "digests")?;
         // A recorded blob is stored on a quorum of coordinators (a node
         // lacking its copy fetches it from a peer when asked for it).
@@ -269,7 +269,7 @@ impl ClientApi for ClientService {
         request: Request<Streaming<BlobChunk>>,
     ) -> Result<Response<UploadBlobResponse>, Status> {
         // A follower redirects before reading any data.
-        self.node.check_leader()?;
+        self.node.ready_leader().await?;
         let (digest, size) = receive_blob(&self.node.blobs, request.into_inner()).await?;
         crate::replication::replicate_blob(&self.node, digest, size).await?;
         self.node
@@ -282,7 +282,7 @@ impl ClientApi for ClientService {
         &self,
         request: Request<SubmitBuildRequest>,
     ) -> Result<Response<SubmitBuildResponse>, Status> {
-        self.node.check_leader()?;
+        self.node.ready_leader().await?;
         let req = request.into_inner();
         if req.request_id.is_empty() || req.request_id.len() > MAX_REQUEST_ID_CHARS {
             return Err(Status::invalid_argument(format!(
@@ -333,7 +333,7 @@ impl ClientApi for ClientService {
         let WatchBuildRequest { build_id, from_seq } = request.into_inner();
         // Only the leader streams: a follower (or a leader cut off from
         // its quorum) would stream a state that may have stopped moving.
-        self.node.check_leader()?;
+        self.node.ready_leader().await?;
         if self.node.model().build(build_id).is_none() {
             return Err(Status::not_found(format!("no build {build_id}")));
         }
@@ -391,7 +391,7 @@ impl ClientApi for ClientService {
         &self,
         request: Request<LocateArtifactsRequest>,
     ) -> Result<Response<LocateArtifactsResponse>, Status> {
-        self.node.check_leader()?;
+        self.node.ready_leader().await?;
         let wanted = digests(&request.get_ref().digests, "digests")?;
         let model = self.node.model();
         let locations = wanted

@@ -162,7 +162,7 @@ impl WorkerApi for WorkerService {
         // sequence, so a retried poll replays the same answers in order.
         let mut proposals = 0u32;
         // A retried poll first replays what the lost one was answered.
-        self.node.check_leader()?;
+        self.node.ready_leader().await?;
         while !request.is_empty() {
             let Some(state::Response::Assigned { keys, tokens }) =
                 self.node.remembered(&format!("{request}#{proposals}"))
@@ -184,7 +184,7 @@ impl WorkerApi for WorkerService {
         }
         let mut last_applied = None;
         loop {
-            self.node.check_leader()?;
+            self.node.ready_leader().await?;
             let now_ms = self.node.now_ms();
             let (known, picks, queued) = {
                 let model = self.node.model();
