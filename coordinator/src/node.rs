@@ -326,20 +326,26 @@ impl Node {
                     true,
                 ));
             }
-            let fresh = matches!(
-                *self.confirmed.lock().expect("confirmed lock poisoned"),
-                Some((t, at)) if t == term
-                    && at.elapsed() < Duration::from_millis(LEADERSHIP_FRESH_MS)
-            );
-            if fresh {
-                return Ok(());
-            }
-            return Err((
-                Status::unavailable(
-                    "this coordinator cannot reach a quorum of its cluster; retry another",
-                ),
-                false,
-            ));
+            let confirmed = *self.confirmed.lock().expect("confirmed lock poisoned");
+            return match confirmed {
+                Some((t, at)) if t == term => {
+                    if at.elapsed() < Duration::from_millis(LEADERSHIP_FRESH_MS) {
+                        Ok(())
+                    } else {
+                        Err((
+                            Status::unavailable(
+                                "this coordinator cannot reach a quorum of its cluster; retry another",
+                            ),
+                            false,
+                        ))
+                    }
+                }
+                // Elected, not yet confirmed by a quorum: a moment away.
+                _ => Err((
+                    Status::unavailable("this coordinator was just elected leader; retry"),
+                    true,
+                )),
+            };
         }
         let mut status = Status::unavailable(match leader {
             Some(id) => format!("not the leader (coordinator {id} is)"),

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use distbuild_coordinator::{Config, SystemClock, Tuning};
+use distbuild_coordinator::{Bootstrap, Config, SystemClock, Tuning};
 use distbuild_proto::Digest;
 use distbuild_proto::v1::client_api_client::ClientApiClient;
 use distbuild_proto::v1::worker_api_client::WorkerApiClient;
@@ -32,6 +32,7 @@ async fn start() -> Coordinator {
     let shutdown = CancellationToken::new();
     let config = Config {
         node_id: 1,
+        bootstrap: Bootstrap::Single,
         data_dir: dir.path().to_path_buf(),
         tuning: Tuning::default(),
     };
@@ -181,6 +182,7 @@ async fn refused_requests_change_nothing_and_the_server_keeps_serving() {
         addr: "127.0.0.1:1".into(),
         slots,
         held_artifacts: Vec::new(),
+        request_id: String::new(),
     };
     for (id, slots) in [("", 1), ("bad id!", 1), ("w1", 0), ("w1", 100_000)] {
         let err = c
@@ -256,6 +258,7 @@ async fn stopping_ends_open_event_streams_and_polls() {
             addr: "127.0.0.1:1".into(),
             slots: 1,
             held_artifacts: Vec::new(),
+            request_id: String::new(),
         })
         .await
         .expect("register");
@@ -267,6 +270,7 @@ async fn stopping_ends_open_event_streams_and_polls() {
                 worker_id: "idle".into(),
                 free_slots: 0,
                 wait_ms: 10_000,
+                request_id: String::new(),
             })
             .await
     });

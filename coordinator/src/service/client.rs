@@ -252,8 +252,8 @@ impl ClientApi for ClientService {
         &self,
         request: Request<FindMissingBlobsRequest>,
     ) -> Result<Response<FindMissingBlobsResponse>, Status> {
-        self.node.ready_leader().await?;
         let wanted = digests(&request.get_ref().digests, "digests")?;
+        self.node.ready_leader().await?;
         // A recorded blob is stored on a quorum of coordinators (a node
         // lacking its copy fetches it from a peer when asked for it).
         let missing: Vec<Digest> = {
@@ -282,13 +282,13 @@ impl ClientApi for ClientService {
         &self,
         request: Request<SubmitBuildRequest>,
     ) -> Result<Response<SubmitBuildResponse>, Status> {
-        self.node.ready_leader().await?;
         let req = request.into_inner();
         if req.request_id.is_empty() || req.request_id.len() > MAX_REQUEST_ID_CHARS {
             return Err(Status::invalid_argument(format!(
                 "request_id must have 1 to {MAX_REQUEST_ID_CHARS} characters"
             )));
         }
+        self.node.ready_leader().await?;
         let known = self.node.model().build_for_request(&req.request_id);
         if let Some(build_id) = known {
             let job_count = self
@@ -391,8 +391,8 @@ impl ClientApi for ClientService {
         &self,
         request: Request<LocateArtifactsRequest>,
     ) -> Result<Response<LocateArtifactsResponse>, Status> {
-        self.node.ready_leader().await?;
         let wanted = digests(&request.get_ref().digests, "digests")?;
+        self.node.ready_leader().await?;
         let model = self.node.model();
         let locations = wanted
             .iter()
