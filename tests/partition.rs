@@ -339,10 +339,21 @@ fn a_leader_cut_off_mid_build_is_replaced_and_rejoins_as_a_follower_once_healed(
 
     // The majority moved on without the cut-off node: catching up means
     // applying entries it never saw.
-    let at_heal = cluster.status();
-    let leader = at_heal["leader"].as_u64().unwrap_or(0);
-    let leader_applied_at_heal = applied_index(&at_heal, leader)
-        .unwrap_or_else(|| panic!("no applied index of the leader: {at_heal}"));
+    // (A status taken while an election runs names no leader: ask again.)
+    let asked = Instant::now();
+    let (at_heal, leader, leader_applied_at_heal) = loop {
+        let status = cluster.status();
+        let leader = status["leader"].as_u64().unwrap_or(0);
+        if let Some(applied) = applied_index(&status, leader) {
+            break (status, leader, applied);
+        }
+        assert!(
+            asked.elapsed() < ELECTION_TIMEOUT,
+            "no leader with an applied index: {status}\n{}",
+            cluster.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
     assert!(
         leader_applied_at_heal > applied_before_cut + MAX_CATCH_UP_LAG,
         "the log barely grew while node {old_leader} was cut off \

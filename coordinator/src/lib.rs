@@ -239,14 +239,21 @@ async fn leader_duties(node: Arc<Node>, shutdown: CancellationToken) {
             // Metrics change with every applied entry: confirm at most
             // every `period`, not per entry.
             if last_confirm.is_none_or(|at: tokio::time::Instant| at.elapsed() >= period) {
-                last_confirm = Some(tokio::time::Instant::now());
+                let asked = tokio::time::Instant::now();
+                last_confirm = Some(asked);
                 let confirm = tokio::time::timeout(
                     Duration::from_millis(node::LEADERSHIP_FRESH_MS),
                     node.raft.ensure_linearizable(),
                 )
                 .await;
                 if let Ok(Ok(_)) = confirm {
-                    node.leadership_confirmed(term);
+                    // Fresh as of when it was asked, not when answered.
+                    node.leadership_confirmed(term, asked);
+                } else if node.check_leader().is_err() {
+                    // Cut off from its quorum while keeping its term: no
+                    // heartbeat could land meanwhile, so the leases are
+                    // extended again before it serves or expires any.
+                    node.leases_extended(0);
                 }
             }
         } else {
@@ -254,7 +261,13 @@ async fn leader_duties(node: Arc<Node>, shutdown: CancellationToken) {
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = metrics.changed() => {}
+            changed = metrics.changed() => {
+                if changed.is_err() {
+                    // Raft stopped (fatally): nothing to lead any more.
+                    tracing::error!("raft stopped; this coordinator no longer leads");
+                    return;
+                }
+            }
             _ = tokio::time::sleep(period) => {}
         }
     }

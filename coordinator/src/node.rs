@@ -130,11 +130,13 @@ pub enum Bootstrap {
 /// The Raft timing every replica runs with.
 /// openraft waits a leader lease (= the maximum election timeout) plus a
 /// random election timeout after the last heartbeat before a follower
-/// stands: 450 to 600 ms here, so a dead leader is replaced in well under
+/// stands: 500 to 600 ms here, so a dead leader is replaced in well under
 /// a second, while a heartbeat may be late by several intervals on a busy
-/// machine without unseating a live one.
-pub const HEARTBEAT_INTERVAL_MS: u64 = 50;
-pub const ELECTION_TIMEOUT_MIN_MS: u64 = 150;
+/// machine without unseating a live one. openraft 0.9 also uses the
+/// heartbeat interval as the deadline of every append: 100 ms leaves room
+/// for a batch's transfer and the follower's fsync.
+pub const HEARTBEAT_INTERVAL_MS: u64 = 100;
+pub const ELECTION_TIMEOUT_MIN_MS: u64 = 200;
 pub const ELECTION_TIMEOUT_MAX_MS: u64 = 300;
 /// A leader serves only while a quorum confirmed its leadership this
 /// recently; an isolated leader stops serving (clients and workers move
@@ -207,6 +209,8 @@ impl Node {
             // message limit even when it carries large submits.
             max_payload_entries: 64,
             snapshot_max_chunk_size: 4 * 1024 * 1024,
+            // Per chunk: a 4 MiB chunk written and synced on a busy disk.
+            install_snapshot_timeout: 10_000,
             ..Default::default()
         };
         debug_assert!(4 * 1024 * 1024 < MAX_RAFT_MESSAGE_BYTES);
@@ -378,7 +382,12 @@ impl Node {
             // Leadership settles through metrics (an election) or through
             // this leader's own duties (lease extension, confirmation).
             tokio::select! {
-                _ = metrics.changed() => {}
+                changed = metrics.changed() => {
+                    if changed.is_err() {
+                        // Raft stopped: nothing will settle.
+                        return Err(err);
+                    }
+                }
                 _ = tokio::time::sleep(Duration::from_millis(HEARTBEAT_INTERVAL_MS / 2)) => {}
                 () = self.shutdown.cancelled() => return Err(err),
             }
@@ -398,10 +407,10 @@ impl Node {
         }
     }
 
-    /// Records that a quorum confirmed this node's leadership in `term`.
-    pub fn leadership_confirmed(&self, term: u64) {
-        *self.confirmed.lock().expect("confirmed lock poisoned") =
-            Some((term, tokio::time::Instant::now()));
+    /// Records that a quorum confirmed this node's leadership in `term`,
+    /// as of `asked` (when the confirmation was requested).
+    pub fn leadership_confirmed(&self, term: u64, asked: tokio::time::Instant) {
+        *self.confirmed.lock().expect("confirmed lock poisoned") = Some((term, asked));
     }
 
     /// Records that this leader extended every lease in `term`.

@@ -98,6 +98,33 @@ pub async fn replicate_blob(node: &Node, digest: Digest, size: u64) -> Result<()
     )))
 }
 
+/// Copies every recorded source blob to the node at `addr` (a learner
+/// about to become a voter), so that a blob stays on a quorum whatever
+/// nodes are later replaced. A blob this node lacks is fetched first.
+pub async fn copy_all_to(node: &Node, addr: &str) -> Result<(), Status> {
+    let blobs = node.model().blobs();
+    for (digest, size) in blobs {
+        ensure_local(node, digest).await?;
+        let copy = push(&node.peers, addr, &node.blobs, digest, size);
+        match tokio::time::timeout(copy_deadline(size), copy).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                node.peers.forget(addr);
+                return Err(Status::unavailable(format!(
+                    "copying blob {digest} to the new node: {e}"
+                )));
+            }
+            Err(_) => {
+                node.peers.forget(addr);
+                return Err(Status::unavailable(format!(
+                    "copying blob {digest} to the new node: no answer in time"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Streams the local copy of `digest` to the peer at `addr`.
 async fn push(
     peers: &crate::network::Peers,

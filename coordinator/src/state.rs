@@ -1672,6 +1672,11 @@ impl Model {
         self.blobs.contains_key(digest)
     }
 
+    /// Every recorded source blob with its size.
+    pub fn blobs(&self) -> Vec<(Digest, u64)> {
+        self.blobs.iter().map(|(d, s)| (*d, *s)).collect()
+    }
+
     pub fn blob_size(&self, digest: &Digest) -> Option<u64> {
         self.blobs.get(digest).copied()
     }

@@ -240,6 +240,9 @@ impl AdminApi for AdminService {
                 .add_learner(node_id, BasicNode { addr: addr.clone() }, true),
         )
         .await?;
+        // Every source blob is on a quorum of voters: the new voter gets
+        // a copy of each before it counts in a quorum.
+        crate::replication::copy_all_to(&self.node, &addr).await?;
         bounded(
             CHANGE_DEADLINE,
             "making the node a voter",
