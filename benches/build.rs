@@ -56,7 +56,8 @@ fn main() {
     drop(cluster);
     let three = HaCluster::start(3, 0, 1, cpus as u32);
     let started = Instant::now();
-    let run = finish_build(three.spawn_build(&graph, &[]), Duration::from_secs(3600));
+    let limit = Duration::from_secs(if benchmarking { 1800 } else { 120 });
+    let run = finish_build(three.spawn_build(&graph, &[]), limit);
     let replicated = started.elapsed();
     assert_eq!(run.code, Some(0), "{}", run.describe());
     drop(three);
