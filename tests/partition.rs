@@ -14,7 +14,7 @@ mod netns;
 mod support;
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use netns::Netns;
@@ -341,7 +341,7 @@ fn a_leader_cut_off_mid_build_is_replaced_and_rejoins_as_a_follower_once_healed(
     // applying entries it never saw.
     // (A status taken while an election runs names no leader: ask again.)
     let asked = Instant::now();
-    let (at_heal, leader, leader_applied_at_heal) = loop {
+    let (at_heal, _leader, leader_applied_at_heal) = loop {
         let status = cluster.status();
         let leader = status["leader"].as_u64().unwrap_or(0);
         if let Some(applied) = applied_index(&status, leader) {
