@@ -177,16 +177,19 @@ impl Connection {
                     status.code(),
                     status.message()
                 );
-                // Only a peer that cannot be reached is backed off from;
-                // a slow answer (deadline) is retried at once.
+                // A peer that cannot be reached, or answers too slowly, is
+                // backed off from: retrying a slow peer at once piles
+                // duplicate appends onto it.
                 return Err(match status.code() {
-                    tonic::Code::Unavailable => unreachable(message),
+                    tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => {
+                        unreachable(message)
+                    }
                     _ => network(message),
                 });
             }
             Err(_) => {
                 self.peers.forget(&self.addr);
-                return Err(network(format!(
+                return Err(unreachable(format!(
                     "{what} to coordinator {} at {}: no answer in {ttl:?}",
                     self.target, self.addr
                 )));
@@ -198,14 +201,6 @@ impl Connection {
 }
 
 impl RaftNetwork<TypeConfig> for Connection {
-    /// How long openraft waits before trying an unreachable peer again:
-    /// short, so a restarted coordinator is back in the cluster at once.
-    fn backoff(&self) -> openraft::network::Backoff {
-        openraft::network::Backoff::new(std::iter::repeat(Duration::from_millis(
-            crate::node::HEARTBEAT_INTERVAL_MS,
-        )))
-    }
-
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
