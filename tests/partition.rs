@@ -18,7 +18,7 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use netns::Netns;
-use serde_json::{Value, json};
+use serde_json::Value;
 use support::*;
 
 const COORDINATORS: usize = 3;
@@ -186,15 +186,7 @@ impl PartitionedCluster {
     fn wait_for_workers(&self, n: usize) {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            let alive = self
-                .try_status()
-                .ok()
-                .and_then(|s| {
-                    s["workers"]
-                        .as_array()
-                        .map(|w| w.iter().filter(|w| w["alive"] == json!(true)).count())
-                })
-                .unwrap_or(0);
+            let alive = self.try_status().map_or(0, |s| alive_workers(&s));
             if alive >= n {
                 return;
             }

@@ -118,6 +118,12 @@ async fn shutdown_on_signal(shutdown: CancellationToken) {
     shutdown.cancel();
 }
 
+/// Whether `addr` is `HOST:PORT` with a non-empty host and a port > 0.
+pub fn is_host_port(addr: &str) -> bool {
+    addr.rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0))
+}
+
 /// Parses `--initial-cluster`: `ID=HOST:PORT` pairs, IDs unique and at
 /// least 1, addresses unique, `node_id` among them.
 pub fn parse_initial_cluster(
@@ -133,10 +139,7 @@ pub fn parse_initial_cluster(
             anyhow::anyhow!("--initial-cluster: {id:?} is not a node ID (1 or more)")
         })?;
         let addr = addr.trim();
-        let port_ok = addr.rsplit_once(':').is_some_and(|(host, port)| {
-            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
-        });
-        if !port_ok {
+        if !is_host_port(addr) {
             anyhow::bail!("--initial-cluster: {addr:?} (node {id}) is not HOST:PORT");
         }
         if members.values().any(|a| a == addr) {

@@ -66,17 +66,7 @@ pub async fn replicate_blob(node: &Node, digest: Digest, size: u64) -> Result<()
     for (id, addr) in others {
         let peers = node.peers.clone();
         let blobs = node.blobs.clone();
-        copies.spawn(async move {
-            let copy = push(&peers, &addr, &blobs, digest, size);
-            let result = match tokio::time::timeout(copy_deadline(size), copy).await {
-                Ok(result) => result,
-                Err(_) => Err(format!("no answer in {:?}", copy_deadline(size))),
-            };
-            if result.is_err() {
-                peers.forget(&addr);
-            }
-            (id, result)
-        });
+        copies.spawn(async move { (id, push(&peers, &addr, &blobs, digest, size).await) });
     }
     let mut problems = Vec::new();
     while let Some(joined) = copies.join_next().await {
@@ -105,28 +95,37 @@ pub async fn copy_all_to(node: &Node, addr: &str) -> Result<(), Status> {
     let blobs = node.model().blobs();
     for (digest, size) in blobs {
         ensure_local(node, digest).await?;
-        let copy = push(&node.peers, addr, &node.blobs, digest, size);
-        match tokio::time::timeout(copy_deadline(size), copy).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                node.peers.forget(addr);
-                return Err(Status::unavailable(format!(
-                    "copying blob {digest} to the new node: {e}"
-                )));
-            }
-            Err(_) => {
-                node.peers.forget(addr);
-                return Err(Status::unavailable(format!(
-                    "copying blob {digest} to the new node: no answer in time"
-                )));
-            }
-        }
+        push(&node.peers, addr, &node.blobs, digest, size)
+            .await
+            .map_err(|e| {
+                Status::unavailable(format!("copying blob {digest} to the new node: {e}"))
+            })?;
     }
     Ok(())
 }
 
-/// Streams the local copy of `digest` to the peer at `addr`.
+/// Streams the local copy of `digest` to the peer at `addr`, within the
+/// copy's deadline; a failed copy forgets the channel.
 async fn push(
+    peers: &crate::network::Peers,
+    addr: &str,
+    blobs: &crate::blobs::BlobStore,
+    digest: Digest,
+    size: u64,
+) -> Result<(), String> {
+    let deadline = copy_deadline(size);
+    let result =
+        match tokio::time::timeout(deadline, push_once(peers, addr, blobs, digest, size)).await {
+            Ok(result) => result,
+            Err(_) => Err(format!("no answer in {deadline:?}")),
+        };
+    if result.is_err() {
+        peers.forget(addr);
+    }
+    result
+}
+
+async fn push_once(
     peers: &crate::network::Peers,
     addr: &str,
     blobs: &crate::blobs::BlobStore,

@@ -189,10 +189,7 @@ impl Cluster {
         let deadline = std::time::Instant::now() + START_TIMEOUT;
         loop {
             let status = self.status();
-            let alive = status["workers"]
-                .as_array()
-                .map(|w| w.iter().filter(|w| w["alive"] == json!(true)).count())
-                .unwrap_or(0);
+            let alive = alive_workers(&status);
             if alive >= n {
                 return;
             }
@@ -329,6 +326,13 @@ pub fn graph(sources: &[&str], jobs: Vec<Value>) -> Value {
         .map(|p| (id(&format!("file:{p}")), json!(p)))
         .collect();
     json!({"SourceFiles": files, "Jobs": jobs})
+}
+
+/// How many workers a `cluster status --json` lists as alive.
+pub fn alive_workers(status: &Value) -> usize {
+    status["workers"].as_array().map_or(0, |w| {
+        w.iter().filter(|w| w["alive"] == json!(true)).count()
+    })
 }
 
 /// Free loopback ports (bound and released: another process could take
@@ -517,15 +521,7 @@ impl HaCluster {
     pub fn wait_for_workers(&self, n: usize) {
         let deadline = std::time::Instant::now() + START_TIMEOUT;
         loop {
-            let alive = self
-                .try_status()
-                .ok()
-                .and_then(|s| {
-                    s["workers"]
-                        .as_array()
-                        .map(|w| w.iter().filter(|w| w["alive"] == json!(true)).count())
-                })
-                .unwrap_or(0);
+            let alive = self.try_status().map_or(0, |s| alive_workers(&s));
             if alive >= n {
                 return;
             }

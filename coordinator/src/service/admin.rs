@@ -201,10 +201,7 @@ impl AdminApi for AdminService {
             return Err(Status::invalid_argument("node_id must be at least 1"));
         }
         let addr = addr.trim().to_string();
-        let port_ok = addr.rsplit_once(':').is_some_and(|(host, port)| {
-            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
-        });
-        if !port_ok {
+        if !crate::is_host_port(&addr) {
             return Err(Status::invalid_argument(format!(
                 "addr {addr:?} is not HOST:PORT"
             )));
