@@ -146,8 +146,10 @@ async fn check_store(dir: &Path, acked: &Acknowledged) -> Result<Summary, String
     let state = log.get_log_state().await.map_err(|e| e.to_string())?;
     let last_purged = state.last_purged_log_id.map(|l| l.index);
     let last_log = state.last_log_id.map(|l| l.index);
-    let first = last_purged.map(|i| i + 1).unwrap_or(0);
-    let end = last_log.map(|i| i + 1).unwrap_or(0);
+    // The child never writes entry 0 (its records start at index 1), so an
+    // unpurged log starts at 1.
+    let first = last_purged.map(|i| i + 1).unwrap_or(1);
+    let end = last_log.map(|i| i + 1).unwrap_or(0).max(first);
     let entries = log
         .try_get_log_entries(first..end)
         .await
