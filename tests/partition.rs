@@ -220,15 +220,15 @@ impl PartitionedCluster {
     /// Waits for a background build, at most `timeout`; on timeout kills
     /// it and fails with its output and the servers' logs.
     fn finish_build(&self, mut build: BuildProcess, timeout: Duration) -> BuildRun {
-        let mut child = build.0.take().expect("a build is waited for once");
+        let mut running = DrainedChild::new(build.0.take().expect("a build is waited for once"));
         let deadline = Instant::now() + timeout;
         loop {
-            if child.try_wait().expect("poll the build").is_some() {
-                return BuildRun::from(child.wait_with_output().expect("build output"));
+            if running.child.try_wait().expect("poll the build").is_some() {
+                return running.finish();
             }
             if Instant::now() > deadline {
-                let _ = child.kill();
-                let run = BuildRun::from(child.wait_with_output().expect("build output"));
+                let _ = running.child.kill();
+                let run = running.finish();
                 panic!(
                     "the build did not finish within {timeout:?} of the cut (a connection to \
                      the cut-off node hanging?): {}\n{}",

@@ -6,7 +6,9 @@
 //! `RaftPayload` (with a format number), so the proto does not mirror them.
 //! Every call has a deadline (openraft's TTL for the RPC), channels keep
 //! HTTP/2 alive so a peer behind a partition is noticed in seconds, and a
-//! failed call drops its channel so the next one dials afresh.
+//! call the peer's transport refused drops its channel so the next one
+//! dials afresh (openraft then backs off from that peer); a call that only
+//! ran out of time is retried on the same channel at once.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -169,7 +171,6 @@ impl Connection {
         let answer = match tokio::time::timeout(ttl, call(client, request)).await {
             Ok(Ok(answer)) => answer.into_inner(),
             Ok(Err(status)) => {
-                self.peers.forget(&self.addr);
                 let message = format!(
                     "{what} to coordinator {} at {}: {}: {}",
                     self.target,
@@ -177,19 +178,24 @@ impl Connection {
                     status.code(),
                     status.message()
                 );
-                // A peer that cannot be reached, or answers too slowly, is
-                // backed off from: retrying a slow peer at once piles
-                // duplicate appends onto it.
+                // A peer that cannot be reached (refused, reset, no route)
+                // is backed off from and dialled afresh. A call that only
+                // ran out of time keeps its channel (HTTP/2 keepalive finds
+                // a dead connection) and is retried without backing off:
+                // openraft's deadline is the heartbeat interval, so on a busy
+                // machine a live follower can miss it, and backing off from
+                // it would starve it of heartbeats until it stood for
+                // election.
                 return Err(match status.code() {
-                    tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => {
+                    tonic::Code::Unavailable => {
+                        self.peers.forget(&self.addr);
                         unreachable(message)
                     }
                     _ => network(message),
                 });
             }
             Err(_) => {
-                self.peers.forget(&self.addr);
-                return Err(unreachable(format!(
+                return Err(network(format!(
                     "{what} to coordinator {} at {}: no answer in {ttl:?}",
                     self.target, self.addr
                 )));

@@ -572,22 +572,64 @@ impl HaCluster {
     }
 }
 
-/// Waits for a background build to finish, at most `timeout`.
-pub fn finish_build(mut child: Child, timeout: Duration) -> BuildRun {
+/// Waits for a background build to finish, at most `timeout`, reading its
+/// output meanwhile (a build prints more than a pipe holds: unread, it
+/// would block on its next write and never finish).
+pub fn finish_build(child: Child, timeout: Duration) -> BuildRun {
+    let mut running = DrainedChild::new(child);
     let deadline = std::time::Instant::now() + timeout;
     loop {
-        if child.try_wait().expect("poll the build").is_some() {
-            return BuildRun::from(child.wait_with_output().expect("build output"));
+        if running.child.try_wait().expect("poll the build").is_some() {
+            return running.finish();
         }
         if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            let run = BuildRun::from(child.wait_with_output().expect("build output"));
+            let _ = running.child.kill();
+            let run = running.finish();
             panic!(
                 "the build did not finish in {timeout:?}: {}",
                 run.describe()
             );
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A child process whose piped stdout and stderr are read by threads as
+/// it runs.
+pub struct DrainedChild {
+    pub child: Child,
+    stdout: std::thread::JoinHandle<Vec<u8>>,
+    stderr: std::thread::JoinHandle<Vec<u8>>,
+}
+
+impl DrainedChild {
+    pub fn new(mut child: Child) -> DrainedChild {
+        fn drain(
+            mut pipe: impl std::io::Read + Send + 'static,
+        ) -> std::thread::JoinHandle<Vec<u8>> {
+            std::thread::spawn(move || {
+                let mut bytes = Vec::new();
+                let _ = pipe.read_to_end(&mut bytes);
+                bytes
+            })
+        }
+        let stdout = drain(child.stdout.take().expect("piped stdout"));
+        let stderr = drain(child.stderr.take().expect("piped stderr"));
+        DrainedChild {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Waits for the child and everything it wrote.
+    pub fn finish(mut self) -> BuildRun {
+        let status = self.child.wait().expect("wait for the build");
+        BuildRun::from(Output {
+            status,
+            stdout: self.stdout.join().expect("stdout reader"),
+            stderr: self.stderr.join().expect("stderr reader"),
+        })
     }
 }
 
