@@ -234,8 +234,16 @@ async fn leader_duties(node: Arc<Node>, shutdown: CancellationToken) {
                     now_ms: node.now_ms(),
                     lease_timeout_ms: node.tuning.lease_timeout_ms,
                 };
+                let asked = tokio::time::Instant::now();
                 match node.propose(command).await {
-                    Ok(_) => node.leases_extended(term),
+                    Ok(_) => {
+                        // Committed in this term: a quorum took this node's
+                        // appends after `asked`, which confirms its
+                        // leadership as of then as a heartbeat round would.
+                        node.leadership_confirmed(term, asked);
+                        last_confirm = Some(asked);
+                        node.leases_extended(term);
+                    }
                     Err(status) => tracing::warn!("extend leases: {}", status.message()),
                 }
             }

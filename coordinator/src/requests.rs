@@ -181,6 +181,7 @@ mod tests {
             command: Command::SubmitBuild {
                 request_id: format!("submit-{id}"),
                 now_ms: 5,
+                staged_parts: 0,
                 jobs: vec![],
             },
         };

@@ -16,8 +16,11 @@ use std::ops::ControlFlow;
 
 use distbuild_proto::{Digest, JobId, v1};
 use distbuild_raft_store::{ApplyTxn, ReadState, StoreError};
+
+mod staging;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+pub use staging::{MAX_STAGED_SUBMITS, MAX_SUBMIT_PARTS};
 
 /// Finished builds kept (with their events) for late watchers; older ones
 /// are dropped, oldest first.
@@ -35,6 +38,7 @@ pub const TABLES: &[&str] = &[
     T_BLOBS,
     T_META,
     crate::requests::T_REQUESTS,
+    staging::T_STAGED,
 ];
 const T_BUILDS: &str = "builds";
 const T_JOBS: &str = "jobs";
@@ -165,9 +169,20 @@ pub enum Outcome {
 /// clock when it proposed; the state's clock never goes backwards.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
+    /// Part `part` of a submit's job list, kept until the `SubmitBuild`
+    /// of the same request ID completes it (see `staging`).
+    StageSubmit {
+        request_id: String,
+        part: u32,
+        jobs: Vec<SubmittedJob>,
+        now_ms: u64,
+    },
+    /// Records a build: its jobs are the staged parts `0..staged_parts` of
+    /// this request, then `jobs`.
     SubmitBuild {
         request_id: String,
         now_ms: u64,
+        staged_parts: u32,
         jobs: Vec<SubmittedJob>,
     },
     RegisterWorker {
@@ -229,6 +244,13 @@ pub enum Response {
     BuildSubmitted {
         build_id: u64,
         job_count: u32,
+    },
+    /// The command was refused, changing nothing: the one-line reason,
+    /// and whether the same request may succeed when retried from the
+    /// start.
+    Refused {
+        reason: String,
+        retry: bool,
     },
     /// The requested keys and, per key, the lease token, or `None` if it
     /// was no longer queued (a retried poll gets this answer again, keys
@@ -385,6 +407,8 @@ struct Dirty {
     holdings: BTreeSet<(String, Digest)>,
     blobs: BTreeSet<Digest>,
     removed_builds: Vec<u64>,
+    staged_parts: BTreeSet<(String, u32)>,
+    unstaged: Vec<String>,
 }
 
 /// The coordinator's whole state.
@@ -407,6 +431,8 @@ pub struct Model {
     /// Artifact -> workers holding it (derived from `Worker::held`).
     held_by: BTreeMap<Digest, BTreeSet<String>>,
     blobs: BTreeMap<Digest, u64>,
+    /// Submits in parts, by request ID, until their last part arrives.
+    staged: BTreeMap<String, staging::Staged>,
     dirty: Dirty,
 }
 
@@ -429,6 +455,23 @@ fn encode<T: Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>, StoreE
 
 fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
     postcard::from_bytes(bytes).map_err(|source| StoreError::Decode { what, source })
+}
+
+/// What `submit` requires of a job list (the leader builds it so; a
+/// command that breaks it is refused, not applied): a count that fits the
+/// job indices, and every dependency before its dependent.
+fn check_submitted(jobs: &[SubmittedJob]) -> Result<(), String> {
+    if u32::try_from(jobs.len()).is_err() {
+        return Err(format!("a submit of {} jobs is too big", jobs.len()));
+    }
+    for (i, job) in jobs.iter().enumerate() {
+        if let Some(&dep) = job.deps.iter().find(|&&dep| dep as usize >= i) {
+            return Err(format!(
+                "job {i} of the submit depends on job {dep}, which does not come before it"
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn build_key(build: u64) -> [u8; 8] {
@@ -577,6 +620,7 @@ impl Model {
                 .insert(digest_of_key("blob", k)?, decode("blob size", v)?);
             Ok(())
         })?;
+        model.load_staged(state)?;
         // Derived indexes.
         for (key, exec) in &model.executions {
             match &exec.state {
@@ -611,13 +655,29 @@ impl Model {
     /// Applies one committed command; `index` is its log index.
     pub fn apply(&mut self, index: u64, command: &Command) -> Response {
         match command {
+            Command::StageSubmit {
+                request_id,
+                part,
+                jobs,
+                now_ms,
+            } => {
+                self.tick(*now_ms);
+                match self.stage(request_id, *part, jobs) {
+                    Ok(()) => Response::None,
+                    Err(reason) => Response::Refused {
+                        reason,
+                        retry: false,
+                    },
+                }
+            }
             Command::SubmitBuild {
                 request_id,
                 now_ms,
+                staged_parts,
                 jobs,
             } => {
                 self.tick(*now_ms);
-                self.submit(index, request_id, jobs)
+                self.submit(index, request_id, *staged_parts, jobs)
             }
             Command::RegisterWorker {
                 worker_id,
@@ -694,16 +754,42 @@ impl Model {
         }
     }
 
-    fn submit(&mut self, index: u64, request_id: &str, jobs: &[SubmittedJob]) -> Response {
+    fn submit(
+        &mut self,
+        index: u64,
+        request_id: &str,
+        staged_parts: u32,
+        last_part: &[SubmittedJob],
+    ) -> Response {
         if let Some(&build_id) = self.requests.get(request_id) {
+            self.unstage(request_id);
             let job_count = self.builds.get(&build_id).map_or(0, |b| b.header.job_count);
             return Response::BuildSubmitted {
                 build_id,
                 job_count,
             };
         }
+        let mut jobs = match self.take_staged(request_id, staged_parts) {
+            Ok(jobs) => jobs,
+            Err(part) => {
+                return Response::Refused {
+                    reason: format!(
+                        "part {part} of submit {request_id:?} is not staged (dropped for newer submits); retry the submit"
+                    ),
+                    retry: true,
+                };
+            }
+        };
+        jobs.extend_from_slice(last_part);
+        if let Err(reason) = check_submitted(&jobs) {
+            return Response::Refused {
+                reason,
+                retry: false,
+            };
+        }
+        let jobs = &jobs[..];
         let build_id = index;
-        let job_count = u32::try_from(jobs.len()).expect("the leader bounds a build's jobs");
+        let job_count = jobs.len() as u32;
         let mut build_jobs: Vec<BuildJob> = jobs
             .iter()
             .map(|j| BuildJob {
@@ -717,10 +803,6 @@ impl Model {
             .collect();
         for (i, job) in jobs.iter().enumerate() {
             for &dep in &job.deps {
-                assert!(
-                    (dep as usize) < i,
-                    "the leader orders dependencies first ({dep} < {i})"
-                );
                 build_jobs[dep as usize].dependents.push(i as u32);
             }
         }
@@ -1650,6 +1732,7 @@ impl Model {
                 txn.put(T_BLOBS, digest.as_bytes(), &encode("blob size", size)?)?;
             }
         }
+        self.flush_staged(txn, dirty.unstaged, dirty.staged_parts)?;
         Ok(())
     }
 

@@ -286,3 +286,72 @@ async fn stopping_ends_open_event_streams_and_polls() {
     assert!(ended.is_ok(), "the event stream ended");
     let _ = poll.await;
 }
+
+/// A build too big for one Raft entry goes in several (openraft 0.9 gives
+/// an append 100 ms), and comes out as one build with every job.
+#[tokio::test]
+async fn a_big_build_is_submitted_in_parts() {
+    use distbuild_proto::raft_v1::NodeStatusRequest;
+    use distbuild_proto::raft_v1::raft_transport_client::RaftTransportClient;
+    let c = start().await;
+    // A chain (each job depends on the one before, across part
+    // boundaries), with long names: about 1.5 MB of jobs.
+    const JOBS: usize = 3000;
+    let id = |i: usize| format!("{i:040x}");
+    let jobs: Vec<String> = (0..JOBS)
+        .map(|i| {
+            let deps = if i == 0 {
+                String::new()
+            } else {
+                format!("\"{}\"", id(i - 1))
+            };
+            format!(
+                r#"{{"ID": "{}", "Name": "job {i} {}", "Deps": [{deps}], "Cmds": [{{"Exec": ["true"]}}]}}"#,
+                id(i),
+                "x".repeat(400)
+            )
+        })
+        .collect();
+    let graph = format!(r#"{{"Jobs": [{}]}}"#, jobs.join(","));
+    let mut raft = RaftTransportClient::new(c.channel.clone());
+    let last_log = |status: distbuild_proto::raft_v1::NodeStatusResponse| status.last_log_index;
+    let before = last_log(
+        raft.node_status(NodeStatusRequest {})
+            .await
+            .expect("status")
+            .into_inner(),
+    );
+    let submit = || SubmitBuildRequest {
+        request_id: "big".into(),
+        graph_json: graph.clone().into_bytes().into(),
+        sources: Vec::new(),
+    };
+    let first = c
+        .client()
+        .submit_build(submit())
+        .await
+        .expect("submit")
+        .into_inner();
+    assert_eq!(first.job_count, JOBS as u32);
+    let after = last_log(
+        raft.node_status(NodeStatusRequest {})
+            .await
+            .expect("status")
+            .into_inner(),
+    );
+    assert!(
+        after - before >= 5,
+        "about 1.5 MB of jobs in 256 KiB parts takes several entries, took {}",
+        after - before
+    );
+    // A retry is the same build.
+    let again = c
+        .client()
+        .submit_build(submit())
+        .await
+        .expect("retried submit")
+        .into_inner();
+    assert_eq!(again.build_id, first.build_id);
+    assert_eq!(again.job_count, JOBS as u32);
+    c.stop().await;
+}

@@ -22,8 +22,11 @@ use crate::{StoreError, StoreTypeConfig};
 const MAX_PENDING_FLUSHES: usize = 4096;
 
 /// What `limited_get_log_entries` returns at most (but always one entry):
-/// keeps one replication message bounded.
-pub const MAX_LOG_READ_BYTES: usize = 4 << 20;
+/// keeps one replication message bounded. openraft 0.9 gives an append
+/// the heartbeat interval to be sent, written and fsynced by a follower,
+/// so a message stays small enough for that (applications keep single
+/// entries smaller still).
+pub const MAX_LOG_READ_BYTES: usize = 1 << 20;
 
 /// The log half of the store. openraft owns it; it is not `Clone`.
 pub struct LogStore<C: StoreTypeConfig> {

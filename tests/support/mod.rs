@@ -604,17 +604,20 @@ pub struct DrainedChild {
 
 impl DrainedChild {
     pub fn new(mut child: Child) -> DrainedChild {
+        // A pipe the caller took (to read it itself) reads as empty.
         fn drain(
-            mut pipe: impl std::io::Read + Send + 'static,
+            pipe: Option<impl std::io::Read + Send + 'static>,
         ) -> std::thread::JoinHandle<Vec<u8>> {
             std::thread::spawn(move || {
                 let mut bytes = Vec::new();
-                let _ = pipe.read_to_end(&mut bytes);
+                if let Some(mut pipe) = pipe {
+                    let _ = pipe.read_to_end(&mut bytes);
+                }
                 bytes
             })
         }
-        let stdout = drain(child.stdout.take().expect("piped stdout"));
-        let stderr = drain(child.stderr.take().expect("piped stderr"));
+        let stdout = drain(child.stdout.take());
+        let stderr = drain(child.stderr.take());
         DrainedChild {
             child,
             stdout,

@@ -161,6 +161,41 @@ impl ClientService {
     }
 }
 
+/// Most bytes of jobs one Raft entry of a submit carries: openraft 0.9
+/// gives an append the heartbeat interval (100 ms) to reach a follower and
+/// be fsynced there, so a big build goes in several entries.
+pub const SUBMIT_PART_BYTES: usize = 256 * 1024;
+
+/// Splits `jobs`, in order, into parts of at most `max_bytes` encoded
+/// (a bigger job makes a part of its own). Always at least one part.
+fn split_into_parts(jobs: Vec<SubmittedJob>, max_bytes: usize) -> Vec<Vec<SubmittedJob>> {
+    let mut parts = vec![Vec::new()];
+    let mut bytes = 0;
+    for job in jobs {
+        let size = postcard::experimental::serialized_size(&job).unwrap_or(max_bytes);
+        let current = parts.last_mut().expect("never empty");
+        if !current.is_empty() && bytes + size > max_bytes {
+            parts.push(Vec::new());
+            bytes = 0;
+        }
+        bytes += size;
+        parts.last_mut().expect("never empty").push(job);
+    }
+    parts
+}
+
+/// The status for a submit command the state machine refused.
+fn refusal(response: state::Response) -> Status {
+    match response {
+        state::Response::Refused {
+            reason,
+            retry: true,
+        } => Status::aborted(reason),
+        state::Response::Refused { reason, .. } => Status::internal(reason),
+        other => Status::internal(format!("unexpected answer to a submit: {other:?}")),
+    }
+}
+
 /// The wire form of a stored event.
 fn event_to_wire(node: &Node, build_id: u64, seq: u64, event: Event) -> BuildEvent {
     let job_label = |job: u32| {
@@ -302,12 +337,39 @@ impl ClientApi for ClientService {
             }));
         }
         let jobs = self.plan(&req)?;
+        let mut parts = split_into_parts(jobs, SUBMIT_PART_BYTES);
+        let last = parts.pop().unwrap_or_default();
+        let staged_parts = u32::try_from(parts.len())
+            .ok()
+            .filter(|&n| n < state::MAX_SUBMIT_PARTS)
+            .ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "the graph needs {} submit parts of {SUBMIT_PART_BYTES} bytes, over the limit of {}",
+                    parts.len() + 1,
+                    state::MAX_SUBMIT_PARTS
+                ))
+            })?;
+        for (part, jobs) in (0u32..).zip(parts) {
+            let response = self
+                .node
+                .propose(Command::StageSubmit {
+                    request_id: req.request_id.clone(),
+                    part,
+                    jobs,
+                    now_ms: self.node.now_ms(),
+                })
+                .await?;
+            if response != state::Response::None {
+                return Err(refusal(response));
+            }
+        }
         let response = self
             .node
             .propose(Command::SubmitBuild {
                 request_id: req.request_id,
                 now_ms: self.node.now_ms(),
-                jobs,
+                staged_parts,
+                jobs: last,
             })
             .await?;
         match response {
@@ -318,9 +380,7 @@ impl ClientApi for ClientService {
                 build_id,
                 job_count,
             })),
-            other => Err(Status::internal(format!(
-                "unexpected answer to a submit: {other:?}"
-            ))),
+            other => Err(refusal(other)),
         }
     }
 
@@ -402,5 +462,44 @@ impl ClientApi for ClientService {
             })
             .collect();
         Ok(Response::new(LocateArtifactsResponse { locations }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(name_len: usize) -> SubmittedJob {
+        SubmittedJob {
+            cache_key: Digest::from_bytes([1; 20]),
+            deps: Vec::new(),
+            spec: JobSpec {
+                job_id: JobId::from_bytes([2; 20]),
+                name: "n".repeat(name_len),
+                cmds: Vec::new(),
+                inputs: Vec::new(),
+                deps: Vec::new(),
+            },
+        }
+    }
+
+    #[test]
+    fn parts_keep_the_order_and_stay_under_the_budget() {
+        let jobs: Vec<SubmittedJob> = (0..100).map(|i| job(100 + i)).collect();
+        let parts = split_into_parts(jobs.clone(), 1000);
+        assert!(parts.len() > 10, "{} parts", parts.len());
+        for part in &parts {
+            assert!(!part.is_empty());
+            let bytes: usize = part
+                .iter()
+                .map(|j| postcard::experimental::serialized_size(j).expect("size"))
+                .sum();
+            assert!(bytes <= 1000, "a part of {bytes} bytes");
+        }
+        assert_eq!(parts.concat(), jobs, "order kept, nothing lost");
+        // A job over the budget is a part of its own; no jobs, one part.
+        let parts = split_into_parts(vec![job(10), job(5000), job(10)], 1000);
+        assert_eq!(parts.iter().map(Vec::len).collect::<Vec<_>>(), [1, 1, 1]);
+        assert_eq!(split_into_parts(Vec::new(), 1000), vec![Vec::new()]);
     }
 }

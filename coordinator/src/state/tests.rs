@@ -121,6 +121,7 @@ fn assert_same(loaded: &Model, live: &Model) {
     );
     assert_eq!(loaded.held_by, live.held_by, "held_by");
     assert_eq!(loaded.blobs, live.blobs, "blobs");
+    assert_eq!(loaded.staged, live.staged, "staged submits");
 }
 
 /// Drives the model command by command. After every command it flushes to
@@ -228,6 +229,7 @@ impl Harness {
         match self.apply(Command::SubmitBuild {
             request_id: request.into(),
             now_ms: self.now_ms,
+            staged_parts: 0,
             jobs,
         }) {
             Response::BuildSubmitted { build_id, .. } => build_id,
@@ -918,4 +920,165 @@ fn a_lost_leaf_output_is_built_again_not_answered_from_the_cache() {
             format!("{b2}:done:true")
         ]
     );
+}
+
+impl Harness {
+    fn stage(&mut self, request: &str, part: u32, jobs: Vec<SubmittedJob>) -> Response {
+        self.apply(Command::StageSubmit {
+            request_id: request.into(),
+            part,
+            jobs,
+            now_ms: self.now_ms,
+        })
+    }
+
+    fn submit_last(
+        &mut self,
+        request: &str,
+        staged_parts: u32,
+        jobs: Vec<SubmittedJob>,
+    ) -> Response {
+        self.apply(Command::SubmitBuild {
+            request_id: request.into(),
+            now_ms: self.now_ms,
+            staged_parts,
+            jobs,
+        })
+    }
+}
+
+/// A diamond and a chain: dependencies cross the part boundaries below.
+fn five_jobs() -> Vec<SubmittedJob> {
+    graph(&[(1, &[]), (2, &[0]), (3, &[0]), (4, &[1, 2]), (5, &[3])])
+}
+
+#[test]
+fn a_build_submitted_in_parts_is_the_build_submitted_whole() {
+    let mut whole = Harness::new();
+    let b1 = whole.submit("r1", five_jobs());
+
+    let mut parts = Harness::new();
+    let jobs = five_jobs();
+    assert_eq!(parts.stage("r1", 0, jobs[..2].to_vec()), Response::None);
+    // Parts may arrive in any order; the final command orders them.
+    assert_eq!(parts.stage("r1", 1, jobs[2..4].to_vec()), Response::None);
+    assert_eq!(parts.model.staged_submits(), 1);
+    assert!(
+        parts.model.build(parts.index).is_none(),
+        "nothing built yet"
+    );
+    let answer = parts.submit_last("r1", 2, jobs[4..].to_vec());
+    let Response::BuildSubmitted {
+        build_id: b2,
+        job_count: 5,
+    } = answer
+    else {
+        panic!("submit answered {answer:?}");
+    };
+    assert_eq!(parts.model.staged_submits(), 0, "staging is dropped");
+    assert_eq!(
+        whole.model.build(b1).expect("built").jobs,
+        parts.model.build(b2).expect("built").jobs
+    );
+    assert_eq!(whole.model.queue.len(), 1);
+    assert_eq!(
+        whole
+            .model
+            .queue
+            .iter()
+            .map(|(_, k)| *k)
+            .collect::<Vec<_>>(),
+        parts
+            .model
+            .queue
+            .iter()
+            .map(|(_, k)| *k)
+            .collect::<Vec<_>>()
+    );
+
+    // A retry of the whole submit (parts again, then the last) is answered
+    // with the same build and stages nothing.
+    assert_eq!(parts.stage("r1", 0, jobs[..2].to_vec()), Response::None);
+    assert_eq!(parts.model.staged_submits(), 0);
+    assert_eq!(
+        parts.submit_last("r1", 2, jobs[4..].to_vec()),
+        Response::BuildSubmitted {
+            build_id: b2,
+            job_count: 5
+        }
+    );
+}
+
+#[test]
+fn a_submit_missing_a_part_is_refused_for_retry_and_changes_nothing() {
+    let mut h = Harness::new();
+    let jobs = five_jobs();
+    h.stage("r1", 0, jobs[..2].to_vec());
+    let builds = h.model.builds.len();
+    match h.submit_last("r1", 2, jobs[4..].to_vec()) {
+        Response::Refused {
+            reason,
+            retry: true,
+        } => assert!(reason.contains("part 1"), "{reason}"),
+        other => panic!("answered {other:?}"),
+    }
+    assert_eq!(h.model.builds.len(), builds);
+    assert!(h.model.requests.is_empty());
+    assert!(h.model.queue.is_empty());
+    // Retried from the start, it goes through.
+    h.stage("r1", 0, jobs[..2].to_vec());
+    h.stage("r1", 1, jobs[2..4].to_vec());
+    assert!(matches!(
+        h.submit_last("r1", 2, jobs[4..].to_vec()),
+        Response::BuildSubmitted { job_count: 5, .. }
+    ));
+}
+
+#[test]
+fn staged_submits_are_bounded_and_the_oldest_goes_first() {
+    let mut h = Harness::new();
+    let jobs = five_jobs();
+    for i in 0..MAX_STAGED_SUBMITS {
+        h.now_ms += 1;
+        h.stage(&format!("r{i}"), 0, jobs[..1].to_vec());
+    }
+    assert_eq!(h.model.staged_submits(), MAX_STAGED_SUBMITS);
+    h.now_ms += 1;
+    h.stage("newest", 0, jobs[..1].to_vec());
+    assert_eq!(h.model.staged_submits(), MAX_STAGED_SUBMITS);
+    assert!(matches!(
+        h.submit_last("r0", 1, jobs[1..].to_vec()),
+        Response::Refused { retry: true, .. }
+    ));
+    assert!(matches!(
+        h.submit_last("r1", 1, graph(&[(9, &[])])),
+        Response::BuildSubmitted { job_count: 2, .. }
+    ));
+    assert!(matches!(
+        h.stage("r2", MAX_SUBMIT_PARTS, jobs[..1].to_vec()),
+        Response::Refused { retry: false, .. }
+    ));
+}
+
+#[test]
+fn a_malformed_job_list_is_refused_not_applied() {
+    let mut h = Harness::new();
+    // Job 0 depends on job 1, which comes after it.
+    let mut jobs = graph(&[(1, &[]), (2, &[])]);
+    jobs[0].deps = vec![1];
+    match h.submit_last("bad", 0, jobs) {
+        Response::Refused {
+            reason,
+            retry: false,
+        } => assert!(reason.contains("job 0"), "{reason}"),
+        other => panic!("answered {other:?}"),
+    }
+    assert!(h.model.builds.is_empty());
+    assert!(h.model.requests.is_empty());
+    assert!(h.model.queue.is_empty());
+    // Its request ID is not taken: a correct submit under it applies.
+    assert!(matches!(
+        h.submit_last("bad", 0, graph(&[(1, &[])])),
+        Response::BuildSubmitted { job_count: 1, .. }
+    ));
 }
