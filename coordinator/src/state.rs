@@ -161,8 +161,9 @@ pub enum Outcome {
         error: Option<String>,
     },
     /// The job could not start: these dependency artifacts could be
-    /// fetched from none of the holders the assignment named.
-    LostInputs { artifacts: Vec<Digest> },
+    /// fetched from none of the holders tried (peer addresses, the ones
+    /// the assignment named).
+    LostInputs { lost: Vec<(Digest, Vec<String>)> },
 }
 
 /// A change to the state, proposed by the leader. `now_ms` is the leader's
@@ -1400,8 +1401,8 @@ impl Model {
         if !current {
             return false;
         }
-        if let Outcome::LostInputs { artifacts } = outcome {
-            self.lost_inputs(token, key, artifacts);
+        if let Outcome::LostInputs { lost } = outcome {
+            self.lost_inputs(token, key, lost);
             if let Some(w) = self.workers.get_mut(worker_id) {
                 w.last_seen_ms = self.clock_ms;
                 self.dirty.workers.insert(worker_id.to_string());
@@ -1489,7 +1490,11 @@ impl Model {
     /// never began), and no worker counts as holding them any more, so
     /// the next assignment rebuilds them. Artifacts that are not this
     /// execution's inputs are ignored: a report cannot make others lost.
-    fn lost_inputs(&mut self, token: u64, key: &Digest, artifacts: &[Digest]) {
+    /// Requeues the execution of `key` (no attempt counted) and forgets the
+    /// copies of its dependency artifacts that the holders tried could not
+    /// serve; an artifact left without a holder is rebuilt when the
+    /// execution is leased again.
+    fn lost_inputs(&mut self, token: u64, key: &Digest, lost: &[(Digest, Vec<String>)]) {
         let inputs: BTreeSet<Digest> = self.executions[key]
             .spec
             .deps
@@ -1498,12 +1503,20 @@ impl Model {
             .map(|r| r.artifact)
             .collect();
         self.release_lease(token);
-        for artifact in artifacts {
+        for (artifact, tried) in lost {
             if !inputs.contains(artifact) {
                 continue;
             }
             for holder in self.held_by.get(artifact).cloned().unwrap_or_default() {
-                self.drop_holding(&holder, *artifact);
+                // A holder that registered its copy after the assignment
+                // named the holders was not tried: its copy stays.
+                let was_tried = self
+                    .workers
+                    .get(&holder)
+                    .is_some_and(|w| tried.contains(&w.addr));
+                if was_tried {
+                    self.drop_holding(&holder, *artifact);
+                }
             }
         }
     }

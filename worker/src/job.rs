@@ -161,10 +161,10 @@ pub struct JobOutcome {
     pub artifact: Option<(Digest, u64)>,
     /// Artifacts fetched from peers into the cache for it.
     pub fetched_artifacts: Vec<Digest>,
-    /// Dependency artifacts that no holder could serve (with exit code
-    /// [`EXIT_CODE_NOT_RUN`] and an `error` naming them): the job did not
-    /// run for want of them.
-    pub lost_inputs: Vec<Digest>,
+    /// Dependency artifacts that no holder could serve, each with the
+    /// holders tried (with exit code [`EXIT_CODE_NOT_RUN`] and an `error`
+    /// naming them): the job did not run for want of them.
+    pub lost_inputs: Vec<(Digest, Vec<String>)>,
 }
 
 /// What a job needs from the worker.
@@ -514,7 +514,7 @@ enum Finished {
     /// their holders.
     LostInputs {
         error: String,
-        digests: Vec<Digest>,
+        lost: Vec<(Digest, Vec<String>)>,
     },
 }
 
@@ -556,7 +556,7 @@ async fn run_steps(
         .collect();
     let mut staged_deps = futures::stream::iter(staged_deps).buffered(MAX_PARALLEL_FETCHES);
     let mut deps = spec.deps.iter();
-    let mut lost: Vec<(Digest, String)> = Vec::new();
+    let mut lost: Vec<(Digest, Vec<String>, String)> = Vec::new();
     while let Some(staged) = staged_deps.next().await {
         let dep = deps.next().expect("one result per dependency");
         match staged {
@@ -565,7 +565,7 @@ async fn run_steps(
             Err(StageError {
                 message,
                 lost: Some(digest),
-            }) => lost.push((digest, message)),
+            }) => lost.push((digest, dep.holders.clone(), message)),
             Err(StageError {
                 message,
                 lost: None,
@@ -575,12 +575,15 @@ async fn run_steps(
     if !lost.is_empty() {
         let error = lost
             .iter()
-            .map(|(_, message)| message.as_str())
+            .map(|(_, _, message)| message.as_str())
             .collect::<Vec<_>>()
             .join("; ");
         return Ok(Finished::LostInputs {
             error,
-            digests: lost.into_iter().map(|(digest, _)| digest).collect(),
+            lost: lost
+                .into_iter()
+                .map(|(digest, tried, _)| (digest, tried))
+                .collect(),
         });
     }
 
@@ -678,10 +681,10 @@ pub async fn run_job(env: &JobEnv, spec: &JobSpec, sandbox: &Path) -> JobOutcome
             outcome.artifact = Some((digest, size));
         }
         Ok(Finished::Failed { exit_code }) => outcome.exit_code = exit_code,
-        Ok(Finished::LostInputs { error, digests }) => {
+        Ok(Finished::LostInputs { error, lost }) => {
             outcome.exit_code = EXIT_CODE_NOT_RUN;
             outcome.error = error.replace('\n', " ");
-            outcome.lost_inputs = digests;
+            outcome.lost_inputs = lost;
         }
         Err(error) => {
             outcome.exit_code = EXIT_CODE_NOT_RUN;

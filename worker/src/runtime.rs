@@ -24,7 +24,7 @@ use anyhow::Context as _;
 use distbuild_proto::Digest;
 use distbuild_proto::v1::peer_api_server::PeerApiServer;
 use distbuild_proto::v1::{
-    Assignment, HeartbeatRequest, PollWorkRequest, RegisterRequest, ReportResultRequest,
+    Assignment, HeartbeatRequest, LostInput, PollWorkRequest, RegisterRequest, ReportResultRequest,
 };
 use distbuild_proto::wire::{MAX_MESSAGE_BYTES, digest_to_wire};
 use rand::Rng;
@@ -487,7 +487,14 @@ impl Worker {
             artifact_digest,
             artifact_size,
             request_id: self.request_ids.next("report"),
-            lost_inputs: outcome.lost_inputs.iter().map(digest_to_wire).collect(),
+            lost_inputs: outcome
+                .lost_inputs
+                .iter()
+                .map(|(digest, tried)| LostInput {
+                    digest: digest_to_wire(digest),
+                    tried_holders: tried.clone(),
+                })
+                .collect(),
         };
         self.report(request, cancel).await;
     }

@@ -187,8 +187,11 @@ async fn a_dependency_no_holder_can_serve_is_reported_as_lost() {
     assert_eq!(report.exit_code, -1);
     assert_eq!(
         report.lost_inputs,
-        vec![digest_to_wire(&lost)],
-        "exactly the artifact no holder could serve"
+        vec![v1::LostInput {
+            digest: digest_to_wire(&lost),
+            tried_holders: vec!["127.0.0.1:1".into(), empty_peer.clone()],
+        }],
+        "exactly the artifact no holder could serve, with the holders tried"
     );
     assert!(
         report.error.contains(&lost.to_string()) && report.error.contains("lost"),

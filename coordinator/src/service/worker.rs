@@ -8,7 +8,7 @@ use distbuild_proto::Digest;
 use distbuild_proto::v1::worker_api_server::WorkerApi;
 use distbuild_proto::v1::{
     Assignment, BlobChunk, DepArtifact, FetchRequest, HeartbeatRequest, HeartbeatResponse,
-    InputFile, PollWorkRequest, PollWorkResponse, RegisterRequest, RegisterResponse,
+    InputFile, LostInput, PollWorkRequest, PollWorkResponse, RegisterRequest, RegisterResponse,
     ReportResultRequest, ReportResultResponse,
 };
 use distbuild_proto::wire::{MAX_JOB_OUTPUT_BYTES, digest_from_wire, digest_to_wire};
@@ -25,6 +25,35 @@ const MAX_POLL_WAIT: Duration = Duration::from_secs(10);
 const MAX_SLOTS: u32 = 1024;
 const MAX_WORKER_ID_CHARS: usize = 64;
 const MAX_ADDR_CHARS: usize = 256;
+/// Lost artifacts one report may name (a job's dependencies), and holders
+/// tried per artifact.
+const MAX_LOST_INPUTS: usize = 10_000;
+const MAX_TRIED_HOLDERS: usize = 1024;
+
+/// A report's lost inputs, checked: digests, and the holders tried as
+/// bounded addresses.
+fn lost_inputs(lost: &[LostInput]) -> Result<Vec<(Digest, Vec<String>)>, Status> {
+    if lost.len() > MAX_LOST_INPUTS {
+        return Err(Status::invalid_argument(format!(
+            "lost_inputs names {} artifacts, over the limit of {MAX_LOST_INPUTS}",
+            lost.len()
+        )));
+    }
+    lost.iter()
+        .map(|input| {
+            let digest = digest_from_wire(&input.digest, "lost_inputs digest")
+                .map_err(Status::invalid_argument)?;
+            if input.tried_holders.len() > MAX_TRIED_HOLDERS
+                || input.tried_holders.iter().any(|a| a.len() > MAX_ADDR_CHARS)
+            {
+                return Err(Status::invalid_argument(format!(
+                    "lost input {digest}: at most {MAX_TRIED_HOLDERS} tried holders of at most {MAX_ADDR_CHARS} characters"
+                )));
+            }
+            Ok((digest, input.tried_holders.clone()))
+        })
+        .collect()
+}
 
 pub struct WorkerService {
     pub node: Arc<Node>,
@@ -307,11 +336,11 @@ impl WorkerApi for WorkerService {
         let cache_key =
             digest_from_wire(&req.cache_key, "cache_key").map_err(Status::invalid_argument)?;
         let request = request_key("report", &req.worker_id, &req.request_id)?;
-        let lost = digests(&req.lost_inputs, "lost_inputs")?;
+        let lost = lost_inputs(&req.lost_inputs)?;
         let stdout = truncated(req.stdout.to_vec());
         let stderr = truncated(req.stderr.to_vec());
         let outcome = if !lost.is_empty() {
-            Outcome::LostInputs { artifacts: lost }
+            Outcome::LostInputs { lost }
         } else if req.exit_code == 0 && req.error.is_empty() {
             Outcome::Success {
                 stdout,

@@ -826,14 +826,17 @@ fn lost_inputs_requeue_without_an_attempt_and_lead_to_a_rebuild() {
     let token = h.assign("b", &[key(2)])[0].expect("assigned");
     h.events();
     let lost = Outcome::LostInputs {
-        artifacts: vec![artifact(1), artifact(5)],
+        lost: vec![
+            (artifact(1), vec!["a:1".to_string()]),
+            (artifact(5), vec!["a:1".to_string()]),
+        ],
     };
     assert!(h.report("b", token, key(2), lost.clone()));
     assert_eq!(h.exec(2).attempts, 0);
     assert!(matches!(h.exec(2).state, ExecState::Queued { .. }));
     assert_eq!(h.model.workers()["b"].running, 0);
-    // Every holding of B's input is dropped, though a is alive; E's
-    // artifact is no input of B: the report cannot make it lost.
+    // The holding of B's input that b tried is dropped, though a is
+    // alive; E's artifact is no input of B: the report cannot make it lost.
     assert!(h.model.holders(&artifact(1)).is_empty());
     assert_eq!(h.model.holders(&artifact(5)), ["a:1"]);
     // The same report again holds a stale lease: refused.
@@ -1081,4 +1084,31 @@ fn a_malformed_job_list_is_refused_not_applied() {
         h.submit_last("bad", 0, graph(&[(1, &[])])),
         Response::BuildSubmitted { job_count: 1, .. }
     ));
+}
+
+#[test]
+fn lost_inputs_keep_the_copies_of_holders_not_tried() {
+    let mut h = Harness::new();
+    let b = h.submit("r", graph(&[(1, &[]), (2, &[0])]));
+    assert!(h.run_one("a", key(1), success(1)));
+    let token = h.assign("b", &[key(2)])[0].expect("assigned");
+    // After the assignment named a, worker c registers with a copy.
+    h.apply(Command::RegisterWorker {
+        worker_id: "c".into(),
+        addr: "c:1".into(),
+        slots: 1,
+        held: vec![artifact(1)],
+        now_ms: h.now_ms,
+    });
+    let lost = Outcome::LostInputs {
+        lost: vec![(artifact(1), vec!["a:1".to_string()])],
+    };
+    assert!(h.report("b", token, key(2), lost));
+    assert_eq!(h.model.holders(&artifact(1)), ["c:1"], "c was not tried");
+    // Nothing to rebuild: the job is leased again at once, fetching from c.
+    let token = h.assign("b", &[key(2)])[0].expect("leased again, not blocked");
+    h.events();
+    assert!(h.report("b", token, key(2), success(2)));
+    assert_eq!(h.events(), [format!("{b}:ok:1"), format!("{b}:done:true")]);
+    assert!(h.model.result(&key(1)).is_some());
 }
