@@ -75,21 +75,73 @@ fn check_worker_id(id: &str) -> Result<(), Status> {
     }
 }
 
+/// What became of a lease granted to a worker by the time its assignment
+/// is written.
+enum Leased {
+    Assignment(Assignment),
+    /// No longer the worker's (expired, or its result already in).
+    Gone,
+    /// Still the worker's, but a dependency's result was dropped meanwhile
+    /// (its artifact lost): the lease is handed back, to be leased again
+    /// once the dependency is rebuilt.
+    MissingDependency,
+}
+
 impl WorkerService {
+    /// The assignments for the leases `tokens` (one per key of `keys`, None
+    /// when not leased) granted to `worker_id`. A lease whose assignment
+    /// cannot be written any more is released at once rather than left to
+    /// expire (which would count an attempt and wait a lease period).
+    async fn assignments(
+        &self,
+        worker_id: &str,
+        keys: &[Digest],
+        tokens: &[Option<u64>],
+    ) -> Vec<Assignment> {
+        let mut assignments = Vec::new();
+        for (key, token) in keys.iter().zip(tokens) {
+            let Some(token) = *token else { continue };
+            match self.assignment(worker_id, key, token) {
+                Leased::Assignment(assignment) => assignments.push(assignment),
+                Leased::Gone => {}
+                Leased::MissingDependency => {
+                    let release = Command::Report {
+                        worker_id: worker_id.to_string(),
+                        token,
+                        cache_key: *key,
+                        outcome: Outcome::LostInputs { lost: Vec::new() },
+                        now_ms: self.node.now_ms(),
+                    };
+                    if let Err(status) = self.node.propose(release).await {
+                        tracing::warn!(
+                            "release lease {token} of {key}: {}; it will expire",
+                            status.message()
+                        );
+                    }
+                }
+            }
+        }
+        assignments
+    }
+
     /// The assignment of the execution of `key` under lease `token`, if
     /// that lease is still `worker_id`'s.
-    fn assignment(&self, worker_id: &str, key: &Digest, token: u64) -> Option<Assignment> {
+    fn assignment(&self, worker_id: &str, key: &Digest, token: u64) -> Leased {
         let model = self.node.model();
-        let exec = model.execution(key)?;
+        let Some(exec) = model.execution(key) else {
+            return Leased::Gone;
+        };
         let current = matches!(&exec.state,
             state::ExecState::Running { worker_id: w, token: t, .. } if w == worker_id && *t == token);
         if !current {
-            return None;
+            return Leased::Gone;
         }
         let spec = &exec.spec;
         let mut deps = Vec::with_capacity(spec.deps.len());
         for dep in &spec.deps {
-            let result = model.result(&dep.cache_key)?;
+            let Some(result) = model.result(&dep.cache_key) else {
+                return Leased::MissingDependency;
+            };
             deps.push(DepArtifact {
                 job_id: dep.job_id.to_string(),
                 digest: digest_to_wire(&result.artifact),
@@ -97,7 +149,7 @@ impl WorkerService {
                 holders: model.holders(&result.artifact),
             });
         }
-        Some(Assignment {
+        Leased::Assignment(Assignment {
             lease_token: token,
             cache_key: digest_to_wire(key),
             job_id: spec.job_id.to_string(),
@@ -199,11 +251,7 @@ impl WorkerApi for WorkerService {
                 break;
             };
             proposals += 1;
-            let assignments: Vec<Assignment> = keys
-                .iter()
-                .zip(tokens)
-                .filter_map(|(key, token)| self.assignment(&req.worker_id, key, token?))
-                .collect();
+            let assignments = self.assignments(&req.worker_id, &keys, &tokens).await;
             if !assignments.is_empty() {
                 return Ok(Response::new(PollWorkResponse {
                     assignments,
@@ -257,11 +305,7 @@ impl WorkerApi for WorkerService {
                 let state::Response::Assigned { keys, tokens } = response else {
                     return Err(Status::internal("unexpected answer to an assignment"));
                 };
-                let assignments: Vec<Assignment> = keys
-                    .iter()
-                    .zip(tokens)
-                    .filter_map(|(key, token)| self.assignment(&req.worker_id, key, token?))
-                    .collect();
+                let assignments = self.assignments(&req.worker_id, &keys, &tokens).await;
                 if !assignments.is_empty() {
                     return Ok(Response::new(PollWorkResponse {
                         assignments,

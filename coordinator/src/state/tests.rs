@@ -1112,3 +1112,21 @@ fn lost_inputs_keep_the_copies_of_holders_not_tried() {
     assert_eq!(h.events(), [format!("{b}:ok:1"), format!("{b}:done:true")]);
     assert!(h.model.result(&key(1)).is_some());
 }
+
+/// What the leader proposes for a lease whose assignment it could not
+/// write (a dependency's result dropped in between): the lease is handed
+/// back, no attempt counted, no copy forgotten.
+#[test]
+fn a_lease_handed_back_requeues_without_an_attempt() {
+    let mut h = Harness::new();
+    h.submit("r", graph(&[(1, &[]), (2, &[0])]));
+    assert!(h.run_one("a", key(1), success(1)));
+    let token = h.assign("b", &[key(2)])[0].expect("assigned");
+    let back = Outcome::LostInputs { lost: Vec::new() };
+    assert!(h.report("b", token, key(2), back));
+    assert_eq!(h.exec(2).attempts, 0);
+    assert!(matches!(h.exec(2).state, ExecState::Queued { .. }));
+    assert_eq!(h.model.workers()["b"].running, 0);
+    assert_eq!(h.model.holders(&artifact(1)), ["a:1"]);
+    assert!(h.assign("b", &[key(2)])[0].is_some(), "leased again");
+}
