@@ -3,6 +3,7 @@
 //! followers, each verified and fsynced), and a node asked for a recorded
 //! blob it lacks (it was down, or joined later) fetches it from a peer.
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use distbuild_proto::Digest;
@@ -25,19 +26,28 @@ fn copy_deadline(size: u64) -> Duration {
     COPY_BASE + Duration::from_secs(size / COPY_MIN_RATE)
 }
 
-/// The other voters (ID, address) and the quorum of the voters.
-fn other_voters(node: &Node) -> (Vec<(u64, String)>, usize) {
+/// The other voters (ID, address), and the voter configurations: one, or
+/// two during a membership change (joint consensus), each of which needs a
+/// majority.
+fn other_voters(node: &Node) -> (Vec<(u64, String)>, Vec<BTreeSet<u64>>) {
     let metrics = node.raft.metrics();
     let metrics = metrics.borrow();
     let membership = metrics.membership_config.membership();
-    let voters: Vec<u64> = membership.voter_ids().collect();
-    let quorum = voters.len() / 2 + 1;
-    let others = voters
-        .into_iter()
+    let configs = membership.get_joint_config().clone();
+    let others = membership
+        .voter_ids()
         .filter(|id| *id != node.node_id)
         .filter_map(|id| membership.get_node(&id).map(|n| (id, n.addr.clone())))
         .collect();
-    (others, quorum)
+    (others, configs)
+}
+
+/// Whether the nodes in `stored` are a quorum: a majority of every voter
+/// configuration.
+fn is_quorum(configs: &[BTreeSet<u64>], stored: &BTreeSet<u64>) -> bool {
+    configs
+        .iter()
+        .all(|config| config.intersection(stored).count() > config.len() / 2)
 }
 
 /// Every member but this one (voters and learners), to fetch from.
@@ -57,9 +67,9 @@ fn other_members(node: &Node) -> Vec<(u64, String)> {
 /// quorum (counting this node) has it. Copies still running then carry on
 /// in the background, bounded by their deadline.
 pub async fn replicate_blob(node: &Node, digest: Digest, size: u64) -> Result<(), Status> {
-    let (others, quorum) = other_voters(node);
-    let mut needed = quorum.saturating_sub(1);
-    if needed == 0 {
+    let (others, configs) = other_voters(node);
+    let mut stored = BTreeSet::from([node.node_id]);
+    if is_quorum(&configs, &stored) {
         return Ok(());
     }
     let mut copies = JoinSet::new();
@@ -71,9 +81,9 @@ pub async fn replicate_blob(node: &Node, digest: Digest, size: u64) -> Result<()
     let mut problems = Vec::new();
     while let Some(joined) = copies.join_next().await {
         match joined {
-            Ok((_, Ok(()))) => {
-                needed -= 1;
-                if needed == 0 {
+            Ok((id, Ok(()))) => {
+                stored.insert(id);
+                if is_quorum(&configs, &stored) {
                     copies.detach_all();
                     return Ok(());
                 }
@@ -223,4 +233,26 @@ async fn fetch_from(node: &Node, addr: &str, digest: Digest, size: u64) -> Resul
         writer.write(&chunk.data).await.map_err(|e| e.to_string())?;
     }
     writer.finish().await.map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(ids: &[u64]) -> BTreeSet<u64> {
+        ids.iter().copied().collect()
+    }
+
+    #[test]
+    fn a_quorum_is_a_majority_of_every_configuration() {
+        let one = [set(&[1, 2, 3])];
+        assert!(!is_quorum(&one, &set(&[1])));
+        assert!(is_quorum(&one, &set(&[1, 3])));
+        // Joint {1,2,3} + {3,4,5}: 1, 2 and 3 are a majority of the union
+        // of five, but not of the new configuration.
+        let joint = [set(&[1, 2, 3]), set(&[3, 4, 5])];
+        assert!(!is_quorum(&joint, &set(&[1, 2, 3])));
+        assert!(!is_quorum(&joint, &set(&[1, 4, 5])));
+        assert!(is_quorum(&joint, &set(&[1, 3, 4])));
+    }
 }

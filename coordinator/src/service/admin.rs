@@ -115,6 +115,50 @@ async fn bounded<T>(
     }
 }
 
+/// Changes the voters through Raft's two phases (joint configuration,
+/// then the new one). The change runs in its own task, so a caller that
+/// gives up (a deadline, a dropped connection) does not stop it between
+/// the phases.
+async fn change_voters(
+    node: &Node,
+    what: &str,
+    changes: ChangeMembers<u64, BasicNode>,
+) -> Result<(), Status> {
+    let raft = node.raft.clone();
+    let change = tokio::spawn(async move { raft.change_membership(changes, false).await });
+    match tokio::time::timeout(CHANGE_DEADLINE, change).await {
+        Ok(Ok(result)) => result.map(drop).map_err(membership_status),
+        Ok(Err(e)) => Err(Status::internal(format!(
+            "{what}: the change task failed: {e}"
+        ))),
+        Err(_) => Err(Status::deadline_exceeded(format!(
+            "{what} did not finish in {CHANGE_DEADLINE:?}; it goes on in the background"
+        ))),
+    }
+}
+
+/// Completes a membership change left in its joint configuration (its
+/// leader died, or lost leadership, between the two phases), so every
+/// check below sees one configuration of voters.
+async fn settle_joint_config(node: &Node) -> Result<(), Status> {
+    let target = {
+        let metrics = node.raft.metrics();
+        let metrics = metrics.borrow();
+        let configs = metrics.membership_config.membership().get_joint_config();
+        if configs.len() < 2 {
+            return Ok(());
+        }
+        configs.last().expect("two configurations").clone()
+    };
+    tracing::info!("completing a membership change left half done: voters {target:?}");
+    change_voters(
+        node,
+        "completing the previous membership change",
+        ChangeMembers::ReplaceAllVoters(target),
+    )
+    .await
+}
+
 #[tonic::async_trait]
 impl AdminApi for AdminService {
     async fn cluster_status(
@@ -207,6 +251,7 @@ impl AdminApi for AdminService {
             )));
         }
         self.node.ready_leader().await?;
+        settle_joint_config(&self.node).await?;
         let current = members(&self.node);
         if let Some((known, voter)) = current.get(&node_id) {
             if *known != addr {
@@ -240,12 +285,10 @@ impl AdminApi for AdminService {
         // Every source blob is on a quorum of voters: the new voter gets
         // a copy of each before it counts in a quorum.
         crate::replication::copy_all_to(&self.node, &addr).await?;
-        bounded(
-            CHANGE_DEADLINE,
+        change_voters(
+            &self.node,
             "making the node a voter",
-            self.node
-                .raft
-                .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([node_id])), false),
+            ChangeMembers::AddVoterIds(BTreeSet::from([node_id])),
         )
         .await?;
         tracing::info!("coordinator {node_id} at {addr} joined the voters");
@@ -260,6 +303,7 @@ impl AdminApi for AdminService {
     ) -> Result<Response<ChangeMembershipResponse>, Status> {
         let RemoveNodeRequest { node_id, force } = request.into_inner();
         self.node.ready_leader().await?;
+        settle_joint_config(&self.node).await?;
         let current = members(&self.node);
         let Some((_, voter)) = current.get(&node_id) else {
             return Err(Status::not_found(format!("node {node_id} is not a member")));
@@ -299,12 +343,7 @@ impl AdminApi for AdminService {
         } else {
             ChangeMembers::RemoveNodes(BTreeSet::from([node_id]))
         };
-        bounded(
-            CHANGE_DEADLINE,
-            "removing the node",
-            self.node.raft.change_membership(change, false),
-        )
-        .await?;
+        change_voters(&self.node, "removing the node", change).await?;
         tracing::info!("coordinator {node_id} left the cluster");
         Ok(Response::new(ChangeMembershipResponse {
             members: voters_of(&self.node),
