@@ -112,6 +112,11 @@ pub struct AddNodeArgs {
     #[arg(long, value_name = "HOST:PORT", allow_hyphen_values = true)]
     pub addr: String,
 
+    /// The cluster secret's file, when the coordinators require one
+    /// (their --cluster-secret-file).
+    #[arg(long, value_name = "FILE")]
+    pub cluster_secret_file: Option<std::path::PathBuf>,
+
     /// Where the cluster is.
     #[command(flatten)]
     pub connection: ConnectionArgs,
@@ -130,6 +135,11 @@ pub struct RemoveNodeArgs {
     /// them are back).
     #[arg(long)]
     pub force: bool,
+
+    /// The cluster secret's file, when the coordinators require one
+    /// (their --cluster-secret-file).
+    #[arg(long, value_name = "FILE")]
+    pub cluster_secret_file: Option<std::path::PathBuf>,
 
     /// Where the cluster is.
     #[command(flatten)]

@@ -14,6 +14,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use distbuild_proto::v1::{AddNodeRequest, ClusterStatusRequest, Member, RemoveNodeRequest};
+use distbuild_proto::wire::{SECRET_METADATA_KEY, read_cluster_secret};
+use tonic::metadata::AsciiMetadataValue;
 use tonic::{Code, Status};
 
 use crate::args::{AddNodeArgs, RemoveNodeArgs, check_host_port, parse_node_id};
@@ -91,8 +93,32 @@ fn gave_up_is_final(status: Status) -> Status {
 fn is_refusal(code: Code) -> bool {
     matches!(
         code,
-        Code::InvalidArgument | Code::FailedPrecondition | Code::AlreadyExists | Code::NotFound
+        Code::InvalidArgument
+            | Code::FailedPrecondition
+            | Code::AlreadyExists
+            | Code::NotFound
+            | Code::Unauthenticated
     )
+}
+
+/// The cluster secret from `--cluster-secret-file`, as metadata.
+fn secret_of(path: Option<&std::path::Path>) -> Result<Option<AsciiMetadataValue>, String> {
+    let Some(path) = path else { return Ok(None) };
+    let text = read_cluster_secret(path)?;
+    AsciiMetadataValue::try_from(text.as_str())
+        .map(Some)
+        .map_err(|_| format!("cluster secret {}: not printable ASCII", path.display()))
+}
+
+/// `message` as a request showing `secret` (if any).
+fn with_secret<T>(message: T, secret: &Option<AsciiMetadataValue>) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Some(secret) = secret {
+        request
+            .metadata_mut()
+            .insert(SECRET_METADATA_KEY, secret.clone());
+    }
+    request
 }
 
 /// `1 (10.0.0.1:7000), 2 (10.0.0.2:7000)`, by node ID.
@@ -152,6 +178,10 @@ pub async fn run_add_node(args: AddNodeArgs, connector: Connector, mut console: 
         Ok(addrs) => addrs,
         Err(message) => return console.fail(exit_code::BAD_INPUT, message),
     };
+    let secret = match secret_of(args.cluster_secret_file.as_deref()) {
+        Ok(secret) => secret,
+        Err(message) => return console.fail(exit_code::BAD_INPUT, message),
+    };
     let cluster = Cluster::new(connector, addrs, args.connection.patience());
     let request = AddNodeRequest {
         node_id,
@@ -163,7 +193,7 @@ pub async fn run_add_node(args: AddNodeArgs, connector: Connector, mut console: 
             &format!("add node {node_id}"),
             Some(ADD_NODE_TIMEOUT),
             |channel| {
-                let request = request.clone();
+                let request = with_secret(request.clone(), &secret);
                 let doubt = doubt.clone();
                 doubt.start();
                 async move {
@@ -228,6 +258,10 @@ pub async fn run_remove_node(
         Ok(addrs) => addrs,
         Err(message) => return console.fail(exit_code::BAD_INPUT, message),
     };
+    let secret = match secret_of(args.cluster_secret_file.as_deref()) {
+        Ok(secret) => secret,
+        Err(message) => return console.fail(exit_code::BAD_INPUT, message),
+    };
     let cluster = Cluster::new(connector, addrs, args.connection.patience());
     let request = RemoveNodeRequest {
         node_id,
@@ -239,6 +273,7 @@ pub async fn run_remove_node(
             &format!("remove node {node_id}"),
             Some(REMOVE_NODE_TIMEOUT),
             |channel| {
+                let request = with_secret(request, &secret);
                 let doubt = doubt.clone();
                 doubt.start();
                 async move {

@@ -25,6 +25,7 @@ fn add(node_id: &str, addr: &str, coordinators: Vec<String>) -> AddNodeArgs {
     AddNodeArgs {
         node_id: node_id.into(),
         addr: addr.into(),
+        cluster_secret_file: None,
         connection: connection(coordinators, 5),
     }
 }
@@ -33,6 +34,7 @@ fn remove(node_id: &str, force: bool, coordinators: Vec<String>) -> RemoveNodeAr
     RemoveNodeArgs {
         node_id: node_id.into(),
         force,
+        cluster_secret_file: None,
         connection: connection(coordinators, 5),
     }
 }

@@ -13,6 +13,7 @@ pub mod network;
 pub mod node;
 pub mod replication;
 pub mod requests;
+pub mod secret;
 pub mod service;
 pub mod state;
 
@@ -65,6 +66,12 @@ pub struct CoordinatorArgs {
     /// locality off).
     #[arg(long, default_value_t = 50)]
     pub locality_wait_ms: u64,
+    /// A file holding the cluster secret (16 to 1024 printable ASCII
+    /// characters), the same on every coordinator: Raft traffic between
+    /// them and `cluster add-node`/`remove-node` must show it. Without it
+    /// anyone who reaches the port can speak Raft to this coordinator.
+    #[arg(long, value_name = "FILE")]
+    pub cluster_secret_file: Option<PathBuf>,
 }
 
 /// Runs the coordinator from its flags until Ctrl-C or SIGTERM.
@@ -83,6 +90,17 @@ pub async fn run_cli(args: CoordinatorArgs) -> anyhow::Result<()> {
         (None, true) => Bootstrap::Join,
         (None, false) => Bootstrap::Single,
     };
+    let secret = args
+        .cluster_secret_file
+        .as_deref()
+        .map(secret::ClusterSecret::from_file)
+        .transpose()?;
+    if secret.is_none() && !args.listen.ip().is_loopback() && args.initial_cluster.is_some() {
+        tracing::warn!(
+            "no --cluster-secret-file: anyone who reaches {} can send Raft messages to this coordinator",
+            args.listen
+        );
+    }
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listen on {}", args.listen))?;
@@ -99,6 +117,7 @@ pub async fn run_cli(args: CoordinatorArgs) -> anyhow::Result<()> {
         bootstrap,
         data_dir: args.data_dir,
         tuning,
+        secret,
     };
     run(config, listener, Arc::new(SystemClock), shutdown).await
 }
@@ -161,6 +180,8 @@ pub struct Config {
     pub bootstrap: Bootstrap,
     pub data_dir: PathBuf,
     pub tuning: Tuning,
+    /// The cluster secret peers and operators must show, if any.
+    pub secret: Option<secret::ClusterSecret>,
 }
 
 /// Serves on `listener` until `shutdown` is cancelled, then stops Raft.
@@ -178,6 +199,7 @@ pub async fn run(
         &config.data_dir,
         clock,
         config.tuning,
+        config.secret.clone(),
         shutdown.clone(),
     )
     .await?;
@@ -192,9 +214,12 @@ pub async fn run(
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let admin = AdminApiServer::new(service::admin::AdminService { node: node.clone() });
-    let raft = RaftTransportServer::new(service::raft::RaftService { node: node.clone() })
-        .max_decoding_message_size(network::MAX_RAFT_MESSAGE_BYTES)
-        .max_encoding_message_size(network::MAX_RAFT_MESSAGE_BYTES);
+    let raft = tonic::service::interceptor::InterceptedService::new(
+        RaftTransportServer::new(service::raft::RaftService { node: node.clone() })
+            .max_decoding_message_size(network::MAX_RAFT_MESSAGE_BYTES)
+            .max_encoding_message_size(network::MAX_RAFT_MESSAGE_BYTES),
+        secret::RequireSecret(config.secret.clone()),
+    );
     eprintln!("coordinator {} listening on {addr}", config.node_id);
     let served = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))

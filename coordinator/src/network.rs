@@ -27,9 +27,11 @@ use openraft::raft::{
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::node::TypeConfig;
+use crate::secret::{ClusterSecret, ShowSecret};
 
 /// Version of the payload encoding; a replica refuses others.
 pub const PAYLOAD_FORMAT: u32 = 1;
@@ -75,9 +77,23 @@ pub fn endpoint(addr: &str) -> Result<Endpoint, tonic::transport::Error> {
 #[derive(Default, Clone)]
 pub struct Peers {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
+    /// Shown on every call (peers refuse calls without it when they have
+    /// one).
+    secret: ShowSecret,
 }
 
+/// A `RaftTransport` client of a peer, showing the cluster secret.
+pub type PeerClient = RaftTransportClient<InterceptedService<Channel, ShowSecret>>;
+
 impl Peers {
+    /// Channels that show `secret` on every call.
+    pub fn new(secret: Option<ClusterSecret>) -> Self {
+        Self {
+            channels: Arc::default(),
+            secret: ShowSecret(secret),
+        }
+    }
+
     /// A channel to `addr` (connecting lazily).
     pub fn channel(&self, addr: &str) -> Result<Channel, String> {
         let mut channels = self.channels.lock().expect("peer channels lock poisoned");
@@ -100,10 +116,12 @@ impl Peers {
     }
 
     /// A `RaftTransport` client of the peer at `addr`.
-    pub fn transport(&self, addr: &str) -> Result<RaftTransportClient<Channel>, String> {
-        Ok(RaftTransportClient::new(self.channel(addr)?)
-            .max_decoding_message_size(MAX_RAFT_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_RAFT_MESSAGE_BYTES))
+    pub fn transport(&self, addr: &str) -> Result<PeerClient, String> {
+        Ok(
+            RaftTransportClient::with_interceptor(self.channel(addr)?, self.secret.clone())
+                .max_decoding_message_size(MAX_RAFT_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_RAFT_MESSAGE_BYTES),
+        )
     }
 }
 
@@ -155,7 +173,7 @@ impl Connection {
         Req: Serialize,
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
-        F: FnOnce(RaftTransportClient<Channel>, tonic::Request<RaftPayload>) -> Fut,
+        F: FnOnce(PeerClient, tonic::Request<RaftPayload>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<RaftPayload>, tonic::Status>>,
     {
         let payload = encode(request).map_err(|e| {
@@ -187,7 +205,9 @@ impl Connection {
                 // it would starve it of heartbeats until it stood for
                 // election.
                 return Err(match status.code() {
-                    tonic::Code::Unavailable => {
+                    // A peer refusing this node's secret is misconfigured:
+                    // backed off from too.
+                    tonic::Code::Unavailable | tonic::Code::Unauthenticated => {
                         self.peers.forget(&self.addr);
                         unreachable(message)
                     }

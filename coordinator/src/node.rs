@@ -14,6 +14,8 @@ use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, LogId, Raft, ServerState};
 use tonic::Status;
 
+use crate::secret::ClusterSecret;
+
 use crate::blobs::BlobStore;
 use crate::network::{MAX_RAFT_MESSAGE_BYTES, Network, Peers};
 use crate::requests::{Proposal, Requests};
@@ -166,6 +168,8 @@ pub struct Node {
     pub blobs: BlobStore,
     pub clock: Arc<dyn Clock>,
     pub tuning: Tuning,
+    /// What peers and operators must show (None: nothing required).
+    pub secret: Option<ClusterSecret>,
     /// Per worker, the peer bytes it last reported fetching: a metric this
     /// node saw, not replicated state.
     pub peer_bytes_fetched: Mutex<std::collections::HashMap<String, u64>>,
@@ -187,6 +191,7 @@ impl Node {
         data_dir: &Path,
         clock: Arc<dyn Clock>,
         tuning: Tuning,
+        secret: Option<ClusterSecret>,
         shutdown: tokio_util::sync::CancellationToken,
     ) -> anyhow::Result<Arc<Self>> {
         use anyhow::Context as _;
@@ -215,7 +220,7 @@ impl Node {
         };
         debug_assert!(4 * 1024 * 1024 < MAX_RAFT_MESSAGE_BYTES);
         let config = Arc::new(config.validate().context("raft configuration")?);
-        let peers = Peers::default();
+        let peers = Peers::new(secret.clone());
         let network = Network {
             peers: peers.clone(),
         };
@@ -271,6 +276,7 @@ impl Node {
             blobs,
             clock,
             tuning,
+            secret,
             peer_bytes_fetched: Mutex::default(),
             shutdown,
         }))

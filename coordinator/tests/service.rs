@@ -35,6 +35,7 @@ async fn start() -> Coordinator {
         bootstrap: Bootstrap::Single,
         data_dir: dir.path().to_path_buf(),
         tuning: Tuning::default(),
+        secret: None,
     };
     let task = tokio::spawn(distbuild_coordinator::run(
         config,

@@ -25,6 +25,38 @@ pub const MAX_JOB_OUTPUT_BYTES: usize = 1 << 20;
 /// coordinator that is not the leader.
 pub const LEADER_METADATA_KEY: &str = "distbuild-leader";
 
+/// The metadata key that carries the cluster secret (coordinators to each
+/// other, operators to membership changes).
+pub const SECRET_METADATA_KEY: &str = "x-distbuild-cluster-secret";
+/// Bounds on a cluster secret's length (bytes, after trimming its file).
+pub const MIN_SECRET_BYTES: usize = 16;
+pub const MAX_SECRET_BYTES: usize = 1024;
+
+/// Reads a cluster secret file: its content with surrounding whitespace
+/// trimmed, which must be 16 to 1024 printable ASCII characters (no
+/// spaces). The error is one line naming the file.
+pub fn read_cluster_secret(path: &std::path::Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("read the cluster secret {}: {e}", path.display()))?;
+    let text = text.trim();
+    check_cluster_secret(text).map_err(|p| format!("cluster secret {}: {p}", path.display()))?;
+    Ok(text.to_string())
+}
+
+/// Whether `text` is a valid cluster secret; the error says why not.
+pub fn check_cluster_secret(text: &str) -> Result<(), String> {
+    if !(MIN_SECRET_BYTES..=MAX_SECRET_BYTES).contains(&text.len()) {
+        return Err(format!(
+            "must be {MIN_SECRET_BYTES} to {MAX_SECRET_BYTES} characters, is {}",
+            text.len()
+        ));
+    }
+    if !text.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("must be printable ASCII without spaces".to_string());
+    }
+    Ok(())
+}
+
 /// A 20-byte digest from the wire; `what` names the field in the error.
 pub fn digest_from_wire(bytes: &[u8], what: &str) -> Result<Digest, String> {
     Digest::try_from(bytes).map_err(|e: IdError| format!("{what}: {e}"))

@@ -362,6 +362,8 @@ pub struct HaCluster {
     pub initial: usize,
     pub workers: Vec<Option<Server>>,
     pub worker_slots: u32,
+    /// The cluster secret file every coordinator is started with, if any.
+    pub secret_file: Option<PathBuf>,
 }
 
 impl HaCluster {
@@ -369,6 +371,18 @@ impl HaCluster {
     /// with `slots` slots each. `spare` more ports are reserved for nodes
     /// added later.
     pub fn start(coordinators: usize, spare: usize, workers: usize, slots: u32) -> HaCluster {
+        Self::start_with(coordinators, spare, workers, slots, None)
+    }
+
+    /// [`HaCluster::start`], every coordinator started with
+    /// `--cluster-secret-file` holding `secret` when given.
+    pub fn start_with(
+        coordinators: usize,
+        spare: usize,
+        workers: usize,
+        slots: u32,
+        secret: Option<&str>,
+    ) -> HaCluster {
         static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
         let serial = SERIAL
             .lock()
@@ -383,7 +397,13 @@ impl HaCluster {
             initial: coordinators,
             workers: Vec::new(),
             worker_slots: slots,
+            secret_file: None,
         };
+        if let Some(secret) = secret {
+            let path = cluster.path("cluster-secret");
+            std::fs::write(&path, format!("{secret}\n")).expect("write the secret");
+            cluster.secret_file = Some(path);
+        }
         for id in 1..=coordinators as u64 {
             cluster.start_node(id);
         }
@@ -435,6 +455,10 @@ impl HaCluster {
             "--lease-timeout-ms".into(),
             "3000".into(),
         ];
+        if let Some(path) = &self.secret_file {
+            args.push("--cluster-secret-file".into());
+            args.push(path.to_str().expect("utf-8").into());
+        }
         if id as usize <= self.initial {
             args.push("--initial-cluster".into());
             args.push(self.initial_cluster());

@@ -240,6 +240,7 @@ impl AdminApi for AdminService {
         &self,
         request: Request<AddNodeRequest>,
     ) -> Result<Response<ChangeMembershipResponse>, Status> {
+        crate::secret::check(self.node.secret.as_ref(), request.metadata())?;
         let AddNodeRequest { node_id, addr } = request.into_inner();
         if node_id == 0 {
             return Err(Status::invalid_argument("node_id must be at least 1"));
@@ -301,6 +302,7 @@ impl AdminApi for AdminService {
         &self,
         request: Request<RemoveNodeRequest>,
     ) -> Result<Response<ChangeMembershipResponse>, Status> {
+        crate::secret::check(self.node.secret.as_ref(), request.metadata())?;
         let RemoveNodeRequest { node_id, force } = request.into_inner();
         self.node.ready_leader().await?;
         settle_joint_config(&self.node).await?;
