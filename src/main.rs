@@ -47,7 +47,9 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("DISTBUILD_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                // openraft logs every failed call to a peer; the
+                // coordinator logs a peer that stays silent instead.
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,openraft=off")),
         )
         .with_writer(std::io::stderr)
         .init();

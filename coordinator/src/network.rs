@@ -77,9 +77,21 @@ pub fn endpoint(addr: &str) -> Result<Endpoint, tonic::transport::Error> {
 #[derive(Default, Clone)]
 pub struct Peers {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
+    /// Per peer address, since when its Raft calls fail, and whether that
+    /// was logged.
+    health: Arc<Mutex<HashMap<String, Failing>>>,
     /// Shown on every call (peers refuse calls without it when they have
     /// one).
     secret: ShowSecret,
+}
+
+/// How long a peer's Raft calls fail before that is logged.
+pub const PEER_DOWN_AFTER: Duration = Duration::from_secs(1);
+
+/// A peer whose Raft calls fail.
+struct Failing {
+    since: std::time::Instant,
+    logged: bool,
 }
 
 /// A `RaftTransport` client of a peer, showing the cluster secret.
@@ -89,8 +101,39 @@ impl Peers {
     /// Channels that show `secret` on every call.
     pub fn new(secret: Option<ClusterSecret>) -> Self {
         Self {
-            channels: Arc::default(),
             secret: ShowSecret(secret),
+            ..Self::default()
+        }
+    }
+
+    /// Notes a failed Raft call to peer `target`: logged once it has failed
+    /// for [`PEER_DOWN_AFTER`] (openraft's own log of every failed call is
+    /// off by default; one slow answer on a busy machine is not news).
+    fn note_failure(&self, target: u64, addr: &str, problem: &str) {
+        let mut health = self.health.lock().expect("peer health lock poisoned");
+        let failing = health.entry(addr.to_string()).or_insert_with(|| Failing {
+            since: std::time::Instant::now(),
+            logged: false,
+        });
+        if !failing.logged && failing.since.elapsed() >= PEER_DOWN_AFTER {
+            failing.logged = true;
+            tracing::warn!(
+                "coordinator {target} at {addr} has not answered Raft calls for {:.1} s: {problem}",
+                failing.since.elapsed().as_secs_f64()
+            );
+        }
+    }
+
+    /// Notes a Raft call peer `target` answered.
+    fn note_success(&self, target: u64, addr: &str) {
+        let mut health = self.health.lock().expect("peer health lock poisoned");
+        if let Some(failing) = health.remove(addr) {
+            if failing.logged {
+                tracing::warn!(
+                    "coordinator {target} at {addr} answers Raft calls again (after {:.1} s)",
+                    failing.since.elapsed().as_secs_f64()
+                );
+            }
         }
     }
 
@@ -176,6 +219,32 @@ impl Connection {
         F: FnOnce(PeerClient, tonic::Request<RaftPayload>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<RaftPayload>, tonic::Status>>,
     {
+        let result = self.call_once(what, request, option, call).await;
+        match &result {
+            Ok(_) | Err(RPCError::RemoteError(_)) => {
+                self.peers.note_success(self.target, &self.addr);
+            }
+            Err(e) => self
+                .peers
+                .note_failure(self.target, &self.addr, &e.to_string()),
+        }
+        result
+    }
+
+    async fn call_once<Req, Resp, E, F, Fut>(
+        &mut self,
+        what: &'static str,
+        request: &Req,
+        option: &RPCOption,
+        call: F,
+    ) -> RpcResult<Resp, E>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+        F: FnOnce(PeerClient, tonic::Request<RaftPayload>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<RaftPayload>, tonic::Status>>,
+    {
         let payload = encode(request).map_err(|e| {
             network(format!(
                 "{what} to coordinator {}: encode: {e}",
@@ -183,7 +252,12 @@ impl Connection {
             ))
         })?;
         let client = self.peers.transport(&self.addr).map_err(unreachable)?;
-        let ttl = option.hard_ttl();
+        // A little under openraft's own deadline, so the answer is ours
+        // (and noted) rather than openraft cancelling the call.
+        let ttl = option
+            .hard_ttl()
+            .saturating_sub(Duration::from_millis(5))
+            .max(option.hard_ttl() / 2);
         let mut request = tonic::Request::new(payload);
         request.set_timeout(ttl);
         let answer = match tokio::time::timeout(ttl, call(client, request)).await {
