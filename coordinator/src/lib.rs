@@ -9,6 +9,7 @@
 //! from that state.
 
 pub mod blobs;
+pub mod detector;
 pub mod network;
 pub mod node;
 pub mod replication;
@@ -206,6 +207,10 @@ pub async fn run(
     let tasks = tokio_util::task::TaskTracker::new();
     tasks.spawn(leader_duties(node.clone(), shutdown.clone()));
     tasks.spawn(expire_leases(node.clone(), shutdown.clone()));
+    tasks.spawn(detector::stand_when_leader_silent(
+        node.clone(),
+        shutdown.clone(),
+    ));
 
     let client = ClientApiServer::new(service::client::ClientService { node: node.clone() })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -228,8 +233,10 @@ pub async fn run(
         .add_service(worker)
         .add_service(admin)
         .add_service(raft)
+        // No Nagle on accepted connections: an answer written in pieces
+        // would otherwise wait for the caller's delayed ACK.
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown.clone().cancelled_owned(),
         )
         .await;

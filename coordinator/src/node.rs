@@ -168,6 +168,8 @@ pub struct Node {
     pub blobs: BlobStore,
     pub clock: Arc<dyn Clock>,
     pub tuning: Tuning,
+    /// When a leader last got through to this node (see `detector`).
+    pub contact: crate::detector::Contact,
     /// What peers and operators must show (None: nothing required).
     pub secret: Option<ClusterSecret>,
     /// Per worker, the peer bytes it last reported fetching: a metric this
@@ -276,6 +278,7 @@ impl Node {
             blobs,
             clock,
             tuning,
+            contact: Default::default(),
             secret,
             peer_bytes_fetched: Mutex::default(),
             shutdown,

@@ -11,11 +11,12 @@ use distbuild_proto::raft_v1::{
 use distbuild_proto::v1::{BlobChunk, FetchRequest};
 use distbuild_proto::wire::digest_from_wire;
 use openraft::ServerState;
+use openraft::raft::{AppendEntriesResponse, InstallSnapshotRequest};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{ResponseStream, receive_blob, stream_file};
 use crate::network::{decode, encode};
-use crate::node::Node;
+use crate::node::{Node, TypeConfig};
 
 pub struct RaftService {
     pub node: Arc<Node>,
@@ -44,8 +45,14 @@ impl RaftTransport for RaftService {
         &self,
         request: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
+        let received = tokio::time::Instant::now();
         let rpc = decode(request.get_ref()).map_err(Status::invalid_argument)?;
-        encoded(&self.node.raft.append_entries(rpc).await)
+        let answer = self.node.raft.append_entries(rpc).await;
+        // Anything but a refusal for a stale term is a live leader's.
+        if matches!(&answer, Ok(a) if !matches!(a, AppendEntriesResponse::HigherVote(_))) {
+            self.node.contact.heard(received);
+        }
+        encoded(&answer)
     }
 
     async fn vote(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
@@ -57,8 +64,15 @@ impl RaftTransport for RaftService {
         &self,
         request: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
-        let rpc = decode(request.get_ref()).map_err(Status::invalid_argument)?;
-        encoded(&self.node.raft.install_snapshot(rpc).await)
+        let received = tokio::time::Instant::now();
+        let rpc: InstallSnapshotRequest<TypeConfig> =
+            decode(request.get_ref()).map_err(Status::invalid_argument)?;
+        let term = rpc.vote.leader_id().term;
+        let answer = self.node.raft.install_snapshot(rpc).await;
+        if matches!(&answer, Ok(a) if a.vote.leader_id().term <= term) {
+            self.node.contact.heard(received);
+        }
+        encoded(&answer)
     }
 
     async fn store_blob(
