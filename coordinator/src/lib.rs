@@ -193,17 +193,40 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr().context("listener address")?;
-    let node = Node::start(
+    let node = start_node(&config, addr, clock, shutdown.clone()).await?;
+    serve(node, config.secret, listener, shutdown).await
+}
+
+/// Opens the store and starts Raft for a replica that will serve at
+/// `addr` (see [`serve`]).
+pub async fn start_node(
+    config: &Config,
+    addr: SocketAddr,
+    clock: Arc<dyn Clock>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Arc<Node>> {
+    Node::start(
         config.node_id,
         addr.to_string(),
-        config.bootstrap,
+        config.bootstrap.clone(),
         &config.data_dir,
         clock,
-        config.tuning,
+        config.tuning.clone(),
         config.secret.clone(),
-        shutdown.clone(),
+        shutdown,
     )
-    .await?;
+    .await
+}
+
+/// Runs `node`'s duties and serves its APIs on `listener` until
+/// `shutdown` is cancelled, then stops Raft.
+pub async fn serve(
+    node: Arc<Node>,
+    secret: Option<secret::ClusterSecret>,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let addr = listener.local_addr().context("listener address")?;
     let tasks = tokio_util::task::TaskTracker::new();
     tasks.spawn(leader_duties(node.clone(), shutdown.clone()));
     tasks.spawn(expire_leases(node.clone(), shutdown.clone()));
@@ -223,9 +246,9 @@ pub async fn run(
         RaftTransportServer::new(service::raft::RaftService { node: node.clone() })
             .max_decoding_message_size(network::MAX_RAFT_MESSAGE_BYTES)
             .max_encoding_message_size(network::MAX_RAFT_MESSAGE_BYTES),
-        secret::RequireSecret(config.secret.clone()),
+        secret::RequireSecret(secret),
     );
-    eprintln!("coordinator {} listening on {addr}", config.node_id);
+    eprintln!("coordinator {} listening on {addr}", node.node_id);
     let served = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
