@@ -33,7 +33,7 @@ fn main() {
     let mut rates = Vec::new();
     for nodes in [1usize, 3] {
         let cluster = HaCluster::start(nodes, 0, 0, 1);
-        let leader = cluster.node_addr(cluster.wait_for_leader());
+        let leader = cluster.node_addr(cluster.wait_for_stable_leader(Duration::from_secs(1)));
         let (rate, refused) = runtime.block_on(commands_per_second(
             &leader,
             64,
@@ -44,7 +44,7 @@ fn main() {
             .map(|m| m.iter().filter_map(|m| m["term"].as_u64()).collect())
             .unwrap_or_default();
         println!(
-            "  {nodes} coordinator(s): {rate:>8.0} commands/s  ({refused} calls refused during elections; terms after: {terms:?})"
+            "  {nodes} coordinator(s): {rate:>8.0} commands/s  ({refused} calls refused during elections, then sent to the new leader; terms after: {terms:?})"
         );
         rates.push(rate);
     }
@@ -123,9 +123,20 @@ async fn commands_per_second(leader: &str, callers: usize, duration: Duration) -
                     .await;
                 match answer {
                     Ok(_) => done += 1,
-                    // An election under this load: count it, wait, retry.
+                    // An election under this load: count it, follow the
+                    // new leader when it is named, wait, retry.
                     Err(status) if status.code() == tonic::Code::Unavailable => {
                         refused += 1;
+                        let leader = status
+                            .metadata()
+                            .get(distbuild_proto::wire::LEADER_METADATA_KEY)
+                            .and_then(|v| v.to_str().ok())
+                            .map(|addr| format!("http://{addr}"));
+                        if let Some(Ok(endpoint)) =
+                            leader.map(tonic::transport::Endpoint::from_shared)
+                        {
+                            client = WorkerApiClient::new(endpoint.connect_lazy());
+                        }
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }
                     Err(status) => panic!("heartbeat: {status}"),

@@ -541,6 +541,40 @@ impl HaCluster {
         }
     }
 
+    /// Waits until one node has led, in one term, for `settle` (a cluster
+    /// whose members initialize together may elect twice at first);
+    /// returns its ID.
+    pub fn wait_for_stable_leader(&self, settle: Duration) -> u64 {
+        let deadline = std::time::Instant::now() + START_TIMEOUT;
+        let mut seen: Option<((u64, u64), std::time::Instant)> = None;
+        loop {
+            let leader = self.wait_for_leader();
+            let term = self
+                .status()
+                .get("members")
+                .and_then(|m| m.as_array().cloned())
+                .unwrap_or_default()
+                .iter()
+                .find(|m| m["node_id"].as_u64() == Some(leader))
+                .and_then(|m| m["term"].as_u64())
+                .unwrap_or(0);
+            match seen {
+                Some((was, since)) if was == (leader, term) => {
+                    if since.elapsed() >= settle {
+                        return leader;
+                    }
+                }
+                _ => seen = Some(((leader, term), std::time::Instant::now())),
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no stable leader\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Waits until `n` workers are alive.
     pub fn wait_for_workers(&self, n: usize) {
         let deadline = std::time::Instant::now() + START_TIMEOUT;
