@@ -205,21 +205,8 @@ fn network<E: std::error::Error>(message: String) -> RPCError<u64, BasicNode, E>
 impl Connection {
     /// Sends `request` with `call`, bounded by openraft's TTL, and decodes
     /// the peer's `Result<Resp, E>`.
-    async fn call<Req, Resp, E, F, Fut>(
-        &mut self,
-        what: &'static str,
-        request: &Req,
-        option: &RPCOption,
-        call: F,
-    ) -> RpcResult<Resp, E>
-    where
-        Req: Serialize,
-        Resp: DeserializeOwned,
-        E: std::error::Error + DeserializeOwned,
-        F: FnOnce(PeerClient, tonic::Request<RaftPayload>) -> Fut,
-        Fut: std::future::Future<Output = Result<tonic::Response<RaftPayload>, tonic::Status>>,
-    {
-        let result = self.call_once(what, request, option, call).await;
+    /// Notes whether peer answered `result` (see [`Peers::note_failure`]).
+    fn noted<T, E: std::error::Error>(&self, result: RpcResult<T, E>) -> RpcResult<T, E> {
         match &result {
             Ok(_) | Err(RPCError::RemoteError(_)) => {
                 self.peers.note_success(self.target, &self.addr);
@@ -231,7 +218,7 @@ impl Connection {
         result
     }
 
-    async fn call_once<Req, Resp, E, F, Fut>(
+    async fn call<Req, Resp, E, F, Fut>(
         &mut self,
         what: &'static str,
         request: &Req,
@@ -306,10 +293,12 @@ impl RaftNetwork<TypeConfig> for Connection {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<u64>, RaftError<u64>> {
-        self.call("append entries", &rpc, &option, |mut c, r| async move {
-            c.append_entries(r).await
-        })
-        .await
+        let result = self
+            .call("append entries", &rpc, &option, |mut c, r| async move {
+                c.append_entries(r).await
+            })
+            .await;
+        self.noted(result)
     }
 
     async fn install_snapshot(
@@ -317,10 +306,12 @@ impl RaftNetwork<TypeConfig> for Connection {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<InstallSnapshotResponse<u64>, RaftError<u64, InstallSnapshotError>> {
-        self.call("install snapshot", &rpc, &option, |mut c, r| async move {
-            c.install_snapshot(r).await
-        })
-        .await
+        let result = self
+            .call("install snapshot", &rpc, &option, |mut c, r| async move {
+                c.install_snapshot(r).await
+            })
+            .await;
+        self.noted(result)
     }
 
     async fn vote(
@@ -328,13 +319,15 @@ impl RaftNetwork<TypeConfig> for Connection {
         rpc: VoteRequest<u64>,
         option: RPCOption,
     ) -> RpcResult<VoteResponse<u64>, RaftError<u64>> {
-        self.call(
-            "vote",
-            &rpc,
-            &option,
-            |mut c, r| async move { c.vote(r).await },
-        )
-        .await
+        let result = self
+            .call(
+                "vote",
+                &rpc,
+                &option,
+                |mut c, r| async move { c.vote(r).await },
+            )
+            .await;
+        self.noted(result)
     }
 }
 
