@@ -6,6 +6,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod server;
+
 /// Distributed build execution: a Raft-replicated coordinator schedules a
 /// build graph's jobs onto workers, caching results by content.
 #[derive(Parser, Debug)]
@@ -26,6 +28,14 @@ enum Command {
     /// Inspect the cluster, change its coordinators.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// The workspace's local server: output base, pid, address, version,
+    /// uptime.
+    Info(distbuild_client::LocalArgs),
+    /// Stop the workspace's local server.
+    Shutdown(distbuild_client::LocalArgs),
+    /// Run as a workspace's local server (started by `distbuild build`).
+    #[command(hide = true)]
+    Server(server::ServerArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -72,6 +82,9 @@ fn main() -> ExitCode {
             Command::Cluster(ClusterCommand::RemoveNode(args)) => {
                 return distbuild_client::remove_node_cli(args).await;
             }
+            Command::Info(args) => return distbuild_client::info_cli(args).await,
+            Command::Shutdown(args) => return distbuild_client::shutdown_cli(args).await,
+            Command::Server(args) => server::run(args).await,
             Command::Coordinator(args) => distbuild_coordinator::run_cli(args).await,
             Command::Worker(args) => distbuild_worker::run_cli(args).await,
         };

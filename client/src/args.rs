@@ -81,9 +81,38 @@ pub struct BuildArgs {
     #[arg(long)]
     pub json: bool,
 
-    /// Where the cluster is.
+    /// Where the cluster is. Without a coordinator (flag or environment)
+    /// the build runs on the workspace's local server.
     #[command(flatten)]
     pub connection: ConnectionArgs,
+
+    /// Local server mode: the directory of the server's state (default:
+    /// under $XDG_CACHE_HOME/distbuild/, per user and workspace).
+    #[arg(long, value_name = "DIR")]
+    pub output_base: Option<PathBuf>,
+
+    /// Local server mode: wait while another command uses the server
+    /// (`--block-for-lock=false` fails at once, exit code 4).
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub block_for_lock: bool,
+
+    /// Local server mode: a server started by this command exits after
+    /// this many seconds without a command using it.
+    #[arg(long, value_name = "SECS", default_value_t = crate::local::DEFAULT_MAX_IDLE_SECS)]
+    pub max_idle_secs: u64,
+}
+
+/// Flags of `distbuild info` and `distbuild shutdown`: which workspace's
+/// local server.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LocalArgs {
+    /// The workspace (its canonical path picks the server).
+    #[arg(long, value_name = "DIR", default_value = ".")]
+    pub source_dir: PathBuf,
+
+    /// The server's state directory, if not the default one.
+    #[arg(long, value_name = "DIR")]
+    pub output_base: Option<PathBuf>,
 }
 
 /// Flags of `distbuild cluster status`.

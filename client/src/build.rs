@@ -28,8 +28,34 @@ pub const MAX_GRAPH_FILE_BYTES: u64 = MAX_MESSAGE_BYTES as u64 / 2;
 /// Runs `distbuild build` against real TCP connections, printing to the
 /// process's stdout and stderr; returns the process exit code (see
 /// [`crate::exit_code`]).
-pub async fn build_cli(args: BuildArgs) -> i32 {
-    run_build(args, Connector::tcp(), Console::stdio()).await
+pub async fn build_cli(mut args: BuildArgs) -> i32 {
+    let mut console = Console::stdio();
+    // No cluster given: the workspace's local server, locked for this
+    // command until it returns.
+    let mut _local = None;
+    if args
+        .connection
+        .coordinators
+        .iter()
+        .all(|a| a.trim().is_empty())
+    {
+        match crate::local::prepare(
+            &args.source_dir,
+            args.output_base.as_deref(),
+            args.block_for_lock,
+            args.max_idle_secs,
+            &mut console.err,
+        )
+        .await
+        {
+            Ok(local) => {
+                args.connection.coordinators = vec![local.info.addr.clone()];
+                _local = Some(local);
+            }
+            Err(code) => return code,
+        }
+    }
+    run_build(args, Connector::tcp(), console).await
 }
 
 /// Reads and validates the graph file; the error is one line.

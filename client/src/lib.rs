@@ -16,6 +16,7 @@ pub mod build;
 pub mod cluster;
 pub mod connect;
 pub mod download;
+pub mod local;
 pub mod membership;
 pub mod render;
 pub mod sources;
@@ -23,8 +24,11 @@ pub mod status;
 pub mod upload;
 pub mod watch;
 
-pub use args::{AddNodeArgs, BuildArgs, ClusterStatusArgs, ConnectionArgs, RemoveNodeArgs};
+pub use args::{
+    AddNodeArgs, BuildArgs, ClusterStatusArgs, ConnectionArgs, LocalArgs, RemoveNodeArgs,
+};
 pub use build::{build_cli, run_build};
+pub use local::{info_cli, shutdown_cli};
 pub use membership::{add_node_cli, remove_node_cli, run_add_node, run_remove_node};
 pub use status::{cluster_status_cli, run_cluster_status};
 
@@ -39,4 +43,7 @@ pub mod exit_code {
     pub const BAD_INPUT: i32 = 2;
     /// The cluster could not be reached within `--timeout`.
     pub const UNREACHABLE: i32 = 3;
+    /// Another command holds the local server's lock and
+    /// `--block-for-lock=false` was given.
+    pub const LOCKED: i32 = 4;
 }

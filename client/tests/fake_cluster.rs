@@ -46,6 +46,9 @@ fn args(dir: &Path, graph: &Path, coordinators: Vec<String>, timeout_secs: u64) 
             coordinators,
             timeout_secs,
         },
+        output_base: None,
+        block_for_lock: true,
+        max_idle_secs: 60,
     }
 }
 

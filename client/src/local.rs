@@ -1,0 +1,502 @@
+//! Local server mode, as Bazel's client does it: with no cluster configured,
+//! `distbuild build` uses a background server of the workspace (one
+//! coordinator and one worker in one process, `distbuild server`), finding
+//! it through files in the workspace's output base or starting it.
+//!
+//! The output base is `$XDG_CACHE_HOME/distbuild/<user>/<hash of the
+//! workspace's canonical path>/` (or `~/.cache/...`), or `--output-base`.
+//! In it:
+//! - `server.json`: the running server's pid, address, build identity and
+//!   start time, written by the server once it serves, removed when it
+//!   exits (a stale one names a dead pid or an address that does not
+//!   answer);
+//! - `lock`: held (flock) by the one client command using the server, with
+//!   its pid inside; the server counts as idle while nobody holds it;
+//! - `server.log`: the server's stderr; `coordinator/`, `cache/`: its state.
+
+use std::fs::File;
+use std::io::{Read, Seek, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+/// Test-only: the build identity to present instead of the binary's own
+/// (tests use it to stand for another version).
+pub const TEST_BUILD_ID_ENV: &str = "DISTBUILD_TEST_BUILD_ID";
+/// How long a client waits for a server it started to serve.
+pub const SERVER_START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a client waits for a server it asked to stop to exit.
+pub const SERVER_STOP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default `--max-idle-secs`: three hours, as Bazel's.
+pub const DEFAULT_MAX_IDLE_SECS: u64 = 10_800;
+/// Lines of the server's log quoted when it fails to start.
+const LOG_TAIL_LINES: usize = 20;
+/// Ends an error message after which the server log's tail is printed.
+const LOG_TAIL_MARK: &str = " (below)";
+
+/// What `server.json` says about the running server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerInfo {
+    /// The server's process ID.
+    pub pid: u32,
+    /// The coordinator's address (HOST:PORT).
+    pub addr: String,
+    /// The binary's build identity (see [`build_identity`]).
+    pub build_id: String,
+    /// The crate version, for `distbuild info`.
+    pub version: String,
+    /// The canonical workspace path.
+    pub workspace: PathBuf,
+    /// Unix time the server started serving, in milliseconds.
+    pub started_unix_ms: u64,
+}
+
+/// The files of one output base.
+#[derive(Debug, Clone)]
+pub struct OutputBase {
+    /// The output base directory (absolute).
+    pub dir: PathBuf,
+}
+
+impl OutputBase {
+    /// The output base of `workspace` (a canonical path) for this user:
+    /// `override_dir` if given, else under the user's cache directory.
+    pub fn for_workspace(workspace: &Path, override_dir: Option<&Path>) -> Result<Self, String> {
+        if let Some(dir) = override_dir {
+            return Ok(Self {
+                dir: std::path::absolute(dir)
+                    .map_err(|e| format!("--output-base {}: {e}", dir.display()))?,
+            });
+        }
+        let cache = match std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
+            Some(dir) => PathBuf::from(dir),
+            None => match std::env::var_os("HOME").filter(|v| !v.is_empty()) {
+                Some(home) => PathBuf::from(home).join(".cache"),
+                None => {
+                    return Err(
+                        "neither XDG_CACHE_HOME nor HOME is set: pass --output-base".to_string()
+                    );
+                }
+            },
+        };
+        let user = std::env::var("USER")
+            .ok()
+            .filter(|u| !u.is_empty() && !u.contains('/'))
+            .unwrap_or_else(|| // SAFETY: getuid cannot fail and touches no memory.
+            unsafe { libc::getuid() }.to_string());
+        use sha1::Digest as _;
+        let hash = hex::encode(sha1::Sha1::digest(workspace.as_os_str().as_encoded_bytes()));
+        Ok(Self {
+            dir: cache.join("distbuild").join(user).join(&hash[..32]),
+        })
+    }
+
+    /// `server.json`: the running server's [`ServerInfo`].
+    pub fn info_path(&self) -> PathBuf {
+        self.dir.join("server.json")
+    }
+
+    /// `server.log`: the server's stderr.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("server.log")
+    }
+
+    /// `lock`: held by the client command using the server.
+    pub fn lock_path(&self) -> PathBuf {
+        self.dir.join("lock")
+    }
+
+    /// The server's info file, if present and readable.
+    pub fn read_info(&self) -> Option<ServerInfo> {
+        let bytes = std::fs::read(self.info_path()).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    /// Writes the info file atomically (a temporary file renamed over it).
+    pub fn write_info(&self, info: &ServerInfo) -> std::io::Result<()> {
+        let tmp = self.dir.join(format!("server.json.{}", std::process::id()));
+        std::fs::write(
+            &tmp,
+            serde_json::to_vec(info).map_err(std::io::Error::other)?,
+        )?;
+        std::fs::rename(&tmp, self.info_path())
+    }
+
+    /// Removes the info file if it still names process `pid`.
+    pub fn remove_info_of(&self, pid: u32) {
+        if self.read_info().is_some_and(|info| info.pid == pid) {
+            let _ = std::fs::remove_file(self.info_path());
+        }
+    }
+
+    /// The last lines of the server's log, for failure messages.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
+    }
+}
+
+/// This binary's build identity: its version and its executable file's
+/// size, modification time and inode, so a rebuilt or reinstalled binary
+/// differs from the one a running server was started from.
+/// [`TEST_BUILD_ID_ENV`] overrides it (tests only).
+pub fn build_identity() -> String {
+    if let Some(id) = std::env::var(TEST_BUILD_ID_ENV)
+        .ok()
+        .filter(|v| !v.is_empty())
+    {
+        return id;
+    }
+    use std::os::unix::fs::MetadataExt;
+    let file = std::env::current_exe()
+        .and_then(std::fs::metadata)
+        .map(|m| {
+            format!(
+                "{:x}-{:x}.{:x}-{:x}",
+                m.size(),
+                m.mtime(),
+                m.mtime_nsec(),
+                m.ino()
+            )
+        })
+        .unwrap_or_else(|_| "unknown".to_string());
+    format!("{}+{file}", env!("CARGO_PKG_VERSION"))
+}
+
+/// Whether process `pid` is alive and is a distbuild server of this
+/// output base.
+pub fn is_our_server(pid: u32, base: &OutputBase) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    let dir = base.dir.as_os_str().as_encoded_bytes();
+    args.windows(2)
+        .any(|w| w[0] == b"--output-base" && w[1] == dir)
+}
+
+/// The exclusive lock of an output base, held for one client command.
+pub struct ClientLock {
+    _file: File,
+}
+
+/// Takes the output base's lock: at once if free; else, if `block`,
+/// after saying once on `err` who holds it and waiting; else fails with
+/// that message.
+pub fn lock_output_base(
+    base: &OutputBase,
+    block: bool,
+    err: &mut dyn Write,
+) -> Result<ClientLock, String> {
+    std::fs::create_dir_all(&base.dir)
+        .map_err(|e| format!("create the output base {}: {e}", base.dir.display()))?;
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(base.lock_path())
+        .map_err(|e| format!("open {}: {e}", base.lock_path().display()))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = holder.trim();
+            let holder = if holder.is_empty() { "?" } else { holder };
+            let message =
+                format!("Another command (pid {holder}) is running. Waiting for it to complete...");
+            if !block {
+                return Err(message);
+            }
+            let _ = writeln!(err, "{message}");
+            file.lock()
+                .map_err(|e| format!("lock {}: {e}", base.lock_path().display()))?;
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(format!("lock {}: {e}", base.lock_path().display()));
+        }
+    }
+    let _ = file.set_len(0);
+    let _ = file.rewind();
+    let _ = write!(file, "{}", std::process::id());
+    let _ = file.flush();
+    Ok(ClientLock { _file: file })
+}
+
+/// Whether nobody holds the output base's lock (the server's idleness
+/// test; it takes and drops the lock at once).
+pub fn lock_is_free(base: &OutputBase) -> bool {
+    let Ok(file) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(base.lock_path())
+    else {
+        return false;
+    };
+    match file.try_lock() {
+        Ok(()) => {
+            let _ = file.unlock();
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+/// How a client reaches the server of `base`, starting (or replacing) it
+/// as needed.
+pub struct ServerOptions<'a> {
+    /// The canonical workspace path.
+    pub workspace: &'a Path,
+    /// `--max-idle-secs` of a server started now.
+    pub max_idle_secs: u64,
+}
+
+/// The address of a running server of this build identity for `base`:
+/// the one found, or a new one started in the background (a server of
+/// another identity is stopped first). The error is one line plus the
+/// server log's tail when a start failed.
+pub async fn ensure_server(
+    base: &OutputBase,
+    options: &ServerOptions<'_>,
+    err: &mut dyn Write,
+) -> Result<ServerInfo, String> {
+    let identity = build_identity();
+    if let Some(info) = base.read_info() {
+        if is_our_server(info.pid, base) && answers(&info.addr).await {
+            if info.build_id == identity {
+                return Ok(info);
+            }
+            let _ = writeln!(
+                err,
+                "The server (pid {}) is another version; restarting it.",
+                info.pid
+            );
+            stop_server(base, &info).await?;
+        } else {
+            // Stale: a dead process, or one that does not answer.
+            let _ = std::fs::remove_file(base.info_path());
+        }
+    }
+    start_server(base, options, &identity).await
+}
+
+/// Whether a coordinator answers at `addr` (a TCP connection within a
+/// second).
+async fn answers(addr: &str) -> bool {
+    matches!(
+        tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr)).await,
+        Ok(Ok(_))
+    )
+}
+
+async fn start_server(
+    base: &OutputBase,
+    options: &ServerOptions<'_>,
+    identity: &str,
+) -> Result<ServerInfo, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("find this executable: {e}"))?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(base.log_path())
+        .map_err(|e| format!("open {}: {e}", base.log_path().display()))?;
+    let log_err = log
+        .try_clone()
+        .map_err(|e| format!("open {}: {e}", base.log_path().display()))?;
+    let name = options
+        .workspace
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "/".to_string());
+    let mut command = std::process::Command::new(exe);
+    use std::os::unix::process::CommandExt;
+    command
+        .arg0(format!("distbuild({name})"))
+        .arg("server")
+        .arg("--output-base")
+        .arg(&base.dir)
+        .arg("--workspace")
+        .arg(options.workspace)
+        .arg("--max-idle-secs")
+        .arg(options.max_idle_secs.to_string())
+        .env(TEST_BUILD_ID_ENV, identity)
+        .stdin(std::process::Stdio::null())
+        .stdout(log)
+        .stderr(log_err);
+    // SAFETY: setsid is async-signal-safe; it detaches the server from the
+    // client's terminal and process group (no SIGHUP, no Ctrl-C).
+    unsafe {
+        command.pre_exec(|| {
+            nix::unistd::setsid().map_err(std::io::Error::from)?;
+            Ok(())
+        });
+    }
+    let mut child = command
+        .spawn()
+        .map_err(|e| format!("start the local server: {e}"))?;
+    let pid = child.id();
+    let deadline = Instant::now() + SERVER_START_TIMEOUT;
+    loop {
+        if let Some(info) = base.read_info() {
+            if info.pid == pid && answers(&info.addr).await {
+                // Not waited for: the server outlives this process (init
+                // adopts it).
+                drop(child);
+                return Ok(info);
+            }
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!(
+                "the local server exited at start ({status}); its log {} ends:{}",
+                base.log_path().display(),
+                LOG_TAIL_MARK
+            ));
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            return Err(format!(
+                "the local server did not start within {SERVER_START_TIMEOUT:?}; its log {} ends:{}",
+                base.log_path().display(),
+                LOG_TAIL_MARK
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Asks the server of `info` to stop (SIGTERM) and waits for it to exit.
+pub async fn stop_server(base: &OutputBase, info: &ServerInfo) -> Result<(), String> {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let pid = Pid::from_raw(info.pid as i32);
+    if kill(pid, Signal::SIGTERM).is_err() {
+        base.remove_info_of(info.pid);
+        return Ok(());
+    }
+    let deadline = Instant::now() + SERVER_STOP_TIMEOUT;
+    while is_our_server(info.pid, base) {
+        if Instant::now() > deadline {
+            let _ = kill(pid, Signal::SIGKILL);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    base.remove_info_of(info.pid);
+    Ok(())
+}
+
+/// The workspace (canonical `--source-dir`) and its output base.
+fn workspace_and_base(
+    source_dir: &Path,
+    output_base: Option<&Path>,
+) -> Result<(PathBuf, OutputBase), String> {
+    let workspace = std::fs::canonicalize(source_dir)
+        .map_err(|e| format!("workspace {}: {e}", source_dir.display()))?;
+    let base = OutputBase::for_workspace(&workspace, output_base)?;
+    Ok((workspace, base))
+}
+
+/// What a local build needs: the lock of its output base (held until
+/// dropped) and the server to build on.
+pub struct LocalServer {
+    /// The output base's lock, held for this command.
+    pub lock: ClientLock,
+    /// The server to build on.
+    pub info: ServerInfo,
+}
+
+/// Prints a local-mode failure: the one-line error, then the server log's
+/// tail when the message points to it. Returns `code`.
+pub fn fail(err: &mut dyn Write, code: i32, message: &str, base: Option<&OutputBase>) -> i32 {
+    crate::render::print_error(err, code, message);
+    if let (true, Some(base)) = (message.ends_with(LOG_TAIL_MARK), base) {
+        for line in base.log_tail().lines() {
+            let _ = writeln!(err, "    {line}");
+        }
+    }
+    code
+}
+
+/// Locks the output base of the workspace at `source_dir` and finds or
+/// starts its server; on failure prints the error and returns the exit
+/// code (4 when the lock is held and `block` is false).
+pub async fn prepare(
+    source_dir: &Path,
+    output_base: Option<&Path>,
+    block: bool,
+    max_idle_secs: u64,
+    err: &mut dyn Write,
+) -> Result<LocalServer, i32> {
+    use crate::exit_code;
+    let (workspace, base) = workspace_and_base(source_dir, output_base)
+        .map_err(|message| fail(err, exit_code::BAD_INPUT, &message, None))?;
+    let lock = lock_output_base(&base, block, err)
+        .map_err(|message| fail(err, exit_code::LOCKED, &message, None))?;
+    let options = ServerOptions {
+        workspace: &workspace,
+        max_idle_secs,
+    };
+    let info = ensure_server(&base, &options, err)
+        .await
+        .map_err(|message| fail(err, exit_code::UNREACHABLE, &message, Some(&base)))?;
+    Ok(LocalServer { lock, info })
+}
+
+/// `distbuild info`: the output base, and the server's pid, address,
+/// version and uptime (or that none runs).
+pub async fn info_cli(args: crate::args::LocalArgs) -> i32 {
+    let mut out = std::io::stdout();
+    let mut err = std::io::stderr();
+    let (workspace, base) = match workspace_and_base(&args.source_dir, args.output_base.as_deref())
+    {
+        Ok(found) => found,
+        Err(message) => return fail(&mut err, crate::exit_code::BAD_INPUT, &message, None),
+    };
+    let _ = writeln!(out, "workspace: {}", workspace.display());
+    let _ = writeln!(out, "output_base: {}", base.dir.display());
+    match base.read_info().filter(|i| is_our_server(i.pid, &base)) {
+        Some(info) => {
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            let _ = writeln!(out, "server_pid: {}", info.pid);
+            let _ = writeln!(out, "server_address: {}", info.addr);
+            let _ = writeln!(out, "server_version: {} ({})", info.version, info.build_id);
+            let _ = writeln!(
+                out,
+                "server_uptime: {} s",
+                now_ms.saturating_sub(info.started_unix_ms) / 1000
+            );
+        }
+        None => {
+            let _ = writeln!(out, "server: not running");
+        }
+    }
+    crate::exit_code::OK
+}
+
+/// `distbuild shutdown`: stops the workspace's server, if one runs, and
+/// waits for it to exit.
+pub async fn shutdown_cli(args: crate::args::LocalArgs) -> i32 {
+    let mut err = std::io::stderr();
+    let (_, base) = match workspace_and_base(&args.source_dir, args.output_base.as_deref()) {
+        Ok(found) => found,
+        Err(message) => return fail(&mut err, crate::exit_code::BAD_INPUT, &message, None),
+    };
+    let Some(info) = base.read_info() else {
+        return crate::exit_code::OK;
+    };
+    if !is_our_server(info.pid, &base) {
+        let _ = std::fs::remove_file(base.info_path());
+        return crate::exit_code::OK;
+    }
+    match stop_server(&base, &info).await {
+        Ok(()) => crate::exit_code::OK,
+        Err(message) => fail(&mut err, crate::exit_code::UNREACHABLE, &message, None),
+    }
+}
