@@ -268,3 +268,53 @@ fn an_idle_server_exits_on_its_own() {
     });
     assert_eq!(home.server_pid(&ws), None, "its info file is gone");
 }
+
+#[test]
+fn ctrl_c_cancels_the_build_on_the_server_and_the_next_build_works() {
+    let mut home = Home::new();
+    let ws = home.workspace("interrupted");
+    let marks = home.dir.path().join("marks");
+    std::fs::create_dir_all(&marks).expect("mkdir");
+    let long = serde_json::json!({"Jobs": [{
+        "ID": support::id("long job"),
+        "Name": "long job",
+        "Cmds": [{"Exec": ["/bin/sh", "-c", format!(
+            "echo $$ > {m}/pid; sleep 60; touch {m}/finished",
+            m = marks.display()
+        )]}],
+    }]});
+    std::fs::write(ws.join("long.json"), long.to_string()).expect("write graph");
+    let mut build = home
+        .command(&ws, &["build", "--json", "--graph", "long.json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    wait_until("the job to start", Duration::from_secs(60), || {
+        std::fs::read_to_string(marks.join("pid")).is_ok_and(|p| !p.trim().is_empty())
+    });
+    let job: u32 = std::fs::read_to_string(marks.join("pid"))
+        .expect("pid")
+        .trim()
+        .parse()
+        .expect("a pid");
+    let server = home.server_pid(&ws).expect("a server");
+    // SAFETY: kill(2) on the pid of a child we spawned and have not reaped.
+    assert_eq!(
+        unsafe { libc::kill(build.id() as libc::pid_t, libc::SIGINT) },
+        0
+    );
+    let out = support::DrainedChild::new(build).finish();
+    assert_eq!(out.code, Some(130), "{}", out.describe());
+    assert!(out.stderr.contains("cancelled"), "{}", out.describe());
+    // The job is stopped on the server (the worker's next heartbeat), the
+    // server stays up.
+    wait_until("the job to be killed", Duration::from_secs(20), || {
+        !alive(job)
+    });
+    assert!(!marks.join("finished").exists());
+    assert_eq!(home.server_pid(&ws), Some(server));
+    let next = home.build(&ws, &[]);
+    assert_eq!(next.status.code(), Some(0), "{}", text(&next));
+    assert_eq!(home.server_pid(&ws), Some(server));
+}

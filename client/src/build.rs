@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use distbuild_proto::graph::BuildGraph;
-use distbuild_proto::v1::{SourceFile, SubmitBuildRequest, SubmitBuildResponse, build_event};
+use distbuild_proto::v1::{
+    CancelBuildRequest, SourceFile, SubmitBuildRequest, SubmitBuildResponse, build_event,
+};
 use distbuild_proto::wire::{MAX_MESSAGE_BYTES, digest_from_wire, digest_to_wire};
 use tokio::time::Instant;
 
@@ -24,6 +26,9 @@ use crate::watch::watch_build;
 
 /// Largest graph file accepted: it travels in one message.
 pub const MAX_GRAPH_FILE_BYTES: u64 = MAX_MESSAGE_BYTES as u64 / 2;
+
+/// How long an interrupted build may take to be cancelled.
+pub const CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Runs `distbuild build` against real TCP connections, printing to the
 /// process's stdout and stderr; returns the process exit code (see
@@ -147,81 +152,127 @@ pub async fn run_build(args: BuildArgs, connector: Connector, console: Console) 
     };
     let build_id = submitted.build_id;
 
-    let mut reporter = Reporter::new(args.json, out, progress);
-    reporter.build_started(build_id, u64::from(submitted.job_count));
-    reporter.note(&format!(
-        "build {build_id}: {} jobs submitted",
-        submitted.job_count
-    ));
+    // From here Ctrl-C cancels the build on the cluster (its unfinished
+    // jobs are skipped, runs no other build needs are stopped).
+    let follow = async {
+        let mut reporter = Reporter::new(args.json, out, progress);
+        reporter.build_started(build_id, u64::from(submitted.job_count));
+        reporter.note(&format!(
+            "build {build_id}: {} jobs submitted",
+            submitted.job_count
+        ));
 
-    // Artifacts of the jobs that succeeded, by job ID.
-    let mut artifacts: HashMap<String, (Bytes, u64)> = HashMap::new();
-    let watched = watch_build(&cluster, build_id, |event| {
-        if let Some(build_event::Event::JobFinished(f)) = &event.event
-            && f.exit_code == 0
-            && f.error.is_empty()
-        {
-            artifacts.insert(
-                f.job_id.clone(),
-                (f.artifact_digest.clone(), f.artifact_size),
-            );
+        // Artifacts of the jobs that succeeded, by job ID.
+        let mut artifacts: HashMap<String, (Bytes, u64)> = HashMap::new();
+        let watched = watch_build(&cluster, build_id, |event| {
+            if let Some(build_event::Event::JobFinished(f)) = &event.event
+                && f.exit_code == 0
+                && f.error.is_empty()
+            {
+                artifacts.insert(
+                    f.job_id.clone(),
+                    (f.artifact_digest.clone(), f.artifact_size),
+                );
+            }
+            reporter.event(event);
+        })
+        .await;
+        if let Err(e) = watched {
+            reporter.finish(build_id, started.elapsed());
+            return print_error(err, e.exit_code(), e);
         }
-        reporter.event(event);
-    })
-    .await;
-    if let Err(e) = watched {
-        reporter.finish(build_id, started.elapsed());
-        return print_error(err, e.exit_code(), e);
-    }
-    let tally = reporter.tally.clone();
-    let build_ok =
-        reporter.finished.as_ref().is_some_and(|f| f.ok) && tally.failed == 0 && tally.skipped == 0;
-    let code = if build_ok {
-        exit_code::OK
-    } else {
-        exit_code::BUILD_FAILED
-    };
+        let tally = reporter.tally.clone();
+        let build_ok = reporter.finished.as_ref().is_some_and(|f| f.ok)
+            && tally.failed == 0
+            && tally.skipped == 0;
+        let code = if build_ok {
+            exit_code::OK
+        } else {
+            exit_code::BUILD_FAILED
+        };
 
-    if let Some(output_dir) = &args.output_dir {
-        // Every leaf that succeeded, even when others failed.
-        let mut outputs = Vec::new();
-        for leaf in graph.leaves() {
-            let Some((digest, size)) = artifacts.get(&leaf.id.to_string()) else {
-                continue;
-            };
-            match digest_from_wire(digest, "artifact digest") {
-                Ok(digest) => outputs.push(Output {
-                    job_id: leaf.id,
-                    name: leaf.name.clone(),
-                    digest,
-                    size: *size,
-                }),
-                Err(problem) => {
+        if let Some(output_dir) = &args.output_dir {
+            // Every leaf that succeeded, even when others failed.
+            let mut outputs = Vec::new();
+            for leaf in graph.leaves() {
+                let Some((digest, size)) = artifacts.get(&leaf.id.to_string()) else {
+                    continue;
+                };
+                match digest_from_wire(digest, "artifact digest") {
+                    Ok(digest) => outputs.push(Output {
+                        job_id: leaf.id,
+                        name: leaf.name.clone(),
+                        digest,
+                        size: *size,
+                    }),
+                    Err(problem) => {
+                        reporter.finish(build_id, started.elapsed());
+                        return print_error(
+                            err,
+                            exit_code::BUILD_FAILED,
+                            format!("job {}: the cluster reported no output: {problem}", leaf.id),
+                        );
+                    }
+                }
+            }
+            match download_outputs(&cluster, &outputs, output_dir).await {
+                Ok(()) => reporter.note(&format!(
+                    "downloaded {} outputs to {}",
+                    outputs.len(),
+                    output_dir.display()
+                )),
+                Err(e) => {
                     reporter.finish(build_id, started.elapsed());
-                    return print_error(
-                        err,
-                        exit_code::BUILD_FAILED,
-                        format!("job {}: the cluster reported no output: {problem}", leaf.id),
-                    );
+                    let fail_code = match &e {
+                        DownloadError::Call(call) => call.exit_code(),
+                        _ => exit_code::BUILD_FAILED,
+                    };
+                    return print_error(err, fail_code.max(code), e);
                 }
             }
         }
-        match download_outputs(&cluster, &outputs, output_dir).await {
-            Ok(()) => reporter.note(&format!(
-                "downloaded {} outputs to {}",
-                outputs.len(),
-                output_dir.display()
-            )),
-            Err(e) => {
-                reporter.finish(build_id, started.elapsed());
-                let fail_code = match &e {
-                    DownloadError::Call(call) => call.exit_code(),
-                    _ => exit_code::BUILD_FAILED,
-                };
-                return print_error(err, fail_code.max(code), e);
-            }
-        }
+        reporter.finish(build_id, started.elapsed());
+        code
+    };
+    let interrupted = tokio::select! {
+        code = follow => return code,
+        _ = tokio::signal::ctrl_c() => true,
+    };
+    debug_assert!(interrupted);
+    cancel_build(&cluster, build_id, err).await
+}
+
+/// Cancels build `build_id` after Ctrl-C (bounded: a cluster that does not
+/// answer within a few seconds leaves the build running) and returns
+/// [`exit_code::INTERRUPTED`].
+async fn cancel_build(cluster: &Cluster, build_id: u64, err: &mut dyn Write) -> i32 {
+    let cancel = cluster.call(
+        "cancel the build",
+        Some(RPC_TIMEOUT),
+        |channel| async move {
+            Ok(client_api(channel)
+                .cancel_build(CancelBuildRequest { build_id })
+                .await?
+                .into_inner())
+        },
+    );
+    match tokio::time::timeout(CANCEL_TIMEOUT, cancel).await {
+        Ok(Ok(_)) => print_error(
+            err,
+            exit_code::INTERRUPTED,
+            format!("interrupted: build {build_id} cancelled"),
+        ),
+        Ok(Err(e)) => print_error(
+            err,
+            exit_code::INTERRUPTED,
+            format!("interrupted; cancelling build {build_id} failed: {e}"),
+        ),
+        Err(_) => print_error(
+            err,
+            exit_code::INTERRUPTED,
+            format!(
+                "interrupted; build {build_id} could not be cancelled within {CANCEL_TIMEOUT:?}"
+            ),
+        ),
     }
-    reporter.finish(build_id, started.elapsed());
-    code
 }

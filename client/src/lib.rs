@@ -46,4 +46,7 @@ pub mod exit_code {
     /// Another command holds the local server's lock and
     /// `--block-for-lock=false` was given.
     pub const LOCKED: i32 = 4;
+    /// Interrupted (Ctrl-C) after the build was submitted: it was
+    /// cancelled on the cluster.
+    pub const INTERRUPTED: i32 = 130;
 }

@@ -178,6 +178,11 @@ pub enum Command {
         jobs: Vec<SubmittedJob>,
         now_ms: u64,
     },
+    /// Cancels a build that has not finished.
+    CancelBuild {
+        build_id: u64,
+        now_ms: u64,
+    },
     /// Records a build: its jobs are the staged parts `0..staged_parts` of
     /// this request, then `jobs`.
     SubmitBuild {
@@ -245,6 +250,10 @@ pub enum Response {
     BuildSubmitted {
         build_id: u64,
         job_count: u32,
+    },
+    /// Whether a `CancelBuild` found the build running.
+    Cancelled {
+        cancelled: bool,
     },
     /// The command was refused, changing nothing: the one-line reason,
     /// and whether the same request may succeed when retried from the
@@ -671,6 +680,12 @@ impl Model {
                     },
                 }
             }
+            Command::CancelBuild { build_id, now_ms } => {
+                self.tick(*now_ms);
+                Response::Cancelled {
+                    cancelled: self.cancel_build(*build_id),
+                }
+            }
             Command::SubmitBuild {
                 request_id,
                 now_ms,
@@ -1008,6 +1023,88 @@ impl Model {
             .finished = true;
         self.push_event(build_id, Event::BuildFinished { ok, error });
         self.retire_old_builds();
+    }
+
+    /// Cancels build `build_id`: every job not in a final state is skipped,
+    /// leaves the execution of its cache key, and an execution no build
+    /// waits for any more (and no other execution is blocked on) is
+    /// dropped: its lease, if any, is revoked, so the worker's next
+    /// heartbeat stops the job. False if the build was not running.
+    fn cancel_build(&mut self, build_id: u64) -> bool {
+        let Some(build) = self.builds.get(&build_id) else {
+            return false;
+        };
+        if build.header.finished {
+            return false;
+        }
+        let open: Vec<(u32, JobState, Digest)> = (0u32..)
+            .zip(&build.jobs)
+            .filter(|(_, j)| matches!(j.state, JobState::Waiting | JobState::Queued))
+            .map(|(i, j)| (i, j.state, j.cache_key))
+            .collect();
+        for (job, state, key) in open {
+            if state == JobState::Queued {
+                self.leave_execution(key, (build_id, job));
+            }
+            self.job_mut(build_id, job).state = JobState::Skipped;
+            self.builds
+                .get_mut(&build_id)
+                .expect("live build")
+                .header
+                .skipped += 1;
+            self.push_event(
+                build_id,
+                Event::JobSkipped {
+                    job,
+                    reason: "the build was cancelled".to_string(),
+                },
+            );
+            self.job_done(build_id, job);
+        }
+        let header = &mut self.builds.get_mut(&build_id).expect("live build").header;
+        header.finished = true;
+        self.dirty.builds.insert(build_id);
+        self.push_event(
+            build_id,
+            Event::BuildFinished {
+                ok: false,
+                error: Some("the build was cancelled".to_string()),
+            },
+        );
+        self.retire_old_builds();
+        true
+    }
+
+    /// Takes `waiter` off the execution of `key`; drops the execution if
+    /// nothing needs it any more.
+    fn leave_execution(&mut self, key: Digest, waiter: (u64, u32)) {
+        let Some(exec) = self.executions.get_mut(&key) else {
+            return;
+        };
+        exec.waiters.retain(|w| *w != waiter);
+        self.dirty.executions.insert(key);
+        if !exec.waiters.is_empty() || self.blocked_on.contains_key(&key) {
+            return;
+        }
+        let exec = self.executions.remove(&key).expect("found above");
+        match exec.state {
+            ExecState::Queued { since_ms } => {
+                self.queue.remove(&(since_ms, key));
+            }
+            ExecState::Running {
+                worker_id, token, ..
+            } => {
+                self.leases.remove(&token);
+                if let Some(w) = self.workers.get_mut(&worker_id) {
+                    w.running -= 1;
+                }
+            }
+            ExecState::Blocked { on } => {
+                for dep in on {
+                    self.unindex_blocked(dep, key);
+                }
+            }
+        }
     }
 
     fn retire_old_builds(&mut self) {

@@ -7,9 +7,10 @@ use std::time::Duration;
 use distbuild_proto::graph::{BuildGraph, check_relative_path};
 use distbuild_proto::v1::client_api_server::ClientApi;
 use distbuild_proto::v1::{
-    self, ArtifactLocation, BlobChunk, BuildEvent, FindMissingBlobsRequest,
-    FindMissingBlobsResponse, LocateArtifactsRequest, LocateArtifactsResponse, SubmitBuildRequest,
-    SubmitBuildResponse, UploadBlobResponse, WatchBuildRequest, build_event,
+    self, ArtifactLocation, BlobChunk, BuildEvent, CancelBuildRequest, CancelBuildResponse,
+    FindMissingBlobsRequest, FindMissingBlobsResponse, LocateArtifactsRequest,
+    LocateArtifactsResponse, SubmitBuildRequest, SubmitBuildResponse, UploadBlobResponse,
+    WatchBuildRequest, build_event,
 };
 use distbuild_proto::wire::{command_to_wire, digest_from_wire, digest_to_wire};
 use distbuild_proto::{Digest, JobId, cache_key};
@@ -445,6 +446,32 @@ impl ClientApi for ClientService {
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
+    }
+
+    async fn cancel_build(
+        &self,
+        request: Request<CancelBuildRequest>,
+    ) -> Result<Response<CancelBuildResponse>, Status> {
+        let build_id = request.into_inner().build_id;
+        self.node.ready_leader().await?;
+        if self.node.model().build(build_id).is_none() {
+            return Err(Status::not_found(format!("no build {build_id}")));
+        }
+        let response = self
+            .node
+            .propose(Command::CancelBuild {
+                build_id,
+                now_ms: self.node.now_ms(),
+            })
+            .await?;
+        match response {
+            state::Response::Cancelled { cancelled } => {
+                Ok(Response::new(CancelBuildResponse { cancelled }))
+            }
+            other => Err(Status::internal(format!(
+                "unexpected answer to a cancel: {other:?}"
+            ))),
+        }
     }
 
     async fn locate_artifacts(

@@ -1130,3 +1130,62 @@ fn a_lease_handed_back_requeues_without_an_attempt() {
     assert_eq!(h.model.holders(&artifact(1)), ["a:1"]);
     assert!(h.assign("b", &[key(2)])[0].is_some(), "leased again");
 }
+
+#[test]
+fn cancelling_a_build_skips_its_open_jobs_and_stops_runs_nobody_else_needs() {
+    let mut h = Harness::new();
+    // Build 1: A (running) <- B, and C; build 2 wants C too.
+    let b1 = h.submit("r1", graph(&[(1, &[]), (2, &[0]), (3, &[])]));
+    let b2 = h.submit("r2", graph(&[(3, &[])]));
+    let token_a = h.assign("a", &[key(1)])[0].expect("A leased");
+    h.events();
+    assert_eq!(
+        h.apply(Command::CancelBuild {
+            build_id: b1,
+            now_ms: h.now_ms
+        }),
+        Response::Cancelled { cancelled: true }
+    );
+    assert_eq!(
+        h.events(),
+        [
+            format!("{b1}:skip:0"),
+            format!("{b1}:skip:1"),
+            format!("{b1}:skip:2"),
+            format!("{b1}:done:false"),
+        ]
+    );
+    // A's run is stopped: its lease is revoked at the next heartbeat, and
+    // a late result is refused. C still runs for build 2.
+    assert!(h.model.execution(&key(1)).is_none());
+    assert_eq!(
+        h.heartbeat("a", &[token_a]),
+        Response::Heartbeat {
+            revoked: vec![token_a],
+            reregister: false
+        }
+    );
+    assert!(!h.report("a", token_a, key(1), success(1)));
+    assert_eq!(h.model.workers()["a"].running, 0);
+    assert_eq!(h.exec(3).waiters, vec![(b2, 0)]);
+    assert!(h.run_one("b", key(3), success(3)));
+    assert_eq!(
+        h.events(),
+        [
+            format!("{b2}:start:0"),
+            format!("{b2}:ok:0"),
+            format!("{b2}:done:true")
+        ]
+    );
+    // Cancelling again, or a finished build, changes nothing.
+    for build_id in [b1, b2] {
+        assert_eq!(
+            h.apply(Command::CancelBuild {
+                build_id,
+                now_ms: h.now_ms
+            }),
+            Response::Cancelled { cancelled: false }
+        );
+    }
+    assert!(h.events().is_empty());
+}
