@@ -295,6 +295,17 @@ impl ClientApi for Fake {
         Ok(Response::new(events.chain(end).boxed()))
     }
 
+    async fn cancel_build(
+        &self,
+        _request: Request<CancelBuildRequest>,
+    ) -> Result<Response<CancelBuildResponse>, Status> {
+        // The fake's builds are scripted; cancelling is tested against the
+        // real coordinator (tests/local_server.rs).
+        Err(Status::unimplemented(
+            "the fake cluster does not cancel builds",
+        ))
+    }
+
     async fn locate_artifacts(
         &self,
         request: Request<LocateArtifactsRequest>,
