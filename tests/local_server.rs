@@ -284,7 +284,7 @@ fn ctrl_c_cancels_the_build_on_the_server_and_the_next_build_works() {
         )]}],
     }]});
     std::fs::write(ws.join("long.json"), long.to_string()).expect("write graph");
-    let mut build = home
+    let build = home
         .command(&ws, &["build", "--json", "--graph", "long.json"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
