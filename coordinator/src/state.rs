@@ -985,23 +985,22 @@ impl Model {
                 if state != JobState::Waiting {
                     continue;
                 }
-                self.job_mut(build_id, dependent).state = JobState::Skipped;
-                self.builds
-                    .get_mut(&build_id)
-                    .expect("live build")
-                    .header
-                    .skipped += 1;
-                self.push_event(
-                    build_id,
-                    Event::JobSkipped {
-                        job: dependent,
-                        reason: reason.clone(),
-                    },
-                );
-                self.job_done(build_id, dependent);
+                self.skip_job(build_id, dependent, reason.clone());
                 work.push_back(dependent);
             }
         }
+    }
+
+    /// Marks `job` skipped for `reason` (a final state) and reports it.
+    fn skip_job(&mut self, build_id: u64, job: u32, reason: String) {
+        self.job_mut(build_id, job).state = JobState::Skipped;
+        self.builds
+            .get_mut(&build_id)
+            .expect("live build")
+            .header
+            .skipped += 1;
+        self.push_event(build_id, Event::JobSkipped { job, reason });
+        self.job_done(build_id, job);
     }
 
     fn check_finished(&mut self, build_id: u64) {
@@ -1046,20 +1045,7 @@ impl Model {
             if state == JobState::Queued {
                 self.leave_execution(key, (build_id, job));
             }
-            self.job_mut(build_id, job).state = JobState::Skipped;
-            self.builds
-                .get_mut(&build_id)
-                .expect("live build")
-                .header
-                .skipped += 1;
-            self.push_event(
-                build_id,
-                Event::JobSkipped {
-                    job,
-                    reason: "the build was cancelled".to_string(),
-                },
-            );
-            self.job_done(build_id, job);
+            self.skip_job(build_id, job, "the build was cancelled".to_string());
         }
         let header = &mut self.builds.get_mut(&build_id).expect("live build").header;
         header.finished = true;
