@@ -220,41 +220,18 @@ impl PartitionedCluster {
     /// Waits for a background build, at most `timeout`; on timeout kills
     /// it and fails with its output and the servers' logs.
     fn finish_build(&self, mut build: BuildProcess, timeout: Duration) -> BuildRun {
-        let mut running = DrainedChild::new(build.0.take().expect("a build is waited for once"));
-        let deadline = Instant::now() + timeout;
-        loop {
-            if running.child.try_wait().expect("poll the build").is_some() {
-                return running.finish();
-            }
-            if Instant::now() > deadline {
-                let _ = running.child.kill();
-                let run = running.finish();
-                panic!(
-                    "the build did not finish within {timeout:?} of the cut (a connection to \
-                     the cut-off node hanging?): {}\n{}",
-                    run.describe(),
-                    self.logs()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let child = build.0.take().expect("a build is waited for once");
+        finish_build_explained(child, timeout, || {
+            format!(
+                "(a connection to the cut-off node hanging?)\n{}",
+                self.logs()
+            )
+        })
     }
 
     /// The tail of every server's log, for failure messages.
     fn logs(&self) -> String {
-        let mut all = String::new();
-        let mut paths: Vec<PathBuf> = std::fs::read_dir(self.dir.path())
-            .map(|d| d.flatten().map(|e| e.path()).collect())
-            .unwrap_or_default();
-        paths.retain(|p| p.extension().is_some_and(|e| e == "log"));
-        paths.sort();
-        for path in paths {
-            let text = std::fs::read_to_string(&path).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
-            let tail = &lines[lines.len().saturating_sub(40)..];
-            all += &format!("==> {} <==\n{}\n", path.display(), tail.join("\n"));
-        }
-        all
+        log_tails(self.dir.path())
     }
 }
 

@@ -199,7 +199,17 @@ pub fn lock_output_base(
         .truncate(false)
         .open(base.lock_path())
         .map_err(|e| format!("open {}: {e}", base.lock_path().display()))?;
-    match file.try_lock() {
+    // The server tests the lock for idleness by taking it for an instant:
+    // a lock found taken is tried again briefly before it counts as held.
+    let mut tried = file.try_lock();
+    for _ in 0..5 {
+        if !matches!(tried, Err(std::fs::TryLockError::WouldBlock)) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+        tried = file.try_lock();
+    }
+    match tried {
         Ok(()) => {}
         Err(std::fs::TryLockError::WouldBlock) => {
             let mut holder = String::new();

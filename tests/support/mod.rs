@@ -614,26 +614,41 @@ impl HaCluster {
     /// Everything the servers logged, for failure messages (the tail of
     /// each log).
     pub fn logs(&self) -> String {
-        let mut all = String::new();
-        let mut paths: Vec<PathBuf> = std::fs::read_dir(self.dir.path())
-            .map(|d| d.flatten().map(|e| e.path()).collect())
-            .unwrap_or_default();
-        paths.retain(|p| p.extension().is_some_and(|e| e == "log"));
-        paths.sort();
-        for path in paths {
-            let text = std::fs::read_to_string(&path).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
-            let tail = &lines[lines.len().saturating_sub(40)..];
-            all += &format!("==> {} <==\n{}\n", path.display(), tail.join("\n"));
-        }
-        all
+        log_tails(self.dir.path())
     }
+}
+
+/// The last 40 lines of every `*.log` file in `dir`, for failure messages.
+pub fn log_tails(dir: &Path) -> String {
+    let mut all = String::new();
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    paths.retain(|p| p.extension().is_some_and(|e| e == "log"));
+    paths.sort();
+    for path in paths {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = &lines[lines.len().saturating_sub(40)..];
+        all += &format!("==> {} <==\n{}\n", path.display(), tail.join("\n"));
+    }
+    all
 }
 
 /// Waits for a background build to finish, at most `timeout`, reading its
 /// output meanwhile (a build prints more than a pipe holds: unread, it
 /// would block on its next write and never finish).
 pub fn finish_build(child: Child, timeout: Duration) -> BuildRun {
+    finish_build_explained(child, timeout, String::new)
+}
+
+/// [`finish_build`], adding `explain()` (servers' logs, say) to the
+/// failure when the build does not finish in time.
+pub fn finish_build_explained(
+    child: Child,
+    timeout: Duration,
+    explain: impl FnOnce() -> String,
+) -> BuildRun {
     let mut running = DrainedChild::new(child);
     let deadline = std::time::Instant::now() + timeout;
     loop {
@@ -644,8 +659,9 @@ pub fn finish_build(child: Child, timeout: Duration) -> BuildRun {
             let _ = running.child.kill();
             let run = running.finish();
             panic!(
-                "the build did not finish in {timeout:?}: {}",
-                run.describe()
+                "the build did not finish in {timeout:?}: {}\n{}",
+                run.describe(),
+                explain()
             );
         }
         std::thread::sleep(Duration::from_millis(50));

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Runs the benchmarks the README's performance section quotes: build
+# throughput against ninja (one coordinator and three), locality,
+# replication and failover (commands per second, the stall a leader kill
+# causes), and raft-store appends against the disk's fsync rate.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh
+. ./scripts/env.sh
+cargo bench --locked --bench build
+cargo bench --locked --bench locality
+cargo bench --locked --bench failover
+cargo bench --locked -p distbuild-raft-store --bench append
