@@ -277,10 +277,19 @@ pub async fn ensure_server(
 ) -> Result<ServerInfo, String> {
     let identity = build_identity();
     if let Some(info) = base.read_info() {
-        if is_our_server(info.pid, base) && answers(&info.addr).await {
-            if info.build_id == identity {
-                return Ok(info);
-            }
+        if !is_our_server(info.pid, base) {
+            // Stale: its process is gone.
+            let _ = std::fs::remove_file(base.info_path());
+        } else if !answers(&info.addr).await {
+            // Alive but not answering: it holds the state directory, so it
+            // is stopped before another starts.
+            let _ = writeln!(
+                err,
+                "The server (pid {}) does not answer; restarting it.",
+                info.pid
+            );
+            stop_server(base, &info).await?;
+        } else if info.build_id != identity {
             let _ = writeln!(
                 err,
                 "The server (pid {}) is another version; restarting it.",
@@ -288,8 +297,7 @@ pub async fn ensure_server(
             );
             stop_server(base, &info).await?;
         } else {
-            // Stale: a dead process, or one that does not answer.
-            let _ = std::fs::remove_file(base.info_path());
+            return Ok(info);
         }
     }
     start_server(base, options, &identity).await
