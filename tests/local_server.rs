@@ -318,3 +318,34 @@ fn ctrl_c_cancels_the_build_on_the_server_and_the_next_build_works() {
     assert_eq!(next.status.code(), Some(0), "{}", text(&next));
     assert_eq!(home.server_pid(&ws), Some(server));
 }
+
+#[test]
+fn a_server_that_cannot_start_is_reported_with_its_log() {
+    let mut home = Home::new();
+    let ws = home.workspace("broken");
+    // The coordinator's state directory is a file: the server cannot open
+    // its store and exits.
+    let base = home.dir.path().join("base");
+    std::fs::create_dir_all(&base).expect("mkdir");
+    std::fs::write(base.join("coordinator"), "not a directory").expect("write");
+    let out = home.build(&ws, &["--output-base", base.to_str().expect("utf-8")]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let mut lines = stderr.lines();
+    let first = lines.next().unwrap_or_default();
+    assert!(
+        first.starts_with("error: the local server exited at start"),
+        "{stderr}"
+    );
+    assert!(first.contains("server.log"), "{stderr}");
+    // Then the log's tail, which says what went wrong.
+    let tail: Vec<&str> = lines.collect();
+    assert!(
+        tail.iter().any(|l| l.contains("coordinator")),
+        "the log tail names the problem: {stderr}"
+    );
+    assert!(
+        !std::fs::exists(base.join("server.json")).unwrap_or(true),
+        "no server left behind"
+    );
+}
