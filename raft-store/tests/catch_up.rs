@@ -143,19 +143,11 @@ async fn stop_node(router: &Router, node: Node) {
     node.raft.shutdown().await.expect("shut raft down");
 }
 
-fn applied_index(node: &Node) -> u64 {
-    node.raft
-        .metrics()
-        .borrow()
-        .last_applied
-        .map(|l| l.index)
-        .unwrap_or(0)
-}
-
 /// Writes through whichever node leads now, following `ForwardToLeader`
 /// (under load an election can move the leadership mid-test); returns the
-/// ID of the node that took the write. `hint` is the node tried first.
-async fn write(nodes: &BTreeMap<u64, Node>, hint: u64, command: Command) -> u64 {
+/// ID of the node that took the write and the write's log index. `hint` is
+/// the node tried first.
+async fn write(nodes: &BTreeMap<u64, Node>, hint: u64, command: Command) -> (u64, u64) {
     let mut target = if nodes.contains_key(&hint) {
         hint
     } else {
@@ -163,7 +155,7 @@ async fn write(nodes: &BTreeMap<u64, Node>, hint: u64, command: Command) -> u64 
     };
     for _ in 0..200 {
         match nodes[&target].raft.client_write(command.clone()).await {
-            Ok(_) => return target,
+            Ok(written) => return (target, written.log_id.index),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
                 match forward.leader_id.filter(|id| nodes.contains_key(id)) {
                     Some(id) if id != target => target = id,
@@ -210,16 +202,17 @@ async fn lagging_node_catches_up_by_snapshot_after_purge() {
     // function of it); membership and blank entries take indexes too, so
     // commands are numbered by the count the app returns.
     let n_commands = 6 * SNAPSHOT_EVERY_LOGS;
-    let mut leader_id = 0;
+    let (mut leader_id, mut last) = (0, 0);
     for i in 1..=n_commands {
         let command = Command::Put {
             key: format!("key-{i}").into_bytes(),
             value: vec![i as u8; 100],
         };
-        leader_id = write(&nodes, leader_id, command).await;
+        (leader_id, last) = write(&nodes, leader_id, command).await;
     }
+    // The index of the last write (the leader's metrics may not show it
+    // applied yet when its client_write returns).
     let leader = &nodes[&leader_id].raft;
-    let last = applied_index(&nodes[&leader_id]);
     leader
         .wait(Some(Duration::from_secs(20)))
         .metrics(
@@ -287,8 +280,7 @@ async fn lagging_node_catches_up_by_snapshot_after_purge() {
         key: b"after".to_vec(),
         value: b"catch-up".to_vec(),
     };
-    let leader_id = write(&nodes, leader_id, after).await;
-    let last = applied_index(&nodes[&leader_id]);
+    let (_, last) = write(&nodes, leader_id, after).await;
     node3
         .raft
         .wait(Some(Duration::from_secs(10)))
