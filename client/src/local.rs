@@ -177,6 +177,16 @@ pub fn is_our_server(pid: u32, base: &OutputBase) -> bool {
         .any(|w| w[0] == b"--output-base" && w[1] == dir)
 }
 
+/// Opens (creating) the output base's lock file, keeping its content.
+fn open_lock_file(base: &OutputBase) -> std::io::Result<File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(base.lock_path())
+}
+
 /// The exclusive lock of an output base, held for one client command.
 pub struct ClientLock {
     _file: File,
@@ -192,13 +202,8 @@ pub fn lock_output_base(
 ) -> Result<ClientLock, String> {
     std::fs::create_dir_all(&base.dir)
         .map_err(|e| format!("create the output base {}: {e}", base.dir.display()))?;
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(base.lock_path())
-        .map_err(|e| format!("open {}: {e}", base.lock_path().display()))?;
+    let mut file =
+        open_lock_file(base).map_err(|e| format!("open {}: {e}", base.lock_path().display()))?;
     // The server tests the lock for idleness by taking it for an instant:
     // a lock found taken is tried again briefly before it counts as held.
     let mut tried = file.try_lock();
@@ -239,13 +244,7 @@ pub fn lock_output_base(
 /// Whether nobody holds the output base's lock (the server's idleness
 /// test; it takes and drops the lock at once).
 pub fn lock_is_free(base: &OutputBase) -> bool {
-    let Ok(file) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(base.lock_path())
-    else {
+    let Ok(file) = open_lock_file(base) else {
         return false;
     };
     match file.try_lock() {
