@@ -359,13 +359,14 @@ async fn start_server(
     let pid = child.id();
     let deadline = Instant::now() + SERVER_START_TIMEOUT;
     loop {
-        if let Some(info) = base.read_info() {
-            if info.pid == pid && answers(&info.addr).await {
-                // Not waited for: the server outlives this process (init
-                // adopts it).
-                drop(child);
-                return Ok(info);
-            }
+        if let Some(info) = base.read_info()
+            && info.pid == pid
+            && answers(&info.addr).await
+        {
+            // Not waited for: the server outlives this process (init adopts
+            // it).
+            drop(child);
+            return Ok(info);
         }
         if let Ok(Some(status)) = child.try_wait() {
             return Err(format!(

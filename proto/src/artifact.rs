@@ -364,10 +364,13 @@ mod tests {
         out
     }
 
+    /// A tar entry to write: path, type, content or link target.
+    type Entry<'a> = (&'a str, tar::EntryType, &'a str);
+
     #[test]
     fn hostile_artifacts_are_refused() {
         use tar::EntryType::{Link, Regular, Symlink};
-        let cases: &[(&[(&str, tar::EntryType, &str)], &str)] = &[
+        let cases: &[(&[Entry], &str)] = &[
             (&[("../evil", Regular, "x")], "climbs out"),
             (&[("a/../../evil", Regular, "x")], "climbs out"),
             (&[("/etc/evil", Regular, "x")], "absolute"),
