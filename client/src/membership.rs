@@ -13,7 +13,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use distbuild_proto::v1::{AddNodeRequest, ClusterStatusRequest, Member, RemoveNodeRequest};
+use distbuild_proto::v1::{
+    AddNodeRequest, ChangeMembershipResponse, ClusterStatusRequest, Member, RemoveNodeRequest,
+};
 use distbuild_proto::wire::{SECRET_METADATA_KEY, read_cluster_secret};
 use tonic::metadata::AsciiMetadataValue;
 use tonic::{Code, Status};
@@ -154,6 +156,54 @@ async fn current_members(cluster: &Cluster) -> Option<Vec<Member>> {
         .map(|status| status.members)
 }
 
+/// Sends one membership change (`request()` through `send`, its RPC),
+/// retrying through failovers. A retry refused with `already` after an
+/// earlier attempt whose answer was lost counts as done when the members
+/// read back satisfy `is_done`. Returns the voters after the change.
+async fn change_membership<Req, F, Fut>(
+    cluster: &Cluster,
+    what: &str,
+    timeout: Duration,
+    request: impl Fn() -> tonic::Request<Req>,
+    send: F,
+    already: Code,
+    is_done: impl Fn(&[Member]) -> bool,
+) -> Result<Vec<Member>, CallError>
+where
+    F: Fn(tonic::transport::Channel, tonic::Request<Req>) -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<ChangeMembershipResponse>, Status>>,
+{
+    let doubt = Doubt::default();
+    let result = cluster
+        .call(what, Some(timeout), |channel| {
+            let call = send(channel, request());
+            let doubt = doubt.clone();
+            doubt.start();
+            async move {
+                doubt
+                    .note(call.await)
+                    .map(|r| r.into_inner())
+                    .map_err(gave_up_is_final)
+            }
+        })
+        .await;
+    match result {
+        Ok(response) => Ok(response.members),
+        Err(CallError::Rejected { what, status })
+            if status.code() == already && doubt.earlier_attempt_in_doubt() =>
+        {
+            // An earlier attempt may have made the change: see whether it did.
+            match current_members(cluster).await {
+                Some(members) if is_done(&members) => {
+                    Ok(members.into_iter().filter(|m| m.voter).collect())
+                }
+                _ => Err(CallError::Rejected { what, status }),
+            }
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// Prints the success line; returns the exit code.
 fn succeed(console: &mut Console, line: String) -> i32 {
     if let Err(e) = writeln!(console.out, "{line}").and_then(|()| console.out.flush()) {
@@ -187,41 +237,23 @@ pub async fn run_add_node(args: AddNodeArgs, connector: Connector, mut console: 
         node_id,
         addr: args.addr.clone(),
     };
-    let doubt = Doubt::default();
-    let result = cluster
-        .call(
-            &format!("add node {node_id}"),
-            Some(ADD_NODE_TIMEOUT),
-            |channel| {
-                let request = with_secret(request.clone(), &secret);
-                let doubt = doubt.clone();
-                doubt.start();
-                async move {
-                    doubt
-                        .note(admin_api(channel).add_node(request).await)
-                        .map(|r| r.into_inner())
-                        .map_err(gave_up_is_final)
-                }
-            },
-        )
-        .await;
+    let addr = args.addr.clone();
+    let result = change_membership(
+        &cluster,
+        &format!("add node {node_id}"),
+        ADD_NODE_TIMEOUT,
+        || with_secret(request.clone(), &secret),
+        |channel, request| async move { admin_api(channel).add_node(request).await },
+        Code::AlreadyExists,
+        |members| {
+            members
+                .iter()
+                .any(|m| m.node_id == node_id && m.voter && m.addr == addr)
+        },
+    )
+    .await;
     let voters = match result {
-        Ok(response) => response.members,
-        Err(CallError::Rejected { status, .. })
-            if status.code() == Code::AlreadyExists && doubt.earlier_attempt_in_doubt() =>
-        {
-            // An earlier attempt may have added it: see whether it did.
-            match current_members(&cluster).await {
-                Some(members)
-                    if members
-                        .iter()
-                        .any(|m| m.node_id == node_id && m.voter && m.addr == args.addr) =>
-                {
-                    members.into_iter().filter(|m| m.voter).collect()
-                }
-                _ => return console.fail(exit_code::BAD_INPUT, status.message()),
-            }
-        }
+        Ok(voters) => voters,
         Err(CallError::Rejected { status, .. }) if is_refusal(status.code()) => {
             return console.fail(exit_code::BAD_INPUT, status.message());
         }
@@ -267,37 +299,18 @@ pub async fn run_remove_node(
         node_id,
         force: args.force,
     };
-    let doubt = Doubt::default();
-    let result = cluster
-        .call(
-            &format!("remove node {node_id}"),
-            Some(REMOVE_NODE_TIMEOUT),
-            |channel| {
-                let request = with_secret(request, &secret);
-                let doubt = doubt.clone();
-                doubt.start();
-                async move {
-                    doubt
-                        .note(admin_api(channel).remove_node(request).await)
-                        .map(|r| r.into_inner())
-                        .map_err(gave_up_is_final)
-                }
-            },
-        )
-        .await;
+    let result = change_membership(
+        &cluster,
+        &format!("remove node {node_id}"),
+        REMOVE_NODE_TIMEOUT,
+        || with_secret(request, &secret),
+        |channel, request| async move { admin_api(channel).remove_node(request).await },
+        Code::NotFound,
+        |members| !members.iter().any(|m| m.node_id == node_id && m.voter),
+    )
+    .await;
     let voters = match result {
-        Ok(response) => response.members,
-        Err(CallError::Rejected { status, .. })
-            if status.code() == Code::NotFound && doubt.earlier_attempt_in_doubt() =>
-        {
-            // An earlier attempt may have removed it: see whether it did.
-            match current_members(&cluster).await {
-                Some(members) if !members.iter().any(|m| m.node_id == node_id && m.voter) => {
-                    members.into_iter().filter(|m| m.voter).collect()
-                }
-                _ => return console.fail(exit_code::BAD_INPUT, status.message()),
-            }
-        }
+        Ok(voters) => voters,
         Err(CallError::Rejected { status, .. }) if status.code() == Code::FailedPrecondition => {
             // The quorum refusal is the one --force overrides; other
             // preconditions (the last voter, a change in progress) are not.
