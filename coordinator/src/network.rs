@@ -127,13 +127,13 @@ impl Peers {
     /// Notes a Raft call peer `target` answered.
     fn note_success(&self, target: u64, addr: &str) {
         let mut health = self.health.lock().expect("peer health lock poisoned");
-        if let Some(failing) = health.remove(addr) {
-            if failing.logged {
-                tracing::warn!(
-                    "coordinator {target} at {addr} answers Raft calls again (after {:.1} s)",
-                    failing.since.elapsed().as_secs_f64()
-                );
-            }
+        if let Some(failing) = health.remove(addr)
+            && failing.logged
+        {
+            tracing::warn!(
+                "coordinator {target} at {addr} answers Raft calls again (after {:.1} s)",
+                failing.since.elapsed().as_secs_f64()
+            );
         }
     }
 

@@ -222,7 +222,8 @@ impl Node {
             install_snapshot_timeout: 10_000,
             ..Default::default()
         };
-        debug_assert!(4 * 1024 * 1024 < MAX_RAFT_MESSAGE_BYTES);
+        // A snapshot chunk fits in one Raft message.
+        const _: () = assert!(4 * 1024 * 1024 < MAX_RAFT_MESSAGE_BYTES);
         let config = Arc::new(config.validate().context("raft configuration")?);
         let peers = Peers::new(secret.clone());
         let network = Network {
@@ -467,10 +468,10 @@ impl Node {
             Ok(Ok(response)) => Ok(response.data),
             Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward)))) => {
                 let mut status = Status::unavailable("not the leader");
-                if let Some(node) = forward.leader_node {
-                    if let Ok(value) = node.addr.parse() {
-                        status.metadata_mut().insert(LEADER_METADATA_KEY, value);
-                    }
+                if let Some(node) = forward.leader_node
+                    && let Ok(value) = node.addr.parse()
+                {
+                    status.metadata_mut().insert(LEADER_METADATA_KEY, value);
                 }
                 Err(status)
             }

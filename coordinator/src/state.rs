@@ -1173,10 +1173,10 @@ impl Model {
     fn release_lease(&mut self, token: u64) {
         let key = self.leases.remove(&token).expect("a current lease");
         let exec = self.executions.get_mut(&key).expect("leased execution");
-        if let ExecState::Running { worker_id, .. } = &exec.state {
-            if let Some(w) = self.workers.get_mut(worker_id) {
-                w.running -= 1;
-            }
+        if let ExecState::Running { worker_id, .. } = &exec.state
+            && let Some(w) = self.workers.get_mut(worker_id)
+        {
+            w.running -= 1;
         }
         exec.state = ExecState::Queued {
             since_ms: self.clock_ms,
@@ -1297,16 +1297,15 @@ impl Model {
                 Some(result) => {
                     let spec = result.spec.clone();
                     self.forget_result(dep);
-                    if !self.executions.contains_key(&dep) {
-                        self.executions.insert(
-                            dep,
-                            Execution {
-                                spec,
-                                state: ExecState::Queued { since_ms },
-                                attempts: 0,
-                                waiters: Vec::new(),
-                            },
-                        );
+                    if let std::collections::btree_map::Entry::Vacant(e) =
+                        self.executions.entry(dep)
+                    {
+                        e.insert(Execution {
+                            spec,
+                            state: ExecState::Queued { since_ms },
+                            attempts: 0,
+                            waiters: Vec::new(),
+                        });
                         self.queue.insert((since_ms, dep));
                         self.dirty.executions.insert(dep);
                     }
@@ -1654,11 +1653,11 @@ impl Model {
         let until = self.clock_ms + lease_timeout_ms;
         for key in self.leases.values() {
             let exec = self.executions.get_mut(key).expect("leased execution");
-            if let ExecState::Running { expires_ms, .. } = &mut exec.state {
-                if *expires_ms < until {
-                    *expires_ms = until;
-                    self.dirty.executions.insert(*key);
-                }
+            if let ExecState::Running { expires_ms, .. } = &mut exec.state
+                && *expires_ms < until
+            {
+                *expires_ms = until;
+                self.dirty.executions.insert(*key);
             }
         }
     }

@@ -144,13 +144,13 @@ fn read_entries<C: StoreTypeConfig>(
                 entry.get_log_id().index
             )));
         }
-        if let Some(prev) = entries.last() {
-            if prev.get_log_id().index + 1 != index {
-                return Err(StoreError::Corrupt(format!(
-                    "hole in the log between {} and {index}",
-                    prev.get_log_id().index
-                )));
-            }
+        if let Some(prev) = entries.last()
+            && prev.get_log_id().index + 1 != index
+        {
+            return Err(StoreError::Corrupt(format!(
+                "hole in the log between {} and {index}",
+                prev.get_log_id().index
+            )));
         }
         bytes += value.len();
         entries.push(entry);
@@ -361,10 +361,10 @@ impl Flusher {
                             Err(_) => break,
                         }
                     }
-                    if failed.is_none() {
-                        if let Err(e) = db.flush_wal(true) {
-                            failed = Some(e.to_string());
-                        }
+                    if failed.is_none()
+                        && let Err(e) = db.flush_wal(true)
+                    {
+                        failed = Some(e.to_string());
                     }
                     for done in group.drain(..) {
                         done(match &failed {

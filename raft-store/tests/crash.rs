@@ -301,17 +301,17 @@ fn child(dir: &Path) {
                     .await
                     .expect("build snapshot");
                 println!("SNAPSHOT {:?}", snapshot.meta.last_log_id.map(|l| l.index));
-                if let Some(upto) = snapshot.meta.last_log_id {
-                    if upto.index > 0 {
-                        let index = rng.gen_range(1..=upto.index);
-                        let entry = log
-                            .try_get_log_entries(index..=index)
-                            .await
-                            .expect("read entry to purge to");
-                        if let Some(entry) = entry.first() {
-                            log.purge(entry.log_id).await.expect("purge");
-                            println!("PURGED {index}");
-                        }
+                if let Some(upto) = snapshot.meta.last_log_id
+                    && upto.index > 0
+                {
+                    let index = rng.gen_range(1..=upto.index);
+                    let entry = log
+                        .try_get_log_entries(index..=index)
+                        .await
+                        .expect("read entry to purge to");
+                    if let Some(entry) = entry.first() {
+                        log.purge(entry.log_id).await.expect("purge");
+                        println!("PURGED {index}");
                     }
                 }
             } else if let Some(current) = sm.get_current_snapshot().await.expect("current snapshot")

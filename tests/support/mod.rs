@@ -69,10 +69,10 @@ impl Server {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
                 let _ = writeln!(file, "{line}");
-                if let Some((_, addr)) = line.split_once(" listening on ") {
-                    if let Some(tx) = tx.take() {
-                        let _ = tx.send(addr.trim().to_string());
-                    }
+                if let Some((_, addr)) = line.split_once(" listening on ")
+                    && let Some(tx) = tx.take()
+                {
+                    let _ = tx.send(addr.trim().to_string());
                 }
             }
         });
