@@ -13,15 +13,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use distbuild_proto::v1::{
-    AddNodeRequest, ChangeMembershipResponse, ClusterStatusRequest, Member, RemoveNodeRequest,
-};
+use distbuild_proto::v1::{AddNodeRequest, ChangeMembershipResponse, Member, RemoveNodeRequest};
 use distbuild_proto::wire::{SECRET_METADATA_KEY, read_cluster_secret};
 use tonic::metadata::AsciiMetadataValue;
 use tonic::{Code, Status};
 
 use crate::args::{AddNodeArgs, RemoveNodeArgs, check_host_port, parse_node_id};
-use crate::cluster::{CallError, Cluster, Disposition, RPC_TIMEOUT, classify, one_line};
+use crate::cluster::{CallError, Cluster, Disposition, classify, one_line};
 use crate::connect::{Connector, admin_api};
 use crate::exit_code;
 use crate::render::Console;
@@ -103,6 +101,21 @@ fn is_refusal(code: Code) -> bool {
     )
 }
 
+/// The cluster to change and the secret to show it, from the flags; the
+/// error is the one-line message to print.
+fn connect_with_secret(
+    connection: &crate::args::ConnectionArgs,
+    secret_file: Option<&std::path::Path>,
+    connector: Connector,
+) -> Result<(Cluster, Option<AsciiMetadataValue>), String> {
+    let addrs = connection.addresses()?;
+    let secret = secret_of(secret_file)?;
+    Ok((
+        Cluster::new(connector, addrs, connection.patience()),
+        secret,
+    ))
+}
+
 /// The cluster secret from `--cluster-secret-file`, as metadata.
 fn secret_of(path: Option<&std::path::Path>) -> Result<Option<AsciiMetadataValue>, String> {
     let Some(path) = path else { return Ok(None) };
@@ -140,17 +153,7 @@ fn describe_members<'a>(members: impl IntoIterator<Item = &'a Member>) -> String
 /// The members as the cluster reports them now, or `None` if it cannot be
 /// asked.
 async fn current_members(cluster: &Cluster) -> Option<Vec<Member>> {
-    cluster
-        .call(
-            "get the cluster status",
-            Some(RPC_TIMEOUT),
-            |channel| async move {
-                Ok(admin_api(channel)
-                    .cluster_status(ClusterStatusRequest {})
-                    .await?
-                    .into_inner())
-            },
-        )
+    crate::status::fetch_status(cluster)
         .await
         .ok()
         .map(|status| status.members)
@@ -224,15 +227,14 @@ pub async fn run_add_node(args: AddNodeArgs, connector: Connector, mut console: 
     if let Err(message) = check_host_port(&args.addr) {
         return console.fail(exit_code::BAD_INPUT, message);
     }
-    let addrs = match args.connection.addresses() {
-        Ok(addrs) => addrs,
+    let (cluster, secret) = match connect_with_secret(
+        &args.connection,
+        args.cluster_secret_file.as_deref(),
+        connector,
+    ) {
+        Ok(found) => found,
         Err(message) => return console.fail(exit_code::BAD_INPUT, message),
     };
-    let secret = match secret_of(args.cluster_secret_file.as_deref()) {
-        Ok(secret) => secret,
-        Err(message) => return console.fail(exit_code::BAD_INPUT, message),
-    };
-    let cluster = Cluster::new(connector, addrs, args.connection.patience());
     let request = AddNodeRequest {
         node_id,
         addr: args.addr.clone(),
@@ -286,15 +288,14 @@ pub async fn run_remove_node(
         Ok(id) => id,
         Err(message) => return console.fail(exit_code::BAD_INPUT, message),
     };
-    let addrs = match args.connection.addresses() {
-        Ok(addrs) => addrs,
+    let (cluster, secret) = match connect_with_secret(
+        &args.connection,
+        args.cluster_secret_file.as_deref(),
+        connector,
+    ) {
+        Ok(found) => found,
         Err(message) => return console.fail(exit_code::BAD_INPUT, message),
     };
-    let secret = match secret_of(args.cluster_secret_file.as_deref()) {
-        Ok(secret) => secret,
-        Err(message) => return console.fail(exit_code::BAD_INPUT, message),
-    };
-    let cluster = Cluster::new(connector, addrs, args.connection.patience());
     let request = RemoveNodeRequest {
         node_id,
         force: args.force,

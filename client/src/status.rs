@@ -7,7 +7,7 @@ use distbuild_proto::v1::{ClusterStatusRequest, ClusterStatusResponse, Member};
 use serde::Serialize;
 
 use crate::args::ClusterStatusArgs;
-use crate::cluster::{Cluster, RPC_TIMEOUT};
+use crate::cluster::{CallError, Cluster, RPC_TIMEOUT};
 use crate::connect::{Connector, admin_api};
 use crate::exit_code;
 use crate::render::Console;
@@ -16,6 +16,22 @@ use crate::render::Console;
 /// stdout; returns the process exit code.
 pub async fn cluster_status_cli(args: ClusterStatusArgs) -> i32 {
     run_cluster_status(args, Connector::tcp(), Console::stdio()).await
+}
+
+/// The cluster's status, asked of whichever coordinator answers.
+pub async fn fetch_status(cluster: &Cluster) -> Result<ClusterStatusResponse, CallError> {
+    cluster
+        .call(
+            "get the cluster status",
+            Some(RPC_TIMEOUT),
+            |channel| async move {
+                Ok(admin_api(channel)
+                    .cluster_status(ClusterStatusRequest {})
+                    .await?
+                    .into_inner())
+            },
+        )
+        .await
 }
 
 /// Runs `distbuild cluster status` through `connector`, writing to
@@ -30,19 +46,7 @@ pub async fn run_cluster_status(
         Err(message) => return console.fail(exit_code::BAD_INPUT, message),
     };
     let cluster = Cluster::new(connector, addrs, args.connection.patience());
-    let status = match cluster
-        .call(
-            "get the cluster status",
-            Some(RPC_TIMEOUT),
-            |channel| async move {
-                Ok(admin_api(channel)
-                    .cluster_status(ClusterStatusRequest {})
-                    .await?
-                    .into_inner())
-            },
-        )
-        .await
-    {
+    let status = match fetch_status(&cluster).await {
         Ok(status) => status,
         Err(e) => return console.fail(e.exit_code(), e),
     };
