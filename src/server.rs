@@ -6,7 +6,6 @@
 //! during which no client command held the output base's lock.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -58,7 +57,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let node = distbuild_coordinator::start_node(
         &config,
         addr,
-        Arc::new(distbuild_coordinator::SystemClock),
+        distbuild_coordinator::Seams::production(),
         shutdown.clone(),
     )
     .await?;

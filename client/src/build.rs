@@ -83,7 +83,7 @@ pub fn read_graph(path: &Path) -> Result<(Bytes, BuildGraph), String> {
 
 /// A fresh request ID for one submit (reused by its retries).
 fn new_request_id() -> String {
-    format!("{:032x}", rand::random::<u128>())
+    format!("{:032x}", distbuild_proto::rng::next_u128())
 }
 
 /// Runs `distbuild build` through `connector`, writing to `console`;

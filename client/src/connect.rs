@@ -67,11 +67,15 @@ impl fmt::Debug for Connector {
 impl Connector {
     /// Real TCP connections through [`endpoint`].
     pub fn tcp() -> Self {
-        Self::new(|addr| {
-            Box::pin(async move {
-                let endpoint = endpoint(&addr)?;
-                endpoint.connect().await
-            })
+        Self::dialing(distbuild_proto::net::tcp())
+    }
+
+    /// Connections to [`endpoint`]s opened by `dialer` (a simulation's
+    /// sockets).
+    pub fn dialing(dialer: distbuild_proto::net::SharedDialer) -> Self {
+        Self::new(move |addr| {
+            let dialer = dialer.clone();
+            Box::pin(async move { dialer.connect(endpoint(&addr)?).await })
         })
     }
 

@@ -14,7 +14,6 @@ use distbuild_proto::wire::{digest_from_wire, digest_to_wire};
 use distbuild_proto::{Digest, JobId, artifact};
 use futures::{StreamExt, TryStreamExt};
 use sha1::{Digest as _, Sha1};
-use tokio::io::AsyncWriteExt;
 
 use crate::cluster::{CallError, Cluster, RPC_TIMEOUT, describe};
 use crate::connect::peer_api;
@@ -144,11 +143,10 @@ async fn download_one(
                     let dest = output_dir.join(output.job_id.to_string());
                     let size = output.size;
                     let dir = output_dir.to_path_buf();
-                    return tokio::task::spawn_blocking(move || {
+                    return distbuild_proto::blocking::run(move || {
                         unpack_and_replace(file, &dir, &dest, size)
                     })
                     .await
-                    .map_err(|join| fail(join.to_string()))?
                     .map_err(fail);
                 }
                 Err(problem) => {
@@ -194,7 +192,7 @@ async fn fetch(
     let std_file = temp
         .reopen()
         .map_err(|e| format!("open {}: {e}", temp.path().display()))?;
-    let mut file = tokio::fs::File::from_std(std_file);
+    let mut file = distbuild_proto::blocking::FileWriter::new(std_file);
     let mut sha1 = Sha1::new();
     let mut received = 0u64;
     loop {
@@ -208,13 +206,14 @@ async fn fetch(
             return Err(format!("more than the expected {} bytes", output.size));
         }
         sha1.update(&chunk.data);
-        file.write_all(&chunk.data)
+        file.write_all(chunk.data)
             .await
             .map_err(|e| format!("write {}: {e}", temp.path().display()))?;
     }
-    file.flush()
-        .await
-        .map_err(|e| format!("write {}: {e}", temp.path().display()))?;
+    drop(
+        file.into_inner()
+            .map_err(|e| format!("write {}: {e}", temp.path().display()))?,
+    );
     let digest = Digest::from_bytes(sha1.finalize().into());
     if received != output.size || digest != output.digest {
         return Err(format!(
@@ -264,7 +263,10 @@ fn replace(staged: &Path, dest: &Path, dir: &Path) -> Result<(), String> {
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            let aside = dir.join(format!(".{name}.old-{:016x}", rand::random::<u64>()));
+            let aside = dir.join(format!(
+                ".{name}.old-{:016x}",
+                distbuild_proto::rng::next_u64()
+            ));
             fs::rename(dest, &aside).map_err(|e| format!("move {} aside: {e}", dest.display()))?;
             Some(aside)
         }

@@ -30,6 +30,8 @@ pub enum JsonEvent<'a> {
         stderr: String,
         cached: bool,
         error: Option<&'a str>,
+        /// The job's artifact (a successful job's outputs), else `null`.
+        artifact: Option<ArtifactJson>,
     },
     /// A job was not run (a dependency failed).
     JobSkipped {
@@ -39,6 +41,15 @@ pub enum JsonEvent<'a> {
     },
     /// The build ended; error `null` when empty.
     BuildFinished { ok: bool, error: Option<&'a str> },
+}
+
+/// A job's artifact in `--json` output: the tar of its output directory.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct ArtifactJson {
+    /// SHA-1, 40 hex characters.
+    pub digest: String,
+    /// Bytes.
+    pub size: u64,
 }
 
 impl JsonEvent<'_> {
@@ -73,6 +84,10 @@ pub fn json_line(event: &BuildEvent) -> Option<String> {
             stderr: String::from_utf8_lossy(&f.stderr).into_owned(),
             cached: f.cached,
             error: non_empty(&f.error),
+            artifact: (!f.artifact_digest.is_empty()).then(|| ArtifactJson {
+                digest: hex::encode(&f.artifact_digest),
+                size: f.artifact_size,
+            }),
         },
         build_event::Event::JobSkipped(s) => JsonEvent::JobSkipped {
             id: &s.job_id,
@@ -413,7 +428,7 @@ mod tests {
                     build_event::Event::JobFinished(finished(0, b"hi\n", false, "")),
                 ),
                 Some(
-                    r#"{"event":"job_finished","id":"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa","name":"compile","exit_code":0,"stdout":"hi\n","stderr":"warn\n","cached":false,"error":null}"#,
+                    r#"{"event":"job_finished","id":"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa","name":"compile","exit_code":0,"stdout":"hi\n","stderr":"warn\n","cached":false,"error":null,"artifact":null}"#,
                 ),
             ),
             (
@@ -430,8 +445,21 @@ mod tests {
                 Some(concat!(
                     r#"{"event":"job_finished","id":"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa","name":"compile","exit_code":-1,"stdout":""#,
                     "\u{fffd}",
-                    r#"\"","stderr":"warn\n","cached":true,"error":"no such program"}"#
+                    r#"\"","stderr":"warn\n","cached":true,"error":"no such program","artifact":null}"#
                 )),
+            ),
+            (
+                event(
+                    3,
+                    build_event::Event::JobFinished(JobFinished {
+                        artifact_digest: vec![0xab; 20].into(),
+                        artifact_size: 10240,
+                        ..finished(0, b"", true, "")
+                    }),
+                ),
+                Some(
+                    r#"{"event":"job_finished","id":"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa","name":"compile","exit_code":0,"stdout":"","stderr":"warn\n","cached":true,"error":null,"artifact":{"digest":"abababababababababababababababababababab","size":10240}}"#,
+                ),
             ),
             (
                 event(

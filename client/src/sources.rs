@@ -138,9 +138,7 @@ pub async fn hash_sources(
     futures::stream::iter(checked)
         .map(|(id, path, local_path)| async move {
             let file = local_path.clone();
-            let hashed = tokio::task::spawn_blocking(move || hash_file(&file))
-                .await
-                .unwrap_or_else(|join| Err(io::Error::other(join.to_string())));
+            let hashed = distbuild_proto::blocking::run(move || hash_file(&file)).await;
             match hashed {
                 Ok((digest, size)) => Ok(Source {
                     id,

@@ -6,12 +6,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::BytesMut;
 use distbuild_proto::Digest;
 use distbuild_proto::v1::{BlobChunk, FindMissingBlobsRequest};
 use distbuild_proto::wire::{MAX_BLOB_CHUNK_BYTES, digest_from_wire, digest_to_wire};
 use futures::{Stream, StreamExt, TryStreamExt};
-use tokio::io::AsyncReadExt;
 
 use crate::cluster::{CallError, Cluster, RPC_TIMEOUT};
 use crate::connect::client_api;
@@ -130,7 +128,7 @@ async fn upload_one(cluster: &Cluster, source: &Source) -> Result<(), UploadErro
 enum ChunkState {
     Start,
     Reading {
-        file: tokio::fs::File,
+        file: distbuild_proto::blocking::ChunkReader,
         remaining: u64,
         first: bool,
     },
@@ -158,13 +156,20 @@ pub fn blob_chunks(
         async move {
             let (mut file, remaining, first) = match state {
                 ChunkState::Done => return None,
-                ChunkState::Start => match tokio::fs::File::open(&path).await {
-                    Ok(file) => (file, size, true),
-                    Err(e) => {
-                        fail(format!("open: {e}"));
-                        return None;
+                ChunkState::Start => {
+                    let path = path.clone();
+                    match distbuild_proto::blocking::run(move || std::fs::File::open(path)).await {
+                        Ok(file) => (
+                            distbuild_proto::blocking::ChunkReader::new(file, MAX_BLOB_CHUNK_BYTES),
+                            size,
+                            true,
+                        ),
+                        Err(e) => {
+                            fail(format!("open: {e}"));
+                            return None;
+                        }
                     }
-                },
+                }
                 ChunkState::Reading {
                     file,
                     remaining,
@@ -175,19 +180,16 @@ pub fn blob_chunks(
                 return None;
             }
             let want = remaining.min(MAX_BLOB_CHUNK_BYTES as u64) as usize;
-            let mut data = BytesMut::with_capacity(want);
-            while data.len() < want {
-                match file.read_buf(&mut data).await {
-                    Ok(0) => {
-                        fail("changed while it was uploaded (shorter than when hashed)".into());
-                        return None;
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        fail(format!("read: {e}"));
-                        return None;
-                    }
+            let mut data = match file.next_chunk().await {
+                Ok(data) => data,
+                Err(e) => {
+                    fail(format!("read: {e}"));
+                    return None;
                 }
+            };
+            if data.len() < want {
+                fail("changed while it was uploaded (shorter than when hashed)".into());
+                return None;
             }
             data.truncate(want);
             let chunk = BlobChunk {
@@ -197,7 +199,7 @@ pub fn blob_chunks(
                     Default::default()
                 },
                 size: if first { size } else { 0 },
-                data: data.freeze(),
+                data: data.into(),
             };
             let remaining = remaining - want as u64;
             let next = if remaining == 0 {

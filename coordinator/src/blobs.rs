@@ -6,8 +6,9 @@
 use std::path::{Path, PathBuf};
 
 use distbuild_proto::Digest;
+use distbuild_proto::blocking;
+use distbuild_proto::wire::MAX_BLOB_CHUNK_BYTES;
 use sha1::{Digest as _, Sha1};
-use tokio::io::AsyncWriteExt;
 
 /// Largest source blob accepted (streamed; memory use does not depend on it).
 pub const MAX_BLOB_BYTES: u64 = 64 << 30;
@@ -51,9 +52,12 @@ pub struct BlobWriter {
     declared: u64,
     received: u64,
     sha1: Sha1,
-    file: tokio::fs::File,
+    file: blocking::FileWriter,
     tmp: tempfile::TempPath,
 }
+
+/// A stored blob being read in chunks of [`MAX_BLOB_CHUNK_BYTES`].
+pub type BlobReader = blocking::ChunkReader;
 
 impl BlobStore {
     /// Opens (creating) the store in `dir`, clearing leftovers of
@@ -82,9 +86,10 @@ impl BlobStore {
     }
 
     /// Opens a stored blob.
-    pub async fn open_blob(&self, digest: &Digest) -> Result<Option<tokio::fs::File>, BlobError> {
-        match tokio::fs::File::open(self.path_of(digest)).await {
-            Ok(file) => Ok(Some(file)),
+    pub async fn open_blob(&self, digest: &Digest) -> Result<Option<BlobReader>, BlobError> {
+        let path = self.path_of(digest);
+        match blocking::run(move || std::fs::File::open(path)).await {
+            Ok(file) => Ok(Some(BlobReader::new(file, MAX_BLOB_CHUNK_BYTES))),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(BlobError::Io {
                 context: format!("open blob {digest}"),
@@ -107,7 +112,7 @@ impl BlobStore {
             declared: size,
             received: 0,
             sha1: Sha1::new(),
-            file: tokio::fs::File::from_std(file),
+            file: blocking::FileWriter::new(file),
             tmp,
         })
     }
@@ -126,7 +131,7 @@ impl BlobWriter {
         }
         self.sha1.update(data);
         self.file
-            .write_all(data)
+            .write_all(bytes::Bytes::copy_from_slice(data))
             .await
             .map_err(io("write a blob temporary file"))
     }
@@ -147,22 +152,24 @@ impl BlobWriter {
                 actual,
             });
         }
-        self.file.sync_all().await.map_err(io("fsync a blob"))?;
-        drop(self.file);
-        let dest = self.store.path_of(&self.digest);
-        self.tmp.persist(&dest).map_err(|e| BlobError::Io {
-            context: format!("move blob into {}", dest.display()),
-            source: e.error,
-        })?;
-        // The rename is durable only once its directory is synced; the blob
-        // is recorded (through Raft) after this returns.
+        let file = self.file.into_inner().map_err(io("fsync a blob"))?;
+        let (digest, tmp) = (self.digest, self.tmp);
+        let dest = self.store.path_of(&digest);
         let objects = self.store.dir.join("objects");
-        let dir = tokio::fs::File::open(&objects)
-            .await
-            .map_err(io(format!("open {}", objects.display())))?;
-        dir.sync_all()
-            .await
-            .map_err(io(format!("fsync {}", objects.display())))?;
+        blocking::run(move || {
+            file.sync_all().map_err(io("fsync a blob"))?;
+            drop(file);
+            tmp.persist(&dest).map_err(|e| BlobError::Io {
+                context: format!("move blob into {}", dest.display()),
+                source: e.error,
+            })?;
+            // The rename is durable only once its directory is synced; the
+            // blob is recorded (through Raft) after this returns.
+            std::fs::File::open(&objects)
+                .and_then(|dir| dir.sync_all())
+                .map_err(io(format!("fsync {}", objects.display())))
+        })
+        .await?;
         Ok(())
     }
 }

@@ -14,6 +14,7 @@ pub mod network;
 pub mod node;
 pub mod replication;
 pub mod requests;
+pub mod runtime;
 pub mod secret;
 pub mod service;
 pub mod state;
@@ -32,7 +33,7 @@ use distbuild_proto::wire::MAX_MESSAGE_BYTES;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-pub use node::{Bootstrap, Clock, Node, SystemClock, Tuning};
+pub use node::{ApplyObserver, Bootstrap, Clock, InjectedBugs, Node, Seams, SystemClock, Tuning};
 
 /// `distbuild coordinator` flags.
 #[derive(Debug, clap::Args)]
@@ -120,7 +121,7 @@ pub async fn run_cli(args: CoordinatorArgs) -> anyhow::Result<()> {
         tuning,
         secret,
     };
-    run(config, listener, Arc::new(SystemClock), shutdown).await
+    run(config, listener, Seams::production(), shutdown).await
 }
 
 async fn shutdown_on_signal(shutdown: CancellationToken) {
@@ -189,11 +190,11 @@ pub struct Config {
 pub async fn run(
     config: Config,
     listener: TcpListener,
-    clock: Arc<dyn Clock>,
+    seams: Seams,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr().context("listener address")?;
-    let node = start_node(&config, addr, clock, shutdown.clone()).await?;
+    let node = start_node(&config, addr, seams, shutdown.clone()).await?;
     serve(node, config.secret, listener, shutdown).await
 }
 
@@ -202,7 +203,7 @@ pub async fn run(
 pub async fn start_node(
     config: &Config,
     addr: SocketAddr,
-    clock: Arc<dyn Clock>,
+    seams: Seams,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Arc<Node>> {
     Node::start(
@@ -210,7 +211,7 @@ pub async fn start_node(
         addr.to_string(),
         config.bootstrap.clone(),
         &config.data_dir,
-        clock,
+        seams,
         config.tuning.clone(),
         config.secret.clone(),
         shutdown,
@@ -227,6 +228,32 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr().context("listener address")?;
+    eprintln!("coordinator {} listening on {addr}", node.node_id);
+    // No Nagle on accepted connections: an answer written in pieces would
+    // otherwise wait for the caller's delayed ACK.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    serve_incoming(node, secret, incoming, shutdown).await
+}
+
+/// [`serve`] on any stream of accepted connections: the listener seam (a
+/// simulation passes its simulated sockets).
+pub async fn serve_incoming<I, IO, IE>(
+    node: Arc<Node>,
+    secret: Option<secret::ClusterSecret>,
+    incoming: I,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()>
+where
+    I: futures::Stream<Item = Result<IO, IE>>,
+    IO: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + tonic::transport::server::Connected
+        + Unpin
+        + Send
+        + 'static,
+    IO::ConnectInfo: Clone + Send + Sync + 'static,
+    IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let tasks = tokio_util::task::TaskTracker::new();
     tasks.spawn(leader_duties(node.clone(), shutdown.clone()));
     tasks.spawn(expire_leases(node.clone(), shutdown.clone()));
@@ -248,7 +275,6 @@ pub async fn serve(
             .max_encoding_message_size(network::MAX_RAFT_MESSAGE_BYTES),
         secret::RequireSecret(secret),
     );
-    eprintln!("coordinator {} listening on {addr}", node.node_id);
     let served = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
@@ -256,12 +282,7 @@ pub async fn serve(
         .add_service(worker)
         .add_service(admin)
         .add_service(raft)
-        // No Nagle on accepted connections: an answer written in pieces
-        // would otherwise wait for the caller's delayed ACK.
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown.clone().cancelled_owned(),
-        )
+        .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned())
         .await;
     shutdown.cancel();
     tasks.close();

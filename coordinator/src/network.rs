@@ -30,6 +30,8 @@ use serde::de::DeserializeOwned;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
+use distbuild_proto::net::SharedDialer;
+
 use crate::node::TypeConfig;
 use crate::secret::{ClusterSecret, ShowSecret};
 
@@ -83,6 +85,8 @@ pub struct Peers {
     /// Shown on every call (peers refuse calls without it when they have
     /// one).
     secret: ShowSecret,
+    /// Opens the channels.
+    dialer: Option<SharedDialer>,
 }
 
 /// How long a peer's Raft calls fail before that is logged.
@@ -90,7 +94,7 @@ pub const PEER_DOWN_AFTER: Duration = Duration::from_secs(1);
 
 /// A peer whose Raft calls fail.
 struct Failing {
-    since: std::time::Instant,
+    since: tokio::time::Instant,
     logged: bool,
 }
 
@@ -98,10 +102,11 @@ struct Failing {
 pub type PeerClient = RaftTransportClient<InterceptedService<Channel, ShowSecret>>;
 
 impl Peers {
-    /// Channels that show `secret` on every call.
-    pub fn new(secret: Option<ClusterSecret>) -> Self {
+    /// Channels opened by `dialer` that show `secret` on every call.
+    pub fn new(secret: Option<ClusterSecret>, dialer: SharedDialer) -> Self {
         Self {
             secret: ShowSecret(secret),
+            dialer: Some(dialer),
             ..Self::default()
         }
     }
@@ -112,7 +117,7 @@ impl Peers {
     fn note_failure(&self, target: u64, addr: &str, problem: &str) {
         let mut health = self.health.lock().expect("peer health lock poisoned");
         let failing = health.entry(addr.to_string()).or_insert_with(|| Failing {
-            since: std::time::Instant::now(),
+            since: tokio::time::Instant::now(),
             logged: false,
         });
         if !failing.logged && failing.since.elapsed() >= PEER_DOWN_AFTER {
@@ -143,9 +148,11 @@ impl Peers {
         if let Some(channel) = channels.get(addr) {
             return Ok(channel.clone());
         }
-        let channel = endpoint(addr)
-            .map_err(|e| format!("bad peer address {addr:?}: {e}"))?
-            .connect_lazy();
+        let endpoint = endpoint(addr).map_err(|e| format!("bad peer address {addr:?}: {e}"))?;
+        let channel = match &self.dialer {
+            Some(dialer) => dialer.connect_lazy(endpoint),
+            None => endpoint.connect_lazy(),
+        };
         channels.insert(addr.to_string(), channel.clone());
         Ok(channel)
     }

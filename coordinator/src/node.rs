@@ -15,6 +15,7 @@ use openraft::{BasicNode, LogId, Raft, ServerState};
 use tonic::Status;
 
 use crate::secret::ClusterSecret;
+use distbuild_proto::net::SharedDialer;
 
 use crate::blobs::BlobStore;
 use crate::network::{MAX_RAFT_MESSAGE_BYTES, Network, Peers};
@@ -30,7 +31,7 @@ openraft::declare_raft_types!(
         Node = BasicNode,
         Entry = openraft::Entry<TypeConfig>,
         SnapshotData = tokio::fs::File,
-        AsyncRuntime = openraft::TokioRuntime,
+        AsyncRuntime = crate::runtime::SeamRuntime,
 );
 
 /// The time source: leaders stamp it into commands. Tests and the simulation
@@ -42,6 +43,44 @@ pub trait Clock: Send + Sync + 'static {
 
 /// The system clock.
 pub struct SystemClock;
+
+/// Sees every command a replica applies, in log order, with its answer:
+/// the simulation's checkers compare replicas and audit leases through it.
+/// Called inside `apply`, after the state changed; must not block.
+pub trait ApplyObserver: Send + Sync + 'static {
+    fn applied(&self, node_id: u64, index: u64, proposal: &Proposal, response: &Response);
+}
+
+/// Bugs a simulation switches on to prove that its checkers catch them.
+/// No flag or file reaches them: only code that builds [`Seams`] by hand.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InjectedBugs {
+    /// Accept a result reported under a lease that already expired, while
+    /// its job waits to run again.
+    pub accept_expired_lease_results: bool,
+}
+
+/// What a replica takes from its surroundings: time, the network, and
+/// (for simulations) an observer and injected bugs.
+#[derive(Clone)]
+pub struct Seams {
+    pub clock: Arc<dyn Clock>,
+    pub dialer: SharedDialer,
+    pub observer: Option<Arc<dyn ApplyObserver>>,
+    pub bugs: InjectedBugs,
+}
+
+impl Seams {
+    /// The system clock, TCP, no observer, no bugs.
+    pub fn production() -> Self {
+        Self {
+            clock: Arc::new(SystemClock),
+            dialer: distbuild_proto::net::tcp(),
+            observer: None,
+            bugs: InjectedBugs::default(),
+        }
+    }
+}
 
 impl Clock for SystemClock {
     fn now_ms(&self) -> u64 {
@@ -55,8 +94,11 @@ impl Clock for SystemClock {
 /// The state machine application: applies commands to the shared model and
 /// writes what changed.
 struct App {
+    node_id: u64,
     model: Arc<Mutex<Model>>,
     requests: Arc<Mutex<Requests>>,
+    observer: Option<Arc<dyn ApplyObserver>>,
+    bugs: InjectedBugs,
 }
 
 fn lock(model: &Mutex<Model>) -> MutexGuard<'_, Model> {
@@ -74,9 +116,13 @@ impl Application<TypeConfig> for App {
     ) -> Result<Response, StoreError> {
         let mut model = lock(&self.model);
         let mut requests = self.requests.lock().expect("requests lock poisoned");
+        model.accept_expired_lease_results = self.bugs.accept_expired_lease_results;
         let response = requests.apply(&mut model, log_id.index, proposal);
         model.flush(txn)?;
         requests.flush(txn)?;
+        if let Some(observer) = &self.observer {
+            observer.applied(self.node_id, log_id.index, proposal, &response);
+        }
         Ok(response)
     }
 
@@ -193,7 +239,7 @@ impl Node {
         addr: String,
         bootstrap: Bootstrap,
         data_dir: &Path,
-        clock: Arc<dyn Clock>,
+        seams: Seams,
         tuning: Tuning,
         secret: Option<ClusterSecret>,
         shutdown: tokio_util::sync::CancellationToken,
@@ -202,12 +248,21 @@ impl Node {
         let model = Arc::new(Mutex::new(Model::default()));
         let requests = Arc::new(Mutex::new(Requests::default()));
         let app = App {
+            node_id,
             model: model.clone(),
             requests: requests.clone(),
+            observer: seams.observer.clone(),
+            bugs: seams.bugs,
         };
         let raft_dir = data_dir.join("raft");
-        let (log_store, state_machine) = distbuild_raft_store::open(&raft_dir, app)
-            .with_context(|| format!("open the raft store in {}", raft_dir.display()))?;
+        // Where blocking work runs in place (a simulation), so does the
+        // log's fsync: no other thread may decide when an append completes.
+        let options = distbuild_raft_store::Options {
+            inline_flush: distbuild_proto::blocking::is_inline(),
+        };
+        let (log_store, state_machine) =
+            distbuild_raft_store::open_with(&raft_dir, app, options)
+                .with_context(|| format!("open the raft store in {}", raft_dir.display()))?;
         let state = state_machine.state();
         let config = openraft::Config {
             cluster_name: "distbuild".to_string(),
@@ -225,7 +280,7 @@ impl Node {
         // A snapshot chunk fits in one Raft message.
         const _: () = assert!(4 * 1024 * 1024 < MAX_RAFT_MESSAGE_BYTES);
         let config = Arc::new(config.validate().context("raft configuration")?);
-        let peers = Peers::new(secret.clone());
+        let peers = Peers::new(secret.clone(), seams.dialer.clone());
         let network = Network {
             peers: peers.clone(),
         };
@@ -279,7 +334,7 @@ impl Node {
             model,
             state,
             blobs,
-            clock,
+            clock: seams.clock,
             tuning,
             contact: Default::default(),
             secret,

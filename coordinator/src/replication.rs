@@ -8,9 +8,8 @@ use std::time::Duration;
 
 use distbuild_proto::Digest;
 use distbuild_proto::v1::{BlobChunk, FetchRequest};
-use distbuild_proto::wire::{MAX_BLOB_CHUNK_BYTES, digest_to_wire};
+use distbuild_proto::wire::digest_to_wire;
 use futures::StreamExt;
-use tokio::io::AsyncReadExt;
 use tokio::task::JoinSet;
 use tonic::Status;
 
@@ -151,15 +150,14 @@ async fn push_once(
     let reader = tokio::spawn(async move {
         let mut first = true;
         loop {
-            let mut buf = vec![0u8; MAX_BLOB_CHUNK_BYTES];
-            let n = file
-                .read(&mut buf)
+            let buf = file
+                .next_chunk()
                 .await
                 .map_err(|e| format!("read blob: {e}"))?;
+            let n = buf.len();
             if n == 0 && !first {
                 return Ok::<(), String>(());
             }
-            buf.truncate(n);
             let chunk = BlobChunk {
                 digest: if first {
                     digest_to_wire(&digest)

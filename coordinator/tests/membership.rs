@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use distbuild_coordinator::{Bootstrap, Config, Node, SystemClock, Tuning};
+use distbuild_coordinator::{Bootstrap, Config, Node, Seams, Tuning};
 use distbuild_proto::v1::AddNodeRequest;
 use distbuild_proto::v1::admin_api_client::AdminApiClient;
 use openraft::{BasicNode, ChangeMembers, ServerState};
@@ -43,10 +43,9 @@ async fn start(
         tuning: Tuning::default(),
         secret: None,
     };
-    let node =
-        distbuild_coordinator::start_node(&config, addr, Arc::new(SystemClock), stop.clone())
-            .await
-            .expect("start the node");
+    let node = distbuild_coordinator::start_node(&config, addr, Seams::production(), stop.clone())
+        .await
+        .expect("start the node");
     let served = tokio::spawn(distbuild_coordinator::serve(
         node.clone(),
         None,

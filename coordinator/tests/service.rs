@@ -1,9 +1,7 @@
 //! The coordinator's gRPC services on a real socket: what they refuse, and
 //! that they keep serving after refusing it.
 
-use std::sync::Arc;
-
-use distbuild_coordinator::{Bootstrap, Config, SystemClock, Tuning};
+use distbuild_coordinator::{Bootstrap, Config, Seams, Tuning};
 use distbuild_proto::Digest;
 use distbuild_proto::v1::client_api_client::ClientApiClient;
 use distbuild_proto::v1::worker_api_client::WorkerApiClient;
@@ -40,7 +38,7 @@ async fn start() -> Coordinator {
     let task = tokio::spawn(distbuild_coordinator::run(
         config,
         listener,
-        Arc::new(SystemClock),
+        Seams::production(),
         shutdown.clone(),
     ));
     let channel = Channel::from_shared(format!("http://{addr}"))

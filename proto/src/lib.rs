@@ -2,9 +2,12 @@
 //! ours speaks through this one; it depends on none of them.
 
 pub mod artifact;
+pub mod blocking;
 mod cache_key;
 pub mod graph;
 mod ids;
+pub mod net;
+pub mod rng;
 pub mod wire;
 
 pub use cache_key::cache_key;

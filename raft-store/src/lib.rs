@@ -73,9 +73,32 @@ where
     C: StoreTypeConfig,
     A: Application<C>,
 {
+    open_with(dir, app, Options::default())
+}
+
+/// How the store does its work.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Options {
+    /// Fsync the WAL inside `append` and complete it there, instead of on
+    /// the flusher thread. For a deterministic simulation, where no other
+    /// thread may decide when an append completes; slower (no group
+    /// commit, and the caller's thread waits for the fsync).
+    pub inline_flush: bool,
+}
+
+/// [`open`] with `options`.
+pub fn open_with<C, A>(
+    dir: &Path,
+    app: A,
+    options: Options,
+) -> Result<(LogStore<C>, StateMachineStore<C, A>), StoreError>
+where
+    C: StoreTypeConfig,
+    A: Application<C>,
+{
     let db = Arc::new(db::open(dir, A::COLUMN_FAMILIES)?);
     let snapshots = snapshot::SnapshotDir::<C>::open(&dir.join("snapshots"))?;
     let state_machine = StateMachineStore::open(db.clone(), snapshots, app)?;
-    let log_store = LogStore::new(db)?;
+    let log_store = LogStore::new(db, options.inline_flush)?;
     Ok((log_store, state_machine))
 }

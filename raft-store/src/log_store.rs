@@ -50,8 +50,12 @@ pub struct LogReader<C: StoreTypeConfig> {
 type Completion = Box<dyn FnOnce(std::io::Result<()>) + Send>;
 
 impl<C: StoreTypeConfig> LogStore<C> {
-    pub(crate) fn new(db: Arc<DB>) -> Result<Self, StoreError> {
-        let flusher = Flusher::start(db.clone())?;
+    pub(crate) fn new(db: Arc<DB>, inline_flush: bool) -> Result<Self, StoreError> {
+        let flusher = if inline_flush {
+            Flusher::inline(db.clone())
+        } else {
+            Flusher::start(db.clone())?
+        };
         Ok(Self {
             db,
             flusher,
@@ -337,12 +341,35 @@ impl<C: StoreTypeConfig> RaftLogStorage<C> for LogStore<C> {
 
 /// Fsyncs the WAL on its own thread and completes appends' callbacks in
 /// order. Appends that queue up during one fsync are completed by the next.
+/// (Or, `inline`, fsyncs and completes each append where it is submitted.)
 struct Flusher {
     queue: Option<mpsc::SyncSender<Completion>>,
     thread: Option<JoinHandle<()>>,
+    /// Set when inline: the database, and the first fsync failure.
+    inline: Option<(Arc<DB>, std::sync::Mutex<Option<String>>)>,
+}
+
+/// What a completion is told after `failed` (the first fsync failure, if
+/// any): after a failed fsync the kernel may have dropped the dirty pages,
+/// so a later successful fsync proves nothing about earlier writes.
+fn flush_result(failed: &Option<String>) -> std::io::Result<()> {
+    match failed {
+        None => Ok(()),
+        Some(e) => Err(std::io::Error::other(format!(
+            "WAL fsync failed earlier: {e}"
+        ))),
+    }
 }
 
 impl Flusher {
+    fn inline(db: Arc<DB>) -> Self {
+        Self {
+            queue: None,
+            thread: None,
+            inline: Some((db, std::sync::Mutex::new(None))),
+        }
+    }
+
     fn start(db: Arc<DB>) -> Result<Self, StoreError> {
         let (tx, rx) = mpsc::sync_channel::<Completion>(MAX_PENDING_FLUSHES);
         let thread = std::thread::Builder::new()
@@ -367,12 +394,7 @@ impl Flusher {
                         failed = Some(e.to_string());
                     }
                     for done in group.drain(..) {
-                        done(match &failed {
-                            None => Ok(()),
-                            Some(e) => Err(std::io::Error::other(format!(
-                                "WAL fsync failed earlier: {e}"
-                            ))),
-                        });
+                        done(flush_result(&failed));
                     }
                 }
             })
@@ -380,10 +402,21 @@ impl Flusher {
         Ok(Self {
             queue: Some(tx),
             thread: Some(thread),
+            inline: None,
         })
     }
 
     fn submit(&self, done: Completion) {
+        if let Some((db, failed)) = &self.inline {
+            let mut failed = failed.lock().unwrap_or_else(|p| p.into_inner());
+            if failed.is_none()
+                && let Err(e) = db.flush_wal(true)
+            {
+                *failed = Some(e.to_string());
+            }
+            done(flush_result(&failed));
+            return;
+        }
         let queue = self.queue.as_ref().expect("the queue lives until drop");
         if let Err(mpsc::SendError(done)) = queue.send(done) {
             done(Err(std::io::Error::other("log flusher thread is gone")));

@@ -8,7 +8,7 @@
 //! running job or transfer) is never evicted; after every insert the total
 //! size is at most the bound unless pinned blobs alone exceed it.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
@@ -48,10 +48,10 @@ fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> CacheError {
 #[derive(Default)]
 struct Index {
     /// digest -> (size, last use tick)
-    entries: HashMap<Digest, (u64, u64)>,
+    entries: BTreeMap<Digest, (u64, u64)>,
     /// (last use tick, digest), oldest first.
     lru: BTreeSet<(u64, Digest)>,
-    pins: HashMap<Digest, usize>,
+    pins: BTreeMap<Digest, usize>,
     total_bytes: u64,
     tick: u64,
     /// Evicted since the last `take_evicted`, oldest first, at most

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use distbuild_proto::net::{Dialer, SharedDialer, TcpDialer};
 use distbuild_proto::v1::peer_api_client::PeerApiClient;
 use distbuild_proto::v1::worker_api_client::WorkerApiClient;
 use distbuild_proto::wire::MAX_MESSAGE_BYTES;
@@ -47,30 +48,54 @@ pub struct TcpConnector;
 
 impl Connector for TcpConnector {
     fn connect(&self, addr: &str) -> BoxFuture<'static, Result<Channel, ConnectError>> {
-        let addr = addr.to_string();
-        Box::pin(async move {
-            let error = |problem: String| ConnectError {
-                addr: addr.clone(),
-                problem,
-            };
-            let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-                .map_err(|e| error(format!("not a valid address: {e}")))?
-                .connect_timeout(CONNECT_TIMEOUT)
-                .http2_keep_alive_interval(HTTP2_KEEPALIVE_INTERVAL)
-                .keep_alive_timeout(HTTP2_KEEPALIVE_TIMEOUT)
-                .keep_alive_while_idle(true)
-                .tcp_nodelay(true);
-            // Bounded independently of the connector's own timeout, so a
-            // connector that hangs cannot stall the caller.
-            match tokio::time::timeout(CONNECT_TIMEOUT + Duration::from_secs(1), endpoint.connect())
-                .await
-            {
-                Ok(Ok(channel)) => Ok(channel),
-                Ok(Err(e)) => Err(error(error_chain(&e))),
-                Err(_) => Err(error("timed out".to_string())),
-            }
-        })
+        connect_with(&TcpDialer, addr)
     }
+}
+
+/// A connector that opens the same endpoints as [`TcpConnector`] through
+/// another [`Dialer`] (a simulation's sockets).
+#[derive(Clone)]
+pub struct DialConnector(pub SharedDialer);
+
+impl Connector for DialConnector {
+    fn connect(&self, addr: &str) -> BoxFuture<'static, Result<Channel, ConnectError>> {
+        connect_with(self.0.as_ref(), addr)
+    }
+}
+
+/// Connects to `addr` through `dialer`, with the worker's endpoint settings.
+fn connect_with(
+    dialer: &dyn Dialer,
+    addr: &str,
+) -> BoxFuture<'static, Result<Channel, ConnectError>> {
+    let url = format!("http://{addr}");
+    let addr = addr.to_string();
+    let error = move |problem: String| ConnectError {
+        addr: addr.clone(),
+        problem,
+    };
+    let endpoint = match Endpoint::from_shared(url) {
+        Ok(endpoint) => endpoint
+            .connect_timeout(CONNECT_TIMEOUT)
+            .http2_keep_alive_interval(HTTP2_KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(HTTP2_KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true)
+            .tcp_nodelay(true),
+        Err(e) => {
+            let e = error(format!("not a valid address: {e}"));
+            return Box::pin(async move { Err(e) });
+        }
+    };
+    let connecting = dialer.connect(endpoint);
+    Box::pin(async move {
+        // Bounded independently of the dialer's own timeout, so a dialer
+        // that hangs cannot stall the caller.
+        match tokio::time::timeout(CONNECT_TIMEOUT + Duration::from_secs(1), connecting).await {
+            Ok(Ok(channel)) => Ok(channel),
+            Ok(Err(e)) => Err(error(error_chain(&e))),
+            Err(_) => Err(error("timed out".to_string())),
+        }
+    })
 }
 
 /// A shared connector, as the worker's parts hold it.

@@ -19,7 +19,6 @@ use distbuild_proto::v1::{
     PollWorkResponse, RegisterRequest, RegisterResponse, ReportResultRequest, ReportResultResponse,
 };
 use distbuild_proto::wire::LEADER_METADATA_KEY;
-use rand::Rng;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 use tonic::transport::Channel;
@@ -71,7 +70,7 @@ impl Backoff {
         let ceiling = self.ceiling();
         self.failures = self.failures.saturating_add(1);
         let half = ceiling / 2;
-        half + rand::thread_rng().gen_range(Duration::ZERO..=half)
+        half + distbuild_proto::rng::duration_up_to(half)
     }
 
     /// Failures counted so far.

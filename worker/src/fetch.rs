@@ -9,7 +9,6 @@ use std::time::Duration;
 use distbuild_proto::Digest;
 use distbuild_proto::v1::{BlobChunk, FetchRequest};
 use distbuild_proto::wire::digest_to_wire;
-use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 use tonic::{Code, Streaming};
 
@@ -225,7 +224,7 @@ pub async fn receive_into_cache(
         ))
     })?;
     let (std_file, temp_path) = temp.into_parts();
-    let mut file = tokio::fs::File::from_std(std_file);
+    let mut file = distbuild_proto::blocking::FileWriter::new(std_file);
     let mut received = 0u64;
     loop {
         let chunk = match tokio::time::timeout(FETCH_IDLE_TIMEOUT, stream.message()).await {
@@ -245,7 +244,7 @@ pub async fn receive_into_cache(
         if received > size {
             return Err(transfer(format!("more than the expected {size} bytes")));
         }
-        file.write_all(&chunk.data).await.map_err(|e| {
+        file.write_all(chunk.data).await.map_err(|e| {
             local(format!(
                 "write {}: {}",
                 temp_path.display(),
@@ -256,12 +255,12 @@ pub async fn receive_into_cache(
     if received != size {
         return Err(transfer(format!("ended after {received} of {size} bytes")));
     }
-    file.flush()
-        .await
-        .map_err(|e| local(format!("write {}: {e}", temp_path.display())))?;
-    drop(file);
+    drop(
+        file.into_inner()
+            .map_err(|e| local(format!("write {}: {e}", temp_path.display())))?,
+    );
     let cache = cache.clone();
-    tokio::task::spawn_blocking(move || -> Result<(), FetchError> {
+    distbuild_proto::blocking::run(move || -> Result<(), FetchError> {
         let reader = std::fs::File::open(&temp_path)
             .map_err(|e| FetchError::Local(format!("reopen {}: {e}", temp_path.display())))?;
         cache.insert(Some(digest), reader)?;
@@ -269,7 +268,6 @@ pub async fn receive_into_cache(
         Ok(())
     })
     .await
-    .map_err(|e| FetchError::Local(format!("store blob {digest}: {e}")))?
 }
 
 #[cfg(test)]

@@ -290,9 +290,7 @@ fn make_writable(dir: &Path) {
 async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, String> + Send + 'static,
 ) -> Result<T, String> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|e| format!("filesystem task failed: {e}"))?
+    distbuild_proto::blocking::run(work).await
 }
 
 fn utf8(path: &Path) -> Result<String, String> {

@@ -9,7 +9,6 @@ use bytes::Bytes;
 use distbuild_proto::v1::peer_api_server::PeerApi;
 use distbuild_proto::v1::{BlobChunk, FetchRequest};
 use distbuild_proto::wire::{MAX_BLOB_CHUNK_BYTES, digest_from_wire};
-use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -68,9 +67,7 @@ impl PeerApi for PeerService {
         .map_err(|_| Status::resource_exhausted("too many transfers in progress"))?
         .map_err(|_| Status::unavailable("shutting down"))?;
         let cache = self.cache.clone();
-        let opened = tokio::task::spawn_blocking(move || cache.open_blob(&digest))
-            .await
-            .map_err(|e| Status::internal(format!("open blob {digest}: {e}")))?;
+        let opened = distbuild_proto::blocking::run(move || cache.open_blob(&digest)).await;
         let (file, pin) = match opened {
             Ok(Some(found)) => found,
             Ok(None) => return Err(Status::not_found(format!("blob {digest} is not here"))),
@@ -81,23 +78,19 @@ impl PeerApi for PeerService {
         };
         let (sender, receiver) = mpsc::channel(CHUNKS_IN_FLIGHT);
         let shutdown = self.shutdown.clone();
-        let mut file = tokio::fs::File::from_std(file);
+        let mut file = distbuild_proto::blocking::ChunkReader::new(file, MAX_BLOB_CHUNK_BYTES);
         self.tracker.spawn(async move {
             // Held until the last chunk is sent: the blob stays, and the
             // transfer counts against the bound.
             let _pin = pin;
             let _permit = permit;
             loop {
-                let mut buf = vec![0u8; MAX_BLOB_CHUNK_BYTES];
-                let chunk = match read_full(&mut file, &mut buf).await {
-                    Ok(0) => return,
-                    Ok(n) => {
-                        buf.truncate(n);
-                        Ok(BlobChunk {
-                            data: Bytes::from(buf),
-                            ..Default::default()
-                        })
-                    }
+                let chunk = match file.next_chunk().await {
+                    Ok(buf) if buf.is_empty() => return,
+                    Ok(buf) => Ok(BlobChunk {
+                        data: Bytes::from(buf),
+                        ..Default::default()
+                    }),
                     Err(e) => {
                         tracing::warn!(%digest, error = %e, "reading a cached blob failed");
                         Err(Status::internal(format!("read blob {digest}: {e}")))
@@ -124,18 +117,4 @@ impl PeerApi for PeerService {
         });
         Ok(Response::new(ReceiverStream::new(receiver)))
     }
-}
-
-/// Reads until `buf` is full or the input ends; returns the bytes read.
-async fn read_full(input: &mut (impl AsyncRead + Unpin), buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match input.read(&mut buf[filled..]).await {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(filled)
 }

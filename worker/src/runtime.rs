@@ -11,7 +11,7 @@
 //! only a lease the coordinators revoke, or a registration they forgot,
 //! does.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
@@ -27,7 +27,6 @@ use distbuild_proto::v1::{
     Assignment, HeartbeatRequest, LostInput, PollWorkRequest, RegisterRequest, ReportResultRequest,
 };
 use distbuild_proto::wire::{MAX_MESSAGE_BYTES, digest_to_wire};
-use rand::Rng;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -126,7 +125,7 @@ pub fn default_slots() -> usize {
 /// present. The latest change of a digest wins.
 #[derive(Default)]
 struct CacheChanges {
-    pending: HashMap<Digest, bool>,
+    pending: BTreeMap<Digest, bool>,
 }
 
 impl CacheChanges {
@@ -174,7 +173,7 @@ impl RequestIds {
     /// IDs for worker `worker_id`, unique to this instance.
     pub fn new(worker_id: &str) -> Self {
         Self {
-            prefix: format!("{worker_id}-{:016x}", rand::thread_rng().r#gen::<u64>()),
+            prefix: format!("{worker_id}-{:016x}", distbuild_proto::rng::next_u64()),
             counter: AtomicU64::new(1),
         }
     }
@@ -207,7 +206,7 @@ struct Worker {
     shutdown: CancellationToken,
     tracker: TaskTracker,
     free_slots: Arc<Semaphore>,
-    jobs: Mutex<HashMap<u64, RunningJob>>,
+    jobs: Mutex<BTreeMap<u64, RunningJob>>,
     changes: Mutex<CacheChanges>,
     request_ids: RequestIds,
     heartbeat_interval_ms: AtomicU64,
@@ -448,12 +447,12 @@ impl Worker {
                     outcome = run_job(&self.env, &spec, &sandbox) => Some(outcome),
                     () = cancel.cancelled() => None,
                 };
-                let removal = tokio::task::spawn_blocking({
+                let removal = distbuild_proto::blocking::run({
                     let sandbox = sandbox.clone();
                     move || remove_dir_forcibly(&sandbox)
                 })
                 .await;
-                if let Ok(Err(e)) = removal {
+                if let Err(e) = removal {
                     tracing::warn!(sandbox = %sandbox.display(), error = %e, "cannot remove a sandbox");
                 }
                 let Some(outcome) = outcome else {
@@ -637,7 +636,7 @@ pub fn load_or_create_worker_id(cache_dir: &Path) -> anyhow::Result<String> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
     }
-    let id = format!("{:016x}", rand::thread_rng().r#gen::<u64>());
+    let id = format!("{:016x}", distbuild_proto::rng::next_u64());
     let mut temp = tempfile::NamedTempFile::new_in(cache_dir)
         .with_context(|| format!("create a file in {}", cache_dir.display()))?;
     writeln!(temp, "{id}").with_context(|| format!("write {}", path.display()))?;
@@ -659,6 +658,33 @@ pub async fn run(
     listener: tokio::net::TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let local_addr = listener
+        .local_addr()
+        .context("learn the listener's address")?;
+    // No Nagle on accepted connections (see the coordinator's server).
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    run_incoming(config, local_addr, incoming, shutdown).await
+}
+
+/// [`run`] on any stream of accepted connections, `local_addr` being where
+/// they arrive: the listener seam (a simulation passes its sockets).
+pub async fn run_incoming<I, IO, IE>(
+    config: WorkerConfig,
+    local_addr: std::net::SocketAddr,
+    incoming: I,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()>
+where
+    I: futures::Stream<Item = Result<IO, IE>> + Send + 'static,
+    IO: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + tonic::transport::server::Connected
+        + Unpin
+        + Send
+        + 'static,
+    IO::ConnectInfo: Clone + Send + Sync + 'static,
+    IE: Into<Box<dyn std::error::Error + Send + Sync>> + 'static,
+{
     anyhow::ensure!(config.slots > 0, "slots must be at least 1");
     anyhow::ensure!(
         !config.coordinators.is_empty(),
@@ -671,25 +697,20 @@ pub async fn run(
     let worker_id = load_or_create_worker_id(&cache_dir)?;
     let cache = {
         let (dir, max) = (cache_dir.clone(), config.cache_max_bytes);
-        tokio::task::spawn_blocking(move || Cache::open(&dir, max))
+        distbuild_proto::blocking::run(move || Cache::open(&dir, max))
             .await
-            .context("open the cache")?
             .with_context(|| format!("open the cache in {}", cache_dir.display()))?
     };
     let sandbox_root = cache_dir.join("sandbox");
     {
         let root = sandbox_root.clone();
-        tokio::task::spawn_blocking(move || {
+        distbuild_proto::blocking::run(move || {
             remove_dir_forcibly(&root)?;
             fs::create_dir_all(&root)
         })
         .await
-        .context("clear the sandbox directory")?
         .with_context(|| format!("clear {}", sandbox_root.display()))?;
     }
-    let local_addr = listener
-        .local_addr()
-        .context("learn the listener's address")?;
     let peer_addr = config
         .advertise_addr
         .clone()
@@ -706,11 +727,7 @@ pub async fn run(
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
-        // No Nagle on accepted connections (see the coordinator's server).
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown.clone().cancelled_owned(),
-        );
+        .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
     let server = tracker.spawn({
         let shutdown = shutdown.clone();
         async move {
@@ -747,7 +764,7 @@ pub async fn run(
         shutdown: shutdown.clone(),
         tracker: tracker.clone(),
         free_slots: Arc::new(Semaphore::new(config.slots)),
-        jobs: Mutex::new(HashMap::new()),
+        jobs: Mutex::new(BTreeMap::new()),
         changes: Mutex::new(CacheChanges::default()),
         request_ids,
         heartbeat_interval_ms: AtomicU64::new(DEFAULT_HEARTBEAT_INTERVAL.as_millis() as u64),

@@ -9,9 +9,8 @@ pub mod worker;
 use std::pin::Pin;
 
 use distbuild_proto::Digest;
-use distbuild_proto::wire::{MAX_BLOB_CHUNK_BYTES, digest_from_wire};
+use distbuild_proto::wire::digest_from_wire;
 use futures::Stream;
-use tokio::io::AsyncReadExt;
 use tonic::Status;
 
 /// How long an upload may sit without a chunk.
@@ -75,15 +74,16 @@ pub fn digests(list: &[bytes::Bytes], what: &str) -> Result<Vec<Digest>, Status>
         .collect()
 }
 
-/// Streams `file` as blob chunks.
-pub fn stream_file(mut file: tokio::fs::File) -> ResponseStream<distbuild_proto::v1::BlobChunk> {
+/// Streams a stored blob as chunks.
+pub fn stream_file(
+    mut file: crate::blobs::BlobReader,
+) -> ResponseStream<distbuild_proto::v1::BlobChunk> {
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tokio::spawn(async move {
         loop {
-            let mut buf = vec![0u8; MAX_BLOB_CHUNK_BYTES];
-            let n = match file.read(&mut buf).await {
-                Ok(0) => return,
-                Ok(n) => n,
+            let buf = match file.next_chunk().await {
+                Ok(buf) if buf.is_empty() => return,
+                Ok(buf) => buf,
                 Err(e) => {
                     let _ = tx
                         .send(Err(Status::internal(format!("read blob: {e}"))))
@@ -91,7 +91,6 @@ pub fn stream_file(mut file: tokio::fs::File) -> ResponseStream<distbuild_proto:
                     return;
                 }
             };
-            buf.truncate(n);
             let chunk = distbuild_proto::v1::BlobChunk {
                 data: buf.into(),
                 ..Default::default()

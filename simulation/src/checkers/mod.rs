@@ -1,0 +1,152 @@
+//! The checkers: each module holds one promise over a finished run and
+//! reports every breach as a named [`Violation`]. See `SIMULATION.md` for
+//! what each would catch.
+
+pub mod completion;
+pub mod durability;
+pub mod events;
+pub mod leases;
+pub mod ordering;
+pub mod raft;
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use crate::cluster::RunResult;
+use crate::observe::Applied;
+
+/// A broken promise.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    /// The checker that found it (its module name).
+    pub checker: &'static str,
+    /// What happened, one line.
+    pub message: String,
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "[{}] {}", self.checker, self.message)
+    }
+}
+
+/// Collects violations of one checker.
+pub struct Findings {
+    checker: &'static str,
+    found: Vec<Violation>,
+}
+
+impl Findings {
+    pub fn new(checker: &'static str) -> Self {
+        Self {
+            checker,
+            found: Vec::new(),
+        }
+    }
+
+    pub fn report(&mut self, message: impl Into<String>) {
+        // A broken invariant tends to break many times; the first few say it.
+        if self.found.len() < 20 {
+            self.found.push(Violation {
+                checker: self.checker,
+                message: message.into(),
+            });
+        }
+    }
+
+    pub fn into_vec(self) -> Vec<Violation> {
+        self.found
+    }
+}
+
+/// Runs every checker over `run`; `reference` is the fault-free run of the
+/// same seed (the expected results).
+pub fn check(run: &RunResult, reference: &RunResult) -> Vec<Violation> {
+    let mut all = Vec::new();
+    if let Some(error) = &run.sim_error {
+        all.push(Violation {
+            checker: "simulation",
+            message: format!("the simulation stopped: {error}"),
+        });
+    }
+    all.extend(completion::check(run, reference));
+    all.extend(ordering::check(run));
+    all.extend(leases::check(run));
+    all.extend(durability::check(run));
+    all.extend(events::check(run));
+    all.extend(raft::check(run));
+    all
+}
+
+/// The committed log as the replicas applied it: per index, the first
+/// application seen (the `raft` checker holds the others equal to it).
+pub fn canonical_log(run: &RunResult) -> BTreeMap<u64, Applied> {
+    let seen = run.observer.observations();
+    let mut log = BTreeMap::new();
+    for per_node in seen.applied.values() {
+        for (index, applied) in per_node {
+            if let Some(first) = applied.first() {
+                log.entry(*index).or_insert_with(|| first.clone());
+            }
+        }
+    }
+    log
+}
+
+/// The job label a worker's output names (`ran LABEL`), if any.
+pub fn label_of(stdout: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(stdout).ok()?;
+    text.strip_prefix("ran ")
+        .map(|rest| rest.trim_end().to_string())
+}
+
+/// One client's `--json` events, parsed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClientEvent {
+    Started,
+    Finished {
+        id: String,
+        exit_code: i64,
+        stdout: String,
+        error: Option<String>,
+        artifact: Option<String>,
+    },
+    Skipped {
+        id: String,
+    },
+    BuildFinished {
+        ok: bool,
+    },
+    /// A line that is not one of the above.
+    Unknown(String),
+}
+
+/// Parses a client's `--json` lines.
+pub fn client_events(lines: &[String]) -> Vec<ClientEvent> {
+    lines
+        .iter()
+        .map(|line| {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+                return ClientEvent::Unknown(line.clone());
+            };
+            let text = |key: &str| v[key].as_str().map(str::to_string);
+            match v["event"].as_str() {
+                Some("build_started") => ClientEvent::Started,
+                Some("job_finished") => ClientEvent::Finished {
+                    id: text("id").unwrap_or_default(),
+                    exit_code: v["exit_code"].as_i64().unwrap_or(i64::MIN),
+                    stdout: text("stdout").unwrap_or_default(),
+                    error: text("error"),
+                    artifact: v["artifact"]["digest"].as_str().map(str::to_string),
+                },
+                Some("job_skipped") => ClientEvent::Skipped {
+                    id: text("id").unwrap_or_default(),
+                },
+                Some("build_finished") => ClientEvent::BuildFinished {
+                    ok: v["ok"].as_bool().unwrap_or(false),
+                },
+                _ => ClientEvent::Unknown(line.clone()),
+            }
+        })
+        .collect()
+}

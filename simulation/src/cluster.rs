@@ -1,0 +1,712 @@
+//! One simulated run: the hosts (real coordinators on RocksDB, real
+//! workers with the fake runner, real clients), the fault plan driven step
+//! by step, the heal, and an audit after every build ended.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, UNIX_EPOCH};
+
+use distbuild_client::args::{BuildArgs, ConnectionArgs};
+use distbuild_client::cluster::Cluster;
+use distbuild_client::connect::{Connector, client_api};
+use distbuild_client::download::{Output, download_outputs};
+use distbuild_client::render::Console;
+use distbuild_coordinator::{Bootstrap, Clock, InjectedBugs, Seams, Tuning};
+use distbuild_proto::v1::FindMissingBlobsRequest;
+use distbuild_proto::{Digest, JobId};
+use distbuild_worker::connect::DialConnector;
+use distbuild_worker::runtime::{WorkerConfig, run_incoming};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio_util::sync::CancellationToken;
+
+use crate::faults::{self, Fault, Hosts, Planned};
+use crate::net::{SimDialer, incoming};
+use crate::observe::Observer;
+use crate::runner::FakeRunner;
+use crate::trace::{Trace, What};
+use crate::workload::{self, Graph};
+
+const COORDINATOR_PORT: u16 = 7000;
+const WORKER_PORT: u16 = 7100;
+/// The simulated wall clock starts here (2026-01-01), whatever the host's.
+const EPOCH_SECS: u64 = 1_767_225_600;
+/// Simulated time after the heal within which every build must end.
+pub const HEAL_DEADLINE: Duration = Duration::from_secs(180);
+
+/// What a run is asked to do.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub seed: u64,
+    /// Whether the seed's fault plan runs (off: the reference run).
+    pub faults: bool,
+    /// Bugs switched on in every coordinator.
+    pub bugs: InjectedBugs,
+}
+
+/// What one client saw.
+#[derive(Debug, Clone, Default)]
+pub struct ClientRun {
+    /// Its `--json` lines, in order.
+    pub lines: Vec<String>,
+    /// Its stderr lines.
+    pub errors: Vec<String>,
+    /// The build command's exit code (None: it never ended).
+    pub exit_code: Option<i32>,
+}
+
+/// What the audit after the run found.
+#[derive(Debug, Clone, Default)]
+pub struct Audit {
+    /// Whether the audit ran to the end.
+    pub done: bool,
+    /// Source blobs the cluster reported missing.
+    pub missing_sources: Vec<String>,
+    /// Artifacts that could not be downloaded, with why.
+    pub lost_artifacts: Vec<String>,
+    /// Calls that failed outright.
+    pub errors: Vec<String>,
+}
+
+/// Everything a finished run leaves for the checkers.
+pub struct RunResult {
+    pub config: RunConfig,
+    pub graphs: Vec<Graph>,
+    pub clients: Vec<String>,
+    pub client_runs: BTreeMap<String, ClientRun>,
+    pub audit: Audit,
+    pub trace: Trace,
+    pub observer: Observer,
+    pub plan: Vec<Planned>,
+    /// Simulated ms at which the network was whole and every host up.
+    pub healed_at_ms: u64,
+    /// Why the simulation itself stopped early (a host failed, time ran
+    /// out), if it did.
+    pub sim_error: Option<String>,
+    /// Lease period the coordinators ran with.
+    pub lease_timeout_ms: u64,
+}
+
+/// The shape of a seed's cluster.
+struct Shape {
+    coordinators: Vec<String>,
+    workers: Vec<(String, usize)>,
+    clients: Vec<String>,
+    chaos_ms: u64,
+    base_latency_ms: u64,
+}
+
+fn shape(rng: &mut StdRng) -> Shape {
+    let coordinators = if rng.gen_bool(0.25) { 5 } else { 3 };
+    let workers = rng.gen_range(2..=4);
+    let clients = rng.gen_range(2..=3);
+    Shape {
+        coordinators: (1..=coordinators).map(|i| format!("c{i}")).collect(),
+        workers: (1..=workers)
+            .map(|i| (format!("w{i}"), rng.gen_range(1..=2)))
+            .collect(),
+        clients: (1..=clients).map(|i| format!("u{i}")).collect(),
+        chaos_ms: rng.gen_range(6_000..20_000),
+        base_latency_ms: rng.gen_range(1..=5),
+    }
+}
+
+/// The leader's clock: milliseconds since the epoch on this host's
+/// simulated clock.
+struct SimClock;
+
+impl Clock for SimClock {
+    fn now_ms(&self) -> u64 {
+        turmoil::since_epoch().map_or(0, |d| d.as_millis() as u64)
+    }
+}
+
+/// A `Write` that puts every complete line into the trace and a list.
+struct Lines {
+    client: String,
+    stream: &'static str,
+    trace: Trace,
+    pending: Vec<u8>,
+    sink: Arc<Mutex<BTreeMap<String, ClientRun>>>,
+}
+
+impl Write for Lines {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.pending.extend_from_slice(buf);
+        while let Some(at) = self.pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = self.pending.drain(..=at).collect();
+            let line = String::from_utf8_lossy(&line[..line.len() - 1]).into_owned();
+            let shown = if self.stream == "out" {
+                line.clone()
+            } else {
+                format!("stderr: {line}")
+            };
+            self.trace.record(What::ClientLine {
+                client: self.client.clone(),
+                line: shown,
+            });
+            let mut sink = self.sink.lock().unwrap_or_else(|p| p.into_inner());
+            let run = sink.entry(self.client.clone()).or_default();
+            if self.stream == "out" {
+                run.lines.push(line);
+            } else {
+                run.errors.push(line);
+            }
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn host_error(e: impl std::fmt::Display) -> Box<dyn std::error::Error> {
+    e.to_string().into()
+}
+
+fn any_addr(port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port)
+}
+
+/// Runs `config` in `dir` (which holds every host's disk).
+pub fn run(config: RunConfig, dir: &Path) -> RunResult {
+    // One thread runs every host: random draws and blocking work happen
+    // in the simulation's own order.
+    distbuild_proto::rng::seed_this_thread(config.seed);
+    distbuild_proto::blocking::run_inline_on_this_thread();
+    let mut rng = StdRng::seed_from_u64(config.seed);
+    let shape = shape(&mut rng);
+    let graphs = workload::generate(config.seed, shape.clients.len());
+    let worker_names: Vec<String> = shape.workers.iter().map(|(w, _)| w.clone()).collect();
+    let plan = if config.faults {
+        faults::plan(
+            &mut rng,
+            &Hosts {
+                coordinators: &shape.coordinators,
+                workers: &worker_names,
+                clients: &shape.clients,
+            },
+            shape.chaos_ms,
+            4,
+            14,
+        )
+    } else {
+        Vec::new()
+    };
+
+    let trace = Trace::default();
+    let observer = Observer::new(trace.clone());
+    let tuning = Tuning {
+        lease_timeout_ms: 3_000,
+        heartbeat_interval_ms: 750,
+        locality_wait_ms: 50,
+        // Faults may expire a lease many times; giving up is not what is
+        // under test here.
+        max_attempts: 1_000,
+    };
+    let lease_timeout_ms = tuning.lease_timeout_ms;
+
+    let mut sim = turmoil::Builder::new()
+        .rng_seed(config.seed)
+        .epoch(UNIX_EPOCH + Duration::from_secs(EPOCH_SECS))
+        .tick_duration(Duration::from_millis(1))
+        .min_message_latency(Duration::from_millis(shape.base_latency_ms))
+        .max_message_latency(Duration::from_millis(shape.base_latency_ms))
+        .repair_rate(0.05)
+        .simulation_duration(Duration::from_millis(shape.chaos_ms) + HEAL_DEADLINE)
+        .tcp_capacity(4096)
+        // The client watches for Ctrl-C, which needs tokio's I/O driver.
+        .enable_tokio_io()
+        .build();
+
+    let members: BTreeMap<u64, String> = shape
+        .coordinators
+        .iter()
+        .enumerate()
+        .map(|(i, name)| (i as u64 + 1, format!("{name}:{COORDINATOR_PORT}")))
+        .collect();
+    let coordinator_addrs: Vec<String> = members.values().cloned().collect();
+
+    for (i, name) in shape.coordinators.iter().enumerate() {
+        let node_id = i as u64 + 1;
+        let data_dir = dir.join(name);
+        let members = members.clone();
+        let tuning = tuning.clone();
+        let seams = Seams {
+            clock: Arc::new(SimClock),
+            dialer: Arc::new(SimDialer),
+            observer: Some(Arc::new(observer.clone())),
+            bugs: config.bugs,
+        };
+        let observer = observer.clone();
+        sim.host(name.as_str(), move || {
+            let coordinator_config = distbuild_coordinator::Config {
+                node_id,
+                bootstrap: Bootstrap::Initial(members.clone()),
+                data_dir: data_dir.clone(),
+                tuning: tuning.clone(),
+                secret: None,
+            };
+            let seams = seams.clone();
+            let observer = observer.clone();
+            async move {
+                let listener = turmoil::net::TcpListener::bind(any_addr(COORDINATOR_PORT)).await?;
+                let shutdown = CancellationToken::new();
+                let node = distbuild_coordinator::start_node(
+                    &coordinator_config,
+                    any_addr(COORDINATOR_PORT),
+                    seams,
+                    shutdown.clone(),
+                )
+                .await
+                .map_err(host_error)?;
+                tokio::spawn(observer.watch_leadership(node.clone()));
+                distbuild_coordinator::serve_incoming(node, None, incoming(listener), shutdown)
+                    .await
+                    .map_err(host_error)
+            }
+        });
+    }
+
+    for (i, (name, slots)) in shape.workers.iter().enumerate() {
+        let cache_dir = dir.join(name);
+        std::fs::create_dir_all(&cache_dir).expect("create a worker's directory");
+        // A fixed worker ID instead of a random one.
+        std::fs::write(cache_dir.join("worker-id"), format!("{:016x}\n", i + 1))
+            .expect("write a worker ID");
+        let mut worker_config = WorkerConfig::new(coordinator_addrs.clone(), cache_dir);
+        worker_config.advertise_addr = Some(format!("{name}:{WORKER_PORT}"));
+        worker_config.slots = *slots;
+        worker_config.poll_wait_ms = 1_000;
+        worker_config.connector = Arc::new(DialConnector(Arc::new(SimDialer)));
+        worker_config.runner = Arc::new(FakeRunner {
+            worker: name.clone(),
+            trace: trace.clone(),
+        });
+        sim.host(name.as_str(), move || {
+            let worker_config = worker_config.clone();
+            async move {
+                let listener = turmoil::net::TcpListener::bind(any_addr(WORKER_PORT)).await?;
+                run_incoming(
+                    worker_config,
+                    any_addr(WORKER_PORT),
+                    incoming(listener),
+                    CancellationToken::new(),
+                )
+                .await
+                .map_err(host_error)
+            }
+        });
+    }
+
+    let client_runs: Arc<Mutex<BTreeMap<String, ClientRun>>> = Arc::default();
+    for (name, graph) in shape.clients.iter().zip(&graphs) {
+        let workspace = dir.join(name);
+        graph.write(&workspace).expect("write a client's graph");
+        let args = BuildArgs {
+            graph: workspace.join("graph.json"),
+            source_dir: workspace.join("src"),
+            output_dir: None,
+            json: true,
+            connection: ConnectionArgs {
+                coordinators: coordinator_addrs.clone(),
+                timeout_secs: 600,
+            },
+            output_base: None,
+            block_for_lock: true,
+            max_idle_secs: 0,
+        };
+        let start_after = Duration::from_millis(rng.gen_range(0..3_000));
+        let console = |stream| Lines {
+            client: name.clone(),
+            stream,
+            trace: trace.clone(),
+            pending: Vec::new(),
+            sink: client_runs.clone(),
+        };
+        let console = Console {
+            out: Box::new(console("out")),
+            err: Box::new(console("err")),
+            progress: false,
+        };
+        let (trace, runs, client) = (trace.clone(), client_runs.clone(), name.clone());
+        sim.client(name.as_str(), async move {
+            tokio::time::sleep(start_after).await;
+            let connector = Connector::dialing(Arc::new(SimDialer));
+            let code = distbuild_client::run_build(args, connector, console).await;
+            trace.record(What::ClientExited {
+                client: client.clone(),
+                code,
+            });
+            runs.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(client)
+                .or_default()
+                .exit_code = Some(code);
+            Ok(())
+        });
+    }
+
+    let hosts = Hosts {
+        coordinators: &shape.coordinators,
+        workers: &worker_names,
+        clients: &shape.clients,
+    };
+    let all_hosts = hosts.all();
+    let mut sim_error = None;
+    let mut driver = Driver::new(&plan, &trace, &observer, &hosts);
+    let mut healed_at_ms = if plan.is_empty() { 0 } else { u64::MAX };
+    loop {
+        let now_ms = sim.elapsed().as_millis() as u64;
+        if healed_at_ms == u64::MAX {
+            if now_ms >= shape.chaos_ms {
+                driver.heal(&mut sim, &all_hosts, shape.base_latency_ms);
+                healed_at_ms = now_ms;
+            } else {
+                driver.apply_due(&mut sim, now_ms, shape.base_latency_ms);
+            }
+        }
+        match sim.step() {
+            Ok(true) => break,
+            Ok(false) => {}
+            Err(e) => {
+                sim_error = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    if healed_at_ms == u64::MAX {
+        // Every client finished during the chaos: heal for the audit.
+        driver.heal(&mut sim, &all_hosts, shape.base_latency_ms);
+        healed_at_ms = sim.elapsed().as_millis() as u64;
+    }
+
+    // The audit: every acknowledged source blob and accepted artifact can
+    // still be had.
+    let audit = Arc::new(Mutex::new(Audit::default()));
+    if sim_error.is_none() {
+        let runs = client_runs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let (sources, outputs) = audit_targets(&graphs, &shape.clients, &runs);
+        let audit_dir = dir.join("audit");
+        let addrs = coordinator_addrs.clone();
+        let found = audit.clone();
+        sim.client("auditor", async move {
+            let cluster = Cluster::new(
+                Connector::dialing(Arc::new(SimDialer)),
+                addrs,
+                Duration::from_secs(60),
+            );
+            let result = run_audit(&cluster, sources, outputs, &audit_dir).await;
+            *found.lock().unwrap_or_else(|p| p.into_inner()) = result;
+            Ok(())
+        });
+        if let Err(e) = sim.run() {
+            sim_error = Some(format!("during the audit: {e}"));
+        }
+    }
+
+    let client_runs = client_runs
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let audit = audit.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    RunResult {
+        config,
+        graphs,
+        clients: shape.clients,
+        client_runs,
+        audit,
+        trace,
+        observer,
+        plan,
+        healed_at_ms,
+        sim_error,
+        lease_timeout_ms,
+    }
+}
+
+/// The source digests every client uploaded and the artifacts its build
+/// reported.
+fn audit_targets(
+    graphs: &[Graph],
+    clients: &[String],
+    runs: &BTreeMap<String, ClientRun>,
+) -> (Vec<Digest>, Vec<Output>) {
+    let mut sources = BTreeSet::new();
+    let mut outputs = BTreeMap::new();
+    for (client, graph) in clients.iter().zip(graphs) {
+        let Some(run) = runs.get(client) else {
+            continue;
+        };
+        let acknowledged = run
+            .lines
+            .iter()
+            .any(|l| l.contains("\"event\":\"build_started\""));
+        if !acknowledged {
+            continue;
+        }
+        sources.extend(graph.sources.values().map(|content| Digest::of(content)));
+        for line in &run.lines {
+            let Ok(event) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue;
+            };
+            let (Some(id), Some(digest), Some(size)) = (
+                event["id"].as_str(),
+                event["artifact"]["digest"].as_str(),
+                event["artifact"]["size"].as_u64(),
+            ) else {
+                continue;
+            };
+            let (Ok(job_id), Ok(digest)) = (id.parse::<JobId>(), digest.parse::<Digest>()) else {
+                continue;
+            };
+            outputs.entry(digest).or_insert(Output {
+                job_id,
+                name: event["name"].as_str().unwrap_or_default().to_string(),
+                digest,
+                size,
+            });
+        }
+    }
+    (
+        sources.into_iter().collect(),
+        outputs.into_values().collect(),
+    )
+}
+
+async fn run_audit(
+    cluster: &Cluster,
+    sources: Vec<Digest>,
+    outputs: Vec<Output>,
+    dir: &Path,
+) -> Audit {
+    let mut audit = Audit::default();
+    let request = FindMissingBlobsRequest {
+        digests: sources
+            .iter()
+            .map(distbuild_proto::wire::digest_to_wire)
+            .collect(),
+    };
+    match cluster
+        .call(
+            "find missing blobs",
+            Some(Duration::from_secs(10)),
+            |channel| {
+                let request = request.clone();
+                async move {
+                    Ok(client_api(channel)
+                        .find_missing_blobs(request)
+                        .await?
+                        .into_inner())
+                }
+            },
+        )
+        .await
+    {
+        Ok(found) => {
+            audit.missing_sources = found.missing.iter().map(hex::encode).collect();
+        }
+        Err(e) => audit.errors.push(format!("find missing blobs: {e}")),
+    }
+    for output in outputs {
+        let into: PathBuf = dir.join(output.digest.to_string());
+        if let Err(e) = download_outputs(cluster, std::slice::from_ref(&output), &into).await {
+            audit.lost_artifacts.push(format!(
+                "artifact {} of {}: {e}",
+                output.digest, output.name
+            ));
+        }
+    }
+    audit.done = true;
+    audit
+}
+
+/// Applies the fault plan to the running simulation.
+struct Driver<'p> {
+    pending: std::collections::VecDeque<&'p Planned>,
+    /// Undo actions due at a time.
+    undo: BTreeMap<u64, Vec<Undo>>,
+    trace: Trace,
+    observer: Observer,
+    coordinators: Vec<String>,
+    all: Vec<String>,
+    delays: u32,
+    losses: u32,
+}
+
+enum Undo {
+    Repair(Vec<(String, String)>),
+    RepairOneWay(String, String),
+    Restart(String),
+    EndDelay,
+    EndLoss,
+}
+
+impl<'p> Driver<'p> {
+    fn new(plan: &'p [Planned], trace: &Trace, observer: &Observer, hosts: &Hosts<'_>) -> Self {
+        Self {
+            pending: plan.iter().collect(),
+            undo: BTreeMap::new(),
+            trace: trace.clone(),
+            observer: observer.clone(),
+            coordinators: hosts.coordinators.to_vec(),
+            all: hosts.all(),
+            delays: 0,
+            losses: 0,
+        }
+    }
+
+    fn note(&self, now_ms: u64, text: String) {
+        self.trace.record_at(now_ms, What::Fault(text));
+    }
+
+    /// The coordinator that led the highest term seen.
+    fn leader(&self) -> Option<String> {
+        let seen = self.observer.observations();
+        let &(_, node) = seen.leaders.iter().next_back()?;
+        self.coordinators.get(node as usize - 1).cloned()
+    }
+
+    fn apply_due(&mut self, sim: &mut turmoil::Sim<'_>, now_ms: u64, base_latency_ms: u64) {
+        while let Some(entry) = self.undo.first_entry() {
+            if *entry.key() > now_ms {
+                break;
+            }
+            for undo in entry.remove() {
+                self.undo_one(sim, now_ms, undo, base_latency_ms);
+            }
+        }
+        while self.pending.front().is_some_and(|p| p.start_ms <= now_ms) {
+            let planned = self.pending.pop_front().expect("checked");
+            let undo = match &planned.fault {
+                Fault::Partition { a, b } => {
+                    sim.partition(a.as_str(), b.as_str());
+                    self.note(now_ms, format!("partition {a} <-> {b}"));
+                    Undo::Repair(vec![(a.clone(), b.clone())])
+                }
+                Fault::OneWay { from, to } => {
+                    sim.partition_oneway(from.as_str(), to.as_str());
+                    self.note(now_ms, format!("partition {from} -> {to}"));
+                    Undo::RepairOneWay(from.clone(), to.clone())
+                }
+                Fault::IsolateLeader => {
+                    let Some(leader) = self.leader() else {
+                        continue;
+                    };
+                    let pairs: Vec<(String, String)> = self
+                        .all
+                        .iter()
+                        .filter(|h| **h != leader)
+                        .map(|h| (leader.clone(), h.clone()))
+                        .collect();
+                    for (a, b) in &pairs {
+                        sim.partition(a.as_str(), b.as_str());
+                    }
+                    self.note(now_ms, format!("isolate leader {leader}"));
+                    Undo::Repair(pairs)
+                }
+                Fault::Delay { max_ms } => {
+                    sim.set_max_message_latency(Duration::from_millis(base_latency_ms + max_ms));
+                    self.delays += 1;
+                    self.note(now_ms, format!("delay up to {max_ms} ms"));
+                    Undo::EndDelay
+                }
+                Fault::Loss {
+                    fail_rate_per_mille,
+                } => {
+                    sim.set_fail_rate(f64::from(*fail_rate_per_mille) / 1000.0);
+                    self.losses += 1;
+                    self.note(now_ms, format!("lose links at {fail_rate_per_mille}/1000"));
+                    Undo::EndLoss
+                }
+                Fault::Crash { host } => {
+                    if !sim.is_host_running(host.as_str()) {
+                        continue;
+                    }
+                    sim.crash(host.as_str());
+                    self.note(now_ms, format!("crash {host}"));
+                    Undo::Restart(host.clone())
+                }
+                Fault::Disconnect { client } => {
+                    let pairs: Vec<(String, String)> = self
+                        .coordinators
+                        .iter()
+                        .map(|c| (client.clone(), c.clone()))
+                        .collect();
+                    for (a, b) in &pairs {
+                        sim.partition(a.as_str(), b.as_str());
+                    }
+                    self.note(now_ms, format!("disconnect {client}"));
+                    Undo::Repair(pairs)
+                }
+            };
+            self.undo.entry(planned.end_ms).or_default().push(undo);
+        }
+    }
+
+    fn undo_one(
+        &mut self,
+        sim: &mut turmoil::Sim<'_>,
+        now_ms: u64,
+        undo: Undo,
+        base_latency_ms: u64,
+    ) {
+        match undo {
+            Undo::Repair(pairs) => {
+                for (a, b) in &pairs {
+                    sim.repair(a.as_str(), b.as_str());
+                }
+                self.note(now_ms, format!("repair {} links", pairs.len()));
+            }
+            Undo::RepairOneWay(from, to) => {
+                sim.repair_oneway(from.as_str(), to.as_str());
+                self.note(now_ms, format!("repair {from} -> {to}"));
+            }
+            Undo::Restart(host) => {
+                sim.bounce(host.as_str());
+                self.note(now_ms, format!("restart {host}"));
+            }
+            Undo::EndDelay => {
+                self.delays -= 1;
+                if self.delays == 0 {
+                    sim.set_max_message_latency(Duration::from_millis(base_latency_ms));
+                    self.note(now_ms, "delay ends".to_string());
+                }
+            }
+            Undo::EndLoss => {
+                self.losses -= 1;
+                if self.losses == 0 {
+                    sim.set_fail_rate(0.0);
+                    self.note(now_ms, "loss ends".to_string());
+                }
+            }
+        }
+    }
+
+    /// Network whole, every host up.
+    fn heal(&mut self, sim: &mut turmoil::Sim<'_>, all: &[String], base_latency_ms: u64) {
+        let now_ms = sim.elapsed().as_millis() as u64;
+        self.pending.clear();
+        let undo = std::mem::take(&mut self.undo);
+        for undo in undo.into_values().flatten() {
+            if let Undo::Restart(host) = undo {
+                sim.bounce(host.as_str());
+            }
+        }
+        for (i, a) in all.iter().enumerate() {
+            for b in &all[i + 1..] {
+                sim.repair(a.as_str(), b.as_str());
+            }
+        }
+        sim.set_fail_rate(0.0);
+        sim.set_max_message_latency(Duration::from_millis(base_latency_ms));
+        self.note(now_ms, "heal: network whole, every host up".to_string());
+    }
+}

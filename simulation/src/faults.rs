@@ -1,0 +1,126 @@
+//! The fault plan of a seed: what goes wrong during the chaos phase, and
+//! when. Every fault starts at a random time and is undone after a random
+//! while (or at the heal, whichever comes first): symmetric and one-way
+//! partitions (an isolated leader among them), slow and lossy links,
+//! coordinator and worker crashes with restarts, clients cut off and
+//! reattached.
+
+use rand::Rng;
+use rand::rngs::StdRng;
+
+/// One fault (and, with `undo`, its end).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fault {
+    /// No traffic between `a` and `b`, either way.
+    Partition { a: String, b: String },
+    /// No traffic from `from` to `to`; the other way works.
+    OneWay { from: String, to: String },
+    /// Whoever leads when the fault starts is cut off from every host.
+    IsolateLeader,
+    /// Every message may take up to `max_ms` to arrive.
+    Delay { max_ms: u64 },
+    /// Links fail at random (turmoil's fail/repair rates), losing what
+    /// is in flight.
+    Loss { fail_rate_per_mille: u32 },
+    /// The host's software stops (its disk stays) until restarted.
+    Crash { host: String },
+    /// A client is cut off from every coordinator, then reattaches.
+    Disconnect { client: String },
+}
+
+/// A fault and its window, in simulated milliseconds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Planned {
+    pub start_ms: u64,
+    pub end_ms: u64,
+    pub fault: Fault,
+}
+
+/// The hosts a plan chooses from.
+pub struct Hosts<'a> {
+    pub coordinators: &'a [String],
+    pub workers: &'a [String],
+    pub clients: &'a [String],
+}
+
+impl Hosts<'_> {
+    pub fn all(&self) -> Vec<String> {
+        self.coordinators
+            .iter()
+            .chain(self.workers)
+            .chain(self.clients)
+            .cloned()
+            .collect()
+    }
+}
+
+fn one<'a>(rng: &mut StdRng, from: &'a [String]) -> &'a String {
+    &from[rng.gen_range(0..from.len())]
+}
+
+/// Between `min` and `max` faults within `0..chaos_ms`, sorted by start.
+pub fn plan(
+    rng: &mut StdRng,
+    hosts: &Hosts<'_>,
+    chaos_ms: u64,
+    min: usize,
+    max: usize,
+) -> Vec<Planned> {
+    let all = hosts.all();
+    let servers: Vec<String> = hosts
+        .coordinators
+        .iter()
+        .chain(hosts.workers)
+        .cloned()
+        .collect();
+    let mut planned = Vec::new();
+    for _ in 0..rng.gen_range(min..=max) {
+        let start_ms = rng.gen_range(200..chaos_ms.max(201));
+        let end_ms = start_ms + rng.gen_range(300..6_000);
+        let fault = match rng.gen_range(0..100) {
+            0..=17 => {
+                let a = one(rng, &servers).clone();
+                let b = one(rng, &all).clone();
+                if a == b {
+                    continue;
+                }
+                Fault::Partition { a, b }
+            }
+            18..=29 => {
+                let from = one(rng, &servers).clone();
+                let to = one(rng, &all).clone();
+                if from == to {
+                    continue;
+                }
+                if rng.gen_bool(0.5) {
+                    Fault::OneWay { from, to }
+                } else {
+                    Fault::OneWay { from: to, to: from }
+                }
+            }
+            30..=41 => Fault::IsolateLeader,
+            42..=51 => Fault::Delay {
+                max_ms: rng.gen_range(20..400),
+            },
+            52..=59 => Fault::Loss {
+                fail_rate_per_mille: rng.gen_range(1..20),
+            },
+            60..=74 => Fault::Crash {
+                host: one(rng, hosts.coordinators).clone(),
+            },
+            75..=89 => Fault::Crash {
+                host: one(rng, hosts.workers).clone(),
+            },
+            _ => Fault::Disconnect {
+                client: one(rng, hosts.clients).clone(),
+            },
+        };
+        planned.push(Planned {
+            start_ms,
+            end_ms,
+            fault,
+        });
+    }
+    planned.sort_by_key(|p| p.start_ms);
+    planned
+}

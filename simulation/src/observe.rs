@@ -1,0 +1,98 @@
+//! What the simulation sees inside the coordinators: every applied entry
+//! (through the coordinator's `ApplyObserver` seam) and every leadership
+//! (from openraft's metrics). Both go into the trace and into
+//! [`Observations`] for the checkers.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use distbuild_coordinator::requests::Proposal;
+use distbuild_coordinator::state::Response;
+use distbuild_coordinator::{ApplyObserver, Node};
+use sha1::{Digest as _, Sha1};
+
+use crate::trace::{Trace, What};
+
+/// One applied entry as a replica applied it.
+#[derive(Debug, Clone)]
+pub struct Applied {
+    pub proposal: Proposal,
+    pub response: Response,
+    /// Hash of both (what replicas must agree on).
+    pub digest: String,
+}
+
+#[derive(Default)]
+pub struct Observations {
+    /// Per replica, per log index, what it applied (a restarted replica
+    /// that applies an index again adds a second entry).
+    pub applied: BTreeMap<u64, BTreeMap<u64, Vec<Applied>>>,
+    /// (term, replica) for every replica seen leading.
+    pub leaders: BTreeSet<(u64, u64)>,
+}
+
+/// The observer shared by every coordinator of a run.
+#[derive(Clone)]
+pub struct Observer {
+    trace: Trace,
+    seen: Arc<Mutex<Observations>>,
+}
+
+impl Observer {
+    pub fn new(trace: Trace) -> Self {
+        Self {
+            trace,
+            seen: Arc::default(),
+        }
+    }
+
+    pub fn observations(&self) -> MutexGuard<'_, Observations> {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Watches `node`'s metrics until they end, noting each term it leads.
+    pub async fn watch_leadership(self, node: Arc<Node>) {
+        let mut metrics = node.raft.metrics();
+        loop {
+            let (state, term) = {
+                let m = metrics.borrow_and_update();
+                (m.state, m.current_term)
+            };
+            if state == openraft::ServerState::Leader
+                && self.observations().leaders.insert((term, node.node_id))
+            {
+                self.trace.record(What::Leader {
+                    node: node.node_id,
+                    term,
+                });
+            }
+            if metrics.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+impl ApplyObserver for Observer {
+    fn applied(&self, node_id: u64, index: u64, proposal: &Proposal, response: &Response) {
+        let mut sha = Sha1::new();
+        sha.update(format!("{proposal:?}\n{response:?}").as_bytes());
+        let digest = hex::encode(sha.finalize());
+        self.trace.record(What::Applied {
+            node: node_id,
+            index,
+            digest: digest.clone(),
+        });
+        self.observations()
+            .applied
+            .entry(node_id)
+            .or_default()
+            .entry(index)
+            .or_default()
+            .push(Applied {
+                proposal: proposal.clone(),
+                response: response.clone(),
+                digest,
+            });
+    }
+}

@@ -1,0 +1,123 @@
+//! The simulation in CI: a fixed batch of seeds must keep every promise,
+//! one seed must replay exactly, and an injected bug must be caught.
+//!
+//! `DISTBUILD_SIM_SEEDS=N` changes the batch size (default 50);
+//! `DISTBUILD_SIM_SOAK=N` runs N random seeds instead (a long soak).
+
+use std::sync::Mutex;
+
+use distbuild_simulation::{InjectedBugs, RunConfig, SeedReport, bug, cluster, run_seed};
+
+fn env_u64(name: &str) -> Option<u64> {
+    let value = std::env::var(name).ok()?;
+    Some(
+        value
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={value:?} is not a number")),
+    )
+}
+
+/// Runs `seeds` on two threads (each simulation is single-threaded) until
+/// `on_report`, which sees every report, returns false.
+fn run_seeds(seeds: Vec<u64>, bugs: InjectedBugs, on_report: impl Fn(&SeedReport) -> bool + Sync) {
+    let queue = Mutex::new(Some(seeds.into_iter()));
+    std::thread::scope(|scope| {
+        for _ in 0..2 {
+            scope.spawn(|| {
+                loop {
+                    let next = queue
+                        .lock()
+                        .expect("queue")
+                        .as_mut()
+                        .and_then(Iterator::next);
+                    let Some(seed) = next else { return };
+                    if !on_report(&run_seed(seed, bugs)) {
+                        *queue.lock().expect("queue") = None;
+                    }
+                }
+            });
+        }
+    });
+}
+
+#[test]
+fn every_seed_keeps_every_promise() {
+    let seeds: Vec<u64> = match env_u64("DISTBUILD_SIM_SOAK") {
+        Some(count) => {
+            let start = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("clock")
+                .as_nanos() as u64;
+            (0..count)
+                .map(|i| start.wrapping_add(i.wrapping_mul(0x9e37_79b9_7f4a_7c15)))
+                .collect()
+        }
+        None => (0..env_u64("DISTBUILD_SIM_SEEDS").unwrap_or(50)).collect(),
+    };
+    let failures = Mutex::new(Vec::new());
+    run_seeds(seeds, InjectedBugs::default(), |report| {
+        eprintln!(
+            "seed {}: {} violations, {:.1} s",
+            report.seed,
+            report.violations.len(),
+            report.seconds
+        );
+        if !report.violations.is_empty() {
+            let mut text = format!("seed {} failed:\n", report.seed);
+            for violation in &report.violations {
+                text.push_str(&format!("  {violation}\n"));
+            }
+            text.push_str(&format!("  replay: {}\n", report.replay_command()));
+            eprint!("{text}");
+            failures.lock().expect("failures").push(text);
+        }
+        true
+    });
+    let failures = failures.into_inner().expect("failures");
+    assert!(
+        failures.is_empty(),
+        "{} seeds failed:\n{}",
+        failures.len(),
+        failures.concat()
+    );
+}
+
+#[test]
+fn a_seed_replays_exactly() {
+    for seed in [3, 11] {
+        let hashes: Vec<String> = (0..2)
+            .map(|_| {
+                let dir = tempfile::tempdir().expect("tempdir");
+                let run = cluster::run(
+                    RunConfig {
+                        seed,
+                        faults: true,
+                        bugs: InjectedBugs::default(),
+                    },
+                    dir.path(),
+                );
+                assert!(run.sim_error.is_none(), "seed {seed}: {:?}", run.sim_error);
+                run.trace.hash()
+            })
+            .collect();
+        assert_eq!(hashes[0], hashes[1], "seed {seed} ran differently twice");
+    }
+}
+
+#[test]
+fn an_injected_bug_is_caught_within_twenty_seeds() {
+    let bugs = bug("accept-expired-lease-results").expect("known bug");
+    let caught = Mutex::new(Vec::new());
+    run_seeds((0..20).collect(), bugs, |report| {
+        let found = report.violations.iter().any(|v| v.checker == "leases");
+        if found {
+            caught.lock().expect("caught").push(report.seed);
+        }
+        !found
+    });
+    let caught = caught.into_inner().expect("caught");
+    assert!(
+        !caught.is_empty(),
+        "no seed of 0..20 caught results accepted from expired leases"
+    );
+}
