@@ -1488,17 +1488,25 @@ impl Model {
             );
         if !current {
             // Injected bug (simulation only): a success reported under an
-            // expired lease is taken while its job waits to run again.
-            let queued_since = match self.executions.get(key).map(|e| &e.state) {
-                Some(ExecState::Queued { since_ms }) => Some(*since_ms),
-                _ => None,
-            };
-            match queued_since {
-                Some(since_ms)
-                    if self.accept_expired_lease_results
-                        && matches!(outcome, Outcome::Success { .. }) =>
-                {
+            // expired lease is taken while its job waits to run again, or
+            // runs again under a newer lease (which is dropped).
+            if !self.accept_expired_lease_results || !matches!(outcome, Outcome::Success { .. }) {
+                return false;
+            }
+            match self.executions.get(key).map(|e| e.state.clone()) {
+                Some(ExecState::Queued { since_ms }) => {
                     self.queue.remove(&(since_ms, *key));
+                }
+                Some(ExecState::Running {
+                    worker_id: holder,
+                    token: newer,
+                    ..
+                }) => {
+                    self.leases.remove(&newer);
+                    if let Some(w) = self.workers.get_mut(&holder) {
+                        w.running -= 1;
+                        self.dirty.workers.insert(holder);
+                    }
                 }
                 _ => return false,
             }

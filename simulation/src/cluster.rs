@@ -634,16 +634,16 @@ impl<'p> Driver<'p> {
                     self.note(now_ms, format!("crash {host}"));
                     Undo::Restart(host.clone())
                 }
-                Fault::Disconnect { client } => {
+                Fault::Disconnect { host } => {
                     let pairs: Vec<(String, String)> = self
                         .coordinators
                         .iter()
-                        .map(|c| (client.clone(), c.clone()))
+                        .map(|c| (host.clone(), c.clone()))
                         .collect();
                     for (a, b) in &pairs {
                         sim.partition(a.as_str(), b.as_str());
                     }
-                    self.note(now_ms, format!("disconnect {client}"));
+                    self.note(now_ms, format!("disconnect {host} from the coordinators"));
                     Undo::Repair(pairs)
                 }
             };

@@ -2,8 +2,8 @@
 //! when. Every fault starts at a random time and is undone after a random
 //! while (or at the heal, whichever comes first): symmetric and one-way
 //! partitions (an isolated leader among them), slow and lossy links,
-//! coordinator and worker crashes with restarts, clients cut off and
-//! reattached.
+//! coordinator and worker crashes with restarts, workers and clients cut
+//! off from the coordinators and reattached.
 
 use rand::Rng;
 use rand::rngs::StdRng;
@@ -24,8 +24,10 @@ pub enum Fault {
     Loss { fail_rate_per_mille: u32 },
     /// The host's software stops (its disk stays) until restarted.
     Crash { host: String },
-    /// A client is cut off from every coordinator, then reattaches.
-    Disconnect { client: String },
+    /// A worker or client is cut off from every coordinator, then
+    /// reattaches (a worker keeps running its jobs meanwhile; a client's
+    /// event stream resumes where it broke).
+    Disconnect { host: String },
 }
 
 /// A fault and its window, in simulated milliseconds.
@@ -78,7 +80,7 @@ pub fn plan(
         let start_ms = rng.gen_range(200..chaos_ms.max(201));
         let end_ms = start_ms + rng.gen_range(300..6_000);
         let fault = match rng.gen_range(0..100) {
-            0..=17 => {
+            0..=14 => {
                 let a = one(rng, &servers).clone();
                 let b = one(rng, &all).clone();
                 if a == b {
@@ -86,7 +88,7 @@ pub fn plan(
                 }
                 Fault::Partition { a, b }
             }
-            18..=29 => {
+            15..=24 => {
                 let from = one(rng, &servers).clone();
                 let to = one(rng, &all).clone();
                 if from == to {
@@ -98,21 +100,24 @@ pub fn plan(
                     Fault::OneWay { from: to, to: from }
                 }
             }
-            30..=41 => Fault::IsolateLeader,
-            42..=51 => Fault::Delay {
+            25..=34 => Fault::IsolateLeader,
+            35..=42 => Fault::Delay {
                 max_ms: rng.gen_range(20..400),
             },
-            52..=59 => Fault::Loss {
+            43..=49 => Fault::Loss {
                 fail_rate_per_mille: rng.gen_range(1..20),
             },
-            60..=74 => Fault::Crash {
+            50..=61 => Fault::Crash {
                 host: one(rng, hosts.coordinators).clone(),
             },
-            75..=89 => Fault::Crash {
+            62..=73 => Fault::Crash {
+                host: one(rng, hosts.workers).clone(),
+            },
+            74..=87 => Fault::Disconnect {
                 host: one(rng, hosts.workers).clone(),
             },
             _ => Fault::Disconnect {
-                client: one(rng, hosts.clients).clone(),
+                host: one(rng, hosts.clients).clone(),
             },
         };
         planned.push(Planned {

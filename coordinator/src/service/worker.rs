@@ -432,6 +432,12 @@ impl WorkerApi for WorkerService {
     ) -> Result<Response<Self::FetchBlobStream>, Status> {
         let digest = digest_from_wire(&request.get_ref().digest, "digest")
             .map_err(Status::invalid_argument)?;
+        // Only the leader knows every acknowledged blob: a follower that
+        // has not applied the blob's record yet (it was cut off, or is
+        // behind) sends the caller to the leader instead of denying it.
+        if !self.node.blobs.contains(&digest) && self.node.model().blob_size(&digest).is_none() {
+            self.node.ready_leader().await?;
+        }
         // A blob recorded while this node was down is fetched from a peer.
         crate::replication::ensure_local(&self.node, digest).await?;
         match self.node.blobs.open_blob(&digest).await {
