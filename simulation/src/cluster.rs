@@ -47,7 +47,7 @@ pub struct RunConfig {
     pub bugs: InjectedBugs,
 }
 
-/// What one client saw.
+/// What one client command (one build) saw.
 #[derive(Debug, Clone, Default)]
 pub struct ClientRun {
     /// Its `--json` lines, in order.
@@ -74,8 +74,11 @@ pub struct Audit {
 /// Everything a finished run leaves for the checkers.
 pub struct RunResult {
     pub config: RunConfig,
+    /// One graph per build.
     pub graphs: Vec<Graph>,
-    pub clients: Vec<String>,
+    /// The builds' names (`CLIENT#ROUND`), as `graphs`.
+    pub builds: Vec<String>,
+    /// What each build's client command printed, by build name.
     pub client_runs: BTreeMap<String, ClientRun>,
     pub audit: Audit,
     pub trace: Trace,
@@ -95,6 +98,8 @@ struct Shape {
     coordinators: Vec<String>,
     workers: Vec<(String, usize)>,
     clients: Vec<String>,
+    /// Builds each client runs, one after another.
+    rounds: usize,
     chaos_ms: u64,
     base_latency_ms: u64,
 }
@@ -109,6 +114,7 @@ fn shape(rng: &mut StdRng) -> Shape {
             .map(|i| (format!("w{i}"), rng.gen_range(1..=2)))
             .collect(),
         clients: (1..=clients).map(|i| format!("u{i}")).collect(),
+        rounds: rng.gen_range(1..=3),
         chaos_ms: rng.gen_range(6_000..20_000),
         base_latency_ms: rng.gen_range(1..=5),
     }
@@ -180,7 +186,17 @@ pub fn run(config: RunConfig, dir: &Path) -> RunResult {
     distbuild_proto::blocking::run_inline_on_this_thread();
     let mut rng = StdRng::seed_from_u64(config.seed);
     let shape = shape(&mut rng);
-    let graphs = workload::generate(config.seed, shape.clients.len());
+    // Build i is client i % clients's round i / clients.
+    let graphs = workload::generate(config.seed, shape.clients.len() * shape.rounds);
+    let builds: Vec<String> = (0..graphs.len())
+        .map(|i| {
+            format!(
+                "{}#{}",
+                shape.clients[i % shape.clients.len()],
+                i / shape.clients.len()
+            )
+        })
+        .collect();
     let worker_names: Vec<String> = shape.workers.iter().map(|(w, _)| w.clone()).collect();
     let plan = if config.faults {
         faults::plan(
@@ -304,49 +320,62 @@ pub fn run(config: RunConfig, dir: &Path) -> RunResult {
     }
 
     let client_runs: Arc<Mutex<BTreeMap<String, ClientRun>>> = Arc::default();
-    for (name, graph) in shape.clients.iter().zip(&graphs) {
-        let workspace = dir.join(name);
-        graph.write(&workspace).expect("write a client's graph");
-        let args = BuildArgs {
-            graph: workspace.join("graph.json"),
-            source_dir: workspace.join("src"),
-            output_dir: None,
-            json: true,
-            connection: ConnectionArgs {
-                coordinators: coordinator_addrs.clone(),
-                timeout_secs: 600,
-            },
-            output_base: None,
-            block_for_lock: true,
-            max_idle_secs: 0,
-        };
-        let start_after = Duration::from_millis(rng.gen_range(0..3_000));
-        let console = |stream| Lines {
-            client: name.clone(),
-            stream,
-            trace: trace.clone(),
-            pending: Vec::new(),
-            sink: client_runs.clone(),
-        };
-        let console = Console {
-            out: Box::new(console("out")),
-            err: Box::new(console("err")),
-            progress: false,
-        };
-        let (trace, runs, client) = (trace.clone(), client_runs.clone(), name.clone());
-        sim.client(name.as_str(), async move {
-            tokio::time::sleep(start_after).await;
-            let connector = Connector::dialing(Arc::new(SimDialer));
-            let code = distbuild_client::run_build(args, connector, console).await;
-            trace.record(What::ClientExited {
-                client: client.clone(),
-                code,
-            });
-            runs.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .entry(client)
-                .or_default()
-                .exit_code = Some(code);
+    for (k, host) in shape.clients.iter().enumerate() {
+        // This client's builds, one after another, each after a pause.
+        let mut plan = Vec::new();
+        for (i, graph) in graphs
+            .iter()
+            .enumerate()
+            .skip(k)
+            .step_by(shape.clients.len())
+        {
+            let build = builds[i].clone();
+            let workspace = dir.join(&build);
+            graph.write(&workspace).expect("write a client's graph");
+            let args = BuildArgs {
+                graph: workspace.join("graph.json"),
+                source_dir: workspace.join("src"),
+                output_dir: None,
+                json: true,
+                connection: ConnectionArgs {
+                    coordinators: coordinator_addrs.clone(),
+                    timeout_secs: 600,
+                },
+                output_base: None,
+                block_for_lock: true,
+                max_idle_secs: 0,
+            };
+            let pause = Duration::from_millis(rng.gen_range(0..3_000));
+            plan.push((build, args, pause));
+        }
+        let (trace, runs) = (trace.clone(), client_runs.clone());
+        sim.client(host.as_str(), async move {
+            for (build, args, pause) in plan {
+                tokio::time::sleep(pause).await;
+                let console = |stream| Lines {
+                    client: build.clone(),
+                    stream,
+                    trace: trace.clone(),
+                    pending: Vec::new(),
+                    sink: runs.clone(),
+                };
+                let console = Console {
+                    out: Box::new(console("out")),
+                    err: Box::new(console("err")),
+                    progress: false,
+                };
+                let connector = Connector::dialing(Arc::new(SimDialer));
+                let code = distbuild_client::run_build(args, connector, console).await;
+                trace.record(What::ClientExited {
+                    client: build.clone(),
+                    code,
+                });
+                runs.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .entry(build)
+                    .or_default()
+                    .exit_code = Some(code);
+            }
             Ok(())
         });
     }
@@ -393,7 +422,7 @@ pub fn run(config: RunConfig, dir: &Path) -> RunResult {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let (sources, outputs) = audit_targets(&graphs, &shape.clients, &runs);
+        let (sources, outputs) = audit_targets(&graphs, &builds, &runs);
         let audit_dir = dir.join("audit");
         let addrs = coordinator_addrs.clone();
         let found = audit.clone();
@@ -420,7 +449,7 @@ pub fn run(config: RunConfig, dir: &Path) -> RunResult {
     RunResult {
         config,
         graphs,
-        clients: shape.clients,
+        builds,
         client_runs,
         audit,
         trace,
@@ -436,13 +465,13 @@ pub fn run(config: RunConfig, dir: &Path) -> RunResult {
 /// reported.
 fn audit_targets(
     graphs: &[Graph],
-    clients: &[String],
+    builds: &[String],
     runs: &BTreeMap<String, ClientRun>,
 ) -> (Vec<Digest>, Vec<Output>) {
     let mut sources = BTreeSet::new();
     let mut outputs = BTreeMap::new();
-    for (client, graph) in clients.iter().zip(graphs) {
-        let Some(run) = runs.get(client) else {
+    for (build, graph) in builds.iter().zip(graphs) {
+        let Some(run) = runs.get(build) else {
             continue;
         };
         let acknowledged = run

@@ -53,10 +53,11 @@ fn main() -> ExitCode {
             }
         }
         println!(
-            "seed {seed}: {} violations, trace {}, {:.1} s",
+            "seed {seed}: {} violations, trace {}, {:.1} s ({})",
             report.violations.len(),
             report.trace_hash,
-            report.seconds
+            report.seconds,
+            distbuild_simulation::checkers::exercised(&report.run)
         );
         if !report.violations.is_empty() {
             failed += 1;

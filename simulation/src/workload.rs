@@ -59,7 +59,7 @@ impl JobDef {
             label,
             inputs,
             deps,
-            delay_ms: rng.gen_range(20..600),
+            delay_ms: rng.gen_range(50..1_500),
             exit_code,
         }
     }
@@ -128,8 +128,8 @@ impl Graph {
     }
 }
 
-/// The graphs of `clients` clients for `seed`.
-pub fn generate(seed: u64, clients: usize) -> Vec<Graph> {
+/// The graphs of `builds` builds for `seed`.
+pub fn generate(seed: u64, builds: usize) -> Vec<Graph> {
     let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed_0f_9a4b);
     // Shared sources and a shared subgraph every build includes.
     let mut shared_sources = BTreeMap::new();
@@ -161,13 +161,13 @@ pub fn generate(seed: u64, clients: usize) -> Vec<Graph> {
         ));
     }
 
-    (0..clients)
+    (0..builds)
         .map(|k| {
             let mut sources = shared_sources.clone();
             for i in 0..rng.gen_range(1..4) {
                 sources.insert(
-                    format!("c{k}/f{i}.txt"),
-                    format!("client {k} source {i} of seed {seed}\n").into_bytes(),
+                    format!("b{k}/f{i}.txt"),
+                    format!("build {k} source {i} of seed {seed}\n").into_bytes(),
                 );
             }
             let paths: Vec<String> = sources.keys().cloned().collect();
@@ -175,7 +175,7 @@ pub fn generate(seed: u64, clients: usize) -> Vec<Graph> {
             let mut next = 0;
             let label = |next: &mut usize| {
                 *next += 1;
-                format!("c{k}-{}", *next - 1)
+                format!("b{k}-{}", *next - 1)
             };
             for _ in 0..rng.gen_range(1..4) {
                 let known: Vec<String> = jobs.iter().map(|j| j.label.clone()).collect();

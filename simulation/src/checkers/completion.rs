@@ -54,7 +54,7 @@ pub fn results(lines: &[String]) -> BTreeMap<String, JobResult> {
 
 pub fn check(run: &RunResult, reference: &RunResult) -> Vec<Violation> {
     let mut findings = Findings::new("completion");
-    for client in &run.clients {
+    for client in &run.builds {
         let Some(seen) = run.client_runs.get(client) else {
             findings.report(format!("{client} printed nothing"));
             continue;

@@ -11,7 +11,7 @@ use crate::cluster::RunResult;
 
 pub fn check(run: &RunResult) -> Vec<Violation> {
     let mut findings = Findings::new("events");
-    for (client, graph) in run.clients.iter().zip(&run.graphs) {
+    for (client, graph) in run.builds.iter().zip(&run.graphs) {
         let Some(seen) = run.client_runs.get(client) else {
             continue;
         };

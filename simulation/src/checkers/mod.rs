@@ -150,3 +150,30 @@ pub fn client_events(lines: &[String]) -> Vec<ClientEvent> {
         })
         .collect()
 }
+
+/// What a run exercised, counted from its committed log and trace (to see
+/// that faults bit: elections, expiries, refused reports).
+pub fn exercised(run: &RunResult) -> String {
+    use distbuild_coordinator::state::{Command, Response};
+    let log = canonical_log(run);
+    let (mut accepted, mut refused, mut expired, mut revoked) = (0, 0, 0, 0);
+    for applied in log.values() {
+        match (&applied.proposal.command, &applied.response) {
+            (Command::Report { .. }, Response::Reported { accepted: true }) => accepted += 1,
+            (Command::Report { .. }, Response::Reported { accepted: false }) => refused += 1,
+            (_, Response::Expired { tokens }) => expired += tokens.len(),
+            (_, Response::Heartbeat { revoked: r, .. }) => revoked += r.len(),
+            _ => {}
+        }
+    }
+    let records = run.trace.records();
+    let count =
+        |f: &dyn Fn(&crate::trace::What) -> bool| records.iter().filter(|r| f(&r.what)).count();
+    format!(
+        "{} entries, {} terms led, {} faults, {} job runs, reports {accepted} accepted / {refused} refused, {expired} leases expired, {revoked} revoked",
+        log.len(),
+        run.observer.observations().leaders.len(),
+        count(&|w| matches!(w, crate::trace::What::Fault(_))),
+        count(&|w| matches!(w, crate::trace::What::RunStarted { .. })),
+    )
+}
