@@ -4,14 +4,15 @@
 //! committed log, independently of the coordinator's own bookkeeping: the
 //! checker follows grants (`Assign` answers), revocations (`Heartbeat`
 //! answers), expiries (`ExpireLeases` answers), re-registrations and
-//! accepted reports.
+//! accepted reports. A retried request (same request ID) applies nothing:
+//! it is held to the first answer and otherwise skipped.
 
 use std::collections::BTreeMap;
 
 use distbuild_coordinator::state::{Command, Outcome, Response};
 use distbuild_proto::Digest;
 
-use super::{Findings, Violation, canonical_log};
+use super::{Findings, Violation, canonical_log, retries};
 use crate::cluster::RunResult;
 
 pub fn check(run: &RunResult) -> Vec<Violation> {
@@ -25,7 +26,21 @@ pub fn check(run: &RunResult) -> Vec<Violation> {
     // cache key -> index of its last accepted result
     let mut accepted_at: BTreeMap<Digest, u64> = BTreeMap::new();
 
-    for (index, applied) in canonical_log(run) {
+    let log = canonical_log(run);
+    let retried = retries(&log);
+    for (index, applied) in &log {
+        let index = *index;
+        if let Some(first) = retried.get(&index) {
+            // A retry changes nothing, so it must get the first answer.
+            let answer = &log[first].response;
+            if applied.response != *answer {
+                findings.report(format!(
+                    "entry {index}: a retry of entry {first}'s request was answered {:?}, the first time {answer:?}",
+                    applied.response
+                ));
+            }
+            continue;
+        }
         match (&applied.proposal.command, &applied.response) {
             (Command::Assign { worker_id, .. }, Response::Assigned { keys, tokens }) => {
                 for (key, token) in keys.iter().zip(tokens) {

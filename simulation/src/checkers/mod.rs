@@ -93,6 +93,29 @@ pub fn canonical_log(run: &RunResult) -> BTreeMap<u64, Applied> {
     log
 }
 
+/// The retried requests of a committed log: index -> the earlier index
+/// that carried the same request ID. The state machine answers a retry with
+/// the first answer and applies nothing (`distbuild_coordinator::requests`),
+/// so a retry is no event of its own. (It remembers answers for 15 minutes
+/// of leader time, far longer than a simulated run.)
+pub fn retries(log: &BTreeMap<u64, Applied>) -> BTreeMap<u64, u64> {
+    let mut first: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut retries = BTreeMap::new();
+    for (index, applied) in log {
+        if let Some(id) = &applied.proposal.request_id {
+            match first.get(id.as_str()) {
+                Some(earlier) => {
+                    retries.insert(*index, *earlier);
+                }
+                None => {
+                    first.insert(id, *index);
+                }
+            }
+        }
+    }
+    retries
+}
+
 /// The job label a worker's output names (`ran LABEL`), if any.
 pub fn label_of(stdout: &[u8]) -> Option<String> {
     let text = std::str::from_utf8(stdout).ok()?;
@@ -156,8 +179,12 @@ pub fn client_events(lines: &[String]) -> Vec<ClientEvent> {
 pub fn exercised(run: &RunResult) -> String {
     use distbuild_coordinator::state::{Command, Response};
     let log = canonical_log(run);
+    let retried = retries(&log);
     let (mut accepted, mut refused, mut expired, mut revoked) = (0, 0, 0, 0);
-    for applied in log.values() {
+    for (index, applied) in &log {
+        if retried.contains_key(index) {
+            continue;
+        }
         match (&applied.proposal.command, &applied.response) {
             (Command::Report { .. }, Response::Reported { accepted: true }) => accepted += 1,
             (Command::Report { .. }, Response::Reported { accepted: false }) => refused += 1,
@@ -170,8 +197,9 @@ pub fn exercised(run: &RunResult) -> String {
     let count =
         |f: &dyn Fn(&crate::trace::What) -> bool| records.iter().filter(|r| f(&r.what)).count();
     format!(
-        "{} entries, {} terms led, {} faults, {} job runs, reports {accepted} accepted / {refused} refused, {expired} leases expired, {revoked} revoked",
+        "{} entries ({} retries), {} terms led, {} faults, {} job runs, reports {accepted} accepted / {refused} refused, {expired} leases expired, {revoked} revoked",
         log.len(),
+        retried.len(),
         run.observer.observations().leaders.len(),
         count(&|w| matches!(w, crate::trace::What::Fault(_))),
         count(&|w| matches!(w, crate::trace::What::RunStarted { .. })),
