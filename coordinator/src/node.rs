@@ -58,6 +58,9 @@ pub struct InjectedBugs {
     /// Accept a result reported under a lease that already expired, while
     /// its job waits to run again.
     pub accept_expired_lease_results: bool,
+    /// Apply a retried request again instead of answering it with the
+    /// first answer (exactly-once under retry broken).
+    pub forget_request_answers: bool,
 }
 
 /// What a replica takes from its surroundings: time, the network, and
@@ -117,6 +120,7 @@ impl Application<TypeConfig> for App {
         let mut model = lock(&self.model);
         let mut requests = self.requests.lock().expect("requests lock poisoned");
         model.accept_expired_lease_results = self.bugs.accept_expired_lease_results;
+        requests.forget_answers = self.bugs.forget_request_answers;
         let response = requests.apply(&mut model, log_id.index, proposal);
         model.flush(txn)?;
         requests.flush(txn)?;

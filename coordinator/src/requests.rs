@@ -57,6 +57,8 @@ pub struct Requests {
     /// (remembered at, ID), oldest first (derived).
     by_age: BTreeSet<(u64, String)>,
     dirty: BTreeSet<String>,
+    /// Injected bug, never persisted: see `node::InjectedBugs`.
+    pub forget_answers: bool,
 }
 
 impl Requests {
@@ -66,7 +68,9 @@ impl Requests {
         let Some(id) = &proposal.request_id else {
             return model.apply(index, &proposal.command);
         };
-        if let Some(seen) = self.by_id.get(id) {
+        if let Some(seen) = self.by_id.get(id)
+            && !self.forget_answers
+        {
             return seen.response.clone();
         }
         let response = model.apply(index, &proposal.command);

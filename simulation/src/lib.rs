@@ -37,13 +37,14 @@ pub struct SeedReport {
 }
 
 /// The names `--bug` accepts.
-pub const BUG_NAMES: &[&str] = &["accept-expired-lease-results"];
+pub const BUG_NAMES: &[&str] = &["accept-expired-lease-results", "forget-request-answers"];
 
 /// The injected bug called `name` (see [`BUG_NAMES`]).
 pub fn bug(name: &str) -> Option<InjectedBugs> {
     let mut bugs = InjectedBugs::default();
     match name {
         "accept-expired-lease-results" => bugs.accept_expired_lease_results = true,
+        "forget-request-answers" => bugs.forget_request_answers = true,
         _ => return None,
     }
     Some(bugs)
@@ -53,6 +54,9 @@ fn bug_flags(bugs: InjectedBugs) -> String {
     let mut flags = String::new();
     if bugs.accept_expired_lease_results {
         flags.push_str(" --bug accept-expired-lease-results");
+    }
+    if bugs.forget_request_answers {
+        flags.push_str(" --bug forget-request-answers");
     }
     flags
 }

@@ -39,6 +39,7 @@ fn main() -> ExitCode {
     for name in &args.bugs {
         let one = bug(name).expect("clap checked the name");
         bugs.accept_expired_lease_results |= one.accept_expired_lease_results;
+        bugs.forget_request_answers |= one.forget_request_answers;
     }
     let seeds: Vec<u64> = match args.seed {
         Some(seed) => vec![seed],

@@ -130,7 +130,7 @@ impl Graph {
 
 /// The graphs of `builds` builds for `seed`.
 pub fn generate(seed: u64, builds: usize) -> Vec<Graph> {
-    let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed_0f_9a4b);
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x005e_ed0f_9a4b);
     // Shared sources and a shared subgraph every build includes.
     let mut shared_sources = BTreeMap::new();
     for i in 0..rng.gen_range(2..5) {
