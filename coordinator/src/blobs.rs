@@ -34,6 +34,15 @@ pub enum BlobError {
     },
 }
 
+impl From<blocking::Panicked> for BlobError {
+    fn from(panicked: blocking::Panicked) -> Self {
+        BlobError::Io {
+            context: "blob store".to_string(),
+            source: panicked.into(),
+        }
+    }
+}
+
 fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> BlobError {
     let context = context.into();
     move |source| BlobError::Io { context, source }

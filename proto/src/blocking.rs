@@ -25,19 +25,49 @@ pub fn is_inline() -> bool {
     INLINE.with(Cell::get)
 }
 
+/// Blocking work that panicked (a bug): what the panic said. Callers get
+/// it as an error of their own kind, so a panicking file operation fails
+/// the one request or job that ran it, and the process goes on serving.
+#[derive(Debug, thiserror::Error)]
+#[error("blocking work panicked: {0}")]
+pub struct Panicked(pub String);
+
+impl From<Panicked> for io::Error {
+    fn from(panicked: Panicked) -> Self {
+        io::Error::other(panicked)
+    }
+}
+
+impl From<Panicked> for String {
+    fn from(panicked: Panicked) -> Self {
+        panicked.to_string()
+    }
+}
+
 /// Runs `work` off the async threads (or in place, see
-/// [`run_inline_on_this_thread`]). A panic in `work` is resumed here.
-pub async fn run<F, R>(work: F) -> R
+/// [`run_inline_on_this_thread`]). A panic in `work` on tokio's blocking
+/// pool becomes a [`Panicked`] error; in place, it unwinds as any panic of
+/// the calling task does (a simulation fails the run on it).
+pub async fn run<F, T, E>(work: F) -> Result<T, E>
 where
-    F: FnOnce() -> R + Send + 'static,
-    R: Send + 'static,
+    F: FnOnce() -> Result<T, E> + Send + 'static,
+    T: Send + 'static,
+    E: From<Panicked> + Send + 'static,
 {
     if is_inline() {
         return work();
     }
     match tokio::task::spawn_blocking(work).await {
-        Ok(value) => value,
-        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Ok(result) => result,
+        Err(e) if e.is_panic() => {
+            let payload = e.into_panic();
+            let message = payload
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "(no message)".to_string());
+            Err(Panicked(message).into())
+        }
         // The runtime is shutting down and dropped the task: nothing will
         // wait for this answer.
         Err(_) => std::future::pending().await,
@@ -113,12 +143,27 @@ impl FileWriter {
 mod tests {
     use super::*;
 
+    async fn thread_of_work() -> std::thread::ThreadId {
+        run(|| Ok::<_, Panicked>(std::thread::current().id()))
+            .await
+            .expect("no panic")
+    }
+
     #[tokio::test]
     async fn runs_on_the_pool_or_in_place() {
         let here = std::thread::current().id();
-        assert_ne!(run(move || std::thread::current().id()).await, here);
+        assert_ne!(thread_of_work().await, here);
         run_inline_on_this_thread();
-        assert_eq!(run(move || std::thread::current().id()).await, here);
+        assert_eq!(thread_of_work().await, here);
+    }
+
+    #[tokio::test]
+    async fn a_panic_on_the_pool_is_an_error_of_the_callers_kind() {
+        let result: io::Result<()> = run(|| panic!("disk on fire")).await;
+        let error = result.expect_err("the work panicked");
+        assert_eq!(error.to_string(), "blocking work panicked: disk on fire");
+        // The pool still serves.
+        thread_of_work().await;
     }
 
     #[tokio::test]

@@ -40,6 +40,15 @@ pub enum CacheError {
     },
 }
 
+impl From<distbuild_proto::blocking::Panicked> for CacheError {
+    fn from(panicked: distbuild_proto::blocking::Panicked) -> Self {
+        CacheError::Io {
+            context: "cache".to_string(),
+            source: panicked.into(),
+        }
+    }
+}
+
 fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> CacheError {
     let context = context.into();
     move |source| CacheError::Io { context, source }

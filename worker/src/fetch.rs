@@ -61,6 +61,12 @@ pub enum FetchError {
     },
 }
 
+impl From<distbuild_proto::blocking::Panicked> for FetchError {
+    fn from(panicked: distbuild_proto::blocking::Panicked) -> Self {
+        FetchError::Local(panicked.to_string())
+    }
+}
+
 impl FetchError {
     /// Whether the failure is this worker's own (its disk), not the other
     /// side's: trying another source would not help.
