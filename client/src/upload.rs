@@ -1,7 +1,7 @@
 //! Uploading the source blobs the cluster lacks: asked in batches, streamed
 //! from disk chunk by chunk, several at a time.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -52,7 +52,28 @@ pub async fn upload_missing(cluster: &Cluster, sources: &[Source]) -> Result<usi
         by_digest.entry(source.digest).or_insert(source);
     }
     let digests: Vec<Digest> = by_digest.keys().copied().collect();
-    let mut missing: HashSet<Digest> = HashSet::new();
+    let missing = find_missing(cluster, &digests).await?;
+    let to_upload: Vec<&Source> = by_digest
+        .iter()
+        .filter(|(digest, _)| missing.contains(digest))
+        .map(|(_, source)| *source)
+        .collect();
+    let count = to_upload.len();
+    futures::stream::iter(to_upload)
+        .map(|source| upload_one(cluster, source))
+        .buffer_unordered(MAX_CONCURRENT_UPLOADS)
+        .try_collect::<Vec<()>>()
+        .await?;
+    Ok(count)
+}
+
+/// Which of `digests` the cluster does not store, asked in batches of
+/// [`MAX_DIGESTS_PER_REQUEST`].
+pub async fn find_missing(
+    cluster: &Cluster,
+    digests: &[Digest],
+) -> Result<BTreeSet<Digest>, CallError> {
+    let mut missing = BTreeSet::new();
     for batch in digests.chunks(MAX_DIGESTS_PER_REQUEST) {
         let request = FindMissingBlobsRequest {
             digests: batch.iter().map(digest_to_wire).collect(),
@@ -69,24 +90,13 @@ pub async fn upload_missing(cluster: &Cluster, sources: &[Source]) -> Result<usi
             })
             .await?;
         for raw in response.missing {
-            // Only what was asked about is uploaded; anything else is noise.
+            // A malformed digest names nothing that was asked about.
             if let Ok(digest) = digest_from_wire(&raw, "missing digest") {
                 missing.insert(digest);
             }
         }
     }
-    let to_upload: Vec<&Source> = by_digest
-        .iter()
-        .filter(|(digest, _)| missing.contains(digest))
-        .map(|(_, source)| *source)
-        .collect();
-    let count = to_upload.len();
-    futures::stream::iter(to_upload)
-        .map(|source| upload_one(cluster, source))
-        .buffer_unordered(MAX_CONCURRENT_UPLOADS)
-        .try_collect::<Vec<()>>()
-        .await?;
-    Ok(count)
+    Ok(missing)
 }
 
 /// Uploads one blob, retrying (from the start of the file) as the cluster

@@ -11,11 +11,11 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use distbuild_client::args::{BuildArgs, ConnectionArgs};
 use distbuild_client::cluster::Cluster;
-use distbuild_client::connect::{Connector, client_api};
+use distbuild_client::connect::Connector;
 use distbuild_client::download::{Output, download_outputs};
 use distbuild_client::render::Console;
+use distbuild_client::upload::find_missing;
 use distbuild_coordinator::{Bootstrap, Clock, InjectedBugs, Seams, Tuning};
-use distbuild_proto::v1::FindMissingBlobsRequest;
 use distbuild_proto::{Digest, JobId};
 use distbuild_worker::connect::DialConnector;
 use distbuild_worker::runtime::{WorkerConfig, run_incoming};
@@ -517,30 +517,9 @@ async fn run_audit(
     dir: &Path,
 ) -> Audit {
     let mut audit = Audit::default();
-    let request = FindMissingBlobsRequest {
-        digests: sources
-            .iter()
-            .map(distbuild_proto::wire::digest_to_wire)
-            .collect(),
-    };
-    match cluster
-        .call(
-            "find missing blobs",
-            Some(Duration::from_secs(10)),
-            |channel| {
-                let request = request.clone();
-                async move {
-                    Ok(client_api(channel)
-                        .find_missing_blobs(request)
-                        .await?
-                        .into_inner())
-                }
-            },
-        )
-        .await
-    {
-        Ok(found) => {
-            audit.missing_sources = found.missing.iter().map(hex::encode).collect();
+    match find_missing(cluster, &sources).await {
+        Ok(missing) => {
+            audit.missing_sources = missing.iter().map(Digest::to_string).collect();
         }
         Err(e) => audit.errors.push(format!("find missing blobs: {e}")),
     }
