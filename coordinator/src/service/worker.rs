@@ -208,7 +208,11 @@ impl WorkerApi for WorkerService {
                 req.slots
             )));
         }
-        let held = digests(&req.held_artifacts, "held_artifacts")?;
+        let mut held = digests(&req.held_artifacts, "held_artifacts")?;
+        // A set: proposed in one order whatever order the worker's cache
+        // listed it in.
+        held.sort_unstable();
+        held.dedup();
         let request = request_key("register", &req.worker_id, &req.request_id)?;
         self.node
             .propose_request(
