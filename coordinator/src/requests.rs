@@ -58,7 +58,7 @@ pub struct Requests {
     by_age: BTreeSet<(u64, String)>,
     dirty: BTreeSet<String>,
     /// Injected bug, never persisted: see `node::InjectedBugs`.
-    pub forget_answers: bool,
+    pub(crate) forget_answers: bool,
 }
 
 impl Requests {

@@ -449,7 +449,7 @@ pub struct Model {
     staged: BTreeMap<String, staging::Staged>,
     dirty: Dirty,
     /// Injected bug, never persisted: see `node::InjectedBugs`.
-    pub accept_expired_lease_results: bool,
+    pub(crate) accept_expired_lease_results: bool,
 }
 
 /// What `assign` found of a queued execution's dependency artifacts.
