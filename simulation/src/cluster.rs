@@ -178,11 +178,15 @@ fn any_addr(port: u16) -> SocketAddr {
     SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port)
 }
 
+/// Mixed into the seed for the hosts' own random draws (election timeouts,
+/// jitter, IDs), so they are not the same numbers as the plan's draws.
+const HOSTS_STREAM: u64 = 0x9e37_79b9_7f4a_7c15;
+
 /// Runs `config` in `dir` (which holds every host's disk).
 pub fn run(config: RunConfig, dir: &Path) -> RunResult {
     // One thread runs every host: random draws and blocking work happen
     // in the simulation's own order.
-    distbuild_proto::rng::seed_this_thread(config.seed);
+    distbuild_proto::rng::seed_this_thread(config.seed ^ HOSTS_STREAM);
     distbuild_proto::blocking::run_inline_on_this_thread();
     let mut rng = StdRng::seed_from_u64(config.seed);
     let shape = shape(&mut rng);
@@ -536,6 +540,14 @@ async fn run_audit(
     audit
 }
 
+/// Both directions of each (a, b).
+fn both_ways(pairs: impl IntoIterator<Item = (String, String)>) -> Vec<(String, String)> {
+    pairs
+        .into_iter()
+        .flat_map(|(a, b)| [(a.clone(), b.clone()), (b, a)])
+        .collect()
+}
+
 /// Applies the fault plan to the running simulation.
 struct Driver<'p> {
     pending: std::collections::VecDeque<&'p Planned>,
@@ -547,11 +559,15 @@ struct Driver<'p> {
     all: Vec<String>,
     delays: u32,
     losses: u32,
+    /// Directed links (from, to) cut, with how many faults cut each: a link
+    /// is repaired when the last fault that cut it ends, so overlapping
+    /// faults do not undo each other.
+    cuts: BTreeMap<(String, String), u32>,
 }
 
 enum Undo {
-    Repair(Vec<(String, String)>),
-    RepairOneWay(String, String),
+    /// Directed links (from, to) one fault cut.
+    Uncut(Vec<(String, String)>),
     Restart(String),
     EndDelay,
     EndLoss,
@@ -568,6 +584,33 @@ impl<'p> Driver<'p> {
             all: hosts.all(),
             delays: 0,
             losses: 0,
+            cuts: BTreeMap::new(),
+        }
+    }
+
+    /// Cuts the directed links `links` (one more fault cutting each).
+    fn cut(&mut self, sim: &mut turmoil::Sim<'_>, links: &[(String, String)]) {
+        for (from, to) in links {
+            let count = self.cuts.entry((from.clone(), to.clone())).or_default();
+            *count += 1;
+            if *count == 1 {
+                sim.partition_oneway(from.as_str(), to.as_str());
+            }
+        }
+    }
+
+    /// Ends one fault's cut of `links`; a link no fault cuts any more is
+    /// repaired.
+    fn uncut(&mut self, sim: &mut turmoil::Sim<'_>, links: &[(String, String)]) {
+        for link in links {
+            let Some(count) = self.cuts.get_mut(link) else {
+                continue;
+            };
+            *count -= 1;
+            if *count == 0 {
+                self.cuts.remove(link);
+                sim.repair_oneway(link.0.as_str(), link.1.as_str());
+            }
         }
     }
 
@@ -578,7 +621,8 @@ impl<'p> Driver<'p> {
     /// The coordinator that led the highest term seen.
     fn leader(&self) -> Option<String> {
         let seen = self.observer.observations();
-        let &(_, node) = seen.leaders.iter().next_back()?;
+        // The highest leader ID (term, node) is the newest leadership.
+        let &(_, node) = seen.leaders.iter().max()?;
         self.coordinators.get(node as usize - 1).cloned()
     }
 
@@ -595,30 +639,30 @@ impl<'p> Driver<'p> {
             let planned = self.pending.pop_front().expect("checked");
             let undo = match &planned.fault {
                 Fault::Partition { a, b } => {
-                    sim.partition(a.as_str(), b.as_str());
+                    let links = both_ways([(a.clone(), b.clone())]);
+                    self.cut(sim, &links);
                     self.note(now_ms, format!("partition {a} <-> {b}"));
-                    Undo::Repair(vec![(a.clone(), b.clone())])
+                    Undo::Uncut(links)
                 }
                 Fault::OneWay { from, to } => {
-                    sim.partition_oneway(from.as_str(), to.as_str());
+                    let links = vec![(from.clone(), to.clone())];
+                    self.cut(sim, &links);
                     self.note(now_ms, format!("partition {from} -> {to}"));
-                    Undo::RepairOneWay(from.clone(), to.clone())
+                    Undo::Uncut(links)
                 }
                 Fault::IsolateLeader => {
                     let Some(leader) = self.leader() else {
                         continue;
                     };
-                    let pairs: Vec<(String, String)> = self
-                        .all
-                        .iter()
-                        .filter(|h| **h != leader)
-                        .map(|h| (leader.clone(), h.clone()))
-                        .collect();
-                    for (a, b) in &pairs {
-                        sim.partition(a.as_str(), b.as_str());
-                    }
+                    let links = both_ways(
+                        self.all
+                            .iter()
+                            .filter(|h| **h != leader)
+                            .map(|h| (leader.clone(), h.clone())),
+                    );
+                    self.cut(sim, &links);
                     self.note(now_ms, format!("isolate leader {leader}"));
-                    Undo::Repair(pairs)
+                    Undo::Uncut(links)
                 }
                 Fault::Delay { max_ms } => {
                     sim.set_max_message_latency(Duration::from_millis(base_latency_ms + max_ms));
@@ -643,16 +687,11 @@ impl<'p> Driver<'p> {
                     Undo::Restart(host.clone())
                 }
                 Fault::Disconnect { host } => {
-                    let pairs: Vec<(String, String)> = self
-                        .coordinators
-                        .iter()
-                        .map(|c| (host.clone(), c.clone()))
-                        .collect();
-                    for (a, b) in &pairs {
-                        sim.partition(a.as_str(), b.as_str());
-                    }
+                    let links =
+                        both_ways(self.coordinators.iter().map(|c| (host.clone(), c.clone())));
+                    self.cut(sim, &links);
                     self.note(now_ms, format!("disconnect {host} from the coordinators"));
-                    Undo::Repair(pairs)
+                    Undo::Uncut(links)
                 }
             };
             self.undo.entry(planned.end_ms).or_default().push(undo);
@@ -667,15 +706,16 @@ impl<'p> Driver<'p> {
         base_latency_ms: u64,
     ) {
         match undo {
-            Undo::Repair(pairs) => {
-                for (a, b) in &pairs {
-                    sim.repair(a.as_str(), b.as_str());
-                }
-                self.note(now_ms, format!("repair {} links", pairs.len()));
-            }
-            Undo::RepairOneWay(from, to) => {
-                sim.repair_oneway(from.as_str(), to.as_str());
-                self.note(now_ms, format!("repair {from} -> {to}"));
+            Undo::Uncut(links) => {
+                self.uncut(sim, &links);
+                self.note(
+                    now_ms,
+                    format!(
+                        "a cut of {} links ends ({} cut now)",
+                        links.len(),
+                        self.cuts.len()
+                    ),
+                );
             }
             Undo::Restart(host) => {
                 sim.bounce(host.as_str());
@@ -702,6 +742,7 @@ impl<'p> Driver<'p> {
     fn heal(&mut self, sim: &mut turmoil::Sim<'_>, all: &[String], base_latency_ms: u64) {
         let now_ms = sim.elapsed().as_millis() as u64;
         self.pending.clear();
+        self.cuts.clear();
         let undo = std::mem::take(&mut self.undo);
         for undo in undo.into_values().flatten() {
             if let Undo::Restart(host) = undo {

@@ -7,6 +7,12 @@
 //! A seed is run twice: once without faults (the reference: what every
 //! build must produce) and once with them.
 
+// Without it tokio's `select!` draws from an unseeded RNG and a seed no
+// longer gives one run (`.cargo/config.toml` sets it; an exported RUSTFLAGS
+// replaces that setting).
+#[cfg(not(tokio_unstable))]
+compile_error!("the simulation must be built with --cfg tokio_unstable (see .cargo/config.toml)");
+
 pub mod checkers;
 pub mod cluster;
 pub mod faults;

@@ -3,7 +3,7 @@
 //! (from openraft's metrics). Both go into the trace and into
 //! [`Observations`] for the checkers.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use distbuild_coordinator::requests::Proposal;
@@ -27,8 +27,9 @@ pub struct Observations {
     /// Per replica, per log index, what it applied (a restarted replica
     /// that applies an index again adds a second entry).
     pub applied: BTreeMap<u64, BTreeMap<u64, Vec<Applied>>>,
-    /// (term, replica) for every replica seen leading.
-    pub leaders: BTreeSet<(u64, u64)>,
+    /// (term, replica) for every replica seen leading, in the order they
+    /// were first seen (openraft's leader ID; see the `raft` checker).
+    pub leaders: Vec<(u64, u64)>,
 }
 
 /// The observer shared by every coordinator of a run.
@@ -50,6 +51,16 @@ impl Observer {
         self.seen.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Notes that `node` leads in `term`; false if it was seen before.
+    fn note_leader(&self, term: u64, node: u64) -> bool {
+        let leaders = &mut self.observations().leaders;
+        let new = !leaders.contains(&(term, node));
+        if new {
+            leaders.push((term, node));
+        }
+        new
+    }
+
     /// Watches `node`'s metrics until they end, noting each term it leads.
     pub async fn watch_leadership(self, node: Arc<Node>) {
         let mut metrics = node.raft.metrics();
@@ -58,9 +69,7 @@ impl Observer {
                 let m = metrics.borrow_and_update();
                 (m.state, m.current_term)
             };
-            if state == openraft::ServerState::Leader
-                && self.observations().leaders.insert((term, node.node_id))
-            {
+            if state == openraft::ServerState::Leader && self.note_leader(term, node.node_id) {
                 self.trace.record(What::Leader {
                     node: node.node_id,
                     term,

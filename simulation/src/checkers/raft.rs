@@ -1,5 +1,13 @@
-//! Raft's own safety: at most one leader per term, and the replicas'
-//! state machines agree at every index (same command, same answer).
+//! Raft's own safety: elections are safe, and the replicas' state
+//! machines agree at every index (same command, same answer).
+//!
+//! openraft (0.9, default mode) identifies a leadership by its leader ID,
+//! (term, node ID), ordered term first: a candidate of the same term with
+//! a higher node ID may still win votes that went to a lower one, so one
+//! term can see two leaders, the later with the higher ID, never the other
+//! way round (a voter never goes back to a lower ID). Within a term,
+//! leaders must therefore appear in increasing node ID; the same node
+//! leads a term at most once (seen once, as the observer records it).
 
 use std::collections::BTreeMap;
 
@@ -9,10 +17,15 @@ use crate::cluster::RunResult;
 pub fn check(run: &RunResult) -> Vec<Violation> {
     let mut findings = Findings::new("raft");
     let seen = run.observer.observations();
+    // term -> the node seen leading it last
     let mut leader_of: BTreeMap<u64, u64> = BTreeMap::new();
     for &(term, node) in &seen.leaders {
-        if let Some(other) = leader_of.insert(term, node) {
-            findings.report(format!("term {term} had two leaders: c{other} and c{node}"));
+        if let Some(earlier) = leader_of.insert(term, node)
+            && earlier > node
+        {
+            findings.report(format!(
+                "term {term}: c{node} was elected after c{earlier}, whose leader ID is higher"
+            ));
         }
     }
     // index -> (node, digest) of the first application seen
