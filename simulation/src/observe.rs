@@ -30,6 +30,10 @@ pub struct Observations {
     /// (term, replica) for every replica seen leading, in the order they
     /// were first seen (openraft's leader ID; see the `raft` checker).
     pub leaders: Vec<(u64, u64)>,
+    /// (replica, index) of every snapshot a replica was seen holding.
+    /// Snapshot files are written outside the blocking seam, so a run is
+    /// kept below openraft's snapshot threshold (see the `raft` checker).
+    pub snapshots: Vec<(u64, u64)>,
 }
 
 /// The observer shared by every coordinator of a run.
@@ -65,10 +69,16 @@ impl Observer {
     pub async fn watch_leadership(self, node: Arc<Node>) {
         let mut metrics = node.raft.metrics();
         loop {
-            let (state, term) = {
+            let (state, term, snapshot) = {
                 let m = metrics.borrow_and_update();
-                (m.state, m.current_term)
+                (m.state, m.current_term, m.snapshot.map(|id| id.index))
             };
+            if let Some(index) = snapshot {
+                let snapshots = &mut self.observations().snapshots;
+                if !snapshots.contains(&(node.node_id, index)) {
+                    snapshots.push((node.node_id, index));
+                }
+            }
             if state == openraft::ServerState::Leader && self.note_leader(term, node.node_id) {
                 self.trace.record(What::Leader {
                     node: node.node_id,

@@ -8,6 +8,10 @@
 //! way round (a voter never goes back to a lower ID). Within a term,
 //! leaders must therefore appear in increasing node ID; the same node
 //! leads a term at most once (seen once, as the observer records it).
+//!
+//! It also reports a snapshot: openraft's snapshot files are written outside
+//! the blocking seam, so runs stay below the snapshot threshold to remain
+//! deterministic.
 
 use std::collections::BTreeMap;
 
@@ -27,6 +31,12 @@ pub fn check(run: &RunResult) -> Vec<Violation> {
                 "term {term}: c{node} was elected after c{earlier}, whose leader ID is higher"
             ));
         }
+    }
+    for &(node, index) in &seen.snapshots {
+        findings.report(format!(
+            "c{node} holds a snapshot at index {index}: snapshot files are written outside the \
+             blocking seam, so the run may not replay (keep runs below the snapshot threshold)"
+        ));
     }
     // index -> (node, digest) of the first application seen
     let mut first: BTreeMap<u64, (u64, &str)> = BTreeMap::new();
