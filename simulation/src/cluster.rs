@@ -65,6 +65,10 @@ pub struct Audit {
     pub done: bool,
     /// Source blobs the cluster reported missing.
     pub missing_sources: Vec<String>,
+    /// Source blobs that fewer than a majority of the coordinators' disks
+    /// hold intact (read from the disks, not asked of the coordinators),
+    /// with how many do.
+    pub unreplicated_sources: Vec<String>,
     /// Artifacts that could not be downloaded, with why.
     pub lost_artifacts: Vec<String>,
     /// Calls that failed outright.
@@ -427,6 +431,7 @@ pub fn run(config: RunConfig, dir: &Path) -> RunResult {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         let (sources, outputs) = audit_targets(&graphs, &builds, &runs);
+        let unreplicated = unreplicated(dir, &shape.coordinators, &sources);
         let audit_dir = dir.join("audit");
         let addrs = coordinator_addrs.clone();
         let found = audit.clone();
@@ -443,6 +448,10 @@ pub fn run(config: RunConfig, dir: &Path) -> RunResult {
         if let Err(e) = sim.run() {
             sim_error = Some(format!("during the audit: {e}"));
         }
+        audit
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .unreplicated_sources = unreplicated;
     }
 
     let client_runs = client_runs
@@ -512,6 +521,35 @@ fn audit_targets(
         sources.into_iter().collect(),
         outputs.into_values().collect(),
     )
+}
+
+/// The `sources` that fewer than a majority of `coordinators` store intact
+/// on their disks under `dir` (`<host>/blobs/objects/<digest>`): an
+/// acknowledged blob is on a majority, whatever the coordinators record.
+fn unreplicated(dir: &Path, coordinators: &[String], sources: &[Digest]) -> Vec<String> {
+    let majority = coordinators.len() / 2 + 1;
+    sources
+        .iter()
+        .filter_map(|digest| {
+            let intact = coordinators
+                .iter()
+                .filter(|host| {
+                    let path = dir
+                        .join(host)
+                        .join("blobs")
+                        .join("objects")
+                        .join(digest.to_string());
+                    std::fs::read(path).is_ok_and(|bytes| Digest::of(&bytes) == *digest)
+                })
+                .count();
+            (intact < majority).then(|| {
+                format!(
+                    "{digest} (intact on {intact} of {} coordinators)",
+                    coordinators.len()
+                )
+            })
+        })
+        .collect()
 }
 
 async fn run_audit(

@@ -1,7 +1,10 @@
 //! No acknowledged source blob and no accepted artifact is unavailable
 //! once the network heals: after every build ended, an auditor (the real
 //! client library) asks the cluster for every source blob of every
-//! acknowledged build and downloads every artifact a client was told of.
+//! acknowledged build and downloads every artifact a client was told of;
+//! and every such source blob is intact on a majority of the
+//! coordinators' disks (read directly, so a record without the bytes
+//! behind it is caught).
 
 use super::{Findings, Violation};
 use crate::cluster::RunResult;
@@ -21,6 +24,9 @@ pub fn check(run: &RunResult) -> Vec<Violation> {
     }
     for digest in &audit.missing_sources {
         findings.report(format!("acknowledged source blob {digest} is missing"));
+    }
+    for digest in &audit.unreplicated_sources {
+        findings.report(format!("acknowledged source blob {digest}"));
     }
     for lost in &audit.lost_artifacts {
         findings.report(format!("accepted {lost}"));
