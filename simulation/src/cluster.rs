@@ -77,7 +77,6 @@ pub struct Audit {
 
 /// Everything a finished run leaves for the checkers.
 pub struct RunResult {
-    pub config: RunConfig,
     /// One graph per build.
     pub graphs: Vec<Graph>,
     /// The builds' names (`CLIENT#ROUND`), as `graphs`.
@@ -87,14 +86,9 @@ pub struct RunResult {
     pub audit: Audit,
     pub trace: Trace,
     pub observer: Observer,
-    pub plan: Vec<Planned>,
-    /// Simulated ms at which the network was whole and every host up.
-    pub healed_at_ms: u64,
     /// Why the simulation itself stopped early (a host failed, time ran
     /// out), if it did.
     pub sim_error: Option<String>,
-    /// Lease period the coordinators ran with.
-    pub lease_timeout_ms: u64,
 }
 
 /// The shape of a seed's cluster.
@@ -232,7 +226,6 @@ pub fn run(config: RunConfig, dir: &Path) -> RunResult {
         // under test here.
         max_attempts: 1_000,
     };
-    let lease_timeout_ms = tuning.lease_timeout_ms;
 
     let mut sim = turmoil::Builder::new()
         .rng_seed(config.seed)
@@ -396,13 +389,13 @@ pub fn run(config: RunConfig, dir: &Path) -> RunResult {
     let all_hosts = hosts.all();
     let mut sim_error = None;
     let mut driver = Driver::new(&plan, &trace, &observer, &hosts);
-    let mut healed_at_ms = if plan.is_empty() { 0 } else { u64::MAX };
+    let mut healed = plan.is_empty();
     loop {
         let now_ms = sim.elapsed().as_millis() as u64;
-        if healed_at_ms == u64::MAX {
+        if !healed {
             if now_ms >= shape.chaos_ms {
                 driver.heal(&mut sim, &all_hosts, shape.base_latency_ms);
-                healed_at_ms = now_ms;
+                healed = true;
             } else {
                 driver.apply_due(&mut sim, now_ms, shape.base_latency_ms);
             }
@@ -416,10 +409,9 @@ pub fn run(config: RunConfig, dir: &Path) -> RunResult {
             }
         }
     }
-    if healed_at_ms == u64::MAX {
+    if !healed {
         // Every client finished during the chaos: heal for the audit.
         driver.heal(&mut sim, &all_hosts, shape.base_latency_ms);
-        healed_at_ms = sim.elapsed().as_millis() as u64;
     }
 
     // The audit: every acknowledged source blob and accepted artifact can
@@ -460,17 +452,13 @@ pub fn run(config: RunConfig, dir: &Path) -> RunResult {
         .clone();
     let audit = audit.lock().unwrap_or_else(|p| p.into_inner()).clone();
     RunResult {
-        config,
         graphs,
         builds,
         client_runs,
         audit,
         trace,
         observer,
-        plan,
-        healed_at_ms,
         sim_error,
-        lease_timeout_ms,
     }
 }
 

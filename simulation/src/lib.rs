@@ -42,29 +42,37 @@ pub struct SeedReport {
     pub seconds: f64,
 }
 
-/// The names `--bug` accepts.
-pub const BUG_NAMES: &[&str] = &["accept-expired-lease-results", "forget-request-answers"];
+/// The injected bugs by the name `--bug` takes, each with its switch.
+const BUGS: &[(&str, fn(&mut InjectedBugs) -> &mut bool)] = &[
+    ("accept-expired-lease-results", |b| {
+        &mut b.accept_expired_lease_results
+    }),
+    ("forget-request-answers", |b| &mut b.forget_request_answers),
+];
 
-/// The injected bug called `name` (see [`BUG_NAMES`]).
-pub fn bug(name: &str) -> Option<InjectedBugs> {
-    let mut bugs = InjectedBugs::default();
-    match name {
-        "accept-expired-lease-results" => bugs.accept_expired_lease_results = true,
-        "forget-request-answers" => bugs.forget_request_answers = true,
-        _ => return None,
-    }
+/// The names `--bug` accepts.
+pub fn bug_names() -> impl Iterator<Item = &'static str> {
+    BUGS.iter().map(|(name, _)| *name)
+}
+
+/// `bugs` with the injected bug called `name` switched on as well (see
+/// [`bug_names`]); `None` for an unknown name.
+pub fn with_bug(mut bugs: InjectedBugs, name: &str) -> Option<InjectedBugs> {
+    let (_, switch) = BUGS.iter().find(|(known, _)| *known == name)?;
+    *switch(&mut bugs) = true;
     Some(bugs)
 }
 
-fn bug_flags(bugs: InjectedBugs) -> String {
-    let mut flags = String::new();
-    if bugs.accept_expired_lease_results {
-        flags.push_str(" --bug accept-expired-lease-results");
-    }
-    if bugs.forget_request_answers {
-        flags.push_str(" --bug forget-request-answers");
-    }
-    flags
+/// The injected bug called `name` alone.
+pub fn bug(name: &str) -> Option<InjectedBugs> {
+    with_bug(InjectedBugs::default(), name)
+}
+
+fn bug_flags(mut bugs: InjectedBugs) -> String {
+    BUGS.iter()
+        .filter(|(_, switch)| *switch(&mut bugs))
+        .map(|(name, _)| format!(" --bug {name}"))
+        .collect()
 }
 
 impl SeedReport {
@@ -117,5 +125,20 @@ pub fn run_seed(seed: u64, bugs: InjectedBugs) -> SeedReport {
         trace_hash: run.trace.hash(),
         run,
         seconds: started.elapsed().as_secs_f64(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_bug_name_switches_its_bug_and_replays_with_its_flag() {
+        for name in bug_names() {
+            let bugs = bug(name).expect("a known name");
+            assert_ne!(bugs, InjectedBugs::default(), "{name} switches something");
+            assert_eq!(bug_flags(bugs), format!(" --bug {name}"));
+        }
+        assert!(bug("no-such-bug").is_none());
     }
 }

@@ -5,7 +5,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use distbuild_simulation::{BUG_NAMES, InjectedBugs, bug, run_seed};
+use distbuild_simulation::{InjectedBugs, bug_names, run_seed, with_bug};
 
 #[derive(Debug, Parser)]
 #[command(about = "Run distbuild's deterministic simulation")]
@@ -20,7 +20,7 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     first: u64,
     /// Switch on an injected bug (to see the checkers catch it).
-    #[arg(long = "bug", value_parser = clap::builder::PossibleValuesParser::new(BUG_NAMES))]
+    #[arg(long = "bug", value_parser = clap::builder::PossibleValuesParser::new(bug_names()))]
     bugs: Vec<String>,
     /// Print the trace of each seed run.
     #[arg(long)]
@@ -37,9 +37,7 @@ fn main() -> ExitCode {
     }
     let mut bugs = InjectedBugs::default();
     for name in &args.bugs {
-        let one = bug(name).expect("clap checked the name");
-        bugs.accept_expired_lease_results |= one.accept_expired_lease_results;
-        bugs.forget_request_answers |= one.forget_request_answers;
+        bugs = with_bug(bugs, name).expect("clap checked the name");
     }
     let seeds: Vec<u64> = match args.seed {
         Some(seed) => vec![seed],

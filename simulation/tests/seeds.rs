@@ -6,9 +6,7 @@
 
 use std::sync::Mutex;
 
-use distbuild_simulation::{
-    BUG_NAMES, InjectedBugs, RunConfig, SeedReport, bug, cluster, run_seed,
-};
+use distbuild_simulation::{InjectedBugs, RunConfig, SeedReport, bug, cluster, run_seed};
 
 fn env_u64(name: &str) -> Option<u64> {
     let value = std::env::var(name).ok()?;
@@ -111,7 +109,7 @@ fn a_seed_replays_exactly() {
 /// retried report is then refused, not given its first answer).
 #[test]
 fn each_injected_bug_is_caught_within_twenty_seeds() {
-    for name in BUG_NAMES {
+    for name in distbuild_simulation::bug_names() {
         let bugs = bug(name).expect("known bug");
         let caught = Mutex::new(Vec::new());
         run_seeds((0..20).collect(), bugs, |report| {
