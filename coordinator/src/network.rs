@@ -76,7 +76,7 @@ pub fn endpoint(addr: &str) -> Result<Endpoint, tonic::transport::Error> {
 /// Channels to peer coordinators by address, shared by Raft traffic, blob
 /// replication and status queries. Channels connect lazily; a failed call
 /// forgets its channel.
-#[derive(Default, Clone)]
+#[derive(Clone)]
 pub struct Peers {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
     /// Per peer address, since when its Raft calls fail, and whether that
@@ -86,7 +86,7 @@ pub struct Peers {
     /// one).
     secret: ShowSecret,
     /// Opens the channels.
-    dialer: Option<SharedDialer>,
+    dialer: SharedDialer,
 }
 
 /// How long a peer's Raft calls fail before that is logged.
@@ -105,9 +105,10 @@ impl Peers {
     /// Channels opened by `dialer` that show `secret` on every call.
     pub fn new(secret: Option<ClusterSecret>, dialer: SharedDialer) -> Self {
         Self {
+            channels: Arc::default(),
+            health: Arc::default(),
             secret: ShowSecret(secret),
-            dialer: Some(dialer),
-            ..Self::default()
+            dialer,
         }
     }
 
@@ -149,10 +150,7 @@ impl Peers {
             return Ok(channel.clone());
         }
         let endpoint = endpoint(addr).map_err(|e| format!("bad peer address {addr:?}: {e}"))?;
-        let channel = match &self.dialer {
-            Some(dialer) => dialer.connect_lazy(endpoint),
-            None => endpoint.connect_lazy(),
-        };
+        let channel = self.dialer.connect_lazy(endpoint);
         channels.insert(addr.to_string(), channel.clone());
         Ok(channel)
     }
