@@ -42,8 +42,11 @@ pub struct SeedReport {
     pub seconds: f64,
 }
 
+/// Where an injected bug's flag lives in [`InjectedBugs`].
+type BugSwitch = fn(&mut InjectedBugs) -> &mut bool;
+
 /// The injected bugs by the name `--bug` takes, each with its switch.
-const BUGS: &[(&str, fn(&mut InjectedBugs) -> &mut bool)] = &[
+const BUGS: &[(&str, BugSwitch)] = &[
     ("accept-expired-lease-results", |b| {
         &mut b.accept_expired_lease_results
     }),
