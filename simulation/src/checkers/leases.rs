@@ -5,7 +5,10 @@
 //! checker follows grants (`Assign` answers), revocations (`Heartbeat`
 //! answers), expiries (`ExpireLeases` answers), re-registrations and
 //! accepted reports. A retried request (same request ID) applies nothing:
-//! it is held to the first answer and otherwise skipped.
+//! it is held to the first answer and otherwise skipped. Every expiry is
+//! held to deadlines derived from the commands' own stamps (grant and
+//! renewal times, lease periods, worker sightings): no lease expires
+//! before its deadline while its worker is still seen.
 
 use std::collections::BTreeMap;
 
@@ -26,6 +29,7 @@ pub fn check(run: &RunResult) -> Vec<Violation> {
     // cache key -> index of its last accepted result
     let mut accepted_at: BTreeMap<Digest, u64> = BTreeMap::new();
 
+    let mut timing = Timing::default();
     let log = canonical_log(run);
     let retried = retries(&log);
     for (index, applied) in &log {
@@ -41,6 +45,12 @@ pub fn check(run: &RunResult) -> Vec<Violation> {
             }
             continue;
         }
+        timing.follow(
+            index,
+            &applied.proposal.command,
+            &applied.response,
+            &mut findings,
+        );
         match (&applied.proposal.command, &applied.response) {
             (Command::Assign { worker_id, .. }, Response::Assigned { keys, tokens }) => {
                 for (key, token) in keys.iter().zip(tokens) {
@@ -119,4 +129,214 @@ pub fn check(run: &RunResult) -> Vec<Violation> {
         }
     }
     findings.into_vec()
+}
+
+/// Lease deadlines and worker sightings, derived from the commands' own
+/// stamps (leader time, lease periods) rather than read from the
+/// coordinator's answers, to hold every expiry to them: a lease expires
+/// only once its deadline passed or its worker was not seen for the worker
+/// timeout.
+#[derive(Default)]
+struct Timing {
+    /// The state's clock: the largest `now_ms` applied so far.
+    clock_ms: u64,
+    /// Lease token -> (holder, deadline), while it runs.
+    leases: BTreeMap<u64, (String, u64)>,
+    /// Worker -> when it was last seen (registered, heartbeat, report).
+    seen_ms: BTreeMap<String, u64>,
+}
+
+impl Timing {
+    fn follow(
+        &mut self,
+        index: u64,
+        command: &Command,
+        response: &Response,
+        findings: &mut Findings,
+    ) {
+        if let Some(now_ms) = now_of(command) {
+            self.clock_ms = self.clock_ms.max(now_ms);
+        }
+        let clock = self.clock_ms;
+        match (command, response) {
+            (Command::RegisterWorker { worker_id, .. }, _) => {
+                self.leases.retain(|_, (holder, _)| holder != worker_id);
+                self.seen_ms.insert(worker_id.clone(), clock);
+            }
+            (
+                Command::Assign {
+                    worker_id,
+                    lease_timeout_ms,
+                    ..
+                },
+                Response::Assigned { tokens, .. },
+            ) => {
+                for token in tokens.iter().flatten() {
+                    self.leases
+                        .insert(*token, (worker_id.clone(), clock + lease_timeout_ms));
+                }
+            }
+            (
+                Command::Heartbeat {
+                    worker_id,
+                    tokens,
+                    lease_timeout_ms,
+                    ..
+                },
+                Response::Heartbeat {
+                    revoked,
+                    reregister,
+                },
+            ) => {
+                if !reregister {
+                    self.seen_ms.insert(worker_id.clone(), clock);
+                }
+                for token in tokens {
+                    if revoked.contains(token) {
+                        self.leases.remove(token);
+                    } else if let Some((holder, deadline)) = self.leases.get_mut(token)
+                        && holder == worker_id
+                    {
+                        *deadline = clock + lease_timeout_ms;
+                    }
+                }
+            }
+            (
+                Command::ExtendLeases {
+                    lease_timeout_ms, ..
+                },
+                _,
+            ) => {
+                for seen in self.seen_ms.values_mut() {
+                    *seen = (*seen).max(clock);
+                }
+                for (_, deadline) in self.leases.values_mut() {
+                    *deadline = (*deadline).max(clock + lease_timeout_ms);
+                }
+            }
+            (
+                Command::Report {
+                    worker_id, token, ..
+                },
+                Response::Reported { accepted: true },
+            ) => {
+                self.leases.remove(token);
+                if let Some(seen) = self.seen_ms.get_mut(worker_id) {
+                    *seen = clock;
+                }
+            }
+            (
+                Command::ExpireLeases {
+                    worker_timeout_ms, ..
+                },
+                Response::Expired { tokens },
+            ) => {
+                let gone = |seen: Option<&u64>| {
+                    seen.is_none_or(|seen| seen.saturating_add(*worker_timeout_ms) <= clock)
+                };
+                for token in tokens {
+                    let Some((holder, deadline)) = self.leases.remove(token) else {
+                        continue;
+                    };
+                    let seen = self.seen_ms.get(&holder);
+                    if deadline > clock && !gone(seen) {
+                        findings.report(format!(
+                            "entry {index}: lease {token} of {holder} expired at {clock} ms, but it ran until {deadline} ms and its worker was seen at {} ms",
+                            seen.copied().unwrap_or_default()
+                        ));
+                    }
+                }
+                self.seen_ms.retain(|_, seen| !gone(Some(seen)));
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The leader time a command carries, if any.
+fn now_of(command: &Command) -> Option<u64> {
+    match command {
+        Command::StageSubmit { now_ms, .. }
+        | Command::CancelBuild { now_ms, .. }
+        | Command::SubmitBuild { now_ms, .. }
+        | Command::RegisterWorker { now_ms, .. }
+        | Command::Assign { now_ms, .. }
+        | Command::Heartbeat { now_ms, .. }
+        | Command::Report { now_ms, .. }
+        | Command::ExpireLeases { now_ms, .. }
+        | Command::ExtendLeases { now_ms, .. } => Some(*now_ms),
+        Command::BlobStored { .. } => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Registers w1 at 0 and leases it one job for 1000 ms at 100 (token
+    /// 7), renews it at 600 (until 1600), then applies an expiry of token 7
+    /// at `expire_at_ms` (worker timeout 5000); returns the violations.
+    fn expire_at(expire_at_ms: u64) -> usize {
+        let key = Digest::of(b"job");
+        let worker = "w1".to_string();
+        let mut timing = Timing::default();
+        let mut findings = Findings::new("leases");
+        let entries = [
+            (
+                Command::RegisterWorker {
+                    worker_id: worker.clone(),
+                    addr: "w1:1".into(),
+                    slots: 1,
+                    held: vec![],
+                    now_ms: 0,
+                },
+                Response::None,
+            ),
+            (
+                Command::Assign {
+                    worker_id: worker.clone(),
+                    cache_keys: vec![key],
+                    lease_timeout_ms: 1000,
+                    now_ms: 100,
+                },
+                Response::Assigned {
+                    keys: vec![key],
+                    tokens: vec![Some(7)],
+                },
+            ),
+            (
+                Command::Heartbeat {
+                    worker_id: worker.clone(),
+                    tokens: vec![7],
+                    added: vec![],
+                    dropped: vec![],
+                    lease_timeout_ms: 1000,
+                    now_ms: 600,
+                },
+                Response::Heartbeat {
+                    revoked: vec![],
+                    reregister: false,
+                },
+            ),
+            (
+                Command::ExpireLeases {
+                    now_ms: expire_at_ms,
+                    max_attempts: 3,
+                    worker_timeout_ms: 5000,
+                },
+                Response::Expired { tokens: vec![7] },
+            ),
+        ];
+        for (index, (command, response)) in entries.iter().enumerate() {
+            timing.follow(index as u64, command, response, &mut findings);
+        }
+        findings.into_vec().len()
+    }
+
+    #[test]
+    fn a_lease_expires_only_after_its_renewed_deadline() {
+        assert_eq!(expire_at(1100), 1, "the renewal ran it until 1600");
+        assert_eq!(expire_at(1599), 1);
+        assert_eq!(expire_at(1600), 0);
+    }
 }
