@@ -644,10 +644,9 @@ impl<'p> Driver<'p> {
         self.trace.record_at(now_ms, What::Fault(text));
     }
 
-    /// The coordinator that led the highest term seen.
+    /// The newest leader seen: the coordinator of the highest leader ID.
     fn leader(&self) -> Option<String> {
         let seen = self.observer.observations();
-        // The highest leader ID (term, node) is the newest leadership.
         let &(_, node) = seen.leaders.iter().max()?;
         self.coordinators.get(node as usize - 1).cloned()
     }
