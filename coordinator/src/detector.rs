@@ -1,43 +1,50 @@
-//! A follower stands for election soon after its leader falls silent.
+//! Elections: when a replica stands, with a fresh random wait each time.
 //!
-//! openraft 0.9 lets a follower stand only after its leader lease (the
-//! maximum election timeout) plus a random election timeout, checked on a
-//! tick of 1.5 heartbeat intervals: 500 to 750 ms of silence here, and the
-//! random spread (100 ms) is narrower than the tick (150 ms), so the two
-//! survivors of a three-node cluster often stand in the same tick, split
-//! the vote, and try again a round later (over a second in all). The
-//! lease cannot be shortened alone (openraft ties it to the election
-//! timeout, and the heartbeat interval, which is also every append's
-//! deadline, must stay below that).
+//! Leaders are elected the standard Raft way (openraft's
+//! `single-term-leader` mode): a voter grants one vote per term, so a term
+//! has at most one leader. openraft 0.9 would time elections itself, but it
+//! draws each node's election timeout once, at start, and checks it on a
+//! tick of 1.5 heartbeat intervals (150 ms here, wider than the 100 ms
+//! spread of the timeouts): candidates that split a vote then split it
+//! again, round after round, in lockstep (the simulation found a cluster
+//! that never elected). So openraft's own timer is off (`enable_elect:
+//! false`) and this task times every election, checking every 10 ms:
 //!
-//! So each follower watches for itself: every append or snapshot its
-//! leader gets through is contact; once the leader lease has passed without
-//! any, plus a stagger that differs per node and per term (320 to 470 ms
-//! of silence), it asks openraft to elect now. The other voters grant the
-//! vote only once their own lease of the old leader ran out (openraft
-//! checks that). A live leader that stays silent that long (a stalled
-//! machine) is replaced as openraft's own timer would replace it 180 ms
-//! later. openraft's timer stays as the backstop (after restarts, when no
-//! leader is known, for candidates).
+//! - A follower of a leader of the current term (its vote is committed)
+//!   stands once nothing from that leader got through for the leader lease
+//!   (the maximum election timeout: the other voters refuse a vote until
+//!   their own lease ran out) plus a random 20 to 170 ms: 320 to 470 ms of
+//!   silence. A live leader that is silent that long (a stalled machine)
+//!   is replaced.
+//! - Any other voter (a candidate whose round did not settle, a follower
+//!   that voted, or saw a new term, but has no leader yet) stands a random
+//!   50 to 250 ms after its vote last changed. Standing changes its own
+//!   vote (a new term), so each try draws a new wait, and two candidates
+//!   that split a vote are unlikely to split the next one too.
+//! - The only voter of its cluster stands at once.
 
-use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use openraft::ServerState;
+use openraft::{ServerState, Vote};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::node::{ELECTION_TIMEOUT_MAX_MS, ELECTION_TIMEOUT_MIN_MS, Node};
+use crate::node::{ELECTION_TIMEOUT_MAX_MS, Node};
 
-/// How often a follower looks at its leader's silence.
+/// How often the replica looks at its state.
 const CHECK_EVERY: Duration = Duration::from_millis(10);
-/// Staggers between followers: one stands this much after the lease at
-/// most (and at least the minimum, so a follower that heard the last
-/// heartbeat a moment later has its lease run out before it is asked).
-const STAGGER_MIN_MS: u64 = 20;
-const STAGGER_MAX_MS: u64 = 170;
+/// A follower of a known leader stands this long after the leader lease
+/// (at least the minimum, so that a voter that heard the last heartbeat a
+/// moment later has its lease run out before it is asked).
+const STAGGER_MIN: Duration = Duration::from_millis(20);
+const STAGGER_MAX: Duration = Duration::from_millis(170);
+/// Any other voter stands this long after its vote last changed. The
+/// minimum leaves a vote round (one round trip and the voters' fsync of
+/// their vote) time to settle.
+const RETRY_MIN: Duration = Duration::from_millis(50);
+const RETRY_MAX: Duration = Duration::from_millis(250);
 
 /// When this node last heard from a leader (an append or a snapshot it
 /// accepted).
@@ -62,65 +69,109 @@ impl Contact {
     }
 }
 
-/// How long after the lease `node_id` stands in `term`: the same on every
-/// run (no random source), different between nodes and between terms.
-pub fn stagger(node_id: u64, term: u64) -> Duration {
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    (node_id, term).hash(&mut hasher);
-    let spread = STAGGER_MAX_MS - STAGGER_MIN_MS;
-    Duration::from_millis(STAGGER_MIN_MS + hasher.finish() % spread)
+/// Where a voter stands, as far as elections go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    /// Its vote is committed: a leader of its current term is known.
+    Following,
+    /// No leader of its current term is known.
+    Undecided,
+    /// The only voter, not leading (nobody to wait for).
+    Alone,
 }
 
-/// Silence after which `node_id`, following in `term`, stands.
-pub fn patience(node_id: u64, term: u64) -> Duration {
-    Duration::from_millis(ELECTION_TIMEOUT_MAX_MS) + stagger(node_id, term)
+/// How long the replica waits before it stands, drawn from the randomness
+/// seam (a new draw on every call): counted from the leader's last message
+/// when [`Standing::Following`], from the vote's last change otherwise.
+pub fn patience(standing: Standing) -> Duration {
+    let between = |min: Duration, max: Duration| {
+        min + distbuild_proto::rng::duration_up_to(max - min - Duration::from_millis(1))
+    };
+    match standing {
+        Standing::Following => {
+            Duration::from_millis(ELECTION_TIMEOUT_MAX_MS) + between(STAGGER_MIN, STAGGER_MAX)
+        }
+        Standing::Undecided => between(RETRY_MIN, RETRY_MAX),
+        Standing::Alone => Duration::ZERO,
+    }
 }
 
-/// Runs on every node until `shutdown`: while it follows a known leader as
-/// a voter, triggers an election once the leader was silent for
-/// [`patience`].
-pub async fn stand_when_leader_silent(node: Arc<Node>, shutdown: CancellationToken) {
+/// The vote (and standing) this replica is waiting under, since when, and
+/// for how long.
+struct Round {
+    vote: Vote<u64>,
+    standing: Standing,
+    since: Instant,
+    patience: Duration,
+}
+
+/// Runs on every node until `shutdown`: stands for election as the module
+/// documentation says.
+pub async fn drive_elections(node: Arc<Node>, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(CHECK_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_stood: Option<Instant> = None;
+    let mut round: Option<Round> = None;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let (following, term) = {
+        let (state, vote, standing) = {
             let metrics = node.raft.metrics();
             let m = metrics.borrow();
-            let voter = m
-                .membership_config
-                .membership()
-                .voter_ids()
-                .any(|id| id == node.node_id);
-            let following = m.state == ServerState::Follower
-                && voter
-                && m.current_leader.is_some_and(|l| l != node.node_id);
-            (following, m.current_term)
+            let membership = m.membership_config.membership();
+            let voter = membership.voter_ids().any(|id| id == node.node_id);
+            let alone = voter && membership.voter_ids().count() == 1;
+            let standing = if !voter {
+                None
+            } else if alone && m.state == ServerState::Follower {
+                Some(Standing::Alone)
+            } else if m.vote.is_committed() {
+                Some(Standing::Following)
+            } else {
+                Some(Standing::Undecided)
+            };
+            (m.state, m.vote, standing)
         };
-        if !following {
+        let Some(standing) = standing.filter(|_| state != ServerState::Leader) else {
+            round = None;
+            continue;
+        };
+        let now = Instant::now();
+        let round = match &mut round {
+            Some(r) if r.vote == vote && r.standing == standing => r,
+            slot => slot.insert(Round {
+                vote,
+                standing,
+                since: now,
+                patience: patience(standing),
+            }),
+        };
+        let quiet_since = match standing {
+            Standing::Following => round.since.max(node.contact.last()),
+            Standing::Undecided | Standing::Alone => round.since,
+        };
+        let quiet = now - quiet_since;
+        if quiet < round.patience {
             continue;
         }
-        let silent = node.contact.last().elapsed();
-        if silent < patience(node.node_id, term) {
-            continue;
+        // The next try (if this one changes nothing) waits afresh.
+        round.since = now;
+        round.patience = patience(Standing::Undecided);
+        match standing {
+            Standing::Following => tracing::info!(
+                "coordinator {}: no word from the leader of term {} for {} ms; standing for election",
+                node.node_id,
+                vote.leader_id().term,
+                quiet.as_millis()
+            ),
+            Standing::Undecided | Standing::Alone => tracing::info!(
+                "coordinator {}: no leader in term {} after {} ms; standing for election",
+                node.node_id,
+                vote.leader_id().term,
+                quiet.as_millis()
+            ),
         }
-        // One try per election round: openraft's own timer takes over if
-        // this one does not settle.
-        if last_stood
-            .is_some_and(|at| at.elapsed() < Duration::from_millis(ELECTION_TIMEOUT_MIN_MS))
-        {
-            continue;
-        }
-        last_stood = Some(Instant::now());
-        tracing::info!(
-            "coordinator {}: no word from the leader of term {term} for {} ms; standing for election",
-            node.node_id,
-            silent.as_millis()
-        );
         if let Err(e) = node.raft.trigger().elect().await {
             tracing::warn!("trigger an election: {e}");
             return;
@@ -133,22 +184,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn staggers_differ_between_nodes_and_terms_and_stay_in_range() {
-        let mut seen = std::collections::BTreeSet::new();
-        for node in 1..=5 {
-            for term in 1..=20 {
-                let s = stagger(node, term);
-                assert!(s >= Duration::from_millis(STAGGER_MIN_MS));
-                assert!(s < Duration::from_millis(STAGGER_MAX_MS));
-                assert_eq!(s, stagger(node, term), "the same on every call");
-                seen.insert(s);
+    fn each_wait_is_a_new_draw_within_its_range() {
+        distbuild_proto::rng::seed_this_thread(7);
+        let lease = Duration::from_millis(ELECTION_TIMEOUT_MAX_MS);
+        for (standing, min, max) in [
+            (Standing::Following, lease + STAGGER_MIN, lease + STAGGER_MAX),
+            (Standing::Undecided, RETRY_MIN, RETRY_MAX),
+        ] {
+            let draws: Vec<Duration> = (0..200).map(|_| patience(standing)).collect();
+            for d in &draws {
+                assert!(*d >= min && *d < max, "{standing:?}: {d:?} not in {min:?}..{max:?}");
             }
+            let distinct: std::collections::BTreeSet<_> = draws.iter().collect();
+            assert!(distinct.len() > 100, "{standing:?}: only {} distinct waits", distinct.len());
         }
-        assert!(seen.len() > 50, "only {} distinct staggers", seen.len());
-        // Below openraft's own earliest try (lease + minimum timeout).
-        assert!(
-            patience(1, 1)
-                < Duration::from_millis(ELECTION_TIMEOUT_MAX_MS + ELECTION_TIMEOUT_MIN_MS)
-        );
+        assert_eq!(patience(Standing::Alone), Duration::ZERO);
     }
 }

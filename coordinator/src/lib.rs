@@ -257,10 +257,7 @@ where
     let tasks = tokio_util::task::TaskTracker::new();
     tasks.spawn(leader_duties(node.clone(), shutdown.clone()));
     tasks.spawn(expire_leases(node.clone(), shutdown.clone()));
-    tasks.spawn(detector::stand_when_leader_silent(
-        node.clone(),
-        shutdown.clone(),
-    ));
+    tasks.spawn(detector::drive_elections(node.clone(), shutdown.clone()));
 
     let client = ClientApiServer::new(service::client::ClientService { node: node.clone() })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)

@@ -179,16 +179,16 @@ pub enum Bootstrap {
     Join,
 }
 
-/// The Raft timing every replica runs with.
-/// openraft waits a leader lease (= the maximum election timeout) plus a
-/// random election timeout after the last heartbeat before a follower
-/// stands: 500 to 750 ms here (checked every 150 ms); `detector` has a
-/// follower stand after 320 to 470 ms of silence instead, so a dead leader
-/// is replaced in about 0.4 s, while a heartbeat may be late by a few
-/// intervals on a busy machine without unseating a live one. openraft 0.9
-/// also uses the heartbeat interval as the deadline of every append: 100
-/// ms leaves room for a batch's transfer (at most 1 MiB, see raft-store)
-/// and the follower's fsync.
+/// The Raft timing every replica runs with. A leader sends a heartbeat
+/// every 100 ms; a follower stands after 320 to 470 ms without one, so a
+/// dead leader is replaced in about 0.4 s while a heartbeat may be late by
+/// a few intervals on a busy machine without unseating a live one. Every
+/// election is timed by `detector` (openraft's own timer is off); openraft
+/// uses the maximum election timeout as the leader lease (a voter refuses
+/// to vote while its lease of the last leader holds). openraft 0.9 also
+/// uses the heartbeat interval as the deadline of every append: 100 ms
+/// leaves room for a batch's transfer (at most 1 MiB, see raft-store) and
+/// the follower's fsync.
 pub const HEARTBEAT_INTERVAL_MS: u64 = 100;
 pub const ELECTION_TIMEOUT_MIN_MS: u64 = 200;
 pub const ELECTION_TIMEOUT_MAX_MS: u64 = 300;
@@ -279,6 +279,9 @@ impl Node {
             snapshot_max_chunk_size: 4 * 1024 * 1024,
             // Per chunk: a 4 MiB chunk written and synced on a busy disk.
             install_snapshot_timeout: 10_000,
+            // `detector` times every election, with a fresh random wait
+            // per try.
+            enable_elect: false,
             ..Default::default()
         };
         // A snapshot chunk fits in one Raft message.

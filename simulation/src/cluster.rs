@@ -644,7 +644,7 @@ impl<'p> Driver<'p> {
         self.trace.record_at(now_ms, What::Fault(text));
     }
 
-    /// The newest leader seen: the coordinator of the highest leader ID.
+    /// The newest leader seen: the leader of the highest term.
     fn leader(&self) -> Option<String> {
         let seen = self.observer.observations();
         let &(_, node) = seen.leaders.iter().max()?;

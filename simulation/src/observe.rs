@@ -28,7 +28,7 @@ pub struct Observations {
     /// that applies an index again adds a second entry).
     pub applied: BTreeMap<u64, BTreeMap<u64, Vec<Applied>>>,
     /// (term, replica) for every replica seen leading, in the order they
-    /// were first seen (openraft's leader ID; see the `raft` checker).
+    /// were first seen (see the `raft` checker).
     pub leaders: Vec<(u64, u64)>,
     /// (replica, index) of every snapshot a replica was seen holding.
     /// Snapshot files are written outside the blocking seam, so a run is
