@@ -24,6 +24,15 @@ pub(crate) const KEY_APPLIED: &[u8] = b"sm.applied";
 pub(crate) const KEY_MEMBERSHIP: &[u8] = b"sm.membership";
 /// Present while a snapshot install is under way; holds the snapshot's meta.
 pub(crate) const KEY_INSTALLING: &[u8] = b"sm.installing";
+/// The store's format (a postcard `u32`), written when the store is created.
+const KEY_FORMAT: &[u8] = b"format";
+
+/// The format this build writes and reads. Format 1 (no `format` key)
+/// held openraft's default leader IDs (term and node ID in every log ID);
+/// format 2 holds standard Raft's (`single-term-leader`: a log ID names
+/// only the term), which format 1's bytes would decode into silently wrong
+/// values, so a store of another format is refused, not read.
+pub(crate) const FORMAT: u32 = 2;
 
 /// Opens the database in `dir` with the store's column families and the
 /// application's. Column families found on disk but no longer declared are
@@ -60,7 +69,43 @@ pub(crate) fn open(dir: &Path, app_column_families: &[&str]) -> Result<DB, Store
     let descriptors = names
         .into_iter()
         .map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
-    Ok(DB::open_cf_descriptors(&opts, dir, descriptors)?)
+    let db = DB::open_cf_descriptors(&opts, dir, descriptors)?;
+    check_format(&db, dir)?;
+    Ok(db)
+}
+
+/// Marks a new store with [`FORMAT`]; refuses one of another format.
+fn check_format(db: &DB, dir: &Path) -> Result<(), StoreError> {
+    let found = match get_meta::<u32>(db, KEY_FORMAT, "store format")? {
+        Some(found) => found,
+        None => {
+            let is_new = [CF_LOG, CF_META].iter().all(|name| {
+                db.iterator_cf(cf(db, name), rocksdb::IteratorMode::Start)
+                    .next()
+                    .is_none()
+            });
+            if !is_new {
+                1
+            } else {
+                let mut sync = rocksdb::WriteOptions::default();
+                sync.set_sync(true);
+                db.put_cf_opt(
+                    cf(db, CF_META),
+                    KEY_FORMAT,
+                    encode("store format", &FORMAT)?,
+                    &sync,
+                )?;
+                FORMAT
+            }
+        }
+    };
+    if found != FORMAT {
+        return Err(StoreError::Format {
+            dir: dir.to_path_buf(),
+            found,
+        });
+    }
+    Ok(())
 }
 
 /// The handle of a column family that [`open`] created.
@@ -105,5 +150,60 @@ pub(crate) fn get_meta<T: DeserializeOwned>(
     match db.get_pinned_cf(cf(db, CF_META), key)? {
         Some(bytes) => Ok(Some(decode(what, &bytes)?)),
         None => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reopen(dir: &Path) -> Result<DB, StoreError> {
+        open(dir, &["app"])
+    }
+
+    #[test]
+    fn a_new_store_is_marked_and_a_store_of_another_format_is_refused() {
+        let dir = tempfile::TempDir::new().expect("tempdir");
+        let db = reopen(dir.path()).expect("a new store opens");
+        assert_eq!(
+            get_meta::<u32>(&db, KEY_FORMAT, "format").expect("read"),
+            Some(FORMAT)
+        );
+        // A store written before the marker existed: state, no marker.
+        db.put_cf(cf(&db, CF_META), KEY_VOTE, b"old vote")
+            .expect("put");
+        db.delete_cf(cf(&db, CF_META), KEY_FORMAT).expect("delete");
+        drop(db);
+        let err = reopen(dir.path()).expect_err("format 1 is refused");
+        assert!(matches!(err, StoreError::Format { found: 1, .. }), "{err}");
+        assert!(
+            err.to_string()
+                .contains("store format 1; this distbuild reads only format 2: remove"),
+            "{err}"
+        );
+
+        let db = DB::open_cf(&Options::default(), dir.path(), [CF_LOG, CF_META, "app"])
+            .expect("raw open");
+        db.put_cf(
+            cf(&db, CF_META),
+            KEY_FORMAT,
+            encode("format", &7u32).expect("encode"),
+        )
+        .expect("put");
+        drop(db);
+        let err = reopen(dir.path()).expect_err("a newer format is refused");
+        assert!(matches!(err, StoreError::Format { found: 7, .. }), "{err}");
+        // Refusing changed nothing.
+        let db = DB::open_cf(&Options::default(), dir.path(), [CF_LOG, CF_META, "app"])
+            .expect("raw open");
+        assert_eq!(
+            get_meta::<u32>(&db, KEY_FORMAT, "format").expect("read"),
+            Some(7)
+        );
+        drop(db);
+
+        let fresh = tempfile::TempDir::new().expect("tempdir");
+        drop(reopen(fresh.path()).expect("new"));
+        reopen(fresh.path()).expect("a store of this format opens again");
     }
 }

@@ -30,6 +30,12 @@ pub enum StoreError {
     #[error("snapshot file {path}: {problem}")]
     BadSnapshot { path: PathBuf, problem: String },
 
+    #[error(
+        "store format {found}; this distbuild reads only format {}: remove {dir} to start the store afresh",
+        crate::db::FORMAT
+    )]
+    Format { dir: PathBuf, found: u32 },
+
     #[error("invalid configuration: {0}")]
     Config(String),
 
