@@ -32,6 +32,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use distbuild_proto::net::SharedDialer;
 
+use crate::detector::Contact;
 use crate::node::TypeConfig;
 use crate::secret::{ClusterSecret, ShowSecret};
 
@@ -176,6 +177,8 @@ impl Peers {
 /// Creates a connection per peer for openraft.
 pub struct Network {
     pub peers: Peers,
+    /// Where vote answers are noted, for the timing of the next election.
+    pub contact: Arc<Contact>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -186,6 +189,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             target,
             addr: node.addr.clone(),
             peers: self.peers.clone(),
+            contact: self.contact.clone(),
         }
     }
 }
@@ -195,6 +199,7 @@ pub struct Connection {
     target: u64,
     addr: String,
     peers: Peers,
+    contact: Arc<Contact>,
 }
 
 type RpcResult<T, E> = Result<T, RPCError<u64, BasicNode, E>>;
@@ -332,6 +337,9 @@ impl RaftNetwork<TypeConfig> for Connection {
                 |mut c, r| async move { c.vote(r).await },
             )
             .await;
+        if let Ok(answer) = &result {
+            self.contact.vote_answered(&rpc, answer);
+        }
         self.noted(result)
     }
 }

@@ -221,7 +221,7 @@ pub struct Node {
     pub clock: Arc<dyn Clock>,
     pub tuning: Tuning,
     /// When a leader last got through to this node (see `detector`).
-    pub contact: crate::detector::Contact,
+    pub contact: Arc<crate::detector::Contact>,
     /// What peers and operators must show (None: nothing required).
     pub secret: Option<ClusterSecret>,
     /// Per worker, the peer bytes it last reported fetching: a metric this
@@ -288,8 +288,10 @@ impl Node {
         const _: () = assert!(4 * 1024 * 1024 < MAX_RAFT_MESSAGE_BYTES);
         let config = Arc::new(config.validate().context("raft configuration")?);
         let peers = Peers::new(secret.clone(), seams.dialer.clone());
+        let contact = Arc::new(crate::detector::Contact::default());
         let network = Network {
             peers: peers.clone(),
+            contact: contact.clone(),
         };
         let raft = Raft::new(node_id, config, network, log_store, state_machine)
             .await
@@ -343,7 +345,7 @@ impl Node {
             blobs,
             clock: seams.clock,
             tuning,
-            contact: Default::default(),
+            contact,
             secret,
             peer_bytes_fetched: Mutex::default(),
             shutdown,
