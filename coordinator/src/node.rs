@@ -180,10 +180,11 @@ pub enum Bootstrap {
 }
 
 /// The Raft timing every replica runs with. A leader sends a heartbeat
-/// every 100 ms; a follower stands after 320 to 470 ms without one, so a
-/// dead leader is replaced in about 0.4 s while a heartbeat may be late by
-/// a few intervals on a busy machine without unseating a live one. Every
-/// election is timed by `detector` (openraft's own timer is off); openraft
+/// every 100 ms; its followers stand in turns after 320 ms without one (the
+/// next 60 ms later), so a dead leader is replaced in about a third of a
+/// second while a heartbeat may be late by a few intervals on a busy
+/// machine without unseating a live one. Every election is timed by
+/// `detector` (openraft's own timer is off); openraft
 /// uses the maximum election timeout as the leader lease (a voter refuses
 /// to vote while its lease of the last leader holds). openraft 0.9 also
 /// uses the heartbeat interval as the deadline of every append: 100 ms
@@ -220,7 +221,8 @@ pub struct Node {
     pub blobs: BlobStore,
     pub clock: Arc<dyn Clock>,
     pub tuning: Tuning,
-    /// When a leader last got through to this node (see `detector`).
+    /// When a leader last got through to this node, and how its last vote
+    /// round went (see `detector`).
     pub contact: Arc<crate::detector::Contact>,
     /// What peers and operators must show (None: nothing required).
     pub secret: Option<ClusterSecret>,
@@ -279,8 +281,7 @@ impl Node {
             snapshot_max_chunk_size: 4 * 1024 * 1024,
             // Per chunk: a 4 MiB chunk written and synced on a busy disk.
             install_snapshot_timeout: 10_000,
-            // `detector` times every election, with a fresh random wait
-            // per try.
+            // `detector` times every election.
             enable_elect: false,
             ..Default::default()
         };

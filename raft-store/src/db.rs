@@ -76,27 +76,23 @@ pub(crate) fn open(dir: &Path, app_column_families: &[&str]) -> Result<DB, Store
 
 /// Marks a new store with [`FORMAT`]; refuses one of another format.
 fn check_format(db: &DB, dir: &Path) -> Result<(), StoreError> {
+    let is_empty = || {
+        [CF_LOG, CF_META].iter().all(|name| {
+            db.iterator_cf(cf(db, name), rocksdb::IteratorMode::Start)
+                .next()
+                .is_none()
+        })
+    };
     let found = match get_meta::<u32>(db, KEY_FORMAT, "store format")? {
         Some(found) => found,
+        // Written before the marker existed.
+        None if !is_empty() => 1,
         None => {
-            let is_new = [CF_LOG, CF_META].iter().all(|name| {
-                db.iterator_cf(cf(db, name), rocksdb::IteratorMode::Start)
-                    .next()
-                    .is_none()
-            });
-            if !is_new {
-                1
-            } else {
-                let mut sync = rocksdb::WriteOptions::default();
-                sync.set_sync(true);
-                db.put_cf_opt(
-                    cf(db, CF_META),
-                    KEY_FORMAT,
-                    encode("store format", &FORMAT)?,
-                    &sync,
-                )?;
-                FORMAT
-            }
+            let mut sync = rocksdb::WriteOptions::default();
+            sync.set_sync(true);
+            let format = encode("store format", &FORMAT)?;
+            db.put_cf_opt(cf(db, CF_META), KEY_FORMAT, format, &sync)?;
+            FORMAT
         }
     };
     if found != FORMAT {
