@@ -90,6 +90,11 @@ impl ChunkReader {
         }
     }
 
+    /// The length of a full chunk.
+    pub fn chunk_bytes(&self) -> usize {
+        self.chunk_bytes
+    }
+
     /// The next chunk: `chunk_bytes` long unless the file ends first;
     /// empty at the end.
     pub async fn next_chunk(&mut self) -> io::Result<Vec<u8>> {

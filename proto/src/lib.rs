@@ -2,10 +2,12 @@
 //! ours speaks through this one; it depends on none of them.
 
 pub mod artifact;
+pub mod blob;
 pub mod blocking;
 mod cache_key;
 pub mod graph;
 mod ids;
+pub mod leader;
 pub mod net;
 pub mod rng;
 pub mod wire;

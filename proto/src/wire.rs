@@ -2,6 +2,8 @@
 //! side agrees on, and conversions that validate once.
 
 use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use bytes::Bytes;
 
@@ -25,6 +27,86 @@ pub const MAX_JOB_OUTPUT_BYTES: usize = 1 << 20;
 /// coordinator that is not the leader.
 pub const LEADER_METADATA_KEY: &str = "distbuild-leader";
 
+/// How long opening one connection may take, on every side. A node cut off
+/// by a partition drops the SYN instead of refusing it: without this bound
+/// a caller would wait for the kernel's own timeout (minutes) before trying
+/// another node.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Interval of HTTP/2 keepalive pings, sent even while no call is open: a
+/// silently dead connection (a node lost in a partition, its packets
+/// dropped) is noticed within interval + timeout, also while a stream waits
+/// minutes between messages.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How long a keepalive ping may go unanswered before the connection (and
+/// every call on it) is declared dead (UNAVAILABLE).
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Longest request ID (in bytes) the coordinators accept. Callers name each
+/// state-changing call with one and reuse it on retry (see
+/// [`crate::leader::RequestIds`]).
+pub const MAX_REQUEST_ID_CHARS: usize = 128;
+
+/// What an address is for, which decides the ports it may name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PortUse {
+    /// An address to dial: a port from 1 to 65535.
+    Dial,
+    /// An address to listen on: port 0 (any free port) too.
+    Listen,
+}
+
+/// Why an address is not `HOST:PORT`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HostPortError {
+    /// Nothing after a last `:`.
+    #[error("no port")]
+    NoPort,
+    /// The port is not a decimal number in range.
+    #[error("the port is not a number from {min} to 65535")]
+    BadPort {
+        /// The smallest port allowed (1 to dial, 0 to listen).
+        min: u16,
+    },
+    /// What precedes the port is not a host.
+    #[error("not a host name or IP address before the port")]
+    BadHost,
+}
+
+/// Checks that `addr` is `HOST:PORT`: a host name (letters, digits, `-`,
+/// `.`, `_`), an IPv4 address or a bracketed IPv6 address, then a decimal
+/// port (from 1, or from 0 to listen on). No scheme, no path: what every
+/// side accepts as a node's address.
+pub fn check_host_port(addr: &str, port_use: PortUse) -> Result<(), HostPortError> {
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        return Err(HostPortError::NoPort);
+    };
+    let min = match port_use {
+        PortUse::Dial => 1,
+        PortUse::Listen => 0,
+    };
+    // Digits only: `u16::from_str` would also take a sign.
+    let port_ok = !port.is_empty()
+        && port.bytes().all(|b| b.is_ascii_digit())
+        && port.parse::<u16>().is_ok_and(|p| p >= min);
+    if !port_ok {
+        return Err(HostPortError::BadPort { min });
+    }
+    let host_ok = if let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        inner.parse::<std::net::Ipv6Addr>().is_ok()
+    } else {
+        !host.is_empty()
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+    };
+    if !host_ok {
+        return Err(HostPortError::BadHost);
+    }
+    Ok(())
+}
+
 /// The metadata key that carries the cluster secret (coordinators to each
 /// other, operators to membership changes).
 pub const SECRET_METADATA_KEY: &str = "x-distbuild-cluster-secret";
@@ -32,34 +114,105 @@ pub const SECRET_METADATA_KEY: &str = "x-distbuild-cluster-secret";
 pub const MIN_SECRET_BYTES: usize = 16;
 pub const MAX_SECRET_BYTES: usize = 1024;
 
+/// Why a cluster secret is not valid.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SecretProblem {
+    /// Too short or too long.
+    #[error("must be {MIN_SECRET_BYTES} to {MAX_SECRET_BYTES} characters, is {len}")]
+    Length {
+        /// Its length in bytes.
+        len: usize,
+    },
+    /// A space, a control character or a byte beyond ASCII.
+    #[error("must be printable ASCII without spaces")]
+    NotPrintable,
+}
+
+/// Why a cluster secret file could not be used. The message is one line
+/// naming the file.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretFileError {
+    /// The file could not be read.
+    #[error("read the cluster secret {}: {problem}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why (shown in the message, which is printed alone).
+        problem: std::io::Error,
+    },
+    /// Its content is not a valid secret.
+    #[error("cluster secret {}: {problem}", path.display())]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        problem: SecretProblem,
+    },
+}
+
+// Callers that still carry errors as text (the coordinator's, until it
+// holds these types) convert with `?` and `Status::invalid_argument`.
+impl From<SecretProblem> for String {
+    fn from(problem: SecretProblem) -> Self {
+        problem.to_string()
+    }
+}
+
+impl From<SecretFileError> for String {
+    fn from(error: SecretFileError) -> Self {
+        error.to_string()
+    }
+}
+
 /// Reads a cluster secret file: its content with surrounding whitespace
 /// trimmed, which must be 16 to 1024 printable ASCII characters (no
-/// spaces). The error is one line naming the file.
-pub fn read_cluster_secret(path: &std::path::Path) -> Result<String, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("read the cluster secret {}: {e}", path.display()))?;
+/// spaces).
+pub fn read_cluster_secret(path: &Path) -> Result<String, SecretFileError> {
+    let text = std::fs::read_to_string(path).map_err(|problem| SecretFileError::Read {
+        path: path.to_path_buf(),
+        problem,
+    })?;
     let text = text.trim();
-    check_cluster_secret(text).map_err(|p| format!("cluster secret {}: {p}", path.display()))?;
+    check_cluster_secret(text).map_err(|problem| SecretFileError::Invalid {
+        path: path.to_path_buf(),
+        problem,
+    })?;
     Ok(text.to_string())
 }
 
 /// Whether `text` is a valid cluster secret; the error says why not.
-pub fn check_cluster_secret(text: &str) -> Result<(), String> {
+pub fn check_cluster_secret(text: &str) -> Result<(), SecretProblem> {
     if !(MIN_SECRET_BYTES..=MAX_SECRET_BYTES).contains(&text.len()) {
-        return Err(format!(
-            "must be {MIN_SECRET_BYTES} to {MAX_SECRET_BYTES} characters, is {}",
-            text.len()
-        ));
+        return Err(SecretProblem::Length { len: text.len() });
     }
     if !text.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err("must be printable ASCII without spaces".to_string());
+        return Err(SecretProblem::NotPrintable);
     }
     Ok(())
 }
 
+/// A digest field from the wire that is not a digest.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {problem}")]
+pub struct DigestFieldError {
+    /// The field, as the caller named it.
+    pub field: String,
+    /// What is wrong with its bytes.
+    pub problem: IdError,
+}
+
+impl From<DigestFieldError> for String {
+    fn from(error: DigestFieldError) -> Self {
+        error.to_string()
+    }
+}
+
 /// A 20-byte digest from the wire; `what` names the field in the error.
-pub fn digest_from_wire(bytes: &[u8], what: &str) -> Result<Digest, String> {
-    Digest::try_from(bytes).map_err(|e: IdError| format!("{what}: {e}"))
+pub fn digest_from_wire(bytes: &[u8], what: &str) -> Result<Digest, DigestFieldError> {
+    Digest::try_from(bytes).map_err(|problem| DigestFieldError {
+        field: what.to_string(),
+        problem,
+    })
 }
 
 /// A digest for the wire.
@@ -165,11 +318,85 @@ mod tests {
     }
 
     #[test]
+    fn host_port_addresses_are_checked() {
+        use HostPortError::*;
+        use PortUse::*;
+        let bad_port = |min| Err(BadPort { min });
+        let cases: &[(&str, PortUse, Result<(), HostPortError>)] = &[
+            ("10.0.0.4:7000", Dial, Ok(())),
+            ("coord-4.example.com:7000", Dial, Ok(())),
+            ("under_score:1", Dial, Ok(())),
+            ("[::1]:7000", Dial, Ok(())),
+            ("10.0.0.4:65535", Dial, Ok(())),
+            ("10.0.0.4", Dial, Err(NoPort)),
+            ("", Dial, Err(NoPort)),
+            ("10.0.0.4:", Dial, bad_port(1)),
+            ("10.0.0.4:0", Dial, bad_port(1)),
+            ("10.0.0.4:0", Listen, Ok(())),
+            ("[::]:0", Listen, Ok(())),
+            ("10.0.0.4:70000", Dial, bad_port(1)),
+            ("10.0.0.4:70000", Listen, bad_port(0)),
+            ("10.0.0.4:+70", Dial, bad_port(1)),
+            (":7000", Dial, Err(BadHost)),
+            ("http://10.0.0.4:7000", Dial, Err(BadHost)),
+            ("a b:7000", Dial, Err(BadHost)),
+            ("::1:7000", Dial, Err(BadHost)),
+            ("[not v6]:7000", Dial, Err(BadHost)),
+        ];
+        for (addr, port_use, want) in cases {
+            assert_eq!(
+                &check_host_port(addr, *port_use),
+                want,
+                "{addr:?} {port_use:?}"
+            );
+        }
+        assert_eq!(
+            BadPort { min: 1 }.to_string(),
+            "the port is not a number from 1 to 65535"
+        );
+    }
+
+    #[test]
+    fn secrets_are_checked_and_files_named() {
+        assert_eq!(
+            check_cluster_secret("short"),
+            Err(SecretProblem::Length { len: 5 })
+        );
+        assert_eq!(
+            check_cluster_secret("has a space in it, long enough"),
+            Err(SecretProblem::NotPrintable)
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("secret");
+        std::fs::write(&path, "  0123456789abcdef-secret\n").expect("write");
+        assert_eq!(
+            read_cluster_secret(&path).expect("valid"),
+            "0123456789abcdef-secret"
+        );
+        std::fs::write(&path, "short").expect("write");
+        let err = read_cluster_secret(&path).expect_err("short");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "cluster secret {}: must be 16 to 1024 characters, is 5",
+                path.display()
+            )
+        );
+        let missing = dir.path().join("missing");
+        let err = read_cluster_secret(&missing).expect_err("missing");
+        assert!(
+            err.to_string()
+                .starts_with(&format!("read the cluster secret {}: ", missing.display())),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn digests_need_twenty_bytes() {
         assert!(digest_from_wire(&[0u8; 20], "d").is_ok());
         let err = digest_from_wire(&[0u8; 19], "cache_key").expect_err("short");
         assert_eq!(
-            err,
+            err.to_string(),
             "cache_key: 19 bytes where a 20-byte digest was expected"
         );
     }
