@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context as _;
+use distbuild_proto::wire::PortUse;
 use tokio_util::sync::CancellationToken;
 
 use crate::runtime::{DEFAULT_CACHE_MAX_BYTES, WorkerConfig, default_slots, run};
@@ -38,12 +39,14 @@ pub struct WorkerArgs {
     pub advertise: Option<String>,
 }
 
-/// Checks that `addr` looks like HOST:PORT; the error names the flag.
-pub fn check_host_port(flag: &str, addr: &str) -> anyhow::Result<()> {
-    let ok = addr.rsplit_once(':').is_some_and(|(host, port)| {
-        !host.is_empty() && !host.contains(char::is_whitespace) && port.parse::<u16>().is_ok()
-    });
-    anyhow::ensure!(ok, "--{flag}: {addr:?} is not HOST:PORT");
+/// Checks that `addr` is HOST:PORT as every side accepts it
+/// ([`distbuild_proto::wire::check_host_port`]; port 0 only to listen on);
+/// the error names the flag.
+pub fn check_host_port(flag: &str, addr: &str, port_use: PortUse) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        distbuild_proto::wire::check_host_port(addr, port_use).is_ok(),
+        "--{flag}: {addr:?} is not HOST:PORT"
+    );
     Ok(())
 }
 
@@ -55,11 +58,11 @@ impl WorkerArgs {
             "--coordinator: at least one address is needed"
         );
         for addr in &self.coordinator {
-            check_host_port("coordinator", addr)?;
+            check_host_port("coordinator", addr, PortUse::Dial)?;
         }
-        check_host_port("listen", &self.listen)?;
+        check_host_port("listen", &self.listen, PortUse::Listen)?;
         if let Some(addr) = &self.advertise {
-            check_host_port("advertise", addr)?;
+            check_host_port("advertise", addr, PortUse::Dial)?;
         }
         anyhow::ensure!(self.slots != Some(0), "--slots: must be at least 1");
         anyhow::ensure!(

@@ -7,13 +7,14 @@ use std::path::Path;
 use std::time::Duration;
 
 use distbuild_proto::Digest;
+use distbuild_proto::blob::{self, BlobCheck, OpenError, ReceiveError};
 use distbuild_proto::v1::{BlobChunk, FetchRequest};
 use distbuild_proto::wire::digest_to_wire;
 use tokio::time::Instant;
 use tonic::{Code, Streaming};
 
 use crate::cache::{Cache, CacheError};
-use crate::connect::{SharedConnector, error_chain, peer_api_client};
+use crate::connect::{SharedConnector, error_chain};
 use crate::coordinator::{Backoff, CoordinatorClient, Persistence, RpcError, UNARY_DEADLINE};
 use crate::peer::TRANSFER_QUEUE_TIMEOUT;
 
@@ -182,38 +183,38 @@ async fn fetch_artifact_from(
     size: u64,
     scratch: &Path,
 ) -> Result<(), FetchError> {
-    let channel = connector
-        .connect(holder)
-        .await
-        .map_err(|e| FetchError::Transfer(e.to_string()))?;
-    let mut client = peer_api_client(channel);
-    let request = FetchRequest {
-        digest: digest_to_wire(&digest),
+    let stream = match blob::open_artifact(
+        connector.as_ref(),
+        holder,
+        &digest,
+        FETCH_START_DEADLINE,
+    )
+    .await
+    {
+        Ok(stream) => stream,
+        Err(OpenError::Connect(e)) => return Err(FetchError::Transfer(e.to_string())),
+        Err(OpenError::Refused(status)) => {
+            let problem = format!("{}: {}", status.code(), status.message());
+            return Err(if status.code() == Code::ResourceExhausted {
+                FetchError::Busy(problem)
+            } else {
+                FetchError::Transfer(problem)
+            });
+        }
+        Err(OpenError::NoAnswer(_)) => {
+            return Err(FetchError::Transfer(format!(
+                "no answer within {} s",
+                FETCH_START_DEADLINE.as_secs()
+            )));
+        }
     };
-    let stream =
-        match tokio::time::timeout(FETCH_START_DEADLINE, client.fetch_artifact(request)).await {
-            Ok(Ok(response)) => response.into_inner(),
-            Ok(Err(status)) => {
-                let problem = format!("{}: {}", status.code(), status.message());
-                return Err(if status.code() == Code::ResourceExhausted {
-                    FetchError::Busy(problem)
-                } else {
-                    FetchError::Transfer(problem)
-                });
-            }
-            Err(_) => {
-                return Err(FetchError::Transfer(format!(
-                    "no answer within {} s",
-                    FETCH_START_DEADLINE.as_secs()
-                )));
-            }
-        };
     receive_into_cache(stream, cache, digest, size, scratch).await
 }
 
 /// Writes the chunks of `stream` (at most `size` bytes in all, each chunk
-/// within [`FETCH_IDLE_TIMEOUT`]) to a scratch file, then stores it in the
-/// cache, verified against `digest`.
+/// within [`FETCH_IDLE_TIMEOUT`]) to a scratch file, checked against
+/// `digest` as they arrive ([`BlobCheck`]), then stores it in the cache
+/// (which verifies what it stores, again).
 pub async fn receive_into_cache(
     mut stream: Streaming<BlobChunk>,
     cache: &Cache,
@@ -231,35 +232,32 @@ pub async fn receive_into_cache(
     })?;
     let (std_file, temp_path) = temp.into_parts();
     let mut file = distbuild_proto::blocking::FileWriter::new(std_file);
-    let mut received = 0u64;
-    loop {
-        let chunk = match tokio::time::timeout(FETCH_IDLE_TIMEOUT, stream.message()).await {
-            Err(_) => {
-                return Err(transfer(format!(
-                    "no data for {} s",
-                    FETCH_IDLE_TIMEOUT.as_secs()
-                )));
+    let mut check = BlobCheck::new(digest, size);
+    blob::receive_chunks(&mut stream, &mut file, &mut check, FETCH_IDLE_TIMEOUT)
+        .await
+        .map_err(|error| match error {
+            ReceiveError::Idle(_) => {
+                transfer(format!("no data for {} s", FETCH_IDLE_TIMEOUT.as_secs()))
             }
-            Ok(Err(status)) => {
-                return Err(transfer(format!("{}: {}", status.code(), status.message())));
+            ReceiveError::Status(status) => {
+                transfer(format!("{}: {}", status.code(), status.message()))
             }
-            Ok(Ok(None)) => break,
-            Ok(Ok(Some(chunk))) => chunk,
-        };
-        received += chunk.data.len() as u64;
-        if received > size {
-            return Err(transfer(format!("more than the expected {size} bytes")));
-        }
-        file.write_all(chunk.data).await.map_err(|e| {
-            local(format!(
+            ReceiveError::Oversize(_) => transfer(format!("more than the expected {size} bytes")),
+            ReceiveError::Write(e) => local(format!(
                 "write {}: {}",
                 temp_path.display(),
                 error_chain(&e)
-            ))
+            )),
         })?;
-    }
+    let received = check.received();
     if received != size {
         return Err(transfer(format!("ended after {received} of {size} bytes")));
+    }
+    if let Err(mismatch) = check.finish() {
+        return Err(FetchError::Cache(CacheError::DigestMismatch {
+            expected: digest,
+            actual: mismatch.actual,
+        }));
     }
     drop(
         file.into_inner()

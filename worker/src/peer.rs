@@ -5,10 +5,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use distbuild_proto::blob::content_chunks;
 use distbuild_proto::v1::peer_api_server::PeerApi;
 use distbuild_proto::v1::{BlobChunk, FetchRequest};
 use distbuild_proto::wire::{MAX_BLOB_CHUNK_BYTES, digest_from_wire};
+use futures::StreamExt;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -78,25 +79,18 @@ impl PeerApi for PeerService {
         };
         let (sender, receiver) = mpsc::channel(CHUNKS_IN_FLIGHT);
         let shutdown = self.shutdown.clone();
-        let mut file = distbuild_proto::blocking::ChunkReader::new(file, MAX_BLOB_CHUNK_BYTES);
+        let reader = distbuild_proto::blocking::ChunkReader::new(file, MAX_BLOB_CHUNK_BYTES);
         self.tracker.spawn(async move {
             // Held until the last chunk is sent: the blob stays, and the
             // transfer counts against the bound.
             let _pin = pin;
             let _permit = permit;
-            loop {
-                let chunk = match file.next_chunk().await {
-                    Ok(buf) if buf.is_empty() => return,
-                    Ok(buf) => Ok(BlobChunk {
-                        data: Bytes::from(buf),
-                        ..Default::default()
-                    }),
-                    Err(e) => {
-                        tracing::warn!(%digest, error = %e, "reading a cached blob failed");
-                        Err(Status::internal(format!("read blob {digest}: {e}")))
-                    }
-                };
-                let failed = chunk.is_err();
+            let mut chunks = std::pin::pin!(content_chunks(reader));
+            while let Some(chunk) = chunks.next().await {
+                let chunk = chunk.map_err(|e| {
+                    tracing::warn!(%digest, error = %e, "reading a cached blob failed");
+                    Status::internal(format!("read blob {digest}: {e}"))
+                });
                 tokio::select! {
                     sent = sender.send_timeout(chunk, SEND_STALL_TIMEOUT) => {
                         if sent.is_err() {
@@ -109,9 +103,6 @@ impl PeerApi for PeerService {
                         let _ = sender.try_send(Err(Status::unavailable("worker shutting down")));
                         return;
                     }
-                }
-                if failed {
-                    return;
                 }
             }
         });

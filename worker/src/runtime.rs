@@ -3,9 +3,9 @@
 //! (renewing leases, reporting cache changes, stopping revoked jobs) and
 //! report results. Serves the peer API on the caller's listener.
 //!
-//! Through failovers: every call carries a request ID ([`RequestIds`]) that
-//! its retries reuse, so the coordinators apply it once and answer a retry
-//! with the first answer. Registration, polls and heartbeats retry until
+//! Through failovers: every call carries a request ID ([`RequestIds`], from
+//! `distbuild_proto::leader`) that its retries reuse, so the coordinators
+//! apply it once and answer a retry with the first answer. Registration, polls and heartbeats retry until
 //! the cluster answers (a worker never gives up on it); a result report
 //! retries for a few lease periods. Failing heartbeats never stop a job:
 //! only a lease the coordinators revoke, or a registration they forgot,
@@ -22,20 +22,21 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use distbuild_proto::Digest;
+use distbuild_proto::leader::RequestIds;
 use distbuild_proto::v1::peer_api_server::PeerApiServer;
 use distbuild_proto::v1::{
     Assignment, HeartbeatRequest, LostInput, PollWorkRequest, RegisterRequest, ReportResultRequest,
 };
-use distbuild_proto::wire::{MAX_MESSAGE_BYTES, digest_to_wire};
+use distbuild_proto::wire::{
+    KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, MAX_MESSAGE_BYTES, digest_to_wire,
+};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::cache::Cache;
-use crate::connect::{
-    HTTP2_KEEPALIVE_INTERVAL, HTTP2_KEEPALIVE_TIMEOUT, SharedConnector, TcpConnector,
-};
+use crate::connect::{SharedConnector, TcpConnector};
 use crate::coordinator::{Backoff, CoordinatorClient, Persistence};
 use crate::job::{JobEnv, JobOutcome, JobSpec, remove_dir_forcibly, run_job};
 use crate::peer::PeerService;
@@ -71,8 +72,6 @@ pub const DEFAULT_LEASE_TIMEOUT: Duration = Duration::from_secs(10);
 /// well within the lease period.
 const MIN_HEARTBEAT_DEADLINE: Duration = Duration::from_millis(500);
 const MAX_HEARTBEAT_DEADLINE: Duration = Duration::from_secs(2);
-/// Longest request ID the coordinators accept.
-pub const MAX_REQUEST_ID_CHARS: usize = 128;
 /// A poll answered faster than this with nothing is followed by a pause,
 /// so a coordinator that does not wait cannot make the worker spin.
 const MIN_EMPTY_POLL_INTERVAL: Duration = Duration::from_millis(50);
@@ -157,36 +156,6 @@ impl CacheChanges {
                 self.record(digest, present);
             }
         }
-    }
-}
-
-/// Names this worker's calls for the coordinators' at-most-once
-/// application: `<worker ID>-<random per process>-<kind><counter>`. The
-/// random part keeps a restarted worker (same worker ID, counter from zero)
-/// from reusing an ID the coordinators still remember.
-pub struct RequestIds {
-    prefix: String,
-    counter: AtomicU64,
-}
-
-impl RequestIds {
-    /// IDs for worker `worker_id`, unique to this instance.
-    pub fn new(worker_id: &str) -> Self {
-        Self {
-            prefix: format!("{worker_id}-{:016x}", distbuild_proto::rng::next_u64()),
-            counter: AtomicU64::new(1),
-        }
-    }
-
-    /// A fresh ID for one logical call of `kind` (a short word).
-    pub fn next(&self, kind: &str) -> String {
-        let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let id = format!("{}-{kind}{n}", self.prefix);
-        debug_assert!(
-            id.len() <= MAX_REQUEST_ID_CHARS,
-            "request ID too long: {id}"
-        );
-        id
     }
 }
 
@@ -720,8 +689,8 @@ where
     let worker_span = tracing::info_span!("worker", worker_id = %worker_id);
     let service = PeerService::new(cache.clone(), tracker.clone(), shutdown.clone());
     let server = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .add_service(
             PeerApiServer::new(service)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -837,18 +806,5 @@ mod tests {
         let fresh = load_or_create_worker_id(dir.path()).expect("replaced");
         assert_ne!(fresh, "garbage");
         assert_eq!(fresh.len(), 16);
-    }
-
-    #[test]
-    fn request_ids_are_fresh_bounded_and_differ_across_restarts() {
-        let id = "0123456789abcdef";
-        let ids = RequestIds::new(id);
-        let (a, b) = (ids.next("poll"), ids.next("poll"));
-        assert_ne!(a, b);
-        assert!(a.starts_with(&format!("{id}-")), "{a}");
-        let restarted = RequestIds::new(id);
-        assert_ne!(restarted.next("poll"), a, "a restart does not reuse IDs");
-        let long = ids.next("heartbeat") + &u64::MAX.to_string();
-        assert!(long.len() <= MAX_REQUEST_ID_CHARS, "{long}");
     }
 }
