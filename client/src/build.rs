@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use distbuild_proto::graph::BuildGraph;
+use distbuild_proto::leader::one_off_request_id;
 use distbuild_proto::v1::{
     CancelBuildRequest, SourceFile, SubmitBuildRequest, SubmitBuildResponse, build_event,
 };
@@ -81,11 +82,6 @@ pub fn read_graph(path: &Path) -> Result<(Bytes, BuildGraph), String> {
     Ok((Bytes::from(bytes), graph))
 }
 
-/// A fresh request ID for one submit (reused by its retries).
-fn new_request_id() -> String {
-    format!("{:032x}", distbuild_proto::rng::next_u128())
-}
-
 /// Runs `distbuild build` through `connector`, writing to `console`;
 /// returns the process exit code. Bad input is reported before anything is
 /// sent to the cluster.
@@ -119,7 +115,7 @@ pub async fn run_build(args: BuildArgs, connector: Connector, console: Console) 
     }
 
     let request = SubmitBuildRequest {
-        request_id: new_request_id(),
+        request_id: one_off_request_id(),
         graph_json,
         sources: sources
             .iter()

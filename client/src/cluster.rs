@@ -1,88 +1,39 @@
-//! Talking to the coordinators: one cached channel, RPC deadlines, retries
-//! with bounded exponential backoff until `--timeout`, and following a
-//! coordinator's "not the leader" answer to the leader it names.
-//!
-//! What a call can meet during a failover, and what happens:
-//! - UNAVAILABLE with `distbuild-leader` metadata (a follower): the call is
-//!   sent again at once to the leader it names;
-//! - UNAVAILABLE without it (an election, a stopping node), a refused or
-//!   timed-out connection, a broken or silent one (keepalive), no answer
-//!   within the attempt's deadline: the next address is tried, and after
-//!   every address failed once the client pauses ([`Backoff`]: 50 ms,
-//!   doubling to 1 s) before the next round.
+//! Talking to the coordinators: the client's side of the shared
+//! leader-following client ([`distbuild_proto::leader`], which holds the
+//! retry, redirect and backoff loop and documents what a call meets during
+//! a failover), with the client's patience, messages and exit codes.
 //!
 //! A call gives up (exit 3) only after the cluster has failed it
 //! continuously for the patience (`--timeout`), counted from the call's
-//! start — which is after the last answer the client got.
+//! start — which is after the last answer the client got. Between rounds
+//! of attempts it pauses 50 ms doubling to 250 ms (jittered).
 //!
 //! Every request the client sends is safe to repeat (lookups, content-
 //! addressed uploads, a submit keyed by its request ID, membership changes
 //! the commands check afterwards), so any failure that may be the network's
 //! or an election's is retried.
 
-use std::error::Error as _;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use distbuild_proto::wire::LEADER_METADATA_KEY;
-use tokio::sync::Mutex;
+use distbuild_proto::leader::{self, Event, Failure, LeaderClient, Options, Persistence};
 use tokio::time::Instant;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 use tracing::debug;
 
-use crate::connect::{CONNECT_TIMEOUT, Connector};
+use crate::connect::Connector;
 use crate::exit_code;
+
+pub use distbuild_proto::leader::{Backoff, describe};
+pub use distbuild_proto::net::one_line;
 
 /// Deadline of one unary RPC attempt (calls moving more data add time for
 /// it). A dead or partitioned connection is caught sooner by keepalive; this
 /// bounds a node that is connected but never answers (a leader that lost its
 /// quorum, say).
 pub const RPC_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// First pause after every coordinator failed once; doubles per round.
-pub const INITIAL_BACKOFF: Duration = Duration::from_millis(50);
-
-/// Longest pause between rounds of attempts.
-pub const MAX_BACKOFF: Duration = Duration::from_millis(250);
-
-/// "Not the leader" answers followed in a row before backing off (an
-/// election may be under way and the hints stale).
-pub const MAX_LEADER_REDIRECTS: u32 = 5;
-
-/// Shortest connection attempt, even when `--timeout` is nearly spent.
-const MIN_CONNECT_ATTEMPT: Duration = Duration::from_millis(200);
-
-/// Bounded exponential backoff: [`INITIAL_BACKOFF`], doubling up to
-/// [`MAX_BACKOFF`].
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    next: Duration,
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Self {
-            next: INITIAL_BACKOFF,
-        }
-    }
-}
-
-impl Backoff {
-    /// The pause to take now; the next one is twice as long (up to the
-    /// bound).
-    pub fn next_pause(&mut self) -> Duration {
-        let pause = self.next;
-        self.next = (self.next * 2).min(MAX_BACKOFF);
-        pause
-    }
-
-    /// Starts again from the shortest pause (after a success).
-    pub fn reset(&mut self) {
-        self.next = INITIAL_BACKOFF;
-    }
-}
 
 /// Why a call to the cluster failed.
 #[derive(Debug, thiserror::Error)]
@@ -131,7 +82,7 @@ pub fn exit_code_for_status(code: Code) -> i32 {
     }
 }
 
-/// What to do after an error status.
+/// What the client does after an error status.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Disposition {
     /// Try again (maybe another coordinator) after a backoff.
@@ -142,67 +93,38 @@ pub enum Disposition {
     Fatal,
 }
 
-/// Sorts an error status: the network's and elections' failures are
-/// retried, a named leader is followed, the rest are final.
+/// Sorts an error status as [`leader::classify`] does; a server error
+/// (INTERNAL, RESOURCE_EXHAUSTED) is final for the client, which reports it
+/// rather than retry it.
 pub fn classify(status: &Status) -> Disposition {
-    match status.code() {
-        Code::Unavailable => match status
-            .metadata()
-            .get(LEADER_METADATA_KEY)
-            .and_then(|v| v.to_str().ok())
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-        {
-            Some(leader) => Disposition::Redirect(leader.to_string()),
-            None => Disposition::Retry,
-        },
-        Code::DeadlineExceeded | Code::Aborted | Code::Cancelled | Code::Unknown => {
-            Disposition::Retry
+    match leader::classify(status) {
+        leader::Disposition::Redirect(leader) => Disposition::Redirect(leader),
+        leader::Disposition::NextNode => Disposition::Retry,
+        leader::Disposition::ServerError | leader::Disposition::Final => Disposition::Fatal,
+    }
+}
+
+/// The client's retries are its own business: logged at debug level, so
+/// the user's terminal shows only the outcome.
+fn log_event(event: &Event<'_>) {
+    match event {
+        Event::Retrying { what, failure, .. } => debug!("{what}: {failure}; retrying"),
+        Event::FollowingLeader { what, from, leader } => {
+            debug!(addr = %from, %leader, "{what}: not the leader; following");
         }
-        // A status with a source was made on this side from a transport
-        // error (a reset stream, a dropped connection), not sent by a server.
-        Code::Internal if status.source().is_some() => Disposition::Retry,
-        _ => Disposition::Fatal,
+        Event::AnsweredAfterRetrying { what, failures } => {
+            debug!(failures, "{what}: answered after retrying");
+        }
     }
-}
-
-/// A status as one line, with the transport error behind it if any.
-pub fn describe(status: &Status) -> String {
-    let mut text = format!("{:?}: {}", status.code(), status.message());
-    let mut source = status.source();
-    while let Some(err) = source {
-        text.push_str(&format!(": {err}"));
-        source = err.source();
-    }
-    one_line(&text)
-}
-
-/// `text` with line breaks replaced, for one-line error messages.
-pub fn one_line(text: &str) -> String {
-    text.trim().replace(['\n', '\r'], " ")
-}
-
-struct State {
-    /// Index (modulo) of the next configured address to try.
-    next: usize,
-    /// The leader a coordinator named, tried before the configured list.
-    leader: Option<String>,
-    /// The open channel and its address.
-    current: Option<(String, Channel)>,
-}
-
-struct Inner {
-    connector: Connector,
-    addrs: Vec<String>,
-    patience: Duration,
-    state: Mutex<State>,
 }
 
 /// The coordinators, as one retrying endpoint. Cheap to clone; clones share
 /// the channel.
 #[derive(Clone)]
 pub struct Cluster {
-    inner: Arc<Inner>,
+    client: LeaderClient,
+    connector: Connector,
+    patience: Duration,
 }
 
 impl Cluster {
@@ -210,100 +132,40 @@ impl Cluster {
     /// retrying a call for up to `patience`.
     pub fn new(connector: Connector, addrs: Vec<String>, patience: Duration) -> Self {
         assert!(!addrs.is_empty(), "a cluster needs at least one address");
+        let options = Options {
+            retry_server_errors: false,
+            observer: Some(Arc::new(log_event)),
+        };
         Self {
-            inner: Arc::new(Inner {
-                connector,
-                addrs,
-                patience,
-                state: Mutex::new(State {
-                    next: 0,
-                    leader: None,
-                    current: None,
-                }),
-            }),
+            client: LeaderClient::new(addrs, connector.shared(), options),
+            connector,
+            patience,
         }
     }
 
     /// How long a call keeps trying (`--timeout`).
     pub fn patience(&self) -> Duration {
-        self.inner.patience
+        self.patience
     }
 
     /// The connector, for connections to workers.
     pub fn connector(&self) -> &Connector {
-        &self.inner.connector
+        &self.connector
     }
 
     /// The configured addresses, for messages.
     pub fn addrs_display(&self) -> String {
-        self.inner.addrs.join(",")
-    }
-
-    /// The open channel, or a new one to the next candidate. Errors name the
-    /// address tried.
-    async fn channel(&self, deadline: Instant) -> Result<(String, Channel), String> {
-        let mut state = self.inner.state.lock().await;
-        if let Some(current) = &state.current {
-            return Ok(current.clone());
-        }
-        let addr = match &state.leader {
-            Some(leader) => leader.clone(),
-            None => self.inner.addrs[state.next % self.inner.addrs.len()].clone(),
-        };
-        let attempt = deadline
-            .saturating_duration_since(Instant::now())
-            .clamp(MIN_CONNECT_ATTEMPT, CONNECT_TIMEOUT);
-        let error = match tokio::time::timeout(attempt, self.inner.connector.connect(&addr)).await {
-            Ok(Ok(channel)) => {
-                state.current = Some((addr.clone(), channel.clone()));
-                return Ok((addr, channel));
-            }
-            Ok(Err(e)) => {
-                let mut text = e.to_string();
-                let mut source = e.source();
-                while let Some(err) = source {
-                    text.push_str(&format!(": {err}"));
-                    source = err.source();
-                }
-                format!("connect to {addr}: {}", one_line(&text))
-            }
-            Err(_) => format!("connect to {addr}: no connection within {attempt:?}"),
-        };
-        Self::move_on(&mut state, &self.inner.addrs, &addr);
-        Err(error)
-    }
-
-    /// Forgets `addr` after a failure there, so the next attempt tries the
-    /// next candidate.
-    fn move_on(state: &mut State, addrs: &[String], addr: &str) {
-        if state.current.as_ref().is_some_and(|(a, _)| a == addr) {
-            state.current = None;
-        }
-        if state.leader.as_deref() == Some(addr) {
-            // A leader named but not there: the node that named it (most
-            // likely the current configured one) still believes in a dead
-            // leader until its election timeout, so ask the next one rather
-            // than be sent to the dead one again.
-            state.leader = None;
-            state.next = state.next.wrapping_add(1);
-        } else if addrs[state.next % addrs.len()] == addr {
-            state.next = state.next.wrapping_add(1);
-        }
+        self.client.addrs().join(",")
     }
 
     /// Notes a failure at `addr` (a broken channel, an unreachable node).
     pub async fn failed(&self, addr: &str) {
-        let mut state = self.inner.state.lock().await;
-        Self::move_on(&mut state, &self.inner.addrs, addr);
+        self.client.failed(addr).await;
     }
 
     /// Follows a "not the leader" answer from `from` naming `leader`.
     pub async fn follow_leader(&self, from: &str, leader: &str) {
-        let mut state = self.inner.state.lock().await;
-        if state.current.as_ref().is_some_and(|(a, _)| a == from) {
-            state.current = None;
-        }
-        state.leader = Some(leader.to_string());
+        self.client.follow_leader(from, leader).await;
     }
 
     /// Runs `rpc` on a channel to the cluster until it succeeds, fails for
@@ -330,77 +192,39 @@ impl Cluster {
         &self,
         what: &str,
         rpc_timeout: Option<Duration>,
-        mut rpc: F,
+        rpc: F,
     ) -> Result<(String, T), CallError>
     where
         F: FnMut(Channel) -> Fut,
         Fut: Future<Output = Result<T, Status>>,
     {
-        let started = Instant::now();
-        let deadline = started + self.inner.patience;
-        let mut backoff = Backoff::default();
-        let mut redirects = 0u32;
-        let mut failures = 0usize;
-        loop {
-            let error = match self.channel(deadline).await {
-                Err(error) => error,
-                Ok((addr, channel)) => {
-                    let result = match rpc_timeout {
-                        Some(limit) => tokio::time::timeout(limit, rpc(channel))
-                            .await
-                            .unwrap_or_else(|_| {
-                                Err(Status::deadline_exceeded(format!(
-                                    "no answer within {limit:?}"
-                                )))
-                            }),
-                        None => rpc(channel).await,
-                    };
-                    let status = match result {
-                        Ok(value) => return Ok((addr, value)),
-                        Err(status) => status,
-                    };
-                    match classify(&status) {
-                        Disposition::Redirect(leader) if redirects < MAX_LEADER_REDIRECTS => {
-                            debug!(%addr, %leader, "{what}: not the leader; following");
-                            redirects += 1;
-                            self.follow_leader(&addr, &leader).await;
-                            continue;
-                        }
-                        Disposition::Redirect(_) | Disposition::Retry => {
-                            self.failed(&addr).await;
+        let persistence = Persistence::Until(Instant::now() + self.patience);
+        self.client
+            .call(what, persistence, rpc_timeout, rpc)
+            .await
+            .map_err(|error| match error {
+                leader::CallError::Rejected { status, .. } => CallError::Rejected {
+                    what: what.to_string(),
+                    status,
+                },
+                leader::CallError::GaveUp { waited, last } => CallError::Unreachable {
+                    addrs: self.addrs_display(),
+                    waited_secs: waited.as_secs(),
+                    last_error: match last {
+                        Failure::Connect(error) => error.to_string(),
+                        Failure::Status { addr, status } => {
                             format!("{what} at {addr}: {}", describe(&status))
                         }
-                        Disposition::Fatal => {
-                            return Err(CallError::Rejected {
-                                what: what.to_string(),
-                                status,
-                            });
-                        }
-                    }
-                }
-            };
-            debug!("{what}: {error}; retrying");
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(CallError::Unreachable {
-                    addrs: self.addrs_display(),
-                    waited_secs: now.duration_since(started).as_secs(),
-                    last_error: error,
-                });
-            }
-            failures += 1;
-            if failures.is_multiple_of(self.inner.addrs.len()) || redirects >= MAX_LEADER_REDIRECTS
-            {
-                tokio::time::sleep(backoff.next_pause().min(deadline - now)).await;
-                redirects = 0;
-            }
-        }
+                    },
+                },
+            })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use distbuild_proto::wire::LEADER_METADATA_KEY;
     use tonic::metadata::MetadataValue;
 
     #[test]
@@ -467,55 +291,6 @@ mod tests {
             last_error: "refused".into(),
         };
         assert_eq!(unreachable.exit_code(), exit_code::UNREACHABLE);
-    }
-
-    #[test]
-    fn failures_rotate_through_every_configured_address() {
-        let addrs: Vec<String> = ["a:1", "b:1", "c:1"].map(String::from).to_vec();
-        let mut state = State {
-            next: 0,
-            leader: None,
-            current: None,
-        };
-        let candidate = |state: &State| {
-            state
-                .leader
-                .clone()
-                .unwrap_or_else(|| addrs[state.next % addrs.len()].clone())
-        };
-        let mut tried = Vec::new();
-        for _ in 0..6 {
-            let addr = candidate(&state);
-            tried.push(addr.clone());
-            if addr == "a:1" || addr == "b:1" {
-                // A follower still naming the leader that died.
-                state.leader = Some("dead:1".into());
-                let addr = candidate(&state);
-                tried.push(addr.clone());
-                Cluster::move_on(&mut state, &addrs, &addr);
-            } else {
-                Cluster::move_on(&mut state, &addrs, &addr);
-            }
-        }
-        assert_eq!(
-            tried,
-            [
-                "a:1", "dead:1", "b:1", "dead:1", "c:1", "a:1", "dead:1", "b:1", "dead:1", "c:1"
-            ]
-        );
-        // A failure elsewhere (another call's stale address) moves nothing.
-        let before = state.next;
-        Cluster::move_on(&mut state, &addrs, "z:1");
-        assert_eq!(state.next, before);
-    }
-
-    #[test]
-    fn backoff_doubles_up_to_its_bound_and_resets() {
-        let mut backoff = Backoff::default();
-        let pauses: Vec<u128> = (0..7).map(|_| backoff.next_pause().as_millis()).collect();
-        assert_eq!(pauses, [50, 100, 200, 250, 250, 250, 250]);
-        backoff.reset();
-        assert_eq!(backoff.next_pause(), INITIAL_BACKOFF);
     }
 
     #[test]

@@ -1,61 +1,23 @@
-//! The network seam: the one place the client opens a connection, and the
-//! one place gRPC clients get their message-size limits. Production uses
-//! [`Connector::tcp`]; a network simulator passes its own [`Connector`]
-//! (built with `Endpoint::connect_with_connector` over its sockets) and the
-//! rest of the client does not know the difference.
+//! The network seam: the one place the client opens a connection. The
+//! endpoint settings (connect timeout, keepalive) and the message-size
+//! limits are the ones every side shares (`distbuild_proto::net`).
+//! Production uses [`Connector::tcp`]; a network simulator passes
+//! [`Connector::dialing`] with its own dialer, and the rest of the client
+//! does not know the difference.
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::Duration;
 
-use distbuild_proto::v1::admin_api_client::AdminApiClient;
-use distbuild_proto::v1::client_api_client::ClientApiClient;
-use distbuild_proto::v1::peer_api_client::PeerApiClient;
-use distbuild_proto::wire::MAX_MESSAGE_BYTES;
+use distbuild_proto::net::{ConnectError, DialConnector, SharedConnector, TcpConnector};
 use futures::future::BoxFuture;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
-/// How long opening one TCP connection may take. A node cut off by a
-/// partition drops the SYN instead of refusing it: without this bound the
-/// client would wait for the kernel's own timeout (minutes) before trying
-/// another coordinator.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// Interval of HTTP/2 keepalive pings, sent even while no call is open: a
-/// silently dead connection (a node lost in a partition, its packets
-/// dropped) is noticed within interval + timeout, also while a WatchBuild
-/// stream waits minutes between events.
-pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
-
-/// How long a keepalive ping may go unanswered before the connection (and
-/// every call on it) is declared dead (UNAVAILABLE).
-pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// The endpoint for `addr` (`HOST:PORT`, or a URL with a scheme), with the
-/// client's connect timeout and keepalive set. Every channel the client
-/// opens is built from it, a simulator's [`Connector`] included (through
-/// `Endpoint::connect_with_connector`), so no connection can hang silently.
-pub fn endpoint(addr: &str) -> Result<Endpoint, tonic::transport::Error> {
-    let url = if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    };
-    Ok(Endpoint::from_shared(url)?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
-        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-        .keep_alive_while_idle(true)
-        .tcp_nodelay(true))
-}
-
-type ConnectFn =
-    dyn Fn(String) -> BoxFuture<'static, Result<Channel, tonic::transport::Error>> + Send + Sync;
+pub use distbuild_proto::net::{admin_api, client_api, endpoint, peer_api};
 
 /// Opens a channel to an address. Cheap to clone.
 #[derive(Clone)]
 pub struct Connector {
-    connect: Arc<ConnectFn>,
+    inner: SharedConnector,
 }
 
 impl fmt::Debug for Connector {
@@ -64,19 +26,42 @@ impl fmt::Debug for Connector {
     }
 }
 
+/// A connector made of a function (see [`Connector::new`]).
+struct FnConnector<F>(F);
+
+impl<F> distbuild_proto::net::Connector for FnConnector<F>
+where
+    F: Fn(String) -> BoxFuture<'static, Result<Channel, tonic::transport::Error>>
+        + Send
+        + Sync
+        + 'static,
+{
+    fn connect(&self, addr: &str) -> BoxFuture<'static, Result<Channel, ConnectError>> {
+        let connecting = (self.0)(addr.to_string());
+        let addr = addr.to_string();
+        Box::pin(async move {
+            connecting.await.map_err(|e| ConnectError {
+                addr,
+                problem: distbuild_proto::net::error_chain(&e),
+            })
+        })
+    }
+}
+
 impl Connector {
     /// Real TCP connections through [`endpoint`].
     pub fn tcp() -> Self {
-        Self::dialing(distbuild_proto::net::tcp())
+        Self {
+            inner: Arc::new(TcpConnector),
+        }
     }
 
     /// Connections to [`endpoint`]s opened by `dialer` (a simulation's
     /// sockets).
     pub fn dialing(dialer: distbuild_proto::net::SharedDialer) -> Self {
-        Self::new(move |addr| {
-            let dialer = dialer.clone();
-            Box::pin(async move { dialer.connect(endpoint(&addr)?).await })
-        })
+        Self {
+            inner: Arc::new(DialConnector(dialer)),
+        }
     }
 
     /// A connector from a function (a simulator's, a test's).
@@ -87,52 +72,17 @@ impl Connector {
         + 'static,
     ) -> Self {
         Self {
-            connect: Arc::new(connect),
+            inner: Arc::new(FnConnector(connect)),
         }
     }
 
     /// Opens a channel to `addr` (`HOST:PORT`).
-    pub async fn connect(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
-        (self.connect)(addr.to_string()).await
+    pub async fn connect(&self, addr: &str) -> Result<Channel, ConnectError> {
+        self.inner.connect(addr).await
     }
-}
 
-/// A `ClientApi` client on `channel` with the agreed message-size limits.
-pub fn client_api(channel: Channel) -> ClientApiClient<Channel> {
-    ClientApiClient::new(channel)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES)
-}
-
-/// An `AdminApi` client on `channel` with the agreed message-size limits.
-pub fn admin_api(channel: Channel) -> AdminApiClient<Channel> {
-    AdminApiClient::new(channel)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES)
-}
-
-/// A `PeerApi` (worker) client on `channel` with the agreed message-size
-/// limits.
-pub fn peer_api(channel: Channel) -> PeerApiClient<Channel> {
-    PeerApiClient::new(channel)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn addresses_become_http_urls() {
-        assert_eq!(
-            endpoint("127.0.0.1:7000").expect("valid").uri().to_string(),
-            "http://127.0.0.1:7000/"
-        );
-        assert_eq!(
-            endpoint("http://h:1").expect("valid").uri().to_string(),
-            "http://h:1/"
-        );
-        assert!(endpoint("bad address").is_err());
+    /// The connector as the shared leader-following client holds it.
+    pub fn shared(&self) -> SharedConnector {
+        self.inner.clone()
     }
 }

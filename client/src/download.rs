@@ -9,14 +9,13 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use distbuild_proto::v1::{FetchRequest, LocateArtifactsRequest};
+use distbuild_proto::blob::{self, BlobCheck, OpenError, ReceiveError};
+use distbuild_proto::v1::LocateArtifactsRequest;
 use distbuild_proto::wire::{digest_from_wire, digest_to_wire};
 use distbuild_proto::{Digest, JobId, artifact};
 use futures::{StreamExt, TryStreamExt};
-use sha1::{Digest as _, Sha1};
 
-use crate::cluster::{CallError, Cluster, RPC_TIMEOUT, describe};
-use crate::connect::peer_api;
+use crate::cluster::{CallError, Cluster, RPC_TIMEOUT};
 
 /// Outputs downloaded at the same time.
 pub const MAX_CONCURRENT_DOWNLOADS: usize = 4;
@@ -168,23 +167,13 @@ async fn fetch(
     output: &Output,
     output_dir: &Path,
 ) -> Result<tempfile::NamedTempFile, String> {
-    let channel = tokio::time::timeout(
-        crate::connect::CONNECT_TIMEOUT,
-        cluster.connector().connect(holder),
-    )
-    .await
-    .map_err(|_| "no connection".to_string())?
-    .map_err(|e| format!("connect: {e}"))?;
-    let mut stream = tokio::time::timeout(
-        RPC_TIMEOUT,
-        peer_api(channel).fetch_artifact(FetchRequest {
-            digest: digest_to_wire(&output.digest),
-        }),
-    )
-    .await
-    .map_err(|_| format!("no answer within {RPC_TIMEOUT:?}"))?
-    .map_err(|status| describe(&status))?
-    .into_inner();
+    let connector = cluster.connector().shared();
+    let mut stream = blob::open_artifact(connector.as_ref(), holder, &output.digest, RPC_TIMEOUT)
+        .await
+        .map_err(|error| match error {
+            OpenError::Connect(e) => format!("connect: {}", e.problem),
+            other => other.to_string(),
+        })?;
     let temp = tempfile::Builder::new()
         .prefix(&format!(".{}.download-", output.job_id))
         .tempfile_in(output_dir)
@@ -193,34 +182,18 @@ async fn fetch(
         .reopen()
         .map_err(|e| format!("open {}: {e}", temp.path().display()))?;
     let mut file = distbuild_proto::blocking::FileWriter::new(std_file);
-    let mut sha1 = Sha1::new();
-    let mut received = 0u64;
-    loop {
-        let chunk = tokio::time::timeout(FETCH_IDLE_TIMEOUT, stream.message())
-            .await
-            .map_err(|_| format!("no data for {FETCH_IDLE_TIMEOUT:?}"))?
-            .map_err(|status| describe(&status))?;
-        let Some(chunk) = chunk else { break };
-        received += chunk.data.len() as u64;
-        if received > output.size {
-            return Err(format!("more than the expected {} bytes", output.size));
-        }
-        sha1.update(&chunk.data);
-        file.write_all(chunk.data)
-            .await
-            .map_err(|e| format!("write {}: {e}", temp.path().display()))?;
-    }
+    let mut check = BlobCheck::new(output.digest, output.size);
+    blob::receive_chunks(&mut stream, &mut file, &mut check, FETCH_IDLE_TIMEOUT)
+        .await
+        .map_err(|error| match error {
+            ReceiveError::Write(e) => format!("write {}: {e}", temp.path().display()),
+            other => other.to_string(),
+        })?;
     drop(
         file.into_inner()
             .map_err(|e| format!("write {}: {e}", temp.path().display()))?,
     );
-    let digest = Digest::from_bytes(sha1.finalize().into());
-    if received != output.size || digest != output.digest {
-        return Err(format!(
-            "got {received} bytes with digest {digest}, expected {} bytes with digest {}",
-            output.size, output.digest
-        ));
-    }
+    check.finish().map_err(|mismatch| mismatch.to_string())?;
     Ok(temp)
 }
 

@@ -248,7 +248,7 @@ impl Console {
 
 /// Prints `error: <message>` as one line on `err` and returns `code`.
 pub fn print_error(err: &mut dyn Write, code: i32, message: impl std::fmt::Display) -> i32 {
-    let line = crate::cluster::one_line(&message.to_string());
+    let line = distbuild_proto::net::one_line(&message.to_string());
     // stderr gone: the exit code still tells.
     let _ = writeln!(err, "error: {line}");
     let _ = err.flush();

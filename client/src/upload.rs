@@ -7,6 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use distbuild_proto::Digest;
+use distbuild_proto::blob::upload_chunks;
+use distbuild_proto::blocking::ChunkReader;
 use distbuild_proto::v1::{BlobChunk, FindMissingBlobsRequest};
 use distbuild_proto::wire::{MAX_BLOB_CHUNK_BYTES, digest_from_wire, digest_to_wire};
 use futures::{Stream, StreamExt, TryStreamExt};
@@ -135,18 +137,9 @@ async fn upload_one(cluster: &Cluster, source: &Source) -> Result<(), UploadErro
     }
 }
 
-enum ChunkState {
-    Start,
-    Reading {
-        file: distbuild_proto::blocking::ChunkReader,
-        remaining: u64,
-        first: bool,
-    },
-    Done,
-}
-
-/// The chunks of one blob, read from `path` as they are sent: the first
-/// names digest and size, each carries at most `MAX_BLOB_CHUNK_BYTES`. On a
+/// The chunks of one blob, read from `path` as they are sent, framed as
+/// [`distbuild_proto::blob::upload_chunks`] does: the first names digest
+/// and size, each carries at most `MAX_BLOB_CHUNK_BYTES`. On an open or
 /// read error (or a file shorter than `size`) the stream ends early and the
 /// problem is left in `read_error`.
 pub fn blob_chunks(
@@ -160,68 +153,16 @@ pub fn blob_chunks(
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(problem);
     };
-    futures::stream::unfold(ChunkState::Start, move |state| {
-        let path = path.clone();
-        let fail = fail.clone();
-        async move {
-            let (mut file, remaining, first) = match state {
-                ChunkState::Done => return None,
-                ChunkState::Start => {
-                    let path = path.clone();
-                    match distbuild_proto::blocking::run(move || std::fs::File::open(path)).await {
-                        Ok(file) => (
-                            distbuild_proto::blocking::ChunkReader::new(file, MAX_BLOB_CHUNK_BYTES),
-                            size,
-                            true,
-                        ),
-                        Err(e) => {
-                            fail(format!("open: {e}"));
-                            return None;
-                        }
-                    }
-                }
-                ChunkState::Reading {
-                    file,
-                    remaining,
-                    first,
-                } => (file, remaining, first),
-            };
-            if remaining == 0 && !first {
-                return None;
-            }
-            let want = remaining.min(MAX_BLOB_CHUNK_BYTES as u64) as usize;
-            let mut data = match file.next_chunk().await {
-                Ok(data) => data,
-                Err(e) => {
-                    fail(format!("read: {e}"));
-                    return None;
-                }
-            };
-            if data.len() < want {
-                fail("changed while it was uploaded (shorter than when hashed)".into());
-                return None;
-            }
-            data.truncate(want);
-            let chunk = BlobChunk {
-                digest: if first {
-                    digest_to_wire(&digest)
-                } else {
-                    Default::default()
-                },
-                size: if first { size } else { 0 },
-                data: data.into(),
-            };
-            let remaining = remaining - want as u64;
-            let next = if remaining == 0 {
-                ChunkState::Done
-            } else {
-                ChunkState::Reading {
-                    file,
-                    remaining,
-                    first: false,
-                }
-            };
-            Some((chunk, next))
+    let open = distbuild_proto::blocking::run(move || std::fs::File::open(path));
+    futures::stream::once(open).flat_map(move |opened| match opened {
+        Ok(file) => {
+            let fail = fail.clone();
+            let reader = ChunkReader::new(file, MAX_BLOB_CHUNK_BYTES);
+            upload_chunks(reader, digest, size, move |e| fail(e.to_string())).left_stream()
+        }
+        Err(e) => {
+            fail(format!("open: {e}"));
+            futures::stream::empty().right_stream()
         }
     })
 }

@@ -38,8 +38,8 @@ pub async fn watch_build_with_idle_timeout(
 ) -> Result<(), CallError> {
     let mut next_seq = 0u64;
     // Reset by every event: a stream that keeps opening and breaking without
-    // delivering anything is reopened at most about once a second.
-    let mut backoff = Backoff::default();
+    // delivering anything is reopened at most about every 250 ms.
+    let mut backoff = Backoff::new();
     loop {
         let from_seq = next_seq;
         let (addr, mut stream) = cluster
@@ -107,6 +107,6 @@ pub async fn watch_build_with_idle_timeout(
         };
         drop(stream);
         debug!(build_id, next_seq, %addr, "build stream broke: {break_reason}; reopening");
-        tokio::time::sleep(backoff.next_pause()).await;
+        tokio::time::sleep(backoff.next_delay()).await;
     }
 }
