@@ -13,6 +13,9 @@ pub const COORDINATOR_ENV: &str = "DISTBUILD_COORDINATOR";
 /// Default for `--timeout`: how long to keep trying to reach the cluster.
 pub const DEFAULT_TIMEOUT_SECS: u64 = 60;
 
+/// Default `--max-idle-secs` of a local server: three hours, as Bazel's.
+pub const DEFAULT_MAX_IDLE_SECS: u64 = 10_800;
+
 /// How to reach the cluster; shared by every client command.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ConnectionArgs {
@@ -98,7 +101,7 @@ pub struct BuildArgs {
 
     /// Local server mode: a server started by this command exits after
     /// this many seconds without a command using it.
-    #[arg(long, value_name = "SECS", default_value_t = crate::local::DEFAULT_MAX_IDLE_SECS)]
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_MAX_IDLE_SECS)]
     pub max_idle_secs: u64,
 }
 

@@ -21,6 +21,8 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::args::DEFAULT_MAX_IDLE_SECS;
+
 /// Test-only: the build identity to present instead of the binary's own
 /// (tests use it to stand for another version).
 pub const TEST_BUILD_ID_ENV: &str = "DISTBUILD_TEST_BUILD_ID";
@@ -28,8 +30,6 @@ pub const TEST_BUILD_ID_ENV: &str = "DISTBUILD_TEST_BUILD_ID";
 pub const SERVER_START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a client waits for a server it asked to stop to exit.
 pub const SERVER_STOP_TIMEOUT: Duration = Duration::from_secs(30);
-/// Default `--max-idle-secs`: three hours, as Bazel's.
-pub const DEFAULT_MAX_IDLE_SECS: u64 = 10_800;
 /// Lines of the server's log quoted when it fails to start.
 const LOG_TAIL_LINES: usize = 20;
 /// Ends an error message after which the server log's tail is printed.
