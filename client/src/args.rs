@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::connect;
+use distbuild_proto::wire::{HostPortError, PortUse};
 
 /// Environment variable naming the coordinators when `--coordinator` is not
 /// given.
@@ -15,6 +15,37 @@ pub const DEFAULT_TIMEOUT_SECS: u64 = 60;
 
 /// Default `--max-idle-secs` of a local server: three hours, as Bazel's.
 pub const DEFAULT_MAX_IDLE_SECS: u64 = 10_800;
+
+/// Why flags cannot be used. The message is the one line to print (after
+/// `error: `); every one of them means bad input.
+#[derive(Debug, thiserror::Error)]
+pub enum FlagError {
+    /// Neither `--coordinator` nor the environment names one.
+    #[error("no coordinator given: pass --coordinator HOST:PORT[,...] or set {COORDINATOR_ENV}")]
+    NoCoordinator,
+    /// A coordinator address no endpoint can be made of.
+    #[error("bad coordinator address {addr:?}: {problem}")]
+    BadCoordinator {
+        /// The address as given.
+        addr: String,
+        /// Why it is not one.
+        problem: tonic::transport::Error,
+    },
+    /// `--node-id` is not a node ID.
+    #[error("bad --node-id {text:?}: expected a node ID, a whole number from 1")]
+    BadNodeId {
+        /// The value as given.
+        text: String,
+    },
+    /// `--addr` is not `HOST:PORT`.
+    #[error("bad --addr {addr:?}: {problem}; expected HOST:PORT (for example 10.0.0.4:7000)")]
+    BadAddr {
+        /// The value as given.
+        addr: String,
+        /// What is wrong with it.
+        problem: HostPortError,
+    },
+}
 
 /// How to reach the cluster; shared by every client command.
 #[derive(Debug, Clone, clap::Args)]
@@ -36,9 +67,9 @@ pub struct ConnectionArgs {
 }
 
 impl ConnectionArgs {
-    /// The coordinator addresses, trimmed and checked; the error is the
-    /// one-line message to print (without `error: `).
-    pub fn addresses(&self) -> Result<Vec<String>, String> {
+    /// The coordinator addresses, trimmed and checked (`HOST:PORT`, or a
+    /// URL with a scheme).
+    pub fn addresses(&self) -> Result<Vec<String>, FlagError> {
         let addrs: Vec<String> = self
             .coordinators
             .iter()
@@ -46,13 +77,13 @@ impl ConnectionArgs {
             .filter(|a| !a.is_empty())
             .collect();
         if addrs.is_empty() {
-            return Err(format!(
-                "no coordinator given: pass --coordinator HOST:PORT[,...] or set {COORDINATOR_ENV}"
-            ));
+            return Err(FlagError::NoCoordinator);
         }
         for addr in &addrs {
-            connect::endpoint(addr)
-                .map_err(|e| format!("bad coordinator address {addr:?}: {e}"))?;
+            distbuild_proto::net::endpoint(addr).map_err(|problem| FlagError::BadCoordinator {
+                addr: addr.clone(),
+                problem,
+            })?;
         }
         Ok(addrs)
     }
@@ -178,44 +209,26 @@ pub struct RemoveNodeArgs {
     pub connection: ConnectionArgs,
 }
 
-/// `--node-id` as a number; the error is the one-line message to print.
-pub fn parse_node_id(text: &str) -> Result<u64, String> {
+/// `--node-id` as a number.
+pub fn parse_node_id(text: &str) -> Result<u64, FlagError> {
     match text.trim().parse::<u64>() {
         Ok(id) if id >= 1 => Ok(id),
-        _ => Err(format!(
-            "bad --node-id {text:?}: expected a node ID, a whole number from 1"
-        )),
+        _ => Err(FlagError::BadNodeId {
+            text: text.to_string(),
+        }),
     }
 }
 
-/// Checks that `addr` is `HOST:PORT` (a host name, an IPv4 address or a
-/// bracketed IPv6 address, and a port from 1 to 65535); the error is the
-/// one-line message to print.
-pub fn check_host_port(addr: &str) -> Result<(), String> {
-    let bad = |why: &str| {
-        Err(format!(
-            "bad --addr {addr:?}: {why}; expected HOST:PORT (for example 10.0.0.4:7000)"
-        ))
-    };
-    let Some((host, port)) = addr.rsplit_once(':') else {
-        return bad("no port");
-    };
-    if !matches!(port.parse::<u16>(), Ok(p) if p >= 1) || !port.bytes().all(|b| b.is_ascii_digit())
-    {
-        return bad("the port is not a number from 1 to 65535");
-    }
-    let host_ok = if let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
-        inner.parse::<std::net::Ipv6Addr>().is_ok()
-    } else {
-        !host.is_empty()
-            && host
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
-    };
-    if !host_ok {
-        return bad("not a host name or IP address before the port");
-    }
-    Ok(())
+/// Checks that `--addr` is `HOST:PORT` (a host name, an IPv4 address or a
+/// bracketed IPv6 address, and a port from 1 to 65535), as
+/// [`distbuild_proto::wire::check_host_port`] decides for every side.
+pub fn check_host_port(addr: &str) -> Result<(), FlagError> {
+    distbuild_proto::wire::check_host_port(addr, PortUse::Dial).map_err(|problem| {
+        FlagError::BadAddr {
+            addr: addr.to_string(),
+            problem,
+        }
+    })
 }
 
 #[cfg(test)]
@@ -299,7 +312,7 @@ mod tests {
         ] {
             assert_eq!(check_host_port(addr).is_ok(), ok, "{addr:?}");
         }
-        let message = check_host_port("h").expect_err("no port");
+        let message = check_host_port("h").expect_err("no port").to_string();
         assert!(message.contains("expected HOST:PORT"), "{message}");
         assert!(!message.contains('\n'), "{message}");
     }
@@ -333,6 +346,7 @@ mod tests {
         assert!(
             none.addresses()
                 .expect_err("none")
+                .to_string()
                 .contains(COORDINATOR_ENV)
         );
         let bad = ConnectionArgs {
@@ -342,6 +356,7 @@ mod tests {
         assert!(
             bad.addresses()
                 .expect_err("bad")
+                .to_string()
                 .contains("bad coordinator address")
         );
     }

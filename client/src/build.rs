@@ -3,11 +3,11 @@
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytes::Bytes;
-use distbuild_proto::graph::BuildGraph;
+use distbuild_proto::graph::{BuildGraph, GraphError};
 use distbuild_proto::leader::one_off_request_id;
 use distbuild_proto::v1::{
     CancelBuildRequest, SourceFile, SubmitBuildRequest, SubmitBuildResponse, build_event,
@@ -64,21 +64,54 @@ pub async fn build_cli(mut args: BuildArgs) -> i32 {
     run_build(args, Connector::tcp(), console).await
 }
 
-/// Reads and validates the graph file; the error is one line.
-pub fn read_graph(path: &Path) -> Result<(Bytes, BuildGraph), String> {
-    let meta =
-        std::fs::metadata(path).map_err(|e| format!("read graph file {}: {e}", path.display()))?;
+/// Why the graph file cannot be built (bad input). The message is one
+/// line.
+#[derive(Debug, thiserror::Error)]
+pub enum GraphFileError {
+    /// The file cannot be read.
+    #[error("read graph file {}: {problem}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        problem: std::io::Error,
+    },
+    /// The file is larger than one message may carry.
+    #[error("graph file {} is {size} bytes, more than the {MAX_GRAPH_FILE_BYTES} accepted", path.display())]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// Its size in bytes.
+        size: u64,
+    },
+    /// The file is not a valid graph.
+    #[error("graph file {}: {problem}", path.display())]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        problem: GraphError,
+    },
+}
+
+/// Reads and validates the graph file.
+pub fn read_graph(path: &Path) -> Result<(Bytes, BuildGraph), GraphFileError> {
+    let read_error = |problem| GraphFileError::Read {
+        path: path.to_path_buf(),
+        problem,
+    };
+    let meta = std::fs::metadata(path).map_err(read_error)?;
     if meta.len() > MAX_GRAPH_FILE_BYTES {
-        return Err(format!(
-            "graph file {} is {} bytes, more than the {MAX_GRAPH_FILE_BYTES} accepted",
-            path.display(),
-            meta.len()
-        ));
+        return Err(GraphFileError::TooLarge {
+            path: path.to_path_buf(),
+            size: meta.len(),
+        });
     }
-    let bytes =
-        std::fs::read(path).map_err(|e| format!("read graph file {}: {e}", path.display()))?;
-    let graph =
-        BuildGraph::from_json(&bytes).map_err(|e| format!("graph file {}: {e}", path.display()))?;
+    let bytes = std::fs::read(path).map_err(read_error)?;
+    let graph = BuildGraph::from_json(&bytes).map_err(|problem| GraphFileError::Invalid {
+        path: path.to_path_buf(),
+        problem,
+    })?;
     Ok((Bytes::from(bytes), graph))
 }
 

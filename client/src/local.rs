@@ -32,8 +32,88 @@ pub const SERVER_START_TIMEOUT: Duration = Duration::from_secs(60);
 pub const SERVER_STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Lines of the server's log quoted when it fails to start.
 const LOG_TAIL_LINES: usize = 20;
-/// Ends an error message after which the server log's tail is printed.
-const LOG_TAIL_MARK: &str = " (below)";
+
+/// Why local server mode cannot go ahead. The message is one line; a
+/// server that failed to start is followed by its log's tail
+/// ([`LocalError::quotes_log`]).
+#[derive(Debug, thiserror::Error)]
+pub enum LocalError {
+    /// `--output-base` cannot be made absolute.
+    #[error("--output-base {}: {problem}", path.display())]
+    OutputBaseFlag {
+        /// The flag's value.
+        path: PathBuf,
+        /// Why.
+        problem: std::io::Error,
+    },
+    /// There is no cache directory to put the output base in.
+    #[error("neither XDG_CACHE_HOME nor HOME is set: pass --output-base")]
+    NoCacheDir,
+    /// The workspace (`--source-dir`) cannot be found.
+    #[error("workspace {}: {problem}", path.display())]
+    Workspace {
+        /// The directory given.
+        path: PathBuf,
+        /// Why.
+        problem: std::io::Error,
+    },
+    /// Another command holds the output base's lock.
+    #[error("Another command (pid {holder}) is running. Waiting for it to complete...")]
+    Locked {
+        /// The holder's pid as its lock file says, or `?`.
+        holder: String,
+    },
+    /// A file of the output base could not be used.
+    #[error("{action} {}: {problem}", path.display())]
+    File {
+        /// What was being done ("open", "lock", "create the output base").
+        action: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// Why.
+        problem: std::io::Error,
+    },
+    /// This program's executable cannot be found (to start the server).
+    #[error("find this executable: {0}")]
+    NoExecutable(std::io::Error),
+    /// The server process could not be started.
+    #[error("start the local server: {0}")]
+    Spawn(std::io::Error),
+    /// The server exited before it served.
+    #[error("the local server exited at start ({status}); its log {} ends: (below)", log.display())]
+    ExitedAtStart {
+        /// How it exited.
+        status: std::process::ExitStatus,
+        /// Its log.
+        log: PathBuf,
+    },
+    /// The server did not serve in time.
+    #[error("the local server did not start within {SERVER_START_TIMEOUT:?}; its log {} ends: (below)", log.display())]
+    StartTimeout {
+        /// Its log.
+        log: PathBuf,
+    },
+}
+
+impl LocalError {
+    /// Whether the message points to the server log, whose tail is then
+    /// printed below it.
+    pub fn quotes_log(&self) -> bool {
+        matches!(
+            self,
+            LocalError::ExitedAtStart { .. } | LocalError::StartTimeout { .. }
+        )
+    }
+}
+
+/// `problem` doing `action` on `path`, as a [`LocalError`].
+fn file_error(action: &'static str, path: PathBuf) -> impl FnOnce(std::io::Error) -> LocalError {
+    move |problem| LocalError::File {
+        action,
+        path,
+        problem,
+    }
+}
 
 /// What `server.json` says about the running server.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,22 +142,23 @@ pub struct OutputBase {
 impl OutputBase {
     /// The output base of `workspace` (a canonical path) for this user:
     /// `override_dir` if given, else under the user's cache directory.
-    pub fn for_workspace(workspace: &Path, override_dir: Option<&Path>) -> Result<Self, String> {
+    pub fn for_workspace(
+        workspace: &Path,
+        override_dir: Option<&Path>,
+    ) -> Result<Self, LocalError> {
         if let Some(dir) = override_dir {
             return Ok(Self {
-                dir: std::path::absolute(dir)
-                    .map_err(|e| format!("--output-base {}: {e}", dir.display()))?,
+                dir: std::path::absolute(dir).map_err(|problem| LocalError::OutputBaseFlag {
+                    path: dir.to_path_buf(),
+                    problem,
+                })?,
             });
         }
         let cache = match std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
             Some(dir) => PathBuf::from(dir),
             None => match std::env::var_os("HOME").filter(|v| !v.is_empty()) {
                 Some(home) => PathBuf::from(home).join(".cache"),
-                None => {
-                    return Err(
-                        "neither XDG_CACHE_HOME nor HOME is set: pass --output-base".to_string()
-                    );
-                }
+                None => return Err(LocalError::NoCacheDir),
             },
         };
         let user = std::env::var("USER")
@@ -193,17 +274,16 @@ pub struct ClientLock {
 }
 
 /// Takes the output base's lock: at once if free; else, if `block`,
-/// after saying once on `err` who holds it and waiting; else fails with
-/// that message.
+/// after saying once on `err` who holds it and waiting; else fails
+/// ([`LocalError::Locked`], with that message).
 pub fn lock_output_base(
     base: &OutputBase,
     block: bool,
     err: &mut dyn Write,
-) -> Result<ClientLock, String> {
+) -> Result<ClientLock, LocalError> {
     std::fs::create_dir_all(&base.dir)
-        .map_err(|e| format!("create the output base {}: {e}", base.dir.display()))?;
-    let mut file =
-        open_lock_file(base).map_err(|e| format!("open {}: {e}", base.lock_path().display()))?;
+        .map_err(file_error("create the output base", base.dir.clone()))?;
+    let mut file = open_lock_file(base).map_err(file_error("open", base.lock_path()))?;
     // The server tests the lock for idleness by taking it for an instant:
     // a lock found taken is tried again briefly before it counts as held.
     let mut tried = file.try_lock();
@@ -221,17 +301,17 @@ pub fn lock_output_base(
             let _ = file.read_to_string(&mut holder);
             let holder = holder.trim();
             let holder = if holder.is_empty() { "?" } else { holder };
-            let message =
-                format!("Another command (pid {holder}) is running. Waiting for it to complete...");
+            let locked = LocalError::Locked {
+                holder: holder.to_string(),
+            };
             if !block {
-                return Err(message);
+                return Err(locked);
             }
-            let _ = writeln!(err, "{message}");
-            file.lock()
-                .map_err(|e| format!("lock {}: {e}", base.lock_path().display()))?;
+            let _ = writeln!(err, "{locked}");
+            file.lock().map_err(file_error("lock", base.lock_path()))?;
         }
         Err(std::fs::TryLockError::Error(e)) => {
-            return Err(format!("lock {}: {e}", base.lock_path().display()));
+            return Err(file_error("lock", base.lock_path())(e));
         }
     }
     let _ = file.set_len(0);
@@ -267,13 +347,12 @@ pub struct ServerOptions<'a> {
 
 /// The address of a running server of this build identity for `base`:
 /// the one found, or a new one started in the background (a server of
-/// another identity is stopped first). The error is one line plus the
-/// server log's tail when a start failed.
+/// another identity is stopped first).
 pub async fn ensure_server(
     base: &OutputBase,
     options: &ServerOptions<'_>,
     err: &mut dyn Write,
-) -> Result<ServerInfo, String> {
+) -> Result<ServerInfo, LocalError> {
     let identity = build_identity();
     if let Some(info) = base.read_info() {
         if !is_our_server(info.pid, base) {
@@ -315,16 +394,16 @@ async fn start_server(
     base: &OutputBase,
     options: &ServerOptions<'_>,
     identity: &str,
-) -> Result<ServerInfo, String> {
-    let exe = std::env::current_exe().map_err(|e| format!("find this executable: {e}"))?;
+) -> Result<ServerInfo, LocalError> {
+    let exe = std::env::current_exe().map_err(LocalError::NoExecutable)?;
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(base.log_path())
-        .map_err(|e| format!("open {}: {e}", base.log_path().display()))?;
+        .map_err(file_error("open", base.log_path()))?;
     let log_err = log
         .try_clone()
-        .map_err(|e| format!("open {}: {e}", base.log_path().display()))?;
+        .map_err(file_error("open", base.log_path()))?;
     let name = options
         .workspace
         .file_name()
@@ -353,9 +432,7 @@ async fn start_server(
             Ok(())
         });
     }
-    let mut child = command
-        .spawn()
-        .map_err(|e| format!("start the local server: {e}"))?;
+    let mut child = command.spawn().map_err(LocalError::Spawn)?;
     let pid = child.id();
     let deadline = Instant::now() + SERVER_START_TIMEOUT;
     loop {
@@ -369,26 +446,23 @@ async fn start_server(
             return Ok(info);
         }
         if let Ok(Some(status)) = child.try_wait() {
-            return Err(format!(
-                "the local server exited at start ({status}); its log {} ends:{}",
-                base.log_path().display(),
-                LOG_TAIL_MARK
-            ));
+            return Err(LocalError::ExitedAtStart {
+                status,
+                log: base.log_path(),
+            });
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            return Err(format!(
-                "the local server did not start within {SERVER_START_TIMEOUT:?}; its log {} ends:{}",
-                base.log_path().display(),
-                LOG_TAIL_MARK
-            ));
+            return Err(LocalError::StartTimeout {
+                log: base.log_path(),
+            });
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
 /// Asks the server of `info` to stop (SIGTERM) and waits for it to exit.
-pub async fn stop_server(base: &OutputBase, info: &ServerInfo) -> Result<(), String> {
+pub async fn stop_server(base: &OutputBase, info: &ServerInfo) -> Result<(), LocalError> {
     use nix::sys::signal::{Signal, kill};
     use nix::unistd::Pid;
     let pid = Pid::from_raw(info.pid as i32);
@@ -412,9 +486,11 @@ pub async fn stop_server(base: &OutputBase, info: &ServerInfo) -> Result<(), Str
 fn workspace_and_base(
     source_dir: &Path,
     output_base: Option<&Path>,
-) -> Result<(PathBuf, OutputBase), String> {
-    let workspace = std::fs::canonicalize(source_dir)
-        .map_err(|e| format!("workspace {}: {e}", source_dir.display()))?;
+) -> Result<(PathBuf, OutputBase), LocalError> {
+    let workspace = std::fs::canonicalize(source_dir).map_err(|problem| LocalError::Workspace {
+        path: source_dir.to_path_buf(),
+        problem,
+    })?;
     let base = OutputBase::for_workspace(&workspace, output_base)?;
     Ok((workspace, base))
 }
@@ -430,9 +506,9 @@ pub struct LocalServer {
 
 /// Prints a local-mode failure: the one-line error, then the server log's
 /// tail when the message points to it. Returns `code`.
-pub fn fail(err: &mut dyn Write, code: i32, message: &str, base: Option<&OutputBase>) -> i32 {
-    crate::render::print_error(err, code, message);
-    if let (true, Some(base)) = (message.ends_with(LOG_TAIL_MARK), base) {
+pub fn fail(err: &mut dyn Write, code: i32, error: &LocalError, base: Option<&OutputBase>) -> i32 {
+    crate::render::print_error(err, code, error);
+    if let (true, Some(base)) = (error.quotes_log(), base) {
         for line in base.log_tail().lines() {
             let _ = writeln!(err, "    {line}");
         }
@@ -452,16 +528,16 @@ pub async fn prepare(
 ) -> Result<LocalServer, i32> {
     use crate::exit_code;
     let (workspace, base) = workspace_and_base(source_dir, output_base)
-        .map_err(|message| fail(err, exit_code::BAD_INPUT, &message, None))?;
+        .map_err(|error| fail(err, exit_code::BAD_INPUT, &error, None))?;
     let lock = lock_output_base(&base, block, err)
-        .map_err(|message| fail(err, exit_code::LOCKED, &message, None))?;
+        .map_err(|error| fail(err, exit_code::LOCKED, &error, None))?;
     let options = ServerOptions {
         workspace: &workspace,
         max_idle_secs,
     };
     let info = ensure_server(&base, &options, err)
         .await
-        .map_err(|message| fail(err, exit_code::UNREACHABLE, &message, Some(&base)))?;
+        .map_err(|error| fail(err, exit_code::UNREACHABLE, &error, Some(&base)))?;
     Ok(LocalServer { lock, info })
 }
 
@@ -473,7 +549,7 @@ pub async fn info_cli(args: crate::args::LocalArgs) -> i32 {
     let (workspace, base) = match workspace_and_base(&args.source_dir, args.output_base.as_deref())
     {
         Ok(found) => found,
-        Err(message) => return fail(&mut err, crate::exit_code::BAD_INPUT, &message, None),
+        Err(error) => return fail(&mut err, crate::exit_code::BAD_INPUT, &error, None),
     };
     let _ = writeln!(out, "workspace: {}", workspace.display());
     let _ = writeln!(out, "output_base: {}", base.dir.display());
@@ -504,7 +580,7 @@ pub async fn shutdown_cli(args: crate::args::LocalArgs) -> i32 {
     let mut err = std::io::stderr();
     let (_, base) = match workspace_and_base(&args.source_dir, args.output_base.as_deref()) {
         Ok(found) => found,
-        Err(message) => return fail(&mut err, crate::exit_code::BAD_INPUT, &message, None),
+        Err(error) => return fail(&mut err, crate::exit_code::BAD_INPUT, &error, None),
     };
     let Some(info) = base.read_info() else {
         return crate::exit_code::OK;
@@ -515,6 +591,6 @@ pub async fn shutdown_cli(args: crate::args::LocalArgs) -> i32 {
     }
     match stop_server(&base, &info).await {
         Ok(()) => crate::exit_code::OK,
-        Err(message) => fail(&mut err, crate::exit_code::UNREACHABLE, &message, None),
+        Err(error) => fail(&mut err, crate::exit_code::UNREACHABLE, &error, None),
     }
 }

@@ -9,16 +9,17 @@
 //! reports success if the cluster now is what was asked.
 
 use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use distbuild_proto::v1::{AddNodeRequest, ChangeMembershipResponse, Member, RemoveNodeRequest};
-use distbuild_proto::wire::{SECRET_METADATA_KEY, read_cluster_secret};
+use distbuild_proto::wire::{SECRET_METADATA_KEY, SecretFileError, read_cluster_secret};
 use tonic::metadata::AsciiMetadataValue;
 use tonic::{Code, Status};
 
-use crate::args::{AddNodeArgs, RemoveNodeArgs, check_host_port, parse_node_id};
+use crate::args::{AddNodeArgs, FlagError, RemoveNodeArgs, check_host_port, parse_node_id};
 use crate::cluster::{CallError, Cluster, Disposition, classify, one_line};
 use crate::connect::{Connector, admin_api};
 use crate::exit_code;
@@ -101,13 +102,27 @@ fn is_refusal(code: Code) -> bool {
     )
 }
 
-/// The cluster to change and the secret to show it, from the flags; the
-/// error is the one-line message to print.
+/// Why a membership command cannot start: bad input, each message one
+/// line.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// A flag is wrong.
+    #[error(transparent)]
+    Flags(#[from] FlagError),
+    /// The cluster secret's file cannot be used.
+    #[error(transparent)]
+    SecretFile(#[from] SecretFileError),
+    /// The secret cannot travel as metadata.
+    #[error("cluster secret {}: not printable ASCII", .0.display())]
+    SecretNotAscii(PathBuf),
+}
+
+/// The cluster to change and the secret to show it, from the flags.
 fn connect_with_secret(
     connection: &crate::args::ConnectionArgs,
-    secret_file: Option<&std::path::Path>,
+    secret_file: Option<&Path>,
     connector: Connector,
-) -> Result<(Cluster, Option<AsciiMetadataValue>), String> {
+) -> Result<(Cluster, Option<AsciiMetadataValue>), SetupError> {
     let addrs = connection.addresses()?;
     let secret = secret_of(secret_file)?;
     Ok((
@@ -117,12 +132,12 @@ fn connect_with_secret(
 }
 
 /// The cluster secret from `--cluster-secret-file`, as metadata.
-fn secret_of(path: Option<&std::path::Path>) -> Result<Option<AsciiMetadataValue>, String> {
+fn secret_of(path: Option<&Path>) -> Result<Option<AsciiMetadataValue>, SetupError> {
     let Some(path) = path else { return Ok(None) };
     let text = read_cluster_secret(path)?;
     AsciiMetadataValue::try_from(text.as_str())
         .map(Some)
-        .map_err(|_| format!("cluster secret {}: not printable ASCII", path.display()))
+        .map_err(|_| SetupError::SecretNotAscii(path.to_path_buf()))
 }
 
 /// `message` as a request showing `secret` (if any).

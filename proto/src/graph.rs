@@ -145,7 +145,7 @@ impl Template {
     }
 
     /// The string with every action replaced by its directory.
-    pub fn expand(&self, dirs: &TemplateDirs<'_>) -> Result<String, String> {
+    pub fn expand(&self, dirs: &TemplateDirs<'_>) -> Result<String, NoDepOutput> {
         let mut out = String::new();
         for segment in &self.segments {
             match segment {
@@ -154,13 +154,19 @@ impl Template {
                 Segment::OutputDir => out.push_str(dirs.output_dir),
                 Segment::DepOutput(id) => match (dirs.dep_output)(id) {
                     Some(dir) => out.push_str(&dir),
-                    None => return Err(format!("no output directory for dependency {id}")),
+                    None => return Err(NoDepOutput(*id)),
                 },
             }
         }
         Ok(out)
     }
 }
+
+/// A template names a dependency whose output directory the expansion was
+/// not given.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("no output directory for dependency {0}")]
+pub struct NoDepOutput(pub JobId);
 
 /// One command of a job.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -23,10 +23,12 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use distbuild_proto::graph::{Cmd, TemplateDirs, check_relative_path};
+use distbuild_proto::graph::{Cmd, GraphError, NoDepOutput, TemplateDirs, check_relative_path};
 use distbuild_proto::v1::Assignment;
-use distbuild_proto::wire::{MAX_JOB_OUTPUT_BYTES, command_from_wire, digest_from_wire};
-use distbuild_proto::{Digest, JobId, artifact};
+use distbuild_proto::wire::{
+    DigestFieldError, MAX_JOB_OUTPUT_BYTES, command_from_wire, digest_from_wire,
+};
+use distbuild_proto::{Digest, IdError, JobId, artifact};
 use futures::{StreamExt, TryStreamExt};
 
 use crate::cache::{Cache, Pin};
@@ -84,43 +86,65 @@ pub struct JobSpec {
     pub deps: Vec<DepArtifact>,
 }
 
+/// Why an assignment from the wire is not a job this worker can run. The
+/// message is one line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AssignmentError {
+    /// The job's ID is not one.
+    #[error("job ID: {0}")]
+    JobId(IdError),
+    /// A dependency's ID is not one.
+    #[error("dependency ID: {0}")]
+    DepId(IdError),
+    /// A digest field is not a digest.
+    #[error(transparent)]
+    Digest(#[from] DigestFieldError),
+    /// An input's path is absolute, climbs out, or is empty.
+    #[error("input path {path:?} {problem}")]
+    InputPath {
+        /// The path.
+        path: String,
+        /// What is wrong with it.
+        problem: &'static str,
+    },
+    /// A command does not parse (or names a dependency the job lacks).
+    #[error(transparent)]
+    Command(#[from] GraphError),
+}
+
 impl JobSpec {
     /// Validates an assignment from the wire: IDs, digests, paths and
-    /// templates. The error is one line.
-    pub fn from_wire(assignment: &Assignment) -> Result<Self, String> {
-        let job_id: JobId = assignment
-            .job_id
-            .parse()
-            .map_err(|e| format!("job ID: {e}"))?;
+    /// templates.
+    pub fn from_wire(assignment: &Assignment) -> Result<Self, AssignmentError> {
+        let job_id: JobId = assignment.job_id.parse().map_err(AssignmentError::JobId)?;
         let cache_key = digest_from_wire(&assignment.cache_key, "cache_key")?;
         let deps = assignment
             .deps
             .iter()
             .map(|dep| {
                 Ok(DepArtifact {
-                    job_id: dep
-                        .job_id
-                        .parse()
-                        .map_err(|e| format!("dependency ID: {e}"))?,
+                    job_id: dep.job_id.parse().map_err(AssignmentError::DepId)?,
                     digest: digest_from_wire(&dep.digest, "dependency digest")?,
                     size: dep.size,
                     holders: dep.holders.clone(),
                 })
             })
-            .collect::<Result<Vec<_>, String>>()?;
+            .collect::<Result<Vec<_>, AssignmentError>>()?;
         let inputs = assignment
             .inputs
             .iter()
             .map(|input| {
-                check_relative_path(&input.path)
-                    .map_err(|problem| format!("input path {:?} {problem}", input.path))?;
+                check_relative_path(&input.path).map_err(|problem| AssignmentError::InputPath {
+                    path: input.path.clone(),
+                    problem,
+                })?;
                 Ok(InputFile {
                     path: input.path.clone(),
                     digest: digest_from_wire(&input.digest, "input digest")?,
                     size: input.size,
                 })
             })
-            .collect::<Result<Vec<_>, String>>()?;
+            .collect::<Result<Vec<_>, AssignmentError>>()?;
         let dep_ids: HashSet<JobId> = deps.iter().map(|d| d.job_id).collect();
         let label = if assignment.name.is_empty() {
             assignment.job_id.clone()
@@ -130,8 +154,8 @@ impl JobSpec {
         let cmds = assignment
             .cmds
             .iter()
-            .map(|cmd| command_from_wire(&label, cmd, &dep_ids).map_err(|e| e.to_string()))
-            .collect::<Result<Vec<_>, String>>()?;
+            .map(|cmd| command_from_wire(&label, cmd, &dep_ids))
+            .collect::<Result<Vec<_>, GraphError>>()?;
         Ok(Self {
             lease_token: assignment.lease_token,
             cache_key,
@@ -414,12 +438,26 @@ async fn stage_dep(env: &JobEnv, dep: &DepArtifact, layout: &Layout) -> Result<b
     Ok(fetched)
 }
 
-fn parse_environ(entries: Vec<String>) -> Result<Vec<(OsString, OsString)>, String> {
+/// Why a command cannot be run as written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CommandError {
+    /// A template names a dependency without a directory.
+    #[error(transparent)]
+    Template(#[from] NoDepOutput),
+    /// An exec whose argv is empty.
+    #[error("exec with no program")]
+    NoProgram,
+    /// An environment entry without `=` (or with an empty name).
+    #[error("environment entry {0:?} is not NAME=VALUE")]
+    BadEnvironment(String),
+}
+
+fn parse_environ(entries: Vec<String>) -> Result<Vec<(OsString, OsString)>, CommandError> {
     entries
         .into_iter()
         .map(|entry| match entry.split_once('=') {
             Some((key, value)) if !key.is_empty() => Ok((key.into(), value.into())),
-            _ => Err(format!("environment entry {entry:?} is not NAME=VALUE")),
+            _ => Err(CommandError::BadEnvironment(entry)),
         })
         .collect()
 }
@@ -452,8 +490,8 @@ pub enum ExpandedCmd {
     },
 }
 
-/// Expands `cmd`'s templates against `dirs`. The error is one line.
-pub fn expand_command(cmd: &Cmd, dirs: &SandboxDirs) -> Result<ExpandedCmd, String> {
+/// Expands `cmd`'s templates against `dirs`.
+pub fn expand_command(cmd: &Cmd, dirs: &SandboxDirs) -> Result<ExpandedCmd, CommandError> {
     let dep_output = |id: &JobId| dirs.dep_dirs.get(id).cloned();
     let template_dirs = TemplateDirs {
         source_dir: &dirs.source_dir,
@@ -473,9 +511,7 @@ pub fn expand_command(cmd: &Cmd, dirs: &SandboxDirs) -> Result<ExpandedCmd, Stri
             working_directory,
         } => {
             let mut args = expand_all(argv)?.into_iter();
-            let program = args
-                .next()
-                .ok_or_else(|| "exec with no program".to_string())?;
+            let program = args.next().ok_or(CommandError::NoProgram)?;
             let environ = expand_all(environ)?;
             let cwd = match working_directory {
                 None => dirs.scratch_dir.clone(),
@@ -602,7 +638,7 @@ async fn run_steps(
     for (index, cmd) in spec.cmds.iter().enumerate() {
         let number = index + 1;
         let in_command = move |problem: String| format!("command {number}: {problem}");
-        match expand_command(cmd, &dirs).map_err(in_command)? {
+        match expand_command(cmd, &dirs).map_err(|e| in_command(e.to_string()))? {
             ExpandedCmd::Exec(process) => {
                 let program = process.program.clone();
                 let output = env
@@ -811,7 +847,7 @@ mod tests {
             match want {
                 Ok(want) => assert_eq!(got, Ok(want), "{cmd:?}"),
                 Err(problem) => {
-                    let err = got.expect_err("refused");
+                    let err = got.expect_err("refused").to_string();
                     assert!(err.contains(problem), "{cmd:?}: {err}");
                 }
             }
@@ -821,7 +857,9 @@ mod tests {
             dep_dirs: HashMap::new(),
             ..dirs
         };
-        let err = expand_command(&exec(&[&dep_arg], &[], None), &bare).expect_err("no dir");
+        let err = expand_command(&exec(&[&dep_arg], &[], None), &bare)
+            .expect_err("no dir")
+            .to_string();
         assert!(err.contains("no output directory for dependency"), "{err}");
     }
 
@@ -1047,7 +1085,9 @@ mod tests {
         for (breakage, problem) in broken {
             let mut assignment = good.clone();
             breakage(&mut assignment);
-            let err = JobSpec::from_wire(&assignment).expect_err("refused");
+            let err = JobSpec::from_wire(&assignment)
+                .expect_err("refused")
+                .to_string();
             assert!(err.contains(problem), "{problem}: {err}");
         }
     }
