@@ -117,6 +117,10 @@ impl Requests {
 
     /// Writes the changes of the entry just applied.
     pub fn flush(&mut self, txn: &mut ApplyTxn<'_>) -> Result<(), StoreError> {
+        self.flush_to(txn)
+    }
+
+    pub(crate) fn flush_to(&mut self, txn: &mut impl crate::state::Tables) -> Result<(), StoreError> {
         for id in std::mem::take(&mut self.dirty) {
             match self.by_id.get(&id) {
                 Some(seen) => {

@@ -538,7 +538,7 @@ fn scan(
 
 /// Where [`Model::flush`] writes: the entry's transaction (the tests write
 /// to a map, to check that [`Model::load`] reads back the same model).
-trait Tables: ReadState {
+pub(crate) trait Tables: ReadState {
     fn put(&mut self, table: &str, key: &[u8], value: &[u8]) -> Result<(), StoreError>;
     fn delete(&mut self, table: &str, key: &[u8]) -> Result<(), StoreError>;
 }
@@ -1767,7 +1767,7 @@ impl Model {
         self.flush_to(txn)
     }
 
-    fn flush_to(&mut self, txn: &mut impl Tables) -> Result<(), StoreError> {
+    pub(crate) fn flush_to(&mut self, txn: &mut impl Tables) -> Result<(), StoreError> {
         let dirty = std::mem::take(&mut self.dirty);
         if dirty.clock {
             txn.put(T_META, KEY_CLOCK, &encode("clock", &self.clock_ms)?)?;

@@ -2,6 +2,8 @@
 
 use super::*;
 
+mod golden;
+
 fn id(n: u8) -> JobId {
     JobId::from_bytes([n; 20])
 }
