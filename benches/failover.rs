@@ -17,7 +17,7 @@ use std::io::{BufRead, BufReader};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use distbuild_coordinator::node;
+use distbuild_coordinator::replica as node;
 use distbuild_proto::raft_v1::NodeStatusRequest;
 use distbuild_proto::raft_v1::raft_transport_client::RaftTransportClient;
 use distbuild_proto::v1::worker_api_client::WorkerApiClient;

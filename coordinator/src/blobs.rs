@@ -6,9 +6,9 @@
 use std::path::{Path, PathBuf};
 
 use distbuild_proto::Digest;
+use distbuild_proto::blob::BlobCheck;
 use distbuild_proto::blocking;
 use distbuild_proto::wire::MAX_BLOB_CHUNK_BYTES;
-use sha1::{Digest as _, Sha1};
 
 /// Largest source blob accepted (streamed; memory use does not depend on it).
 pub const MAX_BLOB_BYTES: u64 = 64 << 30;
@@ -58,9 +58,7 @@ pub struct BlobStore {
 pub struct BlobWriter {
     store: BlobStore,
     digest: Digest,
-    declared: u64,
-    received: u64,
-    sha1: Sha1,
+    check: BlobCheck,
     file: blocking::FileWriter,
     tmp: tempfile::TempPath,
 }
@@ -118,9 +116,7 @@ impl BlobStore {
         Ok(BlobWriter {
             store: self.clone(),
             digest,
-            declared: size,
-            received: 0,
-            sha1: Sha1::new(),
+            check: BlobCheck::new(digest, size),
             file: blocking::FileWriter::new(file),
             tmp,
         })
@@ -130,15 +126,11 @@ impl BlobStore {
 impl BlobWriter {
     /// Appends a chunk.
     pub async fn write(&mut self, data: &[u8]) -> Result<(), BlobError> {
-        self.received += data.len() as u64;
-        if self.received > self.declared {
-            return Err(BlobError::SizeMismatch {
-                digest: self.digest,
-                declared: self.declared,
-                received: self.received,
-            });
-        }
-        self.sha1.update(data);
+        self.check.add(data).map_err(|over| BlobError::SizeMismatch {
+            digest: self.digest,
+            declared: over.size,
+            received: over.received,
+        })?;
         self.file
             .write_all(bytes::Bytes::copy_from_slice(data))
             .await
@@ -147,20 +139,20 @@ impl BlobWriter {
 
     /// Verifies and stores the blob durably.
     pub async fn finish(self) -> Result<(), BlobError> {
-        if self.received != self.declared {
-            return Err(BlobError::SizeMismatch {
-                digest: self.digest,
-                declared: self.declared,
-                received: self.received,
-            });
-        }
-        let actual = Digest::from_bytes(self.sha1.finalize().into());
-        if actual != self.digest {
-            return Err(BlobError::DigestMismatch {
-                expected: self.digest,
-                actual,
-            });
-        }
+        self.check.finish().map_err(|bad| {
+            if bad.received != bad.size {
+                BlobError::SizeMismatch {
+                    digest: bad.digest,
+                    declared: bad.size,
+                    received: bad.received,
+                }
+            } else {
+                BlobError::DigestMismatch {
+                    expected: bad.digest,
+                    actual: bad.actual,
+                }
+            }
+        })?;
         let file = self.file.into_inner().map_err(io("fsync a blob"))?;
         let (digest, tmp) = (self.digest, self.tmp);
         let dest = self.store.path_of(&digest);

@@ -1,23 +1,19 @@
 //! distbuild coordinator: keeps builds, job leases and the artifact index in
-//! a Raft state machine (`state`, applied through `raft-store`), schedules
-//! ready jobs onto workers, and serves clients, workers and operators over
-//! gRPC (`service`).
+//! a Raft state machine (the `distbuild-model` crate, applied through
+//! `raft-store` by the `replica`), schedules ready jobs onto workers, and
+//! serves clients, workers and operators over gRPC (`api`).
 //!
-//! Only the leader proposes: it stamps its clock into every command, picks
-//! work for polling workers, and expires leases through the log. Everything
-//! it knows beyond the replicated state (open streams, pollers) is rebuilt
-//! from that state.
+//! Layers, each importing only those below it: `api` → `replica` →
+//! (`blobs`, `secret`) → the model and raft-store. Only the leader
+//! proposes: it stamps its clock into every command, picks work for
+//! polling workers, and expires leases through the log. Everything it knows
+//! beyond the replicated state (open streams, pollers) is rebuilt from that
+//! state.
 
+pub mod api;
 pub mod blobs;
-pub mod detector;
-pub mod network;
-pub mod node;
-pub mod replication;
-pub mod requests;
-pub mod runtime;
+pub mod replica;
 pub mod secret;
-pub mod service;
-pub mod state;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -29,11 +25,11 @@ use distbuild_proto::raft_v1::raft_transport_server::RaftTransportServer;
 use distbuild_proto::v1::admin_api_server::AdminApiServer;
 use distbuild_proto::v1::client_api_server::ClientApiServer;
 use distbuild_proto::v1::worker_api_server::WorkerApiServer;
-use distbuild_proto::wire::MAX_MESSAGE_BYTES;
+use distbuild_proto::wire::{MAX_MESSAGE_BYTES, PortUse, check_host_port};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-pub use node::{ApplyObserver, Bootstrap, Clock, InjectedBugs, Node, Seams, SystemClock, Tuning};
+pub use replica::{ApplyObserver, Bootstrap, Clock, InjectedBugs, Node, Seams, SystemClock, Tuning};
 
 /// `distbuild coordinator` flags.
 #[derive(Debug, clap::Args)]
@@ -139,12 +135,6 @@ async fn shutdown_on_signal(shutdown: CancellationToken) {
     shutdown.cancel();
 }
 
-/// Whether `addr` is `HOST:PORT` with a non-empty host and a port > 0.
-pub fn is_host_port(addr: &str) -> bool {
-    addr.rsplit_once(':')
-        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0))
-}
-
 /// Parses `--initial-cluster`: `ID=HOST:PORT` pairs, IDs unique and at
 /// least 1, addresses unique, `node_id` among them.
 pub fn parse_initial_cluster(
@@ -160,7 +150,7 @@ pub fn parse_initial_cluster(
             anyhow::anyhow!("--initial-cluster: {id:?} is not a node ID (1 or more)")
         })?;
         let addr = addr.trim();
-        if !is_host_port(addr) {
+        if check_host_port(addr, PortUse::Dial).is_err() {
             anyhow::bail!("--initial-cluster: {addr:?} (node {id}) is not HOST:PORT");
         }
         if members.values().any(|a| a == addr) {
@@ -228,7 +218,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr().context("listener address")?;
-    eprintln!("coordinator {} listening on {addr}", node.node_id);
+    eprintln!("coordinator {} listening on {addr}", node.node_id());
     // No Nagle on accepted connections: an answer written in pieces would
     // otherwise wait for the caller's delayed ACK.
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
@@ -255,21 +245,21 @@ where
     IE: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let tasks = tokio_util::task::TaskTracker::new();
-    tasks.spawn(leader_duties(node.clone(), shutdown.clone()));
-    tasks.spawn(expire_leases(node.clone(), shutdown.clone()));
-    tasks.spawn(detector::drive_elections(node.clone(), shutdown.clone()));
+    tasks.spawn(replica::leader_duties(node.clone(), shutdown.clone()));
+    tasks.spawn(replica::expire_leases(node.clone(), shutdown.clone()));
+    tasks.spawn(replica::drive_elections(node.clone(), shutdown.clone()));
 
-    let client = ClientApiServer::new(service::client::ClientService { node: node.clone() })
+    let client = ClientApiServer::new(api::client::ClientService { node: node.clone() })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let worker = WorkerApiServer::new(service::worker::WorkerService { node: node.clone() })
+    let worker = WorkerApiServer::new(api::worker::WorkerService { node: node.clone() })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let admin = AdminApiServer::new(service::admin::AdminService { node: node.clone() });
+    let admin = AdminApiServer::new(api::admin::AdminService { node: node.clone() });
     let raft = tonic::service::interceptor::InterceptedService::new(
-        RaftTransportServer::new(service::raft::RaftService { node: node.clone() })
-            .max_decoding_message_size(network::MAX_RAFT_MESSAGE_BYTES)
-            .max_encoding_message_size(network::MAX_RAFT_MESSAGE_BYTES),
+        RaftTransportServer::new(api::raft::RaftService { node: node.clone() })
+            .max_decoding_message_size(replica::network::MAX_RAFT_MESSAGE_BYTES)
+            .max_encoding_message_size(replica::network::MAX_RAFT_MESSAGE_BYTES),
         secret::RequireSecret(secret),
     );
     let served = tonic::transport::Server::builder()
@@ -284,102 +274,6 @@ where
     shutdown.cancel();
     tasks.close();
     tasks.wait().await;
-    node.raft.shutdown().await.context("stop raft")?;
+    node.stop_raft().await?;
     served.context("serve gRPC")
-}
-
-/// What only a leader does besides answering: on election, extend every
-/// lease by one period (through the log) before serving; then keep
-/// confirming with a quorum that it still leads, so an isolated leader
-/// stops serving within [`node::LEADERSHIP_FRESH_MS`].
-async fn leader_duties(node: Arc<Node>, shutdown: CancellationToken) {
-    let period = Duration::from_millis(node::HEARTBEAT_INTERVAL_MS * 2);
-    let mut metrics = node.raft.metrics();
-    let mut last_confirm = None;
-    loop {
-        let (state, term) = {
-            let m = metrics.borrow_and_update();
-            (m.state, m.current_term)
-        };
-        if state == openraft::ServerState::Leader {
-            if node.leases_extended_term() != term {
-                let command = state::Command::ExtendLeases {
-                    now_ms: node.now_ms(),
-                    lease_timeout_ms: node.tuning.lease_timeout_ms,
-                };
-                let asked = tokio::time::Instant::now();
-                match node.propose(command).await {
-                    Ok(_) => {
-                        // Committed in this term: a quorum took this node's
-                        // appends after `asked`, which confirms its
-                        // leadership as of then as a heartbeat round would.
-                        node.leadership_confirmed(term, asked);
-                        last_confirm = Some(asked);
-                        node.leases_extended(term);
-                    }
-                    Err(status) => tracing::warn!("extend leases: {}", status.message()),
-                }
-            }
-            // Metrics change with every applied entry: confirm at most
-            // every `period`, not per entry.
-            if last_confirm.is_none_or(|at: tokio::time::Instant| at.elapsed() >= period) {
-                let asked = tokio::time::Instant::now();
-                last_confirm = Some(asked);
-                let confirm = tokio::time::timeout(
-                    Duration::from_millis(node::LEADERSHIP_FRESH_MS),
-                    node.raft.ensure_linearizable(),
-                )
-                .await;
-                if let Ok(Ok(_)) = confirm {
-                    // Fresh as of when it was asked, not when answered.
-                    node.leadership_confirmed(term, asked);
-                } else if node.check_leader().is_err() {
-                    // Cut off from its quorum while keeping its term: no
-                    // heartbeat could land meanwhile, so the leases are
-                    // extended again before it serves or expires any.
-                    node.leases_extended(0);
-                }
-            }
-        } else {
-            last_confirm = None;
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            changed = metrics.changed() => {
-                if changed.is_err() {
-                    // Raft stopped (fatally): nothing to lead any more.
-                    tracing::error!("raft stopped; this coordinator no longer leads");
-                    return;
-                }
-            }
-            _ = tokio::time::sleep(period) => {}
-        }
-    }
-}
-
-/// On the leader, proposes lease expiry whenever some lease ran out or
-/// some worker stopped heartbeating.
-async fn expire_leases(node: Arc<Node>, shutdown: CancellationToken) {
-    let period = Duration::from_millis((node.tuning.lease_timeout_ms / 4).clamp(25, 1000));
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(period) => {}
-        }
-        let now_ms = node.now_ms();
-        // A worker silent for a lease period is dead: no lease of its
-        // could still be renewed.
-        let worker_timeout_ms = node.tuning.lease_timeout_ms;
-        if node.check_leader().is_err() || !node.model().needs_expiry(now_ms, worker_timeout_ms) {
-            continue;
-        }
-        let command = state::Command::ExpireLeases {
-            now_ms,
-            max_attempts: node.tuning.max_attempts,
-            worker_timeout_ms,
-        };
-        if let Err(status) = node.propose(command).await {
-            tracing::warn!("expire leases: {}", status.message());
-        }
-    }
 }

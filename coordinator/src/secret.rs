@@ -8,7 +8,9 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use distbuild_proto::wire::{SECRET_METADATA_KEY, check_cluster_secret, read_cluster_secret};
+use distbuild_proto::wire::{
+    SECRET_METADATA_KEY, SecretFileError, SecretProblem, check_cluster_secret, read_cluster_secret,
+};
 use tonic::metadata::{AsciiMetadataValue, MetadataMap};
 use tonic::service::Interceptor;
 use tonic::{Request, Status};
@@ -25,16 +27,19 @@ impl std::fmt::Debug for ClusterSecret {
 
 impl ClusterSecret {
     /// Reads a secret file (see [`read_cluster_secret`]).
-    pub fn from_file(path: &Path) -> anyhow::Result<Self> {
-        let text = read_cluster_secret(path).map_err(anyhow::Error::msg)?;
-        Self::new(&text).map_err(anyhow::Error::msg)
+    pub fn from_file(path: &Path) -> Result<Self, SecretFileError> {
+        let text = read_cluster_secret(path)?;
+        Self::new(&text).map_err(|problem| SecretFileError::Invalid {
+            path: path.to_path_buf(),
+            problem,
+        })
     }
 
     /// A secret from its text.
-    pub fn new(text: &str) -> Result<Self, String> {
+    pub fn new(text: &str) -> Result<Self, SecretProblem> {
         check_cluster_secret(text)?;
-        let value = AsciiMetadataValue::try_from(text)
-            .map_err(|_| "must be printable ASCII without spaces".to_string())?;
+        let value =
+            AsciiMetadataValue::try_from(text).map_err(|_| SecretProblem::NotPrintable)?;
         Ok(Self(Arc::new(value)))
     }
 

@@ -62,7 +62,7 @@ async fn start(
 
 /// The voter configurations `node` sees: one, or two while joint.
 fn configs(node: &Node) -> Vec<BTreeSet<u64>> {
-    node.raft
+    node.raft_for_tests()
         .metrics()
         .borrow()
         .membership_config
@@ -115,7 +115,7 @@ async fn add_node_completes_a_change_left_joint_before_answering() {
         leader = (1..=3)
             .find(|id| {
                 let r = &replicas[id];
-                r.node.raft.metrics().borrow().state == ServerState::Leader
+                r.node.raft_metrics().borrow().state == ServerState::Leader
                     && r.node.check_leader().is_ok()
             })
             .unwrap_or(0);
@@ -127,7 +127,7 @@ async fn add_node_completes_a_change_left_joint_before_answering() {
 
     // Node 4 joins as a learner and catches up.
     leader_node
-        .raft
+        .raft_for_tests()
         .add_learner(
             4,
             BasicNode {
@@ -147,7 +147,7 @@ async fn add_node_completes_a_change_left_joint_before_answering() {
         .expect("the follower")
         .stop()
         .await;
-    let raft = leader_node.raft.clone();
+    let raft = leader_node.raft_for_tests().clone();
     let change = tokio::spawn(async move {
         raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([4])), false)
             .await
@@ -173,7 +173,7 @@ async fn add_node_completes_a_change_left_joint_before_answering() {
         .await,
     );
     wait_until("the joint configuration to commit", || {
-        let m = leader_node.raft.metrics().borrow().clone();
+        let m = leader_node.raft_metrics().borrow().clone();
         m.last_applied.map(|l| l.index) >= m.membership_config.log_id().map(|l| l.index)
     })
     .await;

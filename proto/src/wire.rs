@@ -45,7 +45,7 @@ pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Longest request ID (in bytes) the coordinators accept. Callers name each
 /// state-changing call with one and reuse it on retry (see
-/// [`crate::leader::RequestIds`]).
+/// `leader::RequestIds`).
 pub const MAX_REQUEST_ID_CHARS: usize = 128;
 
 /// What an address is for, which decides the ports it may name.

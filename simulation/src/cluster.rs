@@ -257,6 +257,7 @@ pub fn run(config: RunConfig, dir: &Path) -> RunResult {
             clock: Arc::new(SimClock),
             dialer: Arc::new(SimDialer),
             observer: Some(Arc::new(observer.clone())),
+            check_invariants: true,
             bugs: config.bugs,
         };
         let observer = observer.clone();

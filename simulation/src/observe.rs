@@ -6,8 +6,8 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use distbuild_coordinator::requests::Proposal;
-use distbuild_coordinator::state::Response;
+use distbuild_model::Proposal;
+use distbuild_model::Response;
 use distbuild_coordinator::{ApplyObserver, Node};
 use sha1::{Digest as _, Sha1};
 
@@ -67,7 +67,7 @@ impl Observer {
 
     /// Watches `node`'s metrics until they end, noting each term it leads.
     pub async fn watch_leadership(self, node: Arc<Node>) {
-        let mut metrics = node.raft.metrics();
+        let mut metrics = node.raft_metrics();
         loop {
             let (state, term, snapshot) = {
                 let m = metrics.borrow_and_update();
@@ -75,13 +75,13 @@ impl Observer {
             };
             if let Some(index) = snapshot {
                 let snapshots = &mut self.observations().snapshots;
-                if !snapshots.contains(&(node.node_id, index)) {
-                    snapshots.push((node.node_id, index));
+                if !snapshots.contains(&(node.node_id(), index)) {
+                    snapshots.push((node.node_id(), index));
                 }
             }
-            if state == openraft::ServerState::Leader && self.note_leader(term, node.node_id) {
+            if state == openraft::ServerState::Leader && self.note_leader(term, node.node_id()) {
                 self.trace.record(What::Leader {
-                    node: node.node_id,
+                    node: node.node_id(),
                     term,
                 });
             }

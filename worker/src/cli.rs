@@ -1,5 +1,5 @@
 //! `distbuild worker`: the command-line flags and the process-level wiring
-//! (binding the listener, Ctrl-C and SIGTERM) around [`crate::run`].
+//! (binding the listener, Ctrl-C and SIGTERM) around [`run`].
 
 use std::path::PathBuf;
 

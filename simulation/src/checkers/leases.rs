@@ -12,7 +12,7 @@
 
 use std::collections::BTreeMap;
 
-use distbuild_coordinator::state::{Command, Outcome, Response};
+use distbuild_model::{Command, Outcome, Response};
 use distbuild_proto::Digest;
 
 use super::{Findings, Violation, canonical_log, retries};
@@ -154,7 +154,7 @@ impl Timing {
         response: &Response,
         findings: &mut Findings,
     ) {
-        if let Some(now_ms) = now_of(command) {
+        if let Some(now_ms) = command.now_ms() {
             self.clock_ms = self.clock_ms.max(now_ms);
         }
         let clock = self.clock_ms;
@@ -250,22 +250,6 @@ impl Timing {
             }
             _ => {}
         }
-    }
-}
-
-/// The leader time a command carries, if any.
-fn now_of(command: &Command) -> Option<u64> {
-    match command {
-        Command::StageSubmit { now_ms, .. }
-        | Command::CancelBuild { now_ms, .. }
-        | Command::SubmitBuild { now_ms, .. }
-        | Command::RegisterWorker { now_ms, .. }
-        | Command::Assign { now_ms, .. }
-        | Command::Heartbeat { now_ms, .. }
-        | Command::Report { now_ms, .. }
-        | Command::ExpireLeases { now_ms, .. }
-        | Command::ExtendLeases { now_ms, .. } => Some(*now_ms),
-        Command::BlobStored { .. } => None,
     }
 }
 

@@ -95,7 +95,7 @@ pub fn canonical_log(run: &RunResult) -> BTreeMap<u64, Applied> {
 
 /// The retried requests of a committed log: index -> the earlier index
 /// that carried the same request ID. The state machine answers a retry with
-/// the first answer and applies nothing (`distbuild_coordinator::requests`),
+/// the first answer and applies nothing (`distbuild_model::requests`),
 /// so a retry is no event of its own. (It remembers answers for 15 minutes
 /// of leader time, far longer than a simulated run.)
 pub fn retries(log: &BTreeMap<u64, Applied>) -> BTreeMap<u64, u64> {
@@ -177,7 +177,7 @@ pub fn client_events(lines: &[String]) -> Vec<ClientEvent> {
 /// What a run exercised, counted from its committed log and trace (to see
 /// that faults bit: elections, expiries, refused reports).
 pub fn exercised(run: &RunResult) -> String {
-    use distbuild_coordinator::state::{Command, Response};
+    use distbuild_model::{Command, Response};
     let log = canonical_log(run);
     let retried = retries(&log);
     let (mut accepted, mut refused, mut expired, mut revoked) = (0, 0, 0, 0);

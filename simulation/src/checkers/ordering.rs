@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use distbuild_coordinator::state::{Command, Outcome, Response};
+use distbuild_model::{Command, Outcome, Response};
 
 use super::{Findings, Violation, label_of};
 use crate::cluster::RunResult;

@@ -10,39 +10,17 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::ControlFlow;
 
-use distbuild_raft_store::{ApplyTxn, ReadState, StoreError};
 use serde::{Deserialize, Serialize};
 
-use crate::state::{Command, Model, Response};
+use crate::log::{Proposal, Response};
+use crate::state::Model;
+use crate::tables::{ReadTables, StorageError, T_REQUESTS, Tables};
 
-/// Column family of the remembered answers.
-pub const T_REQUESTS: &str = "requests";
-/// Longest request ID a caller may send.
-pub const MAX_REQUEST_ID_CHARS: usize = 128;
 /// Most answers remembered; the oldest are forgotten first.
 pub const MAX_REMEMBERED: usize = 100_000;
 /// How long (leader time) an answer is remembered: far longer than any
 /// caller retries one call.
 pub const REMEMBER_MS: u64 = 15 * 60 * 1000;
-
-/// What the log carries: a command, and the ID of the request that asked
-/// for it when a retry of that request must not apply it twice.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Proposal {
-    pub request_id: Option<String>,
-    pub command: Command,
-}
-
-impl Proposal {
-    /// A command nobody retries by ID (the leader's own, or one that is
-    /// idempotent by itself).
-    pub fn once(command: Command) -> Self {
-        Self {
-            request_id: None,
-            command,
-        }
-    }
-}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Remembered {
@@ -57,11 +35,19 @@ pub struct Requests {
     /// (remembered at, ID), oldest first (derived).
     by_age: BTreeSet<(u64, String)>,
     dirty: BTreeSet<String>,
-    /// Injected bug, never persisted: see `node::InjectedBugs`.
-    pub(crate) forget_answers: bool,
+    /// Injected bug (simulation only), never persisted: see
+    /// [`Requests::inject_forget_answers`].
+    forget_answers: bool,
 }
 
 impl Requests {
+    /// Injected bug, for a simulation to prove its checkers catch it: apply
+    /// a retried request again instead of answering it with the first
+    /// answer. Never set in production; not persisted.
+    pub fn inject_forget_answers(&mut self, on: bool) {
+        self.forget_answers = on;
+    }
+
     /// Applies `proposal` to `model` unless its request was applied before,
     /// in which case the first answer is returned and nothing changes.
     pub fn apply(&mut self, model: &mut Model, index: u64, proposal: &Proposal) -> Response {
@@ -116,15 +102,11 @@ impl Requests {
     }
 
     /// Writes the changes of the entry just applied.
-    pub fn flush(&mut self, txn: &mut ApplyTxn<'_>) -> Result<(), StoreError> {
-        self.flush_to(txn)
-    }
-
-    pub(crate) fn flush_to(&mut self, txn: &mut impl crate::state::Tables) -> Result<(), StoreError> {
+    pub fn flush(&mut self, txn: &mut dyn Tables) -> Result<(), StorageError> {
         for id in std::mem::take(&mut self.dirty) {
             match self.by_id.get(&id) {
                 Some(seen) => {
-                    let bytes = postcard::to_stdvec(seen).map_err(|source| StoreError::Encode {
+                    let bytes = postcard::to_stdvec(seen).map_err(|source| StorageError::Encode {
                         what: "remembered answer",
                         source,
                     })?;
@@ -137,7 +119,7 @@ impl Requests {
     }
 
     /// Reads the table back after a restart or a snapshot install.
-    pub fn load(state: &dyn ReadState) -> Result<Self, StoreError> {
+    pub fn load(state: &dyn ReadTables) -> Result<Self, StorageError> {
         let mut requests = Requests::default();
         let mut failure = None;
         state.for_each_prefix(
@@ -151,7 +133,7 @@ impl Requests {
                     ControlFlow::Continue(())
                 }
                 Err(source) => {
-                    failure = Some(StoreError::Decode {
+                    failure = Some(StorageError::Decode {
                         what: "remembered answer",
                         source,
                     });
@@ -166,6 +148,7 @@ impl Requests {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::log::Command;
 
     /// A command that only moves the state's clock (a heartbeat of an
     /// unknown worker).

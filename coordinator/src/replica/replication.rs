@@ -7,13 +7,14 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use distbuild_proto::Digest;
-use distbuild_proto::v1::{BlobChunk, FetchRequest};
+use distbuild_proto::blob::upload_chunks;
+use distbuild_proto::v1::FetchRequest;
 use distbuild_proto::wire::digest_to_wire;
 use futures::StreamExt;
 use tokio::task::JoinSet;
-use tonic::Status;
 
-use crate::node::Node;
+use super::error::{ReplicaError, Result};
+use super::node::Node;
 
 /// Longest one copy to or from a peer may take, before its share of the
 /// bytes: a copy to a dead peer gives up after this.
@@ -65,7 +66,7 @@ fn other_members(node: &Node) -> Vec<(u64, String)> {
 /// Copies a blob this node stores to the other voters and returns once a
 /// quorum (counting this node) has it. Copies still running then carry on
 /// in the background, bounded by their deadline.
-pub async fn replicate_blob(node: &Node, digest: Digest, size: u64) -> Result<(), Status> {
+pub(crate) async fn replicate_blob(node: &Node, digest: Digest, size: u64) -> Result<()> {
     let (others, configs) = other_voters(node);
     let mut stored = BTreeSet::from([node.node_id]);
     if is_quorum(&configs, &stored) {
@@ -91,7 +92,7 @@ pub async fn replicate_blob(node: &Node, digest: Digest, size: u64) -> Result<()
             Err(e) => problems.push(format!("copy task: {e}")),
         }
     }
-    Err(Status::unavailable(format!(
+    Err(ReplicaError::Unavailable(format!(
         "blob {digest} could not be stored on a quorum of coordinators ({}); retry",
         problems.join("; ")
     )))
@@ -100,14 +101,14 @@ pub async fn replicate_blob(node: &Node, digest: Digest, size: u64) -> Result<()
 /// Copies every recorded source blob to the node at `addr` (a learner
 /// about to become a voter), so that a blob stays on a quorum whatever
 /// nodes are later replaced. A blob this node lacks is fetched first.
-pub async fn copy_all_to(node: &Node, addr: &str) -> Result<(), Status> {
+pub(crate) async fn copy_all_to(node: &Node, addr: &str) -> Result<()> {
     let blobs = node.model().blobs();
     for (digest, size) in blobs {
         ensure_local(node, digest).await?;
         push(&node.peers, addr, &node.blobs, digest, size)
             .await
             .map_err(|e| {
-                Status::unavailable(format!("copying blob {digest} to the new node: {e}"))
+                ReplicaError::Unavailable(format!("copying blob {digest} to the new node: {e}"))
             })?;
     }
     Ok(())
@@ -116,12 +117,12 @@ pub async fn copy_all_to(node: &Node, addr: &str) -> Result<(), Status> {
 /// Streams the local copy of `digest` to the peer at `addr`, within the
 /// copy's deadline; a failed copy forgets the channel.
 async fn push(
-    peers: &crate::network::Peers,
+    peers: &super::network::Peers,
     addr: &str,
     blobs: &crate::blobs::BlobStore,
     digest: Digest,
     size: u64,
-) -> Result<(), String> {
+) -> std::result::Result<(), String> {
     let deadline = copy_deadline(size);
     let result =
         match tokio::time::timeout(deadline, push_once(peers, addr, blobs, digest, size)).await {
@@ -135,57 +136,39 @@ async fn push(
 }
 
 async fn push_once(
-    peers: &crate::network::Peers,
+    peers: &super::network::Peers,
     addr: &str,
     blobs: &crate::blobs::BlobStore,
     digest: Digest,
     size: u64,
-) -> Result<(), String> {
-    let mut file = blobs
+) -> std::result::Result<(), String> {
+    let file = blobs
         .open_blob(&digest)
         .await
         .map_err(|e| e.to_string())?
         .ok_or_else(|| format!("blob {digest} is not stored here"))?;
-    let (tx, rx) = tokio::sync::mpsc::channel::<BlobChunk>(4);
-    let reader = tokio::spawn(async move {
-        let mut first = true;
-        loop {
-            let buf = file
-                .next_chunk()
-                .await
-                .map_err(|e| format!("read blob: {e}"))?;
-            let n = buf.len();
-            if n == 0 && !first {
-                return Ok::<(), String>(());
-            }
-            let chunk = BlobChunk {
-                digest: if first {
-                    digest_to_wire(&digest)
-                } else {
-                    Default::default()
-                },
-                size: if first { size } else { 0 },
-                data: buf.into(),
-            };
-            first = false;
-            if tx.send(chunk).await.is_err() || n == 0 {
-                return Ok(());
-            }
-        }
+    // A local read failure ends the stream early (the peer then refuses a
+    // short blob); the local cause is what this copy reports.
+    let read_failure = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let noted = read_failure.clone();
+    let chunks = upload_chunks(file, digest, size, move |e| {
+        *noted.lock().expect("read failure lock poisoned") = Some(e);
     });
-    let mut client = peers.transport(addr)?;
-    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let mut client = peers.transport(addr).map_err(|e| e.to_string())?;
+    let mut request = tonic::Request::new(chunks);
     request.set_timeout(copy_deadline(size));
     let sent = client.store_blob(request).await;
-    let read = reader.await.map_err(|e| format!("reader task: {e}"))?;
-    sent.map_err(|s| format!("{}: {}", s.code(), s.message()))?;
-    read
+    if let Some(e) = read_failure.lock().expect("read failure lock poisoned").take() {
+        return Err(format!("read blob: {e}"));
+    }
+    sent.map(drop)
+        .map_err(|s| format!("{}: {}", s.code(), s.message()))
 }
 
 /// Makes sure this node stores `digest` (recorded in the state, so a
 /// quorum stored it): fetches it from the other members when missing.
 /// Returns whether it is stored here now.
-pub async fn ensure_local(node: &Node, digest: Digest) -> Result<bool, Status> {
+pub(crate) async fn ensure_local(node: &Node, digest: Digest) -> Result<bool> {
     if node.blobs.contains(&digest) {
         return Ok(true);
     }
@@ -204,14 +187,14 @@ pub async fn ensure_local(node: &Node, digest: Digest) -> Result<bool, Status> {
             }
         }
     }
-    Err(Status::unavailable(format!(
+    Err(ReplicaError::Unavailable(format!(
         "blob {digest} is recorded but no coordinator could supply it ({})",
         problems.join("; ")
     )))
 }
 
-async fn fetch_from(node: &Node, addr: &str, digest: Digest, size: u64) -> Result<(), String> {
-    let mut client = node.peers.transport(addr)?;
+async fn fetch_from(node: &Node, addr: &str, digest: Digest, size: u64) -> std::result::Result<(), String> {
+    let mut client = node.peers.transport(addr).map_err(|e| e.to_string())?;
     let mut request = tonic::Request::new(FetchRequest {
         digest: digest_to_wire(&digest),
     });
@@ -231,6 +214,20 @@ async fn fetch_from(node: &Node, addr: &str, digest: Digest, size: u64) -> Resul
         writer.write(&chunk.data).await.map_err(|e| e.to_string())?;
     }
     writer.finish().await.map_err(|e| e.to_string())
+}
+
+impl Node {
+    /// Stores the blob this node just received on a quorum of voters (see
+    /// the module documentation); Ok once a quorum has it.
+    pub async fn replicate_blob(&self, digest: Digest, size: u64) -> Result<()> {
+        replicate_blob(self, digest, size).await
+    }
+
+    /// Makes sure this node stores recorded blob `digest`, fetching it
+    /// from a peer when missing; whether it is stored here now.
+    pub async fn ensure_local_blob(&self, digest: Digest) -> Result<bool> {
+        ensure_local(self, digest).await
+    }
 }
 
 #[cfg(test)]

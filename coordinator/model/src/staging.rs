@@ -10,25 +10,24 @@
 
 use std::collections::BTreeMap;
 
-use distbuild_raft_store::{ReadState, StoreError};
 use serde::{Deserialize, Serialize};
 
-use super::{Model, SubmittedJob, Tables, decode, encode, scan};
+use crate::log::SubmittedJob;
+use crate::records::Staged;
+use crate::state::Model;
+use crate::tables::{ReadTables, StorageError, T_STAGED, Tables, decode, encode, scan};
 
 /// Submits whose parts may wait at once.
 pub const MAX_STAGED_SUBMITS: usize = 16;
 /// Parts one submit may have.
 pub const MAX_SUBMIT_PARTS: u32 = 4096;
 
-pub(super) const T_STAGED: &str = "staged";
-
-/// The parts of one submit staged so far.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(super) struct Staged {
-    /// The state's clock when its first part was staged (the oldest is
-    /// dropped first).
-    since_ms: u64,
-    parts: BTreeMap<u32, Vec<SubmittedJob>>,
+/// A `StageSubmit` whose part number is out of range (refused, nothing
+/// staged).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("submit part {part} is beyond the limit of {MAX_SUBMIT_PARTS} parts")]
+pub struct PartOutOfRange {
+    pub part: u32,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -54,16 +53,14 @@ fn request_prefix(request_id: &str) -> Vec<u8> {
 impl Model {
     /// Stages `jobs` as part `part` of submit `request_id`. Refused (with
     /// the reason) when the part number is out of range.
-    pub(super) fn stage(
+    pub(crate) fn stage(
         &mut self,
         request_id: &str,
         part: u32,
         jobs: &[SubmittedJob],
-    ) -> Result<(), String> {
+    ) -> Result<(), PartOutOfRange> {
         if part >= MAX_SUBMIT_PARTS {
-            return Err(format!(
-                "submit part {part} is beyond the limit of {MAX_SUBMIT_PARTS} parts"
-            ));
+            return Err(PartOutOfRange { part });
         }
         if self.requests.contains_key(request_id) {
             // Already submitted: a late retry's part is not needed.
@@ -98,7 +95,7 @@ impl Model {
     /// Takes the staged parts `0..parts` of submit `request_id`, in order,
     /// and forgets the submit's staging either way. Err names the first
     /// part missing.
-    pub(super) fn take_staged(
+    pub(crate) fn take_staged(
         &mut self,
         request_id: &str,
         parts: u32,
@@ -115,7 +112,7 @@ impl Model {
     }
 
     /// Forgets submit `request_id`'s staged parts.
-    pub(super) fn unstage(&mut self, request_id: &str) -> Option<Staged> {
+    pub(crate) fn unstage(&mut self, request_id: &str) -> Option<Staged> {
         let staged = self.staged.remove(request_id)?;
         self.dirty.unstaged.push(request_id.to_string());
         Some(staged)
@@ -126,9 +123,9 @@ impl Model {
         self.staged.len()
     }
 
-    pub(super) fn load_staged(&mut self, state: &dyn ReadState) -> Result<(), StoreError> {
+    pub(crate) fn load_staged(&mut self, state: &dyn ReadTables) -> Result<(), StorageError> {
         scan(state, T_STAGED, &[], |k, v| {
-            let bad = || StoreError::Config("staged part key".into());
+            let bad = || StorageError::Corrupt("staged part key".into());
             let len = k
                 .get(..4)
                 .map(|b| u32::from_be_bytes(b.try_into().expect("4 bytes")) as usize)
@@ -149,15 +146,15 @@ impl Model {
         })
     }
 
-    pub(super) fn flush_staged(
+    pub(crate) fn flush_staged(
         &self,
-        txn: &mut impl Tables,
+        txn: &mut dyn Tables,
         unstaged: Vec<String>,
         parts: std::collections::BTreeSet<(String, u32)>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), StorageError> {
         for request_id in unstaged {
             let mut keys = Vec::new();
-            scan(&*txn, T_STAGED, &request_prefix(&request_id), |k, _| {
+            scan(txn, T_STAGED, &request_prefix(&request_id), |k, _| {
                 keys.push(k.to_vec());
                 Ok(())
             })?;

@@ -11,13 +11,14 @@ use distbuild_proto::v1::{
     InputFile, LostInput, PollWorkRequest, PollWorkResponse, RegisterRequest, RegisterResponse,
     ReportResultRequest, ReportResultResponse,
 };
-use distbuild_proto::wire::{MAX_JOB_OUTPUT_BYTES, digest_from_wire, digest_to_wire};
+use distbuild_proto::wire::{MAX_REQUEST_ID_CHARS, MAX_JOB_OUTPUT_BYTES, digest_from_wire, digest_to_wire};
 use tonic::{Request, Response, Status};
 
+use super::status::invalid;
 use super::{ResponseStream, digests, stream_file};
-use crate::node::Node;
-use crate::requests::MAX_REQUEST_ID_CHARS;
-use crate::state::{self, CmdText, Command, MAX_ASSIGN_BATCH, Outcome};
+use distbuild_model::{self as model, CmdText, Command, MAX_ASSIGN_BATCH, Outcome};
+
+use crate::replica::Node;
 
 /// Longest a poll waits for work.
 const MAX_POLL_WAIT: Duration = Duration::from_secs(10);
@@ -42,7 +43,7 @@ fn lost_inputs(lost: &[LostInput]) -> Result<Vec<(Digest, Vec<String>)>, Status>
     lost.iter()
         .map(|input| {
             let digest = digest_from_wire(&input.digest, "lost_inputs digest")
-                .map_err(Status::invalid_argument)?;
+                .map_err(invalid)?;
             if input.tried_holders.len() > MAX_TRIED_HOLDERS
                 || input.tried_holders.iter().any(|a| a.len() > MAX_ADDR_CHARS)
             {
@@ -112,11 +113,8 @@ impl WorkerService {
                         outcome: Outcome::LostInputs { lost: Vec::new() },
                         now_ms: self.node.now_ms(),
                     };
-                    if let Err(status) = self.node.propose(release).await {
-                        tracing::warn!(
-                            "release lease {token} of {key}: {}; it will expire",
-                            status.message()
-                        );
+                    if let Err(e) = self.node.propose(release).await {
+                        tracing::warn!("release lease {token} of {key}: {e}; it will expire");
                     }
                 }
             }
@@ -132,7 +130,7 @@ impl WorkerService {
             return Leased::Gone;
         };
         let current = matches!(&exec.state,
-            state::ExecState::Running { worker_id: w, token: t, .. } if w == worker_id && *t == token);
+            model::ExecState::Running { worker_id: w, token: t, .. } if w == worker_id && *t == token);
         if !current {
             return Leased::Gone;
         }
@@ -227,8 +225,8 @@ impl WorkerApi for WorkerService {
             )
             .await?;
         Ok(Response::new(RegisterResponse {
-            lease_timeout_ms: self.node.tuning.lease_timeout_ms,
-            heartbeat_interval_ms: self.node.tuning.heartbeat_interval_ms,
+            lease_timeout_ms: self.node.tuning().lease_timeout_ms,
+            heartbeat_interval_ms: self.node.tuning().heartbeat_interval_ms,
         }))
     }
 
@@ -241,7 +239,7 @@ impl WorkerApi for WorkerService {
         let wait = Duration::from_millis(req.wait_ms).min(MAX_POLL_WAIT);
         let deadline = tokio::time::Instant::now() + wait;
         let max = (req.free_slots as u64).min(MAX_ASSIGN_BATCH) as usize;
-        let tuning = &self.node.tuning;
+        let tuning = self.node.tuning();
         let request = request_key("poll", &req.worker_id, &req.request_id)?;
         // Each assignment this poll proposes gets the next ID of a
         // sequence, so a retried poll replays the same answers in order.
@@ -249,7 +247,7 @@ impl WorkerApi for WorkerService {
         // A retried poll first replays what the lost one was answered.
         self.node.ready_leader().await?;
         while !request.is_empty() {
-            let Some(state::Response::Assigned { keys, tokens }) =
+            let Some(model::Response::Assigned { keys, tokens }) =
                 self.node.remembered(&format!("{request}#{proposals}"))
             else {
                 break;
@@ -306,7 +304,7 @@ impl WorkerApi for WorkerService {
                         },
                     )
                     .await?;
-                let state::Response::Assigned { keys, tokens } = response else {
+                let model::Response::Assigned { keys, tokens } = response else {
                     return Err(Status::internal("unexpected answer to an assignment"));
                 };
                 let assignments = self.assignments(&req.worker_id, &keys, &tokens).await;
@@ -318,7 +316,7 @@ impl WorkerApi for WorkerService {
                 }
             }
             let now = tokio::time::Instant::now();
-            if now >= deadline || self.node.shutdown.is_cancelled() {
+            if now >= deadline || self.node.shutdown_token().is_cancelled() {
                 return Ok(Response::new(PollWorkResponse::default()));
             }
             // Queued work held back for locality is looked at again soon.
@@ -342,10 +340,7 @@ impl WorkerApi for WorkerService {
             ));
         }
         self.node
-            .peer_bytes_fetched
-            .lock()
-            .expect("metrics lock poisoned")
-            .insert(req.worker_id.clone(), req.peer_bytes_fetched_total);
+            .note_peer_bytes(&req.worker_id, req.peer_bytes_fetched_total);
         let added = digests(&req.added_artifacts, "added_artifacts")?;
         let dropped = digests(&req.dropped_artifacts, "dropped_artifacts")?;
         let request = request_key("heartbeat", &req.worker_id, &req.request_id)?;
@@ -358,13 +353,13 @@ impl WorkerApi for WorkerService {
                     tokens: req.lease_tokens,
                     added,
                     dropped,
-                    lease_timeout_ms: self.node.tuning.lease_timeout_ms,
+                    lease_timeout_ms: self.node.tuning().lease_timeout_ms,
                     now_ms: self.node.now_ms(),
                 },
             )
             .await?;
         match response {
-            state::Response::Heartbeat {
+            model::Response::Heartbeat {
                 revoked,
                 reregister,
             } => Ok(Response::new(HeartbeatResponse {
@@ -382,7 +377,7 @@ impl WorkerApi for WorkerService {
         let req = request.into_inner();
         check_worker_id(&req.worker_id)?;
         let cache_key =
-            digest_from_wire(&req.cache_key, "cache_key").map_err(Status::invalid_argument)?;
+            digest_from_wire(&req.cache_key, "cache_key").map_err(invalid)?;
         let request = request_key("report", &req.worker_id, &req.request_id)?;
         let lost = lost_inputs(&req.lost_inputs)?;
         let stdout = truncated(req.stdout.to_vec());
@@ -394,7 +389,7 @@ impl WorkerApi for WorkerService {
                 stdout,
                 stderr,
                 artifact: digest_from_wire(&req.artifact_digest, "artifact_digest")
-                    .map_err(Status::invalid_argument)?,
+                    .map_err(invalid)?,
                 artifact_size: req.artifact_size,
             }
         } else {
@@ -421,7 +416,7 @@ impl WorkerApi for WorkerService {
             )
             .await?;
         match response {
-            state::Response::Reported { accepted } => {
+            model::Response::Reported { accepted } => {
                 Ok(Response::new(ReportResultResponse { accepted }))
             }
             _ => Err(Status::internal("unexpected answer to a report")),
@@ -435,19 +430,18 @@ impl WorkerApi for WorkerService {
         request: Request<FetchRequest>,
     ) -> Result<Response<Self::FetchBlobStream>, Status> {
         let digest = digest_from_wire(&request.get_ref().digest, "digest")
-            .map_err(Status::invalid_argument)?;
+            .map_err(invalid)?;
         // Only the leader knows every acknowledged blob: a follower that
         // has not applied the blob's record yet (it was cut off, or is
         // behind) sends the caller to the leader instead of denying it.
-        if !self.node.blobs.contains(&digest) && self.node.model().blob_size(&digest).is_none() {
+        if !self.node.blobs().contains(&digest) && self.node.model().blob_size(&digest).is_none() {
             self.node.ready_leader().await?;
         }
         // A blob recorded while this node was down is fetched from a peer.
-        crate::replication::ensure_local(&self.node, digest).await?;
-        match self.node.blobs.open_blob(&digest).await {
-            Ok(Some(file)) => Ok(Response::new(stream_file(file))),
-            Ok(None) => Err(Status::not_found(format!("no blob {digest}"))),
-            Err(e) => Err(Status::internal(e.to_string())),
+        self.node.ensure_local_blob(digest).await?;
+        match self.node.open_own_blob(&digest).await? {
+            Some(file) => Ok(Response::new(stream_file(file))),
+            None => Err(Status::not_found(format!("no blob {digest}"))),
         }
     }
 }

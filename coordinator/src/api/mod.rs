@@ -1,9 +1,14 @@
-//! The coordinator's gRPC services, one module per audience: clients,
-//! workers, operators. Raft traffic between replicas has its own transport.
+//! The coordinator's gRPC services, one module per audience: clients
+//! (`client`), workers (`worker`), operators (`admin`) and the other
+//! replicas (`raft`). Everything from the network is validated here,
+//! before a command exists; `status` is the one place a domain error
+//! becomes a gRPC status. Nothing below this layer knows of tonic's
+//! services.
 
 pub mod admin;
 pub mod client;
 pub mod raft;
+pub mod status;
 pub mod worker;
 
 use std::pin::Pin;
@@ -13,15 +18,10 @@ use distbuild_proto::wire::digest_from_wire;
 use futures::Stream;
 use tonic::Status;
 
+use self::status::{blob_status, invalid};
+
 /// How long an upload may sit without a chunk.
 const UPLOAD_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
-
-fn blob_status(e: crate::blobs::BlobError) -> Status {
-    match e {
-        crate::blobs::BlobError::Io { .. } => Status::internal(e.to_string()),
-        _ => Status::invalid_argument(e.to_string()),
-    }
-}
 
 async fn next_chunk(
     chunks: &mut tonic::Streaming<distbuild_proto::v1::BlobChunk>,
@@ -44,7 +44,7 @@ pub async fn receive_blob(
         .await?
         .ok_or_else(|| Status::invalid_argument("empty upload"))?;
     let digest =
-        digest_from_wire(&first.digest, "upload digest").map_err(Status::invalid_argument)?;
+        digest_from_wire(&first.digest, "upload digest").map_err(invalid)?;
     let size = first.size;
     let mut writer = blobs.writer(digest, size).await.map_err(blob_status)?;
     writer.write(&first.data).await.map_err(blob_status)?;
@@ -70,35 +70,14 @@ pub fn digests(list: &[bytes::Bytes], what: &str) -> Result<Vec<Digest>, Status>
         )));
     }
     list.iter()
-        .map(|d| digest_from_wire(d, what).map_err(Status::invalid_argument))
+        .map(|d| digest_from_wire(d, what).map_err(invalid))
         .collect()
 }
 
-/// Streams a stored blob as chunks.
-pub fn stream_file(
-    mut file: crate::blobs::BlobReader,
-) -> ResponseStream<distbuild_proto::v1::BlobChunk> {
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tokio::spawn(async move {
-        loop {
-            let buf = match file.next_chunk().await {
-                Ok(buf) if buf.is_empty() => return,
-                Ok(buf) => buf,
-                Err(e) => {
-                    let _ = tx
-                        .send(Err(Status::internal(format!("read blob: {e}"))))
-                        .await;
-                    return;
-                }
-            };
-            let chunk = distbuild_proto::v1::BlobChunk {
-                data: buf.into(),
-                ..Default::default()
-            };
-            if tx.send(Ok(chunk)).await.is_err() {
-                return;
-            }
-        }
-    });
-    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+/// Streams a stored blob as the chunks of a fetch answer.
+pub fn stream_file(file: crate::blobs::BlobReader) -> ResponseStream<distbuild_proto::v1::BlobChunk> {
+    use futures::StreamExt;
+    let chunks = distbuild_proto::blob::content_chunks(file)
+        .map(|chunk| chunk.map_err(|e| Status::internal(format!("read blob: {e}"))));
+    Box::pin(chunks)
 }

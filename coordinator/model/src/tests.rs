@@ -1,6 +1,12 @@
 //! Transitions of the replicated model, driven command by command.
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::ControlFlow;
+
+use distbuild_proto::{Digest, JobId};
+
 use super::*;
+use crate::tables::{ReadTables, StorageError, T_HOLDINGS, T_WORKERS, Tables, holding_key};
 
 mod golden;
 
@@ -55,8 +61,8 @@ struct MemStore {
     tables: BTreeMap<String, BTreeMap<Vec<u8>, Vec<u8>>>,
 }
 
-impl ReadState for MemStore {
-    fn get(&self, table: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+impl ReadTables for MemStore {
+    fn get(&self, table: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StorageError> {
         Ok(self.tables.get(table).and_then(|t| t.get(key)).cloned())
     }
 
@@ -65,7 +71,7 @@ impl ReadState for MemStore {
         table: &str,
         prefix: &[u8],
         f: &mut dyn FnMut(&[u8], &[u8]) -> ControlFlow<()>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), StorageError> {
         let Some(t) = self.tables.get(table) else {
             return Ok(());
         };
@@ -79,7 +85,7 @@ impl ReadState for MemStore {
 }
 
 impl Tables for MemStore {
-    fn put(&mut self, table: &str, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+    fn put(&mut self, table: &str, key: &[u8], value: &[u8]) -> Result<(), StorageError> {
         assert!(TABLES.contains(&table), "unknown table {table}");
         self.tables
             .entry(table.to_string())
@@ -88,7 +94,7 @@ impl Tables for MemStore {
         Ok(())
     }
 
-    fn delete(&mut self, table: &str, key: &[u8]) -> Result<(), StoreError> {
+    fn delete(&mut self, table: &str, key: &[u8]) -> Result<(), StorageError> {
         assert!(TABLES.contains(&table), "unknown table {table}");
         if let Some(t) = self.tables.get_mut(table) {
             t.remove(key);
@@ -174,7 +180,10 @@ impl Harness {
             }
         }
         self.events.extend(self.model.dirty.events.iter().cloned());
-        self.model.flush_to(&mut self.store).expect("flush");
+        if let Err(violation) = self.model.check_invariants() {
+            panic!("after {command:?}: {violation}");
+        }
+        self.model.flush(&mut self.store).expect("flush");
         let loaded = Model::load(&self.store).expect("load");
         assert_same(&loaded, &self.model);
         response
@@ -1190,4 +1199,44 @@ fn cancelling_a_build_skips_its_open_jobs_and_stops_runs_nobody_else_needs() {
         );
     }
     assert!(h.events().is_empty());
+}
+
+/// The invariant check is shown to fail: each derived index, broken on
+/// purpose after a run that leaves something in it, is named.
+#[test]
+fn the_invariant_check_names_a_broken_index() {
+    let mut h = Harness::new();
+    let jobs = graph(&[(1, &[]), (2, &[0]), (3, &[])]);
+    h.submit("r", jobs);
+    let token = h.assign("a", &[key(1)])[0].expect("leased");
+    h.model.check_invariants().expect("consistent before breaking it");
+
+    let check = |model: &Model, what: &str| {
+        let violation = model.check_invariants().expect_err("a broken index is found");
+        let text = violation.to_string();
+        assert!(text.contains(what), "{what} is named in: {text}");
+    };
+    let mut broken = h.model.clone_for_test();
+    broken.queue.clear();
+    check(&broken, "queue");
+    let mut broken = h.model.clone_for_test();
+    broken.leases.remove(&token);
+    check(&broken, "leases");
+    let mut broken = h.model.clone_for_test();
+    broken.workers.get_mut("a").expect("worker a").running += 1;
+    check(&broken, "running counts");
+    let mut broken = h.model.clone_for_test();
+    broken.held_by.insert(artifact(9), BTreeSet::from(["b".to_string()]));
+    check(&broken, "held_by");
+    let mut broken = h.model.clone_for_test();
+    broken.requests.insert("ghost".into(), 99);
+    check(&broken, "submit request IDs");
+    let mut broken = h.model.clone_for_test();
+    let build = broken.builds.values_mut().next().expect("a build");
+    build.header.remaining += 1;
+    check(&broken, "remaining");
+    let mut broken = h.model.clone_for_test();
+    let build = broken.builds.values_mut().next().expect("a build");
+    build.jobs[0].dependents.clear();
+    check(&broken, "dependents");
 }

@@ -13,11 +13,13 @@ use std::fmt::Write as _;
 use serde::de::{self, DeserializeOwned, Visitor};
 use serde::forward_to_deserialize_any;
 
-use super::*;
-use crate::requests::{Proposal, Requests};
+use distbuild_proto::{Digest, JobId};
+use serde::Serialize;
 
-const LOG_FILE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/src/state/golden/log.txt");
-const TABLES_FILE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/src/state/golden/tables.txt");
+use super::*;
+
+const LOG_FILE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/golden/log.txt");
+const TABLES_FILE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/golden/tables.txt");
 
 /// The names of `T`'s variants, as serde declares them to a deserializer
 /// (in declaration order: postcard encodes a variant as its position).
@@ -488,8 +490,8 @@ fn a_scripted_run_leaves_the_pinned_tables() {
     for (i, proposal) in script.iter().enumerate() {
         let index = i as u64 + 1;
         let response = requests.apply(&mut model, index, proposal);
-        model.flush_to(&mut store).expect("flush");
-        requests.flush_to(&mut store).expect("flush requests");
+        model.flush(&mut store).expect("flush");
+        requests.flush(&mut store).expect("flush requests");
         let bytes = postcard::to_stdvec(&response).expect("encode");
         writeln!(out, "response {index} {}", hex_of(&bytes)).expect("string");
     }

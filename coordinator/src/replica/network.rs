@@ -28,12 +28,13 @@ use openraft::raft::{
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use distbuild_proto::net::endpoint;
+use tonic::transport::Channel;
 
 use distbuild_proto::net::SharedDialer;
 
-use crate::detector::Contact;
-use crate::node::TypeConfig;
+use super::contact::Contact;
+use super::types::TypeConfig;
 use crate::secret::{ClusterSecret, ShowSecret};
 
 /// Version of the payload encoding; a replica refuses others.
@@ -41,8 +42,6 @@ pub const PAYLOAD_FORMAT: u32 = 1;
 /// Largest Raft message either side accepts (an append batch of big
 /// submits, or a snapshot chunk).
 pub const MAX_RAFT_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
-/// How long dialling a peer may take.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Encodes a Raft message for the wire.
 pub fn encode<T: Serialize>(value: &T) -> Result<RaftPayload, postcard::Error> {
@@ -52,26 +51,30 @@ pub fn encode<T: Serialize>(value: &T) -> Result<RaftPayload, postcard::Error> {
     })
 }
 
-/// Decodes a Raft message from the wire; the error is one line.
-pub fn decode<T: DeserializeOwned>(payload: &RaftPayload) -> Result<T, String> {
-    if payload.format != PAYLOAD_FORMAT {
-        return Err(format!(
-            "raft payload format {} (this replica reads {PAYLOAD_FORMAT})",
-            payload.format
-        ));
-    }
-    postcard::from_bytes(&payload.payload).map_err(|e| format!("undecodable raft payload: {e}"))
+/// A Raft message this replica cannot read.
+#[derive(Debug, thiserror::Error)]
+pub enum PayloadError {
+    #[error("raft payload format {0} (this replica reads {PAYLOAD_FORMAT})")]
+    Format(u32),
+    #[error("undecodable raft payload: {0}")]
+    Undecodable(#[source] postcard::Error),
 }
 
-/// An endpoint to a peer coordinator with the cluster's connection
-/// settings (connect timeout, keepalive while idle).
-pub fn endpoint(addr: &str) -> Result<Endpoint, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(format!("http://{addr}"))?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .http2_keep_alive_interval(Duration::from_secs(1))
-        .keep_alive_timeout(Duration::from_secs(2))
-        .keep_alive_while_idle(true)
-        .tcp_nodelay(true))
+/// A peer address that is not one.
+#[derive(Debug, thiserror::Error)]
+#[error("bad peer address {addr:?}: {source}")]
+pub struct BadPeerAddress {
+    addr: String,
+    #[source]
+    source: tonic::transport::Error,
+}
+
+/// Decodes a Raft message from the wire.
+pub fn decode<T: DeserializeOwned>(payload: &RaftPayload) -> Result<T, PayloadError> {
+    if payload.format != PAYLOAD_FORMAT {
+        return Err(PayloadError::Format(payload.format));
+    }
+    postcard::from_bytes(&payload.payload).map_err(PayloadError::Undecodable)
 }
 
 /// Channels to peer coordinators by address, shared by Raft traffic, blob
@@ -145,12 +148,15 @@ impl Peers {
     }
 
     /// A channel to `addr` (connecting lazily).
-    pub fn channel(&self, addr: &str) -> Result<Channel, String> {
+    pub fn channel(&self, addr: &str) -> Result<Channel, BadPeerAddress> {
         let mut channels = self.channels.lock().expect("peer channels lock poisoned");
         if let Some(channel) = channels.get(addr) {
             return Ok(channel.clone());
         }
-        let endpoint = endpoint(addr).map_err(|e| format!("bad peer address {addr:?}: {e}"))?;
+        let endpoint = endpoint(addr).map_err(|source| BadPeerAddress {
+            addr: addr.to_string(),
+            source,
+        })?;
         let channel = self.dialer.connect_lazy(endpoint);
         channels.insert(addr.to_string(), channel.clone());
         Ok(channel)
@@ -165,7 +171,7 @@ impl Peers {
     }
 
     /// A `RaftTransport` client of the peer at `addr`.
-    pub fn transport(&self, addr: &str) -> Result<PeerClient, String> {
+    pub fn transport(&self, addr: &str) -> Result<PeerClient, BadPeerAddress> {
         Ok(
             RaftTransportClient::with_interceptor(self.channel(addr)?, self.secret.clone())
                 .max_decoding_message_size(MAX_RAFT_MESSAGE_BYTES)
@@ -204,12 +210,12 @@ pub struct Connection {
 
 type RpcResult<T, E> = Result<T, RPCError<u64, BasicNode, E>>;
 
-fn unreachable<E: std::error::Error>(message: String) -> RPCError<u64, BasicNode, E> {
-    RPCError::Unreachable(Unreachable::new(&std::io::Error::other(message)))
+fn unreachable<E: std::error::Error>(problem: impl ToString) -> RPCError<u64, BasicNode, E> {
+    RPCError::Unreachable(Unreachable::new(&std::io::Error::other(problem.to_string())))
 }
 
-fn network<E: std::error::Error>(message: String) -> RPCError<u64, BasicNode, E> {
-    RPCError::Network(NetworkError::new(&std::io::Error::other(message)))
+fn network<E: std::error::Error>(problem: impl ToString) -> RPCError<u64, BasicNode, E> {
+    RPCError::Network(NetworkError::new(&std::io::Error::other(problem.to_string())))
 }
 
 impl Connection {
@@ -391,7 +397,7 @@ mod tests {
         let mut wire = encode(&7u64).expect("encode");
         wire.format = 2;
         let err = decode::<u64>(&wire).expect_err("format 2");
-        assert!(err.contains("format 2"), "{err}");
+        assert!(err.to_string().contains("format 2"), "{err}");
         let garbage = RaftPayload {
             format: PAYLOAD_FORMAT,
             payload: vec![0xff; 3].into(),

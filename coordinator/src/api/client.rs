@@ -12,16 +12,17 @@ use distbuild_proto::v1::{
     LocateArtifactsResponse, SubmitBuildRequest, SubmitBuildResponse, UploadBlobResponse,
     WatchBuildRequest, build_event,
 };
-use distbuild_proto::wire::{command_to_wire, digest_from_wire, digest_to_wire};
+use distbuild_proto::wire::{MAX_REQUEST_ID_CHARS, command_to_wire, digest_from_wire, digest_to_wire};
 use distbuild_proto::{Digest, JobId, cache_key};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{ResponseStream, digests, receive_blob};
-use crate::node::Node;
-use crate::requests::MAX_REQUEST_ID_CHARS;
-use crate::state::{
-    self, CmdText, Command, DepRef, Event, InputRef, JobSpec, SubmittedJob, T_EVENTS,
+use distbuild_model::{
+    self as model, CmdText, Command, DepRef, Event, InputRef, JobSpec, SubmittedJob,
 };
+
+use super::status::{invalid, refusal};
+use super::{ResponseStream, digests, receive_blob};
+use crate::replica::Node;
 
 /// Most jobs one build may have.
 pub const MAX_JOBS_PER_BUILD: usize = 100_000;
@@ -87,7 +88,7 @@ impl ClientService {
                 Status::invalid_argument(format!("source path {:?} {problem}", source.path))
             })?;
             let digest = digest_from_wire(&source.digest, &format!("source {:?}", source.path))
-                .map_err(Status::invalid_argument)?;
+                .map_err(invalid)?;
             by_path.insert(&source.path, (digest, source.size));
         }
         {
@@ -185,18 +186,6 @@ fn split_into_parts(jobs: Vec<SubmittedJob>, max_bytes: usize) -> Vec<Vec<Submit
     parts
 }
 
-/// The status for a submit command the state machine refused.
-fn refusal(response: state::Response) -> Status {
-    match response {
-        state::Response::Refused {
-            reason,
-            retry: true,
-        } => Status::aborted(reason),
-        state::Response::Refused { reason, .. } => Status::internal(reason),
-        other => Status::internal(format!("unexpected answer to a submit: {other:?}")),
-    }
-}
-
 /// The wire form of a stored event.
 fn event_to_wire(node: &Node, build_id: u64, seq: u64, event: Event) -> BuildEvent {
     let job_label = |job: u32| {
@@ -263,22 +252,7 @@ fn event_to_wire(node: &Node, build_id: u64, seq: u64, event: Event) -> BuildEve
 /// Reads the stored events of `build_id` from `from_seq` on (a bounded
 /// number).
 fn read_events(node: &Node, build_id: u64, from_seq: u64) -> Result<Vec<(u64, Event)>, Status> {
-    node.state.read(|reader| {
-        use distbuild_raft_store::ReadState as _;
-        let mut events = Vec::new();
-        let mut seq = from_seq;
-        while events.len() < EVENTS_PER_READ {
-            let stored = reader
-                .get(T_EVENTS, &state::event_key(build_id, seq))
-                .map_err(|e| Status::internal(format!("read build events: {e}")))?;
-            let Some(bytes) = stored else { break };
-            let event = state::decode_event(&bytes)
-                .map_err(|e| Status::internal(format!("read build events: {e}")))?;
-            events.push((seq, event));
-            seq += 1;
-        }
-        Ok(events)
-    })
+    Ok(node.read_events(build_id, from_seq, EVENTS_PER_READ)?)
 }
 
 /// The next chunk of an upload, or an error if none arrives in time.
@@ -306,8 +280,8 @@ impl ClientApi for ClientService {
     ) -> Result<Response<UploadBlobResponse>, Status> {
         // A follower redirects before reading any data.
         self.node.ready_leader().await?;
-        let (digest, size) = receive_blob(&self.node.blobs, request.into_inner()).await?;
-        crate::replication::replicate_blob(&self.node, digest, size).await?;
+        let (digest, size) = receive_blob(self.node.blobs(), request.into_inner()).await?;
+        self.node.replicate_blob(digest, size).await?;
         self.node
             .propose(Command::BlobStored { digest, size })
             .await?;
@@ -342,12 +316,12 @@ impl ClientApi for ClientService {
         let last = parts.pop().unwrap_or_default();
         let staged_parts = u32::try_from(parts.len())
             .ok()
-            .filter(|&n| n < state::MAX_SUBMIT_PARTS)
+            .filter(|&n| n < model::MAX_SUBMIT_PARTS)
             .ok_or_else(|| {
                 Status::invalid_argument(format!(
                     "the graph needs {} submit parts of {SUBMIT_PART_BYTES} bytes, over the limit of {}",
                     parts.len() + 1,
-                    state::MAX_SUBMIT_PARTS
+                    model::MAX_SUBMIT_PARTS
                 ))
             })?;
         for (part, jobs) in (0u32..).zip(parts) {
@@ -360,7 +334,7 @@ impl ClientApi for ClientService {
                     now_ms: self.node.now_ms(),
                 })
                 .await?;
-            if response != state::Response::None {
+            if response != model::Response::None {
                 return Err(refusal(response));
             }
         }
@@ -374,7 +348,7 @@ impl ClientApi for ClientService {
             })
             .await?;
         match response {
-            state::Response::BuildSubmitted {
+            model::Response::BuildSubmitted {
                 build_id,
                 job_count,
             } => Ok(Response::new(SubmitBuildResponse {
@@ -417,10 +391,10 @@ impl ClientApi for ClientService {
                     }
                     if let Err(moved) = node.check_leader() {
                         // The caller resumes from `seq` at the new leader.
-                        let _ = tx.send(Err(moved)).await;
+                        let _ = tx.send(Err(moved.into())).await;
                         return;
                     }
-                    if node.shutdown.is_cancelled() {
+                    if node.shutdown_token().is_cancelled() {
                         let stopping =
                             Status::unavailable("the coordinator is stopping; reconnect");
                         let _ = tx.send(Err(stopping)).await;
@@ -465,7 +439,7 @@ impl ClientApi for ClientService {
             })
             .await?;
         match response {
-            state::Response::Cancelled { cancelled } => {
+            model::Response::Cancelled { cancelled } => {
                 Ok(Response::new(CancelBuildResponse { cancelled }))
             }
             other => Err(Status::internal(format!(

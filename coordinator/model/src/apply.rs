@@ -1,0 +1,87 @@
+//! The transition function: [`Model::apply`] stamps the command's time
+//! and dispatches to the command's own module (`cmd`, `staging`).
+
+use crate::log::{Command, Response};
+use crate::state::Model;
+
+impl Model {
+    /// Applies one committed command; `index` is its log index.
+    pub fn apply(&mut self, index: u64, command: &Command) -> Response {
+        if let Some(now_ms) = command.now_ms() {
+            self.tick(now_ms);
+        }
+        match command {
+            Command::StageSubmit {
+                request_id,
+                part,
+                jobs,
+                ..
+            } => match self.stage(request_id, *part, jobs) {
+                Ok(()) => Response::None,
+                Err(refused) => Response::Refused {
+                    reason: refused.to_string(),
+                    retry: false,
+                },
+            },
+            Command::CancelBuild { build_id, .. } => Response::Cancelled {
+                cancelled: self.cancel_build(*build_id),
+            },
+            Command::SubmitBuild {
+                request_id,
+                staged_parts,
+                jobs,
+                ..
+            } => self.submit(index, request_id, *staged_parts, jobs),
+            Command::RegisterWorker {
+                worker_id,
+                addr,
+                slots,
+                held,
+                ..
+            } => {
+                self.register(worker_id, addr, *slots, held);
+                Response::None
+            }
+            Command::Assign {
+                worker_id,
+                cache_keys,
+                lease_timeout_ms,
+                ..
+            } => self.assign(index, worker_id, cache_keys, *lease_timeout_ms),
+            Command::Heartbeat {
+                worker_id,
+                tokens,
+                added,
+                dropped,
+                lease_timeout_ms,
+                ..
+            } => self.heartbeat(worker_id, tokens, added, dropped, *lease_timeout_ms),
+            Command::Report {
+                worker_id,
+                token,
+                cache_key,
+                outcome,
+                ..
+            } => Response::Reported {
+                accepted: self.report(worker_id, *token, cache_key, outcome),
+            },
+            Command::ExpireLeases {
+                max_attempts,
+                worker_timeout_ms,
+                ..
+            } => Response::Expired {
+                tokens: self.expire_leases(*max_attempts, *worker_timeout_ms),
+            },
+            Command::ExtendLeases {
+                lease_timeout_ms, ..
+            } => {
+                self.extend_leases(*lease_timeout_ms);
+                Response::None
+            }
+            Command::BlobStored { digest, size } => {
+                self.blob_stored(*digest, *size);
+                Response::None
+            }
+        }
+    }
+}

@@ -1,0 +1,241 @@
+//! How a build progresses, whichever command moves it: events, jobs
+//! becoming ready (served from the cache or attached to an execution),
+//! finishing, failing, skipping dependents, and retiring old builds.
+
+use std::collections::{BTreeSet, VecDeque};
+
+use crate::state::Model;
+use crate::log::Event;
+use crate::records::{BuildJob, ExecState, Execution, JobState};
+
+
+/// Finished builds kept (with their events) for late watchers; older ones
+/// are dropped, oldest first.
+pub const MAX_RETAINED_BUILDS: usize = 1000;
+
+impl Model {
+    pub(crate) fn push_event(&mut self, build_id: u64, event: Event) {
+        let build = self
+            .builds
+            .get_mut(&build_id)
+            .expect("event for a live build");
+        let seq = build.header.next_event_seq;
+        build.header.next_event_seq += 1;
+        self.dirty.builds.insert(build_id);
+        self.dirty.events.push((build_id, seq, event));
+    }
+
+    pub(crate) fn job_mut(&mut self, build_id: u64, job: u32) -> &mut BuildJob {
+        self.dirty.jobs.insert((build_id, job));
+        &mut self
+            .builds
+            .get_mut(&build_id)
+            .expect("job of a live build")
+            .jobs[job as usize]
+    }
+
+    /// Jobs whose dependencies all succeeded: served from the cache, or
+    /// attached to the execution of their cache key.
+    pub(crate) fn make_ready(&mut self, jobs: Vec<(u64, u32)>) {
+        let mut ready: VecDeque<(u64, u32)> = jobs.into();
+        while let Some((build_id, job)) = ready.pop_front() {
+            let (key, spec) = {
+                let j = self.job_mut(build_id, job);
+                debug_assert_eq!(j.state, JobState::Waiting);
+                (j.cache_key, j.spec.clone())
+            };
+            let leaf = self.builds[&build_id].jobs[job as usize]
+                .dependents
+                .is_empty();
+            if leaf
+                && self
+                    .results
+                    .get(&key)
+                    .is_some_and(|r| !self.is_held(&r.artifact))
+            {
+                // The client downloads a leaf's output: a result whose
+                // artifact nobody holds cannot answer it, so it is built
+                // again. (Other jobs' lost outputs are rebuilt only when a
+                // dependent is about to run, see `assign`.)
+                self.forget_result(key);
+            }
+            if let Some(result) = self.results.get(&key).cloned() {
+                self.job_mut(build_id, job).state = JobState::Succeeded;
+                self.push_event(
+                    build_id,
+                    Event::JobFinished {
+                        job,
+                        exit_code: 0,
+                        stdout: result.stdout,
+                        stderr: result.stderr,
+                        cached: true,
+                        error: None,
+                        artifact: Some((result.artifact, result.artifact_size)),
+                    },
+                );
+                ready.extend(self.job_done(build_id, job));
+                continue;
+            }
+            self.job_mut(build_id, job).state = JobState::Queued;
+            self.dirty.executions.insert(key);
+            match self.executions.get_mut(&key) {
+                Some(exec) => {
+                    exec.waiters.push((build_id, job));
+                    if let ExecState::Running { worker_id, .. } = &exec.state {
+                        let worker_id = worker_id.clone();
+                        self.push_event(build_id, Event::JobStarted { job, worker_id });
+                    }
+                }
+                None => {
+                    let since_ms = self.clock_ms;
+                    self.executions.insert(
+                        key,
+                        Execution {
+                            spec,
+                            state: ExecState::Queued { since_ms },
+                            attempts: 0,
+                            waiters: vec![(build_id, job)],
+                        },
+                    );
+                    self.queue.insert((since_ms, key));
+                }
+            }
+        }
+    }
+
+    /// Records that a job reached a final state; returns the dependents that
+    /// became ready (when it succeeded).
+    pub(crate) fn job_done(&mut self, build_id: u64, job: u32) -> Vec<(u64, u32)> {
+        let build = self.builds.get_mut(&build_id).expect("live build");
+        build.header.remaining -= 1;
+        self.dirty.builds.insert(build_id);
+        let succeeded = build.jobs[job as usize].state == JobState::Succeeded;
+        let mut ready = Vec::new();
+        if succeeded {
+            for dependent in build.jobs[job as usize].dependents.clone() {
+                let d = &mut build.jobs[dependent as usize];
+                d.pending_deps -= 1;
+                self.dirty.jobs.insert((build_id, dependent));
+                if d.pending_deps == 0 && d.state == JobState::Waiting {
+                    ready.push((build_id, dependent));
+                }
+            }
+        }
+        ready
+    }
+
+    /// Skips every job that (transitively) depends on the failed `job`.
+    pub(crate) fn skip_dependents(&mut self, build_id: u64, job: u32) {
+        let mut work: VecDeque<u32> = VecDeque::from([job]);
+        while let Some(cause) = work.pop_front() {
+            let build = self.builds.get(&build_id).expect("live build");
+            let cause_job = &build.jobs[cause as usize];
+            let verb = if cause_job.state == JobState::Failed {
+                "failed"
+            } else {
+                "was skipped"
+            };
+            let reason = format!(
+                "dependency {:?} ({}) {verb}",
+                cause_job.spec.name, cause_job.spec.job_id
+            );
+            for dependent in cause_job.dependents.clone() {
+                let state = self.builds[&build_id].jobs[dependent as usize].state;
+                if state != JobState::Waiting {
+                    continue;
+                }
+                self.skip_job(build_id, dependent, reason.clone());
+                work.push_back(dependent);
+            }
+        }
+    }
+
+    /// Marks `job` skipped for `reason` (a final state) and reports it.
+    pub(crate) fn skip_job(&mut self, build_id: u64, job: u32, reason: String) {
+        self.job_mut(build_id, job).state = JobState::Skipped;
+        self.builds
+            .get_mut(&build_id)
+            .expect("live build")
+            .header
+            .skipped += 1;
+        self.push_event(build_id, Event::JobSkipped { job, reason });
+        self.job_done(build_id, job);
+    }
+
+    pub(crate) fn check_finished(&mut self, build_id: u64) {
+        let header = &self.builds[&build_id].header;
+        if header.finished || header.remaining > 0 {
+            return;
+        }
+        let ok = header.failed == 0 && header.skipped == 0;
+        let error = (!ok).then(|| {
+            format!(
+                "{} of {} jobs failed, {} skipped",
+                header.failed, header.job_count, header.skipped
+            )
+        });
+        self.builds
+            .get_mut(&build_id)
+            .expect("live build")
+            .header
+            .finished = true;
+        self.push_event(build_id, Event::BuildFinished { ok, error });
+        self.retire_old_builds();
+    }
+
+    pub(crate) fn retire_old_builds(&mut self) {
+        while self.builds.len() > MAX_RETAINED_BUILDS {
+            let Some(oldest) = self
+                .builds
+                .iter()
+                .find(|(_, b)| b.header.finished)
+                .map(|(id, _)| *id)
+            else {
+                return;
+            };
+            let build = self.builds.remove(&oldest).expect("found above");
+            self.requests.remove(&build.header.request_id);
+            self.dirty.removed_builds.push(oldest);
+        }
+    }
+
+    pub(crate) fn fail_job(
+        &mut self,
+        build_id: u64,
+        job: u32,
+        exit_code: i32,
+        stdout: Vec<u8>,
+        stderr: Vec<u8>,
+        error: Option<String>,
+    ) {
+        self.job_mut(build_id, job).state = JobState::Failed;
+        self.builds
+            .get_mut(&build_id)
+            .expect("live build")
+            .header
+            .failed += 1;
+        self.push_event(
+            build_id,
+            Event::JobFinished {
+                job,
+                exit_code,
+                stdout,
+                stderr,
+                cached: false,
+                error,
+                artifact: None,
+            },
+        );
+        self.job_done(build_id, job);
+        self.skip_dependents(build_id, job);
+    }
+
+    pub(crate) fn finish_builds_of(&mut self, waiters: &[(u64, u32)]) {
+        let builds: BTreeSet<u64> = waiters.iter().map(|(b, _)| *b).collect();
+        for build_id in builds {
+            if self.builds.contains_key(&build_id) {
+                self.check_finished(build_id);
+            }
+        }
+    }
+}

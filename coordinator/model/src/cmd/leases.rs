@@ -1,0 +1,98 @@
+//! `ExtendLeases` (a new leader's first command) and `ExpireLeases`.
+
+use std::collections::BTreeSet;
+
+use crate::state::Model;
+use crate::records::ExecState;
+
+impl Model {
+    pub(crate) fn extend_leases(&mut self, lease_timeout_ms: u64) {
+        for (id, worker) in self.workers.iter_mut() {
+            if worker.last_seen_ms < self.clock_ms {
+                worker.last_seen_ms = self.clock_ms;
+                self.dirty.workers.insert(id.clone());
+            }
+        }
+        let until = self.clock_ms + lease_timeout_ms;
+        for key in self.leases.values() {
+            let exec = self.executions.get_mut(key).expect("leased execution");
+            if let ExecState::Running { expires_ms, .. } = &mut exec.state
+                && *expires_ms < until
+            {
+                *expires_ms = until;
+                self.dirty.executions.insert(*key);
+            }
+        }
+    }
+
+    /// Returns the tokens of the leases that expired.
+    pub(crate) fn expire_leases(&mut self, max_attempts: u32, worker_timeout_ms: u64) -> Vec<u64> {
+        let dead: BTreeSet<String> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.last_seen_ms.saturating_add(worker_timeout_ms) <= self.clock_ms)
+            .map(|(id, _)| id.clone())
+            .collect();
+        // A dead worker's leases expire with it, renewed or not.
+        let expired: Vec<u64> = self
+            .leases
+            .iter()
+            .filter(|(_, key)| {
+                matches!(&self.executions[*key].state,
+                    ExecState::Running { expires_ms, worker_id, .. }
+                        if *expires_ms <= self.clock_ms || dead.contains(worker_id))
+            })
+            .map(|(token, _)| *token)
+            .collect();
+        for &token in &expired {
+            let key = self.leases[&token];
+            let worker = match &self.executions[&key].state {
+                ExecState::Running { worker_id, .. } => worker_id.clone(),
+                _ => unreachable!("leases index running executions"),
+            };
+            self.release_lease(token);
+            let exec = self.executions.get_mut(&key).expect("released above");
+            exec.attempts += 1;
+            if exec.attempts < max_attempts {
+                continue;
+            }
+            let since = match exec.state {
+                ExecState::Queued { since_ms } => since_ms,
+                _ => unreachable!("released above"),
+            };
+            let exec = self.executions.remove(&key).expect("present");
+            self.queue.remove(&(since, key));
+            let error = format!(
+                "gave up after {} attempts: the lease expired each time (last on worker {worker}, which stopped renewing it)",
+                exec.attempts
+            );
+            for &(build_id, job) in &exec.waiters {
+                self.fail_job(
+                    build_id,
+                    job,
+                    -1,
+                    Vec::new(),
+                    Vec::new(),
+                    Some(error.clone()),
+                );
+            }
+            self.finish_builds_of(&exec.waiters);
+            self.fail_blocked_on(
+                key,
+                &format!(
+                    "its rebuild gave up after {} attempts (the lease expired each time)",
+                    exec.attempts
+                ),
+            );
+        }
+        for id in dead {
+            let held = self.workers[&id].held.clone();
+            for digest in held {
+                self.drop_holding(&id, digest);
+            }
+            self.workers.remove(&id);
+            self.dirty.workers.insert(id);
+        }
+        expired
+    }
+}

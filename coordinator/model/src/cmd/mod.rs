@@ -1,0 +1,12 @@
+//! One module per command: what applying it changes.
+
+mod assign;
+mod blob;
+mod cancel;
+mod heartbeat;
+mod leases;
+mod register;
+mod report;
+mod submit;
+
+pub use assign::MAX_ASSIGN_BATCH;

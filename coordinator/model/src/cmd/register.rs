@@ -1,0 +1,44 @@
+//! `RegisterWorker`: a worker (re)starting, with what its cache holds.
+
+use std::collections::BTreeSet;
+
+use distbuild_proto::Digest;
+
+use crate::state::Model;
+use crate::records::ExecState;
+
+impl Model {
+    pub(crate) fn register(&mut self, worker_id: &str, addr: &str, slots: u32, held: &[Digest]) {
+        // A worker that registers has just started: nothing of its earlier
+        // life is running any more.
+        let stale: Vec<u64> = self
+            .leases
+            .iter()
+            .filter(|(_, key)| {
+                matches!(&self.executions[*key].state,
+                    ExecState::Running { worker_id: w, .. } if w == worker_id)
+            })
+            .map(|(token, _)| *token)
+            .collect();
+        for token in stale {
+            self.release_lease(token);
+        }
+        let old_held = self
+            .workers
+            .get(worker_id)
+            .map(|w| w.held.clone())
+            .unwrap_or_default();
+        let new_held: BTreeSet<Digest> = held.iter().copied().collect();
+        for digest in old_held.difference(&new_held) {
+            self.drop_holding(worker_id, *digest);
+        }
+        let worker = self.workers.entry(worker_id.to_string()).or_default();
+        worker.addr = addr.to_string();
+        worker.slots = slots;
+        worker.last_seen_ms = self.clock_ms;
+        self.dirty.workers.insert(worker_id.to_string());
+        for digest in new_held {
+            self.add_holding(worker_id, digest);
+        }
+    }
+}

@@ -1,0 +1,124 @@
+//! `Report`: a worker's result under its lease.
+
+use distbuild_proto::Digest;
+
+use crate::state::Model;
+use crate::log::{Event, Outcome};
+use crate::records::{CachedResult, ExecState, JobState};
+
+impl Model {
+    pub(crate) fn report(&mut self, worker_id: &str, token: u64, key: &Digest, outcome: &Outcome) -> bool {
+        let current = self.leases.get(&token) == Some(key)
+            && matches!(
+                self.executions.get(key).map(|e| &e.state),
+                Some(ExecState::Running { worker_id: w, token: t, .. }) if w == worker_id && *t == token
+            );
+        if !current {
+            // Injected bug (simulation only): a success reported under an
+            // expired lease is taken while its job waits to run again, or
+            // runs again under a newer lease (which is dropped).
+            if !self.accept_expired_lease_results || !matches!(outcome, Outcome::Success { .. }) {
+                return false;
+            }
+            match self.executions.get(key).map(|e| e.state.clone()) {
+                Some(ExecState::Queued { since_ms }) => {
+                    self.queue.remove(&(since_ms, *key));
+                }
+                Some(ExecState::Running {
+                    worker_id: holder,
+                    token: newer,
+                    ..
+                }) => {
+                    self.leases.remove(&newer);
+                    if let Some(w) = self.workers.get_mut(&holder) {
+                        w.running -= 1;
+                        self.dirty.workers.insert(holder);
+                    }
+                }
+                _ => return false,
+            }
+        } else {
+            if let Outcome::LostInputs { lost } = outcome {
+                self.lost_inputs(token, key, lost);
+                if let Some(w) = self.workers.get_mut(worker_id) {
+                    w.last_seen_ms = self.clock_ms;
+                    self.dirty.workers.insert(worker_id.to_string());
+                }
+                return true;
+            }
+            self.leases.remove(&token);
+            if let Some(w) = self.workers.get_mut(worker_id) {
+                w.running -= 1;
+                w.last_seen_ms = self.clock_ms;
+                self.dirty.workers.insert(worker_id.to_string());
+            }
+        }
+        let exec = self.executions.remove(key).expect("checked above");
+        self.dirty.executions.insert(*key);
+        match outcome {
+            Outcome::Success {
+                stdout,
+                stderr,
+                artifact,
+                artifact_size,
+            } => {
+                self.results.insert(
+                    *key,
+                    CachedResult {
+                        stdout: stdout.clone(),
+                        stderr: stderr.clone(),
+                        artifact: *artifact,
+                        artifact_size: *artifact_size,
+                        spec: exec.spec.clone(),
+                    },
+                );
+                self.dirty.results.insert(*key);
+                self.add_holding(worker_id, *artifact);
+                self.unblock(*key);
+                let mut ready = Vec::new();
+                for &(build_id, job) in &exec.waiters {
+                    self.job_mut(build_id, job).state = JobState::Succeeded;
+                    self.push_event(
+                        build_id,
+                        Event::JobFinished {
+                            job,
+                            exit_code: 0,
+                            stdout: stdout.clone(),
+                            stderr: stderr.clone(),
+                            cached: false,
+                            error: None,
+                            artifact: Some((*artifact, *artifact_size)),
+                        },
+                    );
+                    ready.extend(self.job_done(build_id, job));
+                }
+                self.make_ready(ready);
+            }
+            Outcome::LostInputs { .. } => unreachable!("handled above"),
+            Outcome::Failure {
+                exit_code,
+                stdout,
+                stderr,
+                error,
+            } => {
+                for &(build_id, job) in &exec.waiters {
+                    self.fail_job(
+                        build_id,
+                        job,
+                        *exit_code,
+                        stdout.clone(),
+                        stderr.clone(),
+                        error.clone(),
+                    );
+                }
+                let why = match error {
+                    Some(error) => format!("its rebuild failed: {error}"),
+                    None => format!("its rebuild exited with code {exit_code}"),
+                };
+                self.fail_blocked_on(*key, &why);
+            }
+        }
+        self.finish_builds_of(&exec.waiters);
+        true
+    }
+}

@@ -1,0 +1,110 @@
+//! `SubmitBuild`: records a build from its staged parts and its last part,
+//! then makes its root jobs ready. (`StageSubmit` is in `staging`.)
+
+use crate::state::Model;
+use crate::log::{Response, SubmittedJob};
+use crate::records::{Build, BuildHeader, BuildJob, JobState};
+
+/// What `submit` requires of a job list (the leader builds it so; a
+/// command that breaks it is refused, not applied): a count that fits the
+/// job indices, and every dependency before its dependent.
+fn check_submitted(jobs: &[SubmittedJob]) -> Result<(), String> {
+    if u32::try_from(jobs.len()).is_err() {
+        return Err(format!("a submit of {} jobs is too big", jobs.len()));
+    }
+    for (i, job) in jobs.iter().enumerate() {
+        if let Some(&dep) = job.deps.iter().find(|&&dep| dep as usize >= i) {
+            return Err(format!(
+                "job {i} of the submit depends on job {dep}, which does not come before it"
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl Model {
+    pub(crate) fn submit(
+        &mut self,
+        index: u64,
+        request_id: &str,
+        staged_parts: u32,
+        last_part: &[SubmittedJob],
+    ) -> Response {
+        if let Some(&build_id) = self.requests.get(request_id) {
+            self.unstage(request_id);
+            let job_count = self.builds.get(&build_id).map_or(0, |b| b.header.job_count);
+            return Response::BuildSubmitted {
+                build_id,
+                job_count,
+            };
+        }
+        let mut jobs = match self.take_staged(request_id, staged_parts) {
+            Ok(jobs) => jobs,
+            Err(part) => {
+                return Response::Refused {
+                    reason: format!(
+                        "part {part} of submit {request_id:?} is not staged (dropped for newer submits); retry the submit"
+                    ),
+                    retry: true,
+                };
+            }
+        };
+        jobs.extend_from_slice(last_part);
+        if let Err(reason) = check_submitted(&jobs) {
+            return Response::Refused {
+                reason,
+                retry: false,
+            };
+        }
+        let jobs = &jobs[..];
+        let build_id = index;
+        let job_count = jobs.len() as u32;
+        let mut build_jobs: Vec<BuildJob> = jobs
+            .iter()
+            .map(|j| BuildJob {
+                spec: j.spec.clone(),
+                cache_key: j.cache_key,
+                deps: j.deps.clone(),
+                dependents: Vec::new(),
+                pending_deps: j.deps.len() as u32,
+                state: JobState::Waiting,
+            })
+            .collect();
+        for (i, job) in jobs.iter().enumerate() {
+            for &dep in &job.deps {
+                build_jobs[dep as usize].dependents.push(i as u32);
+            }
+        }
+        self.builds.insert(
+            build_id,
+            Build {
+                header: BuildHeader {
+                    request_id: request_id.to_string(),
+                    created_ms: self.clock_ms,
+                    job_count,
+                    remaining: job_count,
+                    failed: 0,
+                    skipped: 0,
+                    next_event_seq: 0,
+                    finished: false,
+                },
+                jobs: build_jobs,
+            },
+        );
+        self.requests.insert(request_id.to_string(), build_id);
+        self.dirty.builds.insert(build_id);
+        for i in 0..job_count {
+            self.dirty.jobs.insert((build_id, i));
+        }
+        let roots: Vec<(u64, u32)> = (0..job_count)
+            .filter(|&i| jobs[i as usize].deps.is_empty())
+            .map(|i| (build_id, i))
+            .collect();
+        self.make_ready(roots);
+        self.check_finished(build_id);
+        Response::BuildSubmitted {
+            build_id,
+            job_count,
+        }
+    }
+}

@@ -1,0 +1,106 @@
+//! Changes that keep a record and its derived indexes in step: an
+//! artifact's holders (`Worker::held` and `held_by`), a result forgotten,
+//! a lease ended (the lease table, the queue, the worker's running count),
+//! an execution's waiters and blocks. Every transition changes those
+//! records through here; `invariants` checks they stayed in step.
+
+use distbuild_proto::Digest;
+
+use crate::records::ExecState;
+use crate::state::Model;
+
+impl Model {
+    pub(crate) fn add_holding(&mut self, worker_id: &str, digest: Digest) {
+        let Some(worker) = self.workers.get_mut(worker_id) else {
+            return;
+        };
+        if worker.held.insert(digest) {
+            self.held_by
+                .entry(digest)
+                .or_default()
+                .insert(worker_id.to_string());
+            self.dirty.holdings.insert((worker_id.to_string(), digest));
+        }
+    }
+
+    pub(crate) fn drop_holding(&mut self, worker_id: &str, digest: Digest) {
+        if let Some(worker) = self.workers.get_mut(worker_id) {
+            worker.held.remove(&digest);
+        }
+        if let Some(holders) = self.held_by.get_mut(&digest) {
+            holders.remove(worker_id);
+            if holders.is_empty() {
+                self.held_by.remove(&digest);
+            }
+        }
+        self.dirty.holdings.insert((worker_id.to_string(), digest));
+    }
+
+    /// Whether some live worker holds `artifact`.
+    pub(crate) fn is_held(&self, artifact: &Digest) -> bool {
+        self.held_by.get(artifact).is_some_and(|h| !h.is_empty())
+    }
+
+    /// Takes `waiter` off the execution of `key`; drops the execution if
+    /// nothing needs it any more.
+    pub(crate) fn leave_execution(&mut self, key: Digest, waiter: (u64, u32)) {
+        let Some(exec) = self.executions.get_mut(&key) else {
+            return;
+        };
+        exec.waiters.retain(|w| *w != waiter);
+        self.dirty.executions.insert(key);
+        if !exec.waiters.is_empty() || self.blocked_on.contains_key(&key) {
+            return;
+        }
+        let exec = self.executions.remove(&key).expect("found above");
+        match exec.state {
+            ExecState::Queued { since_ms } => {
+                self.queue.remove(&(since_ms, key));
+            }
+            ExecState::Running {
+                worker_id, token, ..
+            } => {
+                self.leases.remove(&token);
+                if let Some(w) = self.workers.get_mut(&worker_id) {
+                    w.running -= 1;
+                }
+            }
+            ExecState::Blocked { on } => {
+                for dep in on {
+                    self.unindex_blocked(dep, key);
+                }
+            }
+        }
+    }
+
+    /// Ends the lease `token`: its execution is queued again.
+    pub(crate) fn release_lease(&mut self, token: u64) {
+        let key = self.leases.remove(&token).expect("a current lease");
+        let exec = self.executions.get_mut(&key).expect("leased execution");
+        if let ExecState::Running { worker_id, .. } = &exec.state
+            && let Some(w) = self.workers.get_mut(worker_id)
+        {
+            w.running -= 1;
+        }
+        exec.state = ExecState::Queued {
+            since_ms: self.clock_ms,
+        };
+        self.queue.insert((self.clock_ms, key));
+        self.dirty.executions.insert(key);
+    }
+
+    pub(crate) fn forget_result(&mut self, key: Digest) {
+        self.results.remove(&key);
+        self.dirty.results.insert(key);
+    }
+
+    pub(crate) fn unindex_blocked(&mut self, dep: Digest, blocked: Digest) {
+        if let Some(set) = self.blocked_on.get_mut(&dep) {
+            set.remove(&blocked);
+            if set.is_empty() {
+                self.blocked_on.remove(&dep);
+            }
+        }
+    }
+
+}

@@ -1,0 +1,45 @@
+//! The coordinator's replicated state: builds, their jobs and events, the
+//! executions in flight (one per cache key) with their leases, the result
+//! cache, workers and what their caches hold, and the source blobs stored.
+//!
+//! [`Model`] is the whole state in memory; [`Model::apply`] is the
+//! deterministic transition function openraft drives (time and IDs arrive in
+//! the command or come from the log id, iteration is over ordered maps only).
+//! Every change marks the records it touched; [`Model::flush`] writes exactly
+//! those to the column families, so each log entry is one atomic batch, and
+//! [`Model::load`] rebuilds the model from the column families after a
+//! restart or a snapshot install. Build events are write-only here: they go
+//! to the `events` table and are read from there by watchers.
+
+mod apply;
+mod builds;
+mod cmd;
+mod index;
+pub mod invariants;
+pub mod log;
+mod queries;
+mod rebuild;
+pub mod records;
+pub mod requests;
+mod schedule;
+mod staging;
+mod state;
+mod storage;
+pub mod tables;
+
+pub use builds::MAX_RETAINED_BUILDS;
+pub use cmd::MAX_ASSIGN_BATCH;
+pub use invariants::InvariantViolation;
+pub use log::{
+    CmdText, Command, DepRef, Event, InputRef, JobSpec, Outcome, Proposal, Response, SubmittedJob,
+};
+pub use records::{
+    Build, BuildHeader, BuildJob, CachedResult, ExecState, Execution, JobState, Worker,
+};
+pub use requests::Requests;
+pub use staging::{MAX_STAGED_SUBMITS, MAX_SUBMIT_PARTS};
+pub use state::Model;
+pub use tables::{ReadTables, StorageError, TABLES, Tables};
+
+#[cfg(test)]
+mod tests;

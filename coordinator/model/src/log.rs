@@ -1,0 +1,304 @@
+//! The log's format: what the leader proposes ([`Proposal`], a
+//! [`Command`] inside), what applying it answers ([`Response`]), and the
+//! [`Event`]s a build's watchers read. Every replica writes these bytes
+//! (postcard) to its log and tables, so they are an interface between
+//! versions: `tests/golden.rs` pins them, and a deliberate change bumps the
+//! store's format number.
+
+use distbuild_proto::{Digest, JobId, v1};
+use serde::{Deserialize, Serialize};
+
+/// A command as the graph wrote it (templates as text).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CmdText {
+    Exec {
+        argv: Vec<String>,
+        environ: Vec<String>,
+        working_directory: String,
+    },
+    Cat {
+        template: String,
+        output: String,
+    },
+}
+
+impl CmdText {
+    /// From the wire form; a command with neither kind becomes an exec with
+    /// no program, which workers refuse.
+    pub fn from_wire(cmd: v1::Command) -> Self {
+        match cmd.kind {
+            Some(v1::command::Kind::Cat(cat)) => CmdText::Cat {
+                template: cat.template,
+                output: cat.output,
+            },
+            Some(v1::command::Kind::Exec(exec)) => CmdText::Exec {
+                argv: exec.argv,
+                environ: exec.environ,
+                working_directory: exec.working_directory,
+            },
+            None => CmdText::Exec {
+                argv: Vec::new(),
+                environ: Vec::new(),
+                working_directory: String::new(),
+            },
+        }
+    }
+
+    /// The wire form.
+    pub fn to_wire(&self) -> v1::Command {
+        let kind = match self.clone() {
+            CmdText::Exec {
+                argv,
+                environ,
+                working_directory,
+            } => v1::command::Kind::Exec(v1::ExecCommand {
+                argv,
+                environ,
+                working_directory,
+            }),
+            CmdText::Cat { template, output } => {
+                v1::command::Kind::Cat(v1::CatCommand { template, output })
+            }
+        };
+        v1::Command { kind: Some(kind) }
+    }
+}
+
+/// A source file a job reads.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InputRef {
+    pub path: String,
+    pub digest: Digest,
+    pub size: u64,
+}
+
+/// A dependency as a job's templates name it, and the cache key whose
+/// result is its output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DepRef {
+    pub job_id: JobId,
+    pub cache_key: Digest,
+}
+
+/// Everything a worker needs to run a job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobSpec {
+    pub job_id: JobId,
+    pub name: String,
+    pub cmds: Vec<CmdText>,
+    pub inputs: Vec<InputRef>,
+    pub deps: Vec<DepRef>,
+}
+
+/// One job of a submitted build; the leader validated the graph, ordered
+/// the jobs so that dependencies come first, and computed the cache keys.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubmittedJob {
+    pub cache_key: Digest,
+    /// Indices of its dependencies in the build's job list, each smaller
+    /// than its own.
+    pub deps: Vec<u32>,
+    pub spec: JobSpec,
+}
+
+/// How a run ended, as the worker reported it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    Success {
+        stdout: Vec<u8>,
+        stderr: Vec<u8>,
+        artifact: Digest,
+        artifact_size: u64,
+    },
+    Failure {
+        exit_code: i32,
+        stdout: Vec<u8>,
+        stderr: Vec<u8>,
+        /// Set when the job could not be run at all.
+        error: Option<String>,
+    },
+    /// The job could not start: these dependency artifacts could be
+    /// fetched from none of the holders tried (peer addresses, the ones
+    /// the assignment named).
+    LostInputs { lost: Vec<(Digest, Vec<String>)> },
+}
+
+/// A change to the state, proposed by the leader. `now_ms` is the leader's
+/// clock when it proposed; the state's clock never goes backwards.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Part `part` of a submit's job list, kept until the `SubmitBuild`
+    /// of the same request ID completes it (see `staging`).
+    StageSubmit {
+        request_id: String,
+        part: u32,
+        jobs: Vec<SubmittedJob>,
+        now_ms: u64,
+    },
+    /// Cancels a build that has not finished.
+    CancelBuild {
+        build_id: u64,
+        now_ms: u64,
+    },
+    /// Records a build: its jobs are the staged parts `0..staged_parts` of
+    /// this request, then `jobs`.
+    SubmitBuild {
+        request_id: String,
+        now_ms: u64,
+        staged_parts: u32,
+        jobs: Vec<SubmittedJob>,
+    },
+    RegisterWorker {
+        worker_id: String,
+        addr: String,
+        slots: u32,
+        held: Vec<Digest>,
+        now_ms: u64,
+    },
+    /// Lease queued executions to a worker; each lease's token is derived
+    /// from the entry's log index.
+    Assign {
+        worker_id: String,
+        cache_keys: Vec<Digest>,
+        lease_timeout_ms: u64,
+        now_ms: u64,
+    },
+    Heartbeat {
+        worker_id: String,
+        tokens: Vec<u64>,
+        added: Vec<Digest>,
+        dropped: Vec<Digest>,
+        lease_timeout_ms: u64,
+        now_ms: u64,
+    },
+    Report {
+        worker_id: String,
+        token: u64,
+        cache_key: Digest,
+        outcome: Outcome,
+        now_ms: u64,
+    },
+    /// Requeue (or give up on) every execution whose lease expired, and
+    /// remove every worker not seen for `worker_timeout_ms` (its leases
+    /// expire with it, its holdings are forgotten).
+    ExpireLeases {
+        now_ms: u64,
+        max_attempts: u32,
+        worker_timeout_ms: u64,
+    },
+    /// A new leader's first command: every lease runs at least one more
+    /// lease period from `now_ms`, and every worker counts as seen at
+    /// `now_ms`, so time the cluster spent without a leader (when no
+    /// heartbeat could land) expires no healthy work and removes no worker.
+    ExtendLeases {
+        now_ms: u64,
+        lease_timeout_ms: u64,
+    },
+    BlobStored {
+        digest: Digest,
+        size: u64,
+    },
+}
+
+/// The answer to a command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    None,
+    BuildSubmitted {
+        build_id: u64,
+        job_count: u32,
+    },
+    /// Whether a `CancelBuild` found the build running.
+    Cancelled {
+        cancelled: bool,
+    },
+    /// The command was refused, changing nothing: the one-line reason,
+    /// and whether the same request may succeed when retried from the
+    /// start.
+    Refused {
+        reason: String,
+        retry: bool,
+    },
+    /// The requested keys and, per key, the lease token, or `None` if it
+    /// was no longer queued (a retried poll gets this answer again, keys
+    /// included, whatever it would pick now).
+    Assigned {
+        keys: Vec<Digest>,
+        tokens: Vec<Option<u64>>,
+    },
+    Heartbeat {
+        revoked: Vec<u64>,
+        reregister: bool,
+    },
+    Reported {
+        accepted: bool,
+    },
+    /// The leases an `ExpireLeases` ended.
+    Expired {
+        tokens: Vec<u64>,
+    },
+}
+
+/// An event of a build, numbered from 0 in its build.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Event {
+    JobStarted {
+        job: u32,
+        worker_id: String,
+    },
+    JobFinished {
+        job: u32,
+        exit_code: i32,
+        stdout: Vec<u8>,
+        stderr: Vec<u8>,
+        cached: bool,
+        error: Option<String>,
+        artifact: Option<(Digest, u64)>,
+    },
+    JobSkipped {
+        job: u32,
+        reason: String,
+    },
+    BuildFinished {
+        ok: bool,
+        error: Option<String>,
+    },
+}
+
+impl Command {
+    /// The leader's clock stamped into the command, if it carries one.
+    pub fn now_ms(&self) -> Option<u64> {
+        match self {
+            Command::StageSubmit { now_ms, .. }
+            | Command::CancelBuild { now_ms, .. }
+            | Command::SubmitBuild { now_ms, .. }
+            | Command::RegisterWorker { now_ms, .. }
+            | Command::Assign { now_ms, .. }
+            | Command::Heartbeat { now_ms, .. }
+            | Command::Report { now_ms, .. }
+            | Command::ExpireLeases { now_ms, .. }
+            | Command::ExtendLeases { now_ms, .. } => Some(*now_ms),
+            Command::BlobStored { .. } => None,
+        }
+    }
+}
+
+/// What the log carries: a command, and the ID of the request that asked
+/// for it when a retry of that request must not apply it twice (see
+/// the `requests` module).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Proposal {
+    pub request_id: Option<String>,
+    pub command: Command,
+}
+
+impl Proposal {
+    /// A command nobody retries by ID (the leader's own, or one that is
+    /// idempotent by itself).
+    pub fn once(command: Command) -> Self {
+        Self {
+            request_id: None,
+            command,
+        }
+    }
+}

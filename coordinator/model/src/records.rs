@@ -1,0 +1,114 @@
+//! The records the state is made of: builds with their jobs, executions in
+//! flight, cached results, workers. Each is stored as it is (postcard) in
+//! its table, except a worker, whose held artifacts are rows of their own.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use distbuild_proto::Digest;
+use serde::{Deserialize, Serialize};
+
+use crate::log::{JobSpec, SubmittedJob};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobState {
+    /// Some dependency has not finished.
+    Waiting,
+    /// Attached to the execution of its cache key.
+    Queued,
+    Succeeded,
+    Failed,
+    Skipped,
+}
+
+/// One job of a build.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildJob {
+    pub spec: JobSpec,
+    pub cache_key: Digest,
+    pub deps: Vec<u32>,
+    pub dependents: Vec<u32>,
+    pub pending_deps: u32,
+    pub state: JobState,
+}
+
+/// A build's summary record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildHeader {
+    pub request_id: String,
+    pub created_ms: u64,
+    pub job_count: u32,
+    /// Jobs not yet in a final state.
+    pub remaining: u32,
+    pub failed: u32,
+    pub skipped: u32,
+    pub next_event_seq: u64,
+    pub finished: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct Build {
+    pub header: BuildHeader,
+    pub jobs: Vec<BuildJob>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExecState {
+    /// Waiting for a worker (in the queue).
+    Queued { since_ms: u64 },
+    /// Leased to a worker.
+    Running {
+        worker_id: String,
+        token: u64,
+        expires_ms: u64,
+    },
+    /// Some dependency's artifact was lost: waiting until the executions
+    /// rebuilding these dependency cache keys (never empty; each has an
+    /// execution) succeed. Neither queued nor leased.
+    Blocked { on: BTreeSet<Digest> },
+}
+
+/// The one run of a cache key that the builds wanting it wait for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Execution {
+    pub spec: JobSpec,
+    pub state: ExecState,
+    /// Leases that expired so far.
+    pub attempts: u32,
+    /// (build, job index) waiting for the result; empty for the rebuild
+    /// of a lost artifact that no build has asked for again.
+    pub waiters: Vec<(u64, u32)>,
+}
+
+/// A successful job's cached result (exit code 0).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CachedResult {
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub artifact: Digest,
+    pub artifact_size: u64,
+    /// What produced it: run again if every copy of the artifact is lost.
+    pub spec: JobSpec,
+}
+
+/// A registered worker.
+#[derive(Debug, Clone, Default)]
+pub struct Worker {
+    pub addr: String,
+    pub slots: u32,
+    pub last_seen_ms: u64,
+    /// Leases it holds now.
+    pub running: u32,
+    /// Artifacts its cache holds.
+    pub held: BTreeSet<Digest>,
+}
+
+
+/// The parts of one submit staged so far.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Staged {
+    /// The state's clock when its first part was staged (the oldest is
+    /// dropped first).
+    pub(crate) since_ms: u64,
+    pub(crate) parts: BTreeMap<u32, Vec<SubmittedJob>>,
+}
+

@@ -1,0 +1,328 @@
+//! [`Node`]: one running replica — its openraft node over raft-store
+//! running the model, its blobs, its peers — started by [`Node::start`];
+//! the other modules of `replica` add its behaviour.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use distbuild_model::{Event, Model, Response};
+use distbuild_proto::Digest;
+use distbuild_raft_store::StateHandle;
+use openraft::error::RaftError;
+use openraft::{BasicNode, Raft, ServerState};
+use tokio_util::sync::CancellationToken;
+
+use super::app::{App, Shared};
+use super::config::{
+    Bootstrap, ELECTION_TIMEOUT_MAX_MS, ELECTION_TIMEOUT_MIN_MS, HEARTBEAT_INTERVAL_MS, Tuning,
+};
+use super::contact::Contact;
+use super::error::{ReplicaError, Result};
+use super::network::{MAX_RAFT_MESSAGE_BYTES, Network, Peers};
+use super::seams::{Clock, Seams};
+use super::types::TypeConfig;
+use crate::blobs::{BlobReader, BlobStore};
+use crate::secret::ClusterSecret;
+
+/// A running replica, shared by every service.
+pub struct Node {
+    pub(super) node_id: u64,
+    pub(super) addr: String,
+    pub(super) raft: Raft<TypeConfig>,
+    /// Channels to the other replicas.
+    pub(super) peers: Peers,
+    /// The term whose leader (this node) has extended every lease; the
+    /// leader expires leases only in such a term.
+    pub(super) leases_extended_in: AtomicU64,
+    /// When a quorum last confirmed this node's leadership, and in which
+    /// term.
+    pub(super) confirmed: Mutex<Option<(u64, tokio::time::Instant)>>,
+    pub(super) shared: Shared,
+    pub(super) state: StateHandle,
+    pub(super) blobs: BlobStore,
+    pub(super) clock: Arc<dyn Clock>,
+    pub(super) tuning: Tuning,
+    /// When a leader last got through to this node, and how its last vote
+    /// round went (see `detector`).
+    pub(super) contact: Arc<Contact>,
+    /// What peers and operators must show (None: nothing required).
+    pub(super) secret: Option<ClusterSecret>,
+    /// Per worker, the peer bytes it last reported fetching: a metric this
+    /// node saw, not replicated state.
+    pub(super) peer_bytes_fetched: Mutex<std::collections::HashMap<String, u64>>,
+    /// Cancelled when the server stops: long polls and event streams end
+    /// so the server's graceful shutdown does not wait on them.
+    pub(super) shutdown: CancellationToken,
+}
+
+/// A role as `cluster status` names it.
+pub fn role_name(state: ServerState) -> &'static str {
+    match state {
+        ServerState::Leader => "leader",
+        ServerState::Follower => "follower",
+        ServerState::Candidate => "candidate",
+        ServerState::Learner => "learner",
+        ServerState::Shutdown => "shutdown",
+    }
+}
+
+impl Node {
+    /// Opens the replica's store in `data_dir` and starts its Raft node; a
+    /// pristine single node initializes itself as a cluster of one.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn start(
+        node_id: u64,
+        addr: String,
+        bootstrap: Bootstrap,
+        data_dir: &Path,
+        seams: Seams,
+        tuning: Tuning,
+        secret: Option<ClusterSecret>,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> anyhow::Result<Arc<Self>> {
+        use anyhow::Context as _;
+        let shared = Shared::default();
+        let app = App {
+            node_id,
+            shared: shared.clone(),
+            observer: seams.observer.clone(),
+            check_invariants: seams.check_invariants,
+            bugs: seams.bugs,
+        };
+        let raft_dir = data_dir.join("raft");
+        // Where blocking work runs in place (a simulation), so does the
+        // log's fsync: no other thread may decide when an append completes.
+        let options = distbuild_raft_store::Options {
+            inline_flush: distbuild_proto::blocking::is_inline(),
+        };
+        let (log_store, state_machine) =
+            distbuild_raft_store::open_with(&raft_dir, app, options)
+                .with_context(|| format!("open the raft store in {}", raft_dir.display()))?;
+        let state = state_machine.state();
+        let config = openraft::Config {
+            cluster_name: "distbuild".to_string(),
+            heartbeat_interval: HEARTBEAT_INTERVAL_MS,
+            election_timeout_min: ELECTION_TIMEOUT_MIN_MS,
+            election_timeout_max: ELECTION_TIMEOUT_MAX_MS,
+            // Entries per append: a batch stays far below the transport's
+            // message limit even when it carries large submits.
+            max_payload_entries: 64,
+            snapshot_max_chunk_size: 4 * 1024 * 1024,
+            // Per chunk: a 4 MiB chunk written and synced on a busy disk.
+            install_snapshot_timeout: 10_000,
+            // `detector` times every election.
+            enable_elect: false,
+            ..Default::default()
+        };
+        // A snapshot chunk fits in one Raft message.
+        const _: () = assert!(4 * 1024 * 1024 < MAX_RAFT_MESSAGE_BYTES);
+        let config = Arc::new(config.validate().context("raft configuration")?);
+        let peers = Peers::new(secret.clone(), seams.dialer.clone());
+        let contact = Arc::new(Contact::default());
+        let network = Network {
+            peers: peers.clone(),
+            contact: contact.clone(),
+        };
+        let raft = Raft::new(node_id, config, network, log_store, state_machine)
+            .await
+            .context("start the raft node")?;
+        let mut addr = addr;
+        if !raft.is_initialized().await.context("raft status")? {
+            let members = match &bootstrap {
+                Bootstrap::Single => Some(BTreeMap::from([(node_id, addr.clone())])),
+                Bootstrap::Initial(members) => {
+                    addr = members[&node_id].clone();
+                    Some(members.clone())
+                }
+                Bootstrap::Join => None,
+            };
+            if let Some(members) = members {
+                let members: BTreeMap<u64, BasicNode> = members
+                    .into_iter()
+                    .map(|(id, addr)| (id, BasicNode { addr }))
+                    .collect();
+                match raft.initialize(members).await {
+                    Ok(()) => {}
+                    // Another initial member reached this node first.
+                    Err(RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => {}
+                    Err(e) => return Err(e).context("initialize the cluster"),
+                }
+            }
+        }
+        // The address the cluster knows this node by, once it knows it.
+        if let Some(known) = raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&node_id)
+        {
+            addr = known.addr.clone();
+        }
+        let blobs_dir = data_dir.join("blobs");
+        let blobs = BlobStore::open(&blobs_dir)
+            .with_context(|| format!("open the blob store in {}", blobs_dir.display()))?;
+        Ok(Arc::new(Self {
+            node_id,
+            addr,
+            raft,
+            peers,
+            leases_extended_in: AtomicU64::new(0),
+            confirmed: Mutex::new(None),
+            shared,
+            state,
+            blobs,
+            clock: seams.clock,
+            tuning,
+            contact,
+            secret,
+            peer_bytes_fetched: Mutex::default(),
+            shutdown,
+        }))
+    }
+
+    /// This replica's node ID.
+    pub fn node_id(&self) -> u64 {
+        self.node_id
+    }
+
+    /// The address the cluster knows this replica by.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// The scheduler's and the leases' tunables.
+    pub fn tuning(&self) -> &Tuning {
+        &self.tuning
+    }
+
+    /// The cluster secret peers and operators must show, if any.
+    pub fn secret(&self) -> Option<&ClusterSecret> {
+        self.secret.as_ref()
+    }
+
+    /// Cancelled when the server stops.
+    pub fn shutdown_token(&self) -> &CancellationToken {
+        &self.shutdown
+    }
+
+    /// This replica's source blobs on disk.
+    pub fn blobs(&self) -> &BlobStore {
+        &self.blobs
+    }
+
+    /// The replicated model (read it, never hold the guard across await).
+    pub fn model(&self) -> MutexGuard<'_, Model> {
+        self.shared.model()
+    }
+
+    /// The answer the state machine remembers for request `id`, if any.
+    pub fn remembered(&self, id: &str) -> Option<Response> {
+        self.shared.requests().answer(id)
+    }
+
+    /// The leader's clock, never behind the state's.
+    pub fn now_ms(&self) -> u64 {
+        self.clock.now_ms().max(self.model().clock_ms())
+    }
+
+    /// Notes the peer bytes `worker_id` reported fetching (a metric).
+    pub fn note_peer_bytes(&self, worker_id: &str, bytes_total: u64) {
+        self.peer_bytes_fetched
+            .lock()
+            .expect("metrics lock poisoned")
+            .insert(worker_id.to_string(), bytes_total);
+    }
+
+    /// The peer bytes each worker last reported fetching.
+    pub fn peer_bytes(&self) -> std::collections::HashMap<String, u64> {
+        self.peer_bytes_fetched
+            .lock()
+            .expect("metrics lock poisoned")
+            .clone()
+    }
+
+    /// The stored events of `build_id` from `from_seq` on, at most `max`.
+    pub fn read_events(&self, build_id: u64, from_seq: u64, max: usize) -> Result<Vec<(u64, Event)>> {
+        self.state
+            .read(|reader| {
+                app::read_tables(reader, |tables| {
+                    distbuild_model::tables::read_events(tables, build_id, from_seq, max)
+                })
+            })
+            .map_err(|e| ReplicaError::Internal(format!("read build events: {e}")))
+    }
+
+    /// This replica's own copy of source blob `digest`, if it has one.
+    pub async fn open_own_blob(&self, digest: &Digest) -> Result<Option<BlobReader>> {
+        self.blobs
+            .open_blob(digest)
+            .await
+            .map_err(|e| ReplicaError::Internal(e.to_string()))
+    }
+
+    /// This node's own view of Raft.
+    pub fn status(&self) -> distbuild_proto::raft_v1::NodeStatusResponse {
+        let m = self.raft.metrics().borrow().clone();
+        distbuild_proto::raft_v1::NodeStatusResponse {
+            node_id: self.node_id,
+            role: role_name(m.state).to_string(),
+            term: m.current_term,
+            last_log_index: m.last_log_index.unwrap_or(0),
+            applied_index: m.last_applied.map_or(0, |l| l.index),
+            leader: m.current_leader.unwrap_or(0),
+        }
+    }
+
+    /// openraft's metrics of this node, to watch (terms, roles, snapshots).
+    pub fn raft_metrics(
+        &self,
+    ) -> tokio::sync::watch::Receiver<openraft::RaftMetrics<u64, BasicNode>> {
+        self.raft.metrics()
+    }
+
+    /// openraft's own handle, for tests that drive Raft directly (to set up
+    /// a membership change left half done, say). Services never use it:
+    /// they call this type's methods.
+    pub fn raft_for_tests(&self) -> &Raft<TypeConfig> {
+        &self.raft
+    }
+
+    /// The leader this node knows of, if any.
+    pub fn current_leader(&self) -> Option<u64> {
+        self.raft.metrics().borrow().current_leader
+    }
+
+    /// Stops the Raft node (after the server stopped serving).
+    pub async fn stop_raft(&self) -> Result<()> {
+        self.raft
+            .shutdown()
+            .await
+            .map_err(|e| ReplicaError::Internal(format!("stop raft: {e}")))
+    }
+
+    /// Waits until the applied state changes, `timeout` passes, or the
+    /// server stops.
+    pub async fn wait_for_change(&self, last_applied: &mut Option<u64>, timeout: Duration) {
+        let mut metrics = self.raft.metrics();
+        let changed = tokio::time::timeout(timeout, async {
+            loop {
+                let applied = metrics.borrow_and_update().last_applied.map(|l| l.index);
+                if applied != *last_applied {
+                    *last_applied = applied;
+                    return;
+                }
+                if metrics.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        tokio::select! {
+            _ = changed => {}
+            () = self.shutdown.cancelled() => {}
+        }
+    }
+}
+
