@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use distbuild_model::{Event, Model, Response};
 use distbuild_proto::Digest;
@@ -248,7 +249,7 @@ impl Node {
     pub fn read_events(&self, build_id: u64, from_seq: u64, max: usize) -> Result<Vec<(u64, Event)>> {
         self.state
             .read(|reader| {
-                app::read_tables(reader, |tables| {
+                super::app::read_tables(reader, |tables| {
                     distbuild_model::tables::read_events(tables, build_id, from_seq, max)
                 })
             })
