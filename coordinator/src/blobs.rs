@@ -126,11 +126,13 @@ impl BlobStore {
 impl BlobWriter {
     /// Appends a chunk.
     pub async fn write(&mut self, data: &[u8]) -> Result<(), BlobError> {
-        self.check.add(data).map_err(|over| BlobError::SizeMismatch {
-            digest: self.digest,
-            declared: over.size,
-            received: over.received,
-        })?;
+        self.check
+            .add(data)
+            .map_err(|over| BlobError::SizeMismatch {
+                digest: self.digest,
+                declared: over.size,
+                received: over.received,
+            })?;
         self.file
             .write_all(bytes::Bytes::copy_from_slice(data))
             .await

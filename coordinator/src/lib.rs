@@ -29,7 +29,9 @@ use distbuild_proto::wire::{MAX_MESSAGE_BYTES, PortUse, check_host_port};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-pub use replica::{ApplyObserver, Bootstrap, Clock, InjectedBugs, Node, Seams, SystemClock, Tuning};
+pub use replica::{
+    ApplyObserver, Bootstrap, Clock, InjectedBugs, Node, Seams, SystemClock, Tuning,
+};
 
 /// `distbuild coordinator` flags.
 #[derive(Debug, clap::Args)]

@@ -38,8 +38,7 @@ impl ClusterSecret {
     /// A secret from its text.
     pub fn new(text: &str) -> Result<Self, SecretProblem> {
         check_cluster_secret(text)?;
-        let value =
-            AsciiMetadataValue::try_from(text).map_err(|_| SecretProblem::NotPrintable)?;
+        let value = AsciiMetadataValue::try_from(text).map_err(|_| SecretProblem::NotPrintable)?;
         Ok(Self(Arc::new(value)))
     }
 

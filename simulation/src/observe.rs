@@ -6,9 +6,9 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use distbuild_coordinator::{ApplyObserver, Node};
 use distbuild_model::Proposal;
 use distbuild_model::Response;
-use distbuild_coordinator::{ApplyObserver, Node};
 use sha1::{Digest as _, Sha1};
 
 use crate::trace::{Trace, What};

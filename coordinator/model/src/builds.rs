@@ -4,10 +4,9 @@
 
 use std::collections::{BTreeSet, VecDeque};
 
-use crate::state::Model;
 use crate::log::Event;
 use crate::records::{BuildJob, ExecState, Execution, JobState};
-
+use crate::state::Model;
 
 /// Finished builds kept (with their events) for late watchers; older ones
 /// are dropped, oldest first.

@@ -14,8 +14,8 @@ use std::fmt::Debug;
 
 use distbuild_proto::Digest;
 
-use crate::state::Model;
 use crate::records::{ExecState, JobState};
+use crate::state::Model;
 
 /// Derived indexes that disagree with the records they derive from, one
 /// line each.
@@ -139,7 +139,9 @@ impl Model {
             ];
             for (name, kept, derived) in counters {
                 if kept != derived {
-                    out.push(format!("build {id}: {name} is {kept}, its jobs say {derived}"));
+                    out.push(format!(
+                        "build {id}: {name} is {kept}, its jobs say {derived}"
+                    ));
                 }
             }
             if header.finished && open > 0 {

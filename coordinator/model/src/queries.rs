@@ -4,8 +4,8 @@ use std::collections::BTreeMap;
 
 use distbuild_proto::Digest;
 
-use crate::state::Model;
 use crate::records::{Build, CachedResult, ExecState, Execution, Worker};
+use crate::state::Model;
 
 impl Model {
     /// The state's clock: the latest leader time applied.

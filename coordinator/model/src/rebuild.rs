@@ -10,9 +10,9 @@ use std::collections::{BTreeSet, VecDeque};
 
 use distbuild_proto::Digest;
 
-use crate::state::Model;
 use crate::log::JobSpec;
 use crate::records::{ExecState, Execution};
+use crate::state::Model;
 
 pub(crate) enum Inputs {
     /// Every one has a holder.
@@ -22,7 +22,6 @@ pub(crate) enum Inputs {
     /// This dependency's output is gone and its rebuild failed.
     Unrecoverable(Digest),
 }
-
 
 impl Model {
     /// Whether the dependency artifacts of the queued execution of `key`
@@ -85,7 +84,13 @@ impl Model {
     /// dependency `dep` lost its output and no rebuild produced it again
     /// (`why`). Its waiting jobs fail naming the dependency, and so,
     /// transitively, do the executions blocked on it.
-    pub(crate) fn fail_for_lost_dependency(&mut self, key: Digest, exec: Execution, dep: Digest, why: &str) {
+    pub(crate) fn fail_for_lost_dependency(
+        &mut self,
+        key: Digest,
+        exec: Execution,
+        dep: Digest,
+        why: &str,
+    ) {
         let mut work = VecDeque::from([(key, exec, dep, why.to_string())]);
         while let Some((key, exec, dep, why)) = work.pop_front() {
             if let ExecState::Blocked { on } = &exec.state {
@@ -154,7 +159,13 @@ impl Model {
 
     /// How job `job` of `build_id` (running `spec`) names its dependency
     /// of cache key `dep`.
-    pub(crate) fn dependency_name(&self, build_id: u64, job: u32, spec: &JobSpec, dep: Digest) -> String {
+    pub(crate) fn dependency_name(
+        &self,
+        build_id: u64,
+        job: u32,
+        spec: &JobSpec,
+        dep: Digest,
+    ) -> String {
         let build = &self.builds[&build_id];
         build.jobs[job as usize]
             .deps

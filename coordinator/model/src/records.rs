@@ -102,7 +102,6 @@ pub struct Worker {
     pub held: BTreeSet<Digest>,
 }
 
-
 /// The parts of one submit staged so far.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Staged {
@@ -111,4 +110,3 @@ pub(crate) struct Staged {
     pub(crate) since_ms: u64,
     pub(crate) parts: BTreeMap<u32, Vec<SubmittedJob>>,
 }
-

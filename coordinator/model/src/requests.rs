@@ -106,10 +106,11 @@ impl Requests {
         for id in std::mem::take(&mut self.dirty) {
             match self.by_id.get(&id) {
                 Some(seen) => {
-                    let bytes = postcard::to_stdvec(seen).map_err(|source| StorageError::Encode {
-                        what: "remembered answer",
-                        source,
-                    })?;
+                    let bytes =
+                        postcard::to_stdvec(seen).map_err(|source| StorageError::Encode {
+                            what: "remembered answer",
+                            source,
+                        })?;
                     txn.put(T_REQUESTS, id.as_bytes(), &bytes)?;
                 }
                 None => txn.delete(T_REQUESTS, id.as_bytes())?,

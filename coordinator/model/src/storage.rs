@@ -3,7 +3,6 @@
 //! install, and [`Model::flush`] writes exactly the records the applied
 //! entry changed, so each log entry is one atomic batch.
 
-
 use serde::{Deserialize, Serialize};
 
 use crate::records::{Build, BuildHeader, ExecState, Execution, Worker};

@@ -6,8 +6,8 @@
 use std::ops::ControlFlow;
 
 use distbuild_proto::Digest;
-use serde::de::DeserializeOwned;
 use serde::Serialize;
+use serde::de::DeserializeOwned;
 
 use crate::log::Event;
 
@@ -87,15 +87,16 @@ pub(crate) const T_BLOBS: &str = "blobs";
 pub(crate) const T_META: &str = "meta";
 pub(crate) const KEY_CLOCK: &[u8] = b"clock";
 
-
 pub(crate) fn encode<T: Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>, StorageError> {
     postcard::to_stdvec(value).map_err(|source| StorageError::Encode { what, source })
 }
 
-pub(crate) fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, StorageError> {
+pub(crate) fn decode<T: DeserializeOwned>(
+    what: &'static str,
+    bytes: &[u8],
+) -> Result<T, StorageError> {
     postcard::from_bytes(bytes).map_err(|source| StorageError::Decode { what, source })
 }
-
 
 pub(crate) fn build_key(build: u64) -> [u8; 8] {
     build.to_be_bytes()
@@ -169,4 +170,3 @@ pub(crate) fn scan(
 pub(crate) fn digest_of_key(what: &'static str, bytes: &[u8]) -> Result<Digest, StorageError> {
     Digest::try_from(bytes).map_err(|e| StorageError::Corrupt(format!("{what} key: {e}")))
 }
-

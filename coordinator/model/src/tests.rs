@@ -1209,10 +1209,14 @@ fn the_invariant_check_names_a_broken_index() {
     let jobs = graph(&[(1, &[]), (2, &[0]), (3, &[])]);
     h.submit("r", jobs);
     let token = h.assign("a", &[key(1)])[0].expect("leased");
-    h.model.check_invariants().expect("consistent before breaking it");
+    h.model
+        .check_invariants()
+        .expect("consistent before breaking it");
 
     let check = |model: &Model, what: &str| {
-        let violation = model.check_invariants().expect_err("a broken index is found");
+        let violation = model
+            .check_invariants()
+            .expect_err("a broken index is found");
         let text = violation.to_string();
         assert!(text.contains(what), "{what} is named in: {text}");
     };
@@ -1226,7 +1230,9 @@ fn the_invariant_check_names_a_broken_index() {
     broken.workers.get_mut("a").expect("worker a").running += 1;
     check(&broken, "running counts");
     let mut broken = h.model.clone_for_test();
-    broken.held_by.insert(artifact(9), BTreeSet::from(["b".to_string()]));
+    broken
+        .held_by
+        .insert(artifact(9), BTreeSet::from(["b".to_string()]));
     check(&broken, "held_by");
     let mut broken = h.model.clone_for_test();
     broken.requests.insert("ghost".into(), 99);

@@ -60,17 +60,17 @@ impl AdminApi for AdminService {
                      voter,
                      answer,
                  }| match answer {
-                Ok(a) => Member {
-                    node_id: id,
-                    addr,
-                    voter,
-                    role: a.role,
-                    term: a.term,
-                    last_log_index: a.last_log_index,
-                    applied_index: a.applied_index,
-                    lag: head.saturating_sub(a.applied_index),
-                    error: String::new(),
-                },
+                    Ok(a) => Member {
+                        node_id: id,
+                        addr,
+                        voter,
+                        role: a.role,
+                        term: a.term,
+                        last_log_index: a.last_log_index,
+                        applied_index: a.applied_index,
+                        lag: head.saturating_sub(a.applied_index),
+                        error: String::new(),
+                    },
                     Err(error) => Member {
                         node_id: id,
                         addr,

@@ -12,7 +12,9 @@ use distbuild_proto::v1::{
     LocateArtifactsResponse, SubmitBuildRequest, SubmitBuildResponse, UploadBlobResponse,
     WatchBuildRequest, build_event,
 };
-use distbuild_proto::wire::{MAX_REQUEST_ID_CHARS, command_to_wire, digest_from_wire, digest_to_wire};
+use distbuild_proto::wire::{
+    MAX_REQUEST_ID_CHARS, command_to_wire, digest_from_wire, digest_to_wire,
+};
 use distbuild_proto::{Digest, JobId, cache_key};
 use tonic::{Request, Response, Status, Streaming};
 

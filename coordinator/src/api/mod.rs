@@ -43,8 +43,7 @@ pub async fn receive_blob(
     let first = next_chunk(&mut chunks)
         .await?
         .ok_or_else(|| Status::invalid_argument("empty upload"))?;
-    let digest =
-        digest_from_wire(&first.digest, "upload digest").map_err(invalid)?;
+    let digest = digest_from_wire(&first.digest, "upload digest").map_err(invalid)?;
     let size = first.size;
     let mut writer = blobs.writer(digest, size).await.map_err(blob_status)?;
     writer.write(&first.data).await.map_err(blob_status)?;
@@ -75,7 +74,9 @@ pub fn digests(list: &[bytes::Bytes], what: &str) -> Result<Vec<Digest>, Status>
 }
 
 /// Streams a stored blob as the chunks of a fetch answer.
-pub fn stream_file(file: crate::blobs::BlobReader) -> ResponseStream<distbuild_proto::v1::BlobChunk> {
+pub fn stream_file(
+    file: crate::blobs::BlobReader,
+) -> ResponseStream<distbuild_proto::v1::BlobChunk> {
     use futures::StreamExt;
     let chunks = distbuild_proto::blob::content_chunks(file)
         .map(|chunk| chunk.map_err(|e| Status::internal(format!("read blob: {e}"))));

@@ -57,8 +57,7 @@ impl RaftTransport for RaftService {
         &self,
         request: Request<FetchRequest>,
     ) -> Result<Response<Self::FetchBlobStream>, Status> {
-        let digest = digest_from_wire(&request.get_ref().digest, "digest")
-            .map_err(invalid)?;
+        let digest = digest_from_wire(&request.get_ref().digest, "digest").map_err(invalid)?;
         // Only this node's own copy: peers never chain fetches.
         match self.node.open_own_blob(&digest).await.map_err(to_status)? {
             Some(file) => Ok(Response::new(stream_file(file))),

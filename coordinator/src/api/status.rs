@@ -78,7 +78,10 @@ mod tests {
         assert_eq!(status.code(), tonic::Code::Unavailable);
         assert_eq!(status.message(), "not the leader (coordinator 2 is)");
         assert_eq!(
-            status.metadata().get(LEADER_METADATA_KEY).map(|v| v.to_str().ok()),
+            status
+                .metadata()
+                .get(LEADER_METADATA_KEY)
+                .map(|v| v.to_str().ok()),
             Some(Some("127.0.0.1:7002"))
         );
         let status = to_status(ReplicaError::NotLeader {

@@ -11,7 +11,9 @@ use distbuild_proto::v1::{
     InputFile, LostInput, PollWorkRequest, PollWorkResponse, RegisterRequest, RegisterResponse,
     ReportResultRequest, ReportResultResponse,
 };
-use distbuild_proto::wire::{MAX_REQUEST_ID_CHARS, MAX_JOB_OUTPUT_BYTES, digest_from_wire, digest_to_wire};
+use distbuild_proto::wire::{
+    MAX_JOB_OUTPUT_BYTES, MAX_REQUEST_ID_CHARS, digest_from_wire, digest_to_wire,
+};
 use tonic::{Request, Response, Status};
 
 use super::status::invalid;
@@ -376,8 +378,7 @@ impl WorkerApi for WorkerService {
     ) -> Result<Response<ReportResultResponse>, Status> {
         let req = request.into_inner();
         check_worker_id(&req.worker_id)?;
-        let cache_key =
-            digest_from_wire(&req.cache_key, "cache_key").map_err(invalid)?;
+        let cache_key = digest_from_wire(&req.cache_key, "cache_key").map_err(invalid)?;
         let request = request_key("report", &req.worker_id, &req.request_id)?;
         let lost = lost_inputs(&req.lost_inputs)?;
         let stdout = truncated(req.stdout.to_vec());
@@ -429,8 +430,7 @@ impl WorkerApi for WorkerService {
         &self,
         request: Request<FetchRequest>,
     ) -> Result<Response<Self::FetchBlobStream>, Status> {
-        let digest = digest_from_wire(&request.get_ref().digest, "digest")
-            .map_err(invalid)?;
+        let digest = digest_from_wire(&request.get_ref().digest, "digest").map_err(invalid)?;
         // Only the leader knows every acknowledged blob: a follower that
         // has not applied the blob's record yet (it was cut off, or is
         // behind) sends the caller to the leader instead of denying it.

@@ -154,5 +154,4 @@ mod tests {
         );
         assert_eq!(contact.verdict(6), Some(Verdict::Ahead));
     }
-
 }

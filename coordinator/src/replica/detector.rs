@@ -39,8 +39,8 @@ use openraft::{ServerState, Vote};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::contact::Verdict;
 use super::config::ELECTION_TIMEOUT_MAX_MS;
+use super::contact::Verdict;
 use super::node::Node;
 
 /// How often the replica looks at its state.

@@ -13,8 +13,8 @@ use openraft::ServerState;
 use openraft::error::{ClientWriteError, RaftError};
 use tokio_util::sync::CancellationToken;
 
-use super::error::{ReplicaError, Result};
 use super::config::{HEARTBEAT_INTERVAL_MS, LEADER_WAIT, LEADERSHIP_FRESH_MS};
+use super::error::{ReplicaError, Result};
 use super::node::Node;
 
 /// Bounds how long one proposal may take before the caller is told to retry.
@@ -143,11 +143,7 @@ impl Node {
 
     /// Proposes `command` on behalf of request `request_id` (already
     /// checked): a retry of the same request gets the first answer.
-    pub async fn propose_request(
-        &self,
-        request_id: String,
-        command: Command,
-    ) -> Result<Response> {
+    pub async fn propose_request(&self, request_id: String, command: Command) -> Result<Response> {
         let request_id = (!request_id.is_empty()).then_some(request_id);
         self.propose_once(Proposal {
             request_id,
@@ -176,7 +172,6 @@ impl Node {
             Ok(Err(e)) => Err(ReplicaError::Unavailable(format!("raft: {e}"))),
         }
     }
-
 }
 
 /// What only a leader does besides answering: on election, extend every

@@ -13,8 +13,8 @@ use distbuild_proto::raft_v1::{NodeStatusRequest, NodeStatusResponse};
 use openraft::error::{ChangeMembershipError, ClientWriteError, RaftError};
 use openraft::{BasicNode, ChangeMembers};
 
-use super::node::Node;
 use super::error::{ReplicaError, Result};
+use super::node::Node;
 
 /// How long one member may take to answer a status question.
 const STATUS_DEADLINE: Duration = Duration::from_secs(1);
@@ -39,14 +39,14 @@ pub struct MemberAnswer {
 
 fn membership_error(e: RaftError<u64, ClientWriteError<u64, BasicNode>>) -> ReplicaError {
     match e {
-        RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => ReplicaError::Unavailable(
-            "leadership moved during the change; retry".to_string(),
-        ),
+        RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => {
+            ReplicaError::Unavailable("leadership moved during the change; retry".to_string())
+        }
         RaftError::APIError(ClientWriteError::ChangeMembershipError(
             ChangeMembershipError::InProgress(_),
-        )) => ReplicaError::Unavailable(
-            "another membership change is in progress; retry".to_string(),
-        ),
+        )) => {
+            ReplicaError::Unavailable("another membership change is in progress; retry".to_string())
+        }
         RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
             ReplicaError::Precondition(e.to_string())
         }
@@ -92,7 +92,11 @@ impl Node {
     }
 
     /// Asks one member for its Raft status (this node answers itself).
-    async fn ask(&self, id: u64, addr: &str) -> std::result::Result<NodeStatusResponse, Unanswered> {
+    async fn ask(
+        &self,
+        id: u64,
+        addr: &str,
+    ) -> std::result::Result<NodeStatusResponse, Unanswered> {
         if id == self.node_id {
             return Ok(self.status());
         }
@@ -106,7 +110,11 @@ impl Node {
             Ok(Ok(answer)) => Ok(answer.into_inner()),
             Ok(Err(status)) => {
                 self.peers.forget(addr);
-                Err(Unanswered(format!("{}: {}", status.code(), status.message())))
+                Err(Unanswered(format!(
+                    "{}: {}",
+                    status.code(),
+                    status.message()
+                )))
             }
             Err(_) => {
                 self.peers.forget(addr);
@@ -136,7 +144,11 @@ impl Node {
     /// then the new one). The change runs in its own task, so a caller that
     /// gives up (a deadline, a dropped connection) does not stop it between
     /// the phases.
-    async fn change_voters(&self, what: &str, changes: ChangeMembers<u64, BasicNode>) -> Result<()> {
+    async fn change_voters(
+        &self,
+        what: &str,
+        changes: ChangeMembers<u64, BasicNode>,
+    ) -> Result<()> {
         let raft = self.raft.clone();
         let change = tokio::spawn(async move { raft.change_membership(changes, false).await });
         match tokio::time::timeout(CHANGE_DEADLINE, change).await {

@@ -7,7 +7,6 @@
 //! calls [`Node`]'s methods and gets [`ReplicaError`]s back; it never
 //! reaches into openraft.
 
-
 mod app;
 mod config;
 mod contact;

@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use distbuild_proto::net::endpoint;
 use distbuild_proto::raft_v1::RaftPayload;
 use distbuild_proto::raft_v1::raft_transport_client::RaftTransportClient;
 use openraft::BasicNode;
@@ -28,7 +29,6 @@ use openraft::raft::{
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tonic::service::interceptor::InterceptedService;
-use distbuild_proto::net::endpoint;
 use tonic::transport::Channel;
 
 use distbuild_proto::net::SharedDialer;
@@ -211,11 +211,15 @@ pub struct Connection {
 type RpcResult<T, E> = Result<T, RPCError<u64, BasicNode, E>>;
 
 fn unreachable<E: std::error::Error>(problem: impl ToString) -> RPCError<u64, BasicNode, E> {
-    RPCError::Unreachable(Unreachable::new(&std::io::Error::other(problem.to_string())))
+    RPCError::Unreachable(Unreachable::new(&std::io::Error::other(
+        problem.to_string(),
+    )))
 }
 
 fn network<E: std::error::Error>(problem: impl ToString) -> RPCError<u64, BasicNode, E> {
-    RPCError::Network(NetworkError::new(&std::io::Error::other(problem.to_string())))
+    RPCError::Network(NetworkError::new(&std::io::Error::other(
+        problem.to_string(),
+    )))
 }
 
 impl Connection {

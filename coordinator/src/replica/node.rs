@@ -246,7 +246,12 @@ impl Node {
     }
 
     /// The stored events of `build_id` from `from_seq` on, at most `max`.
-    pub fn read_events(&self, build_id: u64, from_seq: u64, max: usize) -> Result<Vec<(u64, Event)>> {
+    pub fn read_events(
+        &self,
+        build_id: u64,
+        from_seq: u64,
+        max: usize,
+    ) -> Result<Vec<(u64, Event)>> {
         self.state
             .read(|reader| {
                 super::app::read_tables(reader, |tables| {
@@ -326,4 +331,3 @@ impl Node {
         }
     }
 }
-

@@ -158,7 +158,11 @@ async fn push_once(
     let mut request = tonic::Request::new(chunks);
     request.set_timeout(copy_deadline(size));
     let sent = client.store_blob(request).await;
-    if let Some(e) = read_failure.lock().expect("read failure lock poisoned").take() {
+    if let Some(e) = read_failure
+        .lock()
+        .expect("read failure lock poisoned")
+        .take()
+    {
         return Err(format!("read blob: {e}"));
     }
     sent.map(drop)
@@ -193,7 +197,12 @@ pub(crate) async fn ensure_local(node: &Node, digest: Digest) -> Result<bool> {
     )))
 }
 
-async fn fetch_from(node: &Node, addr: &str, digest: Digest, size: u64) -> std::result::Result<(), String> {
+async fn fetch_from(
+    node: &Node,
+    addr: &str,
+    digest: Digest,
+    size: u64,
+) -> std::result::Result<(), String> {
     let mut client = node.peers.transport(addr).map_err(|e| e.to_string())?;
     let mut request = tonic::Request::new(FetchRequest {
         digest: digest_to_wire(&digest),

@@ -2,13 +2,12 @@
 
 use distbuild_proto::Digest;
 
-use crate::state::Model;
 use crate::log::{Event, Response};
-use crate::records::ExecState;
 use crate::rebuild::Inputs;
+use crate::records::ExecState;
+use crate::state::Model;
 
 pub const MAX_ASSIGN_BATCH: u64 = 1024;
-
 
 impl Model {
     pub(crate) fn assign(

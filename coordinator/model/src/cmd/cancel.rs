@@ -2,9 +2,9 @@
 
 use distbuild_proto::Digest;
 
-use crate::state::Model;
 use crate::log::Event;
 use crate::records::JobState;
+use crate::state::Model;
 
 impl Model {
     /// Cancels build `build_id`: every job not in a final state is skipped,

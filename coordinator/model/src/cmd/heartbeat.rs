@@ -3,9 +3,9 @@
 
 use distbuild_proto::Digest;
 
-use crate::state::Model;
 use crate::log::Response;
 use crate::records::ExecState;
+use crate::state::Model;
 
 impl Model {
     pub(crate) fn heartbeat(

@@ -2,8 +2,8 @@
 
 use std::collections::BTreeSet;
 
-use crate::state::Model;
 use crate::records::ExecState;
+use crate::state::Model;
 
 impl Model {
     pub(crate) fn extend_leases(&mut self, lease_timeout_ms: u64) {

@@ -4,8 +4,8 @@ use std::collections::BTreeSet;
 
 use distbuild_proto::Digest;
 
-use crate::state::Model;
 use crate::records::ExecState;
+use crate::state::Model;
 
 impl Model {
     pub(crate) fn register(&mut self, worker_id: &str, addr: &str, slots: u32, held: &[Digest]) {

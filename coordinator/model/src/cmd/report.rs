@@ -2,12 +2,18 @@
 
 use distbuild_proto::Digest;
 
-use crate::state::Model;
 use crate::log::{Event, Outcome};
 use crate::records::{CachedResult, ExecState, JobState};
+use crate::state::Model;
 
 impl Model {
-    pub(crate) fn report(&mut self, worker_id: &str, token: u64, key: &Digest, outcome: &Outcome) -> bool {
+    pub(crate) fn report(
+        &mut self,
+        worker_id: &str,
+        token: u64,
+        key: &Digest,
+        outcome: &Outcome,
+    ) -> bool {
         let current = self.leases.get(&token) == Some(key)
             && matches!(
                 self.executions.get(key).map(|e| &e.state),

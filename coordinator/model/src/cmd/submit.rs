@@ -1,9 +1,9 @@
 //! `SubmitBuild`: records a build from its staged parts and its last part,
 //! then makes its root jobs ready. (`StageSubmit` is in `staging`.)
 
-use crate::state::Model;
 use crate::log::{Response, SubmittedJob};
 use crate::records::{Build, BuildHeader, BuildJob, JobState};
+use crate::state::Model;
 
 /// What `submit` requires of a job list (the leader builds it so; a
 /// command that breaks it is refused, not applied): a count that fits the

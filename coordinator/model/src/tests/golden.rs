@@ -270,7 +270,10 @@ where
         .filter(|(_, c)| !**c)
         .map(|(n, _)| *n)
         .collect();
-    assert!(missing.is_empty(), "{kind}: no golden value for {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "{kind}: no golden value for {missing:?}"
+    );
 }
 
 /// Compares `actual` with the checked-in file (or rewrites it, on request).
