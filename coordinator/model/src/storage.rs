@@ -134,7 +134,6 @@ impl Model {
     }
 
     /// Writes every record the applied entry changed, and forgets the marks.
-
     pub fn flush(&mut self, txn: &mut dyn Tables) -> Result<(), StorageError> {
         let dirty = std::mem::take(&mut self.dirty);
         if dirty.clock {

@@ -45,11 +45,14 @@ pub trait ReadTables {
         &self,
         table: &str,
         prefix: &[u8],
-        f: &mut dyn FnMut(&[u8], &[u8]) -> ControlFlow<()>,
+        f: &mut RowVisitor<'_>,
     ) -> Result<(), StorageError>;
 }
 
-/// Where [`Model::flush`] writes: the entry's transaction (reads see its
+/// What [`ReadTables::for_each_prefix`] calls for each row (key, value).
+pub type RowVisitor<'a> = dyn FnMut(&[u8], &[u8]) -> ControlFlow<()> + 'a;
+
+/// Where `Model::flush` writes: the entry's transaction (reads see its
 /// own earlier writes).
 pub trait Tables: ReadTables {
     fn put(&mut self, table: &str, key: &[u8], value: &[u8]) -> Result<(), StorageError>;
@@ -164,9 +167,7 @@ pub(crate) fn scan(
     failure.map_or(Ok(()), Err)
 }
 
-/// Where [`Model::flush`] writes: the entry's transaction (the tests write
-/// to a map, to check that [`Model::load`] reads back the same model).
-
+/// The digest a table key holds.
 pub(crate) fn digest_of_key(what: &'static str, bytes: &[u8]) -> Result<Digest, StorageError> {
     Digest::try_from(bytes).map_err(|e| StorageError::Corrupt(format!("{what} key: {e}")))
 }

@@ -1,12 +1,13 @@
 //! Transitions of the replicated model, driven command by command.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::ops::ControlFlow;
 
 use distbuild_proto::{Digest, JobId};
 
 use super::*;
-use crate::tables::{ReadTables, StorageError, T_HOLDINGS, T_WORKERS, Tables, holding_key};
+use crate::tables::{
+    ReadTables, RowVisitor, StorageError, T_HOLDINGS, T_WORKERS, Tables, holding_key,
+};
 
 mod golden;
 
@@ -70,7 +71,7 @@ impl ReadTables for MemStore {
         &self,
         table: &str,
         prefix: &[u8],
-        f: &mut dyn FnMut(&[u8], &[u8]) -> ControlFlow<()>,
+        f: &mut RowVisitor<'_>,
     ) -> Result<(), StorageError> {
         let Some(t) = self.tables.get(table) else {
             return Ok(());

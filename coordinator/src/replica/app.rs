@@ -2,9 +2,9 @@
 //! proposal to the model (through the exactly-once request table) and
 //! writes what changed in the entry's own transaction.
 
-use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use distbuild_model::tables::RowVisitor;
 use distbuild_model::{
     Model, Proposal, ReadTables, Requests, Response, StorageError, TABLES, Tables,
 };
@@ -73,7 +73,7 @@ impl ReadTables for View<'_> {
         &self,
         table: &str,
         prefix: &[u8],
-        f: &mut dyn FnMut(&[u8], &[u8]) -> ControlFlow<()>,
+        f: &mut RowVisitor<'_>,
     ) -> Result<(), StorageError> {
         self.0.for_each_prefix(table, prefix, f).map_err(from_store)
     }
@@ -88,7 +88,7 @@ impl ReadTables for Txn<'_, '_> {
         &self,
         table: &str,
         prefix: &[u8],
-        f: &mut dyn FnMut(&[u8], &[u8]) -> ControlFlow<()>,
+        f: &mut RowVisitor<'_>,
     ) -> Result<(), StorageError> {
         View(&*self.0).for_each_prefix(table, prefix, f)
     }
