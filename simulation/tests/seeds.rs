@@ -6,7 +6,7 @@
 
 use std::sync::Mutex;
 
-use distbuild_simulation::{InjectedBugs, RunConfig, SeedReport, bug, cluster, run_seed};
+use distbuild_simulation::{InjectedBugs, SeedReport, bug, run_seed};
 
 fn env_u64(name: &str) -> Option<u64> {
     let value = std::env::var(name).ok()?;
@@ -82,24 +82,35 @@ fn every_seed_keeps_every_promise() {
     );
 }
 
+/// The trace hash of one run of `seed`, in a process of its own: the way a
+/// failing seed is replayed (`distbuild-sim --seed N`, the line every
+/// failure prints). A fresh process, because simulations running on other
+/// threads of one process were seen to change a run (see SIMULATION.md,
+/// "Known gaps").
+fn trace_hash_in_own_process(seed: u64) -> String {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_distbuild-sim"))
+        .args(["--seed", &seed.to_string()])
+        .output()
+        .expect("run distbuild-sim");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "seed {seed} failed: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+        .lines()
+        .find_map(|line| {
+            let (_, rest) = line.split_once(", trace ")?;
+            rest.split(',').next().map(str::to_string)
+        })
+        .unwrap_or_else(|| panic!("seed {seed}: no trace hash in {stdout}"))
+}
+
 #[test]
 fn a_seed_replays_exactly() {
     for seed in [3, 11] {
-        let hashes: Vec<String> = (0..2)
-            .map(|_| {
-                let dir = tempfile::tempdir().expect("tempdir");
-                let run = cluster::run(
-                    RunConfig {
-                        seed,
-                        faults: true,
-                        bugs: InjectedBugs::default(),
-                    },
-                    dir.path(),
-                );
-                assert!(run.sim_error.is_none(), "seed {seed}: {:?}", run.sim_error);
-                run.trace.hash()
-            })
-            .collect();
+        let hashes: Vec<String> = (0..2).map(|_| trace_hash_in_own_process(seed)).collect();
         assert_eq!(hashes[0], hashes[1], "seed {seed} ran differently twice");
     }
 }
