@@ -150,20 +150,6 @@ pub enum SecretFileError {
     },
 }
 
-// Callers that still carry errors as text (the coordinator's, until it
-// holds these types) convert with `?` and `Status::invalid_argument`.
-impl From<SecretProblem> for String {
-    fn from(problem: SecretProblem) -> Self {
-        problem.to_string()
-    }
-}
-
-impl From<SecretFileError> for String {
-    fn from(error: SecretFileError) -> Self {
-        error.to_string()
-    }
-}
-
 /// Reads a cluster secret file: its content with surrounding whitespace
 /// trimmed, which must be 16 to 1024 printable ASCII characters (no
 /// spaces).
@@ -199,12 +185,6 @@ pub struct DigestFieldError {
     pub field: String,
     /// What is wrong with its bytes.
     pub problem: IdError,
-}
-
-impl From<DigestFieldError> for String {
-    fn from(error: DigestFieldError) -> Self {
-        error.to_string()
-    }
 }
 
 /// A 20-byte digest from the wire; `what` names the field in the error.

@@ -59,7 +59,7 @@ impl PeerApi for PeerService {
         request: Request<FetchRequest>,
     ) -> Result<Response<Self::FetchArtifactStream>, Status> {
         let digest = digest_from_wire(&request.get_ref().digest, "digest")
-            .map_err(Status::invalid_argument)?;
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let permit = tokio::time::timeout(
             TRANSFER_QUEUE_TIMEOUT,
             self.transfers.clone().acquire_owned(),
