@@ -7,7 +7,9 @@
 //!   completion the client receives (from the new leader), with the Raft
 //!   timing the coordinators run with.
 //!
-//! `cargo bench --bench failover`. Under `cargo test --all-targets` it runs
+//! `cargo bench --bench failover` (BENCH_TRIALS overrides the 5 leader
+//! kills; `DISTBUILD_BENCH_BINARY=<path>` runs another build's `distbuild`
+//! on the same harness, to compare two builds in one sitting). Under `cargo test --all-targets` it runs
 //! a short smoke version.
 
 #[path = "../tests/support/mod.rs"]
@@ -50,7 +52,11 @@ fn main() {
     }
     println!("  3 coordinators / 1: {:.2}x the rate", rates[1] / rates[0]);
 
-    let trials = if benchmarking { 5 } else { 1 };
+    let trials = match std::env::var("BENCH_TRIALS") {
+        Ok(n) => n.parse().expect("BENCH_TRIALS is a number of leader kills"),
+        Err(_) if benchmarking => 5,
+        Err(_) => 1,
+    };
     let (elections, stalls) =
         leader_kill_stalls(&runtime, trials, if benchmarking { 4000 } else { 300 });
     let median = |mut v: Vec<Duration>| {

@@ -26,6 +26,53 @@ fn killing_the_leader_mid_build_loses_nothing_and_reruns_nothing() {
     assert_ne!(cluster.wait_for_leader(), leader);
 }
 
+/// A follower that has not heard from its leader for a heartbeat and a
+/// half doubts it: a request it gets then is held until the election ends
+/// and sent on to the new leader (or served, if the follower won), instead
+/// of to the dead leader, which callers would find refusing connections
+/// and come back from, backing off, until the election.
+#[test]
+fn a_follower_whose_leader_went_silent_sends_callers_to_the_next_leader() {
+    use distbuild_coordinator::replica::{ELECTION_TIMEOUT_MAX_MS, LEADER_SILENCE, LEADER_WAIT};
+    use distbuild_proto::leader::leader_hint;
+    use distbuild_proto::v1::FindMissingBlobsRequest;
+    use distbuild_proto::v1::client_api_client::ClientApiClient;
+
+    let mut cluster = HaCluster::start(3, 0, 0, 1);
+    let leader = cluster.wait_for_stable_leader(Duration::from_secs(1));
+    let follower = (1..=3u64).find(|id| *id != leader).expect("a follower");
+    let dead = cluster.node_addr(leader);
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let mut client = runtime
+        .block_on(ClientApiClient::connect(format!(
+            "http://{}",
+            cluster.node_addr(follower)
+        )))
+        .expect("connect to a follower");
+    cluster.kill_node(leader);
+    // Past the silence a follower doubts its leader after, and before any
+    // follower stands for election (after the leader lease, the maximum
+    // election timeout, and its turn).
+    let pause = LEADER_SILENCE + Duration::from_millis(50);
+    assert!(pause < Duration::from_millis(ELECTION_TIMEOUT_MAX_MS));
+    std::thread::sleep(pause);
+    let asked = std::time::Instant::now();
+    let answer = runtime.block_on(client.find_missing_blobs(FindMissingBlobsRequest { digests: vec![] }));
+    match answer {
+        // The follower won the election and serves.
+        Ok(_) => assert_eq!(cluster.wait_for_leader(), follower),
+        Err(status) => {
+            let named = leader_hint(&status).unwrap_or_else(|| {
+                panic!("a redirect to the new leader, got {status:?}")
+            });
+            assert_ne!(named, dead, "sent to the dead leader: {status:?}");
+            assert_eq!(named, cluster.node_addr(cluster.wait_for_leader()));
+        }
+    }
+    // Held for the election, not for the whole wait.
+    assert!(asked.elapsed() < LEADER_WAIT, "held {:?}", asked.elapsed());
+}
+
 #[test]
 fn killing_every_coordinator_mid_build_and_restarting_them_completes_it() {
     let mut cluster = HaCluster::start(3, 0, 2, 2);

@@ -15,8 +15,14 @@ use sha1::{Digest as _, Sha1};
 /// How long a process may take to start listening.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The `distbuild` binary under test: this build's, or the one
+/// `DISTBUILD_BENCH_BINARY` names (benchmarks use it to compare an older
+/// build against this one in the same run, on the same harness).
 pub fn distbuild() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_distbuild"))
+    match std::env::var_os("DISTBUILD_BENCH_BINARY") {
+        Some(path) => Command::new(path),
+        None => Command::new(env!("CARGO_BIN_EXE_distbuild")),
+    }
 }
 
 /// A 40-hex ID derived from `name`.

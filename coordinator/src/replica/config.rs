@@ -64,3 +64,10 @@ pub const LEADERSHIP_FRESH_MS: u64 = 1_000;
 /// How long a request waits on a node for an election to settle before
 /// it is told to retry.
 pub const LEADER_WAIT: Duration = Duration::from_secs(2);
+
+/// A follower that has not heard from its leader for this long (one and a
+/// half heartbeats) doubts it: instead of sending a caller to a leader that
+/// may be dead (which the caller would find refusing connections, and come
+/// back, until an election names another), it holds the request, within
+/// [`LEADER_WAIT`], until the leader is heard again or an election ends.
+pub const LEADER_SILENCE: Duration = Duration::from_millis(HEARTBEAT_INTERVAL_MS * 3 / 2);

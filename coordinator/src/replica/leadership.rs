@@ -13,7 +13,7 @@ use openraft::ServerState;
 use openraft::error::{ClientWriteError, RaftError};
 use tokio_util::sync::CancellationToken;
 
-use super::config::{HEARTBEAT_INTERVAL_MS, LEADER_WAIT, LEADERSHIP_FRESH_MS};
+use super::config::{HEARTBEAT_INTERVAL_MS, LEADER_SILENCE, LEADER_WAIT, LEADERSHIP_FRESH_MS};
 use super::error::{ReplicaError, Result};
 use super::node::Node;
 
@@ -37,9 +37,10 @@ impl Node {
     }
 
     /// [`Node::check_leader`]'s answer, and on refusal whether waiting a
-    /// moment may change it (an election running, or this node just
-    /// elected), as opposed to a redirect or a leader cut off from its
-    /// quorum, which the caller should act on at once.
+    /// moment may change it (an election running, this node just elected,
+    /// or a leader silent for [`LEADER_SILENCE`]), as opposed to a redirect
+    /// to a leader heard from lately or a leader cut off from its quorum,
+    /// which the caller should act on at once.
     fn leadership(&self) -> std::result::Result<(), (ReplicaError, bool)> {
         let (state, term, leader, leader_addr) = {
             let m = self.raft.metrics();
@@ -80,19 +81,21 @@ impl Node {
             None => "not the leader, and no leader is elected yet; retry".to_string(),
         };
         let redirect = leader_addr.is_some();
+        let leader_silent = self.contact.last().elapsed() >= LEADER_SILENCE;
         Err((
             ReplicaError::NotLeader {
                 message,
                 leader: leader_addr,
             },
-            !redirect,
+            !redirect || leader_silent,
         ))
     }
 
     /// Like [`Node::check_leader`], but while no leader is known (an
-    /// election) or this node was just elected, waits up to
-    /// [`LEADER_WAIT`] for that to settle, so a caller is redirected (or
-    /// served) the moment the election ends instead of polling for it.
+    /// election), this node was just elected, or the leader has been silent
+    /// for [`LEADER_SILENCE`] (it may be dead), waits up to [`LEADER_WAIT`]
+    /// for that to settle, so a caller is redirected (or served) the moment
+    /// the election ends instead of polling for it.
     pub async fn ready_leader(&self) -> Result<()> {
         let deadline = tokio::time::Instant::now() + LEADER_WAIT;
         let mut metrics = self.raft.metrics();

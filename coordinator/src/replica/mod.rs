@@ -24,7 +24,7 @@ mod types;
 
 pub use self::config::{
     Bootstrap, ELECTION_TIMEOUT_MAX_MS, ELECTION_TIMEOUT_MIN_MS, HEARTBEAT_INTERVAL_MS,
-    LEADER_WAIT, LEADERSHIP_FRESH_MS, Tuning,
+    LEADER_SILENCE, LEADER_WAIT, LEADERSHIP_FRESH_MS, Tuning,
 };
 pub use self::detector::drive_elections;
 pub use self::error::{ReplicaError, Result};
