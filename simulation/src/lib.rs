@@ -78,14 +78,18 @@ fn bug_flags(mut bugs: InjectedBugs) -> String {
         .collect()
 }
 
+/// The command that runs `seed` with `bugs` (in a process of its own).
+pub fn replay_command(seed: u64, bugs: InjectedBugs) -> String {
+    format!(
+        "cargo run -p distbuild-simulation --bin distbuild-sim -- --seed {seed}{}",
+        bug_flags(bugs)
+    )
+}
+
 impl SeedReport {
     /// The command that runs this seed again, the same way.
     pub fn replay_command(&self) -> String {
-        format!(
-            "cargo run -p distbuild-simulation --bin distbuild-sim -- --seed {}{}",
-            self.seed,
-            bug_flags(self.bugs)
-        )
+        replay_command(self.seed, self.bugs)
     }
 }
 

@@ -1,6 +1,7 @@
 //! `distbuild-sim`: runs simulation seeds and reports what the checkers
 //! found. `--seed N` replays one seed (a failing run prints this command);
-//! `--seeds N` runs N seeds from `--first`; `--trace` prints a seed's trace.
+//! `--seeds N` runs N seeds from `--first`, each in a child process of its
+//! own; `--trace` prints a seed's trace.
 
 use std::process::ExitCode;
 
@@ -39,34 +40,71 @@ fn main() -> ExitCode {
     for name in &args.bugs {
         bugs = with_bug(bugs, name).expect("clap checked the name");
     }
-    let seeds: Vec<u64> = match args.seed {
-        Some(seed) => vec![seed],
-        None => (args.first..args.first.saturating_add(args.seeds)).collect(),
+    let Some(seed) = args.seed else {
+        return run_each_in_own_process(&args);
     };
-    let mut failed = 0;
-    for seed in seeds {
-        let report = run_seed(seed, bugs);
-        if args.trace {
-            for record in report.run.trace.records() {
-                println!("{record}");
-            }
+    let report = run_seed(seed, bugs);
+    if args.trace {
+        for record in report.run.trace.records() {
+            println!("{record}");
         }
-        println!(
-            "seed {seed}: {} violations, trace {}, {:.1} s ({})",
-            report.violations.len(),
-            report.trace_hash,
-            report.seconds,
-            distbuild_simulation::checkers::exercised(&report.run)
-        );
-        if !report.violations.is_empty() {
-            failed += 1;
-            for violation in &report.violations {
-                println!("  {violation}");
+    }
+    println!(
+        "seed {seed}: {} violations, trace {}, {:.1} s ({})",
+        report.violations.len(),
+        report.trace_hash,
+        report.seconds,
+        distbuild_simulation::checkers::exercised(&report.run)
+    );
+    if report.violations.is_empty() {
+        return ExitCode::SUCCESS;
+    }
+    for violation in &report.violations {
+        println!("  {violation}");
+    }
+    println!("  replay: {}", report.replay_command());
+    ExitCode::FAILURE
+}
+
+/// Runs each seed of `--seeds` as `--seed N` in a child process of this
+/// binary, one after another: a run depends on the tasks its process
+/// spawned before it (SIMULATION.md, "What runs"), so a seed gets a fresh
+/// process here exactly as when its replay command runs it.
+fn run_each_in_own_process(args: &Args) -> ExitCode {
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(e) => {
+            eprintln!("distbuild-sim: cannot find its own executable: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut failed = 0u64;
+    for seed in args.first..args.first.saturating_add(args.seeds) {
+        let mut child = std::process::Command::new(&exe);
+        child.args(["--seed", &seed.to_string()]);
+        for name in &args.bugs {
+            child.args(["--bug", name]);
+        }
+        if args.trace {
+            child.arg("--trace");
+        }
+        match child.status() {
+            Ok(status) if status.success() => {}
+            Ok(status) => {
+                failed += 1;
+                if status.code() != Some(1) {
+                    // A panic or a signal: the child printed no report.
+                    println!("seed {seed}: the run died ({status})");
+                }
             }
-            println!("  replay: {}", report.replay_command());
+            Err(e) => {
+                eprintln!("distbuild-sim: cannot run seed {seed}: {e}");
+                return ExitCode::FAILURE;
+            }
         }
     }
     if failed > 0 {
+        println!("{failed} of {} seeds failed", args.seeds);
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS

@@ -1,12 +1,15 @@
 //! The simulation in CI: a fixed batch of seeds must keep every promise,
 //! one seed must replay exactly, and an injected bug must be caught.
 //!
-//! `DISTBUILD_SIM_SEEDS=N` changes the batch size (default 50);
-//! `DISTBUILD_SIM_SOAK=N` runs N random seeds instead (a long soak).
+//! Every seed runs in a `distbuild-sim` process of its own, exactly as a
+//! failure's replay command runs it. `DISTBUILD_SIM_SEEDS=N` changes the
+//! batch size (default 50); `DISTBUILD_SIM_SOAK=N` runs N random seeds
+//! instead (a long soak).
 
+use std::process::Command;
 use std::sync::Mutex;
 
-use distbuild_simulation::{InjectedBugs, SeedReport, bug, run_seed};
+use distbuild_simulation::{bug, replay_command};
 
 fn env_u64(name: &str) -> Option<u64> {
     let value = std::env::var(name).ok()?;
@@ -17,9 +20,75 @@ fn env_u64(name: &str) -> Option<u64> {
     )
 }
 
-/// Runs `seeds` on two threads (each simulation is single-threaded) until
-/// `on_report`, which sees every report, returns false.
-fn run_seeds(seeds: Vec<u64>, bugs: InjectedBugs, on_report: impl Fn(&SeedReport) -> bool + Sync) {
+/// What `distbuild-sim --seed N` reported.
+struct SeedRun {
+    seed: u64,
+    /// Each as the binary prints it: `[checker] message`. A run that died
+    /// (a panic, such as a broken invariant) is one `[process]` violation.
+    violations: Vec<String>,
+    trace_hash: Option<String>,
+    /// The command that runs it again (as every failure prints it).
+    replay: String,
+}
+
+impl SeedRun {
+    fn caught_by(&self, checker: &str) -> bool {
+        let tag = format!("[{checker}]");
+        self.violations.iter().any(|v| v.starts_with(&tag))
+    }
+}
+
+/// Runs `seed` (with the injected bug `bug_name`, if any) in a process of
+/// its own, as a failing seed is replayed. Every seed gets a fresh process
+/// because a run depends on more than its seed when other simulations share
+/// the process: tokio numbers tasks process-wide, and a simulated host's
+/// crash drops its tasks in an order that follows those numbers (see
+/// SIMULATION.md, "Determinism").
+fn run_in_own_process(seed: u64, bug_name: Option<&str>) -> SeedRun {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_distbuild-sim"));
+    command.args(["--seed", &seed.to_string()]);
+    if let Some(name) = bug_name {
+        command.args(["--bug", name]);
+    }
+    let output = command.output().expect("run distbuild-sim");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let bugs = bug_name.map_or_else(Default::default, |name| bug(name).expect("known bug"));
+    let summary = format!("seed {seed}: ");
+    let trace_hash = stdout
+        .lines()
+        .filter(|line| line.starts_with(&summary))
+        .find_map(|line| {
+            let (_, rest) = line.split_once(", trace ")?;
+            rest.split(',').next().map(str::to_string)
+        });
+    let mut violations: Vec<String> = stdout
+        .lines()
+        .filter_map(|line| line.strip_prefix("  "))
+        .filter(|line| line.starts_with('['))
+        .map(str::to_string)
+        .collect();
+    if trace_hash.is_none() {
+        let tail: Vec<&str> = stderr.lines().rev().take(20).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        violations.push(format!(
+            "[process] distbuild-sim exited with {} and no report: {}",
+            output.status,
+            tail.join(" | ")
+        ));
+    }
+    SeedRun {
+        seed,
+        violations,
+        trace_hash,
+        replay: replay_command(seed, bugs),
+    }
+}
+
+/// Runs `seeds`, each in its own process, two at a time (each simulation
+/// is single-threaded), until `on_report`, which sees every run, returns
+/// false.
+fn run_seeds(seeds: Vec<u64>, bug_name: Option<&str>, on_report: impl Fn(&SeedRun) -> bool + Sync) {
     let queue = Mutex::new(Some(seeds.into_iter()));
     std::thread::scope(|scope| {
         for _ in 0..2 {
@@ -31,7 +100,7 @@ fn run_seeds(seeds: Vec<u64>, bugs: InjectedBugs, on_report: impl Fn(&SeedReport
                         .as_mut()
                         .and_then(Iterator::next);
                     let Some(seed) = next else { return };
-                    if !on_report(&run_seed(seed, bugs)) {
+                    if !on_report(&run_in_own_process(seed, bug_name)) {
                         *queue.lock().expect("queue") = None;
                     }
                 }
@@ -55,19 +124,18 @@ fn every_seed_keeps_every_promise() {
         None => (0..env_u64("DISTBUILD_SIM_SEEDS").unwrap_or(50)).collect(),
     };
     let failures = Mutex::new(Vec::new());
-    run_seeds(seeds, InjectedBugs::default(), |report| {
+    run_seeds(seeds, None, |report| {
         eprintln!(
-            "seed {}: {} violations, {:.1} s",
+            "seed {}: {} violations",
             report.seed,
-            report.violations.len(),
-            report.seconds
+            report.violations.len()
         );
         if !report.violations.is_empty() {
             let mut text = format!("seed {} failed:\n", report.seed);
             for violation in &report.violations {
                 text.push_str(&format!("  {violation}\n"));
             }
-            text.push_str(&format!("  replay: {}\n", report.replay_command()));
+            text.push_str(&format!("  replay: {}\n", report.replay));
             eprint!("{text}");
             failures.lock().expect("failures").push(text);
         }
@@ -82,35 +150,14 @@ fn every_seed_keeps_every_promise() {
     );
 }
 
-/// The trace hash of one run of `seed`, in a process of its own: the way a
-/// failing seed is replayed (`distbuild-sim --seed N`, the line every
-/// failure prints). A fresh process, because simulations running on other
-/// threads of one process were seen to change a run (see SIMULATION.md,
-/// "Known gaps").
-fn trace_hash_in_own_process(seed: u64) -> String {
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_distbuild-sim"))
-        .args(["--seed", &seed.to_string()])
-        .output()
-        .expect("run distbuild-sim");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "seed {seed} failed: {stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    stdout
-        .lines()
-        .find_map(|line| {
-            let (_, rest) = line.split_once(", trace ")?;
-            rest.split(',').next().map(str::to_string)
-        })
-        .unwrap_or_else(|| panic!("seed {seed}: no trace hash in {stdout}"))
-}
-
+/// A seed gives one run: the same trace twice.
 #[test]
 fn a_seed_replays_exactly() {
     for seed in [3, 11] {
-        let hashes: Vec<String> = (0..2).map(|_| trace_hash_in_own_process(seed)).collect();
+        let hashes: Vec<Option<String>> = (0..2)
+            .map(|_| run_in_own_process(seed, None).trace_hash)
+            .collect();
+        assert!(hashes[0].is_some(), "seed {seed} gave no report");
         assert_eq!(hashes[0], hashes[1], "seed {seed} ran differently twice");
     }
 }
@@ -121,10 +168,9 @@ fn a_seed_replays_exactly() {
 #[test]
 fn each_injected_bug_is_caught_within_twenty_seeds() {
     for name in distbuild_simulation::bug_names() {
-        let bugs = bug(name).expect("known bug");
         let caught = Mutex::new(Vec::new());
-        run_seeds((0..20).collect(), bugs, |report| {
-            let found = report.violations.iter().any(|v| v.checker == "leases");
+        run_seeds((0..20).collect(), Some(name), |report| {
+            let found = report.caught_by("leases");
             if found {
                 caught.lock().expect("caught").push(report.seed);
             }
