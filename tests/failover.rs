@@ -57,14 +57,14 @@ fn a_follower_whose_leader_went_silent_sends_callers_to_the_next_leader() {
     assert!(pause < Duration::from_millis(ELECTION_TIMEOUT_MAX_MS));
     std::thread::sleep(pause);
     let asked = std::time::Instant::now();
-    let answer = runtime.block_on(client.find_missing_blobs(FindMissingBlobsRequest { digests: vec![] }));
+    let answer =
+        runtime.block_on(client.find_missing_blobs(FindMissingBlobsRequest { digests: vec![] }));
     match answer {
         // The follower won the election and serves.
         Ok(_) => assert_eq!(cluster.wait_for_leader(), follower),
         Err(status) => {
-            let named = leader_hint(&status).unwrap_or_else(|| {
-                panic!("a redirect to the new leader, got {status:?}")
-            });
+            let named = leader_hint(&status)
+                .unwrap_or_else(|| panic!("a redirect to the new leader, got {status:?}"));
             assert_ne!(named, dead, "sent to the dead leader: {status:?}");
             assert_eq!(named, cluster.node_addr(cluster.wait_for_leader()));
         }

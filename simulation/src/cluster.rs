@@ -24,7 +24,7 @@ use rand::{Rng, SeedableRng};
 use tokio_util::sync::CancellationToken;
 
 use crate::faults::{self, Fault, Hosts, Planned};
-use crate::net::{SimDialer, incoming};
+use crate::net::{self, SimDialer, incoming};
 use crate::observe::Observer;
 use crate::runner::FakeRunner;
 use crate::trace::{Trace, What};
@@ -186,6 +186,7 @@ pub fn run(config: RunConfig, dir: &Path) -> RunResult {
     // in the simulation's own order.
     distbuild_proto::rng::seed_this_thread(config.seed ^ HOSTS_STREAM);
     distbuild_proto::blocking::run_inline_on_this_thread();
+    net::reset();
     let mut rng = StdRng::seed_from_u64(config.seed);
     let shape = shape(&mut rng);
     // Build i is client i % clients's round i / clients.
@@ -708,7 +709,7 @@ impl<'p> Driver<'p> {
                     if !sim.is_host_running(host.as_str()) {
                         continue;
                     }
-                    sim.crash(host.as_str());
+                    net::crash(sim, host.as_str());
                     self.note(now_ms, format!("crash {host}"));
                     Undo::Restart(host.clone())
                 }
@@ -744,7 +745,7 @@ impl<'p> Driver<'p> {
                 );
             }
             Undo::Restart(host) => {
-                sim.bounce(host.as_str());
+                net::bounce(sim, host.as_str());
                 self.note(now_ms, format!("restart {host}"));
             }
             Undo::EndDelay => {
@@ -772,7 +773,7 @@ impl<'p> Driver<'p> {
         let undo = std::mem::take(&mut self.undo);
         for undo in undo.into_values().flatten() {
             if let Undo::Restart(host) = undo {
-                sim.bounce(host.as_str());
+                net::bounce(sim, host.as_str());
             }
         }
         for (i, a) in all.iter().enumerate() {

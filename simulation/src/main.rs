@@ -67,9 +67,8 @@ fn main() -> ExitCode {
 }
 
 /// Runs each seed of `--seeds` as `--seed N` in a child process of this
-/// binary, one after another: a run depends on the tasks its process
-/// spawned before it (SIMULATION.md, "What runs"), so a seed gets a fresh
-/// process here exactly as when its replay command runs it.
+/// binary, one after another: what each prints is exactly what its replay
+/// command prints, and a seed that panics stops only its own run.
 fn run_each_in_own_process(args: &Args) -> ExitCode {
     let exe = match std::env::current_exe() {
         Ok(exe) => exe,

@@ -1,8 +1,23 @@
 //! distbuild's network seams over turmoil's simulated TCP: a [`Dialer`]
 //! for the coordinators' peer channels, the workers and the clients, and a
-//! stream of accepted connections for the gRPC servers.
+//! stream of accepted connections for the gRPC servers; and [`crash`] and
+//! [`bounce`], which stop a host closing its connections in the order they
+//! were opened.
+//!
+//! Why the order needs help: turmoil crashes a host by dropping its tokio
+//! runtime, and tokio drops a runtime's tasks in an order that follows
+//! their task IDs, which one counter numbers for the whole process. Each
+//! connection a dropped task held sends its FIN (or RST) into the network
+//! as it drops, so without help the order those reach peers in, and so the
+//! run, would depend on how many tasks the process spawned before, on any
+//! thread. Every connection is a [`SimStream`]: while its host is being
+//! crashed, a dropped one is set aside, and once the host's last one is
+//! dropped they all close, in the order they were opened.
 
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -20,9 +35,9 @@ pub struct SimDialer;
 
 fn connector() -> impl tower::Service<
     Uri,
-    Response = TokioIo<turmoil::net::TcpStream>,
+    Response = TokioIo<SimStream>,
     Error = io::Error,
-    Future = BoxFuture<'static, io::Result<TokioIo<turmoil::net::TcpStream>>>,
+    Future = BoxFuture<'static, io::Result<TokioIo<SimStream>>>,
 > + Clone
 + Send
 + 'static {
@@ -36,7 +51,7 @@ fn connector() -> impl tower::Service<
                 .port_u16()
                 .ok_or_else(|| io::Error::other(format!("no port in {uri}")))?;
             let stream = turmoil::net::TcpStream::connect((host.as_str(), port)).await?;
-            Ok(TokioIo::new(stream))
+            Ok(TokioIo::new(SimStream::new(stream)?))
         })
     })
 }
@@ -54,8 +69,128 @@ impl Dialer for SimDialer {
     }
 }
 
-/// An accepted simulated connection, as tonic's server wants it.
-pub struct SimStream(pub turmoil::net::TcpStream);
+/// The connections of one host, for closing them in order at a crash.
+#[derive(Default)]
+struct HostStreams {
+    /// Number for the next connection opened.
+    next: u64,
+    /// The connections open now.
+    open: BTreeSet<u64>,
+    /// While the host is being crashed: the connections dropped so far,
+    /// not yet closed.
+    crashing: Option<BTreeMap<u64, turmoil::net::TcpStream>>,
+}
+
+thread_local! {
+    // Each simulation runs on one thread; `reset` starts a run afresh.
+    static STREAMS: RefCell<HashMap<IpAddr, HostStreams>> = RefCell::new(HashMap::new());
+}
+
+/// Forgets every host's connections (at the start of a run on this thread).
+pub fn reset() {
+    STREAMS.with(|streams| streams.borrow_mut().clear());
+}
+
+/// Crashes `host`: its connections close in the order they were opened
+/// (see the module documentation).
+pub fn crash(sim: &mut turmoil::Sim<'_>, host: &str) {
+    while_stopping(sim, host, |sim| sim.crash(host));
+}
+
+/// Restarts `host` (stopping it first if it runs), closing its connections
+/// in the order they were opened.
+pub fn bounce(sim: &mut turmoil::Sim<'_>, host: &str) {
+    while_stopping(sim, host, |sim| sim.bounce(host));
+}
+
+fn while_stopping(
+    sim: &mut turmoil::Sim<'_>,
+    host: &str,
+    stop: impl FnOnce(&mut turmoil::Sim<'_>),
+) {
+    let ip = sim.lookup(host);
+    STREAMS.with(|streams| {
+        streams.borrow_mut().entry(ip).or_default().crashing = Some(BTreeMap::new());
+    });
+    stop(sim);
+    let (set_aside, still_open) = STREAMS.with(|streams| {
+        let mut streams = streams.borrow_mut();
+        let entry = streams.entry(ip).or_default();
+        (
+            entry.crashing.take().unwrap_or_default(),
+            std::mem::take(&mut entry.open),
+        )
+    });
+    // Every connection lives in one of the host's tasks, so dropping its
+    // runtime dropped (and so closed) them all.
+    assert!(
+        still_open.is_empty() && set_aside.is_empty(),
+        "{host}: connections {still_open:?} outlived the host's runtime"
+    );
+}
+
+/// A simulated connection (dialled or accepted) that closes in order when
+/// its host crashes (see the module documentation).
+pub struct SimStream {
+    /// None once dropped.
+    stream: Option<turmoil::net::TcpStream>,
+    host: IpAddr,
+    number: u64,
+}
+
+impl SimStream {
+    /// Registers `stream` with its host (the host that runs this code).
+    pub fn new(stream: turmoil::net::TcpStream) -> io::Result<Self> {
+        let host = stream.local_addr()?.ip();
+        let number = STREAMS.with(|streams| {
+            let mut streams = streams.borrow_mut();
+            let entry = streams.entry(host).or_default();
+            let number = entry.next;
+            entry.next += 1;
+            entry.open.insert(number);
+            number
+        });
+        Ok(Self {
+            stream: Some(stream),
+            host,
+            number,
+        })
+    }
+
+    fn stream(&mut self) -> &mut turmoil::net::TcpStream {
+        self.stream
+            .as_mut()
+            .expect("a connection is used until dropped")
+    }
+}
+
+impl Drop for SimStream {
+    fn drop(&mut self) {
+        let Some(stream) = self.stream.take() else {
+            return;
+        };
+        // Closed (dropped) outside the borrow: turmoil's drop runs here.
+        let to_close: Vec<turmoil::net::TcpStream> = STREAMS.with(|streams| {
+            let mut streams = streams.borrow_mut();
+            let entry = streams.entry(self.host).or_default();
+            entry.open.remove(&self.number);
+            match &mut entry.crashing {
+                None => vec![stream],
+                Some(dropped) => {
+                    dropped.insert(self.number, stream);
+                    if entry.open.is_empty() {
+                        std::mem::take(dropped).into_values().collect()
+                    } else {
+                        Vec::new()
+                    }
+                }
+            }
+        });
+        for stream in to_close {
+            drop(stream);
+        }
+    }
+}
 
 impl Connected for SimStream {
     type ConnectInfo = ();
@@ -69,7 +204,7 @@ impl AsyncRead for SimStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
+        Pin::new(self.stream()).poll_read(cx, buf)
     }
 }
 
@@ -79,15 +214,15 @@ impl AsyncWrite for SimStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
+        Pin::new(self.stream()).poll_write(cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
+        Pin::new(self.stream()).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
+        Pin::new(self.stream()).poll_shutdown(cx)
     }
 }
 
@@ -96,7 +231,10 @@ pub fn incoming(
     listener: turmoil::net::TcpListener,
 ) -> impl Stream<Item = io::Result<SimStream>> + Send + 'static {
     futures::stream::unfold(listener, |listener| async move {
-        let accepted = listener.accept().await.map(|(stream, _)| SimStream(stream));
+        let accepted = listener
+            .accept()
+            .await
+            .and_then(|(stream, _)| SimStream::new(stream));
         Some((accepted, listener))
     })
 }
