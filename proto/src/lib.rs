@@ -10,6 +10,7 @@ mod ids;
 pub mod leader;
 pub mod net;
 pub mod rng;
+pub mod text;
 pub mod wire;
 
 pub use cache_key::cache_key;

@@ -23,6 +23,11 @@ pub const MAX_MESSAGE_BYTES: usize = 32 << 20;
 /// worker keeps the head and notes the truncation.
 pub const MAX_JOB_OUTPUT_BYTES: usize = 1 << 20;
 
+/// Longest error message kept for a job (a worker's own words on why a
+/// job could not run; it may quote a program name or path from the graph).
+/// Longer ones are cut on a character boundary.
+pub const MAX_JOB_ERROR_BYTES: usize = 4096;
+
 /// Metadata key naming the leader's address on an UNAVAILABLE answer from a
 /// coordinator that is not the leader.
 pub const LEADER_METADATA_KEY: &str = "distbuild-leader";

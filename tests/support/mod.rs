@@ -483,8 +483,13 @@ impl HaCluster {
     }
 
     pub fn add_worker(&mut self) {
+        self.add_worker_with(&[]);
+    }
+
+    /// Starts one more worker with `extra` flags.
+    pub fn add_worker_with(&mut self, extra: &[&str]) {
         let i = self.workers.len();
-        let args: Vec<String> = vec![
+        let mut args: Vec<String> = vec![
             "worker".into(),
             "--coordinator".into(),
             self.all_addrs(),
@@ -498,6 +503,7 @@ impl HaCluster {
             "--slots".into(),
             self.worker_slots.to_string(),
         ];
+        args.extend(extra.iter().map(|s| s.to_string()));
         let log = self.path(&format!("worker{i}.log"));
         self.workers.push(Some(Server::start(&args, log)));
     }

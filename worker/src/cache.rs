@@ -29,6 +29,17 @@ pub enum CacheError {
         /// The content's digest.
         actual: Digest,
     },
+    /// The content is larger than the whole cache: storing it would evict
+    /// everything and then it, too.
+    #[error(
+        "{size} bytes or more do not fit in the cache, which holds at most {max_bytes} bytes (--cache-max-bytes)"
+    )]
+    TooLarge {
+        /// The content's size, as far as it was read.
+        size: u64,
+        /// The cache's bound.
+        max_bytes: u64,
+    },
     /// A filesystem operation failed.
     #[error("{context}: {source}")]
     Io {
@@ -261,10 +272,16 @@ impl Cache {
             if n == 0 {
                 break;
             }
+            size += n as u64;
+            if size > self.max_bytes {
+                return Err(CacheError::TooLarge {
+                    size,
+                    max_bytes: self.max_bytes,
+                });
+            }
             sha1.update(&buf[..n]);
             tmp.write_all(&buf[..n])
                 .map_err(io_err("write cache temporary file"))?;
-            size += n as u64;
         }
         let actual = Digest::from_bytes(sha1.finalize().into());
         if let Some(expected) = expected
@@ -283,6 +300,11 @@ impl Cache {
             .insert(actual, size);
         self.evict()?;
         Ok(actual)
+    }
+
+    /// The most bytes the cache holds.
+    pub fn max_bytes(&self) -> u64 {
+        self.max_bytes
     }
 
     fn evict(&self) -> Result<(), CacheError> {
@@ -326,6 +348,27 @@ mod tests {
         let wrong = cache.insert(Some(Digest::of(b"other")), &data[..]);
         assert!(matches!(wrong, Err(CacheError::DigestMismatch { .. })));
         assert_eq!(cache.total_bytes(), 1000, "a refused blob takes no space");
+    }
+
+    #[test]
+    fn a_blob_larger_than_the_whole_cache_is_refused_naming_both_sizes() {
+        let dir = tempfile::TempDir::new().expect("tempdir");
+        let cache = Cache::open(dir.path(), 1000).expect("open");
+        let kept = cache.insert(None, &blob(1, 600)[..]).expect("fits");
+        let refused = cache.insert(None, &blob(2, 1001)[..]);
+        assert!(
+            matches!(
+                refused,
+                Err(CacheError::TooLarge {
+                    size: 1001,
+                    max_bytes: 1000
+                })
+            ),
+            "{refused:?}"
+        );
+        // Nothing was evicted for it.
+        assert!(cache.open_blob(&kept).expect("open").is_some());
+        assert_eq!(cache.total_bytes(), 600);
     }
 
     #[test]

@@ -26,9 +26,10 @@ use std::sync::Arc;
 use distbuild_proto::graph::{Cmd, GraphError, NoDepOutput, TemplateDirs, check_relative_path};
 use distbuild_proto::v1::Assignment;
 use distbuild_proto::wire::{
-    DigestFieldError, MAX_JOB_OUTPUT_BYTES, command_from_wire, digest_from_wire,
+    DigestFieldError, MAX_JOB_ERROR_BYTES, MAX_JOB_OUTPUT_BYTES, command_from_wire,
+    digest_from_wire,
 };
-use distbuild_proto::{Digest, IdError, JobId, artifact};
+use distbuild_proto::{Digest, IdError, JobId, artifact, text};
 use futures::{StreamExt, TryStreamExt};
 
 use crate::cache::{Cache, Pin};
@@ -640,7 +641,8 @@ async fn run_steps(
         let in_command = move |problem: String| format!("command {number}: {problem}");
         match expand_command(cmd, &dirs).map_err(|e| in_command(e.to_string()))? {
             ExpandedCmd::Exec(process) => {
-                let program = process.program.clone();
+                // A program name comes from the graph, of any length.
+                let program = text::shortened(&process.program.to_string_lossy(), 256);
                 let output = env
                     .runner
                     .run(process)
@@ -682,6 +684,14 @@ async fn run_steps(
                 .map_err(|e| format!("write the artifact: {e}"))?;
             packed
         };
+        // An artifact the cache cannot hold would be evicted as soon as it
+        // was stored, and every dependent would find it lost.
+        if size > cache.max_bytes() {
+            return Err(format!(
+                "the outputs pack to {size} bytes, more than this worker's cache holds ({} bytes, --cache-max-bytes)",
+                cache.max_bytes()
+            ));
+        }
         let reader = temp
             .reopen()
             .map_err(|e| format!("reopen the artifact: {e}"))?;
@@ -717,15 +727,18 @@ pub async fn run_job(env: &JobEnv, spec: &JobSpec, sandbox: &Path) -> JobOutcome
         Ok(Finished::Failed { exit_code }) => outcome.exit_code = exit_code,
         Ok(Finished::LostInputs { error, lost }) => {
             outcome.exit_code = EXIT_CODE_NOT_RUN;
-            outcome.error = error.replace('\n', " ");
+            outcome.error = error;
             outcome.lost_inputs = lost;
         }
         Err(error) => {
             outcome.exit_code = EXIT_CODE_NOT_RUN;
-            // One line, whatever the underlying errors said.
-            outcome.error = error.replace('\n', " ");
+            outcome.error = error;
         }
     }
+    // One line within the bound, whatever the underlying errors said (they
+    // may quote a program name or path of any length from the graph).
+    outcome.error = outcome.error.replace('\n', " ");
+    text::cut(&mut outcome.error, MAX_JOB_ERROR_BYTES, " [cut]");
     outcome
 }
 

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use distbuild_proto::Digest;
+use distbuild_proto::text;
 use distbuild_proto::v1::worker_api_server::WorkerApi;
 use distbuild_proto::v1::{
     Assignment, BlobChunk, DepArtifact, FetchRequest, HeartbeatRequest, HeartbeatResponse,
@@ -12,7 +13,8 @@ use distbuild_proto::v1::{
     ReportResultRequest, ReportResultResponse,
 };
 use distbuild_proto::wire::{
-    MAX_JOB_OUTPUT_BYTES, MAX_REQUEST_ID_CHARS, digest_from_wire, digest_to_wire,
+    MAX_JOB_ERROR_BYTES, MAX_JOB_OUTPUT_BYTES, MAX_REQUEST_ID_CHARS, digest_from_wire,
+    digest_to_wire,
 };
 use tonic::{Request, Response, Status};
 
@@ -395,7 +397,7 @@ impl WorkerApi for WorkerService {
             }
         } else {
             let mut error = req.error;
-            error.truncate(4096);
+            text::cut(&mut error, MAX_JOB_ERROR_BYTES, " [cut by the coordinator]");
             Outcome::Failure {
                 exit_code: req.exit_code,
                 stdout,

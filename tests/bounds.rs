@@ -1,0 +1,116 @@
+//! Bounds: what a job or a caller sends cannot take the cluster down, and
+//! text from outside is cut on character boundaries. Real processes on
+//! loopback.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::json;
+use support::*;
+
+/// Long enough for a failing build here; a hang is caught well before the
+/// lease machinery would give up on its own (minutes).
+const BUILD_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A job whose program name is long and not ASCII fails at once with an
+/// error that says why; the coordinator keeps serving. (The coordinator
+/// used to cut the worker's error at byte 4096, inside a character, and
+/// panic: the report never landed and the job ran again and again.)
+#[test]
+fn a_long_non_ascii_program_name_fails_its_job_at_once() {
+    let cluster = HaCluster::start(1, 0, 1, 1);
+    let program = format!("x{}", "é".repeat(3000));
+    let graph = json!({"Jobs": [{
+        "ID": id("long name"),
+        "Name": "long name",
+        "Cmds": [{"Exec": [program]}],
+    }]});
+    let run = finish_build_explained(cluster.spawn_build(&graph, &[]), BUILD_TIMEOUT, || {
+        cluster.logs()
+    });
+    assert_eq!(run.code, Some(1), "{}", run.describe());
+    let job = run.finished(&id("long name"));
+    let error = job["error"].as_str().expect("an error");
+    // The cause is named after a shortened program name.
+    assert!(
+        error.starts_with("command 1: run \"xééé") && error.contains("(os error"),
+        "{error}"
+    );
+    assert!(error.len() <= 4096, "{} bytes", error.len());
+    // The coordinator still serves: a second build runs.
+    let echo = json!({"Jobs": [sh_job("after", &[], &[], &["echo still here"])]});
+    let run = finish_build(cluster.spawn_build(&echo, &[]), BUILD_TIMEOUT);
+    assert_eq!(run.code, Some(0), "{}", run.describe());
+    assert_eq!(run.finished(&id("after"))["stdout"], "still here\n");
+}
+
+/// A worker's report whose error is long and not ASCII is taken whatever
+/// the worker cut (or did not): the coordinator cuts it on a character
+/// boundary and answers, rather than panicking in the handler.
+#[test]
+fn the_coordinator_cuts_a_reported_error_on_a_character_boundary() {
+    use distbuild_proto::Digest;
+    use distbuild_proto::v1::ReportResultRequest;
+    use distbuild_proto::v1::worker_api_client::WorkerApiClient;
+
+    let cluster = HaCluster::start(1, 0, 0, 1);
+    let addr = cluster.node_addr(cluster.wait_for_leader());
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let answer = runtime.block_on(async {
+        let mut client = WorkerApiClient::connect(format!("http://{addr}"))
+            .await
+            .expect("connect");
+        let report = ReportResultRequest {
+            worker_id: "w-unknown".into(),
+            lease_token: 1,
+            cache_key: Digest::of(b"no such job").as_bytes().to_vec().into(),
+            exit_code: -1,
+            error: format!("x{}", "é".repeat(3000)),
+            request_id: "r1".into(),
+            ..Default::default()
+        };
+        client.report_result(report).await
+    });
+    // Answered (not accepted: there is no such lease), not a call cut off
+    // by a panicking handler (CANCELLED, the stream reset).
+    let answer = answer.expect("an answer").into_inner();
+    assert!(!answer.accepted);
+    assert!(
+        cluster.try_status().is_ok(),
+        "the coordinator stopped serving"
+    );
+}
+
+/// A job whose output is larger than its worker's whole cache fails at
+/// once, naming both sizes, instead of being reported, evicted at once,
+/// found lost by its dependent and run again without end.
+#[test]
+fn an_output_larger_than_the_cache_fails_its_job_naming_both_sizes() {
+    let mut cluster = HaCluster::start(1, 0, 0, 1);
+    cluster.add_worker_with(&["--cache-max-bytes", "1000000"]);
+    cluster.wait_for_workers(1);
+    let graph = json!({"Jobs": [
+        sh_job("big", &[], &[], &["head -c 3000000 /dev/zero > {{.OutputDir}}/big"]),
+        sh_job("reader", &[], &["big"], &[&format!("wc -c < {{{{index .Deps \"{}\"}}}}/big", id("big"))]),
+    ]});
+    let run = finish_build_explained(cluster.spawn_build(&graph, &[]), BUILD_TIMEOUT, || {
+        cluster.logs()
+    });
+    assert_eq!(run.code, Some(1), "{}", run.describe());
+    let error = run.finished(&id("big"))["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        error.contains("1000000 bytes") && error.contains("pack to 30"),
+        "{error}"
+    );
+    assert!(
+        !run.events.iter().any(|e| e["event"] == "job_finished"
+            && e["id"] == id("reader")
+            && e["exit_code"] == 0),
+        "{}",
+        run.describe()
+    );
+}
