@@ -114,3 +114,85 @@ fn an_output_larger_than_the_cache_fails_its_job_naming_both_sizes() {
         run.describe()
     );
 }
+
+/// A job that leaves a 5,000-level directory tree behind (deeper than any
+/// path may be long) neither kills its worker nor stops it from taking the
+/// next job; one that leaves such a tree in its outputs fails, saying why.
+#[test]
+fn deep_trees_left_by_jobs_neither_kill_the_worker_nor_pack() {
+    let cluster = HaCluster::start(1, 0, 1, 1);
+    // Each step relative to the last (a shell's `cd` gives up once the
+    // whole path passes PATH_MAX); perl is in every Debian (perl-base).
+    let nest = r#"perl -e 'for (1..5000) { mkdir "d" or die "mkdir: $!"; chdir "d" or die "chdir: $!" }' && echo nested"#;
+    let scratch = json!({"Jobs": [sh_job("deep scratch", &[], &[], &[nest])]});
+    let run = finish_build_explained(cluster.spawn_build(&scratch, &[]), BUILD_TIMEOUT, || {
+        cluster.logs()
+    });
+    assert_eq!(run.code, Some(0), "{}", run.describe());
+    assert_eq!(run.finished(&id("deep scratch"))["stdout"], "nested\n");
+
+    let in_outputs = format!("cd {{{{.OutputDir}}}} && {nest}");
+    let outputs = json!({"Jobs": [sh_job("deep outputs", &[], &[], &[&in_outputs])]});
+    let run = finish_build_explained(cluster.spawn_build(&outputs, &[]), BUILD_TIMEOUT, || {
+        cluster.logs()
+    });
+    assert_eq!(run.code, Some(1), "{}", run.describe());
+    let error = run.finished(&id("deep outputs"))["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(error.contains("nest deeper than 256 levels"), "{error}");
+
+    // The same worker takes the next job, and its sandboxes are gone.
+    let after = json!({"Jobs": [sh_job("after", &[], &[], &["echo still here"])]});
+    let run = finish_build(cluster.spawn_build(&after, &[]), BUILD_TIMEOUT);
+    assert_eq!(run.code, Some(0), "{}", run.describe());
+    let sandboxes: Vec<_> = std::fs::read_dir(cluster.path("worker0/sandbox"))
+        .expect("the sandbox directory")
+        .collect();
+    assert!(sandboxes.is_empty(), "left behind: {sandboxes:?}");
+}
+
+/// A worker killed while a job had nested a tree deeper than any path may
+/// be long starts again on the same cache directory, clearing the tree.
+#[test]
+fn a_worker_restarts_over_whatever_a_killed_job_left_in_its_sandbox() {
+    let mut cluster = Cluster::start(1, 1);
+    let nested = cluster.path("nested");
+    let script = format!(
+        r#"perl -e 'for (1..5000) {{ mkdir "d" or die; chdir "d" or die }}' && touch {} && sleep 120"#,
+        nested.display()
+    );
+    let graph_path = cluster.path("graph.json");
+    std::fs::write(
+        &graph_path,
+        json!({"Jobs": [sh_job("nests and waits", &[], &[], &[&script])]}).to_string(),
+    )
+    .expect("write the graph");
+    let mut build = distbuild()
+        .args(["build", "--json", "--graph"])
+        .arg(&graph_path)
+        .args(["--source-dir", "/nonexistent", "--coordinator"])
+        .arg(cluster.coordinator_addr())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn the build");
+    let deadline = std::time::Instant::now() + BUILD_TIMEOUT;
+    while !nested.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the job never nested its tree"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    cluster.workers[0].kill();
+    // Same cache directory (worker0): start-up clears its sandboxes.
+    cluster.start_worker(0, 1);
+    let _ = build.kill();
+    let _ = build.wait();
+    let sandboxes: Vec<_> = std::fs::read_dir(cluster.path("worker0/sandbox"))
+        .expect("the sandbox directory")
+        .collect();
+    assert!(sandboxes.is_empty(), "left behind: {sandboxes:?}");
+}

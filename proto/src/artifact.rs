@@ -106,8 +106,14 @@ impl<W: Write> Write for Hashing<W> {
     }
 }
 
+/// Deepest nesting of directories an artifact may hold. Packing walks the
+/// tree recursively, one level per directory: the bound keeps that within
+/// any thread's stack, and real build outputs nest a few dozen levels.
+pub const MAX_ARTIFACT_DEPTH: usize = 256;
+
 /// Packs directory `dir` into `out`; returns the digest and size of the
-/// bytes written.
+/// bytes written. A tree nested deeper than [`MAX_ARTIFACT_DEPTH`] is
+/// refused.
 pub fn pack(dir: &Path, out: impl Write) -> Result<(Digest, u64), ArtifactError> {
     let mut builder = tar::Builder::new(Hashing {
         inner: out,
@@ -115,7 +121,7 @@ pub fn pack(dir: &Path, out: impl Write) -> Result<(Digest, u64), ArtifactError>
         bytes: 0,
     });
     builder.follow_symlinks(false);
-    pack_dir(&mut builder, dir, "")?;
+    pack_dir(&mut builder, dir, "", 0)?;
     let hashing = builder
         .into_inner()
         .map_err(io_err("finish the artifact"))?;
@@ -140,7 +146,14 @@ fn pack_dir<W: Write>(
     builder: &mut tar::Builder<W>,
     dir: &Path,
     prefix: &str,
+    depth: usize,
 ) -> Result<(), ArtifactError> {
+    if depth > MAX_ARTIFACT_DEPTH {
+        return Err(bad(
+            crate::text::shortened(prefix, 200),
+            format!("directories nest deeper than {MAX_ARTIFACT_DEPTH} levels"),
+        ));
+    }
     let mut entries: Vec<_> = fs::read_dir(dir)
         .map_err(io_err(format!("list {}", dir.display())))?
         .collect::<Result<_, _>>()
@@ -172,7 +185,7 @@ fn pack_dir<W: Write>(
             builder
                 .append_data(&mut h, format!("{rel}/"), io::empty())
                 .map_err(io_err(format!("pack {rel}")))?;
-            pack_dir(builder, &path, &format!("{rel}/"))?;
+            pack_dir(builder, &path, &format!("{rel}/"), depth + 1)?;
         } else if kind.is_file() {
             let mode = if meta.permissions().mode() & 0o111 != 0 {
                 0o755
@@ -410,6 +423,21 @@ mod tests {
         ));
         let dest = tempfile::TempDir::new().expect("tempdir");
         unpack(&tar[..], dest.path(), 10).expect("exactly at the limit");
+    }
+
+    #[test]
+    fn packing_refuses_a_tree_nested_deeper_than_the_bound() {
+        let dir = tempfile::TempDir::new().expect("tempdir");
+        let mut deep = dir.path().to_path_buf();
+        for _ in 0..MAX_ARTIFACT_DEPTH {
+            deep.push("d");
+        }
+        fs::create_dir_all(&deep).expect("mkdir");
+        pack(dir.path(), io::sink()).expect("exactly at the bound");
+        fs::create_dir(deep.join("d")).expect("mkdir");
+        let err = pack(dir.path(), io::sink()).expect_err("one level more");
+        assert!(err.to_string().contains("nest deeper than 256"), "{err}");
+        assert!(err.to_string().len() < 400, "{err}");
     }
 
     #[test]

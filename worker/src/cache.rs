@@ -165,7 +165,7 @@ impl Cache {
         let tmp = dir.join("tmp");
         fs::create_dir_all(&blobs).map_err(io_err(format!("create {}", blobs.display())))?;
         if tmp.exists() {
-            fs::remove_dir_all(&tmp).map_err(io_err(format!("clear {}", tmp.display())))?;
+            crate::tree::remove_tree(&tmp).map_err(io_err(format!("clear {}", tmp.display())))?;
         }
         fs::create_dir_all(&tmp).map_err(io_err(format!("create {}", tmp.display())))?;
         let mut found: Vec<(SystemTime, Digest, u64)> = Vec::new();

@@ -19,7 +19,6 @@ use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
 use std::fs;
 use std::io::{self, BufWriter, Write};
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -278,36 +277,12 @@ impl Layout {
 
     fn create(&self) -> io::Result<()> {
         if self.root.exists() {
-            remove_dir_forcibly(&self.root)?;
+            crate::tree::remove_tree(&self.root)?;
         }
         for dir in [&self.src, &self.out, &self.deps, &self.tmp] {
             fs::create_dir_all(dir)?;
         }
         Ok(())
-    }
-}
-
-/// Removes a directory tree, also when a job left parts of it read-only.
-pub fn remove_dir_forcibly(path: &Path) -> io::Result<()> {
-    match fs::remove_dir_all(path) {
-        Ok(()) => return Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(_) => {}
-    }
-    make_writable(path);
-    fs::remove_dir_all(path)
-}
-
-fn make_writable(dir: &Path) {
-    let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o700));
-    let Ok(entries) = fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        // Never follows symlinks: file_type() describes the entry itself.
-        if entry.file_type().is_ok_and(|t| t.is_dir()) {
-            make_writable(&entry.path());
-        }
     }
 }
 

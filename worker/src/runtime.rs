@@ -38,9 +38,10 @@ use tracing::Instrument;
 use crate::cache::Cache;
 use crate::connect::{SharedConnector, TcpConnector};
 use crate::coordinator::{Backoff, CoordinatorClient, Persistence};
-use crate::job::{JobEnv, JobOutcome, JobSpec, remove_dir_forcibly, run_job};
+use crate::job::{JobEnv, JobOutcome, JobSpec, run_job};
 use crate::peer::PeerService;
 use crate::process::{ProcessRunner, TokioProcessRunner};
+use crate::tree::remove_tree;
 
 /// Default cache bound: 10 GiB.
 pub const DEFAULT_CACHE_MAX_BYTES: u64 = 10 << 30;
@@ -418,7 +419,7 @@ impl Worker {
                 };
                 let removal = distbuild_proto::blocking::run({
                     let sandbox = sandbox.clone();
-                    move || remove_dir_forcibly(&sandbox)
+                    move || remove_tree(&sandbox)
                 })
                 .await;
                 if let Err(e) = removal {
@@ -590,6 +591,41 @@ fn lock_cache_dir(dir: &Path) -> anyhow::Result<DirLock> {
     Ok(DirLock { _file: file })
 }
 
+/// Prefix of a sandbox directory moved aside because it could not be
+/// removed at start-up.
+const LEFT_BEHIND_PREFIX: &str = "sandbox-left-behind-";
+
+/// Empties the sandbox directory of what jobs of an earlier run left. What
+/// cannot be removed is moved aside (and reported) rather than keeping the
+/// worker from starting; what was moved aside before is tried again.
+fn clear_sandboxes(root: &Path) -> io::Result<()> {
+    if let Some(parent) = root.parent() {
+        for entry in fs::read_dir(parent)?.flatten() {
+            if entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with(LEFT_BEHIND_PREFIX)
+                && let Err(error) = remove_tree(&entry.path())
+            {
+                tracing::warn!(%error, path = %entry.path().display(), "still cannot remove an old sandbox");
+            }
+        }
+    }
+    if let Err(error) = remove_tree(root) {
+        let aside = root.with_file_name(format!(
+            "{LEFT_BEHIND_PREFIX}{:016x}",
+            distbuild_proto::rng::next_u64()
+        ));
+        fs::rename(root, &aside)?;
+        tracing::warn!(
+            %error,
+            moved_to = %aside.display(),
+            "cannot remove what earlier jobs left in the sandbox directory; moved it aside"
+        );
+    }
+    fs::create_dir_all(root)
+}
+
 /// The worker's ID: read from `<cache-dir>/worker-id`, or generated (16
 /// random hex characters) and kept there.
 pub fn load_or_create_worker_id(cache_dir: &Path) -> anyhow::Result<String> {
@@ -673,12 +709,9 @@ where
     let sandbox_root = cache_dir.join("sandbox");
     {
         let root = sandbox_root.clone();
-        distbuild_proto::blocking::run(move || {
-            remove_dir_forcibly(&root)?;
-            fs::create_dir_all(&root)
-        })
-        .await
-        .with_context(|| format!("clear {}", sandbox_root.display()))?;
+        distbuild_proto::blocking::run(move || clear_sandboxes(&root))
+            .await
+            .with_context(|| format!("clear {}", sandbox_root.display()))?;
     }
     let peer_addr = config
         .advertise_addr
