@@ -196,3 +196,63 @@ fn a_worker_restarts_over_whatever_a_killed_job_left_in_its_sandbox() {
         .collect();
     assert!(sandboxes.is_empty(), "left behind: {sandboxes:?}");
 }
+
+/// A watch that starts past a build's events is refused at once (it used
+/// to wait forever, re-reading the build on every apply); one from the
+/// start ends after the build's last event.
+#[test]
+fn a_watch_past_a_build_s_events_is_refused_and_one_from_the_start_ends() {
+    use distbuild_proto::v1::WatchBuildRequest;
+    use distbuild_proto::v1::client_api_client::ClientApiClient;
+
+    let cluster = HaCluster::start(1, 0, 1, 1);
+    let graph = json!({"Jobs": [sh_job("one", &[], &[], &["echo one"])]});
+    let run = finish_build(cluster.spawn_build(&graph, &[]), BUILD_TIMEOUT);
+    assert_eq!(run.code, Some(0), "{}", run.describe());
+    let build_id: u64 = run.events[0]["build_id"]
+        .as_str()
+        .and_then(|id| id.parse().ok())
+        .expect("the build's ID");
+    let addr = cluster.node_addr(cluster.wait_for_leader());
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let client = ClientApiClient::connect(format!("http://{addr}"))
+            .await
+            .expect("connect");
+        let watch = |from_seq| {
+            let mut client = client.clone();
+            async move {
+                let answer = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    client.watch_build(WatchBuildRequest { build_id, from_seq }),
+                )
+                .await
+                .expect("an answer, not a wait");
+                match answer {
+                    Err(status) => Err(status),
+                    Ok(stream) => {
+                        let mut stream = stream.into_inner();
+                        let mut events = 0u64;
+                        loop {
+                            let next =
+                                tokio::time::timeout(Duration::from_secs(10), stream.message())
+                                    .await
+                                    .expect("the stream ends after the last event");
+                            match next.expect("events") {
+                                Some(_) => events += 1,
+                                None => return Ok(events),
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        let all = watch(0).await.expect("the whole build");
+        assert!(all >= 2, "{all} events");
+        for from_seq in [all, 1_000_000] {
+            let status = watch(from_seq).await.expect_err("past the end");
+            assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
+            assert!(status.message().contains("past the end"), "{status:?}");
+        }
+    });
+}

@@ -371,8 +371,20 @@ impl ClientApi for ClientService {
         // Only the leader streams: a follower (or a leader cut off from
         // its quorum) would stream a state that may have stopped moving.
         self.node.ready_leader().await?;
-        if self.node.model().build(build_id).is_none() {
-            return Err(Status::not_found(format!("no build {build_id}")));
+        let (next_seq, finished) = match self.node.model().build(build_id) {
+            Some(build) => (build.header.next_event_seq, build.header.finished),
+            None => return Err(Status::not_found(format!("no build {build_id}"))),
+        };
+        // A start past the events there will ever be would wait forever.
+        if from_seq > next_seq || (finished && from_seq == next_seq) {
+            return Err(Status::out_of_range(format!(
+                "from_seq {from_seq} is past the end of build {build_id}'s events (it has {next_seq}{})",
+                if finished {
+                    ", and it has finished"
+                } else {
+                    " so far"
+                }
+            )));
         }
         let node = self.node.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(WATCH_BUFFER);
