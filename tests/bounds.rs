@@ -256,3 +256,83 @@ fn a_watch_past_a_build_s_events_is_refused_and_one_from_the_start_ends() {
         }
     });
 }
+
+/// `distbuild build` on `graph` against the coordinator at `addr`, with
+/// output piped (for [`finish_build`]).
+fn spawn_build_at(
+    addr: &str,
+    dir: &std::path::Path,
+    graph: &serde_json::Value,
+    extra: &[&str],
+) -> std::process::Child {
+    let path = dir.join(format!("graph-{}.json", id(&graph.to_string())));
+    std::fs::write(&path, graph.to_string()).expect("write the graph");
+    distbuild()
+        .args(["build", "--json", "--graph"])
+        .arg(&path)
+        .arg("--source-dir")
+        .arg(dir)
+        .args(["--coordinator", addr])
+        .args(extra)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn distbuild build")
+}
+
+/// A job over its time limit (the build's `--job-timeout`, or the
+/// coordinator's default) is killed with its processes and fails once,
+/// saying so; a limit over the coordinator's maximum is refused.
+#[test]
+fn a_job_over_its_time_limit_is_killed_and_fails_without_a_retry() {
+    let cluster = Cluster::start_with(
+        1,
+        1,
+        &["--default-job-timeout", "1", "--max-job-timeout", "5"],
+    );
+    let ran = cluster.path("ran.log");
+    let script = format!("echo ran >> {}; sleep 1000000", ran.display());
+    let graph = json!({"Jobs": [sh_job("sleeps", &[], &[], &[&script])]});
+    let addr = cluster.coordinator_addr();
+    let dir = cluster.path("");
+
+    for (extra, limit) in [(&[][..], "1 s"), (&["--job-timeout", "2"][..], "2 s")] {
+        let _ = std::fs::remove_file(&ran);
+        let started = std::time::Instant::now();
+        let run = finish_build_explained(
+            spawn_build_at(&addr, &dir, &graph, extra),
+            BUILD_TIMEOUT,
+            || cluster.logs(),
+        );
+        assert_eq!(run.code, Some(1), "{}", run.describe());
+        let error = run.finished(&id("sleeps"))["error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert_eq!(
+            error,
+            format!("timed out after {limit}: its processes were killed")
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{:?}",
+            started.elapsed()
+        );
+        let runs = std::fs::read_to_string(&ran).unwrap_or_default();
+        assert_eq!(runs.lines().count(), 1, "ran once, not retried: {runs:?}");
+    }
+
+    let run = finish_build(
+        spawn_build_at(&addr, &dir, &graph, &["--job-timeout", "6"]),
+        BUILD_TIMEOUT,
+    );
+    assert_eq!(run.code, Some(2), "{}", run.describe());
+    assert!(
+        run.stderr.contains(
+            "a job timeout of 6 s is more than this cluster allows (--max-job-timeout 5 s)"
+        ),
+        "{}",
+        run.describe()
+    );
+}

@@ -115,6 +115,12 @@ pub struct BuildArgs {
     #[arg(long)]
     pub json: bool,
 
+    /// Time limit of each job, in seconds: a job still running after it is
+    /// killed (with every process it started) and fails, not retried.
+    /// Without it the cluster's --default-job-timeout applies.
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub job_timeout: Option<u64>,
+
     /// Where the cluster is. Without a coordinator (flag or environment)
     /// the build runs on the workspace's local server.
     #[command(flatten)]

@@ -149,6 +149,7 @@ pub async fn run_build(args: BuildArgs, connector: Connector, console: Console) 
 
     let request = SubmitBuildRequest {
         request_id: one_off_request_id(),
+        job_timeout_secs: args.job_timeout.unwrap_or(0),
         graph_json,
         sources: sources
             .iter()

@@ -42,6 +42,7 @@ fn args(dir: &Path, graph: &Path, coordinators: Vec<String>, timeout_secs: u64) 
         source_dir: dir.to_path_buf(),
         output_dir: None,
         json: true,
+        job_timeout: None,
         connection: ConnectionArgs {
             coordinators,
             timeout_secs,

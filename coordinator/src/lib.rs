@@ -66,6 +66,14 @@ pub struct CoordinatorArgs {
     /// locality off).
     #[arg(long, default_value_t = 50)]
     pub locality_wait_ms: u64,
+    /// Time limit of each job of a build that asks for none (`distbuild
+    /// build --job-timeout`), in seconds: a job still running after it is
+    /// killed with every process it started and fails.
+    #[arg(long, default_value_t = 3_600)]
+    pub default_job_timeout: u64,
+    /// The longest time limit a build may ask for its jobs, in seconds.
+    #[arg(long, default_value_t = 86_400)]
+    pub max_job_timeout: u64,
     /// A file holding the cluster secret (16 to 1024 printable ASCII
     /// characters), the same on every coordinator: Raft traffic between
     /// them and `cluster add-node`/`remove-node` must show it. Without it
@@ -73,6 +81,9 @@ pub struct CoordinatorArgs {
     #[arg(long, value_name = "FILE")]
     pub cluster_secret_file: Option<PathBuf>,
 }
+
+/// The longest `--max-job-timeout` (a year): beyond it a limit is no limit.
+const MAX_JOB_TIMEOUT_SECS: u64 = 366 * 24 * 3600;
 
 /// Runs the coordinator from its flags until Ctrl-C or SIGTERM.
 pub async fn run_cli(args: CoordinatorArgs) -> anyhow::Result<()> {
@@ -84,6 +95,15 @@ pub async fn run_cli(args: CoordinatorArgs) -> anyhow::Result<()> {
     }
     if args.node_id == 0 {
         anyhow::bail!("--node-id must be at least 1");
+    }
+    if args.max_job_timeout == 0 || args.max_job_timeout > MAX_JOB_TIMEOUT_SECS {
+        anyhow::bail!("--max-job-timeout must be 1 to {MAX_JOB_TIMEOUT_SECS} seconds");
+    }
+    if args.default_job_timeout == 0 || args.default_job_timeout > args.max_job_timeout {
+        anyhow::bail!(
+            "--default-job-timeout must be 1 to --max-job-timeout ({}) seconds",
+            args.max_job_timeout
+        );
     }
     let bootstrap = match (&args.initial_cluster, args.join) {
         (Some(list), _) => Bootstrap::Initial(parse_initial_cluster(list, args.node_id)?),
@@ -111,6 +131,8 @@ pub async fn run_cli(args: CoordinatorArgs) -> anyhow::Result<()> {
         heartbeat_interval_ms: (args.lease_timeout_ms / 4).max(25),
         max_attempts: args.max_attempts,
         locality_wait_ms: args.locality_wait_ms,
+        default_job_timeout_ms: args.default_job_timeout * 1000,
+        max_job_timeout_ms: args.max_job_timeout * 1000,
     };
     let config = Config {
         node_id: args.node_id,

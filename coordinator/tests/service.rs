@@ -110,6 +110,7 @@ async fn refused_requests_change_nothing_and_the_server_keeps_serving() {
 
     // An oversized message is refused without being buffered whole.
     let huge = SubmitBuildRequest {
+        job_timeout_secs: 0,
         request_id: "huge".into(),
         graph_json: vec![b' '; MAX_MESSAGE_BYTES + 1024].into(),
         sources: Vec::new(),
@@ -148,6 +149,7 @@ async fn refused_requests_change_nothing_and_the_server_keeps_serving() {
         "2".repeat(40)
     );
     let submit = |request_id: &str| SubmitBuildRequest {
+        job_timeout_secs: 0,
         request_id: request_id.into(),
         graph_json: graph.clone().into_bytes().into(),
         sources: vec![SourceFile {
@@ -233,6 +235,7 @@ async fn stopping_ends_open_event_streams_and_polls() {
     let build_id = c
         .client()
         .submit_build(SubmitBuildRequest {
+            job_timeout_secs: 0,
             request_id: "watched".into(),
             graph_json: graph.into_bytes().into(),
             sources: Vec::new(),
@@ -321,6 +324,7 @@ async fn a_big_build_is_submitted_in_parts() {
             .into_inner(),
     );
     let submit = || SubmitBuildRequest {
+        job_timeout_secs: 0,
         request_id: "big".into(),
         graph_json: graph.clone().into_bytes().into(),
         sources: Vec::new(),

@@ -31,8 +31,11 @@ const KEY_FORMAT: &[u8] = b"format";
 /// held openraft's default leader IDs (term and node ID in every log ID);
 /// format 2 holds standard Raft's (`single-term-leader`: a log ID names
 /// only the term), which format 1's bytes would decode into silently wrong
-/// values, so a store of another format is refused, not read.
-pub(crate) const FORMAT: u32 = 2;
+/// values, so a store of another format is refused, not read. Format 3:
+/// the coordinator's log and tables carry job time limits (a submit's
+/// `job_timeout_ms`, each build's and execution's limit), which format 2's
+/// bytes lack.
+pub(crate) const FORMAT: u32 = 3;
 
 /// Opens the database in `dir` with the store's column families and the
 /// application's. Column families found on disk but no longer declared are
@@ -173,8 +176,9 @@ mod tests {
         let err = reopen(dir.path()).expect_err("format 1 is refused");
         assert!(matches!(err, StoreError::Format { found: 1, .. }), "{err}");
         assert!(
-            err.to_string()
-                .contains("store format 1; this distbuild reads only format 2: remove"),
+            err.to_string().contains(&format!(
+                "store format 1; this distbuild reads only format {FORMAT}: remove"
+            )),
             "{err}"
         );
 

@@ -226,6 +226,7 @@ pub fn run(config: RunConfig, dir: &Path) -> RunResult {
         // Faults may expire a lease many times; giving up is not what is
         // under test here.
         max_attempts: 1_000,
+        ..Tuning::default()
     };
 
     let mut sim = turmoil::Builder::new()
@@ -340,6 +341,7 @@ pub fn run(config: RunConfig, dir: &Path) -> RunResult {
                 source_dir: workspace.join("src"),
                 output_dir: None,
                 json: true,
+                job_timeout: None,
                 connection: ConnectionArgs {
                     coordinators: coordinator_addrs.clone(),
                     timeout_secs: 600,

@@ -21,6 +21,7 @@ use std::fs;
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use distbuild_proto::graph::{Cmd, GraphError, NoDepOutput, TemplateDirs, check_relative_path};
 use distbuild_proto::v1::Assignment;
@@ -84,6 +85,8 @@ pub struct JobSpec {
     pub inputs: Vec<InputFile>,
     /// Its dependencies' artifacts.
     pub deps: Vec<DepArtifact>,
+    /// How long its commands may run, all together.
+    pub timeout: Duration,
 }
 
 /// Why an assignment from the wire is not a job this worker can run. The
@@ -110,6 +113,9 @@ pub enum AssignmentError {
     /// A command does not parse (or names a dependency the job lacks).
     #[error(transparent)]
     Command(#[from] GraphError),
+    /// No time limit: every job runs under one.
+    #[error("timeout_ms is 0: every job needs a time limit")]
+    NoTimeout,
 }
 
 impl JobSpec {
@@ -145,6 +151,9 @@ impl JobSpec {
                 })
             })
             .collect::<Result<Vec<_>, AssignmentError>>()?;
+        if assignment.timeout_ms == 0 {
+            return Err(AssignmentError::NoTimeout);
+        }
         let dep_ids: HashSet<JobId> = deps.iter().map(|d| d.job_id).collect();
         let label = if assignment.name.is_empty() {
             assignment.job_id.clone()
@@ -164,6 +173,7 @@ impl JobSpec {
             cmds,
             inputs,
             deps,
+            timeout: Duration::from_millis(assignment.timeout_ms),
         })
     }
 }
@@ -283,6 +293,15 @@ impl Layout {
             fs::create_dir_all(dir)?;
         }
         Ok(())
+    }
+}
+
+/// A time limit as a person reads it: whole seconds when it is some.
+fn describe_limit(limit: Duration) -> String {
+    if limit.subsec_millis() == 0 {
+        format!("{} s", limit.as_secs())
+    } else {
+        format!("{} ms", limit.as_millis())
     }
 }
 
@@ -611,37 +630,53 @@ async fn run_steps(
         scratch_dir: layout.tmp.clone(),
     };
 
-    for (index, cmd) in spec.cmds.iter().enumerate() {
-        let number = index + 1;
-        let in_command = move |problem: String| format!("command {number}: {problem}");
-        match expand_command(cmd, &dirs).map_err(|e| in_command(e.to_string()))? {
-            ExpandedCmd::Exec(process) => {
-                // A program name comes from the graph, of any length.
-                let program = text::shortened(&process.program.to_string_lossy(), 256);
-                let output = env
-                    .runner
-                    .run(process)
-                    .await
-                    .map_err(|e| in_command(format!("run {program:?}: {e}")))?;
-                log.append(&output);
-                if output.exit_code != 0 {
-                    return Ok(Finished::Failed {
-                        exit_code: output.exit_code,
-                    });
+    // The commands run under the job's time limit; dropping them at the
+    // limit kills their processes (each command's whole process group).
+    let commands = async {
+        for (index, cmd) in spec.cmds.iter().enumerate() {
+            let number = index + 1;
+            let in_command = move |problem: String| format!("command {number}: {problem}");
+            match expand_command(cmd, &dirs).map_err(|e| in_command(e.to_string()))? {
+                ExpandedCmd::Exec(process) => {
+                    // A program name comes from the graph, of any length.
+                    let program = text::shortened(&process.program.to_string_lossy(), 256);
+                    let output = env
+                        .runner
+                        .run(process)
+                        .await
+                        .map_err(|e| in_command(format!("run {program:?}: {e}")))?;
+                    log.append(&output);
+                    if output.exit_code != 0 {
+                        return Ok(Some(Finished::Failed {
+                            exit_code: output.exit_code,
+                        }));
+                    }
+                }
+                ExpandedCmd::Cat { text, path } => {
+                    blocking(move || {
+                        let write = || -> io::Result<()> {
+                            if let Some(parent) = path.parent() {
+                                fs::create_dir_all(parent)?;
+                            }
+                            fs::write(&path, text.as_bytes())
+                        };
+                        write().map_err(|e| in_command(format!("write {}: {e}", path.display())))
+                    })
+                    .await?;
                 }
             }
-            ExpandedCmd::Cat { text, path } => {
-                blocking(move || {
-                    let write = || -> io::Result<()> {
-                        if let Some(parent) = path.parent() {
-                            fs::create_dir_all(parent)?;
-                        }
-                        fs::write(&path, text.as_bytes())
-                    };
-                    write().map_err(|e| in_command(format!("write {}: {e}", path.display())))
-                })
-                .await?;
-            }
+        }
+        Ok::<Option<Finished>, String>(None)
+    };
+    match tokio::time::timeout(spec.timeout, commands).await {
+        Ok(Ok(Some(failed))) => return Ok(failed),
+        Ok(Ok(None)) => {}
+        Ok(Err(error)) => return Err(error),
+        Err(_) => {
+            return Err(format!(
+                "timed out after {}: its processes were killed",
+                describe_limit(spec.timeout)
+            ));
         }
     }
 
@@ -889,7 +924,29 @@ mod tests {
             cmds,
             inputs: vec![],
             deps: vec![],
+            timeout: Duration::from_secs(60),
         }
+    }
+
+    #[tokio::test]
+    async fn a_job_over_its_time_is_killed_and_fails_saying_so() {
+        let f = fixture();
+        let marker = f.sandbox.with_file_name("still-running");
+        let mut spec = spec(vec![sh(&format!(
+            "sleep 1; echo started; sleep 30; touch {}",
+            marker.display()
+        ))]);
+        spec.timeout = Duration::from_millis(1_500);
+        let started = std::time::Instant::now();
+        let outcome = run_job(&f.env, &spec, &f.sandbox).await;
+        assert_eq!(outcome.exit_code, EXIT_CODE_NOT_RUN);
+        assert_eq!(
+            outcome.error,
+            "timed out after 1500 ms: its processes were killed"
+        );
+        assert!(started.elapsed() < Duration::from_secs(10));
+        assert!(!marker.exists(), "the command was killed");
+        assert_eq!(describe_limit(Duration::from_secs(2)), "2 s");
     }
 
     async fn run(cmds: Vec<Cmd>) -> (JobOutcome, Fixture) {
@@ -1057,8 +1114,10 @@ mod tests {
                 size: 9,
                 holders: vec!["h:1".into()],
             }],
+            timeout_ms: 2_500,
         };
         let spec = JobSpec::from_wire(&good).expect("valid");
+        assert_eq!(spec.timeout, Duration::from_millis(2_500));
         assert_eq!(spec.inputs[0].path, "a/b.c");
         assert_eq!(spec.deps[0].job_id, dep_id());
         type Breakage = fn(&mut v1::Assignment);
@@ -1069,6 +1128,7 @@ mod tests {
             (|a| a.inputs[0].path = "/etc/passwd".into(), "is absolute"),
             (|a| a.deps.clear(), "not among"),
             (|a| a.deps[0].digest = vec![].into(), "dependency digest"),
+            (|a| a.timeout_ms = 0, "time limit"),
         ];
         for (breakage, problem) in broken {
             let mut assignment = good.clone();

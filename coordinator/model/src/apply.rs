@@ -30,8 +30,9 @@ impl Model {
                 request_id,
                 staged_parts,
                 jobs,
+                job_timeout_ms,
                 ..
-            } => self.submit(index, request_id, *staged_parts, jobs),
+            } => self.submit(index, request_id, *staged_parts, jobs, *job_timeout_ms),
             Command::RegisterWorker {
                 worker_id,
                 addr,

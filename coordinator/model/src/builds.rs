@@ -77,9 +77,12 @@ impl Model {
             }
             self.job_mut(build_id, job).state = JobState::Queued;
             self.dirty.executions.insert(key);
+            let timeout_ms = self.builds[&build_id].header.job_timeout_ms;
             match self.executions.get_mut(&key) {
                 Some(exec) => {
                     exec.waiters.push((build_id, job));
+                    // A later run (a retry) gets the longest limit asked.
+                    exec.timeout_ms = exec.timeout_ms.max(timeout_ms);
                     if let ExecState::Running { worker_id, .. } = &exec.state {
                         let worker_id = worker_id.clone();
                         self.push_event(build_id, Event::JobStarted { job, worker_id });
@@ -94,6 +97,7 @@ impl Model {
                             state: ExecState::Queued { since_ms },
                             attempts: 0,
                             waiters: vec![(build_id, job)],
+                            timeout_ms,
                         },
                     );
                     self.queue.insert((since_ms, key));

@@ -147,6 +147,9 @@ pub enum Command {
         now_ms: u64,
         staged_parts: u32,
         jobs: Vec<SubmittedJob>,
+        /// Time limit of each of its jobs' runs (the leader resolved the
+        /// caller's request against its defaults and bounds).
+        job_timeout_ms: u64,
     },
     RegisterWorker {
         worker_id: String,

@@ -31,6 +31,7 @@ impl Model {
     /// execution of its cache key is made sure of, queued as early as this
     /// one so it does not wait behind younger work.
     pub(crate) fn check_inputs(&mut self, key: Digest, since_ms: u64) -> Inputs {
+        let timeout_ms = self.executions[&key].timeout_ms;
         let deps: BTreeSet<Digest> = self.executions[&key]
             .spec
             .deps
@@ -61,6 +62,7 @@ impl Model {
                             state: ExecState::Queued { since_ms },
                             attempts: 0,
                             waiters: Vec::new(),
+                            timeout_ms,
                         });
                         self.queue.insert((since_ms, dep));
                         self.dirty.executions.insert(dep);

@@ -43,6 +43,8 @@ pub struct BuildHeader {
     pub skipped: u32,
     pub next_event_seq: u64,
     pub finished: bool,
+    /// Time limit of each run of its jobs.
+    pub job_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -77,6 +79,9 @@ pub struct Execution {
     /// (build, job index) waiting for the result; empty for the rebuild
     /// of a lost artifact that no build has asked for again.
     pub waiters: Vec<(u64, u32)>,
+    /// Time limit of a run: the longest of its waiting builds' (a rebuild
+    /// takes the limit of the execution that needed it).
+    pub timeout_ms: u64,
 }
 
 /// A successful job's cached result (exit code 0).

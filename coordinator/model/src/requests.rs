@@ -171,6 +171,7 @@ mod tests {
         let submit = |id: &str| Proposal {
             request_id: Some(id.to_string()),
             command: Command::SubmitBuild {
+                job_timeout_ms: 60_000,
                 request_id: format!("submit-{id}"),
                 now_ms: 5,
                 staged_parts: 0,

@@ -239,6 +239,7 @@ impl Harness {
 
     fn submit(&mut self, request: &str, jobs: Vec<SubmittedJob>) -> u64 {
         match self.apply(Command::SubmitBuild {
+            job_timeout_ms: 60_000,
             request_id: request.into(),
             now_ms: self.now_ms,
             staged_parts: 0,
@@ -954,6 +955,7 @@ impl Harness {
         jobs: Vec<SubmittedJob>,
     ) -> Response {
         self.apply(Command::SubmitBuild {
+            job_timeout_ms: 60_000,
             request_id: request.into(),
             now_ms: self.now_ms,
             staged_parts,

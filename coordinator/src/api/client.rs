@@ -73,6 +73,22 @@ fn dependency_order(graph: &BuildGraph) -> Vec<usize> {
 }
 
 impl ClientService {
+    /// The time limit of each job of a build that asked for
+    /// `requested_secs` (0: the coordinator's default).
+    fn job_timeout_ms(&self, requested_secs: u64) -> Result<u64, Status> {
+        let tuning = self.node.tuning();
+        if requested_secs == 0 {
+            return Ok(tuning.default_job_timeout_ms);
+        }
+        let max_secs = tuning.max_job_timeout_ms / 1000;
+        if requested_secs > max_secs {
+            return Err(Status::invalid_argument(format!(
+                "a job timeout of {requested_secs} s is more than this cluster allows (--max-job-timeout {max_secs} s)"
+            )));
+        }
+        Ok(requested_secs * 1000)
+    }
+
     /// Turns a submit request into the command that records the build, or
     /// refuses it with the one-line reason.
     fn plan(&self, req: &SubmitBuildRequest) -> Result<Vec<SubmittedJob>, Status> {
@@ -300,6 +316,7 @@ impl ClientApi for ClientService {
                 "request_id must have 1 to {MAX_REQUEST_ID_CHARS} characters"
             )));
         }
+        let job_timeout_ms = self.job_timeout_ms(req.job_timeout_secs)?;
         self.node.ready_leader().await?;
         let known = self.node.model().build_for_request(&req.request_id);
         if let Some(build_id) = known {
@@ -347,6 +364,7 @@ impl ClientApi for ClientService {
                 now_ms: self.node.now_ms(),
                 staged_parts,
                 jobs: last,
+                job_timeout_ms,
             })
             .await?;
         match response {

@@ -167,6 +167,7 @@ impl WorkerService {
                 })
                 .collect(),
             deps,
+            timeout_ms: exec.timeout_ms,
         })
     }
 }

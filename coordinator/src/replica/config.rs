@@ -15,6 +15,10 @@ pub struct Tuning {
     pub locality_wait_ms: u64,
     /// Lease expiries after which a job fails.
     pub max_attempts: u32,
+    /// Time limit of a job whose build asks for none.
+    pub default_job_timeout_ms: u64,
+    /// The longest time limit a build may ask for.
+    pub max_job_timeout_ms: u64,
 }
 
 impl Default for Tuning {
@@ -24,6 +28,8 @@ impl Default for Tuning {
             heartbeat_interval_ms: 2_000,
             locality_wait_ms: 50,
             max_attempts: 3,
+            default_job_timeout_ms: 3_600_000,
+            max_job_timeout_ms: 86_400_000,
         }
     }
 }

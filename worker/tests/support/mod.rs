@@ -337,6 +337,7 @@ pub fn assignment(lease_token: u64, cmds: Vec<v1::Command>) -> Assignment {
         cmds,
         inputs: vec![],
         deps: vec![],
+        timeout_ms: 60_000,
     }
 }
 

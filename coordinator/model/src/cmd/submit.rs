@@ -29,6 +29,7 @@ impl Model {
         request_id: &str,
         staged_parts: u32,
         last_part: &[SubmittedJob],
+        job_timeout_ms: u64,
     ) -> Response {
         if let Some(&build_id) = self.requests.get(request_id) {
             self.unstage(request_id);
@@ -87,6 +88,7 @@ impl Model {
                     skipped: 0,
                     next_event_seq: 0,
                     finished: false,
+                    job_timeout_ms,
                 },
                 jobs: build_jobs,
             },

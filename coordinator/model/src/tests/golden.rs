@@ -119,6 +119,7 @@ fn commands() -> Vec<Command> {
             now_ms: 5,
         },
         Command::SubmitBuild {
+            job_timeout_ms: 60_000,
             request_id: "req-1".into(),
             now_ms: 6,
             staged_parts: 3,
@@ -385,6 +386,7 @@ fn a_scripted_run_leaves_the_pinned_tables() {
             now_ms: 1_002,
         }),
         Proposal::once(Command::SubmitBuild {
+            job_timeout_ms: 60_000,
             request_id: "build-a".into(),
             now_ms: 1_003,
             staged_parts: 1,
@@ -439,6 +441,7 @@ fn a_scripted_run_leaves_the_pinned_tables() {
         }),
         // A second build with job 1 (cached) and job 2 (queued again).
         Proposal::once(Command::SubmitBuild {
+            job_timeout_ms: 60_000,
             request_id: "build-b".into(),
             now_ms: 1_008,
             staged_parts: 0,
