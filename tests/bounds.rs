@@ -163,21 +163,8 @@ fn a_worker_restarts_over_whatever_a_killed_job_left_in_its_sandbox() {
         r#"perl -e 'for (1..5000) {{ mkdir "d" or die; chdir "d" or die }}' && touch {} && sleep 120"#,
         nested.display()
     );
-    let graph_path = cluster.path("graph.json");
-    std::fs::write(
-        &graph_path,
-        json!({"Jobs": [sh_job("nests and waits", &[], &[], &[&script])]}).to_string(),
-    )
-    .expect("write the graph");
-    let mut build = distbuild()
-        .args(["build", "--json", "--graph"])
-        .arg(&graph_path)
-        .args(["--source-dir", "/nonexistent", "--coordinator"])
-        .arg(cluster.coordinator_addr())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn the build");
+    let graph = json!({"Jobs": [sh_job("nests and waits", &[], &[], &[&script])]});
+    let mut build = cluster.spawn_build(&graph, &[]);
     let deadline = std::time::Instant::now() + BUILD_TIMEOUT;
     while !nested.exists() {
         assert!(
@@ -257,30 +244,6 @@ fn a_watch_past_a_build_s_events_is_refused_and_one_from_the_start_ends() {
     });
 }
 
-/// `distbuild build` on `graph` against the coordinator at `addr`, with
-/// output piped (for [`finish_build`]).
-fn spawn_build_at(
-    addr: &str,
-    dir: &std::path::Path,
-    graph: &serde_json::Value,
-    extra: &[&str],
-) -> std::process::Child {
-    let path = dir.join(format!("graph-{}.json", id(&graph.to_string())));
-    std::fs::write(&path, graph.to_string()).expect("write the graph");
-    distbuild()
-        .args(["build", "--json", "--graph"])
-        .arg(&path)
-        .arg("--source-dir")
-        .arg(dir)
-        .args(["--coordinator", addr])
-        .args(extra)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn distbuild build")
-}
-
 /// A job over its time limit (the build's `--job-timeout`, or the
 /// coordinator's default) is killed with its processes and fails once,
 /// saying so; a limit over the coordinator's maximum is refused.
@@ -294,17 +257,13 @@ fn a_job_over_its_time_limit_is_killed_and_fails_without_a_retry() {
     let ran = cluster.path("ran.log");
     let script = format!("echo ran >> {}; sleep 1000000", ran.display());
     let graph = json!({"Jobs": [sh_job("sleeps", &[], &[], &[&script])]});
-    let addr = cluster.coordinator_addr();
-    let dir = cluster.path("");
 
     for (extra, limit) in [(&[][..], "1 s"), (&["--job-timeout", "2"][..], "2 s")] {
         let _ = std::fs::remove_file(&ran);
         let started = std::time::Instant::now();
-        let run = finish_build_explained(
-            spawn_build_at(&addr, &dir, &graph, extra),
-            BUILD_TIMEOUT,
-            || cluster.logs(),
-        );
+        let run = finish_build_explained(cluster.spawn_build(&graph, extra), BUILD_TIMEOUT, || {
+            cluster.logs()
+        });
         assert_eq!(run.code, Some(1), "{}", run.describe());
         let error = run.finished(&id("sleeps"))["error"]
             .as_str()
@@ -324,7 +283,7 @@ fn a_job_over_its_time_limit_is_killed_and_fails_without_a_retry() {
     }
 
     let run = finish_build(
-        spawn_build_at(&addr, &dir, &graph, &["--job-timeout", "6"]),
+        cluster.spawn_build(&graph, &["--job-timeout", "6"]),
         BUILD_TIMEOUT,
     );
     assert_eq!(run.code, Some(2), "{}", run.describe());

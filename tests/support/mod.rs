@@ -230,17 +230,23 @@ impl Cluster {
     }
 
     pub fn build_file(&self, graph_path: &Path, source_dir: &Path, extra: &[&str]) -> BuildRun {
-        let out = distbuild()
-            .args(["build", "--json", "--graph"])
-            .arg(graph_path)
-            .arg("--source-dir")
-            .arg(source_dir)
-            .arg("--coordinator")
-            .arg(self.coordinator_addr())
-            .args(extra)
+        let out = build_command(graph_path, source_dir, &self.coordinator_addr(), extra)
             .output()
             .expect("run distbuild build");
         BuildRun::from(out)
+    }
+
+    /// Starts `distbuild build --json` on `graph` (sources in the
+    /// cluster's directory) with output piped, for [`finish_build`].
+    pub fn spawn_build(&self, graph: &Value, extra: &[&str]) -> Child {
+        let graph_path = self.path(&format!("graph-{}.json", rand_suffix()));
+        std::fs::write(&graph_path, graph.to_string()).expect("write graph");
+        spawn(build_command(
+            &graph_path,
+            self.dir.path(),
+            &self.coordinator_addr(),
+            extra,
+        ))
     }
 
     /// Everything the servers logged, for failure messages.
@@ -252,6 +258,31 @@ impl Cluster {
         }
         all
     }
+}
+
+/// `distbuild build --json` on the graph at `graph_path` against the
+/// coordinators at `addrs`.
+fn build_command(graph_path: &Path, source_dir: &Path, addrs: &str, extra: &[&str]) -> Command {
+    let mut command = distbuild();
+    command
+        .args(["build", "--json", "--graph"])
+        .arg(graph_path)
+        .arg("--source-dir")
+        .arg(source_dir)
+        .arg("--coordinator")
+        .arg(addrs)
+        .args(extra);
+    command
+}
+
+/// `command` started with stdin closed and stdout and stderr piped.
+fn spawn(mut command: Command) -> Child {
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn distbuild build")
 }
 
 fn rand_suffix() -> String {
@@ -608,19 +639,12 @@ impl HaCluster {
     pub fn spawn_build(&self, graph: &Value, extra: &[&str]) -> Child {
         let graph_path = self.path(&format!("graph-{}.json", rand_suffix()));
         std::fs::write(&graph_path, graph.to_string()).expect("write graph");
-        distbuild()
-            .args(["build", "--json", "--graph"])
-            .arg(&graph_path)
-            .arg("--source-dir")
-            .arg(self.dir.path())
-            .arg("--coordinator")
-            .arg(self.all_addrs())
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn distbuild build")
+        spawn(build_command(
+            &graph_path,
+            self.dir.path(),
+            &self.all_addrs(),
+            extra,
+        ))
     }
 
     /// Everything the servers logged, for failure messages (the tail of
