@@ -239,14 +239,7 @@ impl Cluster {
     /// Starts `distbuild build --json` on `graph` (sources in the
     /// cluster's directory) with output piped, for [`finish_build`].
     pub fn spawn_build(&self, graph: &Value, extra: &[&str]) -> Child {
-        let graph_path = self.path(&format!("graph-{}.json", rand_suffix()));
-        std::fs::write(&graph_path, graph.to_string()).expect("write graph");
-        spawn(build_command(
-            &graph_path,
-            self.dir.path(),
-            &self.coordinator_addr(),
-            extra,
-        ))
+        spawn_graph_build(self.dir.path(), &self.coordinator_addr(), graph, extra)
     }
 
     /// Everything the servers logged, for failure messages.
@@ -273,6 +266,14 @@ fn build_command(graph_path: &Path, source_dir: &Path, addrs: &str, extra: &[&st
         .arg(addrs)
         .args(extra);
     command
+}
+
+/// Writes `graph` into `dir` (also the source directory) and starts
+/// `distbuild build --json` on it against `addrs`, output piped.
+fn spawn_graph_build(dir: &Path, addrs: &str, graph: &Value, extra: &[&str]) -> Child {
+    let graph_path = dir.join(format!("graph-{}.json", rand_suffix()));
+    std::fs::write(&graph_path, graph.to_string()).expect("write graph");
+    spawn(build_command(&graph_path, dir, addrs, extra))
 }
 
 /// `command` started with stdin closed and stdout and stderr piped.
@@ -637,14 +638,7 @@ impl HaCluster {
 
     /// Starts `distbuild build --json` on `graph` in the background.
     pub fn spawn_build(&self, graph: &Value, extra: &[&str]) -> Child {
-        let graph_path = self.path(&format!("graph-{}.json", rand_suffix()));
-        std::fs::write(&graph_path, graph.to_string()).expect("write graph");
-        spawn(build_command(
-            &graph_path,
-            self.dir.path(),
-            &self.all_addrs(),
-            extra,
-        ))
+        spawn_graph_build(self.dir.path(), &self.all_addrs(), graph, extra)
     }
 
     /// Everything the servers logged, for failure messages (the tail of
