@@ -295,3 +295,195 @@ fn a_job_over_its_time_limit_is_killed_and_fails_without_a_retry() {
         run.describe()
     );
 }
+
+/// Two hundred jobs with one command (one cache key, so one run), each
+/// printing 1 MiB to stdout and 1 MiB to stderr: the output is stored once
+/// and every job's event names it, so the coordinator's memory and disk
+/// stay small. (Each waiter's event used to carry its own copy: 1.3 GB of
+/// peak RSS here, and hundreds of MB on disk, on every replica.)
+#[test]
+fn an_output_shown_by_two_hundred_jobs_is_stored_once() {
+    use std::io::BufRead as _;
+
+    const JOBS: usize = 200;
+    const MIB: usize = 1 << 20;
+    let cluster = HaCluster::start(1, 0, 1, 4);
+    let script =
+        format!("head -c {MIB} /dev/zero | tr '\\0' o; head -c {MIB} /dev/zero | tr '\\0' e >&2");
+    let jobs: Vec<_> = (0..JOBS)
+        .map(|i| sh_job(&format!("loud {i}"), &[], &[], &[&script]))
+        .collect();
+    let mut child = cluster
+        .build_command(&json!({ "Jobs": jobs }), &[])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn the build");
+    // 400 MiB of events: read a line at a time, and look for the outputs
+    // in the text (parsing each big line would take longer than the build).
+    let stdout = child.stdout.take().expect("piped");
+    let reader = std::thread::spawn(move || {
+        let shows = |line: &str, field: &str, byte: char| {
+            let key = format!("\"{field}\":\"");
+            line.find(&key).is_some_and(|at| {
+                let value = &line[at + key.len()..];
+                value.len() > MIB
+                    && value.as_bytes()[MIB] == b'"'
+                    && value[..MIB].bytes().all(|b| b == byte as u8)
+            })
+        };
+        let mut whole = 0;
+        let mut finished_ok = None;
+        for line in std::io::BufReader::new(stdout).lines() {
+            let line = line.expect("a line");
+            if line.len() > MIB {
+                whole += usize::from(shows(&line, "stdout", 'o') && shows(&line, "stderr", 'e'));
+                continue;
+            }
+            let event: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
+            if event["event"] == "build_finished" {
+                finished_ok = event["ok"].as_bool();
+            }
+        }
+        (whole, finished_ok)
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(240);
+    let mut client_peak = 0;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("poll the build") {
+            break status;
+        }
+        // The client's too: it keeps nothing of an event it has printed.
+        if let Some(peak) = try_peak_rss_bytes(child.id()) {
+            client_peak = client_peak.max(peak);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the build did not finish\n{}",
+            cluster.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let (whole, finished_ok) = reader.join().expect("reader");
+    assert!(status.success(), "{status:?}\n{}", cluster.logs());
+    assert_eq!(finished_ok, Some(true));
+    assert_eq!(whole, JOBS, "every job shows its whole output");
+
+    let pid = cluster.coordinators[0]
+        .as_ref()
+        .expect("running")
+        .child
+        .id();
+    let peak = peak_rss_bytes(pid);
+    let disk = disk_bytes(&cluster.path("coordinator1"));
+    eprintln!(
+        "coordinator peak RSS {} MiB, data dir {} MiB; client peak RSS {} MiB",
+        peak >> 20,
+        disk >> 20,
+        client_peak >> 20
+    );
+    assert!(peak < 256 << 20, "peak RSS {} MiB", peak >> 20);
+    assert!(disk < 64 << 20, "data dir {} MiB", disk >> 20);
+    assert!(
+        client_peak < 256 << 20,
+        "client peak RSS {} MiB",
+        client_peak >> 20
+    );
+}
+
+/// A coordinator streams at most 16 watchers of one build: the next is
+/// refused with RESOURCE_EXHAUSTED and a retry hint, and admitted once a
+/// watcher goes away.
+#[test]
+fn watchers_of_one_build_are_bounded_and_a_freed_place_is_taken_again() {
+    use distbuild_proto::v1::client_api_client::ClientApiClient;
+    use distbuild_proto::v1::{CancelBuildRequest, SubmitBuildRequest, WatchBuildRequest};
+
+    const PER_BUILD: usize = 16;
+    let cluster = HaCluster::start(1, 0, 1, 1);
+    let addr = cluster.node_addr(cluster.wait_for_leader());
+    let graph = json!({"Jobs": [sh_job("slow", &[], &[], &["sleep 60"])]});
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let mut client = ClientApiClient::connect(format!("http://{addr}"))
+            .await
+            .expect("connect");
+        let build_id = client
+            .submit_build(SubmitBuildRequest {
+                request_id: "watched".into(),
+                graph_json: graph.to_string().into_bytes().into(),
+                ..Default::default()
+            })
+            .await
+            .expect("submitted")
+            .into_inner()
+            .build_id;
+        let watch = || {
+            let mut client = client.clone();
+            async move {
+                client
+                    .watch_build(WatchBuildRequest {
+                        build_id,
+                        from_seq: 0,
+                    })
+                    .await
+            }
+        };
+        let mut streams = Vec::new();
+        for _ in 0..PER_BUILD {
+            streams.push(watch().await.expect("admitted").into_inner());
+        }
+        let refused = watch().await.expect_err("one too many");
+        assert_eq!(
+            refused.code(),
+            tonic::Code::ResourceExhausted,
+            "{refused:?}"
+        );
+        assert!(
+            refused.message().contains("16 watchers"),
+            "{}",
+            refused.message()
+        );
+        assert!(
+            refused.metadata().get("distbuild-retry-after-ms").is_some(),
+            "a hint to retry: {refused:?}"
+        );
+        // A watcher that goes away frees its place.
+        drop(streams.pop());
+        let admitted = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match watch().await {
+                    Ok(stream) => return stream,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        })
+        .await
+        .expect("the freed place is taken");
+        streams.push(admitted.into_inner());
+        // Each stream still works: cancelling ends them all at the build's
+        // last event.
+        client
+            .cancel_build(CancelBuildRequest { build_id })
+            .await
+            .expect("cancelled");
+        for mut stream in streams {
+            let mut last = None;
+            while let Some(event) = tokio::time::timeout(Duration::from_secs(10), stream.message())
+                .await
+                .expect("events, then the end")
+                .expect("no error")
+            {
+                last = Some(event);
+            }
+            assert!(
+                matches!(
+                    last.and_then(|e| e.event),
+                    Some(distbuild_proto::v1::build_event::Event::BuildFinished(_))
+                ),
+                "each stream ends with the build"
+            );
+        }
+    });
+}

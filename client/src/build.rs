@@ -199,9 +199,12 @@ pub async fn run_build(args: BuildArgs, connector: Connector, console: Console) 
                 && f.exit_code == 0
                 && f.error.is_empty()
             {
+                // A copy: the field is a view into the whole event's
+                // buffer (its outputs, up to 2 MiB), which a clone would
+                // keep alive for the rest of the build.
                 artifacts.insert(
                     f.job_id.clone(),
-                    (f.artifact_digest.clone(), f.artifact_size),
+                    (Bytes::copy_from_slice(&f.artifact_digest), f.artifact_size),
                 );
             }
             reporter.event(event);

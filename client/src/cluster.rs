@@ -89,6 +89,9 @@ pub enum Disposition {
     Retry,
     /// Not the leader: try again at this address at once.
     Redirect(String),
+    /// The node is at a limit that frees up by itself: try it again after
+    /// this pause.
+    Busy(std::time::Duration),
     /// Give up and report it.
     Fatal,
 }
@@ -100,6 +103,7 @@ pub fn classify(status: &Status) -> Disposition {
     match leader::classify(status) {
         leader::Disposition::Redirect(leader) => Disposition::Redirect(leader),
         leader::Disposition::NextNode => Disposition::Retry,
+        leader::Disposition::Busy(pause) => Disposition::Busy(pause),
         leader::Disposition::ServerError | leader::Disposition::Final => Disposition::Fatal,
     }
 }

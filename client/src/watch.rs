@@ -96,6 +96,12 @@ pub async fn watch_build_with_idle_timeout(
                         cluster.failed(&addr).await;
                         break describe(&status);
                     }
+                    // Too many watchers there for now: the same node,
+                    // after the pause it asked for.
+                    Disposition::Busy(pause) => {
+                        tokio::time::sleep(pause).await;
+                        break describe(&status);
+                    }
                     Disposition::Fatal => {
                         return Err(CallError::Rejected {
                             what: "watch the build".to_string(),

@@ -273,9 +273,12 @@ where
     tasks.spawn(replica::expire_leases(node.clone(), shutdown.clone()));
     tasks.spawn(replica::drive_elections(node.clone(), shutdown.clone()));
 
-    let client = ClientApiServer::new(api::client::ClientService { node: node.clone() })
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let client = ClientApiServer::new(api::client::ClientService {
+        node: node.clone(),
+        watchers: api::watch::Watchers::default(),
+    })
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let worker = WorkerApiServer::new(api::worker::WorkerService { node: node.clone() })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);

@@ -14,9 +14,13 @@
 //!   but cannot be reached is dropped and the *next* configured address is
 //!   asked, not the one that named it (it would name the dead leader again
 //!   until its election timeout);
-//! - INTERNAL or RESOURCE_EXHAUSTED sent by a node: final, or retried on
-//!   the same node when [`Options::retry_server_errors`] says so (a worker
-//!   that never gives up on the cluster);
+//! - RESOURCE_EXHAUSTED with a `distbuild-retry-after-ms` hint (a limit
+//!   that frees up by itself: a full staging area, too many watchers): the
+//!   same node is asked again after the hinted pause (at most
+//!   [`MAX_BUSY_PAUSE`]), until the call's [`Persistence`] ends;
+//! - INTERNAL or RESOURCE_EXHAUSTED without a hint, sent by a node: final,
+//!   or retried on the same node when [`Options::retry_server_errors`] says
+//!   so (a worker that never gives up on the cluster);
 //! - anything else: final ([`CallError::Rejected`]).
 //!
 //! After every address failed once (or a node failed without a reason to
@@ -40,7 +44,9 @@ use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use crate::net::{ConnectError, SharedConnector, one_line};
-use crate::wire::{CONNECT_TIMEOUT, LEADER_METADATA_KEY, MAX_REQUEST_ID_CHARS};
+use crate::wire::{
+    CONNECT_TIMEOUT, LEADER_METADATA_KEY, MAX_REQUEST_ID_CHARS, RETRY_AFTER_METADATA_KEY,
+};
 
 /// "Not the leader" answers followed in a row before the call counts as
 /// failed and backs off. One is enough when the hint is right; a few more
@@ -53,6 +59,9 @@ pub const BACKOFF_MIN: Duration = Duration::from_millis(50);
 
 /// The longest pause between two rounds of attempts.
 pub const BACKOFF_MAX: Duration = Duration::from_millis(250);
+
+/// The longest pause a busy node's hint can ask for.
+pub const MAX_BUSY_PAUSE: Duration = Duration::from_secs(5);
 
 /// The shortest connection attempt, even when a call's patience is nearly
 /// spent.
@@ -108,6 +117,9 @@ pub enum Disposition {
     /// The node cannot serve now (no leader, a deadline, a broken
     /// connection, ...): try the next address.
     NextNode,
+    /// The node is at a limit that frees up by itself: ask it again after
+    /// this pause (its hint, at most [`MAX_BUSY_PAUSE`]).
+    Busy(Duration),
     /// The node failed the request itself (INTERNAL, RESOURCE_EXHAUSTED):
     /// final unless the client retries server errors.
     ServerError,
@@ -124,10 +136,30 @@ pub fn leader_hint(status: &Status) -> Option<&str> {
     Some(leader.trim()).filter(|leader| !leader.is_empty())
 }
 
+/// The pause a RESOURCE_EXHAUSTED answer asks for before a retry, if it
+/// says the limit frees up by itself.
+pub fn retry_after(status: &Status) -> Option<Duration> {
+    if status.code() != Code::ResourceExhausted {
+        return None;
+    }
+    let millis: u64 = status
+        .metadata()
+        .get(RETRY_AFTER_METADATA_KEY)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(Duration::from_millis(millis).min(MAX_BUSY_PAUSE))
+}
+
 /// Sorts an error status (see the module documentation).
 pub fn classify(status: &Status) -> Disposition {
     if let Some(leader) = leader_hint(status) {
         return Disposition::Redirect(leader.to_string());
+    }
+    if let Some(pause) = retry_after(status) {
+        return Disposition::Busy(pause);
     }
     match status.code() {
         Code::Unavailable
@@ -439,6 +471,8 @@ impl LeaderClient {
         let mut redirects = 0u32;
         let mut moved_on = 0usize;
         loop {
+            // Set when the node asked for a pause before the next attempt.
+            let mut busy_pause = None;
             let (failure, left_node) = match self.channel(deadline).await {
                 Err(error) => (Failure::Connect(error), true),
                 Ok((addr, channel)) => {
@@ -479,6 +513,10 @@ impl LeaderClient {
                             self.failed(&addr).await;
                             (Failure::Status { addr, status }, true)
                         }
+                        Disposition::Busy(pause) => {
+                            busy_pause = Some(pause);
+                            (Failure::Status { addr, status }, false)
+                        }
                         Disposition::ServerError if self.inner.options.retry_server_errors => {
                             (Failure::Status { addr, status }, false)
                         }
@@ -505,7 +543,7 @@ impl LeaderClient {
                 moved_on += 1;
             }
             if !left_node || moved_on >= self.inner.addrs.len() || redirects >= MAX_REDIRECTS {
-                let mut pause = backoff.next_delay();
+                let mut pause = backoff.next_delay().max(busy_pause.unwrap_or_default());
                 if let Some(deadline) = deadline {
                     pause = pause.min(deadline - now);
                 }

@@ -32,6 +32,11 @@ pub const MAX_JOB_ERROR_BYTES: usize = 4096;
 /// coordinator that is not the leader.
 pub const LEADER_METADATA_KEY: &str = "distbuild-leader";
 
+/// Metadata key of a RESOURCE_EXHAUSTED answer whose limit frees up by
+/// itself: the milliseconds the caller should wait before trying again.
+/// Without it the refusal is final.
+pub const RETRY_AFTER_METADATA_KEY: &str = "distbuild-retry-after-ms";
+
 /// How long opening one connection may take, on every side. A node cut off
 /// by a partition drops the SYN instead of refusing it: without this bound
 /// a caller would wait for the kernel's own timeout (minutes) before trying

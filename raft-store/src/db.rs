@@ -34,8 +34,10 @@ const KEY_FORMAT: &[u8] = b"format";
 /// values, so a store of another format is refused, not read. Format 3:
 /// the coordinator's log and tables carry job time limits (a submit's
 /// `job_timeout_ms`, each build's and execution's limit), which format 2's
-/// bytes lack.
-pub(crate) const FORMAT: u32 = 3;
+/// bytes lack. Format 4: a job's captured output is stored once per run
+/// (an `outputs` table), and events and results name it instead of
+/// carrying a copy each.
+pub(crate) const FORMAT: u32 = 4;
 
 /// Opens the database in `dir` with the store's column families and the
 /// application's. Column families found on disk but no longer declared are

@@ -255,7 +255,7 @@ impl Cluster {
 
 /// `distbuild build --json` on the graph at `graph_path` against the
 /// coordinators at `addrs`.
-fn build_command(graph_path: &Path, source_dir: &Path, addrs: &str, extra: &[&str]) -> Command {
+pub fn build_command(graph_path: &Path, source_dir: &Path, addrs: &str, extra: &[&str]) -> Command {
     let mut command = distbuild();
     command
         .args(["build", "--json", "--graph"])
@@ -271,9 +271,46 @@ fn build_command(graph_path: &Path, source_dir: &Path, addrs: &str, extra: &[&st
 /// Writes `graph` into `dir` (also the source directory) and starts
 /// `distbuild build --json` on it against `addrs`, output piped.
 fn spawn_graph_build(dir: &Path, addrs: &str, graph: &Value, extra: &[&str]) -> Child {
+    spawn(graph_build_command(dir, addrs, graph, extra))
+}
+
+/// Writes `graph` into `dir` (also the source directory): the
+/// `distbuild build --json` command that runs it against `addrs`.
+fn graph_build_command(dir: &Path, addrs: &str, graph: &Value, extra: &[&str]) -> Command {
     let graph_path = dir.join(format!("graph-{}.json", rand_suffix()));
     std::fs::write(&graph_path, graph.to_string()).expect("write graph");
-    spawn(build_command(&graph_path, dir, addrs, extra))
+    build_command(&graph_path, dir, addrs, extra)
+}
+
+/// Peak resident memory of process `pid` so far (its `VmHWM`), in bytes.
+pub fn peak_rss_bytes(pid: u32) -> u64 {
+    try_peak_rss_bytes(pid).unwrap_or_else(|| panic!("no peak RSS for process {pid}"))
+}
+
+/// [`peak_rss_bytes`], or None if the process is gone.
+pub fn try_peak_rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())?;
+    Some(kib * 1024)
+}
+
+/// Bytes of the files under `dir`, recursively.
+pub fn disk_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut work = vec![dir.to_path_buf()];
+    while let Some(dir) = work.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            match entry.metadata() {
+                Ok(m) if m.is_dir() => work.push(entry.path()),
+                Ok(m) => total += m.len(),
+                Err(_) => {}
+            }
+        }
+    }
+    total
 }
 
 /// `command` started with stdin closed and stdout and stderr piped.
@@ -639,6 +676,12 @@ impl HaCluster {
     /// Starts `distbuild build --json` on `graph` in the background.
     pub fn spawn_build(&self, graph: &Value, extra: &[&str]) -> Child {
         spawn_graph_build(self.dir.path(), &self.all_addrs(), graph, extra)
+    }
+
+    /// The `distbuild build --json` command for `graph` (written into the
+    /// cluster's directory), to start with the caller's own pipes.
+    pub fn build_command(&self, graph: &Value, extra: &[&str]) -> Command {
+        graph_build_command(self.dir.path(), &self.all_addrs(), graph, extra)
     }
 
     /// Everything the servers logged, for failure messages (the tail of

@@ -64,7 +64,7 @@ impl Model {
                 outcome,
                 ..
             } => Response::Reported {
-                accepted: self.report(worker_id, *token, cache_key, outcome),
+                accepted: self.report(index, worker_id, *token, cache_key, outcome),
             },
             Command::ExpireLeases {
                 max_attempts,

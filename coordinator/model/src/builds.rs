@@ -24,6 +24,13 @@ impl Model {
         self.dirty.events.push((build_id, seq, event));
     }
 
+    /// Job `job` of `build_id` finishes showing `output`: it keeps a
+    /// reference to the row until its build is retired.
+    pub(crate) fn finished_with_output(&mut self, build_id: u64, job: u32, output: Option<u64>) {
+        self.ref_output(output);
+        self.job_mut(build_id, job).output = output;
+    }
+
     pub(crate) fn job_mut(&mut self, build_id: u64, job: u32) -> &mut BuildJob {
         self.dirty.jobs.insert((build_id, job));
         &mut self
@@ -58,18 +65,20 @@ impl Model {
                 // dependent is about to run, see `assign`.)
                 self.forget_result(key);
             }
-            if let Some(result) = self.results.get(&key).cloned() {
+            if let Some(result) = self.results.get(&key) {
+                let (output, artifact, artifact_size) =
+                    (result.output, result.artifact, result.artifact_size);
+                self.finished_with_output(build_id, job, output);
                 self.job_mut(build_id, job).state = JobState::Succeeded;
                 self.push_event(
                     build_id,
                     Event::JobFinished {
                         job,
                         exit_code: 0,
-                        stdout: result.stdout,
-                        stderr: result.stderr,
+                        output,
                         cached: true,
                         error: None,
-                        artifact: Some((result.artifact, result.artifact_size)),
+                        artifact: Some((artifact, artifact_size)),
                     },
                 );
                 ready.extend(self.job_done(build_id, job));
@@ -197,6 +206,9 @@ impl Model {
                 return;
             };
             let build = self.builds.remove(&oldest).expect("found above");
+            for job in &build.jobs {
+                self.unref_output(job.output);
+            }
             self.requests.remove(&build.header.request_id);
             self.dirty.removed_builds.push(oldest);
         }
@@ -207,10 +219,10 @@ impl Model {
         build_id: u64,
         job: u32,
         exit_code: i32,
-        stdout: Vec<u8>,
-        stderr: Vec<u8>,
+        output: Option<u64>,
         error: Option<String>,
     ) {
+        self.finished_with_output(build_id, job, output);
         self.job_mut(build_id, job).state = JobState::Failed;
         self.builds
             .get_mut(&build_id)
@@ -222,8 +234,7 @@ impl Model {
             Event::JobFinished {
                 job,
                 exit_code,
-                stdout,
-                stderr,
+                output,
                 cached: false,
                 error,
                 artifact: None,

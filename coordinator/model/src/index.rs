@@ -90,7 +90,8 @@ impl Model {
     }
 
     pub(crate) fn forget_result(&mut self, key: Digest) {
-        self.results.remove(&key);
+        let forgotten = self.results.remove(&key);
+        self.unref_output(forgotten.and_then(|r| r.output));
         self.dirty.results.insert(key);
     }
 

@@ -4,7 +4,8 @@
 //! `apply` never scans everything: the queue, the lease table, the
 //! executions blocked on each rebuild, the holders of each artifact, each
 //! worker's running count, the submit request IDs, and each build's
-//! counters, dependents and pending dependencies. Each transition updates
+//! counters, dependents and pending dependencies, and the references to
+//! each stored output. Each transition updates
 //! them by hand; [`Model::check_invariants`] recomputes every one of them
 //! from the records they derive from and names what differs. Tests and the
 //! simulation run it after every apply.
@@ -63,6 +64,17 @@ fn as_map<K: Ord + Clone>(set: &BTreeSet<K>) -> BTreeMap<K, ()> {
 }
 
 impl Model {
+    /// How many jobs and results name each output row.
+    pub(crate) fn derived_output_refs(&self) -> BTreeMap<u64, u32> {
+        let mut refs: BTreeMap<u64, u32> = BTreeMap::new();
+        let jobs = self.builds.values().flat_map(|b| &b.jobs).map(|j| j.output);
+        let results = self.results.values().map(|r| r.output);
+        for id in jobs.chain(results).flatten() {
+            *refs.entry(id).or_default() += 1;
+        }
+        refs
+    }
+
     /// Recomputes every derived index from the primary records and
     /// compares; Err names each difference.
     pub fn check_invariants(&self) -> Result<(), InvariantViolation> {
@@ -181,6 +193,12 @@ impl Model {
                 }
             }
         }
+        compare(
+            "output references",
+            &self.output_refs,
+            &self.derived_output_refs(),
+            &mut out,
+        );
         if out.is_empty() {
             Ok(())
         } else {

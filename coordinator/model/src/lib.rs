@@ -17,6 +17,7 @@ mod cmd;
 mod index;
 pub mod invariants;
 pub mod log;
+mod outputs;
 mod queries;
 mod rebuild;
 pub mod records;
@@ -34,7 +35,7 @@ pub use log::{
     CmdText, Command, DepRef, Event, InputRef, JobSpec, Outcome, Proposal, Response, SubmittedJob,
 };
 pub use records::{
-    Build, BuildHeader, BuildJob, CachedResult, ExecState, Execution, JobState, Worker,
+    Build, BuildHeader, BuildJob, CachedResult, ExecState, Execution, JobOutput, JobState, Worker,
 };
 pub use requests::Requests;
 pub use staging::{MAX_STAGED_SUBMITS, MAX_SUBMIT_PARTS};

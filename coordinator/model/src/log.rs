@@ -104,15 +104,21 @@ pub struct SubmittedJob {
 /// How a run ended, as the worker reported it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Outcome {
+    // Outputs: the same bytes as a plain byte vector's encoding, decoded
+    // in one copy (see `JobOutput`).
     Success {
+        #[serde(with = "serde_bytes")]
         stdout: Vec<u8>,
+        #[serde(with = "serde_bytes")]
         stderr: Vec<u8>,
         artifact: Digest,
         artifact_size: u64,
     },
     Failure {
         exit_code: i32,
+        #[serde(with = "serde_bytes")]
         stdout: Vec<u8>,
+        #[serde(with = "serde_bytes")]
         stderr: Vec<u8>,
         /// Set when the job could not be run at all.
         error: Option<String>,
@@ -252,8 +258,9 @@ pub enum Event {
     JobFinished {
         job: u32,
         exit_code: i32,
-        stdout: Vec<u8>,
-        stderr: Vec<u8>,
+        /// Its captured stdout and stderr, stored once per run (a row of
+        /// the `outputs` table; none when both were empty).
+        output: Option<u64>,
         cached: bool,
         error: Option<String>,
         artifact: Option<(Digest, u64)>,

@@ -105,7 +105,7 @@ impl Model {
                     "the output of dependency {} was lost and could not be rebuilt: {why}",
                     self.dependency_name(build_id, job, &exec.spec, dep)
                 );
-                self.fail_job(build_id, job, -1, Vec::new(), Vec::new(), Some(error));
+                self.fail_job(build_id, job, -1, None, Some(error));
             }
             self.finish_builds_of(&exec.waiters);
             for blocked in self.blocked_on.remove(&key).unwrap_or_default() {

@@ -29,6 +29,9 @@ pub struct BuildJob {
     pub dependents: Vec<u32>,
     pub pending_deps: u32,
     pub state: JobState,
+    /// The captured output its `JobFinished` event names (a row of the
+    /// `outputs` table), if it finished with any.
+    pub output: Option<u64>,
 }
 
 /// A build's summary record.
@@ -87,12 +90,35 @@ pub struct Execution {
 /// A successful job's cached result (exit code 0).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CachedResult {
-    pub stdout: Vec<u8>,
-    pub stderr: Vec<u8>,
+    /// Its captured output (a row of the `outputs` table), if any.
+    pub output: Option<u64>,
     pub artifact: Digest,
     pub artifact_size: u64,
     /// What produced it: run again if every copy of the artifact is lost.
     pub spec: JobSpec,
+}
+
+/// A run's captured stdout and stderr: stored once, in the `outputs`
+/// table under the log index of the report that brought it, and named by
+/// every event and result that shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobOutput {
+    // Encoded as postcard encodes any byte vector (a length, then the
+    // bytes), but decoded in one copy rather than byte by byte.
+    #[serde(with = "serde_bytes")]
+    pub stdout: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    pub stderr: Vec<u8>,
+}
+
+impl JobOutput {
+    pub fn len(&self) -> usize {
+        self.stdout.len() + self.stderr.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// A registered worker.

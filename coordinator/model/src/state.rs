@@ -24,6 +24,10 @@ pub(crate) struct Dirty {
     pub(crate) removed_builds: Vec<u64>,
     pub(crate) staged_parts: BTreeSet<(String, u32)>,
     pub(crate) unstaged: Vec<String>,
+    /// Outputs recorded by this entry (written if still referenced).
+    pub(crate) new_outputs: Vec<(u64, crate::records::JobOutput)>,
+    /// Outputs nothing references any more.
+    pub(crate) dropped_outputs: BTreeSet<u64>,
 }
 
 /// The coordinator's whole state.
@@ -48,6 +52,9 @@ pub struct Model {
     pub(crate) blobs: BTreeMap<Digest, u64>,
     /// Submits in parts, by request ID, until their last part arrives.
     pub(crate) staged: BTreeMap<String, Staged>,
+    /// Output row -> jobs and results naming it (derived from the jobs'
+    /// and results' `output`).
+    pub(crate) output_refs: BTreeMap<u64, u32>,
     pub(crate) dirty: Dirty,
     /// Injected bug (simulation only), never persisted: see
     /// [`Model::inject_accept_expired_lease_results`].
@@ -71,6 +78,7 @@ impl Model {
             held_by: self.held_by.clone(),
             blobs: self.blobs.clone(),
             staged: self.staged.clone(),
+            output_refs: self.output_refs.clone(),
             dirty: Dirty::default(),
             accept_expired_lease_results: false,
         }

@@ -9,8 +9,8 @@ use crate::records::{Build, BuildHeader, ExecState, Execution, Worker};
 use crate::state::Model;
 use crate::tables::{
     KEY_CLOCK, ReadTables, StorageError, T_BLOBS, T_BUILDS, T_EVENTS, T_EXECUTIONS, T_HOLDINGS,
-    T_JOBS, T_META, T_RESULTS, T_WORKERS, Tables, build_key, decode, digest_of_key, encode,
-    event_key, holding_key, job_key, scan,
+    T_JOBS, T_META, T_OUTPUTS, T_RESULTS, T_WORKERS, Tables, build_key, decode, digest_of_key,
+    encode, event_key, holding_key, job_key, scan,
 };
 
 /// A worker's record (its held artifacts are rows of `holdings`).
@@ -103,6 +103,7 @@ impl Model {
         })?;
         model.load_staged(state)?;
         // Derived indexes.
+        model.output_refs = model.derived_output_refs();
         for (key, exec) in &model.executions {
             match &exec.state {
                 ExecState::Queued { since_ms } => {
@@ -224,6 +225,18 @@ impl Model {
             if let Some(size) = self.blobs.get(&digest) {
                 txn.put(T_BLOBS, digest.as_bytes(), &encode("blob size", size)?)?;
             }
+        }
+        for (id, output) in dirty.new_outputs {
+            if self.output_refs.contains_key(&id) {
+                txn.put(
+                    T_OUTPUTS,
+                    &id.to_be_bytes(),
+                    &encode("job output", &output)?,
+                )?;
+            }
+        }
+        for id in dirty.dropped_outputs {
+            txn.delete(T_OUTPUTS, &id.to_be_bytes())?;
         }
         self.flush_staged(txn, dirty.unstaged, dirty.staged_parts)?;
         Ok(())

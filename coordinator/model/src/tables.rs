@@ -10,6 +10,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::log::Event;
+use crate::records::JobOutput;
 
 /// What can go wrong reading or writing the state's tables.
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +73,7 @@ pub const TABLES: &[&str] = &[
     T_META,
     T_REQUESTS,
     T_STAGED,
+    T_OUTPUTS,
 ];
 /// The remembered answers of the exactly-once request table.
 pub(crate) const T_REQUESTS: &str = "requests";
@@ -82,6 +84,9 @@ pub(crate) const T_JOBS: &str = "jobs";
 /// Build events, by (build ID, sequence number): written here, read by
 /// watchers straight from the store.
 pub const T_EVENTS: &str = "events";
+/// Captured job output (`JobOutput`), by the log index of the report
+/// that brought it: stored once, named by events and results.
+pub const T_OUTPUTS: &str = "outputs";
 pub(crate) const T_EXECUTIONS: &str = "executions";
 pub(crate) const T_RESULTS: &str = "results";
 pub(crate) const T_WORKERS: &str = "workers";
@@ -123,24 +128,71 @@ pub fn decode_event(bytes: &[u8]) -> Result<Event, StorageError> {
     decode("build event", bytes)
 }
 
-/// The stored events of `build` from sequence number `from_seq` on, at
-/// most `max`, in order (watchers read them here, not from memory).
+/// A stored event as a watcher reads it: with the output it names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEvent {
+    pub seq: u64,
+    pub event: Event,
+    pub output: Option<JobOutput>,
+}
+
+impl StoredEvent {
+    /// Bytes it takes in memory, about.
+    pub fn size(&self) -> usize {
+        let text = match &self.event {
+            Event::JobStarted { worker_id, .. } => worker_id.len(),
+            Event::JobFinished { error, .. } => error.as_ref().map_or(0, String::len),
+            Event::JobSkipped { reason, .. } => reason.len(),
+            Event::BuildFinished { error, .. } => error.as_ref().map_or(0, String::len),
+        };
+        64 + text + self.output.as_ref().map_or(0, JobOutput::len)
+    }
+}
+
+/// The stored events of `build` from sequence number `from_seq` on, in
+/// order, each with the output it names, all from one view of the tables:
+/// at most `max` events and, past the first, at most `max_bytes` (see
+/// [`StoredEvent::size`]). Watchers read them here, not from memory.
 pub fn read_events(
     tables: &dyn ReadTables,
     build: u64,
     from_seq: u64,
     max: usize,
-) -> Result<Vec<(u64, Event)>, StorageError> {
+    max_bytes: usize,
+) -> Result<Vec<StoredEvent>, StorageError> {
     let mut events = Vec::new();
+    let mut bytes = 0;
     let mut seq = from_seq;
     while events.len() < max {
-        let Some(bytes) = tables.get(T_EVENTS, &event_key(build, seq))? else {
+        let Some(raw) = tables.get(T_EVENTS, &event_key(build, seq))? else {
             break;
         };
-        events.push((seq, decode_event(&bytes)?));
+        let event = decode_event(&raw)?;
+        let output = match &event {
+            Event::JobFinished {
+                output: Some(id), ..
+            } => Some(read_output(tables, *id)?.ok_or_else(|| {
+                StorageError::Corrupt(format!("event {seq} of build {build} names no output {id}"))
+            })?),
+            _ => None,
+        };
+        let stored = StoredEvent { seq, event, output };
+        bytes += stored.size();
+        if !events.is_empty() && bytes > max_bytes {
+            break;
+        }
+        events.push(stored);
         seq += 1;
     }
     Ok(events)
+}
+
+/// The stored output row `id`.
+pub fn read_output(tables: &dyn ReadTables, id: u64) -> Result<Option<JobOutput>, StorageError> {
+    tables
+        .get(T_OUTPUTS, &id.to_be_bytes())?
+        .map(|bytes| decode("job output", &bytes))
+        .transpose()
 }
 
 pub(crate) fn holding_key(worker: &str, digest: &Digest) -> Vec<u8> {

@@ -6,7 +6,7 @@ use distbuild_proto::{Digest, JobId};
 
 use super::*;
 use crate::tables::{
-    ReadTables, RowVisitor, StorageError, T_HOLDINGS, T_WORKERS, Tables, holding_key,
+    ReadTables, RowVisitor, StorageError, StoredEvent, T_HOLDINGS, T_WORKERS, Tables, holding_key,
 };
 
 mod golden;
@@ -1248,4 +1248,107 @@ fn the_invariant_check_names_a_broken_index() {
     let build = broken.builds.values_mut().next().expect("a build");
     build.jobs[0].dependents.clear();
     check(&broken, "dependents");
+}
+
+/// Rows of `outputs` in the store.
+fn stored_outputs(store: &MemStore) -> BTreeMap<Vec<u8>, Vec<u8>> {
+    store
+        .tables
+        .get(crate::tables::T_OUTPUTS)
+        .cloned()
+        .unwrap_or_default()
+}
+
+#[test]
+fn an_output_is_stored_once_for_every_job_that_shows_it_and_goes_with_the_last() {
+    let mut h = Harness::new();
+    // Fifty builds wait for the one execution of key 1.
+    let builds: Vec<u64> = (0..50)
+        .map(|i| h.submit(&format!("r{i}"), graph(&[(1, &[])])))
+        .collect();
+    let big = Outcome::Success {
+        stdout: vec![b'o'; 100_000],
+        stderr: vec![b'e'; 100_000],
+        artifact: artifact(1),
+        artifact_size: 10,
+    };
+    let dirty_bytes = |h: &Harness| -> usize {
+        h.model
+            .dirty
+            .events
+            .iter()
+            .map(|(_, _, e)| postcard::to_stdvec(e).expect("encode").len())
+            .sum()
+    };
+    let token = h.assign("a", &[key(1)])[0].expect("assigned");
+    h.index += 1;
+    let report_index = h.index;
+    h.model.apply(
+        report_index,
+        &Command::Report {
+            worker_id: "a".into(),
+            token,
+            cache_key: key(1),
+            outcome: big,
+            now_ms: h.now_ms,
+        },
+    );
+    // What the entry writes for fifty events is small: they name the row.
+    assert!(dirty_bytes(&h) < 50 * 200, "{} bytes", dirty_bytes(&h));
+    h.model.flush(&mut h.store).expect("flush");
+    let rows = stored_outputs(&h.store);
+    assert_eq!(rows.len(), 1, "one row for fifty jobs");
+    let output = crate::tables::read_output(&h.store, report_index)
+        .expect("read")
+        .expect("stored");
+    assert_eq!(
+        (output.stdout.len(), output.stderr.len()),
+        (100_000, 100_000)
+    );
+    // Each job's event resolves to it.
+    for &b in &builds {
+        let events = crate::tables::read_events(&h.store, b, 0, 10, 1 << 30).expect("read");
+        let finished = events
+            .iter()
+            .find(|e| matches!(e.event, Event::JobFinished { .. }))
+            .expect("finished");
+        assert_eq!(finished.output.as_ref(), Some(&output));
+    }
+    // A cached answer names the same row.
+    let cached = h.submit("late", graph(&[(1, &[])]));
+    let events = crate::tables::read_events(&h.store, cached, 0, 10, 1 << 30).expect("read");
+    assert_eq!(events[0].output.as_ref(), Some(&output));
+    assert_eq!(stored_outputs(&h.store).len(), 1);
+    // A page is bounded in bytes: past the first event, what fits.
+    let page = crate::tables::read_events(&h.store, builds[0], 0, 10, 1_000).expect("read");
+    assert!(
+        matches!(
+            page[..],
+            [StoredEvent {
+                event: Event::JobStarted { .. },
+                ..
+            }]
+        ),
+        "{page:?}"
+    );
+    let page = crate::tables::read_events(&h.store, builds[0], 1, 10, 1_000).expect("read");
+    assert_eq!(
+        page.len(),
+        1,
+        "a page's first event is read whatever its size"
+    );
+    assert!(page[0].output.is_some());
+    // The row goes when nothing names it: the result forgotten, every build
+    // that shows it retired.
+    h.model.forget_result(key(1));
+    h.model.flush(&mut h.store).expect("flush");
+    assert_eq!(stored_outputs(&h.store).len(), 1, "builds still show it");
+    for i in 0..MAX_RETAINED_BUILDS {
+        h.submit(&format!("filler{i}"), Vec::new());
+    }
+    assert!(
+        stored_outputs(&h.store).is_empty(),
+        "retired with its builds"
+    );
+    h.model.check_invariants().expect("invariants");
 }

@@ -2,15 +2,14 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::Duration;
 
 use distbuild_proto::graph::{BuildGraph, check_relative_path};
 use distbuild_proto::v1::client_api_server::ClientApi;
 use distbuild_proto::v1::{
-    self, ArtifactLocation, BlobChunk, BuildEvent, CancelBuildRequest, CancelBuildResponse,
+    ArtifactLocation, BlobChunk, BuildEvent, CancelBuildRequest, CancelBuildResponse,
     FindMissingBlobsRequest, FindMissingBlobsResponse, LocateArtifactsRequest,
     LocateArtifactsResponse, SubmitBuildRequest, SubmitBuildResponse, UploadBlobResponse,
-    WatchBuildRequest, build_event,
+    WatchBuildRequest,
 };
 use distbuild_proto::wire::{
     MAX_REQUEST_ID_CHARS, command_to_wire, digest_from_wire, digest_to_wire,
@@ -18,23 +17,19 @@ use distbuild_proto::wire::{
 use distbuild_proto::{Digest, JobId, cache_key};
 use tonic::{Request, Response, Status, Streaming};
 
-use distbuild_model::{
-    self as model, CmdText, Command, DepRef, Event, InputRef, JobSpec, SubmittedJob,
-};
+use distbuild_model::{self as model, CmdText, Command, DepRef, InputRef, JobSpec, SubmittedJob};
 
 use super::status::{invalid, refusal};
+use super::watch::{Watchers, stream_events};
 use super::{ResponseStream, digests, receive_blob};
 use crate::replica::Node;
 
 /// Most jobs one build may have.
 pub const MAX_JOBS_PER_BUILD: usize = 100_000;
-/// Events read per state view while streaming.
-const EVENTS_PER_READ: usize = 256;
-/// Buffered events per watcher.
-const WATCH_BUFFER: usize = 64;
-
 pub struct ClientService {
     pub node: Arc<Node>,
+    /// The event streams this node serves.
+    pub watchers: Watchers,
 }
 
 /// Orders a validated (acyclic) graph's jobs so dependencies come first,
@@ -204,76 +199,6 @@ fn split_into_parts(jobs: Vec<SubmittedJob>, max_bytes: usize) -> Vec<Vec<Submit
     parts
 }
 
-/// The wire form of a stored event.
-fn event_to_wire(node: &Node, build_id: u64, seq: u64, event: Event) -> BuildEvent {
-    let job_label = |job: u32| {
-        node.model()
-            .build(build_id)
-            .and_then(|b| b.jobs.get(job as usize))
-            .map(|j| (j.spec.job_id.to_string(), j.spec.name.clone()))
-            .unwrap_or_default()
-    };
-    let event = match event {
-        Event::JobStarted { job, worker_id } => {
-            let (job_id, name) = job_label(job);
-            build_event::Event::JobStarted(v1::JobStarted {
-                job_id,
-                name,
-                worker_id,
-            })
-        }
-        Event::JobFinished {
-            job,
-            exit_code,
-            stdout,
-            stderr,
-            cached,
-            error,
-            artifact,
-        } => {
-            let (job_id, name) = job_label(job);
-            build_event::Event::JobFinished(v1::JobFinished {
-                job_id,
-                name,
-                exit_code,
-                stdout: stdout.into(),
-                stderr: stderr.into(),
-                cached,
-                error: error.unwrap_or_default(),
-                artifact_digest: artifact
-                    .map(|(d, _)| digest_to_wire(&d))
-                    .unwrap_or_default(),
-                artifact_size: artifact.map_or(0, |(_, size)| size),
-            })
-        }
-        Event::JobSkipped { job, reason } => {
-            let (job_id, name) = job_label(job);
-            build_event::Event::JobSkipped(v1::JobSkipped {
-                job_id,
-                name,
-                reason,
-            })
-        }
-        Event::BuildFinished { ok, error } => {
-            build_event::Event::BuildFinished(v1::BuildFinished {
-                ok,
-                error: error.unwrap_or_default(),
-            })
-        }
-    };
-    BuildEvent {
-        seq,
-        event: Some(event),
-    }
-}
-
-/// Reads the stored events of `build_id` from `from_seq` on (a bounded
-/// number).
-fn read_events(node: &Node, build_id: u64, from_seq: u64) -> Result<Vec<(u64, Event)>, Status> {
-    Ok(node.read_events(build_id, from_seq, EVENTS_PER_READ)?)
-}
-
-/// The next chunk of an upload, or an error if none arrives in time.
 #[tonic::async_trait]
 impl ClientApi for ClientService {
     async fn find_missing_blobs(
@@ -404,53 +329,12 @@ impl ClientApi for ClientService {
                 }
             )));
         }
-        let node = self.node.clone();
-        let (tx, rx) = tokio::sync::mpsc::channel(WATCH_BUFFER);
-        tokio::spawn(async move {
-            let mut seq = from_seq;
-            let mut last_applied = None;
-            loop {
-                let events = match read_events(&node, build_id, seq) {
-                    Ok(events) => events,
-                    Err(status) => {
-                        let _ = tx.send(Err(status)).await;
-                        return;
-                    }
-                };
-                if events.is_empty() {
-                    if tx.is_closed() {
-                        return;
-                    }
-                    if let Err(moved) = node.check_leader() {
-                        // The caller resumes from `seq` at the new leader.
-                        let _ = tx.send(Err(moved.into())).await;
-                        return;
-                    }
-                    if node.shutdown_token().is_cancelled() {
-                        let stopping =
-                            Status::unavailable("the coordinator is stopping; reconnect");
-                        let _ = tx.send(Err(stopping)).await;
-                        return;
-                    }
-                    node.wait_for_change(&mut last_applied, Duration::from_secs(1))
-                        .await;
-                    continue;
-                }
-                for (event_seq, event) in events {
-                    let last = matches!(event, Event::BuildFinished { .. });
-                    let wire = event_to_wire(&node, build_id, event_seq, event);
-                    if tx.send(Ok(wire)).await.is_err() {
-                        return;
-                    }
-                    seq = event_seq + 1;
-                    if last {
-                        return;
-                    }
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
+        let slot = self.watchers.admit(build_id)?;
+        Ok(Response::new(stream_events(
+            self.node.clone(),
+            build_id,
+            from_seq,
+            slot,
         )))
     }
 

@@ -9,6 +9,7 @@ pub mod admin;
 pub mod client;
 pub mod raft;
 pub mod status;
+pub mod watch;
 pub mod worker;
 
 use std::pin::Pin;

@@ -4,7 +4,9 @@
 //! `distbuild-leader` metadata (callers follow it), a blob that fails its
 //! checks is INVALID_ARGUMENT, a local disk failure INTERNAL.
 
-use distbuild_proto::wire::LEADER_METADATA_KEY;
+use std::time::Duration;
+
+use distbuild_proto::wire::{LEADER_METADATA_KEY, RETRY_AFTER_METADATA_KEY};
 use tonic::Status;
 
 use distbuild_model::Response;
@@ -36,6 +38,21 @@ impl From<ReplicaError> for Status {
     fn from(error: ReplicaError) -> Self {
         to_status(error)
     }
+}
+
+/// RESOURCE_EXHAUSTED for a limit that frees up by itself (streams end,
+/// staged submits complete): the caller may try again after `retry_after`,
+/// which travels in `distbuild-retry-after-ms` metadata. A refusal without
+/// that hint is final.
+pub fn busy(message: impl Into<String>, retry_after: Duration) -> Status {
+    let mut status = Status::resource_exhausted(message);
+    let millis = retry_after.as_millis().to_string();
+    if let Ok(value) = millis.parse() {
+        status
+            .metadata_mut()
+            .insert(RETRY_AFTER_METADATA_KEY, value);
+    }
+    status
 }
 
 /// INVALID_ARGUMENT naming what is wrong with a field the caller sent.

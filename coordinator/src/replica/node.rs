@@ -8,7 +8,8 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use distbuild_model::{Event, Model, Response};
+use distbuild_model::tables::StoredEvent;
+use distbuild_model::{Model, Response};
 use distbuild_proto::Digest;
 use distbuild_raft_store::StateHandle;
 use openraft::error::RaftError;
@@ -245,17 +246,20 @@ impl Node {
             .clone()
     }
 
-    /// The stored events of `build_id` from `from_seq` on, at most `max`.
+    /// The stored events of `build_id` from `from_seq` on, with their
+    /// outputs, from one view: at most `max`, and at most `max_bytes` past
+    /// the first.
     pub fn read_events(
         &self,
         build_id: u64,
         from_seq: u64,
         max: usize,
-    ) -> Result<Vec<(u64, Event)>> {
+        max_bytes: usize,
+    ) -> Result<Vec<StoredEvent>> {
         self.state
             .read(|reader| {
                 super::app::read_tables(reader, |tables| {
-                    distbuild_model::tables::read_events(tables, build_id, from_seq, max)
+                    distbuild_model::tables::read_events(tables, build_id, from_seq, max, max_bytes)
                 })
             })
             .map_err(|e| ReplicaError::Internal(format!("read build events: {e}")))

@@ -75,6 +75,16 @@ fn not_leader(leader: &str) -> Status {
     status
 }
 
+/// RESOURCE_EXHAUSTED with a retry hint of `millis`.
+fn busy(millis: &str) -> Status {
+    let mut status = Status::resource_exhausted("busy");
+    status.metadata_mut().insert(
+        RETRY_AFTER_METADATA_KEY,
+        MetadataValue::try_from(millis).expect("ascii"),
+    );
+    status
+}
+
 #[test]
 fn statuses_are_classified() {
     let cases: Vec<(Status, Disposition)> = vec![
@@ -96,7 +106,10 @@ fn statuses_are_classified() {
             Disposition::NextNode,
         ),
         (Status::internal("bug"), Disposition::ServerError),
-        (Status::resource_exhausted("busy"), Disposition::ServerError),
+        (Status::resource_exhausted("full"), Disposition::ServerError),
+        (busy("250"), Disposition::Busy(Duration::from_millis(250))),
+        (busy("3600000"), Disposition::Busy(MAX_BUSY_PAUSE)),
+        (busy("soon"), Disposition::ServerError),
         (Status::invalid_argument("job x: bad"), Disposition::Final),
         (Status::failed_precondition("missing"), Disposition::Final),
         (Status::not_found("no build 7"), Disposition::Final),
@@ -448,6 +461,34 @@ async fn server_errors_are_final_unless_retried_as_asked() {
         .await
         .expect("answered");
     assert_eq!(node, 1);
+}
+
+#[tokio::test]
+async fn a_busy_node_is_asked_again_after_its_hint_even_by_a_client_that_takes_server_errors_as_final()
+ {
+    let (fake, addr) = serve(1).await;
+    fake.with(|s| {
+        s.errors.push_back(busy("300"));
+        s.errors.push_back(busy("300"));
+    });
+    let (client, seen) = client(vec![addr], false);
+    let started = Instant::now();
+    let (_, node) = status(&client, within(Duration::from_secs(5)))
+        .await
+        .expect("answered once the node had room");
+    assert_eq!(node, 1);
+    assert!(
+        started.elapsed() >= Duration::from_millis(600),
+        "each hint was waited for: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(events(&seen).len(), 3, "{:?}", events(&seen));
+    // Within the call's patience only.
+    fake.with(|s| s.errors.extend((0..20).map(|_| busy("300"))));
+    let error = status(&client, within(Duration::from_millis(500)))
+        .await
+        .expect_err("gave up");
+    assert!(matches!(error, CallError::GaveUp { .. }), "{error}");
 }
 
 #[tokio::test]

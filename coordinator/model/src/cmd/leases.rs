@@ -67,14 +67,7 @@ impl Model {
                 exec.attempts
             );
             for &(build_id, job) in &exec.waiters {
-                self.fail_job(
-                    build_id,
-                    job,
-                    -1,
-                    Vec::new(),
-                    Vec::new(),
-                    Some(error.clone()),
-                );
+                self.fail_job(build_id, job, -1, None, Some(error.clone()));
             }
             self.finish_builds_of(&exec.waiters);
             self.fail_blocked_on(

@@ -9,6 +9,7 @@ use crate::state::Model;
 impl Model {
     pub(crate) fn report(
         &mut self,
+        index: u64,
         worker_id: &str,
         token: u64,
         key: &Digest,
@@ -68,29 +69,31 @@ impl Model {
                 artifact,
                 artifact_size,
             } => {
-                self.results.insert(
+                let output = self.new_output(index, stdout, stderr);
+                self.ref_output(output);
+                let replaced = self.results.insert(
                     *key,
                     CachedResult {
-                        stdout: stdout.clone(),
-                        stderr: stderr.clone(),
+                        output,
                         artifact: *artifact,
                         artifact_size: *artifact_size,
                         spec: exec.spec.clone(),
                     },
                 );
+                self.unref_output(replaced.and_then(|r| r.output));
                 self.dirty.results.insert(*key);
                 self.add_holding(worker_id, *artifact);
                 self.unblock(*key);
                 let mut ready = Vec::new();
                 for &(build_id, job) in &exec.waiters {
+                    self.finished_with_output(build_id, job, output);
                     self.job_mut(build_id, job).state = JobState::Succeeded;
                     self.push_event(
                         build_id,
                         Event::JobFinished {
                             job,
                             exit_code: 0,
-                            stdout: stdout.clone(),
-                            stderr: stderr.clone(),
+                            output,
                             cached: false,
                             error: None,
                             artifact: Some((*artifact, *artifact_size)),
@@ -107,15 +110,9 @@ impl Model {
                 stderr,
                 error,
             } => {
+                let output = self.new_output(index, stdout, stderr);
                 for &(build_id, job) in &exec.waiters {
-                    self.fail_job(
-                        build_id,
-                        job,
-                        *exit_code,
-                        stdout.clone(),
-                        stderr.clone(),
-                        error.clone(),
-                    );
+                    self.fail_job(build_id, job, *exit_code, output, error.clone());
                 }
                 let why = match error {
                     Some(error) => format!("its rebuild failed: {error}"),

@@ -69,6 +69,7 @@ impl Model {
                 dependents: Vec::new(),
                 pending_deps: j.deps.len() as u32,
                 state: JobState::Waiting,
+                output: None,
             })
             .collect();
         for (i, job) in jobs.iter().enumerate() {

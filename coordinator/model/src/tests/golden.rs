@@ -231,8 +231,7 @@ fn events() -> Vec<Event> {
         Event::JobFinished {
             job: 3,
             exit_code: 0,
-            stdout: b"hi".to_vec(),
-            stderr: Vec::new(),
+            output: Some(31_337),
             cached: true,
             error: None,
             artifact: Some((digest(12), 99)),
