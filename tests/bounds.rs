@@ -487,3 +487,56 @@ fn watchers_of_one_build_are_bounded_and_a_freed_place_is_taken_again() {
         }
     });
 }
+
+/// A hundred builds of 1.5 MB job lists submitted at once all go through:
+/// staging is bounded in bytes and admits a submit whole, so submits in
+/// progress never push each other out. (It used to keep 16 submits by
+/// count, evicting the oldest: most of these failed.)
+#[test]
+fn a_hundred_concurrent_large_submits_all_succeed() {
+    const BUILDS: usize = 100;
+    const JOBS: usize = 15;
+    let cluster = HaCluster::start(1, 0, 1, 4);
+    // Fifteen jobs of 100 KB each (templates, no processes): 1.5 MB per
+    // build, about six staged parts. Every build lists the same jobs, so
+    // each runs once and the rest are answered from the cache.
+    let jobs: Vec<_> = (0..JOBS)
+        .map(|i| {
+            let name = format!("big {i}");
+            json!({
+                "ID": id(&name),
+                "Name": name,
+                "Cmds": [{
+                    "CatTemplate": format!("{i}{}", "x".repeat(100_000)),
+                    "CatOutput": "{{.OutputDir}}/out",
+                }],
+            })
+        })
+        .collect();
+    let graph = json!({ "Jobs": jobs });
+    let builds: Vec<_> = (0..BUILDS)
+        .map(|_| DrainedChild::new(cluster.spawn_build(&graph, &[])))
+        .collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(420);
+    let mut failed = Vec::new();
+    for mut build in builds {
+        while build.child.try_wait().expect("poll").is_none() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the builds did not finish\n{}",
+                cluster.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let run = build.finish();
+        if run.code != Some(0) {
+            failed.push(run.describe());
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of {BUILDS} builds failed; the first:\n{}",
+        failed.len(),
+        failed[0]
+    );
+}

@@ -28,6 +28,25 @@ pub const MAX_JOB_OUTPUT_BYTES: usize = 1 << 20;
 /// Longer ones are cut on a character boundary.
 pub const MAX_JOB_ERROR_BYTES: usize = 4096;
 
+/// Most artifacts a `Register` may list as held; a worker holding more
+/// reports the rest as additions in its heartbeats. (Each listing is one
+/// Raft entry: kept well under a few hundred KiB.)
+pub const MAX_HELD_PER_REGISTER: usize = 10_000;
+
+/// Most cache changes (added and dropped together) one `Heartbeat` may
+/// carry; a worker with more sends them over several heartbeats.
+pub const MAX_CACHE_CHANGES_PER_HEARTBEAT: usize = 10_000;
+
+/// Most holders an assignment names for one dependency artifact (a worker
+/// tries them in turn), and so most a report of lost inputs names as
+/// tried for one artifact.
+pub const MAX_HOLDERS_LISTED: usize = 16;
+
+/// Most tried holders one report of lost inputs names in all: a worker
+/// that lost more inputs reports as many as fit (the rest are found lost
+/// on the next attempt).
+pub const MAX_TRIED_HOLDERS_PER_REPORT: usize = 4096;
+
 /// Metadata key naming the leader's address on an UNAVAILABLE answer from a
 /// coordinator that is not the leader.
 pub const LEADER_METADATA_KEY: &str = "distbuild-leader";

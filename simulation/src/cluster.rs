@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -118,13 +119,16 @@ fn shape(rng: &mut StdRng) -> Shape {
     }
 }
 
-/// The leader's clock: milliseconds since the epoch on this host's
-/// simulated clock.
-struct SimClock;
+/// A coordinator's wall clock: the simulated time, plus the jump a
+/// `ClockJump` fault set (shared with the fault driver).
+struct SimClock {
+    jump_ms: Arc<AtomicI64>,
+}
 
 impl Clock for SimClock {
     fn now_ms(&self) -> u64 {
-        turmoil::since_epoch().map_or(0, |d| d.as_millis() as u64)
+        let real = turmoil::since_epoch().map_or(0, |d| d.as_millis() as u64);
+        real.saturating_add_signed(self.jump_ms.load(Ordering::Relaxed))
     }
 }
 
@@ -250,13 +254,21 @@ pub fn run(config: RunConfig, dir: &Path) -> RunResult {
         .collect();
     let coordinator_addrs: Vec<String> = members.values().cloned().collect();
 
+    // Each coordinator's wall clock jump, set by the fault driver.
+    let clock_jumps: BTreeMap<String, Arc<AtomicI64>> = shape
+        .coordinators
+        .iter()
+        .map(|name| (name.clone(), Arc::default()))
+        .collect();
     for (i, name) in shape.coordinators.iter().enumerate() {
         let node_id = i as u64 + 1;
         let data_dir = dir.join(name);
         let members = members.clone();
         let tuning = tuning.clone();
         let seams = Seams {
-            clock: Arc::new(SimClock),
+            clock: Arc::new(SimClock {
+                jump_ms: clock_jumps[name].clone(),
+            }),
             dialer: Arc::new(SimDialer),
             observer: Some(Arc::new(observer.clone())),
             check_invariants: true,
@@ -392,7 +404,7 @@ pub fn run(config: RunConfig, dir: &Path) -> RunResult {
     };
     let all_hosts = hosts.all();
     let mut sim_error = None;
-    let mut driver = Driver::new(&plan, &trace, &observer, &hosts);
+    let mut driver = Driver::new(&plan, &trace, &observer, &hosts, clock_jumps);
     let mut healed = plan.is_empty();
     loop {
         let now_ms = sim.elapsed().as_millis() as u64;
@@ -593,6 +605,8 @@ struct Driver<'p> {
     /// is repaired when the last fault that cut it ends, so overlapping
     /// faults do not undo each other.
     cuts: BTreeMap<(String, String), u32>,
+    /// Each coordinator's wall clock jump (what its `SimClock` adds).
+    clock_jumps: BTreeMap<String, Arc<AtomicI64>>,
 }
 
 enum Undo {
@@ -601,11 +615,20 @@ enum Undo {
     Restart(String),
     EndDelay,
     EndLoss,
+    /// The host's wall clock is set right again.
+    ClockRight(String),
 }
 
 impl<'p> Driver<'p> {
-    fn new(plan: &'p [Planned], trace: &Trace, observer: &Observer, hosts: &Hosts<'_>) -> Self {
+    fn new(
+        plan: &'p [Planned],
+        trace: &Trace,
+        observer: &Observer,
+        hosts: &Hosts<'_>,
+        clock_jumps: BTreeMap<String, Arc<AtomicI64>>,
+    ) -> Self {
         Self {
+            clock_jumps,
             pending: plan.iter().collect(),
             undo: BTreeMap::new(),
             trace: trace.clone(),
@@ -715,6 +738,18 @@ impl<'p> Driver<'p> {
                     self.note(now_ms, format!("crash {host}"));
                     Undo::Restart(host.clone())
                 }
+                Fault::ClockJump { host, by_ms } => {
+                    let host = match host {
+                        Some(host) => host.clone(),
+                        None => match self.leader() {
+                            Some(leader) => leader,
+                            None => continue,
+                        },
+                    };
+                    self.clock_jumps[&host].store(*by_ms, Ordering::Relaxed);
+                    self.note(now_ms, format!("{host}'s wall clock jumps by {by_ms} ms"));
+                    Undo::ClockRight(host)
+                }
                 Fault::Disconnect { host } => {
                     let links =
                         both_ways(self.coordinators.iter().map(|c| (host.clone(), c.clone())));
@@ -750,6 +785,10 @@ impl<'p> Driver<'p> {
                 net::bounce(sim, host.as_str());
                 self.note(now_ms, format!("restart {host}"));
             }
+            Undo::ClockRight(host) => {
+                self.clock_jumps[&host].store(0, Ordering::Relaxed);
+                self.note(now_ms, format!("{host}'s wall clock is set right"));
+            }
             Undo::EndDelay => {
                 self.delays -= 1;
                 if self.delays == 0 {
@@ -774,8 +813,10 @@ impl<'p> Driver<'p> {
         self.cuts.clear();
         let undo = std::mem::take(&mut self.undo);
         for undo in undo.into_values().flatten() {
-            if let Undo::Restart(host) = undo {
-                net::bounce(sim, host.as_str());
+            match undo {
+                Undo::Restart(host) => net::bounce(sim, host.as_str()),
+                Undo::ClockRight(host) => self.clock_jumps[&host].store(0, Ordering::Relaxed),
+                _ => {}
             }
         }
         for (i, a) in all.iter().enumerate() {

@@ -3,10 +3,14 @@
 //! while (or at the heal, whichever comes first): symmetric and one-way
 //! partitions (an isolated leader among them), slow and lossy links,
 //! coordinator and worker crashes with restarts, workers and clients cut
-//! off from the coordinators and reattached.
+//! off from the coordinators and reattached, and coordinators' wall clocks
+//! jumping an hour forward or back.
 
 use rand::Rng;
 use rand::rngs::StdRng;
+
+/// How far a clock jump goes, either way.
+const HOUR_MS: i64 = 3_600_000;
 
 /// One fault (and, with `undo`, its end).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,6 +32,9 @@ pub enum Fault {
     /// reattaches (a worker keeps running its jobs meanwhile; a client's
     /// event stream resumes where it broke).
     Disconnect { host: String },
+    /// The wall clock of `host` (of whoever leads when the fault starts, if
+    /// none) jumps by `by_ms`, until set right at the fault's end.
+    ClockJump { host: Option<String>, by_ms: i64 },
 }
 
 /// A fault and its window, in simulated milliseconds.
@@ -110,11 +117,17 @@ pub fn plan(
             50..=61 => Fault::Crash {
                 host: one(rng, hosts.coordinators).clone(),
             },
-            62..=73 => Fault::Crash {
+            62..=71 => Fault::Crash {
                 host: one(rng, hosts.workers).clone(),
             },
-            74..=87 => Fault::Disconnect {
+            72..=81 => Fault::Disconnect {
                 host: one(rng, hosts.workers).clone(),
+            },
+            82..=89 => Fault::ClockJump {
+                host: rng
+                    .gen_bool(0.5)
+                    .then(|| one(rng, hosts.coordinators).clone()),
+                by_ms: if rng.gen_bool(0.5) { HOUR_MS } else { -HOUR_MS },
             },
             _ => Fault::Disconnect {
                 host: one(rng, hosts.clients).clone(),

@@ -51,6 +51,9 @@ const BUGS: &[(&str, BugSwitch)] = &[
         &mut b.accept_expired_lease_results
     }),
     ("forget-request-answers", |b| &mut b.forget_request_answers),
+    ("leases-timed-by-wall-clock", |b| {
+        &mut b.leases_timed_by_wall_clock
+    }),
 ];
 
 /// The names `--bug` accepts.

@@ -20,6 +20,8 @@ pub struct Applied {
     pub response: Response,
     /// Hash of both (what replicas must agree on).
     pub digest: String,
+    /// The simulated real time it was applied at (ms since the epoch).
+    pub real_ms: u64,
 }
 
 #[derive(Default)]
@@ -112,6 +114,7 @@ impl ApplyObserver for Observer {
                 proposal: proposal.clone(),
                 response: response.clone(),
                 digest,
+                real_ms: turmoil::since_epoch().map_or(0, |d| d.as_millis() as u64),
             });
     }
 }

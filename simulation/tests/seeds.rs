@@ -210,7 +210,9 @@ fn each_injected_bug_is_caught_within_twenty_seeds() {
     for name in distbuild_simulation::bug_names() {
         let caught = Mutex::new(Vec::new());
         run_seeds((0..20).collect(), Some(name), |report| {
-            let found = report.caught_by("leases");
+            // Lease bugs break lease promises; a wall clock in the
+            // stamps shows as time running ahead.
+            let found = report.caught_by("leases") || report.caught_by("time");
             if found {
                 caught.lock().expect("caught").push(report.seed);
             }

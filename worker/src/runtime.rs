@@ -28,7 +28,8 @@ use distbuild_proto::v1::{
     Assignment, HeartbeatRequest, LostInput, PollWorkRequest, RegisterRequest, ReportResultRequest,
 };
 use distbuild_proto::wire::{
-    KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, MAX_MESSAGE_BYTES, digest_to_wire,
+    KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, MAX_CACHE_CHANGES_PER_HEARTBEAT, MAX_HELD_PER_REGISTER,
+    MAX_HOLDERS_LISTED, MAX_MESSAGE_BYTES, MAX_TRIED_HOLDERS_PER_REPORT, digest_to_wire,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -49,10 +50,6 @@ pub const DEFAULT_CACHE_MAX_BYTES: u64 = 10 << 30;
 pub const DEFAULT_POLL_WAIT_MS: u64 = 2000;
 /// Margin added to a long poll's wait for its deadline.
 pub const POLL_DEADLINE_MARGIN: Duration = Duration::from_secs(5);
-/// Most digests listed in `Register.held_artifacts`.
-pub const MAX_HELD_ARTIFACTS_LISTED: usize = 100_000;
-/// Most cache changes (added + dropped) sent in one heartbeat.
-pub const MAX_CHANGES_PER_HEARTBEAT: usize = 10_000;
 /// Most cache changes waiting for a heartbeat; beyond it new ones are
 /// forgotten (stale holder lists cost peers a retry, nothing more).
 pub const MAX_PENDING_CHANGES: usize = 100_000;
@@ -121,6 +118,26 @@ pub fn default_slots() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
+/// Lost inputs as a report names them: as many as fit the coordinators'
+/// bound on tried holders (the rest are found lost again on the next
+/// attempt), and always at least one.
+fn lost_inputs_to_wire(lost: &[(Digest, Vec<String>)]) -> Vec<LostInput> {
+    let mut named = 0;
+    let mut wire = Vec::new();
+    for (digest, tried) in lost {
+        let tried: Vec<String> = tried.iter().take(MAX_HOLDERS_LISTED).cloned().collect();
+        named += tried.len();
+        if !wire.is_empty() && named > MAX_TRIED_HOLDERS_PER_REPORT {
+            break;
+        }
+        wire.push(LostInput {
+            digest: digest_to_wire(digest),
+            tried_holders: tried,
+        });
+    }
+    wire
+}
+
 /// Cache additions and removals not yet told to the coordinator: digest ->
 /// present. The latest change of a digest wins.
 #[derive(Default)]
@@ -136,12 +153,12 @@ impl CacheChanges {
         self.pending.insert(digest, present);
     }
 
-    /// Up to `MAX_CHANGES_PER_HEARTBEAT` changes, removed from the pending.
+    /// Up to `MAX_CACHE_CHANGES_PER_HEARTBEAT` changes, removed from the pending.
     fn take_batch(&mut self) -> Vec<(Digest, bool)> {
         let batch: Vec<(Digest, bool)> = self
             .pending
             .iter()
-            .take(MAX_CHANGES_PER_HEARTBEAT)
+            .take(MAX_CACHE_CHANGES_PER_HEARTBEAT)
             .map(|(d, p)| (*d, *p))
             .collect();
         for (digest, _) in &batch {
@@ -220,7 +237,13 @@ impl Worker {
             .pending
             .clear();
         let _ = self.env.cache.take_evicted();
-        let held = self.env.cache.digests(MAX_HELD_ARTIFACTS_LISTED);
+        // What does not fit in the registration is reported as additions
+        // by the next heartbeats (as many as the pending changes hold).
+        let mut held = self
+            .env
+            .cache
+            .digests(MAX_HELD_PER_REGISTER + MAX_PENDING_CHANGES);
+        let rest = held.split_off(held.len().min(MAX_HELD_PER_REGISTER));
         // One registration, however many times it is sent: applied twice
         // (the first answer lost), it would drop leases given in between.
         let request = RegisterRequest {
@@ -254,8 +277,18 @@ impl Worker {
                     self.lease_timeout_ms
                         .store(lease_timeout.as_millis() as u64, Ordering::Relaxed);
                     *count += 1;
+                    {
+                        let mut changes = self.changes.lock().expect("changes lock poisoned");
+                        for digest in &rest {
+                            // A change made since the listing wins.
+                            if !changes.pending.contains_key(digest) {
+                                changes.record(*digest, true);
+                            }
+                        }
+                    }
                     tracing::info!(
                         held = held.len(),
+                        reported_later = rest.len(),
                         lease_timeout_ms = response.lease_timeout_ms,
                         heartbeat_interval_ms = interval.as_millis() as u64,
                         "registered"
@@ -456,14 +489,7 @@ impl Worker {
             artifact_digest,
             artifact_size,
             request_id: self.request_ids.next("report"),
-            lost_inputs: outcome
-                .lost_inputs
-                .iter()
-                .map(|(digest, tried)| LostInput {
-                    digest: digest_to_wire(digest),
-                    tried_holders: tried.clone(),
-                })
-                .collect(),
+            lost_inputs: lost_inputs_to_wire(&outcome.lost_inputs),
         };
         self.report(request, cancel).await;
     }

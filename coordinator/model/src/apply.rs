@@ -15,9 +15,13 @@ impl Model {
                 request_id,
                 part,
                 jobs,
+                total_bytes,
                 ..
-            } => match self.stage(request_id, *part, jobs) {
+            } => match self.stage(request_id, *part, jobs, *total_bytes) {
                 Ok(()) => Response::None,
+                Err(busy) if busy.is_busy() => Response::Busy {
+                    reason: busy.to_string(),
+                },
                 Err(refused) => Response::Refused {
                     reason: refused.to_string(),
                     retry: false,
@@ -62,9 +66,10 @@ impl Model {
                 token,
                 cache_key,
                 outcome,
+                max_attempts,
                 ..
             } => Response::Reported {
-                accepted: self.report(index, worker_id, *token, cache_key, outcome),
+                accepted: self.report(index, worker_id, *token, cache_key, outcome, *max_attempts),
             },
             Command::ExpireLeases {
                 max_attempts,

@@ -22,6 +22,7 @@ mod queries;
 mod rebuild;
 pub mod records;
 pub mod requests;
+mod retry;
 mod schedule;
 mod staging;
 mod state;
@@ -38,7 +39,9 @@ pub use records::{
     Build, BuildHeader, BuildJob, CachedResult, ExecState, Execution, JobOutput, JobState, Worker,
 };
 pub use requests::Requests;
-pub use staging::{MAX_STAGED_SUBMITS, MAX_SUBMIT_PARTS};
+pub use staging::{
+    MAX_STAGED_BYTES, MAX_STAGED_SUBMITS, MAX_SUBMIT_PARTS, STAGED_ABANDONED_MS, StageRefusal,
+};
 pub use state::Model;
 pub use tables::{ReadTables, StorageError, TABLES, Tables};
 

@@ -139,6 +139,9 @@ pub enum Command {
         request_id: String,
         part: u32,
         jobs: Vec<SubmittedJob>,
+        /// The encoded size of all the submit's staged parts: the room
+        /// the submit is admitted with when its first part arrives.
+        total_bytes: u64,
         now_ms: u64,
     },
     /// Cancels a build that has not finished.
@@ -185,6 +188,10 @@ pub enum Command {
         token: u64,
         cache_key: Digest,
         outcome: Outcome,
+        /// Runs an execution may have whose inputs could not be fetched
+        /// (like lease expiries, each counts as an attempt) before its jobs
+        /// fail.
+        max_attempts: u32,
         now_ms: u64,
     },
     /// Requeue (or give up on) every execution whose lease expired, and
@@ -227,6 +234,12 @@ pub enum Response {
     Refused {
         reason: String,
         retry: bool,
+    },
+    /// Refused for now, changing nothing: a bound is reached that frees up
+    /// as work in progress completes (the staging area is full); the same
+    /// request may succeed later.
+    Busy {
+        reason: String,
     },
     /// The requested keys and, per key, the lease token, or `None` if it
     /// was no longer queued (a retried poll gets this answer again, keys

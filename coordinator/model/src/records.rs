@@ -136,8 +136,10 @@ pub struct Worker {
 /// The parts of one submit staged so far.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Staged {
-    /// The state's clock when its first part was staged (the oldest is
-    /// dropped first).
-    pub(crate) since_ms: u64,
+    /// The state's clock when its latest part was staged (an abandoned
+    /// submit gives way to a new one).
+    pub(crate) last_part_ms: u64,
+    /// Its whole job list's size, encoded: the room it was admitted with.
+    pub(crate) reserved_bytes: u64,
     pub(crate) parts: BTreeMap<u32, Vec<SubmittedJob>>,
 }

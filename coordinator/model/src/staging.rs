@@ -4,9 +4,14 @@
 //! the `SubmitBuild` that completes it. Parts wait here, keyed by the
 //! submit's request ID, until that final command assembles the build from
 //! them; a retried submit (at the same or a new leader) stages its parts
-//! again, overwriting identical ones. Staged submits are bounded: beyond
-//! [`MAX_STAGED_SUBMITS`] the oldest is dropped, and its final command is
-//! refused (the client retries the whole submit).
+//! again, overwriting identical ones.
+//!
+//! Staging is bounded in bytes: every part names the whole submit's staged
+//! size, and a submit is admitted whole when its first part arrives, so the
+//! submits in progress never evict each other. When a new one does not fit
+//! in [`MAX_STAGED_BYTES`], submits whose parts stopped arriving
+//! [`STAGED_ABANDONED_MS`] ago make room (oldest first); otherwise it is
+//! refused as busy and the caller retries later.
 
 use std::collections::BTreeMap;
 
@@ -17,22 +22,43 @@ use crate::records::Staged;
 use crate::state::Model;
 use crate::tables::{ReadTables, StorageError, T_STAGED, Tables, decode, encode, scan};
 
-/// Submits whose parts may wait at once.
-pub const MAX_STAGED_SUBMITS: usize = 16;
+/// Bytes (encoded job lists) of the submits staged at once.
+pub const MAX_STAGED_BYTES: u64 = 256 << 20;
+/// Submits staged at once, whatever their size.
+pub const MAX_STAGED_SUBMITS: usize = 1024;
+/// A staged submit none of whose parts arrived for this long (the state's
+/// clock) was abandoned by its leader: it gives its room to a new one.
+pub const STAGED_ABANDONED_MS: u64 = 10 * 60 * 1000;
 /// Parts one submit may have.
 pub const MAX_SUBMIT_PARTS: u32 = 4096;
 
-/// A `StageSubmit` whose part number is out of range (refused, nothing
-/// staged).
+/// Why a `StageSubmit` staged nothing.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("submit part {part} is beyond the limit of {MAX_SUBMIT_PARTS} parts")]
-pub struct PartOutOfRange {
-    pub part: u32,
+pub enum StageRefusal {
+    #[error("submit part {part} is beyond the limit of {MAX_SUBMIT_PARTS} parts")]
+    PartOutOfRange { part: u32 },
+    #[error("the submit's job list is {bytes} bytes, over the staging limit of {MAX_STAGED_BYTES}")]
+    TooBig { bytes: u64 },
+    /// Full for now: submits in progress hold the room.
+    #[error(
+        "staging is full: {submits} submits in progress hold {in_use} of its {MAX_STAGED_BYTES} bytes ({MAX_STAGED_SUBMITS} submits at most); retry later"
+    )]
+    Full { submits: usize, in_use: u64 },
+}
+
+impl StageRefusal {
+    /// Whether the same submit may be admitted later, as others complete.
+    pub fn is_busy(&self) -> bool {
+        matches!(self, StageRefusal::Full { .. })
+    }
 }
 
 #[derive(Serialize, Deserialize)]
 struct StagedPart {
-    since_ms: u64,
+    /// When the latest part of its submit was staged, then.
+    last_part_ms: u64,
+    /// The whole submit's staged size, as its parts named it.
+    reserved_bytes: u64,
     jobs: Vec<SubmittedJob>,
 }
 
@@ -51,45 +77,69 @@ fn request_prefix(request_id: &str) -> Vec<u8> {
 }
 
 impl Model {
-    /// Stages `jobs` as part `part` of submit `request_id`. Refused (with
-    /// the reason) when the part number is out of range.
+    /// Stages `jobs` as part `part` of submit `request_id`, whose staged
+    /// parts take `total_bytes` in all. Refused (with the reason, nothing
+    /// staged) when the part number is out of range or the submit is not
+    /// admitted.
     pub(crate) fn stage(
         &mut self,
         request_id: &str,
         part: u32,
         jobs: &[SubmittedJob],
-    ) -> Result<(), PartOutOfRange> {
+        total_bytes: u64,
+    ) -> Result<(), StageRefusal> {
         if part >= MAX_SUBMIT_PARTS {
-            return Err(PartOutOfRange { part });
+            return Err(StageRefusal::PartOutOfRange { part });
         }
         if self.requests.contains_key(request_id) {
             // Already submitted: a late retry's part is not needed.
             return Ok(());
         }
         if !self.staged.contains_key(request_id) {
-            while self.staged.len() >= MAX_STAGED_SUBMITS {
-                let oldest = self
-                    .staged
-                    .iter()
-                    .min_by_key(|(id, s)| (s.since_ms, (*id).clone()))
-                    .map(|(id, _)| id.clone())
-                    .expect("not empty");
-                self.unstage(&oldest);
-            }
+            self.admit_staged(total_bytes)?;
         }
-        let since_ms = self.clock_ms;
+        let now = self.clock_ms;
         let staged = self
             .staged
             .entry(request_id.to_string())
             .or_insert_with(|| Staged {
-                since_ms,
+                last_part_ms: now,
+                reserved_bytes: total_bytes,
                 parts: BTreeMap::new(),
             });
+        staged.last_part_ms = now;
         staged.parts.insert(part, jobs.to_vec());
         self.dirty
             .staged_parts
             .insert((request_id.to_string(), part));
         Ok(())
+    }
+
+    /// Makes room for a new submit of `total_bytes`, dropping abandoned
+    /// ones (oldest first) if need be; Err if the room is held by submits
+    /// in progress.
+    fn admit_staged(&mut self, total_bytes: u64) -> Result<(), StageRefusal> {
+        if total_bytes > MAX_STAGED_BYTES {
+            return Err(StageRefusal::TooBig { bytes: total_bytes });
+        }
+        loop {
+            let in_use: u64 = self.staged.values().map(|s| s.reserved_bytes).sum();
+            let submits = self.staged.len();
+            if in_use + total_bytes <= MAX_STAGED_BYTES && submits < MAX_STAGED_SUBMITS {
+                return Ok(());
+            }
+            let oldest = self
+                .staged
+                .iter()
+                .min_by_key(|(id, s)| (s.last_part_ms, (*id).clone()))
+                .map(|(id, s)| (id.clone(), s.last_part_ms));
+            match oldest {
+                Some((id, last)) if last.saturating_add(STAGED_ABANDONED_MS) <= self.clock_ms => {
+                    self.unstage(&id);
+                }
+                _ => return Err(StageRefusal::Full { submits, in_use }),
+            }
+        }
     }
 
     /// Takes the staged parts `0..parts` of submit `request_id`, in order,
@@ -137,10 +187,11 @@ impl Model {
             let part = u32::from_be_bytes(k[4 + len..].try_into().expect("4 bytes"));
             let record: StagedPart = decode("staged part", v)?;
             let staged = self.staged.entry(request_id).or_insert_with(|| Staged {
-                since_ms: record.since_ms,
+                last_part_ms: record.last_part_ms,
+                reserved_bytes: record.reserved_bytes,
                 parts: BTreeMap::new(),
             });
-            staged.since_ms = staged.since_ms.min(record.since_ms);
+            staged.last_part_ms = staged.last_part_ms.max(record.last_part_ms);
             staged.parts.insert(part, record.jobs);
             Ok(())
         })
@@ -170,7 +221,8 @@ impl Model {
                 continue;
             };
             let record = StagedPart {
-                since_ms: staged.since_ms,
+                last_part_ms: staged.last_part_ms,
+                reserved_bytes: staged.reserved_bytes,
                 jobs: jobs.clone(),
             };
             txn.put(

@@ -273,6 +273,7 @@ impl Harness {
             token,
             cache_key: k,
             outcome,
+            max_attempts: 3,
             now_ms: self.now_ms,
         }) {
             Response::Reported { accepted } => accepted,
@@ -830,7 +831,7 @@ fn a_job_needing_an_output_whose_rebuild_failed_fails_when_assigned() {
 }
 
 #[test]
-fn lost_inputs_requeue_without_an_attempt_and_lead_to_a_rebuild() {
+fn lost_inputs_requeue_as_an_attempt_and_lead_to_a_rebuild() {
     let mut h = Harness::new();
     // A <- B, and E on its own.
     let b = h.submit("r", graph(&[(1, &[]), (2, &[0]), (5, &[])]));
@@ -845,7 +846,7 @@ fn lost_inputs_requeue_without_an_attempt_and_lead_to_a_rebuild() {
         ],
     };
     assert!(h.report("b", token, key(2), lost.clone()));
-    assert_eq!(h.exec(2).attempts, 0);
+    assert_eq!(h.exec(2).attempts, 1);
     assert!(matches!(h.exec(2).state, ExecState::Queued { .. }));
     assert_eq!(h.model.workers()["b"].running, 0);
     // The holding of B's input that b tried is dropped, though a is
@@ -940,10 +941,21 @@ fn a_lost_leaf_output_is_built_again_not_answered_from_the_cache() {
 
 impl Harness {
     fn stage(&mut self, request: &str, part: u32, jobs: Vec<SubmittedJob>) -> Response {
+        self.stage_sized(request, part, jobs, 1_000)
+    }
+
+    fn stage_sized(
+        &mut self,
+        request: &str,
+        part: u32,
+        jobs: Vec<SubmittedJob>,
+        total_bytes: u64,
+    ) -> Response {
         self.apply(Command::StageSubmit {
             request_id: request.into(),
             part,
             jobs,
+            total_bytes,
             now_ms: self.now_ms,
         })
     }
@@ -1052,24 +1064,53 @@ fn a_submit_missing_a_part_is_refused_for_retry_and_changes_nothing() {
 }
 
 #[test]
-fn staged_submits_are_bounded_and_the_oldest_goes_first() {
+fn staging_is_bounded_in_bytes_and_submits_in_progress_are_never_evicted() {
     let mut h = Harness::new();
     let jobs = five_jobs();
-    for i in 0..MAX_STAGED_SUBMITS {
+    let quarter = MAX_STAGED_BYTES / 4;
+    for i in 0..4 {
         h.now_ms += 1;
-        h.stage(&format!("r{i}"), 0, jobs[..1].to_vec());
+        assert_eq!(
+            h.stage_sized(&format!("r{i}"), 0, jobs[..1].to_vec(), quarter),
+            Response::None
+        );
     }
-    assert_eq!(h.model.staged_submits(), MAX_STAGED_SUBMITS);
+    // Full: a new submit is refused as busy, and the others keep their
+    // room (their next parts and their final commands go through).
     h.now_ms += 1;
-    h.stage("newest", 0, jobs[..1].to_vec());
-    assert_eq!(h.model.staged_submits(), MAX_STAGED_SUBMITS);
+    let refused = h.stage_sized("newest", 0, jobs[..1].to_vec(), 1);
+    assert!(
+        matches!(&refused, Response::Busy { reason } if reason.contains("staging is full")),
+        "{refused:?}"
+    );
+    assert_eq!(h.model.staged_submits(), 4);
+    assert_eq!(
+        h.stage_sized("r0", 1, jobs[1..2].to_vec(), quarter),
+        Response::None
+    );
     assert!(matches!(
-        h.submit_last("r0", 1, jobs[1..].to_vec()),
-        Response::Refused { retry: true, .. }
+        h.submit_last("r0", 2, jobs[2..].to_vec()),
+        Response::BuildSubmitted { job_count: 5, .. }
     ));
+    // Its room is free again.
+    assert_eq!(
+        h.stage_sized("newest", 0, jobs[..1].to_vec(), quarter),
+        Response::None
+    );
+    // A submit whose parts stopped coming gives way once abandoned.
+    h.now_ms += STAGED_ABANDONED_MS;
+    assert_eq!(
+        h.stage_sized("later", 0, jobs[..1].to_vec(), quarter),
+        Response::None
+    );
     assert!(matches!(
         h.submit_last("r1", 1, graph(&[(9, &[])])),
-        Response::BuildSubmitted { job_count: 2, .. }
+        Response::Refused { retry: true, .. }
+    ));
+    // Bigger than the whole area, or out of range: refused for good.
+    assert!(matches!(
+        h.stage_sized("huge", 0, jobs[..1].to_vec(), MAX_STAGED_BYTES + 1),
+        Response::Refused { retry: false, .. }
     ));
     assert!(matches!(
         h.stage("r2", MAX_SUBMIT_PARTS, jobs[..1].to_vec()),
@@ -1125,6 +1166,58 @@ fn lost_inputs_keep_the_copies_of_holders_not_tried() {
     assert!(h.report("b", token, key(2), success(2)));
     assert_eq!(h.events(), [format!("{b}:ok:1"), format!("{b}:done:true")]);
     assert!(h.model.result(&key(1)).is_some());
+}
+
+/// A run whose inputs cannot be fetched counts as an attempt: when every
+/// run loses them, the job fails at the attempt limit, saying why, instead
+/// of rebuilding and losing without end.
+#[test]
+fn runs_that_keep_losing_their_inputs_give_up_at_the_attempt_limit() {
+    let mut h = Harness::new();
+    let b = h.submit("r", graph(&[(1, &[]), (2, &[0]), (3, &[1])]));
+    assert!(h.run_one("a", key(1), success(1)));
+    h.events();
+    for attempt in 1..=3u32 {
+        // Past the wait for a worker holding the inputs.
+        h.now_ms += 100;
+        // A holder that lies: a has the copy, b cannot fetch it.
+        h.apply(Command::Heartbeat {
+            worker_id: "a".into(),
+            tokens: Vec::new(),
+            added: vec![artifact(1)],
+            dropped: Vec::new(),
+            lease_timeout_ms: LEASE_MS,
+            now_ms: h.now_ms,
+        });
+        let token = loop {
+            // Rebuilt first when no copy is left.
+            match h.pick("b").first() {
+                Some(k) if *k == key(1) => assert!(h.run_one("b", key(1), success(1))),
+                Some(_) => break h.assign("b", &[key(2)])[0].expect("assigned"),
+                None => panic!("nothing to run"),
+            }
+        };
+        let lost = Outcome::LostInputs {
+            lost: vec![(artifact(1), vec!["a:1".to_string()])],
+        };
+        assert!(h.report("b", token, key(2), lost));
+        if attempt < 3 {
+            assert_eq!(h.exec(2).attempts, attempt);
+        }
+    }
+    assert!(h.model.execution(&key(2)).is_none(), "given up");
+    let events = h.take_events();
+    let error = Harness::error_of(&events, b, 1);
+    assert!(
+        error.contains("gave up after 3 attempts") && error.contains(&artifact(1).to_string()),
+        "{error}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|(id, _, e)| *id == b && matches!(e, Event::JobSkipped { job: 2, .. })),
+        "its dependent is skipped: {events:?}"
+    );
 }
 
 /// What the leader proposes for a lease whose assignment it could not
@@ -1290,6 +1383,7 @@ fn an_output_is_stored_once_for_every_job_that_shows_it_and_goes_with_the_last()
             token,
             cache_key: key(1),
             outcome: big,
+            max_attempts: 3,
             now_ms: h.now_ms,
         },
     );

@@ -181,6 +181,11 @@ impl ClientService {
 /// be fsynced there, so a big build goes in several entries.
 pub const SUBMIT_PART_BYTES: usize = 256 * 1024;
 
+/// The encoded size of `jobs` (what staging counts).
+fn encoded_size(jobs: &[SubmittedJob]) -> u64 {
+    postcard::experimental::serialized_size(jobs).map_or(u64::MAX, |n| n as u64)
+}
+
 /// Splits `jobs`, in order, into parts of at most `max_bytes` encoded
 /// (a bigger job makes a part of its own). Always at least one part.
 fn split_into_parts(jobs: Vec<SubmittedJob>, max_bytes: usize) -> Vec<Vec<SubmittedJob>> {
@@ -268,6 +273,13 @@ impl ClientApi for ClientService {
                     model::MAX_SUBMIT_PARTS
                 ))
             })?;
+        let total_bytes: u64 = parts.iter().map(|jobs| encoded_size(jobs)).sum();
+        if total_bytes > model::MAX_STAGED_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "the graph's job list is {total_bytes} bytes encoded, over the limit of {} for one build",
+                model::MAX_STAGED_BYTES
+            )));
+        }
         for (part, jobs) in (0u32..).zip(parts) {
             let response = self
                 .node
@@ -275,6 +287,7 @@ impl ClientApi for ClientService {
                     request_id: req.request_id.clone(),
                     part,
                     jobs,
+                    total_bytes,
                     now_ms: self.node.now_ms(),
                 })
                 .await?;

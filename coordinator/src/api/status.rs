@@ -60,11 +60,16 @@ pub fn invalid(problem: impl std::fmt::Display) -> Status {
     Status::invalid_argument(problem.to_string())
 }
 
-/// The status for a submit the state machine refused: ABORTED when the
+/// What a caller refused as busy by the state machine is told to wait.
+const BUSY_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// The status for a submit the state machine refused: RESOURCE_EXHAUSTED
+/// with a retry hint when it is busy (see [`busy`]), ABORTED when the
 /// same submit may succeed if retried from the start, INTERNAL otherwise
 /// (the leader built a command the model refuses).
 pub fn refusal(response: Response) -> Status {
     match response {
+        Response::Busy { reason } => busy(reason, BUSY_RETRY_AFTER),
         Response::Refused {
             reason,
             retry: true,

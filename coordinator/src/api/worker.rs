@@ -13,8 +13,9 @@ use distbuild_proto::v1::{
     ReportResultRequest, ReportResultResponse,
 };
 use distbuild_proto::wire::{
-    MAX_JOB_ERROR_BYTES, MAX_JOB_OUTPUT_BYTES, MAX_REQUEST_ID_CHARS, digest_from_wire,
-    digest_to_wire,
+    MAX_CACHE_CHANGES_PER_HEARTBEAT, MAX_HELD_PER_REGISTER, MAX_HOLDERS_LISTED,
+    MAX_JOB_ERROR_BYTES, MAX_JOB_OUTPUT_BYTES, MAX_REQUEST_ID_CHARS, MAX_TRIED_HOLDERS_PER_REPORT,
+    digest_from_wire, digest_to_wire,
 };
 use tonic::{Request, Response, Status};
 
@@ -30,10 +31,10 @@ const MAX_POLL_WAIT: Duration = Duration::from_secs(10);
 const MAX_SLOTS: u32 = 1024;
 const MAX_WORKER_ID_CHARS: usize = 64;
 const MAX_ADDR_CHARS: usize = 256;
-/// Lost artifacts one report may name (a job's dependencies), and holders
-/// tried per artifact.
+/// Lost artifacts one report may name (a job's dependencies), holders
+/// tried per artifact, and tried holders named in all (a report is one
+/// Raft entry).
 const MAX_LOST_INPUTS: usize = 10_000;
-const MAX_TRIED_HOLDERS: usize = 1024;
 
 /// A report's lost inputs, checked: digests, and the holders tried as
 /// bounded addresses.
@@ -44,15 +45,21 @@ fn lost_inputs(lost: &[LostInput]) -> Result<Vec<(Digest, Vec<String>)>, Status>
             lost.len()
         )));
     }
+    let named: usize = lost.iter().map(|input| input.tried_holders.len()).sum();
+    if named > MAX_TRIED_HOLDERS_PER_REPORT {
+        return Err(Status::invalid_argument(format!(
+            "lost_inputs names {named} tried holders in all, over the limit of {MAX_TRIED_HOLDERS_PER_REPORT}"
+        )));
+    }
     lost.iter()
         .map(|input| {
             let digest = digest_from_wire(&input.digest, "lost_inputs digest")
                 .map_err(invalid)?;
-            if input.tried_holders.len() > MAX_TRIED_HOLDERS
+            if input.tried_holders.len() > MAX_HOLDERS_LISTED
                 || input.tried_holders.iter().any(|a| a.len() > MAX_ADDR_CHARS)
             {
                 return Err(Status::invalid_argument(format!(
-                    "lost input {digest}: at most {MAX_TRIED_HOLDERS} tried holders of at most {MAX_ADDR_CHARS} characters"
+                    "lost input {digest}: at most {MAX_HOLDERS_LISTED} tried holders of at most {MAX_ADDR_CHARS} characters"
                 )));
             }
             Ok((digest, input.tried_holders.clone()))
@@ -115,6 +122,7 @@ impl WorkerService {
                         token,
                         cache_key: *key,
                         outcome: Outcome::LostInputs { lost: Vec::new() },
+                        max_attempts: self.node.tuning().max_attempts,
                         now_ms: self.node.now_ms(),
                     };
                     if let Err(e) = self.node.propose(release).await {
@@ -148,7 +156,11 @@ impl WorkerService {
                 job_id: dep.job_id.to_string(),
                 digest: digest_to_wire(&result.artifact),
                 size: result.artifact_size,
-                holders: model.holders(&result.artifact),
+                holders: model
+                    .holders(&result.artifact)
+                    .into_iter()
+                    .take(MAX_HOLDERS_LISTED)
+                    .collect(),
             });
         }
         Leased::Assignment(Assignment {
@@ -209,6 +221,12 @@ impl WorkerApi for WorkerService {
             return Err(Status::invalid_argument(format!(
                 "slots must be 1 to {MAX_SLOTS}, not {}",
                 req.slots
+            )));
+        }
+        if req.held_artifacts.len() > MAX_HELD_PER_REGISTER {
+            return Err(Status::invalid_argument(format!(
+                "held_artifacts lists {} artifacts, over the limit of {MAX_HELD_PER_REGISTER} (report the rest in heartbeats)",
+                req.held_artifacts.len()
             )));
         }
         let mut held = digests(&req.held_artifacts, "held_artifacts")?;
@@ -346,6 +364,12 @@ impl WorkerApi for WorkerService {
         }
         self.node
             .note_peer_bytes(&req.worker_id, req.peer_bytes_fetched_total);
+        let changes = req.added_artifacts.len() + req.dropped_artifacts.len();
+        if changes > MAX_CACHE_CHANGES_PER_HEARTBEAT {
+            return Err(Status::invalid_argument(format!(
+                "added_artifacts and dropped_artifacts list {changes} changes, over the limit of {MAX_CACHE_CHANGES_PER_HEARTBEAT} (send the rest in the next heartbeats)"
+            )));
+        }
         let added = digests(&req.added_artifacts, "added_artifacts")?;
         let dropped = digests(&req.dropped_artifacts, "dropped_artifacts")?;
         let request = request_key("heartbeat", &req.worker_id, &req.request_id)?;
@@ -415,6 +439,7 @@ impl WorkerApi for WorkerService {
                     token: req.lease_token,
                     cache_key,
                     outcome,
+                    max_attempts: self.node.tuning().max_attempts,
                     now_ms: self.node.now_ms(),
                 },
             )

@@ -192,6 +192,7 @@ pub async fn leader_duties(node: Arc<Node>, shutdown: CancellationToken) {
         };
         if state == openraft::ServerState::Leader {
             if node.leases_extended_term() != term {
+                node.start_leader_time(term);
                 let command = Command::ExtendLeases {
                     now_ms: node.now_ms(),
                     lease_timeout_ms: node.tuning.lease_timeout_ms,

@@ -19,6 +19,7 @@ mod node;
 mod replication;
 mod runtime;
 mod seams;
+mod time;
 mod transport;
 mod types;
 

@@ -24,6 +24,7 @@ use super::contact::Contact;
 use super::error::{ReplicaError, Result};
 use super::network::{MAX_RAFT_MESSAGE_BYTES, Network, Peers};
 use super::seams::{Clock, Seams};
+use super::time::LeaderTime;
 use super::types::TypeConfig;
 use crate::blobs::{BlobReader, BlobStore};
 use crate::secret::ClusterSecret;
@@ -45,6 +46,10 @@ pub struct Node {
     pub(super) state: StateHandle,
     pub(super) blobs: BlobStore,
     pub(super) clock: Arc<dyn Clock>,
+    /// The leader's stamps: monotonic within a term (see `time`).
+    pub(super) leader_time: LeaderTime,
+    /// Injected bug (simulation only): stamp the wall clock instead.
+    pub(super) stamp_wall_clock: bool,
     pub(super) tuning: Tuning,
     /// When a leader last got through to this node, and how its last vote
     /// round went (see `detector`).
@@ -177,6 +182,8 @@ impl Node {
             state,
             blobs,
             clock: seams.clock,
+            leader_time: LeaderTime::default(),
+            stamp_wall_clock: seams.bugs.leases_timed_by_wall_clock,
             tuning,
             contact,
             secret,
@@ -225,9 +232,27 @@ impl Node {
         self.shared.requests().answer(id)
     }
 
-    /// The leader's clock, never behind the state's.
+    /// The time a leader stamps into a command, never behind the state's
+    /// clock: its term's monotonic time (see `time`). Before its term's
+    /// time starts, the wall clock.
     pub fn now_ms(&self) -> u64 {
-        self.clock.now_ms().max(self.model().clock_ms())
+        let state = self.model().clock_ms();
+        match self.leader_time.now_ms() {
+            Some(ms) if !self.stamp_wall_clock => ms.max(state),
+            _ => self.clock.now_ms().max(state),
+        }
+    }
+
+    /// Starts the time of `term`, which this node leads: from the state's
+    /// clock (the wall clock only for a state that has no time yet).
+    pub fn start_leader_time(&self, term: u64) {
+        let state = self.model().clock_ms();
+        let base = if state == 0 {
+            self.clock.now_ms()
+        } else {
+            state
+        };
+        self.leader_time.start(term, base);
     }
 
     /// Notes the peer bytes `worker_id` reported fetching (a metric).

@@ -10,7 +10,9 @@ use distbuild_proto::net::SharedDialer;
 /// The time source: leaders stamp it into commands. Tests and the simulation
 /// pass their own.
 pub trait Clock: Send + Sync + 'static {
-    /// Milliseconds since the Unix epoch.
+    /// Milliseconds since the Unix epoch, by the wall clock (which may
+    /// jump). Read at elections only: stamps run on tokio's monotonic
+    /// clock in between (see `time`).
     fn now_ms(&self) -> u64;
 }
 
@@ -43,6 +45,9 @@ pub struct InjectedBugs {
     /// Apply a retried request again instead of answering it with the
     /// first answer (exactly-once under retry broken).
     pub forget_request_answers: bool,
+    /// Stamp commands with the wall clock instead of the leader's
+    /// monotonic time: leases timed by a clock that can jump.
+    pub leases_timed_by_wall_clock: bool,
 }
 
 /// What a replica takes from its surroundings.

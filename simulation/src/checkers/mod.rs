@@ -8,6 +8,7 @@ pub mod events;
 pub mod leases;
 pub mod ordering;
 pub mod raft;
+pub mod time;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -75,6 +76,7 @@ pub fn check(run: &RunResult, reference: &RunResult) -> Vec<Violation> {
     all.extend(durability::check(run));
     all.extend(events::check(run));
     all.extend(raft::check(run));
+    all.extend(time::check(run));
     all
 }
 

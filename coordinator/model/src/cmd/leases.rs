@@ -56,25 +56,14 @@ impl Model {
             if exec.attempts < max_attempts {
                 continue;
             }
-            let since = match exec.state {
-                ExecState::Queued { since_ms } => since_ms,
-                _ => unreachable!("released above"),
-            };
-            let exec = self.executions.remove(&key).expect("present");
-            self.queue.remove(&(since, key));
-            let error = format!(
-                "gave up after {} attempts: the lease expired each time (last on worker {worker}, which stopped renewing it)",
-                exec.attempts
-            );
-            for &(build_id, job) in &exec.waiters {
-                self.fail_job(build_id, job, -1, None, Some(error.clone()));
-            }
-            self.finish_builds_of(&exec.waiters);
-            self.fail_blocked_on(
+            let attempts = exec.attempts;
+            self.give_up(
                 key,
-                &format!(
-                    "its rebuild gave up after {} attempts (the lease expired each time)",
-                    exec.attempts
+                format!(
+                    "gave up after {attempts} attempts: the last one's lease expired (on worker {worker}, which stopped renewing it)"
+                ),
+                format!(
+                    "its rebuild gave up after {attempts} attempts (the last one's lease expired)"
                 ),
             );
         }

@@ -14,6 +14,7 @@ impl Model {
         token: u64,
         key: &Digest,
         outcome: &Outcome,
+        max_attempts: u32,
     ) -> bool {
         let current = self.leases.get(&token) == Some(key)
             && matches!(
@@ -50,6 +51,12 @@ impl Model {
                 if let Some(w) = self.workers.get_mut(worker_id) {
                     w.last_seen_ms = self.clock_ms;
                     self.dirty.workers.insert(worker_id.to_string());
+                }
+                // A run that could not fetch its inputs is an attempt (an
+                // empty list is the leader handing back a lease it could
+                // not describe: no run was tried).
+                if !lost.is_empty() {
+                    self.count_lost_inputs_attempt(*key, lost, max_attempts);
                 }
                 return true;
             }

@@ -112,6 +112,7 @@ fn commands() -> Vec<Command> {
             request_id: "req-1".into(),
             part: 2,
             jobs: vec![submitted(1)],
+            total_bytes: 4_000,
             now_ms: 1_700_000_000_123,
         },
         Command::CancelBuild {
@@ -156,6 +157,7 @@ fn commands() -> Vec<Command> {
                 artifact: digest(9),
                 artifact_size: 123_456,
             },
+            max_attempts: 3,
             now_ms: 10,
         },
         Command::Report {
@@ -168,6 +170,7 @@ fn commands() -> Vec<Command> {
                 stderr: b"no".to_vec(),
                 error: Some("no such program".into()),
             },
+            max_attempts: 3,
             now_ms: 11,
         },
         Command::Report {
@@ -177,6 +180,7 @@ fn commands() -> Vec<Command> {
             outcome: Outcome::LostInputs {
                 lost: vec![(digest(10), vec!["10.0.0.1:1".into(), "10.0.0.2:1".into()])],
             },
+            max_attempts: 3,
             now_ms: 12,
         },
         Command::ExpireLeases {
@@ -206,6 +210,9 @@ fn responses() -> Vec<Response> {
         Response::Refused {
             reason: "part 3 is missing".into(),
             retry: true,
+        },
+        Response::Busy {
+            reason: "staging is full".into(),
         },
         Response::Assigned {
             keys: vec![digest(1), digest(2)],
@@ -376,12 +383,14 @@ fn a_scripted_run_leaves_the_pinned_tables() {
             request_id: "build-a".into(),
             part: 0,
             jobs: vec![a(1)],
+            total_bytes: 1_000,
             now_ms: 1_002,
         }),
         Proposal::once(Command::StageSubmit {
             request_id: "build-z".into(),
             part: 0,
             jobs: vec![a(9)],
+            total_bytes: 1_000,
             now_ms: 1_002,
         }),
         Proposal::once(Command::SubmitBuild {
@@ -423,6 +432,7 @@ fn a_scripted_run_leaves_the_pinned_tables() {
                     artifact: digest(101),
                     artifact_size: 10,
                 },
+                max_attempts: 3,
                 now_ms: 1_006,
             },
         },
@@ -436,6 +446,7 @@ fn a_scripted_run_leaves_the_pinned_tables() {
                 stderr: b"bad\n".to_vec(),
                 error: None,
             },
+            max_attempts: 3,
             now_ms: 1_007,
         }),
         // A second build with job 1 (cached) and job 2 (queued again).
@@ -459,6 +470,7 @@ fn a_scripted_run_leaves_the_pinned_tables() {
             outcome: Outcome::LostInputs {
                 lost: vec![(digest(101), vec!["127.0.0.1:4001".into()])],
             },
+            max_attempts: 3,
             now_ms: 1_010,
         }),
         Proposal::once(Command::ExtendLeases {
@@ -487,6 +499,7 @@ fn a_scripted_run_leaves_the_pinned_tables() {
                     artifact: digest(101),
                     artifact_size: 10,
                 },
+                max_attempts: 3,
                 now_ms: 5_002,
             },
         },
