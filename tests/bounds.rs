@@ -540,3 +540,85 @@ fn a_hundred_concurrent_large_submits_all_succeed() {
         failed[0]
     );
 }
+
+/// Files under `dir/blobs/objects` (a coordinator's stored source blobs).
+fn stored_blob_files(coordinator_dir: &std::path::Path) -> usize {
+    std::fs::read_dir(coordinator_dir.join("blobs/objects"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// Source blobs no build needs are collected after their retention (the
+/// record through the log, the file on disk), a later build that needs one
+/// uploads it again, and an upload that cannot fit beside what builds in
+/// flight need is refused with RESOURCE_EXHAUSTED (exit code 2).
+#[test]
+fn unused_sources_are_collected_and_an_upload_that_cannot_fit_is_refused() {
+    let cluster = Cluster::start_with(
+        1,
+        2,
+        &[
+            "--blob-retention",
+            "1",
+            "--gc-interval-ms",
+            "200",
+            "--max-blob-bytes",
+            "100000",
+        ],
+    );
+    let src = cluster.path("src");
+    std::fs::create_dir_all(&src).expect("src");
+    std::fs::write(src.join("a.txt"), "version one\n").expect("write");
+    let g = graph(
+        &["a.txt"],
+        vec![sh_job(
+            "copy",
+            &["a.txt"],
+            &[],
+            &["cat {{.SourceDir}}/a.txt > {{.OutputDir}}/copy"],
+        )],
+    );
+    let first = cluster.build(&g, &src, &[]);
+    assert_eq!(first.code, Some(0), "{}", first.describe());
+    let data = cluster.path("coordinator");
+    assert_eq!(stored_blob_files(&data), 1);
+    // Unused for its retention (1 s), it goes: record and file.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while stored_blob_files(&data) > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the blob was not collected\n{}",
+            cluster.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // (The sweep deletes only the files of blobs the state no longer
+    // records: the record went first.)
+    // The same source again: uploaded again, and the job's result still
+    // answers it.
+    let second = cluster.build(&g, &src, &[]);
+    assert_eq!(second.code, Some(0), "{}", second.describe());
+    assert_eq!(stored_blob_files(&data), 1);
+
+    // Bigger than the whole store: refused, saying why.
+    std::fs::write(src.join("big.bin"), vec![b'x'; 200_000]).expect("write");
+    let big = graph(
+        &["big.bin"],
+        vec![sh_job(
+            "wc",
+            &["big.bin"],
+            &[],
+            &["wc -c < {{.SourceDir}}/big.bin"],
+        )],
+    );
+    let refused = cluster.build(&big, &src, &[]);
+    assert_eq!(refused.code, Some(2), "{}", refused.describe());
+    assert!(
+        refused.stderr.contains("does not fit") && refused.stderr.contains("--max-blob-bytes"),
+        "{}",
+        refused.describe()
+    );
+    // The coordinator keeps serving.
+    let third = cluster.build(&g, &src, &[]);
+    assert_eq!(third.code, Some(0), "{}", third.describe());
+}

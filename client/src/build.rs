@@ -16,7 +16,7 @@ use distbuild_proto::wire::{MAX_MESSAGE_BYTES, digest_from_wire, digest_to_wire}
 use tokio::time::Instant;
 
 use crate::args::BuildArgs;
-use crate::cluster::{Cluster, RPC_TIMEOUT};
+use crate::cluster::{CallError, Cluster, RPC_TIMEOUT};
 use crate::connect::{Connector, client_api};
 use crate::download::{DownloadError, Output, download_outputs};
 use crate::exit_code;
@@ -141,11 +141,6 @@ pub async fn run_build(args: BuildArgs, connector: Connector, console: Console) 
     };
 
     let cluster = Cluster::new(connector, addrs, args.connection.patience());
-    match upload_missing(&cluster, &sources).await {
-        Ok(count) => tracing::debug!(count, "uploaded source blobs"),
-        Err(UploadError::Call(e)) => return print_error(err, e.exit_code(), e),
-        Err(e @ UploadError::Read { .. }) => return print_error(err, exit_code::BAD_INPUT, e),
-    }
 
     let request = SubmitBuildRequest {
         request_id: one_off_request_id(),
@@ -165,20 +160,38 @@ pub async fn run_build(args: BuildArgs, connector: Connector, console: Console) 
     // build.
     let submit_timeout = RPC_TIMEOUT
         + Duration::from_secs(request.graph_json.len() as u64 / MIN_UPLOAD_BYTES_PER_SEC);
-    let submitted: SubmitBuildResponse = match cluster
-        .call("submit the build", Some(submit_timeout), |channel| {
-            let request = request.clone();
-            async move {
-                Ok(client_api(channel)
-                    .submit_build(request)
-                    .await?
-                    .into_inner())
+    // A source the cluster had when asked may be collected before the
+    // submit lands (FAILED_PRECONDITION names it): uploaded again, once.
+    let mut uploads_left = 2;
+    let submitted: SubmitBuildResponse = loop {
+        uploads_left -= 1;
+        match upload_missing(&cluster, &sources).await {
+            Ok(count) => tracing::debug!(count, "uploaded source blobs"),
+            Err(UploadError::Call(e)) => return print_error(err, e.exit_code(), e),
+            Err(e @ UploadError::Read { .. }) => {
+                return print_error(err, exit_code::BAD_INPUT, e);
             }
-        })
-        .await
-    {
-        Ok(response) => response,
-        Err(e) => return print_error(err, e.exit_code(), e),
+        }
+        let submit = cluster
+            .call("submit the build", Some(submit_timeout), |channel| {
+                let request = request.clone();
+                async move {
+                    Ok(client_api(channel)
+                        .submit_build(request)
+                        .await?
+                        .into_inner())
+                }
+            })
+            .await;
+        match submit {
+            Ok(response) => break response,
+            Err(CallError::Rejected { status, .. })
+                if status.code() == tonic::Code::FailedPrecondition && uploads_left > 0 =>
+            {
+                tracing::debug!("{}; uploading the sources again", status.message());
+            }
+            Err(e) => return print_error(err, e.exit_code(), e),
+        }
     };
     let build_id = submitted.build_id;
 

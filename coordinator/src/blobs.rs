@@ -177,9 +177,97 @@ impl BlobWriter {
     }
 }
 
+impl BlobStore {
+    /// Deletes every stored blob that `recorded` says the state no longer
+    /// records (collected, or never recorded) and that was written at
+    /// least `grace` ago: a blob is written (and copied to the other
+    /// replicas) before its record is committed, and a replica applies the
+    /// record a little later, so a younger file may be about to be
+    /// recorded. Returns the blobs and bytes deleted.
+    pub async fn sweep(
+        &self,
+        recorded: impl Fn(&Digest) -> bool + Send + 'static,
+        grace: std::time::Duration,
+    ) -> Result<(usize, u64), BlobError> {
+        let objects = self.dir.join("objects");
+        blocking::run(move || {
+            let mut swept = (0, 0);
+            let entries =
+                std::fs::read_dir(&objects).map_err(io(format!("list {}", objects.display())))?;
+            for entry in entries {
+                let entry = entry.map_err(io(format!("list {}", objects.display())))?;
+                let Some(digest) = entry
+                    .file_name()
+                    .to_str()
+                    .and_then(|name| name.parse::<Digest>().ok())
+                else {
+                    continue;
+                };
+                if recorded(&digest) {
+                    continue;
+                }
+                // Read just before deleting: a blob uploaded again since
+                // the listing was renamed into place afresh.
+                let Ok(meta) = entry.metadata() else {
+                    continue;
+                };
+                let young = meta
+                    .modified()
+                    .ok()
+                    .and_then(|m| m.elapsed().ok())
+                    .is_none_or(|age| age < grace);
+                if young {
+                    continue;
+                }
+                match std::fs::remove_file(entry.path()) {
+                    Ok(()) => {
+                        swept.0 += 1;
+                        swept.1 += meta.len();
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(io(format!("delete blob {digest}"))(e)),
+                }
+            }
+            Ok(swept)
+        })
+        .await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_sweep_deletes_only_unrecorded_blobs_past_the_grace() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = BlobStore::open(dir.path()).expect("open");
+        let mut stored = Vec::new();
+        for content in [&b"kept"[..], b"dropped"] {
+            let digest = Digest::of(content);
+            let mut writer = store
+                .writer(digest, content.len() as u64)
+                .await
+                .expect("writer");
+            writer.write(content).await.expect("write");
+            writer.finish().await.expect("stored");
+            stored.push(digest);
+        }
+        let kept = stored[0];
+        let recorded = move |d: &Digest| *d == kept;
+        let young = store
+            .sweep(recorded, std::time::Duration::from_secs(3600))
+            .await
+            .expect("sweep");
+        assert_eq!(young, (0, 0), "within the grace nothing goes");
+        let swept = store
+            .sweep(recorded, std::time::Duration::ZERO)
+            .await
+            .expect("sweep");
+        assert_eq!(swept, (1, 7));
+        assert!(store.contains(&stored[0]));
+        assert!(!store.contains(&stored[1]));
+    }
 
     #[tokio::test]
     async fn only_verified_blobs_are_stored() {

@@ -74,6 +74,24 @@ pub struct CoordinatorArgs {
     /// The longest time limit a build may ask for its jobs, in seconds.
     #[arg(long, default_value_t = 86_400)]
     pub max_job_timeout: u64,
+    /// A source blob no build in flight needs is deleted once unused for
+    /// this long, in seconds (uploaded or named by a build last).
+    #[arg(long, default_value_t = 3 * 86_400)]
+    pub blob_retention: u64,
+    /// Bytes of source blobs kept: past it the least recently used that
+    /// no build in flight needs are deleted, and an upload that cannot fit
+    /// even so is refused.
+    #[arg(long, default_value_t = 20 << 30)]
+    pub max_blob_bytes: u64,
+    /// Cached job results kept (least recently used out).
+    #[arg(long, default_value_t = 200_000)]
+    pub max_cached_results: u64,
+    /// Bytes of cached job results (records and captured output) kept.
+    #[arg(long, default_value_t = 1 << 30)]
+    pub max_cached_result_bytes: u64,
+    /// How often the leader collects garbage, in milliseconds.
+    #[arg(long, default_value_t = 60_000)]
+    pub gc_interval_ms: u64,
     /// A file holding the cluster secret (16 to 1024 printable ASCII
     /// characters), the same on every coordinator: Raft traffic between
     /// them and `cluster add-node`/`remove-node` must show it. Without it
@@ -95,6 +113,9 @@ pub async fn run_cli(args: CoordinatorArgs) -> anyhow::Result<()> {
     }
     if args.node_id == 0 {
         anyhow::bail!("--node-id must be at least 1");
+    }
+    if args.gc_interval_ms < 100 {
+        anyhow::bail!("--gc-interval-ms must be at least 100");
     }
     if args.max_job_timeout == 0 || args.max_job_timeout > MAX_JOB_TIMEOUT_SECS {
         anyhow::bail!("--max-job-timeout must be 1 to {MAX_JOB_TIMEOUT_SECS} seconds");
@@ -133,6 +154,13 @@ pub async fn run_cli(args: CoordinatorArgs) -> anyhow::Result<()> {
         locality_wait_ms: args.locality_wait_ms,
         default_job_timeout_ms: args.default_job_timeout * 1000,
         max_job_timeout_ms: args.max_job_timeout * 1000,
+        gc_interval_ms: args.gc_interval_ms,
+        gc: distbuild_model::GcLimits {
+            blob_retention_ms: args.blob_retention.saturating_mul(1000),
+            max_blob_bytes: args.max_blob_bytes,
+            max_results: args.max_cached_results,
+            max_result_bytes: args.max_cached_result_bytes,
+        },
     };
     let config = Config {
         node_id: args.node_id,
@@ -271,6 +299,8 @@ where
     let tasks = tokio_util::task::TaskTracker::new();
     tasks.spawn(replica::leader_duties(node.clone(), shutdown.clone()));
     tasks.spawn(replica::expire_leases(node.clone(), shutdown.clone()));
+    tasks.spawn(replica::collect_garbage(node.clone(), shutdown.clone()));
+    tasks.spawn(replica::sweep_blobs(node.clone(), shutdown.clone()));
     tasks.spawn(replica::drive_elections(node.clone(), shutdown.clone()));
 
     let client = ClientApiServer::new(api::client::ClientService {

@@ -88,6 +88,9 @@ impl Model {
                 self.blob_stored(*digest, *size);
                 Response::None
             }
+            Command::CollectGarbage { limits, .. } => {
+                Response::Collected(self.collect_garbage(limits))
+            }
         }
     }
 }

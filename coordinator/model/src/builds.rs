@@ -2,15 +2,18 @@
 //! becoming ready (served from the cache or attached to an execution),
 //! finishing, failing, skipping dependents, and retiring old builds.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::log::Event;
-use crate::records::{BuildJob, ExecState, Execution, JobState};
+use crate::records::{BuildJob, ExecState, Execution, JobState, OutputRef};
 use crate::state::Model;
 
 /// Finished builds kept (with their events) for late watchers; older ones
 /// are dropped, oldest first.
 pub const MAX_RETAINED_BUILDS: usize = 1000;
+/// Bytes of finished builds' events (outputs included) kept; past it the
+/// oldest finished builds are dropped.
+pub const MAX_RETAINED_EVENT_BYTES: u64 = 256 << 20;
 
 impl Model {
     pub(crate) fn push_event(&mut self, build_id: u64, event: Event) {
@@ -20,13 +23,20 @@ impl Model {
             .expect("event for a live build");
         let seq = build.header.next_event_seq;
         build.header.next_event_seq += 1;
+        build.header.event_bytes +=
+            postcard::experimental::serialized_size(&event).unwrap_or(0) as u64;
         self.dirty.builds.insert(build_id);
         self.dirty.events.push((build_id, seq, event));
     }
 
     /// Job `job` of `build_id` finishes showing `output`: it keeps a
     /// reference to the row until its build is retired.
-    pub(crate) fn finished_with_output(&mut self, build_id: u64, job: u32, output: Option<u64>) {
+    pub(crate) fn finished_with_output(
+        &mut self,
+        build_id: u64,
+        job: u32,
+        output: Option<OutputRef>,
+    ) {
         self.ref_output(output);
         self.job_mut(build_id, job).output = output;
     }
@@ -65,7 +75,9 @@ impl Model {
                 // dependent is about to run, see `assign`.)
                 self.forget_result(key);
             }
-            if let Some(result) = self.results.get(&key) {
+            if let Some(result) = self.results.get_mut(&key) {
+                result.last_used_ms = self.clock_ms;
+                self.dirty.results.insert(key);
                 let (output, artifact, artifact_size) =
                     (result.output, result.artifact, result.artifact_size);
                 self.finished_with_output(build_id, job, output);
@@ -192,20 +204,44 @@ impl Model {
             .header
             .finished = true;
         self.push_event(build_id, Event::BuildFinished { ok, error });
-        self.retire_old_builds();
+        self.finish_retention(build_id);
     }
 
-    pub(crate) fn retire_old_builds(&mut self) {
-        while self.builds.len() > MAX_RETAINED_BUILDS {
+    /// Build `build_id` just finished: what keeping it costs is final (its
+    /// events, and each output its jobs show, counted once), and older
+    /// finished builds past the bounds are retired (never this one, whose
+    /// watchers have yet to read its end).
+    pub(crate) fn finish_retention(&mut self, build_id: u64) {
+        let build = self.builds.get_mut(&build_id).expect("live build");
+        let outputs: BTreeMap<u64, u64> = build
+            .jobs
+            .iter()
+            .filter_map(|j| j.output)
+            .map(|o| (o.id, o.bytes))
+            .collect();
+        build.header.event_bytes += outputs.values().sum::<u64>();
+        self.dirty.builds.insert(build_id);
+        self.retire_old_builds(build_id);
+    }
+
+    fn retire_old_builds(&mut self, keep: u64) {
+        let mut finished_bytes: u64 = self
+            .builds
+            .values()
+            .filter(|b| b.header.finished)
+            .map(|b| b.header.event_bytes)
+            .sum();
+        while self.builds.len() > MAX_RETAINED_BUILDS || finished_bytes > MAX_RETAINED_EVENT_BYTES {
             let Some(oldest) = self
                 .builds
                 .iter()
-                .find(|(_, b)| b.header.finished)
+                .find(|(id, b)| b.header.finished && **id != keep)
                 .map(|(id, _)| *id)
             else {
                 return;
             };
             let build = self.builds.remove(&oldest).expect("found above");
+            finished_bytes -= build.header.event_bytes;
             for job in &build.jobs {
                 self.unref_output(job.output);
             }
@@ -219,7 +255,7 @@ impl Model {
         build_id: u64,
         job: u32,
         exit_code: i32,
-        output: Option<u64>,
+        output: Option<OutputRef>,
         error: Option<String>,
     ) {
         self.finished_with_output(build_id, job, output);

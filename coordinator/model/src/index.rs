@@ -9,11 +9,19 @@ use distbuild_proto::Digest;
 use crate::records::ExecState;
 use crate::state::Model;
 
+/// Artifacts recorded as held by one worker, at most: past it, what a
+/// worker reports it holds is not recorded (its peers cannot be sent to
+/// those copies; a job needing one finds another or rebuilds it).
+pub const MAX_HOLDINGS_PER_WORKER: usize = 200_000;
+
 impl Model {
     pub(crate) fn add_holding(&mut self, worker_id: &str, digest: Digest) {
         let Some(worker) = self.workers.get_mut(worker_id) else {
             return;
         };
+        if worker.held.len() >= MAX_HOLDINGS_PER_WORKER {
+            return;
+        }
         if worker.held.insert(digest) {
             self.held_by
                 .entry(digest)

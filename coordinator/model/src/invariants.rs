@@ -69,8 +69,8 @@ impl Model {
         let mut refs: BTreeMap<u64, u32> = BTreeMap::new();
         let jobs = self.builds.values().flat_map(|b| &b.jobs).map(|j| j.output);
         let results = self.results.values().map(|r| r.output);
-        for id in jobs.chain(results).flatten() {
-            *refs.entry(id).or_default() += 1;
+        for output in jobs.chain(results).flatten() {
+            *refs.entry(output.id).or_default() += 1;
         }
         refs
     }

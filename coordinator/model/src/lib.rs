@@ -14,6 +14,7 @@
 mod apply;
 mod builds;
 mod cmd;
+mod gc;
 mod index;
 pub mod invariants;
 pub mod log;
@@ -31,12 +32,14 @@ pub mod tables;
 
 pub use builds::MAX_RETAINED_BUILDS;
 pub use cmd::MAX_ASSIGN_BATCH;
+pub use gc::{Collected, GcLimits};
 pub use invariants::InvariantViolation;
 pub use log::{
     CmdText, Command, DepRef, Event, InputRef, JobSpec, Outcome, Proposal, Response, SubmittedJob,
 };
 pub use records::{
-    Build, BuildHeader, BuildJob, CachedResult, ExecState, Execution, JobOutput, JobState, Worker,
+    Build, BuildHeader, BuildJob, CachedResult, ExecState, Execution, JobOutput, JobState,
+    OutputRef, Worker,
 };
 pub use requests::Requests;
 pub use staging::{

@@ -8,6 +8,9 @@
 use distbuild_proto::{Digest, JobId, v1};
 use serde::{Deserialize, Serialize};
 
+use crate::gc::{Collected, GcLimits};
+use crate::records::OutputRef;
+
 /// A command as the graph wrote it (templates as text).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CmdText {
@@ -214,6 +217,11 @@ pub enum Command {
         digest: Digest,
         size: u64,
     },
+    /// Drops what no build in flight needs beyond the limits (see `gc`).
+    CollectGarbage {
+        now_ms: u64,
+        limits: GcLimits,
+    },
 }
 
 /// The answer to a command.
@@ -259,6 +267,8 @@ pub enum Response {
     Expired {
         tokens: Vec<u64>,
     },
+    /// What a `CollectGarbage` dropped.
+    Collected(Collected),
 }
 
 /// An event of a build, numbered from 0 in its build.
@@ -273,7 +283,7 @@ pub enum Event {
         exit_code: i32,
         /// Its captured stdout and stderr, stored once per run (a row of
         /// the `outputs` table; none when both were empty).
-        output: Option<u64>,
+        output: Option<OutputRef>,
         cached: bool,
         error: Option<String>,
         artifact: Option<(Digest, u64)>,
@@ -300,7 +310,8 @@ impl Command {
             | Command::Heartbeat { now_ms, .. }
             | Command::Report { now_ms, .. }
             | Command::ExpireLeases { now_ms, .. }
-            | Command::ExtendLeases { now_ms, .. } => Some(*now_ms),
+            | Command::ExtendLeases { now_ms, .. }
+            | Command::CollectGarbage { now_ms, .. } => Some(*now_ms),
             Command::BlobStored { .. } => None,
         }
     }

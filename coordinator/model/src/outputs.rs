@@ -8,7 +8,7 @@
 //! row) and kept in memory, and a row no job or result names any more is
 //! deleted in the same entry that dropped the last reference.
 
-use crate::records::JobOutput;
+use crate::records::{JobOutput, OutputRef};
 use crate::state::Model;
 
 impl Model {
@@ -16,7 +16,12 @@ impl Model {
     /// has any; the caller then references it once per job or result that
     /// shows it. A row nothing references by the end of the entry is never
     /// written.
-    pub(crate) fn new_output(&mut self, index: u64, stdout: &[u8], stderr: &[u8]) -> Option<u64> {
+    pub(crate) fn new_output(
+        &mut self,
+        index: u64,
+        stdout: &[u8],
+        stderr: &[u8],
+    ) -> Option<OutputRef> {
         if stdout.is_empty() && stderr.is_empty() {
             return None;
         }
@@ -27,17 +32,20 @@ impl Model {
                 stderr: stderr.to_vec(),
             },
         ));
-        Some(index)
+        Some(OutputRef {
+            id: index,
+            bytes: (stdout.len() + stderr.len()) as u64,
+        })
     }
 
-    pub(crate) fn ref_output(&mut self, output: Option<u64>) {
-        if let Some(id) = output {
-            *self.output_refs.entry(id).or_default() += 1;
+    pub(crate) fn ref_output(&mut self, output: Option<OutputRef>) {
+        if let Some(output) = output {
+            *self.output_refs.entry(output.id).or_default() += 1;
         }
     }
 
-    pub(crate) fn unref_output(&mut self, output: Option<u64>) {
-        let Some(id) = output else {
+    pub(crate) fn unref_output(&mut self, output: Option<OutputRef>) {
+        let Some(OutputRef { id, .. }) = output else {
             return;
         };
         let refs = self

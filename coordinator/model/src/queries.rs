@@ -27,11 +27,11 @@ impl Model {
 
     /// Every recorded source blob with its size.
     pub fn blobs(&self) -> Vec<(Digest, u64)> {
-        self.blobs.iter().map(|(d, s)| (*d, *s)).collect()
+        self.blobs.iter().map(|(d, b)| (*d, b.size)).collect()
     }
 
     pub fn blob_size(&self, digest: &Digest) -> Option<u64> {
-        self.blobs.get(digest).copied()
+        self.blobs.get(digest).map(|b| b.size)
     }
 
     pub fn workers(&self) -> &BTreeMap<String, Worker> {

@@ -31,7 +31,7 @@ pub struct BuildJob {
     pub state: JobState,
     /// The captured output its `JobFinished` event names (a row of the
     /// `outputs` table), if it finished with any.
-    pub output: Option<u64>,
+    pub output: Option<OutputRef>,
 }
 
 /// A build's summary record.
@@ -48,6 +48,9 @@ pub struct BuildHeader {
     pub finished: bool,
     /// Time limit of each run of its jobs.
     pub job_timeout_ms: u64,
+    /// Bytes of its events, encoded, and of the outputs they show: what
+    /// keeping it for late watchers costs.
+    pub event_bytes: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -91,11 +94,24 @@ pub struct Execution {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CachedResult {
     /// Its captured output (a row of the `outputs` table), if any.
-    pub output: Option<u64>,
+    pub output: Option<OutputRef>,
+    /// What keeping it costs: its record and its output, encoded.
+    pub bytes: u64,
+    /// The state's clock when it was made or last answered a job (the
+    /// least recently used go first).
+    pub last_used_ms: u64,
     pub artifact: Digest,
     pub artifact_size: u64,
     /// What produced it: run again if every copy of the artifact is lost.
     pub spec: JobSpec,
+}
+
+/// A stored output as events, jobs and results name it: its row in the
+/// `outputs` table, and its size (what retaining it costs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct OutputRef {
+    pub id: u64,
+    pub bytes: u64,
 }
 
 /// A run's captured stdout and stderr: stored once, in the `outputs`
@@ -119,6 +135,15 @@ impl JobOutput {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// A stored source blob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobRecord {
+    pub size: u64,
+    /// The state's clock when it was last uploaded or named by a submitted
+    /// build (the least recently used go first).
+    pub last_used_ms: u64,
 }
 
 /// A registered worker.

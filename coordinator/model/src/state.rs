@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use distbuild_proto::Digest;
 
 use crate::log::Event;
-use crate::records::{Build, CachedResult, Execution, Staged, Worker};
+use crate::records::{BlobRecord, Build, CachedResult, Execution, Staged, Worker};
 
 /// Records changed by the entry being applied.
 #[derive(Default)]
@@ -49,7 +49,7 @@ pub struct Model {
     pub(crate) workers: BTreeMap<String, Worker>,
     /// Artifact -> workers holding it (derived from `Worker::held`).
     pub(crate) held_by: BTreeMap<Digest, BTreeSet<String>>,
-    pub(crate) blobs: BTreeMap<Digest, u64>,
+    pub(crate) blobs: BTreeMap<Digest, BlobRecord>,
     /// Submits in parts, by request ID, until their last part arrives.
     pub(crate) staged: BTreeMap<String, Staged>,
     /// Output row -> jobs and results naming it (derived from the jobs'

@@ -98,7 +98,7 @@ impl Model {
         scan(state, T_BLOBS, &[], |k, v| {
             model
                 .blobs
-                .insert(digest_of_key("blob", k)?, decode("blob size", v)?);
+                .insert(digest_of_key("blob", k)?, decode("blob", v)?);
             Ok(())
         })?;
         model.load_staged(state)?;
@@ -222,8 +222,9 @@ impl Model {
             }
         }
         for digest in dirty.blobs {
-            if let Some(size) = self.blobs.get(&digest) {
-                txn.put(T_BLOBS, digest.as_bytes(), &encode("blob size", size)?)?;
+            match self.blobs.get(&digest) {
+                Some(blob) => txn.put(T_BLOBS, digest.as_bytes(), &encode("blob", blob)?)?,
+                None => txn.delete(T_BLOBS, digest.as_bytes())?,
             }
         }
         for (id, output) in dirty.new_outputs {

@@ -170,9 +170,13 @@ pub fn read_events(
         let event = decode_event(&raw)?;
         let output = match &event {
             Event::JobFinished {
-                output: Some(id), ..
-            } => Some(read_output(tables, *id)?.ok_or_else(|| {
-                StorageError::Corrupt(format!("event {seq} of build {build} names no output {id}"))
+                output: Some(output),
+                ..
+            } => Some(read_output(tables, output.id)?.ok_or_else(|| {
+                StorageError::Corrupt(format!(
+                    "event {seq} of build {build} names no output {}",
+                    output.id
+                ))
             })?),
             _ => None,
         };

@@ -1446,3 +1446,112 @@ fn an_output_is_stored_once_for_every_job_that_shows_it_and_goes_with_the_last()
     );
     h.model.check_invariants().expect("invariants");
 }
+
+fn collect(h: &mut Harness, limits: GcLimits) -> Collected {
+    match h.apply(Command::CollectGarbage {
+        now_ms: h.now_ms,
+        limits,
+    }) {
+        Response::Collected(c) => c,
+        other => panic!("collect answered {other:?}"),
+    }
+}
+
+const KEEP_ALL: GcLimits = GcLimits {
+    blob_retention_ms: u64::MAX,
+    max_blob_bytes: u64::MAX,
+    max_results: u64::MAX,
+    max_result_bytes: u64::MAX,
+};
+
+#[test]
+fn blobs_no_build_needs_go_after_their_retention_and_past_the_byte_bound_lru_first() {
+    let mut h = Harness::new();
+    let blob = |n: u8| Digest::from_bytes([200 + n; 20]);
+    for n in 0..3 {
+        h.apply(Command::BlobStored {
+            digest: blob(n),
+            size: 100,
+        });
+        h.now_ms += 1_000;
+        h.heartbeat("a", &[]);
+    }
+    // Blob 0 is an input of a build in flight.
+    let mut jobs = graph(&[(1, &[])]);
+    jobs[0].spec.inputs.push(InputRef {
+        path: "src/a.c".into(),
+        digest: blob(0),
+        size: 100,
+    });
+    h.submit("r", jobs);
+    // Blob 1, unused for 2 s, passes a retention of 1.5 s; blob 2 does not.
+    let limits = GcLimits {
+        blob_retention_ms: 1_500,
+        ..KEEP_ALL
+    };
+    assert_eq!(collect(&mut h, limits).blobs, 1);
+    assert!(!h.model.has_blob(&blob(1)));
+    assert!(h.model.has_blob(&blob(0)) && h.model.has_blob(&blob(2)));
+    // Over a byte bound of 50: blob 2 goes; blob 0 stays, needed.
+    let limits = GcLimits {
+        max_blob_bytes: 50,
+        ..KEEP_ALL
+    };
+    assert_eq!(collect(&mut h, limits).blobs, 1);
+    assert!(h.model.has_blob(&blob(0)));
+    assert!(!h.model.has_blob(&blob(2)));
+    assert_eq!(h.model.blob_bytes_in_use(), 100);
+    // Done with it, blob 0 can go too.
+    assert!(h.run_one("a", key(1), success(1)));
+    assert_eq!(collect(&mut h, limits).blobs, 1);
+    assert_eq!(h.model.blob_bytes(), 0);
+    // A submit naming a collected blob is refused for a retry (which
+    // uploads it again), changing nothing.
+    let mut jobs = graph(&[(2, &[])]);
+    jobs[0].spec.inputs.push(InputRef {
+        path: "src/a.c".into(),
+        digest: blob(0),
+        size: 100,
+    });
+    let builds = h.model.builds.len();
+    let refused = h.apply(Command::SubmitBuild {
+        job_timeout_ms: 60_000,
+        request_id: "late".into(),
+        now_ms: h.now_ms,
+        staged_parts: 0,
+        jobs,
+    });
+    assert!(
+        matches!(&refused, Response::Refused { retry: true, reason } if reason.contains("no longer stored")),
+        "{refused:?}"
+    );
+    assert_eq!(h.model.builds.len(), builds);
+}
+
+#[test]
+fn cached_results_are_bounded_least_recently_used_first_and_never_one_a_build_needs() {
+    let mut h = Harness::new();
+    h.submit("r1", graph(&[(1, &[]), (2, &[])]));
+    assert!(h.run_one("a", key(1), success(1)));
+    h.now_ms += 10;
+    assert!(h.run_one("a", key(2), success(2)));
+    // A build in flight needs key 3's result (job 4 waits on it).
+    h.submit("r2", graph(&[(3, &[]), (4, &[0])]));
+    h.now_ms += 10;
+    assert!(h.run_one("a", key(3), success(3)));
+    // Key 1 answers a new build: used more recently than key 2.
+    h.now_ms += 10;
+    h.submit("r3", graph(&[(1, &[])]));
+    let limits = GcLimits {
+        max_results: 1,
+        ..KEEP_ALL
+    };
+    let collected = collect(&mut h, limits);
+    // Key 2 then key 1 go; key 3 stays while its dependent is in flight.
+    assert_eq!(collected.results, 2, "{collected:?}");
+    assert!(h.model.result(&key(3)).is_some());
+    assert!(h.model.result(&key(1)).is_none() && h.model.result(&key(2)).is_none());
+    // A build asking for an evicted result runs its job again.
+    h.submit("r4", graph(&[(2, &[])]));
+    assert_eq!(h.pick("b"), vec![key(2)]);
+}

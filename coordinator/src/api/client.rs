@@ -228,7 +228,18 @@ impl ClientApi for ClientService {
     ) -> Result<Response<UploadBlobResponse>, Status> {
         // A follower redirects before reading any data.
         self.node.ready_leader().await?;
-        let (digest, size) = receive_blob(self.node.blobs(), request.into_inner()).await?;
+        let max = self.node.tuning().gc.max_blob_bytes;
+        let admit = |size: u64| {
+            // What builds in flight need stays; the rest can be collected.
+            let in_use = self.node.model().blob_bytes_in_use();
+            if in_use.saturating_add(size) > max {
+                return Err(Status::resource_exhausted(format!(
+                    "a blob of {size} bytes does not fit: builds in flight need {in_use} of the {max} bytes of sources this cluster keeps (--max-blob-bytes)"
+                )));
+            }
+            Ok(())
+        };
+        let (digest, size) = receive_blob(self.node.blobs(), request.into_inner(), admit).await?;
         self.node.replicate_blob(digest, size).await?;
         self.node
             .propose(Command::BlobStored { digest, size })

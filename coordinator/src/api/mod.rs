@@ -36,16 +36,19 @@ async fn next_chunk(
 }
 
 /// Receives one blob (the first chunk names digest and size) into
-/// `blobs`, verified and durable; returns its digest and size.
+/// `blobs`, verified and durable, if `admit` lets a blob of its size in;
+/// returns its digest and size.
 pub async fn receive_blob(
     blobs: &crate::blobs::BlobStore,
     mut chunks: tonic::Streaming<distbuild_proto::v1::BlobChunk>,
+    admit: impl FnOnce(u64) -> Result<(), Status>,
 ) -> Result<(Digest, u64), Status> {
     let first = next_chunk(&mut chunks)
         .await?
         .ok_or_else(|| Status::invalid_argument("empty upload"))?;
     let digest = digest_from_wire(&first.digest, "upload digest").map_err(invalid)?;
     let size = first.size;
+    admit(size)?;
     let mut writer = blobs.writer(digest, size).await.map_err(blob_status)?;
     writer.write(&first.data).await.map_err(blob_status)?;
     while let Some(chunk) = next_chunk(&mut chunks).await? {

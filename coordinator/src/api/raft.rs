@@ -47,7 +47,7 @@ impl RaftTransport for RaftService {
         &self,
         request: Request<Streaming<BlobChunk>>,
     ) -> Result<Response<StoreBlobResponse>, Status> {
-        receive_blob(self.node.blobs(), request.into_inner()).await?;
+        receive_blob(self.node.blobs(), request.into_inner(), |_| Ok(())).await?;
         Ok(Response::new(StoreBlobResponse {}))
     }
 

@@ -19,6 +19,10 @@ pub struct Tuning {
     pub default_job_timeout_ms: u64,
     /// The longest time limit a build may ask for.
     pub max_job_timeout_ms: u64,
+    /// How often the leader collects garbage.
+    pub gc_interval_ms: u64,
+    /// What a collection keeps.
+    pub gc: distbuild_model::GcLimits,
 }
 
 impl Default for Tuning {
@@ -30,6 +34,13 @@ impl Default for Tuning {
             max_attempts: 3,
             default_job_timeout_ms: 3_600_000,
             max_job_timeout_ms: 86_400_000,
+            gc_interval_ms: 60_000,
+            gc: distbuild_model::GcLimits {
+                blob_retention_ms: 3 * 86_400_000,
+                max_blob_bytes: 20 << 30,
+                max_results: 200_000,
+                max_result_bytes: 1 << 30,
+            },
         }
     }
 }

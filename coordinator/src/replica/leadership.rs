@@ -247,6 +247,35 @@ pub async fn leader_duties(node: Arc<Node>, shutdown: CancellationToken) {
     }
 }
 
+/// On the leader, proposes a garbage collection every
+/// `Tuning::gc_interval_ms` (see `distbuild_model::gc`).
+pub async fn collect_garbage(node: Arc<Node>, shutdown: CancellationToken) {
+    let period = Duration::from_millis(node.tuning.gc_interval_ms);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(period) => {}
+        }
+        if node.check_leader().is_err() {
+            continue;
+        }
+        let command = Command::CollectGarbage {
+            now_ms: node.now_ms(),
+            limits: node.tuning.gc,
+        };
+        match node.propose(command).await {
+            Ok(Response::Collected(c)) if c.blobs > 0 || c.results > 0 => tracing::info!(
+                blobs = c.blobs,
+                blob_bytes = c.blob_bytes,
+                results = c.results,
+                "collected garbage"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!("collect garbage: {e}"),
+        }
+    }
+}
+
 /// On the leader, proposes lease expiry whenever some lease ran out or
 /// some worker stopped heartbeating.
 pub async fn expire_leases(node: Arc<Node>, shutdown: CancellationToken) {

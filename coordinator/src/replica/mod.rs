@@ -19,6 +19,7 @@ mod node;
 mod replication;
 mod runtime;
 mod seams;
+mod sweep;
 mod time;
 mod transport;
 mod types;
@@ -29,8 +30,9 @@ pub use self::config::{
 };
 pub use self::detector::drive_elections;
 pub use self::error::{ReplicaError, Result};
-pub use self::leadership::{expire_leases, leader_duties};
+pub use self::leadership::{collect_garbage, expire_leases, leader_duties};
 pub use self::membership::{MemberAnswer, Unanswered};
 pub use self::node::{Node, role_name};
 pub use self::seams::{ApplyObserver, Clock, InjectedBugs, Seams, SystemClock};
+pub use self::sweep::sweep_blobs;
 pub use self::types::TypeConfig;

@@ -40,7 +40,7 @@ impl Model {
                 error: Some("the build was cancelled".to_string()),
             },
         );
-        self.retire_old_builds();
+        self.finish_retention(build_id);
         true
     }
 }

@@ -2,6 +2,7 @@
 
 use distbuild_proto::Digest;
 
+use crate::gc::result_bytes;
 use crate::log::{Event, Outcome};
 use crate::records::{CachedResult, ExecState, JobState};
 use crate::state::Model;
@@ -78,15 +79,16 @@ impl Model {
             } => {
                 let output = self.new_output(index, stdout, stderr);
                 self.ref_output(output);
-                let replaced = self.results.insert(
-                    *key,
-                    CachedResult {
-                        output,
-                        artifact: *artifact,
-                        artifact_size: *artifact_size,
-                        spec: exec.spec.clone(),
-                    },
-                );
+                let mut result = CachedResult {
+                    output,
+                    bytes: 0,
+                    last_used_ms: self.clock_ms,
+                    artifact: *artifact,
+                    artifact_size: *artifact_size,
+                    spec: exec.spec.clone(),
+                };
+                result.bytes = result_bytes(&result);
+                let replaced = self.results.insert(*key, result);
                 self.unref_output(replaced.and_then(|r| r.output));
                 self.dirty.results.insert(*key);
                 self.add_holding(worker_id, *artifact);

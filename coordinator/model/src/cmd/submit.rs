@@ -57,6 +57,30 @@ impl Model {
                 retry: false,
             };
         }
+        // The leader saw every source stored when it planned the build; one
+        // collected since is uploaded again by the retried submit.
+        let gone = jobs
+            .iter()
+            .flat_map(|j| &j.spec.inputs)
+            .find(|input| !self.blobs.contains_key(&input.digest));
+        if let Some(input) = gone {
+            return Response::Refused {
+                reason: format!(
+                    "source {:?} (blob {}) is no longer stored; retry the submit",
+                    input.path, input.digest
+                ),
+                retry: true,
+            };
+        }
+        // Named by a build: used now.
+        for input in jobs.iter().flat_map(|j| &j.spec.inputs) {
+            if let Some(blob) = self.blobs.get_mut(&input.digest)
+                && blob.last_used_ms != self.clock_ms
+            {
+                blob.last_used_ms = self.clock_ms;
+                self.dirty.blobs.insert(input.digest);
+            }
+        }
         let jobs = &jobs[..];
         let build_id = index;
         let job_count = jobs.len() as u32;
@@ -90,6 +114,7 @@ impl Model {
                     next_event_seq: 0,
                     finished: false,
                     job_timeout_ms,
+                    event_bytes: 0,
                 },
                 jobs: build_jobs,
             },

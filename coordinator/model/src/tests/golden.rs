@@ -196,6 +196,15 @@ fn commands() -> Vec<Command> {
             digest: digest(11),
             size: 1 << 40,
         },
+        Command::CollectGarbage {
+            now_ms: 1_700_000_000_777,
+            limits: GcLimits {
+                blob_retention_ms: 259_200_000,
+                max_blob_bytes: 20 << 30,
+                max_results: 200_000,
+                max_result_bytes: 1 << 30,
+            },
+        },
     ]
 }
 
@@ -226,6 +235,11 @@ fn responses() -> Vec<Response> {
         Response::Expired {
             tokens: vec![1, 2, 3],
         },
+        Response::Collected(Collected {
+            blobs: 2,
+            blob_bytes: 4096,
+            results: 1,
+        }),
     ]
 }
 
@@ -238,7 +252,10 @@ fn events() -> Vec<Event> {
         Event::JobFinished {
             job: 3,
             exit_code: 0,
-            output: Some(31_337),
+            output: Some(OutputRef {
+                id: 31_337,
+                bytes: 2_000_000,
+            }),
             cached: true,
             error: None,
             artifact: Some((digest(12), 99)),
@@ -503,6 +520,16 @@ fn a_scripted_run_leaves_the_pinned_tables() {
                 now_ms: 5_002,
             },
         },
+        // Keeps what the builds in flight need; drops the rest.
+        Proposal::once(Command::CollectGarbage {
+            now_ms: 5_003,
+            limits: GcLimits {
+                blob_retention_ms: 0,
+                max_blob_bytes: 0,
+                max_results: 0,
+                max_result_bytes: 0,
+            },
+        }),
     ];
     let mut out = String::new();
     for (i, proposal) in script.iter().enumerate() {

@@ -1,0 +1,149 @@
+//! Garbage collection, through the log. The leader proposes
+//! `CollectGarbage` now and then with its limits; applying it drops, on
+//! every replica alike:
+//! - source blobs no build in flight needs (no job of an unfinished build,
+//!   no execution, no staged submit names them) that were last used longer
+//!   than the retention period ago, then, while the stored blobs pass their
+//!   byte bound, the least recently used of those not needed;
+//! - cached results no build in flight needs, least recently used first,
+//!   while they pass their count or byte bound.
+//!
+//! What a build in flight needs is never dropped, so collection never
+//! breaks one (a result still named by a job is kept, as is its output).
+//! Each replica deletes the files of blobs the state no longer records on
+//! its own (`coordinator::blobs`). Finished builds and their events are
+//! retired as builds finish (`builds`), worker holdings are bounded as
+//! workers report them (`index`).
+
+use std::collections::BTreeSet;
+
+use distbuild_proto::Digest;
+use serde::{Deserialize, Serialize};
+
+use crate::records::CachedResult;
+use crate::state::Model;
+
+/// The limits a `CollectGarbage` applies (the leader's flags).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GcLimits {
+    /// A blob no build needs is dropped once unused this long.
+    pub blob_retention_ms: u64,
+    /// Bytes of source blobs kept, at most (those builds in flight need are
+    /// kept whatever their size).
+    pub max_blob_bytes: u64,
+    /// Cached results kept, at most.
+    pub max_results: u64,
+    /// Bytes of cached results (records and outputs) kept, at most.
+    pub max_result_bytes: u64,
+}
+
+/// What one collection dropped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Collected {
+    pub blobs: u32,
+    pub blob_bytes: u64,
+    pub results: u32,
+}
+
+/// What keeping `result` costs, as `CachedResult::bytes` records it.
+pub(crate) fn result_bytes(result: &CachedResult) -> u64 {
+    let record = postcard::experimental::serialized_size(result).unwrap_or(0) as u64;
+    record + result.output.map_or(0, |o| o.bytes)
+}
+
+impl Model {
+    /// Source blobs some build in flight needs: the inputs of every job of
+    /// an unfinished build, of every execution, and of every staged part.
+    pub fn blobs_in_use(&self) -> BTreeSet<Digest> {
+        let builds = self
+            .builds
+            .values()
+            .filter(|b| !b.header.finished)
+            .flat_map(|b| b.jobs.iter().map(|j| &j.spec));
+        let executions = self.executions.values().map(|e| &e.spec);
+        let staged = self
+            .staged
+            .values()
+            .flat_map(|s| s.parts.values().flatten().map(|j| &j.spec));
+        builds
+            .chain(executions)
+            .chain(staged)
+            .flat_map(|spec| spec.inputs.iter().map(|i| i.digest))
+            .collect()
+    }
+
+    /// Bytes of the source blobs builds in flight need.
+    pub fn blob_bytes_in_use(&self) -> u64 {
+        self.blobs_in_use()
+            .iter()
+            .filter_map(|d| self.blobs.get(d))
+            .map(|b| b.size)
+            .sum()
+    }
+
+    /// Bytes of all stored source blobs.
+    pub fn blob_bytes(&self) -> u64 {
+        self.blobs.values().map(|b| b.size).sum()
+    }
+
+    /// Cached results some build in flight needs: those of every job of an
+    /// unfinished build and of every execution's dependencies.
+    fn results_in_use(&self) -> BTreeSet<Digest> {
+        let jobs = self
+            .builds
+            .values()
+            .filter(|b| !b.header.finished)
+            .flat_map(|b| b.jobs.iter().map(|j| j.cache_key));
+        let deps = self
+            .executions
+            .values()
+            .flat_map(|e| e.spec.deps.iter().map(|d| d.cache_key));
+        jobs.chain(deps).collect()
+    }
+
+    pub(crate) fn collect_garbage(&mut self, limits: &GcLimits) -> Collected {
+        let mut collected = Collected::default();
+        let blobs_needed = self.blobs_in_use();
+        // Least recently used first; the needed ones never.
+        let mut candidates: Vec<(u64, Digest)> = self
+            .blobs
+            .iter()
+            .filter(|(d, _)| !blobs_needed.contains(d))
+            .map(|(d, b)| (b.last_used_ms, *d))
+            .collect();
+        candidates.sort_unstable();
+        let mut stored = self.blob_bytes();
+        for (last_used_ms, digest) in candidates {
+            let expired = last_used_ms.saturating_add(limits.blob_retention_ms) <= self.clock_ms;
+            if !expired && stored <= limits.max_blob_bytes {
+                break;
+            }
+            let blob = self.blobs.remove(&digest).expect("a candidate is stored");
+            self.dirty.blobs.insert(digest);
+            stored -= blob.size;
+            collected.blobs += 1;
+            collected.blob_bytes += blob.size;
+        }
+
+        let results_needed = self.results_in_use();
+        let mut candidates: Vec<(u64, Digest)> = self
+            .results
+            .iter()
+            .filter(|(k, _)| !results_needed.contains(k))
+            .map(|(k, r)| (r.last_used_ms, *k))
+            .collect();
+        candidates.sort_unstable();
+        let mut count = self.results.len() as u64;
+        let mut bytes: u64 = self.results.values().map(|r| r.bytes).sum();
+        for (_, key) in candidates {
+            if count <= limits.max_results && bytes <= limits.max_result_bytes {
+                break;
+            }
+            bytes -= self.results[&key].bytes;
+            count -= 1;
+            self.forget_result(key);
+            collected.results += 1;
+        }
+        collected
+    }
+}
