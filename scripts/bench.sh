@@ -2,7 +2,8 @@
 # Runs the benchmarks the README's performance section quotes: build
 # throughput against ninja (one coordinator and three), locality,
 # replication and failover (commands per second, the stall a leader kill
-# causes), and raft-store appends against the disk's fsync rate.
+# causes), raft-store appends against the disk's fsync rate, and the soak
+# (coordinator disk and memory over 200 builds with garbage collection).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
@@ -10,4 +11,5 @@ cd "$(dirname "$0")/.."
 cargo bench --locked --bench build
 cargo bench --locked --bench locality
 cargo bench --locked --bench failover
+cargo bench --locked --bench soak
 cargo bench --locked -p distbuild-raft-store --bench append

@@ -622,3 +622,64 @@ fn unused_sources_are_collected_and_an_upload_that_cannot_fit_is_refused() {
     let third = cluster.build(&g, &src, &[]);
     assert_eq!(third.code, Some(0), "{}", third.describe());
 }
+
+/// One caller cannot fill the log: a worker sending state-changing calls
+/// past its rate bound (5,000 polls at once here; the bound is 1,000 a
+/// second, bursts of 2,000) is refused with RESOURCE_EXHAUSTED and a retry
+/// hint, while another caller is served.
+#[test]
+fn a_caller_past_its_rate_bound_is_refused_and_others_are_served() {
+    use distbuild_proto::v1::worker_api_client::WorkerApiClient;
+    use distbuild_proto::v1::{HeartbeatRequest, PollWorkRequest};
+
+    let cluster = HaCluster::start(1, 0, 0, 1);
+    let addr = cluster.node_addr(cluster.wait_for_leader());
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let client = WorkerApiClient::connect(format!("http://{addr}"))
+            .await
+            .expect("connect");
+        let flood = (0..5_000)
+            .map(|n| {
+                let mut client = client.clone();
+                let request = PollWorkRequest {
+                    worker_id: "flooder".into(),
+                    free_slots: 1,
+                    wait_ms: 0,
+                    request_id: format!("flooder-poll-{n}"),
+                };
+                async move { client.poll_work(request).await }
+            });
+        // 64 at a time: what one connection carries at once.
+        use futures::StreamExt as _;
+        let answers: Vec<_> = futures::stream::iter(flood)
+            .buffer_unordered(64)
+            .collect()
+            .await;
+        let refused: Vec<_> = answers
+            .iter()
+            .filter_map(|a| a.as_ref().err())
+            .filter(|status| status.code() == tonic::Code::ResourceExhausted)
+            .collect();
+        assert!(
+            refused.len() >= 1_000,
+            "{} of 5,000 calls refused",
+            refused.len()
+        );
+        for status in &refused {
+            assert!(
+                status.metadata().get("distbuild-retry-after-ms").is_some(),
+                "{status:?}"
+            );
+        }
+        let mut client = client.clone();
+        client
+            .heartbeat(HeartbeatRequest {
+                worker_id: "bystander".into(),
+                request_id: "bystander-hb-1".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("another caller is served");
+    });
+}

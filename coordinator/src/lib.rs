@@ -303,15 +303,20 @@ where
     tasks.spawn(replica::sweep_blobs(node.clone(), shutdown.clone()));
     tasks.spawn(replica::drive_elections(node.clone(), shutdown.clone()));
 
+    let rates = api::rate::CallerRates::default();
     let client = ClientApiServer::new(api::client::ClientService {
         node: node.clone(),
         watchers: api::watch::Watchers::default(),
+        rates: rates.clone(),
     })
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let worker = WorkerApiServer::new(api::worker::WorkerService { node: node.clone() })
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let worker = WorkerApiServer::new(api::worker::WorkerService {
+        node: node.clone(),
+        rates,
+    })
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let admin = AdminApiServer::new(api::admin::AdminService { node: node.clone() });
     let raft = tonic::service::interceptor::InterceptedService::new(
         RaftTransportServer::new(api::raft::RaftService { node: node.clone() })

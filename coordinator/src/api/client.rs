@@ -19,6 +19,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use distbuild_model::{self as model, CmdText, Command, DepRef, InputRef, JobSpec, SubmittedJob};
 
+use super::rate::CallerRates;
 use super::status::{invalid, refusal};
 use super::watch::{Watchers, stream_events};
 use super::{ResponseStream, digests, receive_blob};
@@ -30,6 +31,17 @@ pub struct ClientService {
     pub node: Arc<Node>,
     /// The event streams this node serves.
     pub watchers: Watchers,
+    /// Per-caller rate bounds on state-changing calls.
+    pub rates: CallerRates,
+}
+
+/// Takes one state-changing call of the client that sent `request` (by its
+/// address) from its rate bound.
+fn admit<T>(rates: &CallerRates, request: &Request<T>) -> Result<(), Status> {
+    let caller = request
+        .remote_addr()
+        .map_or_else(|| "a client".to_string(), |a| format!("client {}", a.ip()));
+    rates.admit(&caller)
 }
 
 /// Orders a validated (acyclic) graph's jobs so dependencies come first,
@@ -228,6 +240,7 @@ impl ClientApi for ClientService {
     ) -> Result<Response<UploadBlobResponse>, Status> {
         // A follower redirects before reading any data.
         self.node.ready_leader().await?;
+        admit(&self.rates, &request)?;
         let max = self.node.tuning().gc.max_blob_bytes;
         let admit = |size: u64| {
             // What builds in flight need stays; the rest can be collected.
@@ -251,6 +264,7 @@ impl ClientApi for ClientService {
         &self,
         request: Request<SubmitBuildRequest>,
     ) -> Result<Response<SubmitBuildResponse>, Status> {
+        admit(&self.rates, &request)?;
         let req = request.into_inner();
         if req.request_id.is_empty() || req.request_id.len() > MAX_REQUEST_ID_CHARS {
             return Err(Status::invalid_argument(format!(
@@ -366,6 +380,7 @@ impl ClientApi for ClientService {
         &self,
         request: Request<CancelBuildRequest>,
     ) -> Result<Response<CancelBuildResponse>, Status> {
+        admit(&self.rates, &request)?;
         let build_id = request.into_inner().build_id;
         self.node.ready_leader().await?;
         if self.node.model().build(build_id).is_none() {

@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod client;
 pub mod raft;
+pub mod rate;
 pub mod status;
 pub mod watch;
 pub mod worker;

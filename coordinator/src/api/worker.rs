@@ -19,6 +19,7 @@ use distbuild_proto::wire::{
 };
 use tonic::{Request, Response, Status};
 
+use super::rate::CallerRates;
 use super::status::invalid;
 use super::{ResponseStream, digests, stream_file};
 use distbuild_model::{self as model, CmdText, Command, MAX_ASSIGN_BATCH, Outcome};
@@ -69,6 +70,16 @@ fn lost_inputs(lost: &[LostInput]) -> Result<Vec<(Digest, Vec<String>)>, Status>
 
 pub struct WorkerService {
     pub node: Arc<Node>,
+    /// Per-caller rate bounds on state-changing calls.
+    pub rates: CallerRates,
+}
+
+impl WorkerService {
+    /// Checks `worker_id` and takes one of its calls from its rate bound.
+    fn admit(&self, worker_id: &str) -> Result<(), Status> {
+        check_worker_id(worker_id)?;
+        self.rates.admit(&format!("worker {worker_id}"))
+    }
 }
 
 fn check_worker_id(id: &str) -> Result<(), Status> {
@@ -213,7 +224,7 @@ impl WorkerApi for WorkerService {
         request: Request<RegisterRequest>,
     ) -> Result<Response<RegisterResponse>, Status> {
         let req = request.into_inner();
-        check_worker_id(&req.worker_id)?;
+        self.admit(&req.worker_id)?;
         if req.addr.is_empty() || req.addr.len() > MAX_ADDR_CHARS {
             return Err(Status::invalid_argument("addr must be a host:port"));
         }
@@ -258,7 +269,7 @@ impl WorkerApi for WorkerService {
         request: Request<PollWorkRequest>,
     ) -> Result<Response<PollWorkResponse>, Status> {
         let req = request.into_inner();
-        check_worker_id(&req.worker_id)?;
+        self.admit(&req.worker_id)?;
         let wait = Duration::from_millis(req.wait_ms).min(MAX_POLL_WAIT);
         let deadline = tokio::time::Instant::now() + wait;
         let max = (req.free_slots as u64).min(MAX_ASSIGN_BATCH) as usize;
@@ -356,7 +367,7 @@ impl WorkerApi for WorkerService {
         request: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
         let req = request.into_inner();
-        check_worker_id(&req.worker_id)?;
+        self.admit(&req.worker_id)?;
         if req.lease_tokens.len() > MAX_SLOTS as usize {
             return Err(Status::invalid_argument(
                 "more leases than a worker can hold",
@@ -404,7 +415,7 @@ impl WorkerApi for WorkerService {
         request: Request<ReportResultRequest>,
     ) -> Result<Response<ReportResultResponse>, Status> {
         let req = request.into_inner();
-        check_worker_id(&req.worker_id)?;
+        self.admit(&req.worker_id)?;
         let cache_key = digest_from_wire(&req.cache_key, "cache_key").map_err(invalid)?;
         let request = request_key("report", &req.worker_id, &req.request_id)?;
         let lost = lost_inputs(&req.lost_inputs)?;
