@@ -1,12 +1,13 @@
 //! Soak: 200 builds in a row on one local cluster (one coordinator, one
 //! worker), each uploading a fresh 1 MiB source and producing a fresh
-//! 1 MiB output, with the source retention set short (5 s, collection every
-//! 500 ms). The coordinator's disk use (its whole data dir: Raft log,
+//! 1 MiB output, with the source retention set short (1 s, collection every
+//! 250 ms). The coordinator's disk use (its whole data dir: Raft log,
 //! state, blobs) and resident memory are sampled after builds 50, 100 and
 //! 200: with collection they stay flat after the retention window instead
 //! of growing with every build.
 //!
-//! `cargo bench --bench soak` (BENCH_BUILDS overrides the 200). Under
+//! `cargo bench --bench soak` (BENCH_BUILDS overrides the 200,
+//! BENCH_RETENTION_SECS the retention). Under
 //! `cargo test --all-targets` it runs 6 builds as a smoke test.
 
 #[path = "../tests/support/mod.rs"]
@@ -34,7 +35,14 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(if benchmarking { 200 } else { 6 });
     let checkpoints: Vec<usize> = [builds / 4, builds / 2, builds].into();
-    let cluster = Cluster::start_with(1, 2, &["--blob-retention", "5", "--gc-interval-ms", "500"]);
+    // BENCH_RETENTION_SECS=1000000 runs the same builds without collection
+    // (the comparison the README quotes).
+    let retention = std::env::var("BENCH_RETENTION_SECS").unwrap_or_else(|_| "1".into());
+    let cluster = Cluster::start_with(
+        1,
+        2,
+        &["--blob-retention", &retention, "--gc-interval-ms", "250"],
+    );
     let pid = cluster.coordinator.as_ref().expect("running").child.id();
     let data = cluster.path("coordinator");
     let src = cluster.path("src");
@@ -64,7 +72,9 @@ fn main() {
     }
 
     let mib = |b: u64| b as f64 / f64::from(1 << 20);
-    println!("soak: {builds} builds, each a fresh 1 MiB source and output; retention 5 s");
+    println!(
+        "soak: {builds} builds, each a fresh 1 MiB source and output; retention {retention} s"
+    );
     println!("  after build   elapsed    coordinator disk   coordinator RSS");
     for (n, elapsed, disk, rss) in &samples {
         println!(

@@ -639,17 +639,16 @@ fn a_caller_past_its_rate_bound_is_refused_and_others_are_served() {
         let client = WorkerApiClient::connect(format!("http://{addr}"))
             .await
             .expect("connect");
-        let flood = (0..5_000)
-            .map(|n| {
-                let mut client = client.clone();
-                let request = PollWorkRequest {
-                    worker_id: "flooder".into(),
-                    free_slots: 1,
-                    wait_ms: 0,
-                    request_id: format!("flooder-poll-{n}"),
-                };
-                async move { client.poll_work(request).await }
-            });
+        let flood = (0..5_000).map(|n| {
+            let mut client = client.clone();
+            let request = PollWorkRequest {
+                worker_id: "flooder".into(),
+                free_slots: 1,
+                wait_ms: 0,
+                request_id: format!("flooder-poll-{n}"),
+            };
+            async move { client.poll_work(request).await }
+        });
         // 64 at a time: what one connection carries at once.
         use futures::StreamExt as _;
         let answers: Vec<_> = futures::stream::iter(flood)
