@@ -83,11 +83,23 @@ fn coordinators_with_a_secret_form_a_cluster_and_refuse_whoever_lacks_it() {
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(stderr.contains("cluster secret"), "{stderr}");
     let short = cluster.path("short-secret");
-    std::fs::write(&short, "too-short").expect("write");
+    write_private(&short, "too-short");
     let out = add(&["--cluster-secret-file", short.to_str().expect("utf-8")]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("16 to 1024"), "{stderr}");
+    // A secret file other users may read is refused, naming the fix.
+    let open = cluster.path("open-secret");
+    std::fs::write(&open, format!("{SECRET}\n")).expect("write");
+    std::fs::set_permissions(&open, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+        .expect("chmod 644");
+    let out = add(&["--cluster-secret-file", open.to_str().expect("utf-8")]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("may be read by other users") && stderr.contains("chmod 600"),
+        "{stderr}"
+    );
     let status = cluster.status();
     assert_eq!(
         status["members"].as_array().expect("members").len(),

@@ -169,6 +169,18 @@ pub enum SecretFileError {
         /// Why (shown in the message, which is printed alone).
         problem: std::io::Error,
     },
+    /// Other users may read it: refused, as ssh refuses an open key.
+    #[error(
+        "cluster secret {} may be read by other users (mode {mode:04o}): make it private, chmod 600 {}",
+        path.display(),
+        path.display()
+    )]
+    Exposed {
+        /// The file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
     /// Its content is not a valid secret.
     #[error("cluster secret {}: {problem}", path.display())]
     Invalid {
@@ -181,12 +193,25 @@ pub enum SecretFileError {
 
 /// Reads a cluster secret file: its content with surrounding whitespace
 /// trimmed, which must be 16 to 1024 printable ASCII characters (no
-/// spaces).
+/// spaces). A file that group or others may read is refused.
 pub fn read_cluster_secret(path: &Path) -> Result<String, SecretFileError> {
-    let text = std::fs::read_to_string(path).map_err(|problem| SecretFileError::Read {
+    use std::os::unix::fs::PermissionsExt as _;
+    let read_error = |problem| SecretFileError::Read {
         path: path.to_path_buf(),
         problem,
-    })?;
+    };
+    let mode = std::fs::metadata(path)
+        .map_err(read_error)?
+        .permissions()
+        .mode()
+        & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(SecretFileError::Exposed {
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
+    let text = std::fs::read_to_string(path).map_err(read_error)?;
     let text = text.trim();
     check_cluster_secret(text).map_err(|problem| SecretFileError::Invalid {
         path: path.to_path_buf(),
@@ -375,9 +400,22 @@ mod tests {
             check_cluster_secret("has a space in it, long enough"),
             Err(SecretProblem::NotPrintable)
         );
+        use std::os::unix::fs::PermissionsExt as _;
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("secret");
         std::fs::write(&path, "  0123456789abcdef-secret\n").expect("write");
+        // Readable by others (the umask's 0644): refused, naming the fix.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let err = read_cluster_secret(&path).expect_err("exposed");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "cluster secret {} may be read by other users (mode 0644): make it private, chmod 600 {}",
+                path.display(),
+                path.display()
+            )
+        );
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
         assert_eq!(
             read_cluster_secret(&path).expect("valid"),
             "0123456789abcdef-secret"

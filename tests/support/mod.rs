@@ -282,6 +282,14 @@ fn graph_build_command(dir: &Path, addrs: &str, graph: &Value, extra: &[&str]) -
     build_command(&graph_path, dir, addrs, extra)
 }
 
+/// Writes `content` to a new file at `path` that only its owner may read
+/// (as a secret must be).
+pub fn write_private(path: &Path, content: &str) {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::write(path, content).expect("write a private file");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod 600");
+}
+
 /// Peak resident memory of process `pid` so far (its `VmHWM`), in bytes.
 pub fn peak_rss_bytes(pid: u32) -> u64 {
     try_peak_rss_bytes(pid).unwrap_or_else(|| panic!("no peak RSS for process {pid}"))
@@ -476,7 +484,7 @@ impl HaCluster {
         };
         if let Some(secret) = secret {
             let path = cluster.path("cluster-secret");
-            std::fs::write(&path, format!("{secret}\n")).expect("write the secret");
+            write_private(&path, &format!("{secret}\n"));
             cluster.secret_file = Some(path);
         }
         for id in 1..=coordinators as u64 {
