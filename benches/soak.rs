@@ -41,7 +41,14 @@ fn main() {
     let cluster = Cluster::start_with(
         1,
         2,
-        &["--blob-retention", &retention, "--gc-interval-ms", "250"],
+        &[
+            "--blob-retention",
+            &retention,
+            "--gc-interval-ms",
+            "250",
+            "--blob-sweep-grace",
+            "1",
+        ],
     );
     let pid = cluster.coordinator.as_ref().expect("running").child.id();
     let data = cluster.path("coordinator");

@@ -564,6 +564,8 @@ fn unused_sources_are_collected_and_an_upload_that_cannot_fit_is_refused() {
             "200",
             "--max-blob-bytes",
             "100000",
+            "--blob-sweep-grace",
+            "1",
         ],
     );
     let src = cluster.path("src");

@@ -92,6 +92,13 @@ pub struct CoordinatorArgs {
     /// How often the leader collects garbage, in milliseconds.
     #[arg(long, default_value_t = 60_000)]
     pub gc_interval_ms: u64,
+    /// How old (seconds) a blob file the state does not record must be
+    /// before this replica deletes it. A blob is written and copied to the
+    /// other replicas before its record is applied, so this must exceed the
+    /// longest upload and copy plus a replica's lag; lower it only for
+    /// tests and benchmarks.
+    #[arg(long, default_value_t = 3_600)]
+    pub blob_sweep_grace: u64,
     /// A file holding the cluster secret (16 to 1024 printable ASCII
     /// characters), the same on every coordinator: Raft traffic between
     /// them and `cluster add-node`/`remove-node` must show it. Without it
@@ -155,6 +162,7 @@ pub async fn run_cli(args: CoordinatorArgs) -> anyhow::Result<()> {
         default_job_timeout_ms: args.default_job_timeout * 1000,
         max_job_timeout_ms: args.max_job_timeout * 1000,
         gc_interval_ms: args.gc_interval_ms,
+        blob_sweep_grace_ms: args.blob_sweep_grace.saturating_mul(1000),
         gc: distbuild_model::GcLimits {
             blob_retention_ms: args.blob_retention.saturating_mul(1000),
             max_blob_bytes: args.max_blob_bytes,
@@ -308,6 +316,7 @@ where
         node: node.clone(),
         watchers: api::watch::Watchers::default(),
         rates: rates.clone(),
+        kept_blob_bytes: api::client::KeptBlobBytes::default(),
     })
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);

@@ -12,8 +12,11 @@ use crate::state::Model;
 /// are dropped, oldest first.
 pub const MAX_RETAINED_BUILDS: usize = 1000;
 /// Bytes of finished builds' events (outputs included) kept; past it the
-/// oldest finished builds are dropped.
+/// builds that finished first are dropped.
 pub const MAX_RETAINED_EVENT_BYTES: u64 = 256 << 20;
+/// A finished build is kept at least this long (state time) whatever the
+/// bounds, so that its watchers can read its end.
+pub const MIN_RETAINED_MS: u64 = 60_000;
 
 impl Model {
     pub(crate) fn push_event(&mut self, build_id: u64, event: Event) {
@@ -208,11 +211,14 @@ impl Model {
     }
 
     /// Build `build_id` just finished: what keeping it costs is final (its
-    /// events, and each output its jobs show, counted once), and older
-    /// finished builds past the bounds are retired (never this one, whose
-    /// watchers have yet to read its end).
+    /// events, and each output its jobs show, counted once), and finished
+    /// builds past the bounds are retired, those that finished first
+    /// first, but none that finished less than [`MIN_RETAINED_MS`] ago
+    /// (their watchers may still be reading).
     pub(crate) fn finish_retention(&mut self, build_id: u64) {
+        let now = self.clock_ms;
         let build = self.builds.get_mut(&build_id).expect("live build");
+        build.header.finished_ms = now;
         let outputs: BTreeMap<u64, u64> = build
             .jobs
             .iter()
@@ -221,25 +227,32 @@ impl Model {
             .collect();
         build.header.event_bytes += outputs.values().sum::<u64>();
         self.dirty.builds.insert(build_id);
-        self.retire_old_builds(build_id);
+        self.retire_old_builds();
     }
 
-    fn retire_old_builds(&mut self, keep: u64) {
+    fn retire_old_builds(&mut self) {
         let mut finished_bytes: u64 = self
             .builds
             .values()
             .filter(|b| b.header.finished)
             .map(|b| b.header.event_bytes)
             .sum();
-        while self.builds.len() > MAX_RETAINED_BUILDS || finished_bytes > MAX_RETAINED_EVENT_BYTES {
-            let Some(oldest) = self
-                .builds
-                .iter()
-                .find(|(id, b)| b.header.finished && **id != keep)
-                .map(|(id, _)| *id)
-            else {
+        let mut retirable: Vec<(u64, u64)> = self
+            .builds
+            .iter()
+            .filter(|(_, b)| {
+                b.header.finished
+                    && b.header.finished_ms.saturating_add(MIN_RETAINED_MS) <= self.clock_ms
+            })
+            .map(|(id, b)| (b.header.finished_ms, *id))
+            .collect();
+        retirable.sort_unstable();
+        for (_, oldest) in retirable {
+            if self.builds.len() <= MAX_RETAINED_BUILDS
+                && finished_bytes <= MAX_RETAINED_EVENT_BYTES
+            {
                 return;
-            };
+            }
             let build = self.builds.remove(&oldest).expect("found above");
             finished_bytes -= build.header.event_bytes;
             for job in &build.jobs {

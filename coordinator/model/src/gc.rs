@@ -4,7 +4,10 @@
 //! - source blobs no build in flight needs (no job of an unfinished build,
 //!   no execution, no staged submit names them) that were last used longer
 //!   than the retention period ago, then, while the stored blobs pass their
-//!   byte bound, the least recently used of those not needed;
+//!   byte bound, the least recently used of those not needed and not used
+//!   in the last [`RECENT_BLOB_MS`] (or the retention, if shorter): a
+//!   client uploads its sources before it submits, so a blob just
+//!   uploaded is about to be needed;
 //! - cached results no build in flight needs, least recently used first,
 //!   while they pass their count or byte bound.
 //!
@@ -45,10 +48,19 @@ pub struct Collected {
     pub results: u32,
 }
 
+/// Blobs used this recently are not taken for the byte bound (only the
+/// retention drops them).
+pub const RECENT_BLOB_MS: u64 = 10 * 60 * 1000;
+
 /// What keeping `result` costs, as `CachedResult::bytes` records it.
 pub(crate) fn result_bytes(result: &CachedResult) -> u64 {
     let record = postcard::experimental::serialized_size(result).unwrap_or(0) as u64;
     record + result.output.map_or(0, |o| o.bytes)
+}
+
+/// How recent a use protects a blob from the byte bound.
+fn recent_ms(limits: &GcLimits) -> u64 {
+    RECENT_BLOB_MS.min(limits.blob_retention_ms)
 }
 
 impl Model {
@@ -72,12 +84,17 @@ impl Model {
             .collect()
     }
 
-    /// Bytes of the source blobs builds in flight need.
-    pub fn blob_bytes_in_use(&self) -> u64 {
-        self.blobs_in_use()
+    /// Bytes of the source blobs the byte bound cannot take: those builds
+    /// in flight need and those used recently (see [`RECENT_BLOB_MS`]).
+    pub fn blob_bytes_kept(&self, limits: &GcLimits) -> u64 {
+        let needed = self.blobs_in_use();
+        let recent = recent_ms(limits);
+        self.blobs
             .iter()
-            .filter_map(|d| self.blobs.get(d))
-            .map(|b| b.size)
+            .filter(|(d, b)| {
+                needed.contains(d) || b.last_used_ms.saturating_add(recent) > self.clock_ms
+            })
+            .map(|(_, b)| b.size)
             .sum()
     }
 
@@ -113,9 +130,12 @@ impl Model {
             .collect();
         candidates.sort_unstable();
         let mut stored = self.blob_bytes();
+        let recent = recent_ms(limits);
         for (last_used_ms, digest) in candidates {
             let expired = last_used_ms.saturating_add(limits.blob_retention_ms) <= self.clock_ms;
-            if !expired && stored <= limits.max_blob_bytes {
+            let old = last_used_ms.saturating_add(recent) <= self.clock_ms;
+            if !expired && (stored <= limits.max_blob_bytes || !old) {
+                // Oldest first: every later candidate is younger still.
                 break;
             }
             let blob = self.blobs.remove(&digest).expect("a candidate is stored");

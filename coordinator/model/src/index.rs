@@ -9,19 +9,29 @@ use distbuild_proto::Digest;
 use crate::records::ExecState;
 use crate::state::Model;
 
-/// Artifacts recorded as held by one worker, at most: past it, what a
-/// worker reports it holds is not recorded (its peers cannot be sent to
-/// those copies; a job needing one finds another or rebuilds it).
+/// Artifacts a worker's registrations and heartbeats may have recorded as
+/// held by it: past it, what it lists is not recorded (its peers cannot be
+/// sent to those copies; a job needing one finds another or rebuilds it).
+/// What it reports having just built is always recorded: a successful
+/// result needs a holder.
 pub const MAX_HOLDINGS_PER_WORKER: usize = 200_000;
 
 impl Model {
+    /// Records a copy `worker_id` says it holds, within the bound.
+    pub(crate) fn add_listed_holding(&mut self, worker_id: &str, digest: Digest) {
+        if self
+            .workers
+            .get(worker_id)
+            .is_some_and(|w| w.held.len() < MAX_HOLDINGS_PER_WORKER)
+        {
+            self.add_holding(worker_id, digest);
+        }
+    }
+
     pub(crate) fn add_holding(&mut self, worker_id: &str, digest: Digest) {
         let Some(worker) = self.workers.get_mut(worker_id) else {
             return;
         };
-        if worker.held.len() >= MAX_HOLDINGS_PER_WORKER {
-            return;
-        }
         if worker.held.insert(digest) {
             self.held_by
                 .entry(digest)

@@ -30,9 +30,9 @@ mod state;
 mod storage;
 pub mod tables;
 
-pub use builds::MAX_RETAINED_BUILDS;
+pub use builds::{MAX_RETAINED_BUILDS, MAX_RETAINED_EVENT_BYTES, MIN_RETAINED_MS};
 pub use cmd::MAX_ASSIGN_BATCH;
-pub use gc::{Collected, GcLimits};
+pub use gc::{Collected, GcLimits, RECENT_BLOB_MS};
 pub use invariants::InvariantViolation;
 pub use log::{
     CmdText, Command, DepRef, Event, InputRef, JobSpec, Outcome, Proposal, Response, SubmittedJob,

@@ -184,11 +184,17 @@ impl Model {
             .unwrap_or_else(|| format!("of cache key {dep}"))
     }
 
-    /// Requeues the execution of `key` (no attempt counted) and forgets the
-    /// copies of its dependency artifacts that the holders tried could not
-    /// serve; an artifact left without a holder is rebuilt when the
-    /// execution is leased again.
-    pub(crate) fn lost_inputs(&mut self, token: u64, key: &Digest, lost: &[(Digest, Vec<String>)]) {
+    /// Requeues the execution of `key` and forgets the copies of its
+    /// dependency artifacts that the holders tried could not serve; an
+    /// artifact left without a holder is rebuilt when the execution is
+    /// leased again. Returns whether any artifact reported lost is one of
+    /// its inputs (the caller counts the attempt).
+    pub(crate) fn lost_inputs(
+        &mut self,
+        token: u64,
+        key: &Digest,
+        lost: &[(Digest, Vec<String>)],
+    ) -> bool {
         let inputs: BTreeSet<Digest> = self.executions[key]
             .spec
             .deps
@@ -197,10 +203,12 @@ impl Model {
             .map(|r| r.artifact)
             .collect();
         self.release_lease(token);
+        let mut any_input = false;
         for (artifact, tried) in lost {
             if !inputs.contains(artifact) {
                 continue;
             }
+            any_input = true;
             for holder in self.held_by.get(artifact).cloned().unwrap_or_default() {
                 // A holder that registered its copy after the assignment
                 // named the holders was not tried: its copy stays.
@@ -213,5 +221,6 @@ impl Model {
                 }
             }
         }
+        any_input
     }
 }

@@ -51,6 +51,8 @@ pub struct BuildHeader {
     /// Bytes of its events, encoded, and of the outputs they show: what
     /// keeping it for late watchers costs.
     pub event_bytes: u64,
+    /// The state's clock when it finished (0 while it runs).
+    pub finished_ms: u64,
 }
 
 #[derive(Debug, Clone)]

@@ -1437,6 +1437,7 @@ fn an_output_is_stored_once_for_every_job_that_shows_it_and_goes_with_the_last()
     h.model.forget_result(key(1));
     h.model.flush(&mut h.store).expect("flush");
     assert_eq!(stored_outputs(&h.store).len(), 1, "builds still show it");
+    h.now_ms += MIN_RETAINED_MS;
     for i in 0..MAX_RETAINED_BUILDS {
         h.submit(&format!("filler{i}"), Vec::new());
     }
@@ -1492,15 +1493,21 @@ fn blobs_no_build_needs_go_after_their_retention_and_past_the_byte_bound_lru_fir
     assert_eq!(collect(&mut h, limits).blobs, 1);
     assert!(!h.model.has_blob(&blob(1)));
     assert!(h.model.has_blob(&blob(0)) && h.model.has_blob(&blob(2)));
-    // Over a byte bound of 50: blob 2 goes; blob 0 stays, needed.
+    // Over a byte bound of 50, a recently used blob still stays (a client
+    // uploads before it submits)...
     let limits = GcLimits {
         max_blob_bytes: 50,
         ..KEEP_ALL
     };
+    assert_eq!(collect(&mut h, limits).blobs, 0);
+    assert_eq!(h.model.blob_bytes_kept(&limits), 200);
+    // ... and once it is not recent, blob 2 goes; blob 0 stays, needed.
+    h.now_ms += RECENT_BLOB_MS;
+    h.heartbeat("a", &[]);
     assert_eq!(collect(&mut h, limits).blobs, 1);
     assert!(h.model.has_blob(&blob(0)));
     assert!(!h.model.has_blob(&blob(2)));
-    assert_eq!(h.model.blob_bytes_in_use(), 100);
+    assert_eq!(h.model.blob_bytes_kept(&limits), 100);
     // Done with it, blob 0 can go too.
     assert!(h.run_one("a", key(1), success(1)));
     assert_eq!(collect(&mut h, limits).blobs, 1);
@@ -1554,4 +1561,54 @@ fn cached_results_are_bounded_least_recently_used_first_and_never_one_a_build_ne
     // A build asking for an evicted result runs its job again.
     h.submit("r4", graph(&[(2, &[])]));
     assert_eq!(h.pick("b"), vec![key(2)]);
+}
+
+#[test]
+fn finished_builds_are_retired_first_finished_first_and_never_within_a_minute() {
+    let mut h = Harness::new();
+    let slow = h.submit("slow", graph(&[(1, &[])]));
+    let quick = h.submit("quick", Vec::new());
+    // Past the count bound at once: nothing is retired within a minute.
+    let fillers: Vec<u64> = (0..MAX_RETAINED_BUILDS)
+        .map(|i| h.submit(&format!("filler{i}"), Vec::new()))
+        .collect();
+    assert_eq!(h.model.builds.len(), MAX_RETAINED_BUILDS + 2);
+    // `slow`, the lowest ID, finishes last.
+    h.now_ms += 10;
+    assert!(h.run_one("a", key(1), success(1)));
+    // A minute on, the next finish retires the first finished: `quick` and
+    // the first fillers, not `slow`.
+    h.now_ms += MIN_RETAINED_MS;
+    let later = h.submit("later", Vec::new());
+    assert_eq!(h.model.builds.len(), MAX_RETAINED_BUILDS);
+    assert!(h.model.build(quick).is_none());
+    assert!(h.model.build(fillers[0]).is_none() && h.model.build(fillers[1]).is_none());
+    assert!(h.model.build(fillers[2]).is_some());
+    assert!(h.model.build(slow).is_some(), "finished last of the old ones");
+    assert!(h.model.build(later).is_some(), "the newest stays");
+}
+
+#[test]
+fn a_worker_at_its_holdings_bound_still_holds_what_it_just_built() {
+    let mut h = Harness::new();
+    let listed: Vec<Digest> = (0..crate::index::MAX_HOLDINGS_PER_WORKER as u32 + 10)
+        .map(|i| {
+            let mut bytes = [0u8; 20];
+            bytes[..4].copy_from_slice(&i.to_be_bytes());
+            bytes[19] = 0xee;
+            Digest::from_bytes(bytes)
+        })
+        .collect();
+    h.apply(Command::RegisterWorker {
+        worker_id: "a".into(),
+        addr: "a:1".into(),
+        slots: 2,
+        held: listed,
+        now_ms: h.now_ms,
+    });
+    let held = h.model.workers()["a"].held.len();
+    assert_eq!(held, crate::index::MAX_HOLDINGS_PER_WORKER, "listed copies are bounded");
+    h.submit("r", graph(&[(1, &[])]));
+    assert!(h.run_one("a", key(1), success(1)));
+    assert_eq!(h.model.holders(&artifact(1)), ["a:1"], "its own result is held");
 }

@@ -2,6 +2,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::time::Duration;
 
 use distbuild_proto::graph::{BuildGraph, check_relative_path};
 use distbuild_proto::v1::client_api_server::ClientApi;
@@ -33,6 +34,28 @@ pub struct ClientService {
     pub watchers: Watchers,
     /// Per-caller rate bounds on state-changing calls.
     pub rates: CallerRates,
+    /// What an upload must fit beside.
+    pub kept_blob_bytes: KeptBlobBytes,
+}
+
+/// The source bytes collection may not take (what builds in flight need,
+/// what was used recently), for upload admission: a scan of every build in
+/// flight, so computed at most once a second, not per upload.
+#[derive(Default)]
+pub struct KeptBlobBytes(std::sync::Mutex<Option<(tokio::time::Instant, u64)>>);
+
+impl KeptBlobBytes {
+    fn get(&self, node: &Node) -> u64 {
+        let mut cached = self.0.lock().expect("kept bytes lock poisoned");
+        match *cached {
+            Some((at, bytes)) if at.elapsed() < Duration::from_secs(1) => bytes,
+            _ => {
+                let bytes = node.model().blob_bytes_kept(&node.tuning().gc);
+                *cached = Some((tokio::time::Instant::now(), bytes));
+                bytes
+            }
+        }
+    }
 }
 
 /// Takes one state-changing call of the client that sent `request` (by its
@@ -243,11 +266,12 @@ impl ClientApi for ClientService {
         admit(&self.rates, &request)?;
         let max = self.node.tuning().gc.max_blob_bytes;
         let admit = |size: u64| {
-            // What builds in flight need stays; the rest can be collected.
-            let in_use = self.node.model().blob_bytes_in_use();
-            if in_use.saturating_add(size) > max {
+            // What builds in flight need (or were just uploaded for) stays;
+            // the rest can be collected.
+            let kept = self.kept_blob_bytes.get(&self.node);
+            if kept.saturating_add(size) > max {
                 return Err(Status::resource_exhausted(format!(
-                    "a blob of {size} bytes does not fit: builds in flight need {in_use} of the {max} bytes of sources this cluster keeps (--max-blob-bytes)"
+                    "a blob of {size} bytes does not fit: builds in flight and recent uploads hold {kept} of the {max} bytes of sources this cluster keeps (--max-blob-bytes)"
                 )));
             }
             Ok(())

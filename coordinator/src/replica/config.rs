@@ -21,6 +21,8 @@ pub struct Tuning {
     pub max_job_timeout_ms: u64,
     /// How often the leader collects garbage.
     pub gc_interval_ms: u64,
+    /// How old an unrecorded blob file must be before it is deleted.
+    pub blob_sweep_grace_ms: u64,
     /// What a collection keeps.
     pub gc: distbuild_model::GcLimits,
 }
@@ -35,6 +37,7 @@ impl Default for Tuning {
             default_job_timeout_ms: 3_600_000,
             max_job_timeout_ms: 86_400_000,
             gc_interval_ms: 60_000,
+            blob_sweep_grace_ms: 3_600_000,
             gc: distbuild_model::GcLimits {
                 blob_retention_ms: 3 * 86_400_000,
                 max_blob_bytes: 20 << 30,

@@ -233,14 +233,18 @@ impl Node {
     }
 
     /// The time a leader stamps into a command, never behind the state's
-    /// clock: its term's monotonic time (see `time`). Before its term's
-    /// time starts, the wall clock.
+    /// clock: its current term's monotonic time (see `time`). A node that
+    /// has not started this term's time (not the leader, or not yet) gives
+    /// the state's clock: a command it stamps moves no time forward.
     pub fn now_ms(&self) -> u64 {
         let state = self.model().clock_ms();
-        match self.leader_time.now_ms() {
-            Some(ms) if !self.stamp_wall_clock => ms.max(state),
-            _ => self.clock.now_ms().max(state),
+        if self.stamp_wall_clock {
+            return self.clock.now_ms().max(state);
         }
+        let term = self.raft.metrics().borrow().current_term;
+        self.leader_time
+            .now_ms(term)
+            .map_or(state, |ms| ms.max(state))
     }
 
     /// Starts the time of `term`, which this node leads: from the state's

@@ -9,13 +9,12 @@ use tokio_util::sync::CancellationToken;
 
 use super::node::Node;
 
-/// The longest a blob file waits for its record before it counts as
-/// unrecorded (shorter when the retention is shorter).
-const MAX_SWEEP_GRACE: Duration = Duration::from_secs(3600);
-
 pub async fn sweep_blobs(node: Arc<Node>, shutdown: CancellationToken) {
     let period = Duration::from_millis(node.tuning.gc_interval_ms);
-    let grace = Duration::from_millis(node.tuning.gc.blob_retention_ms).min(MAX_SWEEP_GRACE);
+    // A blob file is written (and copied to the other replicas, or to a
+    // learner catching up) before its record is applied here: only a file
+    // older than this may count as unrecorded.
+    let grace = Duration::from_millis(node.tuning.blob_sweep_grace_ms);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,

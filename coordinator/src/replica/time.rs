@@ -43,10 +43,10 @@ impl LeaderTime {
         }
     }
 
-    /// The time now, if a term's time was started.
-    pub fn now_ms(&self) -> Option<u64> {
+    /// The time now in `term`, if this node started that term's time.
+    pub fn now_ms(&self, term: u64) -> Option<u64> {
         let base = (*self.base.lock().expect("leader time lock poisoned"))?;
-        Some(base.ms + base.at.elapsed().as_millis() as u64)
+        (base.term == term).then(|| base.ms + base.at.elapsed().as_millis() as u64)
     }
 }
 
@@ -57,14 +57,17 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_term_s_time_runs_from_its_base_on_the_monotonic_clock() {
         let time = LeaderTime::default();
-        assert_eq!(time.now_ms(), None);
+        assert_eq!(time.now_ms(3), None);
         time.start(3, 1_000_000);
         tokio::time::advance(std::time::Duration::from_millis(250)).await;
-        assert_eq!(time.now_ms(), Some(1_000_250));
+        assert_eq!(time.now_ms(3), Some(1_000_250));
+        // Another term has no time here.
+        assert_eq!(time.now_ms(4), None);
         // The same term keeps its base; a new one takes its own.
         time.start(3, 5);
-        assert_eq!(time.now_ms(), Some(1_000_250));
+        assert_eq!(time.now_ms(3), Some(1_000_250));
         time.start(4, 2_000_000);
-        assert_eq!(time.now_ms(), Some(2_000_000));
+        assert_eq!(time.now_ms(4), Some(2_000_000));
+        assert_eq!(time.now_ms(3), None);
     }
 }

@@ -48,7 +48,7 @@ impl Model {
             }
         }
         for digest in added {
-            self.add_holding(worker_id, *digest);
+            self.add_listed_holding(worker_id, *digest);
         }
         for digest in dropped {
             self.drop_holding(worker_id, *digest);

@@ -38,7 +38,7 @@ impl Model {
         worker.last_seen_ms = self.clock_ms;
         self.dirty.workers.insert(worker_id.to_string());
         for digest in new_held {
-            self.add_holding(worker_id, digest);
+            self.add_listed_holding(worker_id, digest);
         }
     }
 }

@@ -48,15 +48,16 @@ impl Model {
             }
         } else {
             if let Outcome::LostInputs { lost } = outcome {
-                self.lost_inputs(token, key, lost);
+                let counts = self.lost_inputs(token, key, lost);
                 if let Some(w) = self.workers.get_mut(worker_id) {
                     w.last_seen_ms = self.clock_ms;
                     self.dirty.workers.insert(worker_id.to_string());
                 }
                 // A run that could not fetch its inputs is an attempt (an
                 // empty list is the leader handing back a lease it could
-                // not describe: no run was tried).
-                if !lost.is_empty() {
+                // not describe: no run was tried; digests that are not its
+                // inputs are a confused report, not a failed fetch).
+                if counts {
                     self.count_lost_inputs_attempt(*key, lost, max_attempts);
                 }
                 return true;

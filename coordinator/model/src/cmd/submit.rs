@@ -115,6 +115,7 @@ impl Model {
                     finished: false,
                     job_timeout_ms,
                     event_bytes: 0,
+                    finished_ms: 0,
                 },
                 jobs: build_jobs,
             },
