@@ -1584,7 +1584,10 @@ fn finished_builds_are_retired_first_finished_first_and_never_within_a_minute() 
     assert!(h.model.build(quick).is_none());
     assert!(h.model.build(fillers[0]).is_none() && h.model.build(fillers[1]).is_none());
     assert!(h.model.build(fillers[2]).is_some());
-    assert!(h.model.build(slow).is_some(), "finished last of the old ones");
+    assert!(
+        h.model.build(slow).is_some(),
+        "finished last of the old ones"
+    );
     assert!(h.model.build(later).is_some(), "the newest stays");
 }
 
@@ -1607,8 +1610,16 @@ fn a_worker_at_its_holdings_bound_still_holds_what_it_just_built() {
         now_ms: h.now_ms,
     });
     let held = h.model.workers()["a"].held.len();
-    assert_eq!(held, crate::index::MAX_HOLDINGS_PER_WORKER, "listed copies are bounded");
+    assert_eq!(
+        held,
+        crate::index::MAX_HOLDINGS_PER_WORKER,
+        "listed copies are bounded"
+    );
     h.submit("r", graph(&[(1, &[])]));
     assert!(h.run_one("a", key(1), success(1)));
-    assert_eq!(h.model.holders(&artifact(1)), ["a:1"], "its own result is held");
+    assert_eq!(
+        h.model.holders(&artifact(1)),
+        ["a:1"],
+        "its own result is held"
+    );
 }
