@@ -5,7 +5,8 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::log::Event;
-use crate::records::{BuildJob, ExecState, Execution, JobState, OutputRef};
+use crate::log::OutputRef;
+use crate::records::{BuildJob, ExecState, Execution, JobState};
 use crate::state::Model;
 
 /// Finished builds kept (with their events) for late watchers; older ones

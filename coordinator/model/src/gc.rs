@@ -20,33 +20,10 @@
 
 use std::collections::BTreeSet;
 
-use distbuild_proto::Digest;
-use serde::{Deserialize, Serialize};
-
+use crate::log::{Collected, GcLimits};
 use crate::records::CachedResult;
 use crate::state::Model;
-
-/// The limits a `CollectGarbage` applies (the leader's flags).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct GcLimits {
-    /// A blob no build needs is dropped once unused this long.
-    pub blob_retention_ms: u64,
-    /// Bytes of source blobs kept, at most (those builds in flight need are
-    /// kept whatever their size).
-    pub max_blob_bytes: u64,
-    /// Cached results kept, at most.
-    pub max_results: u64,
-    /// Bytes of cached results (records and outputs) kept, at most.
-    pub max_result_bytes: u64,
-}
-
-/// What one collection dropped.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Collected {
-    pub blobs: u32,
-    pub blob_bytes: u64,
-    pub results: u32,
-}
+use distbuild_proto::Digest;
 
 /// Blobs used this recently are not taken for the byte bound (only the
 /// retention drops them).

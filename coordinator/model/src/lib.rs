@@ -32,14 +32,14 @@ pub mod tables;
 
 pub use builds::{MAX_RETAINED_BUILDS, MAX_RETAINED_EVENT_BYTES, MIN_RETAINED_MS};
 pub use cmd::MAX_ASSIGN_BATCH;
-pub use gc::{Collected, GcLimits, RECENT_BLOB_MS};
+pub use gc::RECENT_BLOB_MS;
 pub use invariants::InvariantViolation;
 pub use log::{
-    CmdText, Command, DepRef, Event, InputRef, JobSpec, Outcome, Proposal, Response, SubmittedJob,
+    CmdText, Collected, Command, DepRef, Event, GcLimits, InputRef, JobSpec, Outcome, OutputRef,
+    Proposal, Response, SubmittedJob,
 };
 pub use records::{
-    Build, BuildHeader, BuildJob, CachedResult, ExecState, Execution, JobOutput, JobState,
-    OutputRef, Worker,
+    Build, BuildHeader, BuildJob, CachedResult, ExecState, Execution, JobOutput, JobState, Worker,
 };
 pub use requests::Requests;
 pub use staging::{

@@ -8,9 +8,6 @@
 use distbuild_proto::{Digest, JobId, v1};
 use serde::{Deserialize, Serialize};
 
-use crate::gc::{Collected, GcLimits};
-use crate::records::OutputRef;
-
 /// A command as the graph wrote it (templates as text).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CmdText {
@@ -102,6 +99,36 @@ pub struct SubmittedJob {
     /// than its own.
     pub deps: Vec<u32>,
     pub spec: JobSpec,
+}
+
+/// A stored output as events, jobs and results name it: its row in the
+/// `outputs` table, and its size (what retaining it costs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct OutputRef {
+    pub id: u64,
+    pub bytes: u64,
+}
+
+/// The limits a `CollectGarbage` applies (the leader's flags).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GcLimits {
+    /// A blob no build needs is dropped once unused this long.
+    pub blob_retention_ms: u64,
+    /// Bytes of source blobs kept, at most (those builds in flight need are
+    /// kept whatever their size).
+    pub max_blob_bytes: u64,
+    /// Cached results kept, at most.
+    pub max_results: u64,
+    /// Bytes of cached results (records and outputs) kept, at most.
+    pub max_result_bytes: u64,
+}
+
+/// What one collection dropped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Collected {
+    pub blobs: u32,
+    pub blob_bytes: u64,
+    pub results: u32,
 }
 
 /// How a run ended, as the worker reported it.

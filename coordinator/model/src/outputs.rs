@@ -8,7 +8,8 @@
 //! row) and kept in memory, and a row no job or result names any more is
 //! deleted in the same entry that dropped the last reference.
 
-use crate::records::{JobOutput, OutputRef};
+use crate::log::OutputRef;
+use crate::records::JobOutput;
 use crate::state::Model;
 
 impl Model {

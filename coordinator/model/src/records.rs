@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use distbuild_proto::Digest;
 use serde::{Deserialize, Serialize};
 
-use crate::log::{JobSpec, SubmittedJob};
+use crate::log::{JobSpec, OutputRef, SubmittedJob};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum JobState {
@@ -106,14 +106,6 @@ pub struct CachedResult {
     pub artifact_size: u64,
     /// What produced it: run again if every copy of the artifact is lost.
     pub spec: JobSpec,
-}
-
-/// A stored output as events, jobs and results name it: its row in the
-/// `outputs` table, and its size (what retaining it costs).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct OutputRef {
-    pub id: u64,
-    pub bytes: u64,
 }
 
 /// A run's captured stdout and stderr: stored once, in the `outputs`
