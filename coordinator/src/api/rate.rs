@@ -22,7 +22,7 @@ pub const MAX_CALLS_PER_SEC: f64 = 1_000.0;
 /// How many it may make at once after being idle.
 pub const MAX_CALLS_BURST: f64 = 2_000.0;
 /// Callers tracked at once; past it the idle ones (full buckets) are
-/// forgotten.
+/// forgotten, and while none is idle a new caller is refused.
 const MAX_CALLERS: usize = 100_000;
 
 #[derive(Debug, Clone, Copy)]
@@ -61,6 +61,13 @@ impl CallerRates {
         if buckets.len() >= MAX_CALLERS && !buckets.contains_key(caller) {
             let (per_sec, burst) = (self.per_sec, self.burst);
             buckets.retain(|_, b| refilled(b, now, per_sec, burst) < burst);
+            if buckets.len() >= MAX_CALLERS {
+                // Every tracked caller is busy: a new one waits its turn.
+                return Err(busy(
+                    format!("{MAX_CALLERS} callers are sending state-changing calls; retry later"),
+                    Duration::from_secs(1),
+                ));
+            }
         }
         let bucket = buckets.entry(caller.to_string()).or_insert(Bucket {
             tokens: self.burst,
@@ -110,5 +117,20 @@ mod tests {
         tokio::time::advance(Duration::from_millis(100)).await;
         rates.admit("worker a").expect("one call refilled");
         assert!(rates.admit("worker a").is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_callers_tracked_are_bounded_and_idle_ones_make_room() {
+        let rates = CallerRates::new(10.0, 5.0);
+        for n in 0..MAX_CALLERS {
+            rates.admit(&format!("client {n}")).expect("admitted");
+        }
+        // Every one is busy (its bucket not full): a newcomer waits.
+        let refused = rates.admit("newcomer").expect_err("no room");
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        // Once they are idle (full again), they make room.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        rates.admit("newcomer").expect("room made");
+        assert_eq!(rates.buckets.lock().expect("lock").len(), 1);
     }
 }
