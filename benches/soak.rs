@@ -15,18 +15,7 @@ mod support;
 
 use std::time::Instant;
 
-use support::{Cluster, disk_bytes, graph, sh_job};
-
-/// The coordinator's resident memory now (`VmRSS`), in bytes.
-fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .expect("a VmRSS line")
-        * 1024
-}
+use support::{Cluster, disk_bytes, graph, sh_job, status_bytes};
 
 fn main() {
     let benchmarking = std::env::args().any(|a| a == "--bench");
@@ -74,7 +63,8 @@ fn main() {
         let run = cluster.build(&g, &src, &[]);
         assert_eq!(run.code, Some(0), "build {n}: {}", run.describe());
         if checkpoints.contains(&n) {
-            samples.push((n, started.elapsed(), disk_bytes(&data), rss_bytes(pid)));
+            let rss = status_bytes(pid, "VmRSS").expect("the coordinator runs");
+            samples.push((n, started.elapsed(), disk_bytes(&data), rss));
         }
     }
 

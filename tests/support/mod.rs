@@ -297,10 +297,16 @@ pub fn peak_rss_bytes(pid: u32) -> u64 {
 
 /// [`peak_rss_bytes`], or None if the process is gone.
 pub fn try_peak_rss_bytes(pid: u32) -> Option<u64> {
+    status_bytes(pid, "VmHWM")
+}
+
+/// A memory field of process `pid`'s `/proc/PID/status` (`VmRSS`,
+/// `VmHWM`, ...) in bytes, or None if the process is gone.
+pub fn status_bytes(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kib: u64 = status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())?;
     Some(kib * 1024)
 }
