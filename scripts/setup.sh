@@ -3,10 +3,11 @@
 # the Rust toolchain: libclang (RocksDB's bindgen) and a C++ compiler.
 # protoc is not needed: the build uses a vendored one. ninja is what the build
 # benchmark compares against; iproute2 (`ip`) builds the network namespaces of
-# the partition test (tests/partition.rs).
+# the partition test (tests/partition.rs); bubblewrap (`bwrap`) is the
+# workers' job sandbox.
 set -euo pipefail
 
-packages=(libclang-dev clang g++ make pkg-config ninja-build iproute2)
+packages=(libclang-dev clang g++ make pkg-config ninja-build iproute2 bubblewrap)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -31,6 +31,9 @@ enum Command {
     /// The workspace's local server: output base, pid, address, version,
     /// uptime.
     Info(distbuild_client::LocalArgs),
+    /// Make a cluster's CA and certificates (TLS and roles).
+    #[command(subcommand)]
+    Certs(distbuild_client::certs::CertsCommand),
     /// Stop the workspace's local server.
     Shutdown(distbuild_client::LocalArgs),
     /// Run as a workspace's local server (started by `distbuild build`).
@@ -82,6 +85,7 @@ fn main() -> ExitCode {
             Command::Cluster(ClusterCommand::RemoveNode(args)) => {
                 return distbuild_client::remove_node_cli(args).await;
             }
+            Command::Certs(command) => return distbuild_client::certs::certs_cli(command),
             Command::Info(args) => return distbuild_client::info_cli(args).await,
             Command::Shutdown(args) => return distbuild_client::shutdown_cli(args).await,
             Command::Server(args) => server::run(args).await,

@@ -10,6 +10,9 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use distbuild_client::local::{self, OutputBase, ServerInfo};
+use distbuild_proto::auth::Access;
+use distbuild_proto::net::TcpConnector;
+use distbuild_proto::tls::{Security, TlsFiles, TlsMaterial};
 use tokio_util::sync::CancellationToken;
 
 /// `distbuild server` flags (the client passes them).
@@ -37,8 +40,16 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let base = OutputBase {
         dir: std::path::absolute(&args.output_base).context("--output-base")?,
     };
-    std::fs::create_dir_all(&base.dir).with_context(|| format!("create {}", base.dir.display()))?;
+    base.ensure_private()?;
     name_process(&args.workspace);
+    // Fresh certificates at every start, in the owner-only output base:
+    // a caller without them (another user) is refused.
+    let tls = distbuild_client::certs::write_local_set(&base.tls_dir())?;
+    let load = |files: &TlsFiles| -> anyhow::Result<Security> {
+        Ok(Security::Tls(TlsMaterial::load(files)?))
+    };
+    let coordinator_security = load(&tls.coordinator)?;
+    let worker_security = load(&tls.worker)?;
     let shutdown = CancellationToken::new();
 
     let coordinator_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -53,6 +64,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         data_dir: base.dir.join("coordinator"),
         tuning: distbuild_coordinator::Tuning::default(),
         secret: None,
+        security: coordinator_security.clone(),
     };
     let node = distbuild_coordinator::start_node(
         &config,
@@ -64,6 +76,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     let coordinator = tokio::spawn(distbuild_coordinator::serve(
         node.clone(),
         None,
+        Access::for_security(&coordinator_security),
         coordinator_listener,
         shutdown.clone(),
     ));
@@ -73,6 +86,16 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         .context("listen for the worker")?;
     let mut worker_config =
         distbuild_worker::WorkerConfig::new(vec![addr.to_string()], base.dir.join("cache"));
+    worker_config.connector = std::sync::Arc::new(TcpConnector::new(&worker_security));
+    worker_config.access = Access::for_security(&worker_security);
+    worker_config.worker_id = Some(distbuild_client::certs::LOCAL_WORKER_NAME.to_string());
+    // Jobs see nothing of the output base (the server's state, its keys,
+    // the cache, other jobs) but their own directory.
+    let sandbox = distbuild_worker::cli::choose_sandbox(None, vec![base.dir.clone()], &[], false)?;
+    worker_config.runner = std::sync::Arc::new(distbuild_worker::process::TokioProcessRunner::new(
+        sandbox,
+        distbuild_worker::sandbox::DEFAULT_LIMITS,
+    ));
     if let Some(slots) = args.slots {
         anyhow::ensure!(slots > 0, "--slots must be at least 1");
         worker_config.slots = slots;

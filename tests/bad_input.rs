@@ -173,6 +173,7 @@ fn an_unreachable_cluster_exits_3() {
             "--json",
             "--timeout",
             "2",
+            "--insecure",
             "--coordinator",
             "127.0.0.1:1",
             "--graph",

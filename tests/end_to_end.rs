@@ -323,6 +323,7 @@ fn a_job_whose_worker_dies_runs_again_elsewhere() {
             .args(["build", "--json", "--graph"])
             .arg(&graph_path)
             .args(["--coordinator", &cluster.coordinator_addr()])
+            .args(cluster.client_flags())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()

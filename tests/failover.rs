@@ -199,6 +199,7 @@ fn membership(cluster: &HaCluster, args: &[&str]) {
         .args(["cluster"])
         .args(args)
         .args(["--coordinator", &cluster.all_addrs(), "--timeout", "60"])
+        .arg("--insecure")
         .output()
         .expect("run cluster membership command");
     assert!(
@@ -260,6 +261,7 @@ fn removing_a_node_that_would_break_the_quorum_needs_force() {
     let out = distbuild()
         .args(["cluster", "remove-node", "--node-id", &remove.to_string()])
         .args(["--coordinator", &cluster.all_addrs(), "--timeout", "20"])
+        .arg("--insecure")
         .output()
         .expect("run remove-node");
     assert_eq!(out.status.code(), Some(2), "{out:?}");

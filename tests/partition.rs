@@ -95,7 +95,7 @@ impl PartitionedCluster {
             .join(",");
         let mut command = self.net.command(id, env!("CARGO_BIN_EXE_distbuild"));
         command
-            .args(["coordinator", "--node-id", &id.to_string()])
+            .args(["coordinator", "--insecure", "--node-id", &id.to_string()])
             .args(["--listen", &self.node_addr(id)])
             .arg("--data-dir")
             .arg(self.path(&format!("coordinator{id}")))
@@ -126,11 +126,12 @@ impl PartitionedCluster {
     fn start_worker(&mut self, i: usize) {
         let mut command = distbuild();
         command
-            .args(["worker", "--coordinator", &self.all_addrs()])
+            .args(["worker", "--insecure", "--coordinator", &self.all_addrs()])
             .args(["--listen", "127.0.0.1:0"])
             .arg("--cache-dir")
             .arg(self.path(&format!("worker{i}")))
-            .args(["--slots", &WORKER_SLOTS.to_string()]);
+            .args(["--slots", &WORKER_SLOTS.to_string()])
+            .args(writable_dir_flags(self.dir.path()));
         let server = Server::start_command(command, self.path(&format!("worker{i}.log")));
         self.workers.push(server);
     }
@@ -140,7 +141,7 @@ impl PartitionedCluster {
     fn try_status(&self) -> Result<Value, String> {
         let out = distbuild()
             .args(["cluster", "status", "--json", "--timeout", "5"])
-            .args(["--coordinator", &self.all_addrs()])
+            .args(["--insecure", "--coordinator", &self.all_addrs()])
             .output()
             .expect("run cluster status");
         if !out.status.success() {
@@ -208,7 +209,13 @@ impl PartitionedCluster {
             .arg(&graph_path)
             .arg("--source-dir")
             .arg(self.dir.path())
-            .args(["--coordinator", &self.all_addrs(), "--timeout", "60"])
+            .args([
+                "--insecure",
+                "--coordinator",
+                &self.all_addrs(),
+                "--timeout",
+                "60",
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

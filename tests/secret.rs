@@ -71,7 +71,7 @@ fn coordinators_with_a_secret_form_a_cluster_and_refuse_whoever_lacks_it() {
         distbuild()
             .args(["cluster", "add-node", "--node-id", "4", "--addr"])
             .arg(cluster.node_addr(4))
-            .args(["--timeout", "10", "--coordinator"])
+            .args(["--insecure", "--timeout", "10", "--coordinator"])
             .arg(cluster.all_addrs())
             .args(extra)
             .output()

@@ -4,7 +4,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use distbuild_proto::tls::{Role, SecurityFlags, SecurityFlagsError};
 use distbuild_proto::wire::{HostPortError, PortUse};
+
+use crate::connect::Connector;
 
 /// Environment variable naming the coordinators when `--coordinator` is not
 /// given.
@@ -64,6 +67,10 @@ pub struct ConnectionArgs {
     /// giving up (exit code 3).
     #[arg(long = "timeout", value_name = "SECS", default_value_t = DEFAULT_TIMEOUT_SECS)]
     pub timeout_secs: u64,
+
+    /// TLS and authentication with the cluster, or `--insecure`.
+    #[command(flatten)]
+    pub security: SecurityFlags,
 }
 
 impl ConnectionArgs {
@@ -80,9 +87,11 @@ impl ConnectionArgs {
             return Err(FlagError::NoCoordinator);
         }
         for addr in &addrs {
-            distbuild_proto::net::endpoint(addr).map_err(|problem| FlagError::BadCoordinator {
-                addr: addr.clone(),
-                problem,
+            distbuild_proto::net::endpoint(addr, None).map_err(|problem| {
+                FlagError::BadCoordinator {
+                    addr: addr.clone(),
+                    problem,
+                }
             })?;
         }
         Ok(addrs)
@@ -91,6 +100,12 @@ impl ConnectionArgs {
     /// `--timeout` as a duration.
     pub fn patience(&self) -> Duration {
         Duration::from_secs(self.timeout_secs)
+    }
+
+    /// The connector the security flags ask for; its certificate must have
+    /// one of `roles`.
+    pub fn connector(&self, roles: &[Role]) -> Result<Connector, SecurityFlagsError> {
+        Ok(Connector::secure(&self.security.load(roles)?))
     }
 }
 
@@ -348,6 +363,7 @@ mod tests {
         let none = ConnectionArgs {
             coordinators: vec![],
             timeout_secs: 1,
+            security: SecurityFlags::default(),
         };
         assert!(
             none.addresses()
@@ -358,6 +374,7 @@ mod tests {
         let bad = ConnectionArgs {
             coordinators: vec!["not an address".into()],
             timeout_secs: 1,
+            security: SecurityFlags::default(),
         };
         assert!(
             bad.addresses()

@@ -9,6 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use distbuild_proto::graph::{BuildGraph, GraphError};
 use distbuild_proto::leader::one_off_request_id;
+use distbuild_proto::tls::Role;
 use distbuild_proto::v1::{
     CancelBuildRequest, SourceFile, SubmitBuildRequest, SubmitBuildResponse, build_event,
 };
@@ -39,6 +40,7 @@ pub async fn build_cli(mut args: BuildArgs) -> i32 {
     // No cluster given: the workspace's local server, locked for this
     // command until it returns.
     let mut _local = None;
+    let connector;
     if args
         .connection
         .coordinators
@@ -56,12 +58,23 @@ pub async fn build_cli(mut args: BuildArgs) -> i32 {
         {
             Ok(local) => {
                 args.connection.coordinators = vec![local.info.addr.clone()];
+                // The server's own certificates, in the owner-only output
+                // base: only its owner can call it.
+                connector = match local.security() {
+                    Ok(security) => Connector::secure(&security),
+                    Err(e) => return print_error(&mut console.err, exit_code::DENIED, e),
+                };
                 _local = Some(local);
             }
             Err(code) => return code,
         }
+    } else {
+        connector = match args.connection.connector(&[Role::Client]) {
+            Ok(connector) => connector,
+            Err(e) => return print_error(&mut console.err, exit_code::BAD_INPUT, e),
+        };
     }
-    run_build(args, Connector::tcp(), console).await
+    run_build(args, connector, console).await
 }
 
 /// Why the graph file cannot be built (bad input). The message is one

@@ -77,6 +77,7 @@ pub fn exit_code_for_status(code: Code) -> i32 {
         | Code::FailedPrecondition
         | Code::OutOfRange
         | Code::ResourceExhausted => exit_code::BAD_INPUT,
+        Code::Unauthenticated | Code::PermissionDenied => exit_code::DENIED,
         Code::Ok => exit_code::OK,
         _ => exit_code::BUILD_FAILED,
     }

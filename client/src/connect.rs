@@ -9,6 +9,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use distbuild_proto::net::{ConnectError, DialConnector, SharedConnector, TcpConnector};
+use distbuild_proto::tls::Security;
 use futures::future::BoxFuture;
 use tonic::transport::Channel;
 
@@ -40,19 +41,26 @@ where
         let connecting = (self.0)(addr.to_string());
         let addr = addr.to_string();
         Box::pin(async move {
-            connecting.await.map_err(|e| ConnectError {
-                addr,
-                problem: distbuild_proto::net::error_chain(&e),
-            })
+            connecting
+                .await
+                .map_err(|e| ConnectError::transport(&addr, &e))
         })
     }
 }
 
 impl Connector {
-    /// Real TCP connections through [`endpoint`].
+    /// Real TCP connections through [`endpoint`], without TLS.
     pub fn tcp() -> Self {
         Self {
-            inner: Arc::new(TcpConnector),
+            inner: Arc::new(TcpConnector::default()),
+        }
+    }
+
+    /// Real TCP connections as `security` says: TLS with its certificates,
+    /// or plain.
+    pub fn secure(security: &Security) -> Self {
+        Self {
+            inner: Arc::new(TcpConnector::new(security)),
         }
     }
 

@@ -12,6 +12,10 @@ pub const UNREACHABLE: i32 = 3;
 /// Another command holds the local server's lock and
 /// `--block-for-lock=false` was given.
 pub const LOCKED: i32 = 4;
+/// The cluster refused who we are: no certificate or one it does not
+/// accept (UNAUTHENTICATED, or a TLS handshake it refused), or a role
+/// that may not do this (PERMISSION_DENIED).
+pub const DENIED: i32 = 5;
 /// Interrupted (Ctrl-C) after the build was submitted: it was
 /// cancelled on the cluster.
 pub const INTERRUPTED: i32 = 130;

@@ -14,11 +14,12 @@
 //!
 //! Layering: a module imports only modules before it in this list, never
 //! one that imports it back: `exit_code`, `connect`, `args`, `render`,
-//! `sources`, `cluster`, `upload`, `download`, `watch`, `local`, `status`,
-//! `membership`, `build`.
+//! `certs`, `sources`, `cluster`, `upload`, `download`, `watch`, `local`,
+//! `status`, `membership`, `build`.
 
 pub mod args;
 pub mod build;
+pub mod certs;
 pub mod cluster;
 pub mod connect;
 pub mod download;

@@ -19,6 +19,7 @@ use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use distbuild_proto::tls::{Security, TlsFileError, TlsMaterial};
 use serde::{Deserialize, Serialize};
 
 pub use crate::args::DEFAULT_MAX_IDLE_SECS;
@@ -72,6 +73,16 @@ pub enum LocalError {
         path: PathBuf,
         /// Why.
         problem: std::io::Error,
+    },
+    /// The output base belongs to another user.
+    #[error("output base {} belongs to uid {owner}, not to this user (uid {me}): pass --output-base", path.display())]
+    NotOwned {
+        /// The directory.
+        path: PathBuf,
+        /// Its owner.
+        owner: u32,
+        /// This process's uid.
+        me: u32,
     },
     /// This program's executable cannot be found (to start the server).
     #[error("find this executable: {0}")]
@@ -171,6 +182,40 @@ impl OutputBase {
         Ok(Self {
             dir: cache.join("distbuild").join(user).join(&hash[..32]),
         })
+    }
+
+    /// Creates the output base if missing and makes it private to this
+    /// user (0700): it holds the server's keys, so only its owner can
+    /// call the server. One owned by another user is refused.
+    pub fn ensure_private(&self) -> Result<(), LocalError> {
+        use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _, PermissionsExt as _};
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.dir)
+            .map_err(file_error("create the output base", self.dir.clone()))?;
+        let meta = std::fs::metadata(&self.dir)
+            .map_err(file_error("inspect the output base", self.dir.clone()))?;
+        // SAFETY: getuid cannot fail and touches no memory.
+        let me = unsafe { libc::getuid() };
+        if meta.uid() != me {
+            return Err(LocalError::NotOwned {
+                path: self.dir.clone(),
+                owner: meta.uid(),
+                me,
+            });
+        }
+        if meta.mode() & 0o077 != 0 {
+            std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(file_error("make the output base private", self.dir.clone()))?;
+        }
+        Ok(())
+    }
+
+    /// `tls/`: the server's CA, its parts' certificates and the client's,
+    /// made fresh at every server start.
+    pub fn tls_dir(&self) -> PathBuf {
+        self.dir.join("tls")
     }
 
     /// `server.json`: the running server's [`ServerInfo`].
@@ -281,8 +326,7 @@ pub fn lock_output_base(
     block: bool,
     err: &mut dyn Write,
 ) -> Result<ClientLock, LocalError> {
-    std::fs::create_dir_all(&base.dir)
-        .map_err(file_error("create the output base", base.dir.clone()))?;
+    base.ensure_private()?;
     let mut file = open_lock_file(base).map_err(file_error("open", base.lock_path()))?;
     // The server tests the lock for idleness by taking it for an instant:
     // a lock found taken is tried again briefly before it counts as held.
@@ -502,6 +546,17 @@ pub struct LocalServer {
     pub lock: ClientLock,
     /// The server to build on.
     pub info: ServerInfo,
+    /// Its output base.
+    pub base: OutputBase,
+}
+
+impl LocalServer {
+    /// How to call the server: with the client certificate it made in the
+    /// output base.
+    pub fn security(&self) -> Result<Security, TlsFileError> {
+        let files = crate::certs::local_client_files(&self.base.tls_dir());
+        Ok(Security::Tls(TlsMaterial::load(&files)?))
+    }
 }
 
 /// Prints a local-mode failure: the one-line error, then the server log's
@@ -538,7 +593,7 @@ pub async fn prepare(
     let info = ensure_server(&base, &options, err)
         .await
         .map_err(|error| fail(err, exit_code::UNREACHABLE, &error, Some(&base)))?;
-    Ok(LocalServer { lock, info })
+    Ok(LocalServer { lock, info, base })
 }
 
 /// `distbuild info`: the output base, and the server's pid, address,

@@ -24,6 +24,7 @@ use crate::cluster::{CallError, Cluster, Disposition, classify, one_line};
 use crate::connect::{Connector, admin_api};
 use crate::exit_code;
 use crate::render::Console;
+use distbuild_proto::tls::Role;
 
 /// Deadline of one AddNode attempt: the leader answers once the new node
 /// has caught up as a learner and been made a voter, which takes as long as
@@ -39,13 +40,21 @@ pub const REMOVE_NODE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Runs `distbuild cluster add-node` over real TCP connections; returns the
 /// process exit code.
 pub async fn add_node_cli(args: AddNodeArgs) -> i32 {
-    run_add_node(args, Connector::tcp(), Console::stdio()).await
+    let mut console = Console::stdio();
+    match args.connection.connector(&[Role::Admin]) {
+        Ok(connector) => run_add_node(args, connector, console).await,
+        Err(e) => console.fail(exit_code::BAD_INPUT, e),
+    }
 }
 
 /// Runs `distbuild cluster remove-node` over real TCP connections; returns
 /// the process exit code.
 pub async fn remove_node_cli(args: RemoveNodeArgs) -> i32 {
-    run_remove_node(args, Connector::tcp(), Console::stdio()).await
+    let mut console = Console::stdio();
+    match args.connection.connector(&[Role::Admin]) {
+        Ok(connector) => run_remove_node(args, connector, console).await,
+        Err(e) => console.fail(exit_code::BAD_INPUT, e),
+    }
 }
 
 /// Counts the attempts of one change that may have taken effect without

@@ -11,11 +11,16 @@ use crate::cluster::{CallError, Cluster, RPC_TIMEOUT};
 use crate::connect::{Connector, admin_api};
 use crate::exit_code;
 use crate::render::Console;
+use distbuild_proto::tls::Role;
 
 /// Runs `distbuild cluster status` over real TCP connections, printing to
 /// stdout; returns the process exit code.
 pub async fn cluster_status_cli(args: ClusterStatusArgs) -> i32 {
-    run_cluster_status(args, Connector::tcp(), Console::stdio()).await
+    let mut console = Console::stdio();
+    match args.connection.connector(&Role::ALL) {
+        Ok(connector) => run_cluster_status(args, connector, console).await,
+        Err(e) => console.fail(exit_code::BAD_INPUT, e),
+    }
 }
 
 /// The cluster's status, asked of whichever coordinator answers.

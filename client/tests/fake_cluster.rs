@@ -46,6 +46,7 @@ fn args(dir: &Path, graph: &Path, coordinators: Vec<String>, timeout_secs: u64) 
         connection: ConnectionArgs {
             coordinators,
             timeout_secs,
+            security: Default::default(),
         },
         output_base: None,
         block_for_lock: true,
@@ -409,6 +410,7 @@ async fn cluster_status_follows_the_leader() {
             connection: ConnectionArgs {
                 coordinators: vec![follower_server.addr.clone()],
                 timeout_secs: 5,
+                security: Default::default(),
             },
         },
         Connector::tcp(),

@@ -18,6 +18,7 @@ fn connection(coordinators: Vec<String>, timeout_secs: u64) -> ConnectionArgs {
     ConnectionArgs {
         coordinators,
         timeout_secs,
+        security: Default::default(),
     }
 }
 

@@ -21,13 +21,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use distbuild_proto::auth::Access;
 use distbuild_proto::raft_v1::raft_transport_server::RaftTransportServer;
+use distbuild_proto::tls::{INSECURE_WARNING, Role, Security, SecurityFlags};
 use distbuild_proto::v1::admin_api_server::AdminApiServer;
 use distbuild_proto::v1::client_api_server::ClientApiServer;
 use distbuild_proto::v1::worker_api_server::WorkerApiServer;
 use distbuild_proto::wire::{MAX_MESSAGE_BYTES, PortUse, check_host_port};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
 
 pub use replica::{
     ApplyObserver, Bootstrap, Clock, InjectedBugs, Node, Seams, SystemClock, Tuning,
@@ -105,6 +108,10 @@ pub struct CoordinatorArgs {
     /// anyone who reaches the port can speak Raft to this coordinator.
     #[arg(long, value_name = "FILE")]
     pub cluster_secret_file: Option<PathBuf>,
+    /// TLS and authentication (a coordinator certificate), or
+    /// `--insecure`.
+    #[command(flatten)]
+    pub security: SecurityFlags,
 }
 
 /// The longest `--max-job-timeout` (a year): beyond it a limit is no limit.
@@ -138,12 +145,20 @@ pub async fn run_cli(args: CoordinatorArgs) -> anyhow::Result<()> {
         (None, true) => Bootstrap::Join,
         (None, false) => Bootstrap::Single,
     };
+    let security = args.security.load(&[Role::Coordinator])?;
+    if matches!(security, Security::Insecure) {
+        tracing::warn!("{INSECURE_WARNING}");
+    }
     let secret = args
         .cluster_secret_file
         .as_deref()
         .map(secret::ClusterSecret::from_file)
         .transpose()?;
-    if secret.is_none() && !args.listen.ip().is_loopback() && args.initial_cluster.is_some() {
+    if secret.is_none()
+        && matches!(security, Security::Insecure)
+        && !args.listen.ip().is_loopback()
+        && args.initial_cluster.is_some()
+    {
         tracing::warn!(
             "no --cluster-secret-file: anyone who reaches {} can send Raft messages to this coordinator",
             args.listen
@@ -176,6 +191,7 @@ pub async fn run_cli(args: CoordinatorArgs) -> anyhow::Result<()> {
         data_dir: args.data_dir,
         tuning,
         secret,
+        security,
     };
     run(config, listener, Seams::production(), shutdown).await
 }
@@ -234,6 +250,8 @@ pub struct Config {
     pub tuning: Tuning,
     /// The cluster secret peers and operators must show, if any.
     pub secret: Option<secret::ClusterSecret>,
+    /// TLS and authentication, or none.
+    pub security: Security,
 }
 
 /// Serves on `listener` until `shutdown` is cancelled, then stops Raft.
@@ -245,7 +263,8 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let addr = listener.local_addr().context("listener address")?;
     let node = start_node(&config, addr, seams, shutdown.clone()).await?;
-    serve(node, config.secret, listener, shutdown).await
+    let access = Access::for_security(&config.security);
+    serve(node, config.secret, access, listener, shutdown).await
 }
 
 /// Opens the store and starts Raft for a replica that will serve at
@@ -264,6 +283,7 @@ pub async fn start_node(
         seams,
         config.tuning.clone(),
         config.secret.clone(),
+        config.security.client_config(),
         shutdown,
     )
     .await
@@ -274,6 +294,7 @@ pub async fn start_node(
 pub async fn serve(
     node: Arc<Node>,
     secret: Option<secret::ClusterSecret>,
+    access: Access,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -282,14 +303,22 @@ pub async fn serve(
     // No Nagle on accepted connections: an answer written in pieces would
     // otherwise wait for the caller's delayed ACK.
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    serve_incoming(node, secret, incoming, shutdown).await
+    match access.tls.clone() {
+        Some(acceptor) => {
+            let incoming = distbuild_proto::accept::tls(incoming, acceptor);
+            serve_incoming(node, secret, access, incoming, shutdown).await
+        }
+        None => serve_incoming(node, secret, access, incoming, shutdown).await,
+    }
 }
 
 /// [`serve`] on any stream of accepted connections: the listener seam (a
-/// simulation passes its simulated sockets).
+/// simulation passes its simulated sockets). `access` says how connections
+/// and callers are admitted; each service admits its roles.
 pub async fn serve_incoming<I, IO, IE>(
     node: Arc<Node>,
     secret: Option<secret::ClusterSecret>,
+    access: Access,
     incoming: I,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()>
@@ -312,26 +341,41 @@ where
     tasks.spawn(replica::drive_elections(node.clone(), shutdown.clone()));
 
     let rates = api::rate::CallerRates::default();
-    let client = ClientApiServer::new(api::client::ClientService {
-        node: node.clone(),
-        watchers: api::watch::Watchers::default(),
-        rates: rates.clone(),
-        kept_blob_bytes: api::client::KeptBlobBytes::default(),
-    })
-    .max_decoding_message_size(MAX_MESSAGE_BYTES)
-    .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let worker = WorkerApiServer::new(api::worker::WorkerService {
-        node: node.clone(),
-        rates,
-    })
-    .max_decoding_message_size(MAX_MESSAGE_BYTES)
-    .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let admin = AdminApiServer::new(api::admin::AdminService { node: node.clone() });
-    let raft = tonic::service::interceptor::InterceptedService::new(
+    let client = InterceptedService::new(
+        ClientApiServer::new(api::client::ClientService {
+            node: node.clone(),
+            watchers: api::watch::Watchers::default(),
+            rates: rates.clone(),
+            kept_blob_bytes: api::client::KeptBlobBytes::default(),
+        })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        access.authorize("the client API", &[Role::Client]),
+    );
+    let worker = InterceptedService::new(
+        WorkerApiServer::new(api::worker::WorkerService {
+            node: node.clone(),
+            rates,
+        })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        access.authorize("the worker API", &[Role::Worker]),
+    );
+    // Status is for anyone of the cluster; membership changes check for
+    // the admin role themselves.
+    let admin = InterceptedService::new(
+        AdminApiServer::new(api::admin::AdminService { node: node.clone() }),
+        access.authorize("the admin API", &Role::ALL),
+    );
+    let raft = InterceptedService::new(
         RaftTransportServer::new(api::raft::RaftService { node: node.clone() })
             .max_decoding_message_size(replica::network::MAX_RAFT_MESSAGE_BYTES)
             .max_encoding_message_size(replica::network::MAX_RAFT_MESSAGE_BYTES),
         secret::RequireSecret(secret),
+    );
+    let raft = InterceptedService::new(
+        raft,
+        access.authorize("the Raft transport", &[Role::Coordinator]),
     );
     let served = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))

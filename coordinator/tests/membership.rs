@@ -42,6 +42,7 @@ async fn start(
         data_dir: dir.join(format!("node{node_id}")),
         tuning: Tuning::default(),
         secret: None,
+        security: distbuild_proto::tls::Security::Insecure,
     };
     let node = distbuild_coordinator::start_node(&config, addr, Seams::production(), stop.clone())
         .await
@@ -49,6 +50,7 @@ async fn start(
     let served = tokio::spawn(distbuild_coordinator::serve(
         node.clone(),
         None,
+        distbuild_proto::auth::Access::for_security(&distbuild_proto::tls::Security::Insecure),
         listener,
         stop.clone(),
     ));

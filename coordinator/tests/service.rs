@@ -34,6 +34,7 @@ async fn start() -> Coordinator {
         data_dir: dir.path().to_path_buf(),
         tuning: Tuning::default(),
         secret: None,
+        security: distbuild_proto::tls::Security::Insecure,
     };
     let task = tokio::spawn(distbuild_coordinator::run(
         config,

@@ -418,10 +418,7 @@ impl LeaderClient {
                 return Ok((addr, channel));
             }
             Ok(Err(error)) => error,
-            Err(_) => ConnectError {
-                addr: addr.clone(),
-                problem: format!("no connection within {attempt:?}"),
-            },
+            Err(_) => ConnectError::other(&addr, format!("no connection within {attempt:?}")),
         };
         route.move_on(&self.inner.addrs, &addr);
         Err(error)
@@ -474,6 +471,13 @@ impl LeaderClient {
             // Set when the node asked for a pause before the next attempt.
             let mut busy_pause = None;
             let (failure, left_node) = match self.channel(deadline).await {
+                // Certificates refused: no node will take them.
+                Err(error) if error.denied => {
+                    return Err(CallError::Rejected {
+                        status: Status::unauthenticated(error.problem),
+                        addr: error.addr,
+                    });
+                }
                 Err(error) => (Failure::Connect(error), true),
                 Ok((addr, channel)) => {
                     let result = match attempt_timeout {
@@ -495,6 +499,17 @@ impl LeaderClient {
                         }
                         Err(status) => status,
                     };
+                    // A TLS 1.3 server refuses a certificate after the
+                    // handshake looked done: the first call fails with it.
+                    if let Some(refused) = crate::tls::refusal(&status) {
+                        self.failed(&addr).await;
+                        return Err(CallError::Rejected {
+                            addr,
+                            status: Status::unauthenticated(format!(
+                                "TLS handshake refused: {refused}"
+                            )),
+                        });
+                    }
                     match classify(&status) {
                         // A node naming itself names no other leader.
                         Disposition::Redirect(leader)

@@ -1,7 +1,9 @@
 //! distbuild's wire protocol and shared domain types. Every other crate of
 //! ours speaks through this one; it depends on none of them.
 
+pub mod accept;
 pub mod artifact;
+pub mod auth;
 pub mod blob;
 pub mod blocking;
 mod cache_key;
@@ -11,6 +13,7 @@ pub mod leader;
 pub mod net;
 pub mod rng;
 pub mod text;
+pub mod tls;
 pub mod wire;
 
 pub use cache_key::cache_key;

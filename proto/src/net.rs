@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::v1::admin_api_client::AdminApiClient;
 use crate::v1::client_api_client::ClientApiClient;
@@ -64,20 +64,31 @@ pub fn tcp() -> SharedDialer {
 /// The endpoint for `addr` (`HOST:PORT`, or a URL with a scheme) with the
 /// settings every side dials with: [`CONNECT_TIMEOUT`], HTTP/2 keepalive
 /// every [`KEEPALIVE_INTERVAL`] (also while idle) declared dead after
-/// [`KEEPALIVE_TIMEOUT`], and no Nagle delay. Every channel is built from
-/// one, a simulation's included, so no connection can hang silently.
-pub fn endpoint(addr: &str) -> Result<Endpoint, tonic::transport::Error> {
+/// [`KEEPALIVE_TIMEOUT`], and no Nagle delay; with `tls`, an `https`
+/// endpoint that checks the server's certificate and shows this process's.
+/// Every channel is built from one, a simulation's included, so no
+/// connection can hang silently.
+pub fn endpoint(
+    addr: &str,
+    tls: Option<&ClientTlsConfig>,
+) -> Result<Endpoint, tonic::transport::Error> {
     let url = if addr.contains("://") {
         addr.to_string()
+    } else if tls.is_some() {
+        format!("https://{addr}")
     } else {
         format!("http://{addr}")
     };
-    Ok(Endpoint::from_shared(url)?
+    let endpoint = Endpoint::from_shared(url)?
         .connect_timeout(CONNECT_TIMEOUT)
         .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
         .keep_alive_timeout(KEEPALIVE_TIMEOUT)
         .keep_alive_while_idle(true)
-        .tcp_nodelay(true))
+        .tcp_nodelay(true);
+    match tls {
+        Some(tls) => endpoint.tls_config(tls.clone()),
+        None => Ok(endpoint),
+    }
 }
 
 /// How long [`connect`] waits for a dialer beyond [`CONNECT_TIMEOUT`]
@@ -93,6 +104,33 @@ pub struct ConnectError {
     pub addr: String,
     /// What went wrong, one line.
     pub problem: String,
+    /// The TLS handshake was refused over certificates (see
+    /// [`crate::tls::refusal`]): trying again cannot help.
+    pub denied: bool,
+}
+
+impl ConnectError {
+    /// A connection to `addr` that failed for another reason than the
+    /// transport (a timeout, a bad address).
+    pub fn other(addr: &str, problem: String) -> Self {
+        Self {
+            addr: addr.to_string(),
+            problem,
+            denied: false,
+        }
+    }
+
+    /// A connection to `addr` the transport failed to open.
+    pub fn transport(addr: &str, error: &tonic::transport::Error) -> Self {
+        match crate::tls::refusal(error) {
+            Some(refused) => Self {
+                addr: addr.to_string(),
+                problem: format!("TLS handshake refused: {refused}"),
+                denied: true,
+            },
+            None => Self::other(addr, error_chain(error)),
+        }
+    }
 }
 
 /// Opens gRPC channels to addresses (`HOST:PORT`). The one way any part
@@ -105,14 +143,26 @@ pub trait Connector: Send + Sync + 'static {
 /// A connector as the parts hold it.
 pub type SharedConnector = Arc<dyn Connector>;
 
-/// The production connector: plain TCP (HTTP/2 without TLS) through
-/// [`endpoint`].
-#[derive(Debug, Clone, Copy, Default)]
-pub struct TcpConnector;
+/// The production connector: TCP through [`endpoint`], with TLS when the
+/// process has its certificates (the default value has none: plain HTTP/2,
+/// for `--insecure`).
+#[derive(Debug, Clone, Default)]
+pub struct TcpConnector {
+    tls: Option<ClientTlsConfig>,
+}
+
+impl TcpConnector {
+    /// Dials as `security` says: TLS with its certificates, or plain.
+    pub fn new(security: &crate::tls::Security) -> Self {
+        Self {
+            tls: security.client_config(),
+        }
+    }
+}
 
 impl Connector for TcpConnector {
     fn connect(&self, addr: &str) -> BoxFuture<'static, Result<Channel, ConnectError>> {
-        connect(&TcpDialer, addr)
+        connect(&TcpDialer, addr, self.tls.as_ref())
     }
 }
 
@@ -123,28 +173,23 @@ pub struct DialConnector(pub SharedDialer);
 
 impl Connector for DialConnector {
     fn connect(&self, addr: &str) -> BoxFuture<'static, Result<Channel, ConnectError>> {
-        connect(self.0.as_ref(), addr)
+        connect(self.0.as_ref(), addr, None)
     }
 }
 
 /// Connects to `addr` through `dialer` with the shared [`endpoint`]
-/// settings, within [`CONNECT_TIMEOUT`] + [`DIALER_GRACE`].
+/// settings (and `tls`, if given), within [`CONNECT_TIMEOUT`] +
+/// [`DIALER_GRACE`].
 pub fn connect(
     dialer: &dyn Dialer,
     addr: &str,
+    tls: Option<&ClientTlsConfig>,
 ) -> BoxFuture<'static, Result<Channel, ConnectError>> {
     let addr = addr.to_string();
-    let error = {
-        let addr = addr.clone();
-        move |problem: String| ConnectError {
-            addr: addr.clone(),
-            problem,
-        }
-    };
-    let endpoint = match endpoint(&addr) {
+    let endpoint = match endpoint(&addr, tls) {
         Ok(endpoint) => endpoint,
         Err(e) => {
-            let e = error(format!("not a valid address: {}", error_chain(&e)));
+            let e = ConnectError::other(&addr, format!("not a valid address: {}", error_chain(&e)));
             return Box::pin(async move { Err(e) });
         }
     };
@@ -152,8 +197,8 @@ pub fn connect(
     Box::pin(async move {
         match tokio::time::timeout(CONNECT_TIMEOUT + DIALER_GRACE, connecting).await {
             Ok(Ok(channel)) => Ok(channel),
-            Ok(Err(e)) => Err(error(error_chain(&e))),
-            Err(_) => Err(error("timed out".to_string())),
+            Ok(Err(e)) => Err(ConnectError::transport(&addr, &e)),
+            Err(_) => Err(ConnectError::other(&addr, "timed out".to_string())),
         }
     })
 }
@@ -216,14 +261,20 @@ mod tests {
     #[test]
     fn addresses_become_http_urls() {
         assert_eq!(
-            endpoint("127.0.0.1:7000").expect("valid").uri().to_string(),
+            endpoint("127.0.0.1:7000", None)
+                .expect("valid")
+                .uri()
+                .to_string(),
             "http://127.0.0.1:7000/"
         );
         assert_eq!(
-            endpoint("http://h:1").expect("valid").uri().to_string(),
+            endpoint("http://h:1", None)
+                .expect("valid")
+                .uri()
+                .to_string(),
             "http://h:1/"
         );
-        assert!(endpoint("bad address").is_err());
+        assert!(endpoint("bad address", None).is_err());
     }
 
     #[tokio::test]
@@ -233,7 +284,10 @@ mod tests {
             .expect("bind");
         let addr = listener.local_addr().expect("addr").to_string();
         drop(listener);
-        let error = TcpConnector.connect(&addr).await.expect_err("refused");
+        let error = TcpConnector::default()
+            .connect(&addr)
+            .await
+            .expect_err("refused");
         assert_eq!(error.addr, addr);
         assert!(
             error
@@ -242,7 +296,10 @@ mod tests {
             "{error}"
         );
         assert!(!error.problem.contains('\n'), "{error}");
-        let error = TcpConnector.connect("bad address").await.expect_err("bad");
+        let error = TcpConnector::default()
+            .connect("bad address")
+            .await
+            .expect_err("bad");
         assert!(error.problem.starts_with("not a valid address"), "{error}");
     }
 }

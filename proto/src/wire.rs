@@ -191,27 +191,45 @@ pub enum SecretFileError {
     },
 }
 
-/// Reads a cluster secret file: its content with surrounding whitespace
-/// trimmed, which must be 16 to 1024 printable ASCII characters (no
-/// spaces). A file that group or others may read is refused.
-pub fn read_cluster_secret(path: &Path) -> Result<String, SecretFileError> {
+/// Why a file holding a secret was not read.
+#[derive(Debug)]
+pub enum PrivateFileError {
+    /// It could not be read.
+    Read(std::io::Error),
+    /// Group or others may read it (its permission bits).
+    Exposed(u32),
+}
+
+/// Reads a file that holds a secret (a cluster secret, a private key):
+/// refused, as ssh refuses an open key, when group or others may read it.
+pub fn read_owner_only(path: &Path) -> Result<Vec<u8>, PrivateFileError> {
     use std::os::unix::fs::PermissionsExt as _;
-    let read_error = |problem| SecretFileError::Read {
-        path: path.to_path_buf(),
-        problem,
-    };
     let mode = std::fs::metadata(path)
-        .map_err(read_error)?
+        .map_err(PrivateFileError::Read)?
         .permissions()
         .mode()
         & 0o7777;
     if mode & 0o077 != 0 {
-        return Err(SecretFileError::Exposed {
+        return Err(PrivateFileError::Exposed(mode));
+    }
+    std::fs::read(path).map_err(PrivateFileError::Read)
+}
+
+/// Reads a cluster secret file: its content with surrounding whitespace
+/// trimmed, which must be 16 to 1024 printable ASCII characters (no
+/// spaces). A file that group or others may read is refused.
+pub fn read_cluster_secret(path: &Path) -> Result<String, SecretFileError> {
+    let bytes = read_owner_only(path).map_err(|problem| match problem {
+        PrivateFileError::Read(problem) => SecretFileError::Read {
+            path: path.to_path_buf(),
+            problem,
+        },
+        PrivateFileError::Exposed(mode) => SecretFileError::Exposed {
             path: path.to_path_buf(),
             mode,
-        });
-    }
-    let text = std::fs::read_to_string(path).map_err(read_error)?;
+        },
+    })?;
+    let text = String::from_utf8_lossy(&bytes);
     let text = text.trim();
     check_cluster_secret(text).map_err(|problem| SecretFileError::Invalid {
         path: path.to_path_buf(),

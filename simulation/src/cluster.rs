@@ -17,6 +17,8 @@ use distbuild_client::download::{Output, download_outputs};
 use distbuild_client::render::Console;
 use distbuild_client::upload::find_missing;
 use distbuild_coordinator::{Bootstrap, Clock, InjectedBugs, Seams, Tuning};
+use distbuild_proto::auth::{Access, Authenticator};
+use distbuild_proto::tls::{Identity, Role};
 use distbuild_proto::{Digest, JobId};
 use distbuild_worker::connect::DialConnector;
 use distbuild_worker::runtime::{WorkerConfig, run_incoming};
@@ -25,7 +27,7 @@ use rand::{Rng, SeedableRng};
 use tokio_util::sync::CancellationToken;
 
 use crate::faults::{self, Fault, Hosts, Planned};
-use crate::net::{self, SimDialer, incoming};
+use crate::net::{self, SimDialer, SimPeer, incoming};
 use crate::observe::Observer;
 use crate::runner::FakeRunner;
 use crate::trace::{Trace, What};
@@ -176,6 +178,31 @@ fn host_error(e: impl std::fmt::Display) -> Box<dyn std::error::Error> {
     e.to_string().into()
 }
 
+/// How every simulated server admits callers: the network is plain TCP,
+/// but the authorization rules of production run — the host at the other
+/// end names the caller as its certificate would (`c*` coordinators, `w*`
+/// workers named as their worker ID, clients and the auditor clients).
+fn sim_access() -> Access {
+    let identify = |extensions: &http::Extensions| {
+        let SimPeer(Some(host)) = extensions.get::<SimPeer>()? else {
+            return None;
+        };
+        let role = match host.chars().next() {
+            Some('c') => Role::Coordinator,
+            Some('w') => Role::Worker,
+            _ => Role::Client,
+        };
+        Some(Identity {
+            role,
+            name: host.clone(),
+        })
+    };
+    Access {
+        tls: None,
+        authenticator: Authenticator::Connection(Arc::new(identify)),
+    }
+}
+
 fn any_addr(port: u16) -> SocketAddr {
     SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port)
 }
@@ -282,6 +309,7 @@ pub fn run(config: RunConfig, dir: &Path) -> RunResult {
                 data_dir: data_dir.clone(),
                 tuning: tuning.clone(),
                 secret: None,
+                security: distbuild_proto::tls::Security::Insecure,
             };
             let seams = seams.clone();
             let observer = observer.clone();
@@ -297,20 +325,27 @@ pub fn run(config: RunConfig, dir: &Path) -> RunResult {
                 .await
                 .map_err(host_error)?;
                 tokio::spawn(observer.watch_leadership(node.clone()));
-                distbuild_coordinator::serve_incoming(node, None, incoming(listener), shutdown)
-                    .await
-                    .map_err(host_error)
+                distbuild_coordinator::serve_incoming(
+                    node,
+                    None,
+                    sim_access(),
+                    incoming(listener),
+                    shutdown,
+                )
+                .await
+                .map_err(host_error)
             }
         });
     }
 
-    for (i, (name, slots)) in shape.workers.iter().enumerate() {
+    for (name, slots) in &shape.workers {
         let cache_dir = dir.join(name);
         std::fs::create_dir_all(&cache_dir).expect("create a worker's directory");
-        // A fixed worker ID instead of a random one.
-        std::fs::write(cache_dir.join("worker-id"), format!("{:016x}\n", i + 1))
-            .expect("write a worker ID");
         let mut worker_config = WorkerConfig::new(coordinator_addrs.clone(), cache_dir);
+        // Its name, as a certificate would give it (and as `sim_access`
+        // knows it).
+        worker_config.worker_id = Some(name.clone());
+        worker_config.access = sim_access();
         worker_config.advertise_addr = Some(format!("{name}:{WORKER_PORT}"));
         worker_config.slots = *slots;
         worker_config.poll_wait_ms = 1_000;
@@ -357,6 +392,7 @@ pub fn run(config: RunConfig, dir: &Path) -> RunResult {
                 connection: ConnectionArgs {
                     coordinators: coordinator_addrs.clone(),
                     timeout_secs: 600,
+                    security: Default::default(),
                 },
                 output_base: None,
                 block_for_lock: true,

@@ -136,12 +136,21 @@ pub struct SimStream {
     stream: Option<turmoil::net::TcpStream>,
     host: IpAddr,
     number: u64,
+    /// The host at the other end, by name.
+    peer: SimPeer,
 }
+
+/// The connection information a simulated server sees: the name of the
+/// host at the other end, which the simulation's authenticator turns into
+/// an identity (the stand-in for a verified certificate).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SimPeer(pub Option<String>);
 
 impl SimStream {
     /// Registers `stream` with its host (the host that runs this code).
     pub fn new(stream: turmoil::net::TcpStream) -> io::Result<Self> {
         let host = stream.local_addr()?.ip();
+        let peer = SimPeer(turmoil::reverse_lookup(stream.peer_addr()?.ip()));
         let number = STREAMS.with(|streams| {
             let mut streams = streams.borrow_mut();
             let entry = streams.entry(host).or_default();
@@ -154,6 +163,7 @@ impl SimStream {
             stream: Some(stream),
             host,
             number,
+            peer,
         })
     }
 
@@ -193,9 +203,11 @@ impl Drop for SimStream {
 }
 
 impl Connected for SimStream {
-    type ConnectInfo = ();
+    type ConnectInfo = SimPeer;
 
-    fn connect_info(&self) -> Self::ConnectInfo {}
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.peer.clone()
+    }
 }
 
 impl AsyncRead for SimStream {

@@ -25,6 +25,69 @@ pub fn distbuild() -> Command {
     }
 }
 
+/// A cluster CA made with `distbuild certs` in a directory, issuing a
+/// certificate per process on first use.
+pub struct Pki {
+    pub dir: PathBuf,
+}
+
+impl Pki {
+    /// `distbuild certs ca` in `dir`.
+    pub fn new(dir: PathBuf) -> Pki {
+        run_ok(distbuild().args(["certs", "ca", "--dir"]).arg(&dir));
+        Pki { dir }
+    }
+
+    /// The `--tls-*` flags of `name` with `role`, its certificate issued
+    /// (serving on 127.0.0.1) the first time.
+    pub fn flags(&self, role: &str, name: &str) -> Vec<String> {
+        let cert = self.dir.join(format!("{name}.pem"));
+        if !cert.exists() {
+            run_ok(
+                distbuild()
+                    .args(["certs", "issue", "--dir"])
+                    .arg(&self.dir)
+                    .args(["--role", role, "--name", name, "--host", "127.0.0.1"]),
+            );
+        }
+        let path = |ext: &str| self.dir.join(format!("{name}.{ext}")).display().to_string();
+        vec![
+            "--tls-ca".into(),
+            self.dir.join("ca.pem").display().to_string(),
+            "--tls-cert".into(),
+            path("pem"),
+            "--tls-key".into(),
+            path("key"),
+        ]
+    }
+}
+
+/// Runs `command`, which must succeed.
+pub fn run_ok(command: &mut Command) -> Output {
+    let out = command.output().expect("run distbuild");
+    assert!(
+        out.status.success(),
+        "{command:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// The flags giving a process of `role` named `name` its security: its
+/// certificate from `pki`, or `--insecure` without one.
+pub fn security_flags(pki: Option<&Pki>, role: &str, name: &str) -> Vec<String> {
+    match pki {
+        Some(pki) => pki.flags(role, name),
+        None => vec!["--insecure".into()],
+    }
+}
+
+/// The worker flags that let jobs write in `dir` (a test's directory,
+/// where jobs append to logs the tests read) besides their sandbox.
+pub fn writable_dir_flags(dir: &Path) -> Vec<String> {
+    vec!["--sandbox-writable-path".into(), dir.display().to_string()]
+}
+
 /// A 40-hex ID derived from `name`.
 pub fn id(name: &str) -> String {
     hex::encode(Sha1::digest(name.as_bytes()))
@@ -109,7 +172,12 @@ pub struct Cluster {
     pub coordinator_port: u16,
     /// Extra flags the coordinator is started with.
     pub coordinator_flags: Vec<String>,
+    /// Extra flags every worker is started with.
+    pub worker_flags: Vec<String>,
     pub workers: Vec<Server>,
+    /// The CA every process's certificate comes from; `None`: every
+    /// process runs `--insecure`.
+    pub pki: Option<Pki>,
 }
 
 impl Cluster {
@@ -120,13 +188,38 @@ impl Cluster {
 
     /// Like `start`, with extra coordinator flags.
     pub fn start_with(workers: usize, slots: u32, coordinator_flags: &[&str]) -> Cluster {
+        Self::start_secured(workers, slots, coordinator_flags, false)
+    }
+
+    /// Like `start_with`; with `tls`, every process (clients included)
+    /// has a certificate of one CA, made in the cluster's directory.
+    pub fn start_secured(
+        workers: usize,
+        slots: u32,
+        coordinator_flags: &[&str],
+        tls: bool,
+    ) -> Cluster {
+        Self::start_full(workers, slots, coordinator_flags, &[], tls)
+    }
+
+    /// Like `start_secured`, every worker started with `worker_flags` too.
+    pub fn start_full(
+        workers: usize,
+        slots: u32,
+        coordinator_flags: &[&str],
+        worker_flags: &[&str],
+        tls: bool,
+    ) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
+        let pki = tls.then(|| Pki::new(dir.path().join("pki")));
         let mut cluster = Cluster {
             dir,
             coordinator: None,
             coordinator_port: 0,
             coordinator_flags: coordinator_flags.iter().map(|s| s.to_string()).collect(),
+            worker_flags: worker_flags.iter().map(|s| s.to_string()).collect(),
             workers: Vec::new(),
+            pki,
         };
         cluster.start_coordinator();
         for i in 0..workers {
@@ -156,6 +249,11 @@ impl Cluster {
         .map(|s| s.to_string())
         .collect();
         args.extend(self.coordinator_flags.iter().cloned());
+        args.extend(security_flags(
+            self.pki.as_ref(),
+            "coordinator",
+            "coordinator",
+        ));
         let log = self.path(&format!("coordinator-{}.log", self.coordinator_port));
         let server = Server::start(&args, log);
         self.coordinator_port = server
@@ -172,7 +270,7 @@ impl Cluster {
     }
 
     pub fn start_worker(&mut self, i: usize, slots: u32) {
-        let args: Vec<String> = vec![
+        let mut args: Vec<String> = vec![
             "worker".into(),
             "--coordinator".into(),
             self.coordinator_addr(),
@@ -186,6 +284,13 @@ impl Cluster {
             "--slots".into(),
             slots.to_string(),
         ];
+        args.extend(security_flags(
+            self.pki.as_ref(),
+            "worker",
+            &format!("worker{i}"),
+        ));
+        args.extend(writable_dir_flags(self.dir.path()));
+        args.extend(self.worker_flags.iter().cloned());
         let log = self.path(&format!("worker{i}.log"));
         self.workers.push(Server::start(&args, log));
     }
@@ -212,6 +317,7 @@ impl Cluster {
         let out = distbuild()
             .args(["cluster", "status", "--json", "--coordinator"])
             .arg(self.coordinator_addr())
+            .args(self.client_flags())
             .output()
             .expect("run cluster status");
         assert!(
@@ -231,6 +337,7 @@ impl Cluster {
 
     pub fn build_file(&self, graph_path: &Path, source_dir: &Path, extra: &[&str]) -> BuildRun {
         let out = build_command(graph_path, source_dir, &self.coordinator_addr(), extra)
+            .args(self.client_flags())
             .output()
             .expect("run distbuild build");
         BuildRun::from(out)
@@ -239,7 +346,15 @@ impl Cluster {
     /// Starts `distbuild build --json` on `graph` (sources in the
     /// cluster's directory) with output piped, for [`finish_build`].
     pub fn spawn_build(&self, graph: &Value, extra: &[&str]) -> Child {
-        spawn_graph_build(self.dir.path(), &self.coordinator_addr(), graph, extra)
+        let mut command =
+            graph_build_command(self.dir.path(), &self.coordinator_addr(), graph, extra);
+        command.args(self.client_flags());
+        spawn(command)
+    }
+
+    /// The security flags of this cluster's client (`client`).
+    pub fn client_flags(&self) -> Vec<String> {
+        security_flags(self.pki.as_ref(), "client", "client")
     }
 
     /// Everything the servers logged, for failure messages.
@@ -254,7 +369,8 @@ impl Cluster {
 }
 
 /// `distbuild build --json` on the graph at `graph_path` against the
-/// coordinators at `addrs`.
+/// coordinators at `addrs`. The caller adds the security flags (a
+/// cluster's `client_flags`, or `--insecure`).
 pub fn build_command(graph_path: &Path, source_dir: &Path, addrs: &str, extra: &[&str]) -> Command {
     let mut command = distbuild();
     command
@@ -266,12 +382,6 @@ pub fn build_command(graph_path: &Path, source_dir: &Path, addrs: &str, extra: &
         .arg(addrs)
         .args(extra);
     command
-}
-
-/// Writes `graph` into `dir` (also the source directory) and starts
-/// `distbuild build --json` on it against `addrs`, output piped.
-fn spawn_graph_build(dir: &Path, addrs: &str, graph: &Value, extra: &[&str]) -> Child {
-    spawn(graph_build_command(dir, addrs, graph, extra))
 }
 
 /// Writes `graph` into `dir` (also the source directory): the
@@ -453,6 +563,9 @@ pub struct HaCluster {
     pub worker_slots: u32,
     /// The cluster secret file every coordinator is started with, if any.
     pub secret_file: Option<PathBuf>,
+    /// The CA every process's certificate comes from; `None`: every
+    /// process runs `--insecure`.
+    pub pki: Option<Pki>,
 }
 
 impl HaCluster {
@@ -472,6 +585,20 @@ impl HaCluster {
         slots: u32,
         secret: Option<&str>,
     ) -> HaCluster {
+        Self::start_secured(coordinators, spare, workers, slots, secret, false)
+    }
+
+    /// [`HaCluster::start_with`]; with `tls`, every process (clients
+    /// included) has a certificate of one CA, made in the cluster's
+    /// directory.
+    pub fn start_secured(
+        coordinators: usize,
+        spare: usize,
+        workers: usize,
+        slots: u32,
+        secret: Option<&str>,
+        tls: bool,
+    ) -> HaCluster {
         static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
         let serial = SERIAL
             .lock()
@@ -487,7 +614,11 @@ impl HaCluster {
             workers: Vec::new(),
             worker_slots: slots,
             secret_file: None,
+            pki: None,
         };
+        if tls {
+            cluster.pki = Some(Pki::new(cluster.path("pki")));
+        }
         if let Some(secret) = secret {
             let path = cluster.path("cluster-secret");
             write_private(&path, &format!("{secret}\n"));
@@ -554,6 +685,11 @@ impl HaCluster {
         } else {
             args.push("--join".into());
         }
+        args.extend(security_flags(
+            self.pki.as_ref(),
+            "coordinator",
+            &format!("c{id}"),
+        ));
         let log = self.path(&format!("coordinator{id}-{}.log", rand_suffix()));
         self.coordinators[id as usize - 1] = Some(Server::start(&args, log));
     }
@@ -587,6 +723,12 @@ impl HaCluster {
             self.worker_slots.to_string(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
+        args.extend(security_flags(
+            self.pki.as_ref(),
+            "worker",
+            &format!("worker{i}"),
+        ));
+        args.extend(writable_dir_flags(self.dir.path()));
         let log = self.path(&format!("worker{i}.log"));
         self.workers.push(Some(Server::start(&args, log)));
     }
@@ -604,6 +746,7 @@ impl HaCluster {
                 "--coordinator",
             ])
             .arg(self.all_addrs())
+            .args(self.client_flags())
             .output()
             .expect("run cluster status");
         if !out.status.success() {
@@ -689,13 +832,20 @@ impl HaCluster {
 
     /// Starts `distbuild build --json` on `graph` in the background.
     pub fn spawn_build(&self, graph: &Value, extra: &[&str]) -> Child {
-        spawn_graph_build(self.dir.path(), &self.all_addrs(), graph, extra)
+        spawn(self.build_command(graph, extra))
     }
 
     /// The `distbuild build --json` command for `graph` (written into the
     /// cluster's directory), to start with the caller's own pipes.
     pub fn build_command(&self, graph: &Value, extra: &[&str]) -> Command {
-        graph_build_command(self.dir.path(), &self.all_addrs(), graph, extra)
+        let mut command = graph_build_command(self.dir.path(), &self.all_addrs(), graph, extra);
+        command.args(self.client_flags());
+        command
+    }
+
+    /// The security flags of this cluster's client (`client`).
+    pub fn client_flags(&self) -> Vec<String> {
+        security_flags(self.pki.as_ref(), "client", "client")
     }
 
     /// Everything the servers logged, for failure messages (the tail of

@@ -4,10 +4,15 @@
 use std::path::PathBuf;
 
 use anyhow::Context as _;
+use distbuild_proto::auth::Access;
+use distbuild_proto::tls::{INSECURE_WARNING, Role, Security, SecurityFlags};
 use distbuild_proto::wire::PortUse;
 use tokio_util::sync::CancellationToken;
 
+use crate::connect::TcpConnector;
+use crate::process::TokioProcessRunner;
 use crate::runtime::{DEFAULT_CACHE_MAX_BYTES, WorkerConfig, default_slots, run};
+use crate::sandbox::{DEFAULT_LIMITS, JobLimits, Sandbox, SandboxError, SandboxKind};
 
 /// Flags of `distbuild worker`.
 #[derive(clap::Args, Debug, Clone)]
@@ -37,6 +42,27 @@ pub struct WorkerArgs {
     /// address than --listen (default: the address actually listened on).
     #[arg(long, value_name = "HOST:PORT")]
     pub advertise: Option<String>,
+    /// TLS and authentication (a worker certificate, whose name is the
+    /// worker's ID), or `--insecure`.
+    #[command(flatten)]
+    pub security: SecurityFlags,
+    /// How jobs are confined: `namespaces` (bubblewrap; the default where
+    /// it works here) or `none` (jobs run unconfined, with a warning).
+    #[arg(long, value_enum, value_name = "KIND")]
+    pub sandbox: Option<SandboxKind>,
+    /// A path jobs may write besides their own directory (repeatable), as
+    /// Bazel's --sandbox_writable_path.
+    #[arg(long = "sandbox-writable-path", value_name = "DIR")]
+    pub sandbox_writable_paths: Vec<PathBuf>,
+    /// Let jobs use the network (by default a sandboxed job has none).
+    #[arg(long)]
+    pub sandbox_network: bool,
+    /// Address space of each process of a job, in bytes (0: no limit).
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_LIMITS.memory_bytes)]
+    pub job_max_memory: u64,
+    /// Largest file a job may write, in bytes (0: no limit).
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_LIMITS.file_bytes)]
+    pub job_max_file_bytes: u64,
 }
 
 /// Checks that `addr` is HOST:PORT as every side accepts it
@@ -77,7 +103,62 @@ impl WorkerArgs {
         config.slots = self.slots.unwrap_or_else(default_slots);
         config.cache_max_bytes = self.cache_max_bytes;
         config.advertise_addr = self.advertise.clone();
+        let security = self.security.load(&[Role::Worker])?;
+        if matches!(security, Security::Insecure) {
+            tracing::warn!("{INSECURE_WARNING}");
+        }
+        config.worker_id = security.identity().map(|identity| identity.name.clone());
+        // Jobs must not see the worker's cache, other jobs or its key.
+        std::fs::create_dir_all(&config.cache_dir)
+            .with_context(|| format!("create cache directory {}", config.cache_dir.display()))?;
+        let mut hidden = vec![config.cache_dir.clone()];
+        if let Some(key) = &self.security.tls_key {
+            hidden.push(std::path::absolute(key).unwrap_or_else(|_| key.clone()));
+        }
+        let limits = JobLimits {
+            memory_bytes: self.job_max_memory,
+            file_bytes: self.job_max_file_bytes,
+        };
+        let sandbox = choose_sandbox(
+            self.sandbox.clone(),
+            hidden,
+            &self.sandbox_writable_paths,
+            self.sandbox_network,
+        )?;
+        config.runner = std::sync::Arc::new(TokioProcessRunner::new(sandbox, limits));
+        config.connector = std::sync::Arc::new(TcpConnector::new(&security));
+        config.access = Access::for_security(&security);
         Ok(config)
+    }
+}
+
+/// The sandbox `kind` asks for: namespaces (required to work when asked
+/// for by name; when not, used if it works here and else replaced by none
+/// with a warning), or none (with a warning).
+pub fn choose_sandbox(
+    kind: Option<SandboxKind>,
+    hidden: Vec<PathBuf>,
+    writable: &[PathBuf],
+    network: bool,
+) -> anyhow::Result<Option<Sandbox>> {
+    match kind {
+        Some(SandboxKind::None) => {
+            tracing::warn!(
+                "--sandbox none: jobs run unconfined, as this worker's user, and may read and write whatever it can"
+            );
+            Ok(None)
+        }
+        Some(SandboxKind::Namespaces) => {
+            Ok(Some(Sandbox::new(hidden, writable.to_vec(), network)?))
+        }
+        None => match Sandbox::new(hidden, writable.to_vec(), network) {
+            Ok(sandbox) => Ok(Some(sandbox)),
+            Err(e @ SandboxError::BadWritablePath { .. }) => Err(e.into()),
+            Err(e) => {
+                tracing::warn!("jobs run unconfined: {e}");
+                Ok(None)
+            }
+        },
     }
 }
 
@@ -121,7 +202,16 @@ mod tests {
     }
 
     fn check(args: &[&str], expected: Result<(), &str>) {
-        let mut argv = vec!["worker", "--cache-dir", "/tmp/x"];
+        let cache = std::env::temp_dir().join(format!("distbuild-cli-test-{}", std::process::id()));
+        let cache = cache.to_str().expect("utf-8").to_string();
+        let mut argv = vec![
+            "worker",
+            "--cache-dir",
+            &cache,
+            "--insecure",
+            "--sandbox",
+            "none",
+        ];
         argv.extend_from_slice(args);
         let result = Cli::try_parse_from(&argv)
             .map_err(|e| e.to_string())

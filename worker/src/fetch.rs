@@ -375,7 +375,7 @@ mod tests {
                 Want::NotLost("create a download file"),
             ),
         ];
-        let connector: SharedConnector = Arc::new(TcpConnector);
+        let connector: SharedConnector = Arc::new(TcpConnector::default());
         for (i, (what, holders, scratch, want)) in cases.into_iter().enumerate() {
             let cache = Cache::open(&dir.path().join(format!("cache{i}")), 1 << 20).expect("cache");
             let result = fetch_artifact(&connector, &holders, &cache, digest, size, scratch).await;

@@ -469,6 +469,8 @@ pub struct SandboxDirs {
     /// Working directory of commands that name none; relative paths
     /// resolve against it.
     pub scratch_dir: PathBuf,
+    /// The job's own directory (all of the above are in it).
+    pub job_dir: PathBuf,
 }
 
 /// A command with its templates expanded.
@@ -521,6 +523,7 @@ pub fn expand_command(cmd: &Cmd, dirs: &SandboxDirs) -> Result<ExpandedCmd, Comm
                     Some(parse_environ(environ)?)
                 },
                 cwd,
+                job_dir: dirs.job_dir.clone(),
                 max_output_bytes: MAX_JOB_OUTPUT_BYTES,
             }))
         }
@@ -628,6 +631,7 @@ async fn run_steps(
         output_dir,
         dep_dirs,
         scratch_dir: layout.tmp.clone(),
+        job_dir: layout.root.clone(),
     };
 
     // The commands run under the job's time limit; dropping them at the
@@ -646,6 +650,9 @@ async fn run_steps(
                         .await
                         .map_err(|e| in_command(format!("run {program:?}: {e}")))?;
                     log.append(&output);
+                    if let Some(limit) = &output.limit_hit {
+                        return Err(in_command(limit.clone()));
+                    }
                     if output.exit_code != 0 {
                         return Ok(Some(Finished::Failed {
                             exit_code: output.exit_code,
@@ -796,6 +803,7 @@ mod tests {
             output_dir: "/s/out".into(),
             dep_dirs: HashMap::from([(dep_id(), format!("/s/deps/{DEP}"))]),
             scratch_dir: "/s/tmp".into(),
+            job_dir: "/s".into(),
         };
         let process = |program: &str, args: &[&str], env: Option<&[(&str, &str)]>, cwd: &str| {
             ExpandedCmd::Exec(ProcessSpec {
@@ -803,6 +811,7 @@ mod tests {
                 args: args.iter().map(OsString::from).collect(),
                 env: env.map(|env| env.iter().map(|(k, v)| (k.into(), v.into())).collect()),
                 cwd: cwd.into(),
+                job_dir: "/s".into(),
                 max_output_bytes: MAX_JOB_OUTPUT_BYTES,
             })
         };
@@ -895,7 +904,7 @@ mod tests {
     fn fixture() -> Fixture {
         let dir = tempfile::TempDir::new().expect("tempdir");
         let cache = Cache::open(&dir.path().join("cache"), 1 << 30).expect("cache");
-        let connector: SharedConnector = Arc::new(TcpConnector);
+        let connector: SharedConnector = Arc::new(TcpConnector::default());
         // Never called: these jobs have no inputs or dependencies.
         let coordinator = Arc::new(CoordinatorClient::new(
             vec!["127.0.0.1:1".into()],
@@ -907,7 +916,7 @@ mod tests {
                 cache,
                 coordinator,
                 connector,
-                runner: Arc::new(TokioProcessRunner),
+                runner: Arc::new(TokioProcessRunner::default()),
                 peer_bytes_fetched: Default::default(),
             },
             sandbox,

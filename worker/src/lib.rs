@@ -30,6 +30,7 @@ pub mod job;
 pub mod peer;
 pub mod process;
 pub mod runtime;
+pub mod sandbox;
 pub mod tree;
 
 pub use cli::{WorkerArgs, run_cli};

@@ -15,6 +15,8 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
+use crate::sandbox::{JobLimits, Sandbox};
+
 /// How long output is still read after a process exits (from whatever
 /// escaped its process group and still holds the pipes).
 pub const OUTPUT_DRAIN_AFTER_EXIT: Duration = Duration::from_secs(2);
@@ -31,6 +33,8 @@ pub struct ProcessSpec {
     pub env: Option<Vec<(OsString, OsString)>>,
     /// Working directory.
     pub cwd: PathBuf,
+    /// The job's own directory: in a sandbox, the one place it may write.
+    pub job_dir: PathBuf,
     /// Most bytes of stdout (and, separately, stderr) to keep; the rest is
     /// read and discarded.
     pub max_output_bytes: usize,
@@ -49,6 +53,8 @@ pub struct ProcessOutput {
     pub stdout_truncated: bool,
     /// Whether stderr was longer than what was kept.
     pub stderr_truncated: bool,
+    /// A job limit the process ran into, in words (its exit says so).
+    pub limit_hit: Option<String>,
 }
 
 /// Runs processes. Dropping the future returned by `run` must kill the
@@ -59,13 +65,46 @@ pub trait ProcessRunner: Send + Sync + 'static {
     fn run(&self, spec: ProcessSpec) -> BoxFuture<'_, io::Result<ProcessOutput>>;
 }
 
-/// Runs real processes with tokio::process.
-#[derive(Debug, Clone, Default)]
-pub struct TokioProcessRunner;
+/// Runs real processes with tokio::process: in a [`Sandbox`] when given,
+/// under the job limits.
+#[derive(Debug, Clone)]
+pub struct TokioProcessRunner {
+    sandbox: Option<std::sync::Arc<Sandbox>>,
+    limits: JobLimits,
+}
+
+impl Default for TokioProcessRunner {
+    /// Unconfined, without limits (tests of the runner itself).
+    fn default() -> Self {
+        Self {
+            sandbox: None,
+            limits: JobLimits {
+                memory_bytes: 0,
+                file_bytes: 0,
+            },
+        }
+    }
+}
+
+impl TokioProcessRunner {
+    /// A runner confining every process in `sandbox` (if any) under
+    /// `limits`.
+    pub fn new(sandbox: Option<Sandbox>, limits: JobLimits) -> Self {
+        Self {
+            sandbox: sandbox.map(std::sync::Arc::new),
+            limits,
+        }
+    }
+}
 
 impl ProcessRunner for TokioProcessRunner {
-    fn run(&self, spec: ProcessSpec) -> BoxFuture<'_, io::Result<ProcessOutput>> {
-        Box::pin(run_process(spec))
+    fn run(&self, mut spec: ProcessSpec) -> BoxFuture<'_, io::Result<ProcessOutput>> {
+        if let Some(sandbox) = &self.sandbox {
+            let program = std::mem::take(&mut spec.program);
+            let args = std::mem::take(&mut spec.args);
+            (spec.program, spec.args) = sandbox.wrap(&spec.job_dir, &spec.cwd, program, args);
+        }
+        Box::pin(run_process(spec, self.limits))
     }
 }
 
@@ -157,7 +196,35 @@ fn die_with_the_worker(command: &mut tokio::process::Command) {
     let _ = command;
 }
 
-async fn run_process(spec: ProcessSpec) -> io::Result<ProcessOutput> {
+/// Sets the job limits on the process about to exec (inherited by all it
+/// starts). RLIMIT_AS bounds memory, RLIMIT_FSIZE the bytes of any file.
+fn apply_limits(command: &mut tokio::process::Command, limits: JobLimits) {
+    let set = |resource, value: u64| -> io::Result<()> {
+        if value == 0 {
+            return Ok(());
+        }
+        let limit = libc::rlimit {
+            rlim_cur: value as libc::rlim_t,
+            rlim_max: value as libc::rlim_t,
+        };
+        // SAFETY: setrlimit reads the struct and is async-signal-safe.
+        if unsafe { libc::setrlimit(resource, &limit) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    };
+    // SAFETY: the closure runs in the forked child before exec and calls
+    // only setrlimit.
+    unsafe {
+        command.pre_exec(move || {
+            set(libc::RLIMIT_AS, limits.memory_bytes)?;
+            set(libc::RLIMIT_FSIZE, limits.file_bytes)?;
+            Ok(())
+        });
+    }
+}
+
+async fn run_process(spec: ProcessSpec, limits: JobLimits) -> io::Result<ProcessOutput> {
     let mut command = tokio::process::Command::new(&spec.program);
     command
         .args(&spec.args)
@@ -173,6 +240,7 @@ async fn run_process(spec: ProcessSpec) -> io::Result<ProcessOutput> {
         command.envs(env.iter().map(|(k, v)| (k, v)));
     }
     die_with_the_worker(&mut command);
+    apply_limits(&mut command, limits);
     let mut child = command.spawn()?;
     let mut killer = GroupKiller {
         pgid: child.id().and_then(|pid| i32::try_from(pid).ok()),
@@ -212,8 +280,18 @@ async fn run_process(spec: ProcessSpec) -> io::Result<ProcessOutput> {
             }
         }
     }
+    let exit_code = exit_code_of(status);
+    // SIGXFSZ ends a process that wrote past RLIMIT_FSIZE; a shell or
+    // bwrap in between passes it on as 128 + the signal.
+    let limit_hit = (limits.file_bytes > 0 && exit_code == 128 + libc::SIGXFSZ).then(|| {
+        format!(
+            "killed by SIGXFSZ: a file grew past the job file-size limit of {} bytes (--job-max-file-bytes)",
+            limits.file_bytes
+        )
+    });
     Ok(ProcessOutput {
-        exit_code: exit_code_of(status),
+        exit_code,
+        limit_hit,
         stdout: out.kept,
         stderr: err.kept,
         stdout_truncated: out.truncated,
@@ -231,13 +309,14 @@ mod tests {
             args: vec!["-c".into(), script.into()],
             env: None,
             cwd: std::env::temp_dir(),
+            job_dir: std::env::temp_dir(),
             max_output_bytes,
         }
     }
 
     #[tokio::test]
     async fn captures_output_and_exit_codes() {
-        let runner = TokioProcessRunner;
+        let runner = TokioProcessRunner::default();
         let cases: &[(&str, i32, &[u8], &[u8])] = &[
             ("echo out; echo err >&2", 0, b"out\n", b"err\n"),
             ("exit 3", 3, b"", b""),
@@ -253,7 +332,7 @@ mod tests {
 
     #[tokio::test]
     async fn keeps_the_head_of_long_output() {
-        let output = TokioProcessRunner
+        let output = TokioProcessRunner::default()
             .run(sh("yes | head -c 100000", 10))
             .await
             .expect("runs");
@@ -264,7 +343,7 @@ mod tests {
     #[tokio::test]
     async fn background_children_do_not_hold_the_job() {
         let started = std::time::Instant::now();
-        let output = TokioProcessRunner
+        let output = TokioProcessRunner::default()
             .run(sh("sleep 30 & echo done", 1024))
             .await
             .expect("runs");
@@ -276,7 +355,10 @@ mod tests {
     async fn a_missing_program_is_an_error() {
         let mut spec = sh("", 10);
         spec.program = "/nonexistent/program".into();
-        let err = TokioProcessRunner.run(spec).await.expect_err("no program");
+        let err = TokioProcessRunner::default()
+            .run(spec)
+            .await
+            .expect_err("no program");
         assert_eq!(err.kind(), io::ErrorKind::NotFound);
     }
 
@@ -285,7 +367,8 @@ mod tests {
         let dir = tempfile::TempDir::new().expect("tempdir");
         let marker = dir.path().join("survived");
         let script = format!("(sleep 1; touch {}) & sleep 30", marker.display());
-        let run = TokioProcessRunner.run(sh(&script, 10));
+        let runner = TokioProcessRunner::default();
+        let run = runner.run(sh(&script, 10));
         let _ = tokio::time::timeout(Duration::from_millis(300), run).await;
         tokio::time::sleep(Duration::from_millis(1500)).await;
         assert!(!marker.exists(), "the job's child outlived the job");

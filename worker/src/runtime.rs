@@ -43,6 +43,9 @@ use crate::job::{JobEnv, JobOutcome, JobSpec, run_job};
 use crate::peer::PeerService;
 use crate::process::{ProcessRunner, TokioProcessRunner};
 use crate::tree::remove_tree;
+use distbuild_proto::auth::Access;
+use distbuild_proto::tls::{Role, Security};
+use tonic::service::interceptor::InterceptedService;
 
 /// Default cache bound: 10 GiB.
 pub const DEFAULT_CACHE_MAX_BYTES: u64 = 10 << 30;
@@ -92,6 +95,13 @@ pub struct WorkerConfig {
     pub poll_wait_ms: u64,
     /// Dials coordinators and peers.
     pub connector: SharedConnector,
+    /// How the peer server admits connections and callers (workers and
+    /// clients).
+    pub access: Access,
+    /// The worker's ID when its certificate names it (a worker may act
+    /// only as the ID its certificate names); `None`: the ID kept in the
+    /// cache directory.
+    pub worker_id: Option<String>,
     /// Runs job processes.
     pub runner: Arc<dyn ProcessRunner>,
 }
@@ -107,8 +117,10 @@ impl WorkerConfig {
             slots: default_slots(),
             cache_max_bytes: DEFAULT_CACHE_MAX_BYTES,
             poll_wait_ms: DEFAULT_POLL_WAIT_MS,
-            connector: Arc::new(TcpConnector),
-            runner: Arc::new(TokioProcessRunner),
+            connector: Arc::new(TcpConnector::default()),
+            access: Access::for_security(&Security::Insecure),
+            worker_id: None,
+            runner: Arc::new(TokioProcessRunner::default()),
         }
     }
 }
@@ -694,7 +706,13 @@ pub async fn run(
         .context("learn the listener's address")?;
     // No Nagle on accepted connections (see the coordinator's server).
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    run_incoming(config, local_addr, incoming, shutdown).await
+    match config.access.tls.clone() {
+        Some(acceptor) => {
+            let incoming = distbuild_proto::accept::tls(incoming, acceptor);
+            run_incoming(config, local_addr, incoming, shutdown).await
+        }
+        None => run_incoming(config, local_addr, incoming, shutdown).await,
+    }
 }
 
 /// [`run`] on any stream of accepted connections, `local_addr` being where
@@ -725,7 +743,10 @@ where
     fs::create_dir_all(&cache_dir)
         .with_context(|| format!("create cache directory {}", cache_dir.display()))?;
     let _lock = lock_cache_dir(&cache_dir)?;
-    let worker_id = load_or_create_worker_id(&cache_dir)?;
+    let worker_id = match &config.worker_id {
+        Some(id) => id.clone(),
+        None => load_or_create_worker_id(&cache_dir)?,
+    };
     let cache = {
         let (dir, max) = (cache_dir.clone(), config.cache_max_bytes);
         distbuild_proto::blocking::run(move || Cache::open(&dir, max))
@@ -750,11 +771,14 @@ where
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-        .add_service(
+        .add_service(InterceptedService::new(
             PeerApiServer::new(service)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        )
+            config
+                .access
+                .authorize("the peer API", &[Role::Worker, Role::Client]),
+        ))
         .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
     let server = tracker.spawn({
         let shutdown = shutdown.clone();

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 /// Downloads an artifact from a worker's peer server.
 async fn download(addr: &str, digest: &Digest) -> Result<Vec<u8>, tonic::Status> {
-    let channel = TcpConnector
+    let channel = TcpConnector::default()
         .connect(addr)
         .await
         .expect("connect to the peer");
@@ -130,7 +130,10 @@ async fn runs_a_job_with_inputs_and_a_dependency_then_restarts_with_its_cache() 
     );
     let missing = download(&worker.addr, &Digest::of(b"nothing")).await;
     assert_eq!(missing.expect_err("absent").code(), tonic::Code::NotFound);
-    let channel = TcpConnector.connect(&worker.addr).await.expect("connect");
+    let channel = TcpConnector::default()
+        .connect(&worker.addr)
+        .await
+        .expect("connect");
     let bad = peer_api_client(channel)
         .fetch_artifact(FetchRequest {
             digest: Bytes::from_static(b"short"),

@@ -4,6 +4,8 @@
 
 use std::sync::Arc;
 
+use distbuild_proto::auth::caller;
+use distbuild_proto::tls::Role;
 use distbuild_proto::v1::admin_api_server::AdminApi;
 use distbuild_proto::v1::{
     AddNodeRequest, ChangeMembershipResponse, ClusterStatusRequest, ClusterStatusResponse, Member,
@@ -115,6 +117,7 @@ impl AdminApi for AdminService {
         &self,
         request: Request<AddNodeRequest>,
     ) -> Result<Response<ChangeMembershipResponse>, Status> {
+        caller(&request)?.require(&[Role::Admin], "changing membership")?;
         crate::secret::check(self.node.secret(), request.metadata())?;
         let AddNodeRequest { node_id, addr } = request.into_inner();
         if node_id == 0 {
@@ -136,6 +139,7 @@ impl AdminApi for AdminService {
         &self,
         request: Request<RemoveNodeRequest>,
     ) -> Result<Response<ChangeMembershipResponse>, Status> {
+        caller(&request)?.require(&[Role::Admin], "changing membership")?;
         crate::secret::check(self.node.secret(), request.metadata())?;
         let RemoveNodeRequest { node_id, force } = request.into_inner();
         self.node

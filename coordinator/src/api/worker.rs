@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use distbuild_proto::Digest;
+use distbuild_proto::auth::{Caller, caller};
 use distbuild_proto::text;
+use distbuild_proto::tls::MAX_NAME_CHARS;
 use distbuild_proto::v1::worker_api_server::WorkerApi;
 use distbuild_proto::v1::{
     Assignment, BlobChunk, DepArtifact, FetchRequest, HeartbeatRequest, HeartbeatResponse,
@@ -30,7 +32,6 @@ use crate::replica::Node;
 const MAX_POLL_WAIT: Duration = Duration::from_secs(10);
 /// Most slots a worker may declare.
 const MAX_SLOTS: u32 = 1024;
-const MAX_WORKER_ID_CHARS: usize = 64;
 const MAX_ADDR_CHARS: usize = 256;
 /// Lost artifacts one report may name (a job's dependencies), holders
 /// tried per artifact, and tried holders named in all (a report is one
@@ -75,27 +76,24 @@ pub struct WorkerService {
 }
 
 impl WorkerService {
-    /// Checks `worker_id` and takes one of its calls from its rate bound.
-    fn admit(&self, worker_id: &str) -> Result<(), Status> {
+    /// Checks `worker_id`, that `caller` may act as that worker, and takes
+    /// one of its calls from its rate bound.
+    fn admit(&self, caller: &Caller, worker_id: &str) -> Result<(), Status> {
         check_worker_id(worker_id)?;
+        caller.act_as_worker(worker_id)?;
         self.rates.admit(&format!("worker {worker_id}"))
     }
 }
 
+/// A worker ID obeys the rule of a certificate's name (a worker's name is
+/// its ID).
 fn check_worker_id(id: &str) -> Result<(), Status> {
-    let ok = !id.is_empty()
-        && id.len() <= MAX_WORKER_ID_CHARS
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
-    if ok {
-        Ok(())
-    } else {
-        Err(Status::invalid_argument(format!(
-            "worker_id {:?} must be 1 to {MAX_WORKER_ID_CHARS} characters of [A-Za-z0-9._-]",
-            id.chars().take(80).collect::<String>()
-        )))
-    }
+    distbuild_proto::tls::check_name(id).map_err(|_| {
+        Status::invalid_argument(format!(
+            "worker_id {:?} must be 1 to {MAX_NAME_CHARS} characters of [A-Za-z0-9._-]",
+            text::shortened(id, 80)
+        ))
+    })
 }
 
 /// What became of a lease granted to a worker by the time its assignment
@@ -223,8 +221,9 @@ impl WorkerApi for WorkerService {
         &self,
         request: Request<RegisterRequest>,
     ) -> Result<Response<RegisterResponse>, Status> {
+        let caller = caller(&request)?;
         let req = request.into_inner();
-        self.admit(&req.worker_id)?;
+        self.admit(&caller, &req.worker_id)?;
         if req.addr.is_empty() || req.addr.len() > MAX_ADDR_CHARS {
             return Err(Status::invalid_argument("addr must be a host:port"));
         }
@@ -268,8 +267,9 @@ impl WorkerApi for WorkerService {
         &self,
         request: Request<PollWorkRequest>,
     ) -> Result<Response<PollWorkResponse>, Status> {
+        let caller = caller(&request)?;
         let req = request.into_inner();
-        self.admit(&req.worker_id)?;
+        self.admit(&caller, &req.worker_id)?;
         let wait = Duration::from_millis(req.wait_ms).min(MAX_POLL_WAIT);
         let deadline = tokio::time::Instant::now() + wait;
         let max = (req.free_slots as u64).min(MAX_ASSIGN_BATCH) as usize;
@@ -366,8 +366,9 @@ impl WorkerApi for WorkerService {
         &self,
         request: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
+        let caller = caller(&request)?;
         let req = request.into_inner();
-        self.admit(&req.worker_id)?;
+        self.admit(&caller, &req.worker_id)?;
         if req.lease_tokens.len() > MAX_SLOTS as usize {
             return Err(Status::invalid_argument(
                 "more leases than a worker can hold",
@@ -414,8 +415,9 @@ impl WorkerApi for WorkerService {
         &self,
         request: Request<ReportResultRequest>,
     ) -> Result<Response<ReportResultResponse>, Status> {
+        let caller = caller(&request)?;
         let req = request.into_inner();
-        self.admit(&req.worker_id)?;
+        self.admit(&caller, &req.worker_id)?;
         let cache_key = digest_from_wire(&req.cache_key, "cache_key").map_err(invalid)?;
         let request = request_key("report", &req.worker_id, &req.request_id)?;
         let lost = lost_inputs(&req.lost_inputs)?;

@@ -29,7 +29,7 @@ use openraft::raft::{
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, ClientTlsConfig};
 
 use distbuild_proto::net::SharedDialer;
 
@@ -91,6 +91,9 @@ pub struct Peers {
     secret: ShowSecret,
     /// Opens the channels.
     dialer: SharedDialer,
+    /// TLS to the peers (this replica's certificate, the cluster CA), if
+    /// the cluster runs with it.
+    tls: Option<ClientTlsConfig>,
 }
 
 /// How long a peer's Raft calls fail before that is logged.
@@ -106,13 +109,19 @@ struct Failing {
 pub type PeerClient = RaftTransportClient<InterceptedService<Channel, ShowSecret>>;
 
 impl Peers {
-    /// Channels opened by `dialer` that show `secret` on every call.
-    pub fn new(secret: Option<ClusterSecret>, dialer: SharedDialer) -> Self {
+    /// Channels opened by `dialer` (over `tls`, if given) that show
+    /// `secret` on every call.
+    pub fn new(
+        secret: Option<ClusterSecret>,
+        dialer: SharedDialer,
+        tls: Option<ClientTlsConfig>,
+    ) -> Self {
         Self {
             channels: Arc::default(),
             health: Arc::default(),
             secret: ShowSecret(secret),
             dialer,
+            tls,
         }
     }
 
@@ -153,7 +162,7 @@ impl Peers {
         if let Some(channel) = channels.get(addr) {
             return Ok(channel.clone());
         }
-        let endpoint = endpoint(addr).map_err(|source| BadPeerAddress {
+        let endpoint = endpoint(addr, self.tls.as_ref()).map_err(|source| BadPeerAddress {
             addr: addr.to_string(),
             source,
         })?;

@@ -87,6 +87,7 @@ impl Node {
         seams: Seams,
         tuning: Tuning,
         secret: Option<ClusterSecret>,
+        peer_tls: Option<tonic::transport::ClientTlsConfig>,
         shutdown: tokio_util::sync::CancellationToken,
     ) -> anyhow::Result<Arc<Self>> {
         use anyhow::Context as _;
@@ -126,7 +127,7 @@ impl Node {
         // A snapshot chunk fits in one Raft message.
         const _: () = assert!(4 * 1024 * 1024 < MAX_RAFT_MESSAGE_BYTES);
         let config = Arc::new(config.validate().context("raft configuration")?);
-        let peers = Peers::new(secret.clone(), seams.dialer.clone());
+        let peers = Peers::new(secret.clone(), seams.dialer.clone(), peer_tls);
         let contact = Arc::new(Contact::default());
         let network = Network {
             peers: peers.clone(),

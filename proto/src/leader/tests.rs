@@ -296,7 +296,7 @@ fn client(
         observer: Some(observer),
     };
     (
-        LeaderClient::new(addrs, Arc::new(TcpConnector), options),
+        LeaderClient::new(addrs, Arc::new(TcpConnector::default()), options),
         events,
     )
 }

@@ -1,0 +1,212 @@
+//! The job sandbox (bubblewrap namespaces), tried from inside real jobs on
+//! a real worker: nothing outside the job's directory (and the test's
+//! writable directory) can be written, the worker's cache and other jobs'
+//! directories are not there, the network is not there, and nothing the
+//! job started survives it. The same jobs on a worker with `--sandbox
+//! none` show each of these checks can fail.
+
+mod support;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use support::*;
+
+/// A directory outside /tmp (the sandbox's /tmp is private) and outside
+/// the cluster's directory (which tests may write): jobs must not write
+/// here.
+struct Outside(PathBuf);
+
+impl Outside {
+    fn new() -> Outside {
+        let dir = PathBuf::from(format!(
+            "/var/tmp/distbuild-sandbox-test-{}-{}",
+            std::process::id(),
+            unique()
+        ));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        Outside(dir)
+    }
+}
+
+impl Drop for Outside {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The probes, as one graph: each job reports what it could do in its
+/// stdout.
+fn probes(outside: &Outside, worker_dir: &str, port: u16, sleeper: &str) -> serde_json::Value {
+    let target = outside.0.join("escaped");
+    graph(
+        &[],
+        vec![
+            sh_job(
+                "write outside",
+                &[],
+                &[],
+                &[&format!(
+                    "echo x > {} 2>&1 && echo WROTE || echo REFUSED",
+                    target.display()
+                )],
+            ),
+            sh_job(
+                "read the cache",
+                &[],
+                &[],
+                &[&format!(
+                    "ls -A {worker_dir} | tr '\\n' ' '; echo; cat {worker_dir}/worker-id >/dev/null 2>&1 && echo GOT-ID || echo NO-ID"
+                )],
+            ),
+            // Two jobs at once (two slots): each lists the sandboxes.
+            sh_job(
+                "peer a",
+                &[],
+                &[],
+                &[&format!(
+                    "echo a > {{{{.OutputDir}}}}/mine; sleep 1; ls {worker_dir}/sandbox | wc -l"
+                )],
+            ),
+            sh_job(
+                "peer b",
+                &[],
+                &[],
+                &[&format!(
+                    "echo b > {{{{.OutputDir}}}}/mine; sleep 1; ls {worker_dir}/sandbox | wc -l"
+                )],
+            ),
+            sh_job(
+                "network",
+                &[],
+                &[],
+                &[&format!(
+                    "bash -c 'exec 3<>/dev/tcp/127.0.0.1/{port}' 2>/dev/null && echo CONNECTED || echo NO-NETWORK"
+                )],
+            ),
+            sh_job(
+                "leave a process",
+                &[],
+                &[],
+                &[&format!(
+                    "setsid sh -c 'sleep {sleeper}' >/dev/null 2>&1 & nohup sleep {sleeper} >/dev/null 2>&1 & sleep 0.5; echo LEFT"
+                )],
+            ),
+        ],
+    )
+}
+
+/// A number unlikely to repeat.
+fn unique() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos())
+}
+
+/// What a job printed, trimmed.
+fn said(run: &BuildRun, job: &str) -> String {
+    run.finished(&id(job))["stdout"]
+        .as_str()
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+fn sleepers(sleeper: &str) -> usize {
+    let out = std::process::Command::new("pgrep")
+        .args(["-f", &format!("sleep {sleeper}")])
+        .output()
+        .expect("pgrep");
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
+fn kill_sleepers(sleeper: &str) {
+    let _ = std::process::Command::new("pkill")
+        .args(["-f", &format!("sleep {sleeper}")])
+        .status();
+}
+
+#[test]
+fn a_job_can_write_only_its_own_directory_and_sees_no_cache_no_peers_no_network_and_leaves_nothing()
+{
+    for sandboxed in [true, false] {
+        let flags: &[&str] = if sandboxed {
+            &[]
+        } else {
+            &["--sandbox", "none"]
+        };
+        let cluster = Cluster::start_full(1, 2, &[], flags, false);
+        let outside = Outside::new();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let port = listener.local_addr().expect("addr").port();
+        let sleeper = format!("{}.{}", 900 + unique() % 99, std::process::id());
+        let worker_dir = cluster.path("worker0").display().to_string();
+        let graph = probes(&outside, &worker_dir, port, &sleeper);
+        let run = cluster.build(&graph, cluster.dir.path(), &["--timeout", "60"]);
+        assert_eq!(run.code, Some(0), "{}\n{}", run.describe(), cluster.logs());
+        std::thread::sleep(Duration::from_millis(500));
+        let connected = listener.accept().is_ok();
+        let escaped = outside.0.join("escaped").exists();
+        let left = sleepers(&sleeper);
+        kill_sleepers(&sleeper);
+        let cache_listing = said(&run, "read the cache");
+        let peers = [said(&run, "peer a"), said(&run, "peer b")];
+        if sandboxed {
+            assert_eq!(said(&run, "write outside"), "REFUSED");
+            assert!(!escaped, "a sandboxed job wrote outside its directory");
+            // Only the mount point of its own directory is there.
+            assert_eq!(cache_listing, "sandbox \nNO-ID", "{}", run.describe());
+            assert_eq!(
+                peers,
+                ["1".to_string(), "1".to_string()],
+                "{}",
+                run.describe()
+            );
+            assert_eq!(said(&run, "network"), "NO-NETWORK");
+            assert!(!connected, "a sandboxed job reached the host's network");
+            assert_eq!(left, 0, "a sandboxed job's processes outlived it");
+        } else {
+            // The same probes succeed unconfined: each check above can fail.
+            assert_eq!(said(&run, "write outside"), "WROTE", "{}", run.describe());
+            assert!(escaped);
+            assert!(cache_listing.ends_with("GOT-ID"), "{cache_listing}");
+            assert!(
+                peers.iter().any(|p| p != "1"),
+                "the peers never saw each other: {peers:?}"
+            );
+            assert_eq!(said(&run, "network"), "CONNECTED");
+            assert!(connected);
+            assert!(left > 0, "nothing was left behind unconfined");
+            assert!(
+                cluster
+                    .logs()
+                    .contains("--sandbox none: jobs run unconfined"),
+                "no warning at start-up"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_job_past_its_file_size_limit_fails_saying_so() {
+    let cluster = Cluster::start_full(1, 1, &[], &["--job-max-file-bytes", "1000000"], false);
+    let graph = graph(
+        &[],
+        vec![sh_job(
+            "big",
+            &[],
+            &[],
+            &["head -c 2000000 /dev/zero > {{.OutputDir}}/big"],
+        )],
+    );
+    let run = cluster.build(&graph, cluster.dir.path(), &["--timeout", "60"]);
+    assert_eq!(run.code, Some(1), "{}\n{}", run.describe(), cluster.logs());
+    let finished = run.finished(&id("big"));
+    let error = finished["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("file-size limit of 1000000 bytes (--job-max-file-bytes)"),
+        "{}",
+        run.describe()
+    );
+}

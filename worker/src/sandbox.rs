@@ -1,0 +1,201 @@
+//! The job sandbox: every command of a job runs under bubblewrap (`bwrap`)
+//! in its own mount, PID, IPC and UTS namespaces — and network namespace,
+//! unless the worker allows the network — with the host's filesystem
+//! read-only, a private `/tmp`, a minimal `/dev`, its own `/proc`, the
+//! worker's directories (cache, other jobs, keys) hidden, and only the
+//! job's own directory (and any `--sandbox-writable-path`) writable. When
+//! the command's first process exits, bwrap's PID namespace ends and every
+//! process the job started dies with it, a new session's included.
+//! Resource limits (address space, file size) are set on the sandbox's
+//! processes before bwrap runs (`process`).
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+/// Flags of `distbuild worker` for the sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum SandboxKind {
+    /// Namespaces through bubblewrap (the default where `bwrap` works).
+    #[default]
+    Namespaces,
+    /// No sandbox: jobs run as the worker in a plain directory (a warning
+    /// is logged at start-up).
+    None,
+}
+
+/// Per-job resource limits (0 = no limit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JobLimits {
+    /// Address space of each process of the job, in bytes (RLIMIT_AS).
+    pub memory_bytes: u64,
+    /// Largest file a job may write, in bytes (RLIMIT_FSIZE): a write past
+    /// it fails and the process gets SIGXFSZ.
+    pub file_bytes: u64,
+}
+
+/// The default limits: 16 GiB of address space per process, 4 GiB per
+/// file.
+pub const DEFAULT_LIMITS: JobLimits = JobLimits {
+    memory_bytes: 16 << 30,
+    file_bytes: 4 << 30,
+};
+
+/// How a worker's jobs are confined.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sandbox {
+    /// The bubblewrap program.
+    pub bwrap: PathBuf,
+    /// Directories hidden behind an empty tmpfs (the worker's own: cache,
+    /// sandboxes, state).
+    pub hidden_dirs: Vec<PathBuf>,
+    /// Files hidden behind an empty one (keys).
+    pub hidden_files: Vec<PathBuf>,
+    /// Paths jobs may write besides their own directory.
+    pub writable: Vec<PathBuf>,
+    /// Whether jobs keep the host's network.
+    pub network: bool,
+}
+
+/// Why the sandbox cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// No `bwrap` on PATH.
+    #[error(
+        "--sandbox namespaces needs bubblewrap: install it (Debian: apt install bubblewrap), or pass --sandbox none to run jobs unconfined"
+    )]
+    NoBwrap,
+    /// `bwrap` is there but cannot make namespaces here.
+    #[error(
+        "--sandbox namespaces: bubblewrap cannot create namespaces on this machine ({0}); pass --sandbox none to run jobs unconfined"
+    )]
+    Unusable(String),
+    /// A `--sandbox-writable-path` is not an absolute, existing path.
+    #[error("--sandbox-writable-path {}: {problem}", path.display())]
+    BadWritablePath {
+        /// The path.
+        path: PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
+/// Finds `bwrap` on PATH.
+pub fn find_bwrap() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join("bwrap"))
+        .find(|candidate| candidate.is_file())
+}
+
+impl Sandbox {
+    /// A sandbox hiding `hidden` (directories and files; one that does not
+    /// exist has nothing to hide) and letting jobs write `writable` too;
+    /// checks the writable paths and that bubblewrap works here (it runs
+    /// `true` inside once).
+    pub fn new(
+        hidden: Vec<PathBuf>,
+        writable: Vec<PathBuf>,
+        network: bool,
+    ) -> Result<Self, SandboxError> {
+        for path in &writable {
+            let problem = if !path.is_absolute() {
+                Some("must be absolute".to_string())
+            } else {
+                std::fs::metadata(path)
+                    .err()
+                    .map(|e| format!("cannot be used: {e}"))
+            };
+            if let Some(problem) = problem {
+                return Err(SandboxError::BadWritablePath {
+                    path: path.clone(),
+                    problem,
+                });
+            }
+        }
+        let bwrap = find_bwrap().ok_or(SandboxError::NoBwrap)?;
+        let (hidden_dirs, hidden_files) = hidden
+            .into_iter()
+            .filter(|path| path.exists())
+            .partition(|path| path.is_dir());
+        let sandbox = Self {
+            bwrap,
+            hidden_dirs,
+            hidden_files,
+            writable,
+            network,
+        };
+        let probe_dir = std::env::temp_dir();
+        let (program, args) = sandbox.wrap(&probe_dir, &probe_dir, "true".into(), Vec::new());
+        let probe = std::process::Command::new(program)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .output()
+            .map_err(|e| SandboxError::Unusable(e.to_string()))?;
+        if !probe.status.success() {
+            let said = String::from_utf8_lossy(&probe.stderr);
+            return Err(SandboxError::Unusable(distbuild_proto::net::one_line(
+                &said,
+            )));
+        }
+        Ok(sandbox)
+    }
+
+    /// The program and arguments that run `program args` confined, with
+    /// `job_dir` writable and `cwd` as working directory.
+    pub fn wrap(
+        &self,
+        job_dir: &Path,
+        cwd: &Path,
+        program: OsString,
+        args: Vec<OsString>,
+    ) -> (OsString, Vec<OsString>) {
+        let mut out: Vec<OsString> = Vec::with_capacity(args.len() + 40);
+        let mut push = |items: &[&std::ffi::OsStr]| {
+            out.extend(items.iter().map(|s| s.to_os_string()));
+        };
+        push(&[
+            "--die-with-parent".as_ref(),
+            "--new-session".as_ref(),
+            "--unshare-pid".as_ref(),
+            "--unshare-ipc".as_ref(),
+            "--unshare-uts".as_ref(),
+        ]);
+        if !self.network {
+            push(&["--unshare-net".as_ref()]);
+        }
+        push(&[
+            "--ro-bind".as_ref(),
+            "/".as_ref(),
+            "/".as_ref(),
+            "--dev".as_ref(),
+            "/dev".as_ref(),
+            "--proc".as_ref(),
+            "/proc".as_ref(),
+            "--tmpfs".as_ref(),
+            "/tmp".as_ref(),
+        ]);
+        // Writable paths first, hidden ones over them (a worker's cache
+        // may lie inside a writable path), the job's own directory last.
+        for path in &self.writable {
+            push(&["--bind".as_ref(), path.as_os_str(), path.as_os_str()]);
+        }
+        for dir in &self.hidden_dirs {
+            push(&["--tmpfs".as_ref(), dir.as_os_str()]);
+        }
+        for file in &self.hidden_files {
+            push(&["--ro-bind".as_ref(), "/dev/null".as_ref(), file.as_os_str()]);
+        }
+        push(&[
+            "--bind".as_ref(),
+            job_dir.as_os_str(),
+            job_dir.as_os_str(),
+            "--chdir".as_ref(),
+            cwd.as_os_str(),
+            "--".as_ref(),
+            program.as_os_str(),
+        ]);
+        out.extend(args);
+        (self.bwrap.clone().into_os_string(), out)
+    }
+}
