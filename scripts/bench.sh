@@ -3,7 +3,8 @@
 # throughput against ninja (one coordinator and three), locality,
 # replication and failover (commands per second, the stall a leader kill
 # causes), raft-store appends against the disk's fsync rate, and the soak
-# (coordinator disk and memory over 200 builds with garbage collection).
+# (coordinator disk and memory over 200 builds with garbage collection),
+# and what TLS and the job sandbox cost per job.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
@@ -12,4 +13,5 @@ cargo bench --locked --bench build
 cargo bench --locked --bench locality
 cargo bench --locked --bench failover
 cargo bench --locked --bench soak
+cargo bench --locked --bench security
 cargo bench --locked -p distbuild-raft-store --bench append

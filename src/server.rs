@@ -92,9 +92,12 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     // Jobs see nothing of the output base (the server's state, its keys,
     // the cache, other jobs) but their own directory.
     let sandbox = distbuild_worker::cli::choose_sandbox(None, vec![base.dir.clone()], &[], false)?;
+    let processes =
+        distbuild_worker::cli::process_limit(distbuild_worker::sandbox::DEFAULT_MAX_PROCESSES);
     worker_config.runner = std::sync::Arc::new(distbuild_worker::process::TokioProcessRunner::new(
         sandbox,
         distbuild_worker::sandbox::DEFAULT_LIMITS,
+        processes,
     ));
     if let Some(slots) = args.slots {
         anyhow::ensure!(slots > 0, "--slots must be at least 1");

@@ -210,3 +210,50 @@ fn a_job_past_its_file_size_limit_fails_saying_so() {
         run.describe()
     );
 }
+
+#[test]
+fn a_job_past_its_process_limit_fails_saying_so() {
+    let cluster = Cluster::start_full(1, 1, &[], &["--job-max-processes", "20"], false);
+    if cluster.logs().contains("cannot be enforced here") {
+        panic!(
+            "no pids cgroup controller on this machine:\n{}",
+            cluster.logs()
+        );
+    }
+    let graph = graph(
+        &[],
+        vec![sh_job(
+            "many",
+            &[],
+            &[],
+            &["for i in $(seq 40); do sleep 3 & done; wait"],
+        )],
+    );
+    let run = cluster.build(&graph, cluster.dir.path(), &["--timeout", "60"]);
+    assert_eq!(run.code, Some(1), "{}\n{}", run.describe(), cluster.logs());
+    let error = run.finished(&id("many"))["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        error.contains("the job may run at most 20 processes at once (--job-max-processes)"),
+        "{}",
+        run.describe()
+    );
+    // Within the limit, the same kind of job runs.
+    let graph = graph_of_few();
+    let run = cluster.build(&graph, cluster.dir.path(), &["--timeout", "60"]);
+    assert_eq!(run.code, Some(0), "{}", run.describe());
+}
+
+fn graph_of_few() -> serde_json::Value {
+    graph(
+        &[],
+        vec![sh_job(
+            "few",
+            &[],
+            &[],
+            &["for i in $(seq 5); do sleep 0.2 & done; wait"],
+        )],
+    )
+}

@@ -9,10 +9,13 @@ use distbuild_proto::tls::{INSECURE_WARNING, Role, Security, SecurityFlags};
 use distbuild_proto::wire::PortUse;
 use tokio_util::sync::CancellationToken;
 
+use crate::cgroup::ProcessLimit;
 use crate::connect::TcpConnector;
 use crate::process::TokioProcessRunner;
 use crate::runtime::{DEFAULT_CACHE_MAX_BYTES, WorkerConfig, default_slots, run};
-use crate::sandbox::{DEFAULT_LIMITS, JobLimits, Sandbox, SandboxError, SandboxKind};
+use crate::sandbox::{
+    DEFAULT_LIMITS, DEFAULT_MAX_PROCESSES, JobLimits, Sandbox, SandboxError, SandboxKind,
+};
 
 /// Flags of `distbuild worker`.
 #[derive(clap::Args, Debug, Clone)]
@@ -63,6 +66,11 @@ pub struct WorkerArgs {
     /// Largest file a job may write, in bytes (0: no limit).
     #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_LIMITS.file_bytes)]
     pub job_max_file_bytes: u64,
+    /// Processes a job command may run at once, the sandbox's own two
+    /// included (0: no limit). Needs the kernel's pids cgroup controller;
+    /// without it the worker warns and runs without this limit.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_PROCESSES)]
+    pub job_max_processes: u64,
 }
 
 /// Checks that `addr` is HOST:PORT as every side accepts it
@@ -125,10 +133,26 @@ impl WorkerArgs {
             &self.sandbox_writable_paths,
             self.sandbox_network,
         )?;
-        config.runner = std::sync::Arc::new(TokioProcessRunner::new(sandbox, limits));
+        let processes = process_limit(self.job_max_processes);
+        config.runner = std::sync::Arc::new(TokioProcessRunner::new(sandbox, limits, processes));
         config.connector = std::sync::Arc::new(TcpConnector::new(&security));
         config.access = Access::for_security(&security);
         Ok(config)
+    }
+}
+
+/// The per-job process limit of `max` (0: none), or none with a warning
+/// where the kernel offers no pids controller to this worker.
+pub fn process_limit(max: u64) -> Option<ProcessLimit> {
+    if max == 0 {
+        return None;
+    }
+    match ProcessLimit::new(max) {
+        Ok(limit) => Some(limit),
+        Err(why) => {
+            tracing::warn!("--job-max-processes {max} cannot be enforced here: {why}");
+            None
+        }
     }
 }
 

@@ -5,7 +5,8 @@
 //!
 //! Modules by concern: `cli` (flags), `runtime` (register, poll,
 //! heartbeat, report), `job` (one job in its sandbox), `process` (the
-//! process-spawning seam), `connect` (the network seam for outgoing
+//! process-spawning seam), `sandbox` (bubblewrap around each command),
+//! `cgroup` (the per-job process limit), `connect` (the network seam for outgoing
 //! connections), `coordinator` (the WorkerApi client, leader following),
 //! `fetch` (blobs and artifacts into the cache), `peer` (the PeerApi
 //! server).
@@ -22,6 +23,7 @@
 #![warn(missing_docs)]
 
 pub mod cache;
+pub mod cgroup;
 pub mod cli;
 pub mod connect;
 pub mod coordinator;

@@ -15,7 +15,8 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-use crate::sandbox::{JobLimits, Sandbox};
+use crate::cgroup::{JobGroup, ProcessLimit};
+use crate::sandbox::{JobLimits, Sandbox, check_program};
 
 /// How long output is still read after a process exits (from whatever
 /// escaped its process group and still holds the pipes).
@@ -71,6 +72,7 @@ pub trait ProcessRunner: Send + Sync + 'static {
 pub struct TokioProcessRunner {
     sandbox: Option<std::sync::Arc<Sandbox>>,
     limits: JobLimits,
+    processes: Option<std::sync::Arc<ProcessLimit>>,
 }
 
 impl Default for TokioProcessRunner {
@@ -82,17 +84,24 @@ impl Default for TokioProcessRunner {
                 memory_bytes: 0,
                 file_bytes: 0,
             },
+            processes: None,
         }
     }
 }
 
 impl TokioProcessRunner {
     /// A runner confining every process in `sandbox` (if any) under
-    /// `limits`.
-    pub fn new(sandbox: Option<Sandbox>, limits: JobLimits) -> Self {
+    /// `limits`, and each command's processes to `processes`' bound (if
+    /// any).
+    pub fn new(
+        sandbox: Option<Sandbox>,
+        limits: JobLimits,
+        processes: Option<ProcessLimit>,
+    ) -> Self {
         Self {
             sandbox: sandbox.map(std::sync::Arc::new),
             limits,
+            processes: processes.map(std::sync::Arc::new),
         }
     }
 }
@@ -100,11 +109,40 @@ impl TokioProcessRunner {
 impl ProcessRunner for TokioProcessRunner {
     fn run(&self, mut spec: ProcessSpec) -> BoxFuture<'_, io::Result<ProcessOutput>> {
         if let Some(sandbox) = &self.sandbox {
+            let path = match &spec.env {
+                // As std's Command: the command's own PATH, else the
+                // worker's.
+                Some(env) => env
+                    .iter()
+                    .find(|(k, _)| k == "PATH")
+                    .map(|(_, v)| v.clone())
+                    .or_else(|| std::env::var_os("PATH")),
+                None => std::env::var_os("PATH"),
+            };
+            if let Err(e) = check_program(&spec.program, &spec.cwd, path.as_deref()) {
+                return Box::pin(async move { Err(e) });
+            }
             let program = std::mem::take(&mut spec.program);
             let args = std::mem::take(&mut spec.args);
             (spec.program, spec.args) = sandbox.wrap(&spec.job_dir, &spec.cwd, program, args);
         }
-        Box::pin(run_process(spec, self.limits))
+        let group = self
+            .processes
+            .as_ref()
+            .map(|limit| (limit.job(), limit.max()));
+        Box::pin(async move {
+            let group = match group {
+                None => None,
+                Some((Ok(group), max)) => Some((group, max)),
+                Some((Err(e), _)) => {
+                    return Err(io::Error::new(
+                        e.kind(),
+                        format!("make the job's process group: {e}"),
+                    ));
+                }
+            };
+            run_process(spec, self.limits, group).await
+        })
     }
 }
 
@@ -224,7 +262,11 @@ fn apply_limits(command: &mut tokio::process::Command, limits: JobLimits) {
     }
 }
 
-async fn run_process(spec: ProcessSpec, limits: JobLimits) -> io::Result<ProcessOutput> {
+async fn run_process(
+    spec: ProcessSpec,
+    limits: JobLimits,
+    group: Option<(JobGroup, u64)>,
+) -> io::Result<ProcessOutput> {
     let mut command = tokio::process::Command::new(&spec.program);
     command
         .args(&spec.args)
@@ -241,6 +283,14 @@ async fn run_process(spec: ProcessSpec, limits: JobLimits) -> io::Result<Process
     }
     die_with_the_worker(&mut command);
     apply_limits(&mut command, limits);
+    if let Some((group, _)) = &group {
+        let fd = group.procs_fd();
+        // SAFETY: runs in the forked child before exec; `join` only
+        // writes to an open descriptor.
+        unsafe {
+            command.pre_exec(move || crate::cgroup::join(fd));
+        }
+    }
     let mut child = command.spawn()?;
     let mut killer = GroupKiller {
         pgid: child.id().and_then(|pid| i32::try_from(pid).ok()),
@@ -283,12 +333,20 @@ async fn run_process(spec: ProcessSpec, limits: JobLimits) -> io::Result<Process
     let exit_code = exit_code_of(status);
     // SIGXFSZ ends a process that wrote past RLIMIT_FSIZE; a shell or
     // bwrap in between passes it on as 128 + the signal.
-    let limit_hit = (limits.file_bytes > 0 && exit_code == 128 + libc::SIGXFSZ).then(|| {
+    let mut limit_hit = (limits.file_bytes > 0 && exit_code == 128 + libc::SIGXFSZ).then(|| {
         format!(
             "killed by SIGXFSZ: a file grew past the job file-size limit of {} bytes (--job-max-file-bytes)",
             limits.file_bytes
         )
     });
+    if let Some((group, max)) = &group
+        && exit_code != 0
+        && group.limit_was_hit()
+    {
+        limit_hit = Some(format!(
+            "exit code {exit_code} after a fork was refused: the job may run at most {max} processes at once (--job-max-processes)"
+        ));
+    }
     Ok(ProcessOutput {
         exit_code,
         limit_hit,

@@ -9,7 +9,8 @@
 //! Resource limits (address space, file size) are set on the sandbox's
 //! processes before bwrap runs (`process`).
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
+use std::io;
 use std::path::{Path, PathBuf};
 
 /// Flags of `distbuild worker` for the sandbox.
@@ -39,6 +40,9 @@ pub const DEFAULT_LIMITS: JobLimits = JobLimits {
     memory_bytes: 16 << 30,
     file_bytes: 4 << 30,
 };
+
+/// Processes a job command may run at once by default.
+pub const DEFAULT_MAX_PROCESSES: u64 = 4096;
 
 /// How a worker's jobs are confined.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,6 +81,41 @@ pub enum SandboxError {
         /// What is wrong.
         problem: String,
     },
+}
+
+/// Checks that `program` names something to execute, as the worker would
+/// find it (a path with a `/`, against `cwd` if relative; else the first
+/// match in `path`, the command's PATH), so that a missing program fails
+/// its job with the same error confined as unconfined, not as an exit
+/// code of bubblewrap's. The sandbox sees the host's files, so the
+/// worker's view is the job's (but for `/tmp` and the hidden paths).
+pub fn check_program(program: &OsStr, cwd: &Path, path: Option<&OsStr>) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let executable = |candidate: &Path| -> io::Result<()> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let meta = std::fs::metadata(candidate)?;
+        if meta.is_file() && meta.permissions().mode() & 0o111 != 0 {
+            Ok(())
+        } else {
+            Err(io::Error::from(io::ErrorKind::PermissionDenied))
+        }
+    };
+    if program.as_bytes().contains(&b'/') {
+        return executable(&cwd.join(program));
+    }
+    let mut last = io::Error::from(io::ErrorKind::NotFound);
+    for dir in std::env::split_paths(path.unwrap_or_default()) {
+        match executable(&dir.join(program)) {
+            Ok(()) => return Ok(()),
+            Err(e) => last = e,
+        }
+    }
+    Err(match last.kind() {
+        // "not found" everywhere reads as the OS says it.
+        io::ErrorKind::PermissionDenied => last,
+        _ if last.raw_os_error().is_some() => last,
+        _ => io::Error::from_raw_os_error(libc::ENOENT),
+    })
 }
 
 /// Finds `bwrap` on PATH.
