@@ -30,6 +30,9 @@ pub struct ServerArgs {
     /// Job slots of the local worker (default: the number of CPUs).
     #[arg(long, value_name = "N")]
     pub slots: Option<usize>,
+    /// A path jobs may write besides their own directories (repeatable).
+    #[arg(long = "sandbox-writable-path", value_name = "DIR")]
+    pub sandbox_writable_paths: Vec<PathBuf>,
 }
 
 /// How often the server looks at the lock to measure idleness.
@@ -91,13 +94,19 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     worker_config.worker_id = Some(distbuild_client::certs::LOCAL_WORKER_NAME.to_string());
     // Jobs see nothing of the output base (the server's state, its keys,
     // the cache, other jobs) but their own directory.
-    let sandbox = distbuild_worker::cli::choose_sandbox(None, vec![base.dir.clone()], &[], false)?;
-    let processes =
-        distbuild_worker::cli::process_limit(distbuild_worker::sandbox::DEFAULT_MAX_PROCESSES);
+    let sandbox = distbuild_worker::cli::choose_sandbox(
+        None,
+        vec![base.dir.clone()],
+        &args.sandbox_writable_paths,
+        false,
+    )?;
+    let (groups, limits) = distbuild_worker::cli::job_limits(
+        distbuild_worker::sandbox::DEFAULT_MAX_PROCESSES,
+        distbuild_worker::sandbox::DEFAULT_LIMITS.memory_bytes,
+        distbuild_worker::sandbox::DEFAULT_LIMITS.file_bytes,
+    );
     worker_config.runner = std::sync::Arc::new(distbuild_worker::process::TokioProcessRunner::new(
-        sandbox,
-        distbuild_worker::sandbox::DEFAULT_LIMITS,
-        processes,
+        sandbox, limits, groups,
     ));
     if let Some(slots) = args.slots {
         anyhow::ensure!(slots > 0, "--slots must be at least 1");
@@ -128,6 +137,7 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
         started_unix_ms: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64),
+        sandbox_writable_paths: args.sandbox_writable_paths.clone(),
     })
     .with_context(|| format!("write {}", base.info_path().display()))?;
     eprintln!(

@@ -275,17 +275,31 @@ fn ctrl_c_cancels_the_build_on_the_server_and_the_next_build_works() {
     let ws = home.workspace("interrupted");
     let marks = home.dir.path().join("marks");
     std::fs::create_dir_all(&marks).expect("mkdir");
+    // The job runs in its own PID namespace: it is found by a sleep no
+    // other process runs.
+    let sleep = format!("60.{}", std::process::id());
     let long = serde_json::json!({"Jobs": [{
         "ID": support::id("long job"),
         "Name": "long job",
         "Cmds": [{"Exec": ["/bin/sh", "-c", format!(
-            "echo $$ > {m}/pid; sleep 60; touch {m}/finished",
+            "echo started > {m}/pid; sleep {sleep}; touch {m}/finished",
             m = marks.display()
         )]}],
     }]});
     std::fs::write(ws.join("long.json"), long.to_string()).expect("write graph");
+    let marks_flag = marks.display().to_string();
     let build = home
-        .command(&ws, &["build", "--json", "--graph", "long.json"])
+        .command(
+            &ws,
+            &[
+                "build",
+                "--json",
+                "--graph",
+                "long.json",
+                "--sandbox-writable-path",
+                &marks_flag,
+            ],
+        )
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -293,11 +307,13 @@ fn ctrl_c_cancels_the_build_on_the_server_and_the_next_build_works() {
     wait_until("the job to start", Duration::from_secs(60), || {
         std::fs::read_to_string(marks.join("pid")).is_ok_and(|p| !p.trim().is_empty())
     });
-    let job: u32 = std::fs::read_to_string(marks.join("pid"))
-        .expect("pid")
-        .trim()
-        .parse()
-        .expect("a pid");
+    let job_alive = || {
+        std::process::Command::new("pgrep")
+            .args(["-f", &format!("sleep {sleep}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    assert!(job_alive(), "the job's sleep is not running");
     let server = home.server_pid(&ws).expect("a server");
     // SAFETY: kill(2) on the pid of a child we spawned and have not reaped.
     assert_eq!(
@@ -310,11 +326,11 @@ fn ctrl_c_cancels_the_build_on_the_server_and_the_next_build_works() {
     // The job is stopped on the server (the worker's next heartbeat), the
     // server stays up.
     wait_until("the job to be killed", Duration::from_secs(20), || {
-        !alive(job)
+        !job_alive()
     });
     assert!(!marks.join("finished").exists());
     assert_eq!(home.server_pid(&ws), Some(server));
-    let next = home.build(&ws, &[]);
+    let next = home.build(&ws, &["--sandbox-writable-path", &marks_flag]);
     assert_eq!(next.status.code(), Some(0), "{}", text(&next));
     assert_eq!(home.server_pid(&ws), Some(server));
 }

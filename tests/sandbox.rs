@@ -257,3 +257,38 @@ fn graph_of_few() -> serde_json::Value {
         )],
     )
 }
+
+#[test]
+fn a_job_past_its_memory_limit_is_killed_saying_so() {
+    let cluster = Cluster::start_full(1, 1, &[], &["--job-max-memory", "100000000"], false);
+    if cluster.logs().contains("per-job cgroups unavailable") {
+        panic!(
+            "no memory cgroup controller on this machine:\n{}",
+            cluster.logs()
+        );
+    }
+    // tail keeps the last ten lines; /dev/zero has no line ends, so it
+    // holds everything it reads.
+    let graph = graph(
+        &[],
+        vec![sh_job(
+            "hungry",
+            &[],
+            &[],
+            &["head -c 400000000 /dev/zero | tail > /dev/null"],
+        )],
+    );
+    let run = cluster.build(&graph, cluster.dir.path(), &["--timeout", "60"]);
+    assert_eq!(run.code, Some(1), "{}\n{}", run.describe(), cluster.logs());
+    let error = run.finished(&id("hungry"))["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        error.contains(
+            "killed for memory, the job may use at most 100000000 bytes (--job-max-memory)"
+        ),
+        "{}",
+        run.describe()
+    );
+}

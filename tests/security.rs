@@ -375,6 +375,8 @@ fn a_second_local_user_can_neither_build_on_nor_read_another_users_local_server(
         distbuild()
             .args(["build", "--json", "--graph", "graph.json", "--output-base"])
             .arg(&base)
+            .arg("--sandbox-writable-path")
+            .arg(dir.path())
             .current_dir(&ws)
             .env_remove("DISTBUILD_COORDINATOR")
             .output()

@@ -155,6 +155,13 @@ pub struct BuildArgs {
     /// this many seconds without a command using it.
     #[arg(long, value_name = "SECS", default_value_t = DEFAULT_MAX_IDLE_SECS)]
     pub max_idle_secs: u64,
+
+    /// Local server mode: a path the server's jobs may write besides their
+    /// own directories (repeatable, as Bazel's --sandbox_writable_path);
+    /// a server running with others is restarted. A cluster's workers take
+    /// theirs from their own flags.
+    #[arg(long = "sandbox-writable-path", value_name = "DIR")]
+    pub sandbox_writable_paths: Vec<PathBuf>,
 }
 
 /// Flags of `distbuild info` and `distbuild shutdown`: which workspace's

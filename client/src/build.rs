@@ -52,6 +52,7 @@ pub async fn build_cli(mut args: BuildArgs) -> i32 {
             args.output_base.as_deref(),
             args.block_for_lock,
             args.max_idle_secs,
+            &args.sandbox_writable_paths,
             &mut console.err,
         )
         .await

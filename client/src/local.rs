@@ -141,6 +141,9 @@ pub struct ServerInfo {
     pub workspace: PathBuf,
     /// Unix time the server started serving, in milliseconds.
     pub started_unix_ms: u64,
+    /// The paths its jobs may write besides their own directories.
+    #[serde(default)]
+    pub sandbox_writable_paths: Vec<PathBuf>,
 }
 
 /// The files of one output base.
@@ -387,6 +390,10 @@ pub struct ServerOptions<'a> {
     pub workspace: &'a Path,
     /// `--max-idle-secs` of a server started now.
     pub max_idle_secs: u64,
+    /// The paths the server's jobs may write besides their own
+    /// directories (absolute): a server with others is restarted, as
+    /// Bazel restarts its server for other startup options.
+    pub sandbox_writable_paths: &'a [PathBuf],
 }
 
 /// The address of a running server of this build identity for `base`:
@@ -415,6 +422,13 @@ pub async fn ensure_server(
             let _ = writeln!(
                 err,
                 "The server (pid {}) is another version; restarting it.",
+                info.pid
+            );
+            stop_server(base, &info).await?;
+        } else if info.sandbox_writable_paths != options.sandbox_writable_paths {
+            let _ = writeln!(
+                err,
+                "The server (pid {}) runs with other --sandbox-writable-path; restarting it.",
                 info.pid
             );
             stop_server(base, &info).await?;
@@ -464,6 +478,12 @@ async fn start_server(
         .arg(options.workspace)
         .arg("--max-idle-secs")
         .arg(options.max_idle_secs.to_string())
+        .args(options.sandbox_writable_paths.iter().flat_map(|p| {
+            [
+                std::ffi::OsStr::new("--sandbox-writable-path"),
+                p.as_os_str(),
+            ]
+        }))
         .env(TEST_BUILD_ID_ENV, identity)
         .stdin(std::process::Stdio::null())
         .stdout(log)
@@ -579,6 +599,7 @@ pub async fn prepare(
     output_base: Option<&Path>,
     block: bool,
     max_idle_secs: u64,
+    sandbox_writable_paths: &[PathBuf],
     err: &mut dyn Write,
 ) -> Result<LocalServer, i32> {
     use crate::exit_code;
@@ -586,9 +607,14 @@ pub async fn prepare(
         .map_err(|error| fail(err, exit_code::BAD_INPUT, &error, None))?;
     let lock = lock_output_base(&base, block, err)
         .map_err(|error| fail(err, exit_code::LOCKED, &error, None))?;
+    let writable: Vec<PathBuf> = sandbox_writable_paths
+        .iter()
+        .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()))
+        .collect();
     let options = ServerOptions {
         workspace: &workspace,
         max_idle_secs,
+        sandbox_writable_paths: &writable,
     };
     let info = ensure_server(&base, &options, err)
         .await

@@ -51,6 +51,7 @@ fn args(dir: &Path, graph: &Path, coordinators: Vec<String>, timeout_secs: u64) 
         output_base: None,
         block_for_lock: true,
         max_idle_secs: 60,
+        sandbox_writable_paths: Vec::new(),
     }
 }
 

@@ -397,6 +397,7 @@ pub fn run(config: RunConfig, dir: &Path) -> RunResult {
                 output_base: None,
                 block_for_lock: true,
                 max_idle_secs: 0,
+                sandbox_writable_paths: Vec::new(),
             };
             let pause = Duration::from_millis(rng.gen_range(0..3_000));
             plan.push((build, args, pause));

@@ -1,36 +1,78 @@
-//! The per-job process limit, through the kernel's pids controller: the
-//! worker makes a cgroup of its own (`distbuild-worker-<pid>`) under the
-//! one it runs in, and each job command a child group in it whose
-//! `pids.max` is the limit; the command's first process moves itself in
-//! before it execs, so everything it starts is counted. When the limit
-//! stopped a fork, `pids.events` says so and the job fails naming the
-//! limit. (RLIMIT_NPROC cannot do this: it counts every process of the
-//! user, and root is exempt.) Both cgroup versions: v1's `pids` hierarchy,
-//! or v2 where the worker's group may delegate the controller.
+//! Per-job process and memory limits through the kernel's cgroup
+//! controllers (`pids`, `memory`): the worker makes a group of its own
+//! (`distbuild-worker-<pid>`) under the one it runs in, and each job
+//! command a child group whose `pids.max` and memory limit are the job's;
+//! the command's first process moves itself in before it execs, so
+//! everything it starts is counted. When a limit stopped a fork or the
+//! kernel killed the job for memory, the group's counters say so and the
+//! job fails naming the limit. (Rlimits cannot do this: RLIMIT_NPROC
+//! counts every process of the user and exempts root, RLIMIT_AS bounds
+//! address space per process and fails allocations in ways each program
+//! reports differently.) Both cgroup versions: v1's per-controller
+//! hierarchies, or v2 where the worker's group may delegate them.
 
 use std::fs;
-use std::io::{self, Write as _};
+use std::io;
 use std::os::fd::{AsRawFd as _, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// The worker's group of job groups.
+/// A controller the limits use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Controller {
+    Pids,
+    Memory,
+}
+
+impl Controller {
+    fn name(self) -> &'static str {
+        match self {
+            Controller::Pids => "pids",
+            Controller::Memory => "memory",
+        }
+    }
+}
+
+/// The limits a job's group gets (0: that limit is off).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupLimits {
+    /// Processes (and threads) at once.
+    pub processes: u64,
+    /// Bytes of memory (resident, page cache included), the job's
+    /// processes together.
+    pub memory_bytes: u64,
+}
+
+/// The worker's groups, one directory per hierarchy (one in v2, one per
+/// controller in v1).
 #[derive(Debug)]
-pub struct ProcessLimit {
-    dir: PathBuf,
-    max: u64,
+pub struct JobLimiter {
+    /// (controller, the worker's directory in its hierarchy, v2?).
+    dirs: Vec<(Controller, PathBuf, bool)>,
+    limits: GroupLimits,
     next: AtomicU64,
 }
 
-/// One command's group: the process that writes to `procs` joins it.
+/// One command's groups: the process that writes to each `procs` joins
+/// them.
 #[derive(Debug)]
 pub struct JobGroup {
-    dir: PathBuf,
-    procs: fs::File,
+    dirs: Vec<(Controller, PathBuf, bool)>,
+    procs: Vec<fs::File>,
 }
 
-/// Where this process's pids controller is: its group's directory.
-fn own_pids_group() -> Result<PathBuf, String> {
+/// What a finished command ran into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LimitsHit {
+    /// A fork was refused for the process limit.
+    pub processes: bool,
+    /// The kernel killed a process for the memory limit.
+    pub memory: bool,
+}
+
+/// This process's group of `controller`: its directory, and whether that
+/// is cgroup v2.
+fn own_group(controller: Controller) -> Result<(PathBuf, bool), String> {
     let cgroups = fs::read_to_string("/proc/self/cgroup")
         .map_err(|e| format!("read /proc/self/cgroup: {e}"))?;
     for line in cgroups.lines() {
@@ -40,18 +82,23 @@ fn own_pids_group() -> Result<PathBuf, String> {
             continue;
         };
         let path = path.trim_start_matches('/');
-        if controllers.split(',').any(|c| c == "pids") {
-            return Ok(Path::new("/sys/fs/cgroup/pids").join(path));
+        if controllers.split(',').any(|c| c == controller.name()) {
+            return Ok((
+                Path::new("/sys/fs/cgroup")
+                    .join(controller.name())
+                    .join(path),
+                false,
+            ));
         }
         if controllers.is_empty() {
             let root = Path::new("/sys/fs/cgroup");
             let listed = fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
-            if listed.split_whitespace().any(|c| c == "pids") {
-                return Ok(root.join(path));
+            if listed.split_whitespace().any(|c| c == controller.name()) {
+                return Ok((root.join(path), true));
             }
         }
     }
-    Err("no pids controller (cgroup v1 pids hierarchy or v2 with pids)".to_string())
+    Err(format!("no {} cgroup controller", controller.name()))
 }
 
 /// Removes the groups of workers that died without removing theirs (a
@@ -83,102 +130,163 @@ fn remove_dead_workers_groups(parent: &Path) {
     }
 }
 
-impl ProcessLimit {
-    /// A worker group allowing `max` processes per job command, or why
-    /// there cannot be one here.
-    pub fn new(max: u64) -> Result<Self, String> {
-        let parent = own_pids_group()?;
-        remove_dead_workers_groups(&parent);
-        let dir = parent.join(format!("distbuild-worker-{}", std::process::id()));
-        let _ = fs::create_dir(&dir);
-        // v2 delegates the controller to children explicitly; v1 has no
-        // such file.
-        let control = dir.join("cgroup.subtree_control");
-        if control.exists() {
-            fs::write(&control, "+pids").map_err(|e| format!("{}: {e}", control.display()))?;
+/// A number from a cgroup file's `key N` line.
+fn counter(file: &Path, key: &str) -> u64 {
+    fs::read_to_string(file)
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(key)?.strip_prefix(' '))
+                .and_then(|n| n.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+impl JobLimiter {
+    /// Groups enforcing `limits` (those not 0), or why they cannot be
+    /// enforced here.
+    pub fn new(limits: GroupLimits) -> Result<Self, String> {
+        let mut wanted = Vec::new();
+        if limits.processes > 0 {
+            wanted.push(Controller::Pids);
         }
-        let limit = Self {
-            dir,
-            max,
+        if limits.memory_bytes > 0 {
+            wanted.push(Controller::Memory);
+        }
+        let me = format!("distbuild-worker-{}", std::process::id());
+        let mut dirs: Vec<(Controller, PathBuf, bool)> = Vec::new();
+        for controller in wanted {
+            let (parent, v2) = own_group(controller)?;
+            let dir = parent.join(&me);
+            if !dirs.iter().any(|(_, d, _)| d == &dir) {
+                remove_dead_workers_groups(&parent);
+                let _ = fs::create_dir(&dir);
+            }
+            if v2 {
+                let control = dir.join("cgroup.subtree_control");
+                fs::write(&control, format!("+{}", controller.name()))
+                    .map_err(|e| format!("{}: {e}", control.display()))?;
+            }
+            dirs.push((controller, dir, v2));
+        }
+        let limiter = Self {
+            dirs,
+            limits,
             next: AtomicU64::new(0),
         };
         // Proves a job group can be made and limited.
-        drop(limit.job().map_err(|e| e.to_string())?);
-        Ok(limit)
+        drop(limiter.job().map_err(|e| e.to_string())?);
+        Ok(limiter)
     }
 
-    /// A new group for one command.
+    /// The limits.
+    pub fn limits(&self) -> GroupLimits {
+        self.limits
+    }
+
+    /// New groups for one command.
     pub fn job(&self) -> io::Result<JobGroup> {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let dir = self.dir.join(format!("job-{n}"));
-        fs::create_dir(&dir)
-            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", dir.display())))?;
-        let group = JobGroup {
-            procs: fs::OpenOptions::new()
-                .write(true)
-                .open(dir.join("cgroup.procs"))?,
-            dir,
+        let mut group = JobGroup {
+            dirs: Vec::new(),
+            procs: Vec::new(),
         };
-        fs::write(group.dir.join("pids.max"), self.max.to_string())?;
+        for (controller, worker_dir, v2) in &self.dirs {
+            let dir = worker_dir.join(format!("job-{n}"));
+            let in_dir = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", dir.display()));
+            // v2: one directory for every controller.
+            if !group.dirs.iter().any(|(_, d, _)| d == &dir) {
+                fs::create_dir(&dir).map_err(in_dir)?;
+                group.procs.push(
+                    fs::OpenOptions::new()
+                        .write(true)
+                        .open(dir.join("cgroup.procs"))
+                        .map_err(in_dir)?,
+                );
+            }
+            match (controller, v2) {
+                (Controller::Pids, _) => {
+                    fs::write(dir.join("pids.max"), self.limits.processes.to_string())
+                }
+                (Controller::Memory, true) => {
+                    fs::write(dir.join("memory.max"), self.limits.memory_bytes.to_string())
+                        .and_then(|()| fs::write(dir.join("memory.swap.max"), "0").or(Ok(())))
+                }
+                (Controller::Memory, false) => fs::write(
+                    dir.join("memory.limit_in_bytes"),
+                    self.limits.memory_bytes.to_string(),
+                ),
+            }
+            .map_err(in_dir)?;
+            group.dirs.push((*controller, dir, *v2));
+        }
         Ok(group)
-    }
-
-    /// The limit.
-    pub fn max(&self) -> u64 {
-        self.max
     }
 }
 
-impl Drop for ProcessLimit {
+impl Drop for JobLimiter {
     fn drop(&mut self) {
-        let _ = fs::remove_dir(&self.dir);
+        for (_, dir, _) in &self.dirs {
+            let _ = fs::remove_dir(dir);
+        }
     }
 }
 
 impl JobGroup {
-    /// The descriptor the child writes "0" to, to join the group before
+    /// The descriptors the child writes "0" to, to join the groups before
     /// it execs.
-    pub fn procs_fd(&self) -> RawFd {
-        self.procs.as_raw_fd()
+    pub fn procs_fds(&self) -> Vec<RawFd> {
+        self.procs.iter().map(|f| f.as_raw_fd()).collect()
     }
 
-    /// Whether the limit refused a fork.
-    pub fn limit_was_hit(&self) -> bool {
-        fs::read_to_string(self.dir.join("pids.events"))
-            .ok()
-            .and_then(|events| {
-                events
-                    .lines()
-                    .find_map(|l| l.strip_prefix("max "))
-                    .and_then(|n| n.trim().parse::<u64>().ok())
-            })
-            .is_some_and(|n| n > 0)
+    /// What the command ran into.
+    pub fn limits_hit(&self) -> LimitsHit {
+        let mut hit = LimitsHit::default();
+        for (controller, dir, v2) in &self.dirs {
+            match (controller, v2) {
+                (Controller::Pids, _) => {
+                    hit.processes |= counter(&dir.join("pids.events"), "max") > 0
+                }
+                (Controller::Memory, true) => {
+                    hit.memory |= counter(&dir.join("memory.events"), "oom_kill") > 0;
+                }
+                (Controller::Memory, false) => {
+                    hit.memory |= counter(&dir.join("memory.oom_control"), "oom_kill") > 0;
+                }
+            }
+        }
+        hit
     }
 }
 
-/// Joins the group whose `cgroup.procs` is open as `fd`: for the forked
-/// child, before exec (write is async-signal-safe).
-pub fn join(fd: RawFd) -> io::Result<()> {
+/// Joins the groups whose `cgroup.procs` are open as `fds`: for the
+/// forked child, before exec (write is async-signal-safe).
+pub fn join(fds: &[RawFd]) -> io::Result<()> {
     let me = b"0\n";
-    // SAFETY: writes a static buffer to an open descriptor.
-    if unsafe { libc::write(fd, me.as_ptr().cast(), me.len()) } < 0 {
-        return Err(io::Error::last_os_error());
+    for fd in fds {
+        // SAFETY: writes a static buffer to an open descriptor.
+        if unsafe { libc::write(*fd, me.as_ptr().cast(), me.len()) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
     }
     Ok(())
 }
 
 impl Drop for JobGroup {
     fn drop(&mut self) {
-        let _ = self.procs.flush();
         // Empty once the command's processes are gone (they are killed
-        // before this drops); a straggler still exiting makes it busy for
-        // a moment.
-        for _ in 0..20 {
-            if fs::remove_dir(&self.dir).is_ok() {
-                return;
+        // before this drops); a straggler still exiting makes a group busy
+        // for a moment.
+        for (_, dir, _) in &self.dirs {
+            for attempt in 0..20 {
+                if fs::remove_dir(dir).is_ok() || !dir.exists() {
+                    break;
+                }
+                if attempt == 19 {
+                    tracing::debug!(dir = %dir.display(), "job cgroup still busy; left behind");
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
             }
-            std::thread::sleep(std::time::Duration::from_millis(5));
         }
-        tracing::debug!(dir = %self.dir.display(), "job cgroup still busy; left behind");
     }
 }

@@ -9,7 +9,7 @@ use distbuild_proto::tls::{INSECURE_WARNING, Role, Security, SecurityFlags};
 use distbuild_proto::wire::PortUse;
 use tokio_util::sync::CancellationToken;
 
-use crate::cgroup::ProcessLimit;
+use crate::cgroup::{GroupLimits, JobLimiter};
 use crate::connect::TcpConnector;
 use crate::process::TokioProcessRunner;
 use crate::runtime::{DEFAULT_CACHE_MAX_BYTES, WorkerConfig, default_slots, run};
@@ -60,15 +60,17 @@ pub struct WorkerArgs {
     /// Let jobs use the network (by default a sandboxed job has none).
     #[arg(long)]
     pub sandbox_network: bool,
-    /// Address space of each process of a job, in bytes (0: no limit).
+    /// Memory of a job command's processes together, in bytes (0: no
+    /// limit), through the memory cgroup; where there is none, each
+    /// process's address space is bounded instead.
     #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_LIMITS.memory_bytes)]
     pub job_max_memory: u64,
     /// Largest file a job may write, in bytes (0: no limit).
     #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_LIMITS.file_bytes)]
     pub job_max_file_bytes: u64,
-    /// Processes a job command may run at once, the sandbox's own two
-    /// included (0: no limit). Needs the kernel's pids cgroup controller;
-    /// without it the worker warns and runs without this limit.
+    /// Processes a job command may run at once, the sandbox's own
+    /// included (0: no limit), through the pids cgroup; where there is
+    /// none, the worker warns and runs without this limit.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_PROCESSES)]
     pub job_max_processes: u64,
 }
@@ -123,35 +125,52 @@ impl WorkerArgs {
         if let Some(key) = &self.security.tls_key {
             hidden.push(std::path::absolute(key).unwrap_or_else(|_| key.clone()));
         }
-        let limits = JobLimits {
-            memory_bytes: self.job_max_memory,
-            file_bytes: self.job_max_file_bytes,
-        };
+        let (groups, limits) = job_limits(
+            self.job_max_processes,
+            self.job_max_memory,
+            self.job_max_file_bytes,
+        );
         let sandbox = choose_sandbox(
             self.sandbox.clone(),
             hidden,
             &self.sandbox_writable_paths,
             self.sandbox_network,
         )?;
-        let processes = process_limit(self.job_max_processes);
-        config.runner = std::sync::Arc::new(TokioProcessRunner::new(sandbox, limits, processes));
+        config.runner = std::sync::Arc::new(TokioProcessRunner::new(sandbox, limits, groups));
         config.connector = std::sync::Arc::new(TcpConnector::new(&security));
         config.access = Access::for_security(&security);
         Ok(config)
     }
 }
 
-/// The per-job process limit of `max` (0: none), or none with a warning
-/// where the kernel offers no pids controller to this worker.
-pub fn process_limit(max: u64) -> Option<ProcessLimit> {
-    if max == 0 {
-        return None;
+/// The per-job limits: processes and memory through cgroups where the
+/// kernel offers them to this worker, the rest (the file size; memory
+/// where there is no memory cgroup, as an address-space bound per
+/// process) as rlimits. What cannot be enforced is warned about.
+pub fn job_limits(
+    processes: u64,
+    memory_bytes: u64,
+    file_bytes: u64,
+) -> (Option<JobLimiter>, JobLimits) {
+    let mut rlimits = JobLimits {
+        memory_bytes: 0,
+        file_bytes,
+    };
+    if processes == 0 && memory_bytes == 0 {
+        return (None, rlimits);
     }
-    match ProcessLimit::new(max) {
-        Ok(limit) => Some(limit),
+    let both = GroupLimits {
+        processes,
+        memory_bytes,
+    };
+    match JobLimiter::new(both) {
+        Ok(groups) => (Some(groups), rlimits),
         Err(why) => {
-            tracing::warn!("--job-max-processes {max} cannot be enforced here: {why}");
-            None
+            tracing::warn!(
+                "per-job cgroups unavailable ({why}): --job-max-processes is not enforced and --job-max-memory bounds each process's address space instead"
+            );
+            rlimits.memory_bytes = memory_bytes;
+            (None, rlimits)
         }
     }
 }

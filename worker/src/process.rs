@@ -15,7 +15,7 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-use crate::cgroup::{JobGroup, ProcessLimit};
+use crate::cgroup::{GroupLimits, JobGroup, JobLimiter};
 use crate::sandbox::{JobLimits, Sandbox, check_program};
 
 /// How long output is still read after a process exits (from whatever
@@ -72,7 +72,7 @@ pub trait ProcessRunner: Send + Sync + 'static {
 pub struct TokioProcessRunner {
     sandbox: Option<std::sync::Arc<Sandbox>>,
     limits: JobLimits,
-    processes: Option<std::sync::Arc<ProcessLimit>>,
+    groups: Option<std::sync::Arc<JobLimiter>>,
 }
 
 impl Default for TokioProcessRunner {
@@ -84,24 +84,20 @@ impl Default for TokioProcessRunner {
                 memory_bytes: 0,
                 file_bytes: 0,
             },
-            processes: None,
+            groups: None,
         }
     }
 }
 
 impl TokioProcessRunner {
-    /// A runner confining every process in `sandbox` (if any) under
-    /// `limits`, and each command's processes to `processes`' bound (if
-    /// any).
-    pub fn new(
-        sandbox: Option<Sandbox>,
-        limits: JobLimits,
-        processes: Option<ProcessLimit>,
-    ) -> Self {
+    /// A runner confining every process in `sandbox` (if any) under the
+    /// rlimits of `limits`, and each command in a group of `groups` (if
+    /// any: the process and memory limits).
+    pub fn new(sandbox: Option<Sandbox>, limits: JobLimits, groups: Option<JobLimiter>) -> Self {
         Self {
             sandbox: sandbox.map(std::sync::Arc::new),
             limits,
-            processes: processes.map(std::sync::Arc::new),
+            groups: groups.map(std::sync::Arc::new),
         }
     }
 }
@@ -127,17 +123,17 @@ impl ProcessRunner for TokioProcessRunner {
             (spec.program, spec.args) = sandbox.wrap(&spec.job_dir, &spec.cwd, program, args);
         }
         let group = self
-            .processes
+            .groups
             .as_ref()
-            .map(|limit| (limit.job(), limit.max()));
+            .map(|groups| (groups.job(), groups.limits()));
         Box::pin(async move {
             let group = match group {
                 None => None,
-                Some((Ok(group), max)) => Some((group, max)),
+                Some((Ok(group), limits)) => Some((group, limits)),
                 Some((Err(e), _)) => {
                     return Err(io::Error::new(
                         e.kind(),
-                        format!("make the job's process group: {e}"),
+                        format!("make the job's cgroup: {e}"),
                     ));
                 }
             };
@@ -265,7 +261,7 @@ fn apply_limits(command: &mut tokio::process::Command, limits: JobLimits) {
 async fn run_process(
     spec: ProcessSpec,
     limits: JobLimits,
-    group: Option<(JobGroup, u64)>,
+    group: Option<(JobGroup, GroupLimits)>,
 ) -> io::Result<ProcessOutput> {
     let mut command = tokio::process::Command::new(&spec.program);
     command
@@ -284,11 +280,11 @@ async fn run_process(
     die_with_the_worker(&mut command);
     apply_limits(&mut command, limits);
     if let Some((group, _)) = &group {
-        let fd = group.procs_fd();
+        let fds = group.procs_fds();
         // SAFETY: runs in the forked child before exec; `join` only
-        // writes to an open descriptor.
+        // writes to open descriptors.
         unsafe {
-            command.pre_exec(move || crate::cgroup::join(fd));
+            command.pre_exec(move || crate::cgroup::join(&fds));
         }
     }
     let mut child = command.spawn()?;
@@ -339,13 +335,21 @@ async fn run_process(
             limits.file_bytes
         )
     });
-    if let Some((group, max)) = &group
+    if let Some((group, set)) = &group
         && exit_code != 0
-        && group.limit_was_hit()
     {
-        limit_hit = Some(format!(
-            "exit code {exit_code} after a fork was refused: the job may run at most {max} processes at once (--job-max-processes)"
-        ));
+        let hit = group.limits_hit();
+        if hit.memory {
+            limit_hit = Some(format!(
+                "exit code {exit_code}: killed for memory, the job may use at most {} bytes (--job-max-memory)",
+                set.memory_bytes
+            ));
+        } else if hit.processes {
+            limit_hit = Some(format!(
+                "exit code {exit_code} after a fork was refused: the job may run at most {} processes at once (--job-max-processes)",
+                set.processes
+            ));
+        }
     }
     Ok(ProcessOutput {
         exit_code,

@@ -24,18 +24,18 @@ pub enum SandboxKind {
     None,
 }
 
-/// Per-job resource limits (0 = no limit).
+/// Per-job resource limits set as rlimits (0 = no limit).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct JobLimits {
-    /// Address space of each process of the job, in bytes (RLIMIT_AS).
+    /// Address space of each process of the job, in bytes (RLIMIT_AS):
+    /// the memory bound where there is no memory cgroup.
     pub memory_bytes: u64,
     /// Largest file a job may write, in bytes (RLIMIT_FSIZE): a write past
     /// it fails and the process gets SIGXFSZ.
     pub file_bytes: u64,
 }
 
-/// The default limits: 16 GiB of address space per process, 4 GiB per
-/// file.
+/// The default limits: 16 GiB of memory, 4 GiB per file.
 pub const DEFAULT_LIMITS: JobLimits = JobLimits {
     memory_bytes: 16 << 30,
     file_bytes: 4 << 30,
