@@ -317,7 +317,8 @@ fn expired_client(pki: &Pki) -> Vec<String> {
 
 #[test]
 fn a_tls_cluster_of_three_builds_and_survives_a_leader_kill() {
-    let mut cluster = HaCluster::start_secured(3, 0, 2, 2, None, true);
+    let secret = "s3cret-of-the-cluster-0123456789";
+    let mut cluster = HaCluster::start_secured(3, 0, 2, 2, Some(secret), true);
     let log = cluster.path("ran.log");
     let graph = sleep_chains(2, 8, "0.3", &log);
     let build = cluster.spawn_build(&graph, &["--timeout", "60"]);
@@ -327,6 +328,49 @@ fn a_tls_cluster_of_three_builds_and_survives_a_leader_kill() {
     let run = finish_build(build, BUILD_TIMEOUT);
     assert_complete(&run, &chain_job_names(2, 8), &log, &[], &cluster.logs());
     assert_ne!(cluster.wait_for_leader(), leader);
+
+    // No secret (the cluster secret, any private key's content) in a log,
+    // in `cluster status`, or in a process's command line or environment.
+    let pki = cluster.pki.as_ref().expect("a TLS cluster");
+    let mut secrets = vec![secret.to_string()];
+    for entry in std::fs::read_dir(&pki.dir).expect("pki dir").flatten() {
+        if entry.path().extension().is_some_and(|e| e == "key") {
+            let pem = std::fs::read_to_string(entry.path()).expect("key");
+            // A line of the key's base64 body.
+            let body = pem.lines().nth(1).expect("a PEM body").to_string();
+            secrets.push(body);
+        }
+    }
+    assert!(
+        secrets.len() > 3,
+        "the keys of coordinators, workers, client"
+    );
+    let mut seen = cluster.logs();
+    for path in std::fs::read_dir(cluster.dir.path())
+        .expect("dir")
+        .flatten()
+    {
+        if path.path().extension().is_some_and(|e| e == "log") {
+            seen.push_str(&std::fs::read_to_string(path.path()).unwrap_or_default());
+        }
+    }
+    seen.push_str(&cluster.status().to_string());
+    let processes = cluster
+        .coordinators
+        .iter()
+        .chain(&cluster.workers)
+        .flatten()
+        .map(|server| server.child.id());
+    for pid in processes {
+        for what in ["cmdline", "environ"] {
+            let bytes = std::fs::read(format!("/proc/{pid}/{what}")).unwrap_or_default();
+            seen.push_str(&String::from_utf8_lossy(&bytes));
+        }
+    }
+    for secret in &secrets {
+        assert!(!seen.contains(secret.as_str()), "{secret} was shown");
+    }
+    assert!(seen.contains("--tls-key"), "the command lines were read");
 }
 
 /// A user other than the one running the tests (root), created once.
