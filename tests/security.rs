@@ -8,12 +8,14 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
 use distbuild_proto::net::{Connector as _, TcpConnector};
 use distbuild_proto::tls::{Role, Security, TlsFiles, TlsMaterial};
 use distbuild_proto::v1::{
     ClusterStatusRequest, FetchRequest, FindMissingBlobsRequest, HeartbeatRequest, RegisterRequest,
     RemoveNodeRequest, ReportResultRequest,
 };
+use re::content_addressable_storage_client::ContentAddressableStorageClient as CasClient;
 use support::*;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -132,11 +134,27 @@ fn every_role_boundary_is_refused_with_its_code_and_the_cluster_then_builds() {
             none,
         );
         refused(
-            distbuild_proto::raft_v1::raft_transport_client::RaftTransportClient::new(bare)
+            distbuild_proto::raft_v1::raft_transport_client::RaftTransportClient::new(bare.clone())
                 .node_status(distbuild_proto::raft_v1::NodeStatusRequest::default())
                 .await,
             Code::Unauthenticated,
             none,
+        );
+        // The Remote Execution API: no certificate, or a worker's.
+        refused(
+            CasClient::new(bare)
+                .find_missing_blobs(re::FindMissingBlobsRequest::default())
+                .await,
+            Code::Unauthenticated,
+            none,
+        );
+        let worker0 = channel_as(pki, "worker", "worker0", &coordinator).await;
+        refused(
+            CasClient::new(worker0)
+                .find_missing_blobs(re::FindMissingBlobsRequest::default())
+                .await,
+            Code::PermissionDenied,
+            "the Remote Execution API is for role client; the caller is worker \"worker0\"",
         );
         let bare_peer = channel_without_certificate(pki, &worker_addr).await;
         refused(

@@ -1,11 +1,12 @@
-//! Source blobs on the coordinator's disk, by content digest. A blob is
+//! Blobs on the coordinator's disk, by content digest (SHA-1 or SHA-256,
+//! [`BlobKey`]): distbuild's sources and the Remote Execution API's CAS. A blob is
 //! written to a temporary file while it streams in, verified against its
 //! declared digest and size, fsynced, and only then renamed into place, so
 //! a stored blob is always complete and correct.
 
 use std::path::{Path, PathBuf};
 
-use distbuild_proto::Digest;
+use distbuild_proto::BlobKey;
 use distbuild_proto::blob::BlobCheck;
 use distbuild_proto::blocking;
 use distbuild_proto::wire::MAX_BLOB_CHUNK_BYTES;
@@ -17,15 +18,15 @@ pub const MAX_BLOB_BYTES: u64 = 64 << 30;
 #[derive(Debug, thiserror::Error)]
 pub enum BlobError {
     #[error("blob {expected}: content hashes to {actual}")]
-    DigestMismatch { expected: Digest, actual: Digest },
+    DigestMismatch { expected: BlobKey, actual: BlobKey },
     #[error("blob {digest}: declared {declared} bytes, received {received}")]
     SizeMismatch {
-        digest: Digest,
+        digest: BlobKey,
         declared: u64,
         received: u64,
     },
     #[error("blob {digest}: {size} bytes is over the limit of {MAX_BLOB_BYTES}")]
-    TooLarge { digest: Digest, size: u64 },
+    TooLarge { digest: BlobKey, size: u64 },
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -57,7 +58,7 @@ pub struct BlobStore {
 /// A blob being received.
 pub struct BlobWriter {
     store: BlobStore,
-    digest: Digest,
+    digest: BlobKey,
     check: BlobCheck,
     file: blocking::FileWriter,
     tmp: tempfile::TempPath,
@@ -83,19 +84,34 @@ impl BlobStore {
         })
     }
 
-    fn path_of(&self, digest: &Digest) -> PathBuf {
+    fn path_of(&self, digest: &BlobKey) -> PathBuf {
         self.dir.join("objects").join(digest.to_string())
     }
 
     /// Whether the blob is stored here.
-    pub fn contains(&self, digest: &Digest) -> bool {
+    pub fn contains(&self, digest: &BlobKey) -> bool {
         self.path_of(digest).is_file()
     }
 
     /// Opens a stored blob.
-    pub async fn open_blob(&self, digest: &Digest) -> Result<Option<BlobReader>, BlobError> {
+    pub async fn open_blob(&self, digest: &BlobKey) -> Result<Option<BlobReader>, BlobError> {
+        self.open_blob_at(digest, 0).await
+    }
+
+    /// Opens a stored blob to be read from byte `offset` on.
+    pub async fn open_blob_at(
+        &self,
+        digest: &BlobKey,
+        offset: u64,
+    ) -> Result<Option<BlobReader>, BlobError> {
+        use std::io::Seek as _;
         let path = self.path_of(digest);
-        match blocking::run(move || std::fs::File::open(path)).await {
+        let open = move || {
+            let mut file = std::fs::File::open(path)?;
+            file.seek(std::io::SeekFrom::Start(offset))?;
+            Ok::<_, std::io::Error>(file)
+        };
+        match blocking::run(open).await {
             Ok(file) => Ok(Some(BlobReader::new(file, MAX_BLOB_CHUNK_BYTES))),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(BlobError::Io {
@@ -106,7 +122,7 @@ impl BlobStore {
     }
 
     /// Starts receiving a blob of `size` bytes that must hash to `digest`.
-    pub async fn writer(&self, digest: Digest, size: u64) -> Result<BlobWriter, BlobError> {
+    pub async fn writer(&self, digest: BlobKey, size: u64) -> Result<BlobWriter, BlobError> {
         if size > MAX_BLOB_BYTES {
             return Err(BlobError::TooLarge { digest, size });
         }
@@ -186,7 +202,7 @@ impl BlobStore {
     /// recorded. Returns the blobs and bytes deleted.
     pub async fn sweep(
         &self,
-        recorded: impl Fn(&Digest) -> bool + Send + 'static,
+        recorded: impl Fn(&BlobKey) -> bool + Send + 'static,
         grace: std::time::Duration,
     ) -> Result<(usize, u64), BlobError> {
         let objects = self.dir.join("objects");
@@ -199,7 +215,7 @@ impl BlobStore {
                 let Some(digest) = entry
                     .file_name()
                     .to_str()
-                    .and_then(|name| name.parse::<Digest>().ok())
+                    .and_then(|name| name.parse::<BlobKey>().ok())
                 else {
                     continue;
                 };
@@ -237,6 +253,7 @@ impl BlobStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use distbuild_proto::Digest;
 
     #[tokio::test]
     async fn a_sweep_deletes_only_unrecorded_blobs_past_the_grace() {
@@ -244,7 +261,7 @@ mod tests {
         let store = BlobStore::open(dir.path()).expect("open");
         let mut stored = Vec::new();
         for content in [&b"kept"[..], b"dropped"] {
-            let digest = Digest::of(content);
+            let digest = BlobKey::from(Digest::of(content));
             let mut writer = store
                 .writer(digest, content.len() as u64)
                 .await
@@ -254,7 +271,7 @@ mod tests {
             stored.push(digest);
         }
         let kept = stored[0];
-        let recorded = move |d: &Digest| *d == kept;
+        let recorded = move |d: &BlobKey| *d == kept;
         let young = store
             .sweep(recorded, std::time::Duration::from_secs(3600))
             .await
@@ -274,7 +291,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = BlobStore::open(dir.path()).expect("open");
         let content = b"hello blob";
-        let digest = Digest::of(content);
+        let digest = BlobKey::from(Digest::of(content));
 
         let mut bad = store.writer(digest, 10).await.expect("writer");
         bad.write(b"hello blop").await.expect("write");

@@ -21,6 +21,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use bazel_remote_apis::build::bazel::remote::execution::v2::capabilities_server::CapabilitiesServer;
+use bazel_remote_apis::build::bazel::remote::execution::v2::content_addressable_storage_server::ContentAddressableStorageServer;
+use bazel_remote_apis::google::bytestream::byte_stream_server::ByteStreamServer;
 use distbuild_proto::auth::Access;
 use distbuild_proto::raft_v1::raft_transport_server::RaftTransportServer;
 use distbuild_proto::tls::{INSECURE_WARNING, Role, Security, SecurityFlags};
@@ -341,16 +344,44 @@ where
     tasks.spawn(replica::drive_elections(node.clone(), shutdown.clone()));
 
     let rates = api::rate::CallerRates::default();
+    let kept_blob_bytes = Arc::new(api::KeptBlobBytes::default());
     let client = InterceptedService::new(
         ClientApiServer::new(api::client::ClientService {
             node: node.clone(),
             watchers: api::watch::Watchers::default(),
             rates: rates.clone(),
-            kept_blob_bytes: api::client::KeptBlobBytes::default(),
+            kept_blob_bytes: kept_blob_bytes.clone(),
         })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES),
         access.authorize("the client API", &[Role::Client]),
+    );
+    // The Remote Execution API, for its clients (Bazel and others) on the
+    // same address.
+    let reapi = |what: &'static str| access.authorize(what, &[Role::Client]);
+    let capabilities = InterceptedService::new(
+        CapabilitiesServer::new(api::reapi::capabilities::CapabilitiesService),
+        reapi("the Remote Execution API"),
+    );
+    let cas = InterceptedService::new(
+        ContentAddressableStorageServer::new(api::reapi::cas::CasService {
+            node: node.clone(),
+            kept_blob_bytes: kept_blob_bytes.clone(),
+            rates: rates.clone(),
+        })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        reapi("the Remote Execution API"),
+    );
+    let bytestream = InterceptedService::new(
+        ByteStreamServer::new(api::reapi::bytestream::ByteStreamService {
+            node: node.clone(),
+            kept_blob_bytes,
+            rates: rates.clone(),
+        })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        reapi("the Remote Execution API"),
     );
     let worker = InterceptedService::new(
         WorkerApiServer::new(api::worker::WorkerService {
@@ -384,6 +415,9 @@ where
         .add_service(worker)
         .add_service(admin)
         .add_service(raft)
+        .add_service(capabilities)
+        .add_service(cas)
+        .add_service(bytestream)
         .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned())
         .await;
     shutdown.cancel();

@@ -17,14 +17,13 @@ use std::io;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
-use sha1::{Digest as _, Sha1};
 use tonic::{Status, Streaming};
 
-use crate::Digest;
 use crate::blocking::{ChunkReader, FileWriter};
 use crate::net::{ConnectError, Connector, peer_api};
 use crate::v1::{BlobChunk, FetchRequest};
 use crate::wire::digest_to_wire;
+use crate::{BlobKey, Digest, Hasher};
 
 #[cfg(doc)]
 use crate::wire::MAX_BLOB_CHUNK_BYTES;
@@ -50,7 +49,7 @@ pub enum UploadReadError {
 /// cause rather than the receiver's refusal.
 pub fn upload_chunks(
     reader: ChunkReader,
-    digest: Digest,
+    digest: impl Into<BlobKey>,
     size: u64,
     on_error: impl FnOnce(UploadReadError) + Send + 'static,
 ) -> impl Stream<Item = BlobChunk> + Send + 'static {
@@ -60,6 +59,7 @@ pub fn upload_chunks(
         first: bool,
         on_error: F,
     }
+    let digest: BlobKey = digest.into();
     let start = Upload {
         reader,
         remaining: size,
@@ -83,7 +83,7 @@ pub fn upload_chunks(
         data.truncate(want);
         let chunk = BlobChunk {
             digest: if state.first {
-                digest_to_wire(&digest)
+                bytes::Bytes::copy_from_slice(digest.hash_bytes())
             } else {
                 Default::default()
             },
@@ -134,13 +134,13 @@ pub struct Oversize {
 #[error("got {received} bytes with digest {actual}, expected {size} bytes with digest {digest}")]
 pub struct Mismatch {
     /// The digest expected.
-    pub digest: Digest,
+    pub digest: BlobKey,
     /// The size expected.
     pub size: u64,
     /// The bytes received.
     pub received: u64,
-    /// The digest of what was received.
-    pub actual: Digest,
+    /// The digest of what was received (same function).
+    pub actual: BlobKey,
 }
 
 /// Checks a blob's content as it arrives: counts and hashes it, refuses
@@ -149,20 +149,22 @@ pub struct Mismatch {
 /// it with one.
 #[derive(Debug, Clone)]
 pub struct BlobCheck {
-    digest: Digest,
+    digest: BlobKey,
     size: u64,
     received: u64,
-    sha1: Sha1,
+    hasher: Hasher,
 }
 
 impl BlobCheck {
-    /// A check for blob `digest` of `size` bytes.
-    pub fn new(digest: Digest, size: u64) -> Self {
+    /// A check for blob `digest` (hashed with its function) of `size`
+    /// bytes.
+    pub fn new(digest: impl Into<BlobKey>, size: u64) -> Self {
+        let digest = digest.into();
         Self {
             digest,
             size,
             received: 0,
-            sha1: Sha1::new(),
+            hasher: digest.function().hasher(),
         }
     }
 
@@ -176,7 +178,7 @@ impl BlobCheck {
                 received: self.received,
             });
         }
-        self.sha1.update(data);
+        self.hasher.update(data);
         Ok(())
     }
 
@@ -187,7 +189,7 @@ impl BlobCheck {
 
     /// Whether what arrived is the blob expected: its size and digest.
     pub fn finish(self) -> Result<(), Mismatch> {
-        let actual = Digest::from_bytes(self.sha1.finalize().into());
+        let actual = self.hasher.finish();
         if self.received != self.size || actual != self.digest {
             return Err(Mismatch {
                 digest: self.digest,
@@ -371,7 +373,7 @@ mod tests {
         wrong.add(b"hello blop").expect("within");
         let mismatch = wrong.finish().expect_err("other content");
         assert_eq!(mismatch.received, 10);
-        assert_eq!(mismatch.actual, Digest::of(b"hello blop"));
+        assert_eq!(mismatch.actual, BlobKey::from(Digest::of(b"hello blop")));
 
         let mut short = BlobCheck::new(digest, 10);
         short.add(b"hello").expect("within");

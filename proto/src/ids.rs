@@ -14,6 +14,12 @@ pub enum IdError {
     NotHex(String),
     #[error("{0} bytes where a 20-byte digest was expected")]
     BadLength(usize),
+    #[error("{text:?} is not a {function} hash ({chars} lowercase hex characters)")]
+    NotHashHex {
+        text: String,
+        function: &'static str,
+        chars: usize,
+    },
 }
 
 fn parse_hex20(s: &str) -> Result<[u8; 20], IdError> {
@@ -96,6 +102,171 @@ impl Digest {
     }
 }
 
+/// The hash function a stored blob is named by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum HashFunction {
+    /// distbuild's own (sources, artifacts, cache keys), and a Remote
+    /// Execution API client's that asks for it.
+    Sha1,
+    /// The Remote Execution API's default (Bazel's).
+    Sha256,
+}
+
+impl HashFunction {
+    /// Bytes of a hash.
+    pub fn hash_len(self) -> usize {
+        match self {
+            HashFunction::Sha1 => 20,
+            HashFunction::Sha256 => 32,
+        }
+    }
+
+    /// The function's name, as messages show it.
+    pub fn name(self) -> &'static str {
+        match self {
+            HashFunction::Sha1 => "SHA-1",
+            HashFunction::Sha256 => "SHA-256",
+        }
+    }
+
+    /// A hasher of this function.
+    pub fn hasher(self) -> Hasher {
+        match self {
+            HashFunction::Sha1 => Hasher::Sha1(Sha1::new()),
+            HashFunction::Sha256 => Hasher::Sha256(sha2::Sha256::new()),
+        }
+    }
+
+    /// The key of `bytes`' content under this function.
+    pub fn key_of(self, bytes: &[u8]) -> BlobKey {
+        let mut hasher = self.hasher();
+        hasher.update(bytes);
+        hasher.finish()
+    }
+}
+
+/// Hashes content as it comes, into a [`BlobKey`].
+#[derive(Debug, Clone)]
+pub enum Hasher {
+    Sha1(Sha1),
+    Sha256(sha2::Sha256),
+}
+
+impl Hasher {
+    /// Adds the next piece of content.
+    pub fn update(&mut self, data: &[u8]) {
+        match self {
+            Hasher::Sha1(h) => h.update(data),
+            Hasher::Sha256(h) => h.update(data),
+        }
+    }
+
+    /// The key of everything added.
+    pub fn finish(self) -> BlobKey {
+        match self {
+            Hasher::Sha1(h) => BlobKey::Sha1(Digest(h.finalize().into())),
+            Hasher::Sha256(h) => BlobKey::Sha256(h.finalize().into()),
+        }
+    }
+}
+
+/// A stored blob's name: its hash function and its content's hash. The
+/// content-addressed store is keyed by both, so one store holds
+/// distbuild's SHA-1 blobs and Remote Execution API clients' SHA-256 ones.
+/// On the wire and in tables a key is its hash's bytes, whose length (20
+/// or 32) says the function; as text, lowercase hex.
+#[derive(
+    Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+pub enum BlobKey {
+    Sha1(Digest),
+    Sha256([u8; 32]),
+}
+
+impl BlobKey {
+    /// The function the key is a hash of.
+    pub fn function(&self) -> HashFunction {
+        match self {
+            BlobKey::Sha1(_) => HashFunction::Sha1,
+            BlobKey::Sha256(_) => HashFunction::Sha256,
+        }
+    }
+
+    /// The hash's bytes (20 or 32).
+    pub fn hash_bytes(&self) -> &[u8] {
+        match self {
+            BlobKey::Sha1(d) => d.as_bytes(),
+            BlobKey::Sha256(h) => h,
+        }
+    }
+
+    /// From a hash's bytes, the function told by their length.
+    pub fn from_hash_bytes(bytes: &[u8]) -> Result<Self, IdError> {
+        match bytes.len() {
+            20 => Digest::try_from(bytes).map(BlobKey::Sha1),
+            32 => Ok(BlobKey::Sha256(bytes.try_into().expect("32 bytes"))),
+            n => Err(IdError::BadLength(n)),
+        }
+    }
+
+    /// From lowercase hex of `function`'s length.
+    pub fn parse(function: HashFunction, hex_text: &str) -> Result<Self, IdError> {
+        let well_formed = hex_text.len() == function.hash_len() * 2
+            && hex_text
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        if !well_formed {
+            return Err(IdError::NotHashHex {
+                text: hex_text.chars().take(80).collect(),
+                function: function.name(),
+                chars: function.hash_len() * 2,
+            });
+        }
+        let bytes = hex::decode(hex_text).expect("checked hex");
+        Self::from_hash_bytes(&bytes)
+    }
+
+    /// The SHA-1 digest, if the key is one.
+    pub fn sha1(&self) -> Option<Digest> {
+        match self {
+            BlobKey::Sha1(d) => Some(*d),
+            BlobKey::Sha256(_) => None,
+        }
+    }
+}
+
+impl From<Digest> for BlobKey {
+    fn from(digest: Digest) -> Self {
+        BlobKey::Sha1(digest)
+    }
+}
+
+impl FromStr for BlobKey {
+    type Err = IdError;
+
+    /// From 40 (SHA-1) or 64 (SHA-256) lowercase hex characters.
+    fn from_str(s: &str) -> Result<Self, IdError> {
+        let function = if s.len() == 64 {
+            HashFunction::Sha256
+        } else {
+            HashFunction::Sha1
+        };
+        Self::parse(function, s)
+    }
+}
+
+impl fmt::Display for BlobKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.hash_bytes()))
+    }
+}
+
+impl fmt::Debug for BlobKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}({})", self.function().name(), self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -117,6 +288,40 @@ mod tests {
         }
         let id: JobId = good.parse().expect("valid");
         assert_eq!(id.to_string(), good);
+    }
+
+    #[test]
+    fn blob_keys_name_their_function_by_length() {
+        // SHA-256("abc"), from FIPS 180-2.
+        let abc = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        let key = HashFunction::Sha256.key_of(b"abc");
+        assert_eq!(key.to_string(), abc);
+        assert_eq!(abc.parse::<BlobKey>(), Ok(key));
+        assert_eq!(
+            BlobKey::from_hash_bytes(key.hash_bytes()),
+            Ok(key),
+            "bytes round-trip"
+        );
+        let sha1 = HashFunction::Sha1.key_of(b"abc");
+        assert_eq!(sha1, BlobKey::Sha1(Digest::of(b"abc")));
+        assert_eq!(
+            BlobKey::from_hash_bytes(sha1.hash_bytes()),
+            Ok(sha1),
+            "bytes round-trip"
+        );
+        assert_eq!(
+            BlobKey::from_hash_bytes(&[0; 31]),
+            Err(IdError::BadLength(31))
+        );
+        let err = BlobKey::parse(HashFunction::Sha256, &abc[..40]).expect_err("wrong length");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "\"{}\" is not a SHA-256 hash (64 lowercase hex characters)",
+                &abc[..40]
+            )
+        );
+        assert!(BlobKey::parse(HashFunction::Sha256, &abc.to_uppercase()).is_err());
     }
 
     #[test]

@@ -17,7 +17,7 @@ pub mod tls;
 pub mod wire;
 
 pub use cache_key::cache_key;
-pub use ids::{Digest, IdError, JobId};
+pub use ids::{BlobKey, Digest, HashFunction, Hasher, IdError, JobId};
 
 /// Generated code, nested as the proto packages are (the Raft transport's
 /// messages refer to `distbuild.v1` types by relative path).

@@ -36,8 +36,10 @@ const KEY_FORMAT: &[u8] = b"format";
 /// `job_timeout_ms`, each build's and execution's limit), which format 2's
 /// bytes lack. Format 4: a job's captured output is stored once per run
 /// (an `outputs` table), and events and results name it instead of
-/// carrying a copy each.
-pub(crate) const FORMAT: u32 = 4;
+/// carrying a copy each. Format 5: a stored blob is named by its hash
+/// function and hash (`BlobKey`: SHA-1 or SHA-256, for the Remote
+/// Execution API's CAS), not by a SHA-1 digest alone.
+pub(crate) const FORMAT: u32 = 5;
 
 /// Opens the database in `dir` with the store's column families and the
 /// application's. Column families found on disk but no longer declared are

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use distbuild_proto::Digest;
+use distbuild_proto::{BlobKey, Digest};
 use sha1::{Digest as _, Sha1};
 
 /// Why a cache operation failed.
@@ -25,9 +25,9 @@ pub enum CacheError {
     #[error("content does not match its digest: expected {expected}, got {actual}")]
     DigestMismatch {
         /// The digest the caller named.
-        expected: Digest,
-        /// The content's digest.
-        actual: Digest,
+        expected: BlobKey,
+        /// The content's digest (same function).
+        actual: BlobKey,
     },
     /// The content is larger than the whole cache: storing it would evict
     /// everything and then it, too.
@@ -287,7 +287,10 @@ impl Cache {
         if let Some(expected) = expected
             && expected != actual
         {
-            return Err(CacheError::DigestMismatch { expected, actual });
+            return Err(CacheError::DigestMismatch {
+                expected: expected.into(),
+                actual: actual.into(),
+            });
         }
         tmp.persist(self.path_of(&actual))
             .map_err(|e| CacheError::Io {

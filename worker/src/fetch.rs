@@ -255,7 +255,7 @@ pub async fn receive_into_cache(
     }
     if let Err(mismatch) = check.finish() {
         return Err(FetchError::Cache(CacheError::DigestMismatch {
-            expected: digest,
+            expected: digest.into(),
             actual: mismatch.actual,
         }));
     }

@@ -23,7 +23,7 @@ use std::collections::BTreeSet;
 use crate::log::{Collected, GcLimits};
 use crate::records::CachedResult;
 use crate::state::Model;
-use distbuild_proto::Digest;
+use distbuild_proto::{BlobKey, Digest};
 
 /// Blobs used this recently are not taken for the byte bound (only the
 /// retention drops them).
@@ -43,7 +43,7 @@ fn recent_ms(limits: &GcLimits) -> u64 {
 impl Model {
     /// Source blobs some build in flight needs: the inputs of every job of
     /// an unfinished build, of every execution, and of every staged part.
-    pub fn blobs_in_use(&self) -> BTreeSet<Digest> {
+    pub fn blobs_in_use(&self) -> BTreeSet<BlobKey> {
         let builds = self
             .builds
             .values()
@@ -57,7 +57,7 @@ impl Model {
         builds
             .chain(executions)
             .chain(staged)
-            .flat_map(|spec| spec.inputs.iter().map(|i| i.digest))
+            .flat_map(|spec| spec.inputs.iter().map(|i| BlobKey::from(i.digest)))
             .collect()
     }
 
@@ -99,7 +99,7 @@ impl Model {
         let mut collected = Collected::default();
         let blobs_needed = self.blobs_in_use();
         // Least recently used first; the needed ones never.
-        let mut candidates: Vec<(u64, Digest)> = self
+        let mut candidates: Vec<(u64, BlobKey)> = self
             .blobs
             .iter()
             .filter(|(d, _)| !blobs_needed.contains(d))

@@ -5,7 +5,7 @@
 //! versions: `tests/golden.rs` pins them, and a deliberate change bumps the
 //! store's format number.
 
-use distbuild_proto::{Digest, JobId, v1};
+use distbuild_proto::{BlobKey, Digest, JobId, v1};
 use serde::{Deserialize, Serialize};
 
 /// A command as the graph wrote it (templates as text).
@@ -241,7 +241,7 @@ pub enum Command {
         lease_timeout_ms: u64,
     },
     BlobStored {
-        digest: Digest,
+        digest: BlobKey,
         size: u64,
     },
     /// Drops what no build in flight needs beyond the limits (see `gc`).

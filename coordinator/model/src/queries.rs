@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use distbuild_proto::Digest;
+use distbuild_proto::{BlobKey, Digest};
 
 use crate::records::{Build, CachedResult, ExecState, Execution, Worker};
 use crate::state::Model;
@@ -21,16 +21,16 @@ impl Model {
         self.requests.get(request_id).copied()
     }
 
-    pub fn has_blob(&self, digest: &Digest) -> bool {
+    pub fn has_blob(&self, digest: &BlobKey) -> bool {
         self.blobs.contains_key(digest)
     }
 
     /// Every recorded source blob with its size.
-    pub fn blobs(&self) -> Vec<(Digest, u64)> {
+    pub fn blobs(&self) -> Vec<(BlobKey, u64)> {
         self.blobs.iter().map(|(d, b)| (*d, b.size)).collect()
     }
 
-    pub fn blob_size(&self, digest: &Digest) -> Option<u64> {
+    pub fn blob_size(&self, digest: &BlobKey) -> Option<u64> {
         self.blobs.get(digest).map(|b| b.size)
     }
 

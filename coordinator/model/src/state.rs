@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use distbuild_proto::Digest;
+use distbuild_proto::{BlobKey, Digest};
 
 use crate::log::Event;
 use crate::records::{BlobRecord, Build, CachedResult, Execution, Staged, Worker};
@@ -20,7 +20,7 @@ pub(crate) struct Dirty {
     pub(crate) results: BTreeSet<Digest>,
     pub(crate) workers: BTreeSet<String>,
     pub(crate) holdings: BTreeSet<(String, Digest)>,
-    pub(crate) blobs: BTreeSet<Digest>,
+    pub(crate) blobs: BTreeSet<BlobKey>,
     pub(crate) removed_builds: Vec<u64>,
     pub(crate) staged_parts: BTreeSet<(String, u32)>,
     pub(crate) unstaged: Vec<String>,
@@ -49,7 +49,7 @@ pub struct Model {
     pub(crate) workers: BTreeMap<String, Worker>,
     /// Artifact -> workers holding it (derived from `Worker::held`).
     pub(crate) held_by: BTreeMap<Digest, BTreeSet<String>>,
-    pub(crate) blobs: BTreeMap<Digest, BlobRecord>,
+    pub(crate) blobs: BTreeMap<BlobKey, BlobRecord>,
     /// Submits in parts, by request ID, until their last part arrives.
     pub(crate) staged: BTreeMap<String, Staged>,
     /// Output row -> jobs and results naming it (derived from the jobs'

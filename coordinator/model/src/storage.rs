@@ -9,8 +9,8 @@ use crate::records::{Build, BuildHeader, ExecState, Execution, Worker};
 use crate::state::Model;
 use crate::tables::{
     KEY_CLOCK, ReadTables, StorageError, T_BLOBS, T_BUILDS, T_EVENTS, T_EXECUTIONS, T_HOLDINGS,
-    T_JOBS, T_META, T_OUTPUTS, T_RESULTS, T_WORKERS, Tables, build_key, decode, digest_of_key,
-    encode, event_key, holding_key, job_key, scan,
+    T_JOBS, T_META, T_OUTPUTS, T_RESULTS, T_WORKERS, Tables, blob_key_of_key, build_key, decode,
+    digest_of_key, encode, event_key, holding_key, job_key, scan,
 };
 
 /// A worker's record (its held artifacts are rows of `holdings`).
@@ -96,9 +96,7 @@ impl Model {
             Ok(())
         })?;
         scan(state, T_BLOBS, &[], |k, v| {
-            model
-                .blobs
-                .insert(digest_of_key("blob", k)?, decode("blob", v)?);
+            model.blobs.insert(blob_key_of_key(k)?, decode("blob", v)?);
             Ok(())
         })?;
         model.load_staged(state)?;
@@ -223,8 +221,8 @@ impl Model {
         }
         for digest in dirty.blobs {
             match self.blobs.get(&digest) {
-                Some(blob) => txn.put(T_BLOBS, digest.as_bytes(), &encode("blob", blob)?)?,
-                None => txn.delete(T_BLOBS, digest.as_bytes())?,
+                Some(blob) => txn.put(T_BLOBS, digest.hash_bytes(), &encode("blob", blob)?)?,
+                None => txn.delete(T_BLOBS, digest.hash_bytes())?,
             }
         }
         for (id, output) in dirty.new_outputs {

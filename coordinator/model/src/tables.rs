@@ -5,7 +5,7 @@
 
 use std::ops::ControlFlow;
 
-use distbuild_proto::Digest;
+use distbuild_proto::{BlobKey, Digest};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -226,4 +226,9 @@ pub(crate) fn scan(
 /// The digest a table key holds.
 pub(crate) fn digest_of_key(what: &'static str, bytes: &[u8]) -> Result<Digest, StorageError> {
     Digest::try_from(bytes).map_err(|e| StorageError::Corrupt(format!("{what} key: {e}")))
+}
+
+/// A blob key from a table key (its hash's bytes).
+pub(crate) fn blob_key_of_key(bytes: &[u8]) -> Result<BlobKey, StorageError> {
+    BlobKey::from_hash_bytes(bytes).map_err(|e| StorageError::Corrupt(format!("blob key: {e}")))
 }

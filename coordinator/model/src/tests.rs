@@ -1471,7 +1471,7 @@ fn blobs_no_build_needs_go_after_their_retention_and_past_the_byte_bound_lru_fir
     let blob = |n: u8| Digest::from_bytes([200 + n; 20]);
     for n in 0..3 {
         h.apply(Command::BlobStored {
-            digest: blob(n),
+            digest: blob(n).into(),
             size: 100,
         });
         h.now_ms += 1_000;
@@ -1491,8 +1491,8 @@ fn blobs_no_build_needs_go_after_their_retention_and_past_the_byte_bound_lru_fir
         ..KEEP_ALL
     };
     assert_eq!(collect(&mut h, limits).blobs, 1);
-    assert!(!h.model.has_blob(&blob(1)));
-    assert!(h.model.has_blob(&blob(0)) && h.model.has_blob(&blob(2)));
+    assert!(!h.model.has_blob(&blob(1).into()));
+    assert!(h.model.has_blob(&blob(0).into()) && h.model.has_blob(&blob(2).into()));
     // Over a byte bound of 50, a recently used blob still stays (a client
     // uploads before it submits)...
     let limits = GcLimits {
@@ -1505,8 +1505,8 @@ fn blobs_no_build_needs_go_after_their_retention_and_past_the_byte_bound_lru_fir
     h.now_ms += RECENT_BLOB_MS;
     h.heartbeat("a", &[]);
     assert_eq!(collect(&mut h, limits).blobs, 1);
-    assert!(h.model.has_blob(&blob(0)));
-    assert!(!h.model.has_blob(&blob(2)));
+    assert!(h.model.has_blob(&blob(0).into()));
+    assert!(!h.model.has_blob(&blob(2).into()));
     assert_eq!(h.model.blob_bytes_kept(&limits), 100);
     // Done with it, blob 0 can go too.
     assert!(h.run_one("a", key(1), success(1)));

@@ -2,7 +2,6 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::Duration;
 
 use distbuild_proto::graph::{BuildGraph, check_relative_path};
 use distbuild_proto::v1::client_api_server::ClientApi;
@@ -23,7 +22,7 @@ use distbuild_model::{self as model, CmdText, Command, DepRef, InputRef, JobSpec
 use super::rate::CallerRates;
 use super::status::{invalid, refusal};
 use super::watch::{Watchers, stream_events};
-use super::{ResponseStream, digests, receive_blob};
+use super::{KeptBlobBytes, ResponseStream, digests, receive_blob};
 use crate::replica::Node;
 
 /// Most jobs one build may have.
@@ -34,28 +33,8 @@ pub struct ClientService {
     pub watchers: Watchers,
     /// Per-caller rate bounds on state-changing calls.
     pub rates: CallerRates,
-    /// What an upload must fit beside.
-    pub kept_blob_bytes: KeptBlobBytes,
-}
-
-/// The source bytes collection may not take (what builds in flight need,
-/// what was used recently), for upload admission: a scan of every build in
-/// flight, so computed at most once a second, not per upload.
-#[derive(Default)]
-pub struct KeptBlobBytes(std::sync::Mutex<Option<(tokio::time::Instant, u64)>>);
-
-impl KeptBlobBytes {
-    fn get(&self, node: &Node) -> u64 {
-        let mut cached = self.0.lock().expect("kept bytes lock poisoned");
-        match *cached {
-            Some((at, bytes)) if at.elapsed() < Duration::from_secs(1) => bytes,
-            _ => {
-                let bytes = node.model().blob_bytes_kept(&node.tuning().gc);
-                *cached = Some((tokio::time::Instant::now(), bytes));
-                bytes
-            }
-        }
-    }
+    /// What an upload must fit beside (shared with the CAS).
+    pub kept_blob_bytes: Arc<KeptBlobBytes>,
 }
 
 /// Takes one state-changing call of the client that sent `request` (by its
@@ -147,7 +126,7 @@ impl ClientService {
                         "source file {path:?} ({id}): the request gives no digest for it"
                     )));
                 };
-                if model.blob_size(digest) != Some(*size) {
+                if model.blob_size(&(*digest).into()) != Some(*size) {
                     return Err(Status::failed_precondition(format!(
                         "source file {path:?}: blob {digest} ({size} bytes) was not uploaded"
                     )));
@@ -251,7 +230,10 @@ impl ClientApi for ClientService {
         // lacking its copy fetches it from a peer when asked for it).
         let missing: Vec<Digest> = {
             let model = self.node.model();
-            wanted.into_iter().filter(|d| !model.has_blob(d)).collect()
+            wanted
+                .into_iter()
+                .filter(|d| !model.has_blob(&(*d).into()))
+                .collect()
         };
         let missing = missing.iter().map(digest_to_wire).collect();
         Ok(Response::new(FindMissingBlobsResponse { missing }))
@@ -264,18 +246,7 @@ impl ClientApi for ClientService {
         // A follower redirects before reading any data.
         self.node.ready_leader().await?;
         admit(&self.rates, &request)?;
-        let max = self.node.tuning().gc.max_blob_bytes;
-        let admit = |size: u64| {
-            // What builds in flight need (or were just uploaded for) stays;
-            // the rest can be collected.
-            let kept = self.kept_blob_bytes.get(&self.node);
-            if kept.saturating_add(size) > max {
-                return Err(Status::resource_exhausted(format!(
-                    "a blob of {size} bytes does not fit: builds in flight and recent uploads hold {kept} of the {max} bytes of sources this cluster keeps (--max-blob-bytes)"
-                )));
-            }
-            Ok(())
-        };
+        let admit = |size: u64| self.kept_blob_bytes.admit(&self.node, size);
         let (digest, size) = receive_blob(self.node.blobs(), request.into_inner(), admit).await?;
         self.node.replicate_blob(digest, size).await?;
         self.node

@@ -1,6 +1,6 @@
 //! The coordinator's gRPC services, one module per audience: clients
-//! (`client`), workers (`worker`), operators (`admin`) and the other
-//! replicas (`raft`). Everything from the network is validated here,
+//! (`client`, and Remote Execution API clients: `reapi`), workers
+//! (`worker`), operators (`admin`) and the other replicas (`raft`). Everything from the network is validated here,
 //! before a command exists; `status` is the one place a domain error
 //! becomes a gRPC status. Nothing below this layer knows of tonic's
 //! services.
@@ -9,18 +9,52 @@ pub mod admin;
 pub mod client;
 pub mod raft;
 pub mod rate;
+pub mod reapi;
 pub mod status;
 pub mod watch;
 pub mod worker;
 
 use std::pin::Pin;
 
-use distbuild_proto::Digest;
 use distbuild_proto::wire::digest_from_wire;
+use distbuild_proto::{BlobKey, Digest};
 use futures::Stream;
 use tonic::Status;
 
 use self::status::{blob_status, invalid};
+
+/// The blob bytes collection may not take (what builds in flight need,
+/// what was used recently), for upload admission: a scan of every build in
+/// flight, so computed at most once a second, not per upload.
+#[derive(Default)]
+pub struct KeptBlobBytes(std::sync::Mutex<Option<(tokio::time::Instant, u64)>>);
+
+impl KeptBlobBytes {
+    fn get(&self, node: &crate::replica::Node) -> u64 {
+        let mut cached = self.0.lock().expect("kept bytes lock poisoned");
+        match *cached {
+            Some((at, bytes)) if at.elapsed() < std::time::Duration::from_secs(1) => bytes,
+            _ => {
+                let bytes = node.model().blob_bytes_kept(&node.tuning().gc);
+                *cached = Some((tokio::time::Instant::now(), bytes));
+                bytes
+            }
+        }
+    }
+
+    /// Whether a blob of `size` bytes fits beside what builds in flight
+    /// need (or were just uploaded for); the rest can be collected.
+    pub fn admit(&self, node: &crate::replica::Node, size: u64) -> Result<(), Status> {
+        let max = node.tuning().gc.max_blob_bytes;
+        let kept = self.get(node);
+        if kept.saturating_add(size) > max {
+            return Err(Status::resource_exhausted(format!(
+                "a blob of {size} bytes does not fit: builds in flight and recent uploads hold {kept} of the {max} bytes of blobs this cluster keeps (--max-blob-bytes)"
+            )));
+        }
+        Ok(())
+    }
+}
 
 /// How long an upload may sit without a chunk.
 const UPLOAD_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
@@ -43,11 +77,11 @@ pub async fn receive_blob(
     blobs: &crate::blobs::BlobStore,
     mut chunks: tonic::Streaming<distbuild_proto::v1::BlobChunk>,
     admit: impl FnOnce(u64) -> Result<(), Status>,
-) -> Result<(Digest, u64), Status> {
+) -> Result<(BlobKey, u64), Status> {
     let first = next_chunk(&mut chunks)
         .await?
         .ok_or_else(|| Status::invalid_argument("empty upload"))?;
-    let digest = digest_from_wire(&first.digest, "upload digest").map_err(invalid)?;
+    let digest = blob_key_from_wire(&first.digest, "upload digest")?;
     let size = first.size;
     admit(size)?;
     let mut writer = blobs.writer(digest, size).await.map_err(blob_status)?;
@@ -57,6 +91,12 @@ pub async fn receive_blob(
     }
     writer.finish().await.map_err(blob_status)?;
     Ok((digest, size))
+}
+
+/// A blob's key from the wire (a hash of 20 bytes is SHA-1, of 32
+/// SHA-256); `what` names the field.
+pub fn blob_key_from_wire(bytes: &[u8], what: &str) -> Result<BlobKey, Status> {
+    BlobKey::from_hash_bytes(bytes).map_err(|e| Status::invalid_argument(format!("{what}: {e}")))
 }
 
 /// A server-streaming response.

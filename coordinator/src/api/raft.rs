@@ -9,11 +9,10 @@ use distbuild_proto::raft_v1::{
     NodeStatusRequest, NodeStatusResponse, RaftPayload, StoreBlobResponse,
 };
 use distbuild_proto::v1::{BlobChunk, FetchRequest};
-use distbuild_proto::wire::digest_from_wire;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::status::{invalid, to_status};
-use super::{ResponseStream, receive_blob, stream_file};
+use super::status::to_status;
+use super::{ResponseStream, blob_key_from_wire, receive_blob, stream_file};
 use crate::replica::Node;
 
 pub struct RaftService {
@@ -57,7 +56,7 @@ impl RaftTransport for RaftService {
         &self,
         request: Request<FetchRequest>,
     ) -> Result<Response<Self::FetchBlobStream>, Status> {
-        let digest = digest_from_wire(&request.get_ref().digest, "digest").map_err(invalid)?;
+        let digest = blob_key_from_wire(&request.get_ref().digest, "digest")?;
         // Only this node's own copy: peers never chain fetches.
         match self.node.open_own_blob(&digest).await.map_err(to_status)? {
             Some(file) => Ok(Response::new(stream_file(file))),

@@ -23,7 +23,7 @@ use tonic::{Request, Response, Status};
 
 use super::rate::CallerRates;
 use super::status::invalid;
-use super::{ResponseStream, digests, stream_file};
+use super::{ResponseStream, blob_key_from_wire, digests, stream_file};
 use distbuild_model::{self as model, CmdText, Command, MAX_ASSIGN_BATCH, Outcome};
 
 use crate::replica::Node;
@@ -471,7 +471,7 @@ impl WorkerApi for WorkerService {
         &self,
         request: Request<FetchRequest>,
     ) -> Result<Response<Self::FetchBlobStream>, Status> {
-        let digest = digest_from_wire(&request.get_ref().digest, "digest").map_err(invalid)?;
+        let digest = blob_key_from_wire(&request.get_ref().digest, "digest")?;
         // Only the leader knows every acknowledged blob: a follower that
         // has not applied the blob's record yet (it was cut off, or is
         // behind) sends the caller to the leader instead of denying it.

@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use distbuild_model::tables::StoredEvent;
 use distbuild_model::{Model, Response};
-use distbuild_proto::Digest;
 use distbuild_raft_store::StateHandle;
 use openraft::error::RaftError;
 use openraft::{BasicNode, Raft, ServerState};
@@ -295,10 +294,23 @@ impl Node {
             .map_err(|e| ReplicaError::Internal(format!("read build events: {e}")))
     }
 
-    /// This replica's own copy of source blob `digest`, if it has one.
-    pub async fn open_own_blob(&self, digest: &Digest) -> Result<Option<BlobReader>> {
+    /// This replica's own copy of blob `digest`, if it has one.
+    pub async fn open_own_blob(
+        &self,
+        digest: &distbuild_proto::BlobKey,
+    ) -> Result<Option<BlobReader>> {
+        self.open_own_blob_at(digest, 0).await
+    }
+
+    /// This replica's own copy of blob `digest` from byte `offset` on, if
+    /// it has one.
+    pub async fn open_own_blob_at(
+        &self,
+        digest: &distbuild_proto::BlobKey,
+        offset: u64,
+    ) -> Result<Option<BlobReader>> {
         self.blobs
-            .open_blob(digest)
+            .open_blob_at(digest, offset)
             .await
             .map_err(|e| ReplicaError::Internal(e.to_string()))
     }

@@ -6,10 +6,9 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use distbuild_proto::Digest;
+use distbuild_proto::BlobKey;
 use distbuild_proto::blob::upload_chunks;
 use distbuild_proto::v1::FetchRequest;
-use distbuild_proto::wire::digest_to_wire;
 use futures::StreamExt;
 use tokio::task::JoinSet;
 
@@ -66,7 +65,7 @@ fn other_members(node: &Node) -> Vec<(u64, String)> {
 /// Copies a blob this node stores to the other voters and returns once a
 /// quorum (counting this node) has it. Copies still running then carry on
 /// in the background, bounded by their deadline.
-pub(crate) async fn replicate_blob(node: &Node, digest: Digest, size: u64) -> Result<()> {
+pub(crate) async fn replicate_blob(node: &Node, digest: BlobKey, size: u64) -> Result<()> {
     let (others, configs) = other_voters(node);
     let mut stored = BTreeSet::from([node.node_id]);
     if is_quorum(&configs, &stored) {
@@ -120,7 +119,7 @@ async fn push(
     peers: &super::network::Peers,
     addr: &str,
     blobs: &crate::blobs::BlobStore,
-    digest: Digest,
+    digest: BlobKey,
     size: u64,
 ) -> std::result::Result<(), String> {
     let deadline = copy_deadline(size);
@@ -139,7 +138,7 @@ async fn push_once(
     peers: &super::network::Peers,
     addr: &str,
     blobs: &crate::blobs::BlobStore,
-    digest: Digest,
+    digest: BlobKey,
     size: u64,
 ) -> std::result::Result<(), String> {
     let file = blobs
@@ -172,7 +171,7 @@ async fn push_once(
 /// Makes sure this node stores `digest` (recorded in the state, so a
 /// quorum stored it): fetches it from the other members when missing.
 /// Returns whether it is stored here now.
-pub(crate) async fn ensure_local(node: &Node, digest: Digest) -> Result<bool> {
+pub(crate) async fn ensure_local(node: &Node, digest: BlobKey) -> Result<bool> {
     if node.blobs.contains(&digest) {
         return Ok(true);
     }
@@ -200,12 +199,12 @@ pub(crate) async fn ensure_local(node: &Node, digest: Digest) -> Result<bool> {
 async fn fetch_from(
     node: &Node,
     addr: &str,
-    digest: Digest,
+    digest: BlobKey,
     size: u64,
 ) -> std::result::Result<(), String> {
     let mut client = node.peers.transport(addr).map_err(|e| e.to_string())?;
     let mut request = tonic::Request::new(FetchRequest {
-        digest: digest_to_wire(&digest),
+        digest: bytes::Bytes::copy_from_slice(digest.hash_bytes()),
     });
     request.set_timeout(copy_deadline(size));
     let mut chunks = client
@@ -228,13 +227,13 @@ async fn fetch_from(
 impl Node {
     /// Stores the blob this node just received on a quorum of voters (see
     /// the module documentation); Ok once a quorum has it.
-    pub async fn replicate_blob(&self, digest: Digest, size: u64) -> Result<()> {
+    pub async fn replicate_blob(&self, digest: BlobKey, size: u64) -> Result<()> {
         replicate_blob(self, digest, size).await
     }
 
     /// Makes sure this node stores recorded blob `digest`, fetching it
     /// from a peer when missing; whether it is stored here now.
-    pub async fn ensure_local_blob(&self, digest: Digest) -> Result<bool> {
+    pub async fn ensure_local_blob(&self, digest: BlobKey) -> Result<bool> {
         ensure_local(self, digest).await
     }
 }

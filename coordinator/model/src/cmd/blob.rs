@@ -1,13 +1,13 @@
-//! `BlobStored`: a source blob that a quorum of coordinators stored (or
+//! `BlobStored`: a blob (a source, or a Remote Execution API client's) that a quorum of coordinators stored (or
 //! stored again: it counts as used now).
 
-use distbuild_proto::Digest;
+use distbuild_proto::BlobKey;
 
 use crate::records::BlobRecord;
 use crate::state::Model;
 
 impl Model {
-    pub(crate) fn blob_stored(&mut self, digest: Digest, size: u64) {
+    pub(crate) fn blob_stored(&mut self, digest: BlobKey, size: u64) {
         self.blobs.insert(
             digest,
             BlobRecord {

@@ -62,7 +62,7 @@ impl Model {
         let gone = jobs
             .iter()
             .flat_map(|j| &j.spec.inputs)
-            .find(|input| !self.blobs.contains_key(&input.digest));
+            .find(|input| !self.blobs.contains_key(&input.digest.into()));
         if let Some(input) = gone {
             return Response::Refused {
                 reason: format!(
@@ -74,11 +74,11 @@ impl Model {
         }
         // Named by a build: used now.
         for input in jobs.iter().flat_map(|j| &j.spec.inputs) {
-            if let Some(blob) = self.blobs.get_mut(&input.digest)
+            if let Some(blob) = self.blobs.get_mut(&input.digest.into())
                 && blob.last_used_ms != self.clock_ms
             {
                 blob.last_used_ms = self.clock_ms;
-                self.dirty.blobs.insert(input.digest);
+                self.dirty.blobs.insert(input.digest.into());
             }
         }
         let jobs = &jobs[..];

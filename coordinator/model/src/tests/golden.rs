@@ -193,8 +193,12 @@ fn commands() -> Vec<Command> {
             lease_timeout_ms: 10_000,
         },
         Command::BlobStored {
-            digest: digest(11),
+            digest: digest(11).into(),
             size: 1 << 40,
+        },
+        Command::BlobStored {
+            digest: distbuild_proto::BlobKey::Sha256([12; 32]),
+            size: 3,
         },
         Command::CollectGarbage {
             now_ms: 1_700_000_000_777,
@@ -374,7 +378,7 @@ fn a_scripted_run_leaves_the_pinned_tables() {
     };
     let script = vec![
         Proposal::once(Command::BlobStored {
-            digest: digest(200),
+            digest: digest(200).into(),
             size: 300,
         }),
         Proposal {

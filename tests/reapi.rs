@@ -1,0 +1,403 @@
+//! The Remote Execution API's cache services against a real coordinator
+//! over real gRPC (the generated clients of `bazel-remote-apis`, as a
+//! Rust REAPI client would use them): capabilities, the CAS and
+//! ByteStream, each RPC's edges — missing blobs, bad digests, bad resource
+//! names, resumed reads, oversized batches — and the coordinator serving
+//! on after each.
+
+mod support;
+
+use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
+use bazel_remote_apis::google::bytestream::byte_stream_client::ByteStreamClient;
+use bazel_remote_apis::google::bytestream::{QueryWriteStatusRequest, ReadRequest, WriteRequest};
+use prost::Message as _;
+use re::capabilities_client::CapabilitiesClient;
+use re::content_addressable_storage_client::ContentAddressableStorageClient;
+use sha2::Digest as _;
+use support::*;
+use tonic::Code;
+use tonic::transport::Channel;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn sha256(data: &[u8]) -> re::Digest {
+    re::Digest {
+        hash: hex::encode(sha2::Sha256::digest(data)),
+        size_bytes: data.len() as i64,
+    }
+}
+
+fn sha1(data: &[u8]) -> re::Digest {
+    use sha1::Digest as _;
+    re::Digest {
+        hash: hex::encode(sha1::Sha1::digest(data)),
+        size_bytes: data.len() as i64,
+    }
+}
+
+fn update(digest: re::Digest, data: &[u8]) -> re::batch_update_blobs_request::Request {
+    re::batch_update_blobs_request::Request {
+        digest: Some(digest),
+        data: data.to_vec(),
+        compressor: 0,
+    }
+}
+
+fn refused<T: std::fmt::Debug>(result: Result<T, tonic::Status>, code: Code, says: &str) {
+    let status = result.expect_err("refused");
+    assert_eq!(status.code(), code, "{status:?}");
+    assert!(status.message().contains(says), "{status:?}");
+}
+
+async fn channel(addr: &str) -> Channel {
+    Channel::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect")
+}
+
+async fn read_all(
+    bytestream: &mut ByteStreamClient<Channel>,
+    name: &str,
+    offset: i64,
+    limit: i64,
+) -> Result<Vec<u8>, tonic::Status> {
+    use futures::StreamExt as _;
+    let mut stream = bytestream
+        .read(ReadRequest {
+            resource_name: name.to_string(),
+            read_offset: offset,
+            read_limit: limit,
+        })
+        .await?
+        .into_inner();
+    let mut data = Vec::new();
+    while let Some(piece) = stream.next().await {
+        data.extend(piece?.data);
+    }
+    Ok(data)
+}
+
+#[test]
+fn the_cas_and_bytestream_serve_blobs_by_sha256_and_sha1_and_refuse_bad_input_clearly() {
+    let cluster = Cluster::start(0, 1);
+    let addr = cluster.coordinator_addr();
+    runtime().block_on(async {
+        let channel = channel(&addr).await;
+        let mut capabilities = CapabilitiesClient::new(channel.clone());
+        let mut cas = ContentAddressableStorageClient::new(channel.clone())
+            .max_decoding_message_size(64 << 20);
+        let mut bytestream = ByteStreamClient::new(channel.clone());
+
+        // Capabilities: both functions, API 2.0 and later.
+        let offered = capabilities
+            .get_capabilities(re::GetCapabilitiesRequest::default())
+            .await
+            .expect("capabilities")
+            .into_inner();
+        let cache = offered.cache_capabilities.expect("cache capabilities");
+        assert_eq!(
+            cache.digest_functions,
+            vec![
+                re::digest_function::Value::Sha256 as i32,
+                re::digest_function::Value::Sha1 as i32
+            ]
+        );
+        assert_eq!(offered.low_api_version.expect("low").minor, 0);
+        assert!(cache.max_batch_total_size_bytes > 0);
+
+        // Missing blobs: the empty blob never is.
+        let (a, b) = (b"blob a".as_slice(), b"blob b".as_slice());
+        let missing = cas
+            .find_missing_blobs(re::FindMissingBlobsRequest {
+                blob_digests: vec![sha256(a), sha256(b), sha256(b"")],
+                ..Default::default()
+            })
+            .await
+            .expect("find missing")
+            .into_inner();
+        assert_eq!(missing.missing_blob_digests, vec![sha256(a), sha256(b)]);
+
+        // A batch: one good blob, one whose content is not its digest's.
+        let stored = cas
+            .batch_update_blobs(re::BatchUpdateBlobsRequest {
+                requests: vec![update(sha256(a), a), update(sha256(b), b"not b")],
+                ..Default::default()
+            })
+            .await
+            .expect("batch update")
+            .into_inner();
+        let codes: Vec<i32> = stored
+            .responses
+            .iter()
+            .map(|r| r.status.as_ref().expect("status").code)
+            .collect();
+        assert_eq!(codes, vec![Code::Ok as i32, Code::InvalidArgument as i32]);
+        let missing = cas
+            .find_missing_blobs(re::FindMissingBlobsRequest {
+                blob_digests: vec![sha256(a), sha256(b)],
+                ..Default::default()
+            })
+            .await
+            .expect("find missing")
+            .into_inner();
+        assert_eq!(missing.missing_blob_digests, vec![sha256(b)]);
+
+        // SHA-1, asked for by name: its own key space.
+        let sha1_request = |digests: Vec<re::Digest>| re::FindMissingBlobsRequest {
+            blob_digests: digests,
+            digest_function: re::digest_function::Value::Sha1 as i32,
+            ..Default::default()
+        };
+        let missing = cas
+            .find_missing_blobs(sha1_request(vec![sha1(a)]))
+            .await
+            .expect("find missing")
+            .into_inner();
+        assert_eq!(missing.missing_blob_digests, vec![sha1(a)]);
+        cas.batch_update_blobs(re::BatchUpdateBlobsRequest {
+            requests: vec![update(sha1(a), a)],
+            digest_function: re::digest_function::Value::Sha1 as i32,
+            ..Default::default()
+        })
+        .await
+        .expect("batch update");
+        let missing = cas
+            .find_missing_blobs(sha1_request(vec![sha1(a)]))
+            .await
+            .expect("find missing")
+            .into_inner();
+        assert!(missing.missing_blob_digests.is_empty());
+
+        // Bad digests and functions.
+        let bad_hash = re::Digest {
+            hash: "not-hex".into(),
+            size_bytes: 1,
+        };
+        refused(
+            cas.find_missing_blobs(re::FindMissingBlobsRequest {
+                blob_digests: vec![sha256(a), bad_hash],
+                ..Default::default()
+            })
+            .await,
+            Code::InvalidArgument,
+            "blob_digests[1]: \"not-hex\" is not a SHA-256 hash",
+        );
+        refused(
+            cas.find_missing_blobs(re::FindMissingBlobsRequest {
+                blob_digests: vec![sha256(a)],
+                digest_function: re::digest_function::Value::Md5 as i32,
+                ..Default::default()
+            })
+            .await,
+            Code::InvalidArgument,
+            "MD5 is not offered",
+        );
+        let mut negative = sha256(a);
+        negative.size_bytes = -5;
+        refused(
+            cas.batch_read_blobs(re::BatchReadBlobsRequest {
+                digests: vec![negative],
+                ..Default::default()
+            })
+            .await,
+            Code::InvalidArgument,
+            "digests[0]: size -5 is negative",
+        );
+
+        // An oversized batch is refused whole.
+        let big = vec![7u8; (cache.max_batch_total_size_bytes + 1) as usize];
+        refused(
+            cas.batch_update_blobs(re::BatchUpdateBlobsRequest {
+                requests: vec![update(sha256(&big), &big)],
+                ..Default::default()
+            })
+            .await,
+            Code::InvalidArgument,
+            "over max_batch_total_size_bytes",
+        );
+
+        // Batch reads: the stored one, and NOT_FOUND for the other.
+        let read = cas
+            .batch_read_blobs(re::BatchReadBlobsRequest {
+                digests: vec![sha256(a), sha256(b)],
+                ..Default::default()
+            })
+            .await
+            .expect("batch read")
+            .into_inner();
+        assert_eq!(read.responses[0].data, a);
+        assert_eq!(read.responses[0].status.as_ref().map(|s| s.code), Some(0));
+        assert_eq!(
+            read.responses[1].status.as_ref().map(|s| s.code),
+            Some(Code::NotFound as i32)
+        );
+
+        // ByteStream: a 3 MiB blob written in 1 MiB pieces, then read
+        // whole, and resumed from an offset with a limit.
+        let large: Vec<u8> = (0..3 << 20).map(|i: u32| (i % 251) as u8).collect();
+        let digest = sha256(&large);
+        let upload = format!(
+            "main/uploads/5a1e2f0c-1111-2222-3333-444455556666/blobs/{}/{}",
+            digest.hash, digest.size_bytes
+        );
+        let pieces: Vec<WriteRequest> = large
+            .chunks(1 << 20)
+            .enumerate()
+            .map(|(i, piece)| WriteRequest {
+                resource_name: if i == 0 {
+                    upload.clone()
+                } else {
+                    String::new()
+                },
+                write_offset: (i << 20) as i64,
+                finish_write: (i + 1) << 20 >= large.len(),
+                data: piece.to_vec(),
+            })
+            .collect();
+        let written = bytestream
+            .write(futures::stream::iter(pieces))
+            .await
+            .expect("write")
+            .into_inner();
+        assert_eq!(written.committed_size, large.len() as i64);
+        let status = bytestream
+            .query_write_status(QueryWriteStatusRequest {
+                resource_name: upload.clone(),
+            })
+            .await
+            .expect("query")
+            .into_inner();
+        assert!(status.complete);
+        let name = format!("main/blobs/{}/{}", digest.hash, digest.size_bytes);
+        assert_eq!(
+            read_all(&mut bytestream, &name, 0, 0).await.expect("read"),
+            large
+        );
+        let offset = (1 << 20) + 10;
+        assert_eq!(
+            read_all(&mut bytestream, &name, offset as i64, 100)
+                .await
+                .expect("resumed read"),
+            large[offset..offset + 100]
+        );
+        refused(
+            read_all(&mut bytestream, &name, large.len() as i64 + 1, 0).await,
+            Code::OutOfRange,
+            "past the blob's",
+        );
+        refused(
+            read_all(
+                &mut bytestream,
+                &format!("blobs/{}/6", sha256(b).hash),
+                0,
+                0,
+            )
+            .await,
+            Code::NotFound,
+            "is not stored",
+        );
+        refused(
+            read_all(&mut bytestream, "main/blobz/abc/1", 0, 0).await,
+            Code::InvalidArgument,
+            "no \"blobs\" segment",
+        );
+        // A write whose content is not its digest's stores nothing.
+        let wrong = WriteRequest {
+            resource_name: format!("uploads/u2/blobs/{}/6", sha256(b).hash),
+            write_offset: 0,
+            finish_write: true,
+            data: b"not b!".to_vec(),
+        };
+        refused(
+            bytestream.write(futures::stream::iter([wrong])).await,
+            Code::InvalidArgument,
+            "hashes to",
+        );
+        let status = bytestream
+            .query_write_status(QueryWriteStatusRequest {
+                resource_name: format!("uploads/u2/blobs/{}/6", sha256(b).hash),
+            })
+            .await
+            .expect("query")
+            .into_inner();
+        assert!(!status.complete);
+
+        // GetTree: a root naming one subdirectory, twice.
+        let leaf = re::Directory {
+            files: vec![re::FileNode {
+                name: "a.txt".into(),
+                digest: Some(sha256(a)),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let leaf_bytes = leaf.encode_to_vec();
+        let root = re::Directory {
+            directories: vec![
+                re::DirectoryNode {
+                    name: "x".into(),
+                    digest: Some(sha256(&leaf_bytes)),
+                },
+                re::DirectoryNode {
+                    name: "y".into(),
+                    digest: Some(sha256(&leaf_bytes)),
+                },
+            ],
+            ..Default::default()
+        };
+        let root_bytes = root.encode_to_vec();
+        refused(
+            async {
+                use futures::StreamExt as _;
+                let mut pages = cas
+                    .get_tree(re::GetTreeRequest {
+                        root_digest: Some(sha256(&root_bytes)),
+                        ..Default::default()
+                    })
+                    .await?
+                    .into_inner();
+                while let Some(page) = pages.next().await {
+                    page?;
+                }
+                Ok(())
+            }
+            .await,
+            Code::NotFound,
+            "is not stored",
+        );
+        cas.batch_update_blobs(re::BatchUpdateBlobsRequest {
+            requests: vec![
+                update(sha256(&leaf_bytes), &leaf_bytes),
+                update(sha256(&root_bytes), &root_bytes),
+            ],
+            ..Default::default()
+        })
+        .await
+        .expect("store the tree");
+        let pages: Vec<re::GetTreeResponse> = {
+            use futures::StreamExt as _;
+            cas.get_tree(re::GetTreeRequest {
+                root_digest: Some(sha256(&root_bytes)),
+                ..Default::default()
+            })
+            .await
+            .expect("get tree")
+            .into_inner()
+            .map(|page| page.expect("page"))
+            .collect()
+            .await
+        };
+        let directories: Vec<re::Directory> =
+            pages.into_iter().flat_map(|p| p.directories).collect();
+        assert_eq!(directories, vec![root, leaf]);
+    });
+    // The coordinator serves on.
+    assert!(cluster.status()["workers"].is_array(), "{}", cluster.logs());
+}
