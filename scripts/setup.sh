@@ -4,10 +4,13 @@
 # protoc is not needed: the build uses a vendored one. ninja is what the build
 # benchmark compares against; iproute2 (`ip`) builds the network namespaces of
 # the partition test (tests/partition.rs); bubblewrap (`bwrap`) is the
-# workers' job sandbox.
+# workers' job sandbox. Bazel (Debian's bazel-bootstrap, 4.2.3, with the
+# C++ and Java rules it would otherwise download) is the Remote Execution
+# API client of tests/bazel.rs.
 set -euo pipefail
 
-packages=(libclang-dev clang g++ make pkg-config ninja-build iproute2 bubblewrap)
+packages=(libclang-dev clang g++ make pkg-config ninja-build iproute2 bubblewrap
+  bazel-bootstrap bazel-rules-cc bazel-rules-java)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

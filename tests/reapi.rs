@@ -1,7 +1,7 @@
 //! The Remote Execution API's cache services against a real coordinator
 //! over real gRPC (the generated clients of `bazel-remote-apis`, as a
-//! Rust REAPI client would use them): capabilities, the CAS and
-//! ByteStream, each RPC's edges — missing blobs, bad digests, bad resource
+//! Rust REAPI client would use them): capabilities, the CAS, ByteStream
+//! and the action cache, each RPC's edges — missing blobs, bad digests, bad resource
 //! names, resumed reads, oversized batches — and the coordinator serving
 //! on after each.
 
@@ -11,6 +11,7 @@ use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
 use bazel_remote_apis::google::bytestream::byte_stream_client::ByteStreamClient;
 use bazel_remote_apis::google::bytestream::{QueryWriteStatusRequest, ReadRequest, WriteRequest};
 use prost::Message as _;
+use re::action_cache_client::ActionCacheClient;
 use re::capabilities_client::CapabilitiesClient;
 use re::content_addressable_storage_client::ContentAddressableStorageClient;
 use sha2::Digest as _;
@@ -397,6 +398,77 @@ fn the_cas_and_bytestream_serve_blobs_by_sha256_and_sha1_and_refuse_bad_input_cl
         let directories: Vec<re::Directory> =
             pages.into_iter().flat_map(|p| p.directories).collect();
         assert_eq!(directories, vec![root, leaf]);
+
+        // The action cache: results by (instance, action digest), stored
+        // only when the CAS holds every blob they name.
+        let mut action_cache = ActionCacheClient::new(channel.clone());
+        let action = sha256(b"an action");
+        let get = |instance: &str| re::GetActionResultRequest {
+            instance_name: instance.into(),
+            action_digest: Some(action.clone()),
+            ..Default::default()
+        };
+        refused(
+            action_cache.get_action_result(get("main")).await,
+            Code::NotFound,
+            "no result for action",
+        );
+        let result = |stdout: re::Digest| re::ActionResult {
+            output_files: vec![re::OutputFile {
+                path: "out/a.txt".into(),
+                digest: Some(sha256(a)),
+                is_executable: true,
+                ..Default::default()
+            }],
+            exit_code: 0,
+            stdout_digest: Some(stdout),
+            ..Default::default()
+        };
+        let update = |result: re::ActionResult| re::UpdateActionResultRequest {
+            instance_name: "main".into(),
+            action_digest: Some(action.clone()),
+            action_result: Some(result),
+            ..Default::default()
+        };
+        refused(
+            action_cache
+                .update_action_result(update(result(sha256(b"never uploaded"))))
+                .await,
+            Code::FailedPrecondition,
+            &format!(
+                "names blobs/{}/14, which the CAS does not hold",
+                sha256(b"never uploaded").hash
+            ),
+        );
+        let good = result(sha256(b""));
+        action_cache
+            .update_action_result(update(good.clone()))
+            .await
+            .expect("update");
+        let got = action_cache
+            .get_action_result(get("main"))
+            .await
+            .expect("get")
+            .into_inner();
+        assert_eq!(got, good);
+        refused(
+            action_cache.get_action_result(get("other")).await,
+            Code::NotFound,
+            "no result for action",
+        );
+        refused(
+            action_cache
+                .get_action_result(re::GetActionResultRequest {
+                    action_digest: Some(re::Digest {
+                        hash: "abc".into(),
+                        size_bytes: 3,
+                    }),
+                    ..Default::default()
+                })
+                .await,
+            Code::InvalidArgument,
+            "action_digest: \"abc\" is not a SHA-256 hash",
+        );
     });
     // The coordinator serves on.
     assert!(cluster.status()["workers"].is_array(), "{}", cluster.logs());

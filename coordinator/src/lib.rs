@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use bazel_remote_apis::build::bazel::remote::execution::v2::action_cache_server::ActionCacheServer;
 use bazel_remote_apis::build::bazel::remote::execution::v2::capabilities_server::CapabilitiesServer;
 use bazel_remote_apis::build::bazel::remote::execution::v2::content_addressable_storage_server::ContentAddressableStorageServer;
 use bazel_remote_apis::google::bytestream::byte_stream_server::ByteStreamServer;
@@ -373,6 +374,15 @@ where
         .max_encoding_message_size(MAX_MESSAGE_BYTES),
         reapi("the Remote Execution API"),
     );
+    let action_cache = InterceptedService::new(
+        ActionCacheServer::new(api::reapi::action_cache::ActionCacheService {
+            node: node.clone(),
+            rates: rates.clone(),
+        })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        reapi("the Remote Execution API"),
+    );
     let bytestream = InterceptedService::new(
         ByteStreamServer::new(api::reapi::bytestream::ByteStreamService {
             node: node.clone(),
@@ -418,6 +428,7 @@ where
         .add_service(capabilities)
         .add_service(cas)
         .add_service(bytestream)
+        .add_service(action_cache)
         .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned())
         .await;
     shutdown.cancel();

@@ -88,6 +88,16 @@ impl Model {
                 self.blob_stored(*digest, *size);
                 Response::None
             }
+            Command::ActionResultStored {
+                instance_name,
+                action,
+                result,
+                blobs,
+                ..
+            } => {
+                self.action_result_stored(instance_name, *action, result, blobs);
+                Response::None
+            }
             Command::CollectGarbage { limits, .. } => {
                 Response::Collected(self.collect_garbage(limits))
             }

@@ -9,7 +9,9 @@
 //!   client uploads its sources before it submits, so a blob just
 //!   uploaded is about to be needed;
 //! - cached results no build in flight needs, least recently used first,
-//!   while they pass their count or byte bound.
+//!   while they pass their count or byte bound;
+//! - Remote Execution API action results whose blobs are gone, then the
+//!   oldest while they pass the same count or byte bound (counted apart).
 //!
 //! What a build in flight needs is never dropped, so collection never
 //! breaks one (a result still named by a job is kept, as is its output).
@@ -140,6 +142,38 @@ impl Model {
             count -= 1;
             self.forget_result(key);
             collected.results += 1;
+        }
+
+        // Action results, oldest first, past the same bounds as results
+        // (counted on their own). A result whose blobs were collected is
+        // useless: it goes first.
+        let mut candidates: Vec<(bool, u64, (String, BlobKey))> = self
+            .action_results
+            .iter()
+            .map(|(k, r)| {
+                let whole = r
+                    .blobs
+                    .iter()
+                    .all(|(blob, size)| self.blobs.get(blob).is_some_and(|b| b.size == *size));
+                (whole, r.stored_ms, k.clone())
+            })
+            .collect();
+        candidates.sort_unstable();
+        let mut count = self.action_results.len() as u64;
+        let mut bytes: u64 = self
+            .action_results
+            .values()
+            .map(|r| r.result.len() as u64)
+            .sum();
+        for (whole, _, key) in candidates {
+            if whole && count <= limits.max_results && bytes <= limits.max_result_bytes {
+                break;
+            }
+            let record = self.action_results.remove(&key).expect("a candidate");
+            bytes -= record.result.len() as u64;
+            count -= 1;
+            self.dirty.action_results.insert(key);
+            collected.action_results += 1;
         }
         collected
     }

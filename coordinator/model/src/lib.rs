@@ -39,7 +39,8 @@ pub use log::{
     Proposal, Response, SubmittedJob,
 };
 pub use records::{
-    Build, BuildHeader, BuildJob, CachedResult, ExecState, Execution, JobOutput, JobState, Worker,
+    ActionResultRecord, Build, BuildHeader, BuildJob, CachedResult, ExecState, Execution,
+    JobOutput, JobState, Worker,
 };
 pub use requests::Requests;
 pub use staging::{

@@ -129,6 +129,8 @@ pub struct Collected {
     pub blobs: u32,
     pub blob_bytes: u64,
     pub results: u32,
+    /// Remote Execution API action results dropped.
+    pub action_results: u32,
 }
 
 /// How a run ended, as the worker reported it.
@@ -244,6 +246,16 @@ pub enum Command {
         digest: BlobKey,
         size: u64,
     },
+    /// Stores a Remote Execution API action's result under (instance
+    /// name, action digest), replacing any before it.
+    ActionResultStored {
+        instance_name: String,
+        action: BlobKey,
+        #[serde(with = "serde_bytes")]
+        result: Vec<u8>,
+        blobs: Vec<(BlobKey, u64)>,
+        now_ms: u64,
+    },
     /// Drops what no build in flight needs beyond the limits (see `gc`).
     CollectGarbage {
         now_ms: u64,
@@ -338,6 +350,7 @@ impl Command {
             | Command::Report { now_ms, .. }
             | Command::ExpireLeases { now_ms, .. }
             | Command::ExtendLeases { now_ms, .. }
+            | Command::ActionResultStored { now_ms, .. }
             | Command::CollectGarbage { now_ms, .. } => Some(*now_ms),
             Command::BlobStored { .. } => None,
         }

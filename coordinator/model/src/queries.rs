@@ -21,6 +21,17 @@ impl Model {
         self.requests.get(request_id).copied()
     }
 
+    /// The stored result of Remote Execution API action `action` in
+    /// instance `instance_name`.
+    pub fn action_result(
+        &self,
+        instance_name: &str,
+        action: &BlobKey,
+    ) -> Option<&crate::records::ActionResultRecord> {
+        self.action_results
+            .get(&(instance_name.to_string(), *action))
+    }
+
     pub fn has_blob(&self, digest: &BlobKey) -> bool {
         self.blobs.contains_key(digest)
     }

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use distbuild_proto::Digest;
+use distbuild_proto::{BlobKey, Digest};
 use serde::{Deserialize, Serialize};
 
 use crate::log::{JobSpec, OutputRef, SubmittedJob};
@@ -138,6 +138,20 @@ pub struct BlobRecord {
     /// The state's clock when it was last uploaded or named by a submitted
     /// build (the least recently used go first).
     pub last_used_ms: u64,
+}
+
+/// A Remote Execution API action's cached result, as a client stored it
+/// (`UpdateActionResult`) or a run produced it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActionResultRecord {
+    /// The encoded `ActionResult` message.
+    #[serde(with = "serde_bytes")]
+    pub result: Vec<u8>,
+    /// The CAS blobs it names (outputs, trees, stdout, stderr) with their
+    /// sizes: a result some of whose blobs are gone is not served.
+    pub blobs: Vec<(BlobKey, u64)>,
+    /// The state's clock when it was stored (the oldest go first).
+    pub stored_ms: u64,
 }
 
 /// A registered worker.

@@ -7,7 +7,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use distbuild_proto::{BlobKey, Digest};
 
 use crate::log::Event;
-use crate::records::{BlobRecord, Build, CachedResult, Execution, Staged, Worker};
+use crate::records::{
+    ActionResultRecord, BlobRecord, Build, CachedResult, Execution, Staged, Worker,
+};
 
 /// Records changed by the entry being applied.
 #[derive(Default)]
@@ -21,6 +23,7 @@ pub(crate) struct Dirty {
     pub(crate) workers: BTreeSet<String>,
     pub(crate) holdings: BTreeSet<(String, Digest)>,
     pub(crate) blobs: BTreeSet<BlobKey>,
+    pub(crate) action_results: BTreeSet<(String, BlobKey)>,
     pub(crate) removed_builds: Vec<u64>,
     pub(crate) staged_parts: BTreeSet<(String, u32)>,
     pub(crate) unstaged: Vec<String>,
@@ -50,6 +53,8 @@ pub struct Model {
     /// Artifact -> workers holding it (derived from `Worker::held`).
     pub(crate) held_by: BTreeMap<Digest, BTreeSet<String>>,
     pub(crate) blobs: BTreeMap<BlobKey, BlobRecord>,
+    /// Remote Execution API action results by (instance name, action).
+    pub(crate) action_results: BTreeMap<(String, BlobKey), ActionResultRecord>,
     /// Submits in parts, by request ID, until their last part arrives.
     pub(crate) staged: BTreeMap<String, Staged>,
     /// Output row -> jobs and results naming it (derived from the jobs'
@@ -77,6 +82,7 @@ impl Model {
             workers: self.workers.clone(),
             held_by: self.held_by.clone(),
             blobs: self.blobs.clone(),
+            action_results: self.action_results.clone(),
             staged: self.staged.clone(),
             output_refs: self.output_refs.clone(),
             dirty: Dirty::default(),

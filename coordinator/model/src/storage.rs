@@ -8,9 +8,10 @@ use serde::{Deserialize, Serialize};
 use crate::records::{Build, BuildHeader, ExecState, Execution, Worker};
 use crate::state::Model;
 use crate::tables::{
-    KEY_CLOCK, ReadTables, StorageError, T_BLOBS, T_BUILDS, T_EVENTS, T_EXECUTIONS, T_HOLDINGS,
-    T_JOBS, T_META, T_OUTPUTS, T_RESULTS, T_WORKERS, Tables, blob_key_of_key, build_key, decode,
-    digest_of_key, encode, event_key, holding_key, job_key, scan,
+    KEY_CLOCK, ReadTables, StorageError, T_ACTION_RESULTS, T_BLOBS, T_BUILDS, T_EVENTS,
+    T_EXECUTIONS, T_HOLDINGS, T_JOBS, T_META, T_OUTPUTS, T_RESULTS, T_WORKERS, Tables,
+    blob_key_of_key, build_key, decode, digest_of_key, encode, event_key, holding_key, job_key,
+    scan,
 };
 
 /// A worker's record (its held artifacts are rows of `holdings`).
@@ -97,6 +98,13 @@ impl Model {
         })?;
         scan(state, T_BLOBS, &[], |k, v| {
             model.blobs.insert(blob_key_of_key(k)?, decode("blob", v)?);
+            Ok(())
+        })?;
+        scan(state, T_ACTION_RESULTS, &[], |k, v| {
+            let key = decode("action result key", k)?;
+            model
+                .action_results
+                .insert(key, decode("action result", v)?);
             Ok(())
         })?;
         model.load_staged(state)?;
@@ -223,6 +231,15 @@ impl Model {
             match self.blobs.get(&digest) {
                 Some(blob) => txn.put(T_BLOBS, digest.hash_bytes(), &encode("blob", blob)?)?,
                 None => txn.delete(T_BLOBS, digest.hash_bytes())?,
+            }
+        }
+        for key in dirty.action_results {
+            let row = encode("action result key", &key)?;
+            match self.action_results.get(&key) {
+                Some(record) => {
+                    txn.put(T_ACTION_RESULTS, &row, &encode("action result", record)?)?
+                }
+                None => txn.delete(T_ACTION_RESULTS, &row)?,
             }
         }
         for (id, output) in dirty.new_outputs {

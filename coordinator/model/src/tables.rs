@@ -74,6 +74,7 @@ pub const TABLES: &[&str] = &[
     T_REQUESTS,
     T_STAGED,
     T_OUTPUTS,
+    T_ACTION_RESULTS,
 ];
 /// The remembered answers of the exactly-once request table.
 pub(crate) const T_REQUESTS: &str = "requests";
@@ -92,6 +93,9 @@ pub(crate) const T_RESULTS: &str = "results";
 pub(crate) const T_WORKERS: &str = "workers";
 pub(crate) const T_HOLDINGS: &str = "holdings";
 pub(crate) const T_BLOBS: &str = "blobs";
+/// Remote Execution API action results, by (instance name, action digest)
+/// encoded.
+pub(crate) const T_ACTION_RESULTS: &str = "action_results";
 pub(crate) const T_META: &str = "meta";
 pub(crate) const KEY_CLOCK: &[u8] = b"clock";
 

@@ -130,6 +130,7 @@ fn assert_same(loaded: &Model, live: &Model) {
     );
     assert_eq!(loaded.held_by, live.held_by, "held_by");
     assert_eq!(loaded.blobs, live.blobs, "blobs");
+    assert_eq!(loaded.action_results, live.action_results, "action results");
     assert_eq!(loaded.staged, live.staged, "staged submits");
 }
 
@@ -1622,4 +1623,81 @@ fn a_worker_at_its_holdings_bound_still_holds_what_it_just_built() {
         ["a:1"],
         "its own result is held"
     );
+}
+
+#[test]
+fn action_results_are_stored_replaced_and_collected_broken_first_then_oldest() {
+    use distbuild_proto::{BlobKey, HashFunction};
+    let mut h = Harness::new();
+    let blob = HashFunction::Sha256.key_of(b"out");
+    h.apply(Command::BlobStored {
+        digest: blob,
+        size: 3,
+    });
+    let action = |n: u8| BlobKey::Sha256([n; 32]);
+    for n in 0..3u8 {
+        h.now_ms += 1_000;
+        h.apply(Command::ActionResultStored {
+            instance_name: "main".into(),
+            action: action(n),
+            result: vec![n; 10],
+            // Action 1 names a blob that was never stored.
+            blobs: vec![if n == 1 {
+                (BlobKey::Sha256([99; 32]), 5)
+            } else {
+                (blob, 3)
+            }],
+            now_ms: h.now_ms,
+        });
+    }
+    // Stored again: replaced, not added.
+    h.apply(Command::ActionResultStored {
+        instance_name: "main".into(),
+        action: action(2),
+        result: vec![7; 4],
+        blobs: vec![(blob, 3)],
+        now_ms: h.now_ms,
+    });
+    assert_eq!(
+        h.model
+            .action_result("main", &action(2))
+            .map(|r| r.result.clone()),
+        Some(vec![7; 4])
+    );
+    assert!(
+        h.model.action_result("other", &action(2)).is_none(),
+        "instances apart"
+    );
+    let limits = GcLimits {
+        blob_retention_ms: u64::MAX,
+        max_blob_bytes: u64::MAX,
+        max_results: 2,
+        max_result_bytes: u64::MAX,
+    };
+    let Response::Collected(collected) = h.apply(Command::CollectGarbage {
+        now_ms: h.now_ms,
+        limits,
+    }) else {
+        panic!("collected")
+    };
+    assert_eq!(collected.action_results, 1);
+    assert!(
+        h.model.action_result("main", &action(1)).is_none(),
+        "the broken one went"
+    );
+    let Response::Collected(collected) = h.apply(Command::CollectGarbage {
+        now_ms: h.now_ms,
+        limits: GcLimits {
+            max_results: 1,
+            ..limits
+        },
+    }) else {
+        panic!("collected")
+    };
+    assert_eq!(collected.action_results, 1);
+    assert!(
+        h.model.action_result("main", &action(0)).is_none(),
+        "the oldest went"
+    );
+    assert!(h.model.action_result("main", &action(2)).is_some());
 }

@@ -1,5 +1,6 @@
 //! One module per command: what applying it changes.
 
+mod action;
 mod assign;
 mod blob;
 mod cancel;

@@ -200,6 +200,13 @@ fn commands() -> Vec<Command> {
             digest: distbuild_proto::BlobKey::Sha256([12; 32]),
             size: 3,
         },
+        Command::ActionResultStored {
+            instance_name: "main".into(),
+            action: distbuild_proto::BlobKey::Sha256([13; 32]),
+            result: vec![1, 2, 3],
+            blobs: vec![(distbuild_proto::BlobKey::Sha256([12; 32]), 3)],
+            now_ms: 15,
+        },
         Command::CollectGarbage {
             now_ms: 1_700_000_000_777,
             limits: GcLimits {
@@ -243,6 +250,7 @@ fn responses() -> Vec<Response> {
             blobs: 2,
             blob_bytes: 4096,
             results: 1,
+            action_results: 2,
         }),
     ]
 }

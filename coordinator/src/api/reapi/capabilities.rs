@@ -25,13 +25,13 @@ fn semver((major, minor): (i32, i32)) -> SemVer {
 pub struct CapabilitiesService;
 
 /// What this server offers. Remote execution is not offered yet: the
-/// cache (CAS, ByteStream) is.
+/// cache (CAS, ByteStream, the action cache, which clients may update) is.
 pub fn server_capabilities() -> re::ServerCapabilities {
     re::ServerCapabilities {
         cache_capabilities: Some(re::CacheCapabilities {
             digest_functions: offered_functions(),
             action_cache_update_capabilities: Some(re::ActionCacheUpdateCapabilities {
-                update_enabled: false,
+                update_enabled: true,
             }),
             cache_priority_capabilities: None,
             max_batch_total_size_bytes: MAX_BATCH_TOTAL_BYTES as i64,

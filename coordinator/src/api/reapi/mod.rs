@@ -1,7 +1,8 @@
 //! The Remote Execution API v2 (Bazel's, Buck2's, reclient's) on the
 //! client address: `capabilities`, the content-addressable storage
 //! (`cas`) and `bytestream` over the same blob store, records and quorum
-//! replication as distbuild's own uploads. What every service shares lives
+//! replication as distbuild's own uploads, and the `action_cache` in the
+//! replicated state. What every service shares lives
 //! here: the digest functions offered, digests and resource names from the
 //! wire (each checked once, INVALID_ARGUMENT naming the field), and the
 //! one way a blob received whole is stored.
@@ -9,6 +10,7 @@
 //! The CAS is one store for every instance name (content decides what a
 //! blob is); instance names are accepted as given.
 
+pub mod action_cache;
 pub mod bytestream;
 pub mod capabilities;
 pub mod cas;

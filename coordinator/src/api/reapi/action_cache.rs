@@ -1,0 +1,165 @@
+//! `ActionCache`: action results by (instance name, action digest), kept
+//! in the replicated state. A client may store results of actions it ran
+//! itself (`UpdateActionResult`, Bazel with `--remote_cache` alone); a
+//! result is stored only when every blob it names is in the CAS, and
+//! served only while they all still are.
+
+use std::sync::Arc;
+
+use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
+use distbuild_model::Command;
+use distbuild_proto::BlobKey;
+use prost::Message as _;
+use re::action_cache_server::ActionCache;
+use tonic::{Request, Response, Status};
+
+use super::key_of;
+use crate::api::rate::CallerRates;
+use crate::replica::Node;
+
+/// Largest encoded `ActionResult` stored (outputs are named by digest, so
+/// only an action with very many outputs comes near it).
+pub const MAX_ACTION_RESULT_BYTES: usize = 1 << 20;
+
+/// Most blobs one result may name.
+pub const MAX_RESULT_BLOBS: usize = 100_000;
+
+/// The ActionCache service.
+pub struct ActionCacheService {
+    pub node: Arc<Node>,
+    pub rates: CallerRates,
+}
+
+/// The blobs `result` names, each checked: output files, output
+/// directories' trees, stdout and stderr.
+pub fn named_blobs(
+    result: &re::ActionResult,
+    digest_function: i32,
+) -> Result<Vec<(BlobKey, u64)>, Status> {
+    let mut blobs = Vec::new();
+    for (i, file) in result.output_files.iter().enumerate() {
+        blobs.push(key_of(
+            file.digest.as_ref(),
+            digest_function,
+            &format!("action_result.output_files[{i}].digest"),
+        )?);
+    }
+    for (i, dir) in result.output_directories.iter().enumerate() {
+        blobs.push(key_of(
+            dir.tree_digest.as_ref(),
+            digest_function,
+            &format!("action_result.output_directories[{i}].tree_digest"),
+        )?);
+    }
+    for (digest, what) in [
+        (&result.stdout_digest, "action_result.stdout_digest"),
+        (&result.stderr_digest, "action_result.stderr_digest"),
+    ] {
+        if digest.is_some() {
+            blobs.push(key_of(digest.as_ref(), digest_function, what)?);
+        }
+    }
+    if blobs.len() > MAX_RESULT_BLOBS {
+        return Err(Status::invalid_argument(format!(
+            "the action result names {} blobs, over the limit of {MAX_RESULT_BLOBS}",
+            blobs.len()
+        )));
+    }
+    blobs.sort_unstable();
+    blobs.dedup();
+    Ok(blobs)
+}
+
+/// The blobs of `blobs` the CAS does not hold (the empty blob it always
+/// does).
+fn missing(node: &Node, blobs: &[(BlobKey, u64)]) -> Vec<(BlobKey, u64)> {
+    let model = node.model();
+    blobs
+        .iter()
+        .filter(|(key, size)| {
+            !super::is_empty_blob(key, *size) && model.blob_size(key) != Some(*size)
+        })
+        .copied()
+        .collect()
+}
+
+#[tonic::async_trait]
+impl ActionCache for ActionCacheService {
+    async fn get_action_result(
+        &self,
+        request: Request<re::GetActionResultRequest>,
+    ) -> Result<Response<re::ActionResult>, Status> {
+        let request = request.into_inner();
+        let (action, _) = key_of(
+            request.action_digest.as_ref(),
+            request.digest_function,
+            "action_digest",
+        )?;
+        self.node.ready_leader().await?;
+        let stored = {
+            let model = self.node.model();
+            model
+                .action_result(&request.instance_name, &action)
+                .map(|r| (r.result.clone(), r.blobs.clone()))
+        };
+        let not_found = || Status::not_found(format!("no result for action {action}"));
+        let Some((bytes, blobs)) = stored else {
+            return Err(not_found());
+        };
+        if !missing(&self.node, &blobs).is_empty() {
+            // Its outputs were collected: the client runs the action again.
+            return Err(not_found());
+        }
+        let result = re::ActionResult::decode(bytes.as_slice())
+            .map_err(|e| Status::internal(format!("stored result of {action}: {e}")))?;
+        Ok(Response::new(result))
+    }
+
+    async fn update_action_result(
+        &self,
+        request: Request<re::UpdateActionResultRequest>,
+    ) -> Result<Response<re::ActionResult>, Status> {
+        let caller = request
+            .remote_addr()
+            .map_or_else(|| "a client".to_string(), |a| format!("client {}", a.ip()));
+        let request = request.into_inner();
+        let (action, _) = key_of(
+            request.action_digest.as_ref(),
+            request.digest_function,
+            "action_digest",
+        )?;
+        let result = request
+            .action_result
+            .ok_or_else(|| Status::invalid_argument("action_result: missing"))?;
+        let bytes = result.encode_to_vec();
+        if bytes.len() > MAX_ACTION_RESULT_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "action_result: {} bytes encoded, over the limit of {MAX_ACTION_RESULT_BYTES}",
+                bytes.len()
+            )));
+        }
+        if request.instance_name.chars().count() > 1024 {
+            return Err(Status::invalid_argument(
+                "instance_name: longer than 1024 characters",
+            ));
+        }
+        let blobs = named_blobs(&result, request.digest_function)?;
+        self.node.ready_leader().await?;
+        self.rates.admit(&caller)?;
+        if let Some((key, size)) = missing(&self.node, &blobs).first() {
+            return Err(Status::failed_precondition(format!(
+                "the action result names blobs/{key}/{size}, which the CAS does not hold; upload it first"
+            )));
+        }
+        self.node
+            .propose(Command::ActionResultStored {
+                instance_name: request.instance_name,
+                action,
+                result: bytes,
+                blobs,
+                now_ms: self.node.now_ms(),
+            })
+            .await?;
+        Ok(Response::new(result))
+    }
+}
