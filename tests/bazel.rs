@@ -1,9 +1,9 @@
 //! A real Remote Execution API client: Bazel (Debian's `bazel-bootstrap`,
 //! 4.2.3, which speaks API 2.0 with SHA-256) against a real coordinator.
 //! With `--remote_cache` alone Bazel runs actions itself and shares their
-//! results through distbuild's CAS and action cache: after `bazel clean
-//! --expunge` every action is a remote cache hit, and the outputs are the
-//! same.
+//! results through distbuild's CAS and action cache, here through a
+//! follower of three coordinators: after `bazel clean --expunge` every
+//! action is a remote cache hit, and the outputs are the same.
 
 mod support;
 
@@ -53,8 +53,10 @@ impl Drop for BazelServer<'_> {
 }
 
 #[test]
-fn bazel_with_remote_cache_alone_shares_results_through_distbuild() {
-    let cluster = Cluster::start(0, 1);
+fn bazel_with_remote_cache_alone_shares_results_through_a_follower() {
+    let cluster = HaCluster::start(3, 0, 0, 1);
+    let leader = cluster.wait_for_leader();
+    let follower = (1..=3).find(|id| *id != leader).expect("a follower");
     let workspace = cluster.path("workspace");
     let root = cluster.path("bazel-root");
     std::fs::create_dir_all(&workspace).expect("mkdir");
@@ -82,11 +84,17 @@ genrule(
         root: &root,
         workspace: &workspace,
     };
-    let remote_cache = format!("--remote_cache=grpc://{}", cluster.coordinator_addr());
+    // Pointed at a follower, which passes every call to the leader.
+    let remote_cache = format!("--remote_cache=grpc://{}", cluster.node_addr(follower));
     let build = || bazel(&root, &workspace, &["build", &remote_cache, "//:shout"]);
 
     let first = build();
-    assert!(first.status.success(), "{}\n{}", text(&first), cluster.logs());
+    assert!(
+        first.status.success(),
+        "{}\n{}",
+        text(&first),
+        cluster.logs()
+    );
     let ran = processes_line(&first);
     assert!(
         !ran.contains("remote cache hit"),
@@ -101,7 +109,12 @@ genrule(
     let clean = bazel(&root, &workspace, &["clean", "--expunge"]);
     assert!(clean.status.success(), "{}", text(&clean));
     let second = build();
-    assert!(second.status.success(), "{}\n{}", text(&second), cluster.logs());
+    assert!(
+        second.status.success(),
+        "{}\n{}",
+        text(&second),
+        cluster.logs()
+    );
     let hits = processes_line(&second);
     assert!(
         hits.contains("2 remote cache hit"),

@@ -473,3 +473,103 @@ fn the_cas_and_bytestream_serve_blobs_by_sha256_and_sha1_and_refuse_bad_input_cl
     // The coordinator serves on.
     assert!(cluster.status()["workers"].is_array(), "{}", cluster.logs());
 }
+
+/// Calls `call` until it answers, for at most `within`: the retries a REAPI
+/// client makes while a cluster elects a new leader.
+async fn until_ok<T, F, Fut>(within: std::time::Duration, mut call: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        match call().await {
+            Ok(answer) => return answer,
+            Err(status) if std::time::Instant::now() < deadline => {
+                assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(status) => panic!("still failing: {status:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_follower_passes_calls_to_the_leader_and_its_clients_ride_through_a_failover() {
+    let mut cluster = HaCluster::start(3, 0, 0, 1);
+    let leader = cluster.wait_for_leader();
+    let followers: Vec<u64> = (1..=3).filter(|id| *id != leader).collect();
+    let (first, second) = (
+        cluster.node_addr(followers[0]),
+        cluster.node_addr(followers[1]),
+    );
+    let blob = b"stored through a follower".as_slice();
+    let large: Vec<u8> = (0..(2 << 20) + 7).map(|i: u32| (i % 13) as u8).collect();
+    runtime().block_on(async {
+        let mut cas = ContentAddressableStorageClient::new(channel(&first).await);
+        let stored = cas
+            .batch_update_blobs(re::BatchUpdateBlobsRequest {
+                requests: vec![update(sha256(blob), blob)],
+                ..Default::default()
+            })
+            .await
+            .expect("a follower takes an update")
+            .into_inner();
+        assert_eq!(stored.responses[0].status.as_ref().map(|s| s.code), Some(0));
+        // Streams both ways pass through too.
+        let mut bytestream = ByteStreamClient::new(channel(&first).await);
+        let digest = sha256(&large);
+        let pieces: Vec<WriteRequest> = large
+            .chunks(1 << 20)
+            .enumerate()
+            .map(|(i, piece)| WriteRequest {
+                resource_name: format!("uploads/u/blobs/{}/{}", digest.hash, digest.size_bytes),
+                write_offset: (i << 20) as i64,
+                finish_write: ((i + 1) << 20) >= large.len(),
+                data: piece.to_vec(),
+            })
+            .collect();
+        bytestream
+            .write(futures::stream::iter(pieces))
+            .await
+            .expect("a write through a follower");
+        let mut other = ByteStreamClient::new(channel(&second).await);
+        let name = format!("blobs/{}/{}", digest.hash, digest.size_bytes);
+        assert_eq!(
+            read_all(&mut other, &name, 0, 0).await.expect("read"),
+            large
+        );
+    });
+
+    // The leader dies; a client of a follower retries as REAPI clients do
+    // and is served by the new leader through the same follower.
+    cluster.kill_node(leader);
+    let survivor = followers[0];
+    runtime().block_on(async {
+        let mut cas =
+            ContentAddressableStorageClient::new(channel(&cluster.node_addr(survivor)).await);
+        let missing = until_ok(std::time::Duration::from_secs(20), || {
+            let mut cas = cas.clone();
+            async move {
+                cas.find_missing_blobs(re::FindMissingBlobsRequest {
+                    blob_digests: vec![sha256(blob), sha256(b"never")],
+                    ..Default::default()
+                })
+                .await
+            }
+        })
+        .await
+        .into_inner();
+        assert_eq!(missing.missing_blob_digests, vec![sha256(b"never")]);
+        let read = cas
+            .batch_read_blobs(re::BatchReadBlobsRequest {
+                digests: vec![sha256(blob)],
+                ..Default::default()
+            })
+            .await
+            .expect("read after the failover")
+            .into_inner();
+        assert_eq!(read.responses[0].data, blob);
+    });
+    assert_ne!(cluster.wait_for_leader(), leader, "{}", cluster.logs());
+}

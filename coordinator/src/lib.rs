@@ -359,38 +359,50 @@ where
     );
     // The Remote Execution API, for its clients (Bazel and others) on the
     // same address.
-    let reapi = |what: &'static str| access.authorize(what, &[Role::Client]);
+    // A follower passes the calls on to the leader (`reapi::forward`), as a
+    // coordinator: the leader admits that role too.
+    let reapi = |what: &'static str| access.authorize(what, &[Role::Client, Role::Coordinator]);
+    use api::reapi::forward::Forward;
     let capabilities = InterceptedService::new(
         CapabilitiesServer::new(api::reapi::capabilities::CapabilitiesService),
         reapi("the Remote Execution API"),
     );
     let cas = InterceptedService::new(
-        ContentAddressableStorageServer::new(api::reapi::cas::CasService {
-            node: node.clone(),
-            kept_blob_bytes: kept_blob_bytes.clone(),
-            rates: rates.clone(),
-        })
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        Forward::new(
+            node.clone(),
+            ContentAddressableStorageServer::new(api::reapi::cas::CasService {
+                node: node.clone(),
+                kept_blob_bytes: kept_blob_bytes.clone(),
+                rates: rates.clone(),
+            })
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        ),
         reapi("the Remote Execution API"),
     );
     let action_cache = InterceptedService::new(
-        ActionCacheServer::new(api::reapi::action_cache::ActionCacheService {
-            node: node.clone(),
-            rates: rates.clone(),
-        })
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        Forward::new(
+            node.clone(),
+            ActionCacheServer::new(api::reapi::action_cache::ActionCacheService {
+                node: node.clone(),
+                rates: rates.clone(),
+            })
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        ),
         reapi("the Remote Execution API"),
     );
     let bytestream = InterceptedService::new(
-        ByteStreamServer::new(api::reapi::bytestream::ByteStreamService {
-            node: node.clone(),
-            kept_blob_bytes,
-            rates: rates.clone(),
-        })
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        Forward::new(
+            node.clone(),
+            ByteStreamServer::new(api::reapi::bytestream::ByteStreamService {
+                node: node.clone(),
+                kept_blob_bytes,
+                rates: rates.clone(),
+            })
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        ),
         reapi("the Remote Execution API"),
     );
     let worker = InterceptedService::new(

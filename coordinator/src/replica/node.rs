@@ -294,6 +294,19 @@ impl Node {
             .map_err(|e| ReplicaError::Internal(format!("read build events: {e}")))
     }
 
+    /// A channel to the replica at `addr` (cached; over the cluster's TLS):
+    /// for calls a follower passes on to its leader.
+    pub fn peer_channel(&self, addr: &str) -> Result<tonic::transport::Channel> {
+        self.peers
+            .channel(addr)
+            .map_err(|e| ReplicaError::Unavailable(e.to_string()))
+    }
+
+    /// Forgets the cached channel to `addr` after a call on it failed.
+    pub fn forget_peer_channel(&self, addr: &str) {
+        self.peers.forget(addr);
+    }
+
     /// This replica's own copy of blob `digest`, if it has one.
     pub async fn open_own_blob(
         &self,

@@ -14,6 +14,7 @@ pub mod action_cache;
 pub mod bytestream;
 pub mod capabilities;
 pub mod cas;
+pub mod forward;
 
 use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
 use distbuild_model::Command;
