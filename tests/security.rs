@@ -154,7 +154,7 @@ fn every_role_boundary_is_refused_with_its_code_and_the_cluster_then_builds() {
                 .find_missing_blobs(re::FindMissingBlobsRequest::default())
                 .await,
             Code::PermissionDenied,
-            "the Remote Execution API is for role client; the caller is worker \"worker0\"",
+            "the Remote Execution API is for role client or coordinator; the caller is worker \"worker0\"",
         );
         let bare_peer = channel_without_certificate(pki, &worker_addr).await;
         refused(
