@@ -8,6 +8,7 @@ use std::sync::Arc;
 use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
 use bazel_remote_apis::google::rpc::Status as RpcStatus;
 use distbuild_proto::BlobKey;
+use futures::StreamExt as _;
 use prost::Message as _;
 use re::content_addressable_storage_server::ContentAddressableStorage;
 use tonic::{Code, Request, Response, Status};
@@ -17,6 +18,8 @@ use crate::api::rate::CallerRates;
 use crate::api::{KeptBlobBytes, ResponseStream};
 use crate::replica::Node;
 
+/// Blobs of one batch stored at once.
+const MAX_CONCURRENT_STORES: usize = 16;
 /// Most directories one `GetTree` streams.
 pub const MAX_TREE_DIRECTORIES: usize = 100_000;
 /// Directories per `GetTree` page when the client names no page size.
@@ -90,6 +93,43 @@ pub async fn read_whole(node: &Node, key: BlobKey, size: u64) -> Result<Option<V
     Ok(Some(data))
 }
 
+/// Stores one blob of a batch: its answer, or the call's failure when
+/// this node stopped leading.
+async fn store_one(
+    node: &Node,
+    kept: &KeptBlobBytes,
+    key: BlobKey,
+    blob: re::batch_update_blobs_request::Request,
+) -> Result<re::batch_update_blobs_response::Response, Status> {
+    let declared = blob.digest.as_ref().map_or(0, |d| d.size_bytes);
+    let status = if declared != blob.data.len() as i64 {
+        rpc_status(
+            Code::InvalidArgument,
+            format!(
+                "blob {key}: declared {declared} bytes, received {}",
+                blob.data.len()
+            ),
+        )
+    } else if is_empty_blob(&key, 0) {
+        rpc_status(Code::Ok, "")
+    } else {
+        match kept.admit(node, blob.data.len() as u64) {
+            Err(status) => rpc_status(status.code(), status.message()),
+            Ok(()) => match store_whole(node, key, &blob.data).await {
+                Ok(()) => rpc_status(Code::Ok, ""),
+                // Losing leadership fails the call: the client retries it
+                // whole on the new leader.
+                Err(status) if status.code() == Code::Unavailable => return Err(status),
+                Err(status) => rpc_status(status.code(), status.message()),
+            },
+        }
+    };
+    Ok(re::batch_update_blobs_response::Response {
+        digest: blob.digest,
+        status,
+    })
+}
+
 #[tonic::async_trait]
 impl ContentAddressableStorage for CasService {
     async fn find_missing_blobs(
@@ -134,7 +174,7 @@ impl ContentAddressableStorage for CasService {
         check_count(request.requests.len(), "requests")?;
         check_batch_total(request.requests.iter().map(|r| r.data.len() as u64).sum())?;
         // Every digest is checked before anything is stored.
-        let mut blobs = Vec::with_capacity(request.requests.len());
+        let mut keys = Vec::with_capacity(request.requests.len());
         for (i, blob) in request.requests.iter().enumerate() {
             if blob.compressor != 0 {
                 return Err(Status::invalid_argument(format!(
@@ -147,43 +187,21 @@ impl ContentAddressableStorage for CasService {
                 request.digest_function,
                 &format!("requests[{i}].digest"),
             )?;
-            blobs.push((key, blob));
+            keys.push(key);
         }
+        let blobs: Vec<_> = keys.into_iter().zip(request.requests).collect();
         self.node.ready_leader().await?;
         self.rates.admit(&caller)?;
-        let mut responses = Vec::with_capacity(blobs.len());
-        for (key, blob) in blobs {
-            let declared = blob.digest.as_ref().map_or(0, |d| d.size_bytes);
-            let status = if declared != blob.data.len() as i64 {
-                rpc_status(
-                    Code::InvalidArgument,
-                    format!(
-                        "blob {key}: declared {declared} bytes, received {}",
-                        blob.data.len()
-                    ),
-                )
-            } else if is_empty_blob(&key, 0) {
-                rpc_status(Code::Ok, "")
-            } else {
-                match self
-                    .kept_blob_bytes
-                    .admit(&self.node, blob.data.len() as u64)
-                {
-                    Err(status) => rpc_status(status.code(), status.message()),
-                    Ok(()) => match store_whole(&self.node, key, &blob.data).await {
-                        Ok(()) => rpc_status(Code::Ok, ""),
-                        // Losing leadership fails the call: the client retries
-                        // it whole on the new leader.
-                        Err(status) if status.code() == Code::Unavailable => return Err(status),
-                        Err(status) => rpc_status(status.code(), status.message()),
-                    },
-                }
-            };
-            responses.push(re::batch_update_blobs_response::Response {
-                digest: blob.digest.clone(),
-                status,
-            });
-        }
+        // Stored concurrently: their copies and records travel together
+        // (the leader appends concurrent proposals in one write).
+        let (node, kept) = (&*self.node, &*self.kept_blob_bytes);
+        let responses: Vec<_> = futures::stream::iter(blobs)
+            .map(|(key, blob)| store_one(node, kept, key, blob))
+            .buffered(MAX_CONCURRENT_STORES)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect::<Result<_, Status>>()?;
         Ok(Response::new(re::BatchUpdateBlobsResponse { responses }))
     }
 
