@@ -573,3 +573,88 @@ fn a_follower_passes_calls_to_the_leader_and_its_clients_ride_through_a_failover
     });
     assert_ne!(cluster.wait_for_leader(), leader, "{}", cluster.logs());
 }
+
+#[test]
+fn blobs_clients_keep_finding_or_being_served_outlive_their_retention() {
+    // Blobs unused for 2 s are collected; a use is noted after 0.5 s.
+    let cluster = Cluster::start_with(0, 1, &["--blob-retention", "2", "--gc-interval-ms", "200"]);
+    let addr = cluster.coordinator_addr();
+    let (found, served, idle) = (
+        b"found".as_slice(),
+        b"served".as_slice(),
+        b"idle".as_slice(),
+    );
+    runtime().block_on(async {
+        let channel = channel(&addr).await;
+        let mut cas = ContentAddressableStorageClient::new(channel.clone());
+        let mut action_cache = ActionCacheClient::new(channel);
+        cas.batch_update_blobs(re::BatchUpdateBlobsRequest {
+            requests: vec![
+                update(sha256(found), found),
+                update(sha256(served), served),
+                update(sha256(idle), idle),
+            ],
+            ..Default::default()
+        })
+        .await
+        .expect("store");
+        let action = sha256(b"action");
+        let result = re::ActionResult {
+            output_files: vec![re::OutputFile {
+                path: "out".into(),
+                digest: Some(sha256(served)),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        action_cache
+            .update_action_result(re::UpdateActionResultRequest {
+                action_digest: Some(action.clone()),
+                action_result: Some(result.clone()),
+                ..Default::default()
+            })
+            .await
+            .expect("store the result");
+        // Six seconds of a client finding one blob and being served the
+        // result naming another.
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(6);
+        while std::time::Instant::now() < until {
+            let missing = cas
+                .find_missing_blobs(re::FindMissingBlobsRequest {
+                    blob_digests: vec![sha256(found)],
+                    ..Default::default()
+                })
+                .await
+                .expect("find")
+                .into_inner();
+            assert!(
+                missing.missing_blob_digests.is_empty(),
+                "{}",
+                cluster.logs()
+            );
+            let got = action_cache
+                .get_action_result(re::GetActionResultRequest {
+                    action_digest: Some(action.clone()),
+                    ..Default::default()
+                })
+                .await
+                .expect("the result is served: its blob is kept")
+                .into_inner();
+            assert_eq!(got, result);
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        let missing = cas
+            .find_missing_blobs(re::FindMissingBlobsRequest {
+                blob_digests: vec![sha256(found), sha256(served), sha256(idle)],
+                ..Default::default()
+            })
+            .await
+            .expect("find")
+            .into_inner();
+        assert_eq!(
+            missing.missing_blob_digests,
+            vec![sha256(idle)],
+            "only the idle one went"
+        );
+    });
+}

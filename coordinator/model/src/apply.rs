@@ -98,6 +98,14 @@ impl Model {
                 self.action_result_stored(instance_name, *action, result, blobs);
                 Response::None
             }
+            Command::Used {
+                blobs,
+                action_results,
+                ..
+            } => {
+                self.used(blobs, action_results);
+                Response::None
+            }
             Command::CollectGarbage { limits, .. } => {
                 Response::Collected(self.collect_garbage(limits))
             }

@@ -155,7 +155,7 @@ impl Model {
                     .blobs
                     .iter()
                     .all(|(blob, size)| self.blobs.get(blob).is_some_and(|b| b.size == *size));
-                (whole, r.stored_ms, k.clone())
+                (whole, r.last_used_ms, k.clone())
             })
             .collect();
         candidates.sort_unstable();

@@ -256,6 +256,14 @@ pub enum Command {
         blobs: Vec<(BlobKey, u64)>,
         now_ms: u64,
     },
+    /// Records that recorded blobs and action results were used now (a
+    /// Remote Execution API client found them, or was served them), so
+    /// collection takes the least recently used; unknown ones are skipped.
+    Used {
+        blobs: Vec<BlobKey>,
+        action_results: Vec<(String, BlobKey)>,
+        now_ms: u64,
+    },
     /// Drops what no build in flight needs beyond the limits (see `gc`).
     CollectGarbage {
         now_ms: u64,
@@ -351,6 +359,7 @@ impl Command {
             | Command::ExpireLeases { now_ms, .. }
             | Command::ExtendLeases { now_ms, .. }
             | Command::ActionResultStored { now_ms, .. }
+            | Command::Used { now_ms, .. }
             | Command::CollectGarbage { now_ms, .. } => Some(*now_ms),
             Command::BlobStored { .. } => None,
         }

@@ -41,6 +41,11 @@ impl Model {
         self.blobs.iter().map(|(d, b)| (*d, b.size)).collect()
     }
 
+    /// When recorded blob `digest` was last used.
+    pub fn blob_last_used_ms(&self, digest: &BlobKey) -> Option<u64> {
+        self.blobs.get(digest).map(|b| b.last_used_ms)
+    }
+
     pub fn blob_size(&self, digest: &BlobKey) -> Option<u64> {
         self.blobs.get(digest).map(|b| b.size)
     }

@@ -150,8 +150,9 @@ pub struct ActionResultRecord {
     /// The CAS blobs it names (outputs, trees, stdout, stderr) with their
     /// sizes: a result some of whose blobs are gone is not served.
     pub blobs: Vec<(BlobKey, u64)>,
-    /// The state's clock when it was stored (the oldest go first).
-    pub stored_ms: u64,
+    /// The state's clock when it was stored or last served (the least
+    /// recently used go first).
+    pub last_used_ms: u64,
 }
 
 /// A registered worker.

@@ -1701,3 +1701,50 @@ fn action_results_are_stored_replaced_and_collected_broken_first_then_oldest() {
     );
     assert!(h.model.action_result("main", &action(2)).is_some());
 }
+
+#[test]
+fn a_blob_and_a_result_in_use_outlive_their_retention_and_unused_ones_do_not() {
+    use distbuild_proto::{BlobKey, HashFunction};
+    let mut h = Harness::new();
+    let used = HashFunction::Sha256.key_of(b"used");
+    let idle = HashFunction::Sha256.key_of(b"idle");
+    for blob in [used, idle] {
+        h.apply(Command::BlobStored {
+            digest: blob,
+            size: 4,
+        });
+    }
+    h.apply(Command::ActionResultStored {
+        instance_name: "main".into(),
+        action: BlobKey::Sha256([1; 32]),
+        result: vec![1],
+        blobs: vec![(used, 4)],
+        now_ms: h.now_ms,
+    });
+    h.now_ms += 50_000;
+    h.apply(Command::Used {
+        blobs: vec![used, BlobKey::Sha256([9; 32])],
+        action_results: vec![("main".into(), BlobKey::Sha256([1; 32]))],
+        now_ms: h.now_ms,
+    });
+    assert_eq!(
+        h.model
+            .action_result("main", &BlobKey::Sha256([1; 32]))
+            .map(|r| r.last_used_ms),
+        Some(h.now_ms)
+    );
+    h.now_ms += 50_000;
+    let Response::Collected(collected) = h.apply(Command::CollectGarbage {
+        now_ms: h.now_ms,
+        limits: GcLimits {
+            blob_retention_ms: 60_000,
+            max_blob_bytes: u64::MAX,
+            max_results: u64::MAX,
+            max_result_bytes: u64::MAX,
+        },
+    }) else {
+        panic!("collected")
+    };
+    assert_eq!(collected.blobs, 1, "the idle one");
+    assert!(h.model.has_blob(&used) && !h.model.has_blob(&idle));
+}

@@ -207,6 +207,11 @@ fn commands() -> Vec<Command> {
             blobs: vec![(distbuild_proto::BlobKey::Sha256([12; 32]), 3)],
             now_ms: 15,
         },
+        Command::Used {
+            blobs: vec![distbuild_proto::BlobKey::Sha256([12; 32])],
+            action_results: vec![("main".into(), distbuild_proto::BlobKey::Sha256([13; 32]))],
+            now_ms: 16,
+        },
         Command::CollectGarbage {
             now_ms: 1_700_000_000_777,
             limits: GcLimits {

@@ -13,7 +13,7 @@ use prost::Message as _;
 use re::action_cache_server::ActionCache;
 use tonic::{Request, Response, Status};
 
-use super::key_of;
+use super::{key_of, note_use_after_ms, note_used, stale_blobs};
 use crate::api::rate::CallerRates;
 use crate::replica::Node;
 
@@ -96,20 +96,32 @@ impl ActionCache for ActionCacheService {
             "action_digest",
         )?;
         self.node.ready_leader().await?;
+        let after = note_use_after_ms(&self.node);
         let stored = {
             let model = self.node.model();
             model
                 .action_result(&request.instance_name, &action)
-                .map(|r| (r.result.clone(), r.blobs.clone()))
+                .map(|r| {
+                    let stale = r.last_used_ms.saturating_add(after) <= model.clock_ms();
+                    (r.result.clone(), r.blobs.clone(), stale)
+                })
         };
         let not_found = || Status::not_found(format!("no result for action {action}"));
-        let Some((bytes, blobs)) = stored else {
+        let Some((bytes, blobs, stale)) = stored else {
             return Err(not_found());
         };
         if !missing(&self.node, &blobs).is_empty() {
             // Its outputs were collected: the client runs the action again.
             return Err(not_found());
         }
+        // Served: the result and its blobs count as used.
+        let stale_blobs = stale_blobs(&self.node, blobs.iter().map(|(key, _)| *key));
+        let results = if stale {
+            vec![(request.instance_name.clone(), action)]
+        } else {
+            Vec::new()
+        };
+        note_used(&self.node, stale_blobs, results).await?;
         let result = re::ActionResult::decode(bytes.as_slice())
             .map_err(|e| Status::internal(format!("stored result of {action}: {e}")))?;
         Ok(Response::new(result))

@@ -13,7 +13,10 @@ use prost::Message as _;
 use re::content_addressable_storage_server::ContentAddressableStorage;
 use tonic::{Code, Request, Response, Status};
 
-use super::{MAX_BATCH_TOTAL_BYTES, MAX_DIGESTS_PER_CALL, is_empty_blob, key_of, store_whole};
+use super::{
+    MAX_BATCH_TOTAL_BYTES, MAX_DIGESTS_PER_CALL, is_empty_blob, key_of, note_used, stale_blobs,
+    store_whole,
+};
 use crate::api::rate::CallerRates;
 use crate::api::{KeptBlobBytes, ResponseStream};
 use crate::replica::Node;
@@ -151,13 +154,17 @@ impl ContentAddressableStorage for CasService {
         let missing = {
             let model = self.node.model();
             wanted
-                .into_iter()
+                .iter()
                 .filter(|(key, size, _)| {
                     !is_empty_blob(key, *size) && model.blob_size(key) != Some(*size)
                 })
-                .map(|(_, _, digest)| digest.clone())
+                .map(|(_, _, digest)| (*digest).clone())
                 .collect()
         };
+        // A client that finds a blob will use it (and not upload it
+        // again): that counts as a use for collection.
+        let found = stale_blobs(&self.node, wanted.iter().map(|(key, _, _)| *key));
+        note_used(&self.node, found, Vec::new()).await?;
         Ok(Response::new(re::FindMissingBlobsResponse {
             missing_blob_digests: missing,
         }))

@@ -107,6 +107,60 @@ pub async fn store_whole(node: &Node, key: BlobKey, data: &[u8]) -> Result<(), S
     Ok(())
 }
 
+/// A use older than this is recorded again when a client finds a blob or
+/// is served a result: an hour (collection is counted in days), or a
+/// quarter of the blob retention if that is shorter.
+pub fn note_use_after_ms(node: &Node) -> u64 {
+    (60 * 60 * 1000).min(node.tuning().gc.blob_retention_ms / 4)
+}
+
+/// Most keys one `Used` entry carries.
+const MAX_USED_PER_ENTRY: usize = 10_000;
+
+/// Of `blobs`, those recorded whose last recorded use is older than
+/// [`note_use_after_ms`].
+pub fn stale_blobs(node: &Node, blobs: impl IntoIterator<Item = BlobKey>) -> Vec<BlobKey> {
+    let after = note_use_after_ms(node);
+    let model = node.model();
+    let now = model.clock_ms();
+    blobs
+        .into_iter()
+        .filter(|key| {
+            model
+                .blob_last_used_ms(key)
+                .is_some_and(|last| last.saturating_add(after) <= now)
+        })
+        .collect()
+}
+
+/// Records through Raft that `blobs` and `action_results` were used now,
+/// so collection keeps what clients keep using; in entries of a bounded
+/// size, nothing proposed when there is nothing to record.
+pub async fn note_used(
+    node: &Node,
+    blobs: Vec<BlobKey>,
+    action_results: Vec<(String, BlobKey)>,
+) -> Result<(), Status> {
+    let mut action_results = Some(action_results).filter(|a| !a.is_empty());
+    for chunk in blobs.chunks(MAX_USED_PER_ENTRY) {
+        node.propose(Command::Used {
+            blobs: chunk.to_vec(),
+            action_results: action_results.take().unwrap_or_default(),
+            now_ms: node.now_ms(),
+        })
+        .await?;
+    }
+    if let Some(action_results) = action_results {
+        node.propose(Command::Used {
+            blobs: Vec::new(),
+            action_results,
+            now_ms: node.now_ms(),
+        })
+        .await?;
+    }
+    Ok(())
+}
+
 /// A blob named by a ByteStream resource, and the instance it names.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Resource {
