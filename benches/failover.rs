@@ -111,6 +111,7 @@ async fn commands_per_second(leader: &str, callers: usize, duration: Duration) -
                     slots: 1,
                     held_artifacts: vec![],
                     request_id: format!("register-{i}"),
+                    properties: vec![],
                 })
                 .await
             {

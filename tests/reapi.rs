@@ -658,3 +658,35 @@ fn blobs_clients_keep_finding_or_being_served_outlive_their_retention() {
         );
     });
 }
+
+#[test]
+fn workers_register_their_platform_properties_and_status_shows_them() {
+    let cluster = Cluster::start_full(
+        1,
+        1,
+        &[],
+        &["--property", "pool=large", "--property", "OSFamily=Linux"],
+        false,
+    );
+    let status = cluster.status();
+    assert_eq!(
+        status["workers"][0]["properties"],
+        serde_json::json!(["OSFamily=Linux", "pool=large"]),
+        "{status}"
+    );
+    // A property that is not KEY=VALUE stops the worker before it starts.
+    let out = distbuild()
+        .args(["worker", "--insecure", "--listen", "127.0.0.1:0"])
+        .args(["--coordinator", &cluster.coordinator_addr()])
+        .arg("--cache-dir")
+        .arg(cluster.path("bad-worker"))
+        .args(["--property", "pool"])
+        .output()
+        .expect("run worker");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("--property: \"pool\" is not KEY=VALUE"),
+        "{stderr}"
+    );
+}

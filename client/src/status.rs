@@ -100,6 +100,7 @@ struct JsonWorker<'a> {
     running: u32,
     alive: bool,
     peer_bytes_fetched_total: u64,
+    properties: &'a [String],
 }
 
 /// The status as one JSON object (one line). Keys are never renamed or
@@ -132,6 +133,7 @@ pub fn status_json(status: &ClusterStatusResponse) -> String {
                 running: w.running,
                 alive: w.alive,
                 peer_bytes_fetched_total: w.peer_bytes_fetched_total,
+                properties: &w.properties,
             })
             .collect(),
         answered_by: status.answered_by,
@@ -231,7 +233,7 @@ pub fn status_table(status: &ClusterStatusResponse) -> String {
     out.push_str(&table(&rows));
     out.push_str(&format!("\nworkers ({}):\n", status.workers.len()));
     let mut rows = vec![
-        ["ID", "ADDRESS", "SLOTS", "RUNNING", "ALIVE"]
+        ["ID", "ADDRESS", "SLOTS", "RUNNING", "ALIVE", "PROPERTIES"]
             .map(String::from)
             .to_vec(),
     ];
@@ -242,6 +244,7 @@ pub fn status_table(status: &ClusterStatusResponse) -> String {
             w.slots.to_string(),
             w.running.to_string(),
             if w.alive { "yes" } else { "no" }.to_string(),
+            w.properties.join(","),
         ]);
     }
     out.push_str(&table(&rows));
@@ -282,6 +285,7 @@ mod tests {
                 running: 2,
                 alive: true,
                 peer_bytes_fetched_total: 5,
+                properties: vec!["OSFamily=Linux".into(), "pool=large".into()],
             }],
             answered_by: 2,
         }
@@ -308,7 +312,7 @@ mod tests {
                 r#"{"leader":1,"members":["#,
                 r#"{"node_id":1,"addr":"10.0.0.1:7000","voter":true,"role":"leader","term":3,"last_log_index":1204,"applied_index":1204,"lag":0,"error":null},"#,
                 r#"{"node_id":2,"addr":"10.0.0.2:7000","voter":true,"role":"follower","term":3,"last_log_index":1190,"applied_index":1188,"lag":14,"error":null}],"#,
-                r#""workers":[{"id":"w-1","addr":"10.0.0.9:7100","slots":4,"running":2,"alive":true,"peer_bytes_fetched_total":5}],"#,
+                r#""workers":[{"id":"w-1","addr":"10.0.0.9:7100","slots":4,"running":2,"alive":true,"peer_bytes_fetched_total":5,"properties":["OSFamily=Linux","pool=large"]}],"#,
                 r#""answered_by":2}"#
             )
         );
@@ -335,8 +339,8 @@ mod tests {
              2     10.0.0.2:7000  voter  follower  3     1190      1188     14\n\
              \n\
              workers (1):\n\
-             ID   ADDRESS        SLOTS  RUNNING  ALIVE\n\
-             w-1  10.0.0.9:7100  4      2        yes\n"
+             ID   ADDRESS        SLOTS  RUNNING  ALIVE  PROPERTIES\n\
+             w-1  10.0.0.9:7100  4      2        yes    OSFamily=Linux,pool=large\n"
         );
     }
 
@@ -354,7 +358,7 @@ mod tests {
              14    10.0.0.14:7000  learner  learner      3     640       640      564\n\
              \n\
              workers (0):\n\
-             ID  ADDRESS  SLOTS  RUNNING  ALIVE\n"
+             ID  ADDRESS  SLOTS  RUNNING  ALIVE  PROPERTIES\n"
         );
     }
 

@@ -185,6 +185,7 @@ async fn refused_requests_change_nothing_and_the_server_keeps_serving() {
         slots,
         held_artifacts: Vec::new(),
         request_id: String::new(),
+        properties: Vec::new(),
     };
     for (id, slots) in [("", 1), ("bad id!", 1), ("w1", 0), ("w1", 100_000)] {
         let err = c
@@ -194,6 +195,17 @@ async fn refused_requests_change_nothing_and_the_server_keeps_serving() {
             .expect_err("refused");
         assert_eq!(err.code(), Code::InvalidArgument, "{id:?} {slots}");
     }
+    // A property that is not KEY=VALUE.
+    let err = c
+        .worker()
+        .register(RegisterRequest {
+            properties: vec!["pool=large".into(), "=x".into()],
+            ..register("w1", 1)
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(err.message(), "properties: \"=x\": the name is empty");
     // A result for a lease that does not exist is refused, not applied.
     c.worker()
         .register(register("w1", 1))
@@ -262,6 +274,7 @@ async fn stopping_ends_open_event_streams_and_polls() {
             slots: 1,
             held_artifacts: Vec::new(),
             request_id: String::new(),
+            properties: Vec::new(),
         })
         .await
         .expect("register");

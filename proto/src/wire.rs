@@ -143,6 +143,66 @@ pub const SECRET_METADATA_KEY: &str = "x-distbuild-cluster-secret";
 pub const MIN_SECRET_BYTES: usize = 16;
 pub const MAX_SECRET_BYTES: usize = 1024;
 
+/// Most platform properties one worker may have.
+pub const MAX_WORKER_PROPERTIES: usize = 64;
+/// Longest property name and value, in characters.
+pub const MAX_PROPERTY_NAME_CHARS: usize = 128;
+pub const MAX_PROPERTY_VALUE_CHARS: usize = 256;
+
+/// Why a worker's platform property is not valid.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PropertyProblem {
+    #[error("{0:?} is not KEY=VALUE")]
+    NoEquals(String),
+    #[error("{0:?}: the name is empty")]
+    EmptyName(String),
+    #[error(
+        "{0:?}: the name is over {MAX_PROPERTY_NAME_CHARS} characters or the value over {MAX_PROPERTY_VALUE_CHARS}"
+    )]
+    TooLong(String),
+    #[error("{0:?}: a control character")]
+    Control(String),
+    #[error("{0} properties is over the limit of {MAX_WORKER_PROPERTIES}")]
+    TooMany(usize),
+}
+
+/// A platform property from `KEY=VALUE` (the name up to the first `=`).
+pub fn parse_property(text: &str) -> Result<(String, String), PropertyProblem> {
+    let shown = || text.chars().take(80).collect::<String>();
+    let (name, value) = text
+        .split_once('=')
+        .ok_or_else(|| PropertyProblem::NoEquals(shown()))?;
+    if name.is_empty() {
+        return Err(PropertyProblem::EmptyName(shown()));
+    }
+    if name.chars().count() > MAX_PROPERTY_NAME_CHARS
+        || value.chars().count() > MAX_PROPERTY_VALUE_CHARS
+    {
+        return Err(PropertyProblem::TooLong(shown()));
+    }
+    if text.chars().any(char::is_control) {
+        return Err(PropertyProblem::Control(shown()));
+    }
+    Ok((name.to_string(), value.to_string()))
+}
+
+/// A worker's properties from their `KEY=VALUE` texts: each checked,
+/// bounded in number, sorted, exact repeats dropped.
+pub fn parse_properties<S: AsRef<str>>(
+    texts: &[S],
+) -> Result<Vec<(String, String)>, PropertyProblem> {
+    if texts.len() > MAX_WORKER_PROPERTIES {
+        return Err(PropertyProblem::TooMany(texts.len()));
+    }
+    let mut properties = texts
+        .iter()
+        .map(|t| parse_property(t.as_ref()))
+        .collect::<Result<Vec<_>, _>>()?;
+    properties.sort();
+    properties.dedup();
+    Ok(properties)
+}
+
 /// Why a cluster secret is not valid.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SecretProblem {
@@ -342,6 +402,45 @@ pub fn command_from_wire(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn properties_are_key_value_checked_sorted_and_bounded() {
+        use super::{PropertyProblem, parse_properties, parse_property};
+        assert_eq!(
+            parse_property("OSFamily=Linux"),
+            Ok(("OSFamily".into(), "Linux".into()))
+        );
+        assert_eq!(parse_property("k=a=b"), Ok(("k".into(), "a=b".into())));
+        assert_eq!(
+            parse_property("empty="),
+            Ok(("empty".into(), String::new()))
+        );
+        let problems = [
+            ("novalue", "\"novalue\" is not KEY=VALUE"),
+            ("=x", "\"=x\": the name is empty"),
+            ("k=a\nb", "\"k=a\\nb\": a control character"),
+        ];
+        for (text, says) in problems {
+            assert_eq!(
+                parse_property(text).expect_err(text).to_string(),
+                says,
+                "{text}"
+            );
+        }
+        assert!(matches!(
+            parse_property(&format!("k={}", "v".repeat(257))),
+            Err(PropertyProblem::TooLong(_))
+        ));
+        assert_eq!(
+            parse_properties(&["pool=b", "os=linux", "pool=b"]),
+            Ok(vec![
+                ("os".into(), "linux".into()),
+                ("pool".into(), "b".into())
+            ])
+        );
+        let many: Vec<String> = (0..65).map(|i| format!("k{i}=v")).collect();
+        assert_eq!(parse_properties(&many), Err(PropertyProblem::TooMany(65)));
+    }
+
     use super::*;
     use crate::graph::BuildGraph;
 

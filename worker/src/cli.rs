@@ -38,6 +38,11 @@ pub struct WorkerArgs {
     /// Jobs run at once (default: the number of CPUs).
     #[arg(long, value_name = "N")]
     pub slots: Option<usize>,
+    /// A platform property, KEY=VALUE (repeatable, at most 64): what
+    /// Remote Execution API actions may ask a worker for (OSFamily=Linux,
+    /// pool=large, ...).
+    #[arg(long = "property", value_name = "KEY=VALUE")]
+    pub properties: Vec<String>,
     /// Bound on the cache's size in bytes.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_CACHE_MAX_BYTES)]
     pub cache_max_bytes: u64,
@@ -111,6 +116,8 @@ impl WorkerArgs {
             .map_err(|e| anyhow::anyhow!("--cache-dir {}: {e}", self.cache_dir.display()))?;
         let mut config = WorkerConfig::new(self.coordinator.clone(), cache_dir);
         config.slots = self.slots.unwrap_or_else(default_slots);
+        config.properties = distbuild_proto::wire::parse_properties(&self.properties)
+            .map_err(|e| anyhow::anyhow!("--property: {e}"))?;
         config.cache_max_bytes = self.cache_max_bytes;
         config.advertise_addr = self.advertise.clone();
         let security = self.security.load(&[Role::Worker])?;
@@ -287,6 +294,14 @@ mod tests {
         check(
             &with(&["--coordinator", "a:1", "--slots", "0"]),
             Err("--slots: must be at least 1"),
+        );
+        check(
+            &with(&["--coordinator", "a:1", "--property", "OSFamily=Linux"]),
+            Ok(()),
+        );
+        check(
+            &with(&["--coordinator", "a:1", "--property", "pool"]),
+            Err("--property: \"pool\" is not KEY=VALUE"),
         );
         check(
             &with(&["--coordinator", "a:1", "--advertise", "x:99999"]),

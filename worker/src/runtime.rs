@@ -104,6 +104,9 @@ pub struct WorkerConfig {
     pub worker_id: Option<String>,
     /// Runs job processes.
     pub runner: Arc<dyn ProcessRunner>,
+    /// Platform properties (name, value) matched against what Remote
+    /// Execution API actions ask for.
+    pub properties: Vec<(String, String)>,
 }
 
 impl WorkerConfig {
@@ -115,6 +118,7 @@ impl WorkerConfig {
             advertise_addr: None,
             cache_dir,
             slots: default_slots(),
+            properties: Vec::new(),
             cache_max_bytes: DEFAULT_CACHE_MAX_BYTES,
             poll_wait_ms: DEFAULT_POLL_WAIT_MS,
             connector: Arc::new(TcpConnector::default()),
@@ -198,6 +202,8 @@ struct Worker {
     worker_id: String,
     peer_addr: String,
     slots: usize,
+    /// Platform properties, "KEY=VALUE", sent at registration.
+    properties: Vec<String>,
     poll_wait_ms: u64,
     sandbox_root: PathBuf,
     env: JobEnv,
@@ -264,6 +270,7 @@ impl Worker {
             slots: u32::try_from(self.slots).unwrap_or(u32::MAX),
             held_artifacts: held.iter().map(digest_to_wire).collect(),
             request_id: self.request_ids.next("register"),
+            properties: self.properties.clone(),
         };
         let mut backoff = Backoff::new();
         loop {
@@ -803,6 +810,11 @@ where
         worker_id,
         peer_addr,
         slots: config.slots,
+        properties: config
+            .properties
+            .iter()
+            .map(|(name, value)| format!("{name}={value}"))
+            .collect(),
         poll_wait_ms: config.poll_wait_ms,
         sandbox_root,
         env: JobEnv {

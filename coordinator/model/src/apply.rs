@@ -42,9 +42,10 @@ impl Model {
                 addr,
                 slots,
                 held,
+                properties,
                 ..
             } => {
-                self.register(worker_id, addr, *slots, held);
+                self.register(worker_id, addr, *slots, held, properties);
                 Response::None
             }
             Command::Assign {

@@ -197,6 +197,8 @@ pub enum Command {
         addr: String,
         slots: u32,
         held: Vec<Digest>,
+        /// Its platform properties (name, value), sorted.
+        properties: Vec<(String, String)>,
         now_ms: u64,
     },
     /// Lease queued executions to a worker; each lease's token is derived

@@ -165,6 +165,8 @@ pub struct Worker {
     pub running: u32,
     /// Artifacts its cache holds.
     pub held: BTreeSet<Digest>,
+    /// Its platform properties (name, value), sorted.
+    pub properties: Vec<(String, String)>,
 }
 
 /// The parts of one submit staged so far.

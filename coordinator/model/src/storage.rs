@@ -21,6 +21,7 @@ struct WorkerRecord {
     addr: String,
     slots: u32,
     last_seen_ms: u64,
+    properties: Vec<(String, String)>,
 }
 
 impl Model {
@@ -78,6 +79,7 @@ impl Model {
                     addr: record.addr,
                     slots: record.slots,
                     last_seen_ms: record.last_seen_ms,
+                    properties: record.properties,
                     ..Worker::default()
                 },
             );
@@ -209,6 +211,7 @@ impl Model {
                             addr: w.addr.clone(),
                             slots: w.slots,
                             last_seen_ms: w.last_seen_ms,
+                            properties: w.properties.clone(),
                         },
                     )?,
                 )?,

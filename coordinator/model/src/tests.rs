@@ -164,6 +164,7 @@ impl Harness {
                 addr: format!("{w}:1"),
                 slots: 2,
                 held: Vec::new(),
+                properties: vec![("pool".into(), w.into())],
                 now_ms: 1_000,
             });
         }
@@ -548,6 +549,7 @@ fn a_reregistering_worker_loses_its_leases() {
         addr: "a:1".into(),
         slots: 2,
         held: Vec::new(),
+        properties: Vec::new(),
         now_ms: h.now_ms,
     });
     assert!(!h.report("a", token, key(1), success(1)));
@@ -1154,6 +1156,7 @@ fn lost_inputs_keep_the_copies_of_holders_not_tried() {
         addr: "c:1".into(),
         slots: 1,
         held: vec![artifact(1)],
+        properties: Vec::new(),
         now_ms: h.now_ms,
     });
     let lost = Outcome::LostInputs {
@@ -1608,6 +1611,7 @@ fn a_worker_at_its_holdings_bound_still_holds_what_it_just_built() {
         addr: "a:1".into(),
         slots: 2,
         held: listed,
+        properties: Vec::new(),
         now_ms: h.now_ms,
     });
     let held = h.model.workers()["a"].held.len();

@@ -99,6 +99,11 @@ impl AdminApi for AdminService {
                 running: w.running,
                 alive: now_ms.saturating_sub(w.last_seen_ms) < alive_ms,
                 peer_bytes_fetched_total: peer_bytes.get(id).copied().unwrap_or(0),
+                properties: w
+                    .properties
+                    .iter()
+                    .map(|(name, value)| format!("{name}={value}"))
+                    .collect(),
             })
             .collect();
         let leader = leader

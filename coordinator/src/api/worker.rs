@@ -239,6 +239,8 @@ impl WorkerApi for WorkerService {
                 req.held_artifacts.len()
             )));
         }
+        let properties = distbuild_proto::wire::parse_properties(&req.properties)
+            .map_err(|e| Status::invalid_argument(format!("properties: {e}")))?;
         let mut held = digests(&req.held_artifacts, "held_artifacts")?;
         // A set: proposed in one order whatever order the worker's cache
         // listed it in.
@@ -253,6 +255,7 @@ impl WorkerApi for WorkerService {
                     addr: req.addr,
                     slots: req.slots,
                     held,
+                    properties,
                     now_ms: self.node.now_ms(),
                 },
             )

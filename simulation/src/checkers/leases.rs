@@ -272,6 +272,7 @@ mod tests {
                     addr: "w1:1".into(),
                     slots: 1,
                     held: vec![],
+                    properties: Vec::new(),
                     now_ms: 0,
                 },
                 Response::None,

@@ -8,7 +8,14 @@ use crate::records::ExecState;
 use crate::state::Model;
 
 impl Model {
-    pub(crate) fn register(&mut self, worker_id: &str, addr: &str, slots: u32, held: &[Digest]) {
+    pub(crate) fn register(
+        &mut self,
+        worker_id: &str,
+        addr: &str,
+        slots: u32,
+        held: &[Digest],
+        properties: &[(String, String)],
+    ) {
         // A worker that registers has just started: nothing of its earlier
         // life is running any more.
         let stale: Vec<u64> = self
@@ -35,6 +42,7 @@ impl Model {
         let worker = self.workers.entry(worker_id.to_string()).or_default();
         worker.addr = addr.to_string();
         worker.slots = slots;
+        worker.properties = properties.to_vec();
         worker.last_seen_ms = self.clock_ms;
         self.dirty.workers.insert(worker_id.to_string());
         for digest in new_held {

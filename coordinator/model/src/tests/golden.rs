@@ -131,6 +131,7 @@ fn commands() -> Vec<Command> {
             addr: "127.0.0.1:4000".into(),
             slots: 8,
             held: vec![digest(3), digest(4)],
+            properties: vec![("OSFamily".into(), "Linux".into())],
             now_ms: 7,
         },
         Command::Assign {
@@ -401,6 +402,7 @@ fn a_scripted_run_leaves_the_pinned_tables() {
                 addr: "127.0.0.1:4001".into(),
                 slots: 2,
                 held: vec![digest(50)],
+                properties: Vec::new(),
                 now_ms: 1_000,
             },
         },
@@ -409,6 +411,7 @@ fn a_scripted_run_leaves_the_pinned_tables() {
             addr: "127.0.0.1:4002".into(),
             slots: 1,
             held: Vec::new(),
+            properties: Vec::new(),
             now_ms: 1_001,
         }),
         // One build staged in two parts (a chain 1 -> 2, and 3 alone) and
