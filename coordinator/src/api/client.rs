@@ -19,7 +19,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use distbuild_model::{self as model, CmdText, Command, DepRef, InputRef, JobSpec, SubmittedJob};
 
-use super::rate::CallerRates;
+use super::rate::{CallerRates, client_name};
 use super::status::{invalid, refusal};
 use super::watch::{Watchers, stream_events};
 use super::{KeptBlobBytes, ResponseStream, digests, receive_blob};
@@ -40,10 +40,7 @@ pub struct ClientService {
 /// Takes one state-changing call of the client that sent `request` (by its
 /// address) from its rate bound.
 fn admit<T>(rates: &CallerRates, request: &Request<T>) -> Result<(), Status> {
-    let caller = request
-        .remote_addr()
-        .map_or_else(|| "a client".to_string(), |a| format!("client {}", a.ip()));
-    rates.admit(&caller)
+    rates.admit(&client_name(request))
 }
 
 /// Orders a validated (acyclic) graph's jobs so dependencies come first,

@@ -39,6 +39,14 @@ pub struct CallerRates {
     buckets: Arc<Mutex<HashMap<String, Bucket>>>,
 }
 
+/// The name a client's calls are counted under: its address (a
+/// follower passing calls on counts as one client).
+pub fn client_name<T>(request: &tonic::Request<T>) -> String {
+    request
+        .remote_addr()
+        .map_or_else(|| "a client".to_string(), |a| format!("client {}", a.ip()))
+}
+
 impl Default for CallerRates {
     fn default() -> Self {
         Self::new(MAX_CALLS_PER_SEC, MAX_CALLS_BURST)

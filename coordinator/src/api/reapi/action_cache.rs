@@ -14,12 +14,14 @@ use re::action_cache_server::ActionCache;
 use tonic::{Request, Response, Status};
 
 use super::{key_of, note_use_after_ms, note_used, stale_blobs};
-use crate::api::rate::CallerRates;
+use crate::api::rate::{CallerRates, client_name};
 use crate::replica::Node;
 
-/// Largest encoded `ActionResult` stored (outputs are named by digest, so
-/// only an action with very many outputs comes near it).
-pub const MAX_ACTION_RESULT_BYTES: usize = 1 << 20;
+/// Largest encoded `ActionResult` stored: it becomes one Raft entry, and
+/// no entry may be big (the submit's parts are bounded the same). Outputs
+/// are named by digest, so only an action with a few thousand outputs
+/// comes near it.
+pub const MAX_ACTION_RESULT_BYTES: usize = 256 << 10;
 
 /// Most blobs one result may name.
 pub const MAX_RESULT_BLOBS: usize = 100_000;
@@ -131,9 +133,7 @@ impl ActionCache for ActionCacheService {
         &self,
         request: Request<re::UpdateActionResultRequest>,
     ) -> Result<Response<re::ActionResult>, Status> {
-        let caller = request
-            .remote_addr()
-            .map_or_else(|| "a client".to_string(), |a| format!("client {}", a.ip()));
+        let caller = client_name(&request);
         let request = request.into_inner();
         let (action, _) = key_of(
             request.action_digest.as_ref(),

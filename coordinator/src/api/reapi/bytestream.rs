@@ -17,7 +17,7 @@ use futures::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{Resource, is_empty_blob, parse_resource};
-use crate::api::rate::CallerRates;
+use crate::api::rate::{CallerRates, client_name};
 use crate::api::status::blob_status;
 use crate::api::{KeptBlobBytes, ResponseStream};
 use crate::replica::Node;
@@ -120,9 +120,7 @@ impl ByteStream for ByteStreamService {
         &self,
         request: Request<Streaming<WriteRequest>>,
     ) -> Result<Response<WriteResponse>, Status> {
-        let caller = request
-            .remote_addr()
-            .map_or_else(|| "a client".to_string(), |a| format!("client {}", a.ip()));
+        let caller = client_name(&request);
         let mut messages = request.into_inner();
         let first = next_message(&mut messages)
             .await?

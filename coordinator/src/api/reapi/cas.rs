@@ -17,7 +17,7 @@ use super::{
     MAX_BATCH_TOTAL_BYTES, MAX_DIGESTS_PER_CALL, is_empty_blob, key_of, note_used, stale_blobs,
     store_whole,
 };
-use crate::api::rate::CallerRates;
+use crate::api::rate::{CallerRates, client_name};
 use crate::api::{KeptBlobBytes, ResponseStream};
 use crate::replica::Node;
 
@@ -174,9 +174,7 @@ impl ContentAddressableStorage for CasService {
         &self,
         request: Request<re::BatchUpdateBlobsRequest>,
     ) -> Result<Response<re::BatchUpdateBlobsResponse>, Status> {
-        let caller = request
-            .remote_addr()
-            .map_or_else(|| "a client".to_string(), |a| format!("client {}", a.ip()));
+        let caller = client_name(&request);
         let request = request.into_inner();
         check_count(request.requests.len(), "requests")?;
         check_batch_total(request.requests.iter().map(|r| r.data.len() as u64).sum())?;

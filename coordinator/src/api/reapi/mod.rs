@@ -114,8 +114,9 @@ pub fn note_use_after_ms(node: &Node) -> u64 {
     (60 * 60 * 1000).min(node.tuning().gc.blob_retention_ms / 4)
 }
 
-/// Most keys one `Used` entry carries.
-const MAX_USED_PER_ENTRY: usize = 10_000;
+/// Most keys one `Used` entry carries (a key is at most 33 bytes encoded:
+/// an entry stays well under the 256 KiB no Raft entry passes).
+const MAX_USED_PER_ENTRY: usize = 4_000;
 
 /// Of `blobs`, those recorded whose last recorded use is older than
 /// [`note_use_after_ms`].
