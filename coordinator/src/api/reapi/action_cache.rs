@@ -13,7 +13,7 @@ use prost::Message as _;
 use re::action_cache_server::ActionCache;
 use tonic::{Request, Response, Status};
 
-use super::{key_of, note_use_after_ms, note_used, stale_blobs};
+use super::{holds, key_of, note_use_after_ms, note_used, stale_blobs};
 use crate::api::rate::{CallerRates, client_name};
 use crate::replica::Node;
 
@@ -78,9 +78,7 @@ fn missing(node: &Node, blobs: &[(BlobKey, u64)]) -> Vec<(BlobKey, u64)> {
     let model = node.model();
     blobs
         .iter()
-        .filter(|(key, size)| {
-            !super::is_empty_blob(key, *size) && model.blob_size(key) != Some(*size)
-        })
+        .filter(|(key, size)| !holds(&model, key, *size))
         .copied()
         .collect()
 }

@@ -16,7 +16,7 @@ use distbuild_model::Command;
 use futures::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{Resource, is_empty_blob, parse_resource};
+use super::{Resource, holds, is_empty_blob, parse_resource};
 use crate::api::rate::{CallerRates, client_name};
 use crate::api::status::blob_status;
 use crate::api::{KeptBlobBytes, ResponseStream};
@@ -35,8 +35,7 @@ pub struct ByteStreamService {
 impl ByteStreamService {
     /// Whether the blob is recorded (stored on a quorum) at its size.
     fn stored(&self, resource: &Resource) -> bool {
-        is_empty_blob(&resource.key, resource.size)
-            || self.node.model().blob_size(&resource.key) == Some(resource.size)
+        holds(&self.node.model(), &resource.key, resource.size)
     }
 }
 

@@ -14,8 +14,8 @@ use re::content_addressable_storage_server::ContentAddressableStorage;
 use tonic::{Code, Request, Response, Status};
 
 use super::{
-    MAX_BATCH_TOTAL_BYTES, MAX_DIGESTS_PER_CALL, is_empty_blob, key_of, note_used, stale_blobs,
-    store_whole,
+    MAX_BATCH_TOTAL_BYTES, MAX_DIGESTS_PER_CALL, holds, is_empty_blob, key_of, note_used,
+    stale_blobs, store_whole,
 };
 use crate::api::rate::{CallerRates, client_name};
 use crate::api::{KeptBlobBytes, ResponseStream};
@@ -155,9 +155,7 @@ impl ContentAddressableStorage for CasService {
             let model = self.node.model();
             wanted
                 .iter()
-                .filter(|(key, size, _)| {
-                    !is_empty_blob(key, *size) && model.blob_size(key) != Some(*size)
-                })
+                .filter(|(key, size, _)| !holds(&model, key, *size))
                 .map(|(_, _, digest)| (*digest).clone())
                 .collect()
         };

@@ -91,6 +91,12 @@ pub fn is_empty_blob(key: &BlobKey, size: u64) -> bool {
     size == 0 && *key == key.function().key_of(b"")
 }
 
+/// Whether the CAS holds blob `key` of `size` bytes: recorded (so stored
+/// on a quorum) at that size, or the empty blob, which it always holds.
+pub fn holds(model: &distbuild_model::Model, key: &BlobKey, size: u64) -> bool {
+    is_empty_blob(key, size) || model.blob_size(key) == Some(size)
+}
+
 /// Stores a blob received whole: verified against its key, written
 /// durably, copied to a quorum of coordinators, then recorded through
 /// Raft. A blob already recorded is only recorded again (its use now).
