@@ -16,7 +16,7 @@ use distbuild_model::Command;
 use futures::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{Resource, holds, is_empty_blob, parse_resource};
+use super::{Resource, holds, is_empty_blob, note_used, parse_resource};
 use crate::api::rate::{CallerRates, client_name};
 use crate::api::status::blob_status;
 use crate::api::{KeptBlobBytes, ResponseStream};
@@ -132,14 +132,11 @@ impl ByteStream for ByteStreamService {
             committed_size: resource.size as i64,
         };
         // Stored already (by another client, or an earlier try): done at
-        // once, as the spec allows.
+        // once, as the spec allows, the upload counting as a use.
         if self.stored(&resource) {
-            self.node
-                .propose(Command::BlobStored {
-                    digest: resource.key,
-                    size: resource.size,
-                })
-                .await?;
+            if !is_empty_blob(&resource.key, resource.size) {
+                note_used(&self.node, vec![resource.key], Vec::new()).await?;
+            }
             return Ok(Response::new(done));
         }
         self.kept_blob_bytes.admit(&self.node, resource.size)?;
