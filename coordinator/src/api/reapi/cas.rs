@@ -25,6 +25,9 @@ use crate::replica::Node;
 const MAX_CONCURRENT_STORES: usize = 16;
 /// Most directories one `GetTree` streams.
 pub const MAX_TREE_DIRECTORIES: usize = 100_000;
+/// Most bytes of directories one `GetTree` reads into memory (each is read
+/// whole, so a blob named as a directory is bounded by it too).
+pub const MAX_TREE_BYTES: u64 = 64 << 20;
 /// Directories per `GetTree` page when the client names no page size.
 const DEFAULT_TREE_PAGE: usize = 1_000;
 
@@ -277,10 +280,17 @@ impl ContentAddressableStorage for CasService {
         let mut directories = Vec::new();
         let mut seen = BTreeSet::from([root.0]);
         let mut queue = VecDeque::from([root]);
+        let mut bytes_read: u64 = 0;
         while let Some((key, size)) = queue.pop_front() {
             if directories.len() >= MAX_TREE_DIRECTORIES {
                 return Err(Status::invalid_argument(format!(
                     "the tree has more than {MAX_TREE_DIRECTORIES} directories"
+                )));
+            }
+            bytes_read = bytes_read.saturating_add(size);
+            if bytes_read > MAX_TREE_BYTES {
+                return Err(Status::invalid_argument(format!(
+                    "the tree's directories hold more than {MAX_TREE_BYTES} bytes"
                 )));
             }
             let Some(bytes) = read_whole(&self.node, key, size).await? else {

@@ -23,6 +23,9 @@ use tonic::server::NamedService;
 use crate::api::status::to_status;
 use crate::replica::{Node, ReplicaError};
 
+/// Marks a call a follower passed on.
+const FORWARDED_HEADER: &str = "x-distbuild-forwarded";
+
 /// A service served here when this node leads, else by the leader.
 #[derive(Clone)]
 pub struct Forward<S> {
@@ -62,12 +65,16 @@ where
         let mut inner = self.inner.clone();
         let node = self.node.clone();
         Box::pin(async move {
+            // Passed on once at most: two nodes that each take the other
+            // for the leader (views about to converge) must not bounce a
+            // call between them.
+            let forwarded = request.headers().contains_key(FORWARDED_HEADER);
             match node.ready_leader().await {
                 Ok(()) => inner.call(request).await,
                 Err(ReplicaError::NotLeader {
                     leader: Some(leader),
                     ..
-                }) => Ok(forward(&node, &leader, request).await),
+                }) if !forwarded => Ok(forward(&node, &leader, request).await),
                 Err(e) => Ok(to_status(e).into_http()),
             }
         })
@@ -76,7 +83,14 @@ where
 
 /// The leader's answer to `request`, or UNAVAILABLE naming why it could
 /// not be had.
-async fn forward(node: &Node, leader: &str, request: http::Request<Body>) -> http::Response<Body> {
+async fn forward(
+    node: &Node,
+    leader: &str,
+    mut request: http::Request<Body>,
+) -> http::Response<Body> {
+    request
+        .headers_mut()
+        .insert(FORWARDED_HEADER, http::HeaderValue::from_static("1"));
     let unavailable = |why: String| {
         Status::unavailable(format!(
             "this coordinator passes Remote Execution API calls to the leader at {leader}: {why}; retry"
