@@ -24,6 +24,7 @@ use anyhow::Context as _;
 use bazel_remote_apis::build::bazel::remote::execution::v2::action_cache_server::ActionCacheServer;
 use bazel_remote_apis::build::bazel::remote::execution::v2::capabilities_server::CapabilitiesServer;
 use bazel_remote_apis::build::bazel::remote::execution::v2::content_addressable_storage_server::ContentAddressableStorageServer;
+use bazel_remote_apis::build::bazel::remote::execution::v2::execution_server::ExecutionServer;
 use bazel_remote_apis::google::bytestream::byte_stream_server::ByteStreamServer;
 use distbuild_proto::auth::Access;
 use distbuild_proto::raft_v1::raft_transport_server::RaftTransportServer;
@@ -397,8 +398,21 @@ where
             node.clone(),
             ByteStreamServer::new(api::reapi::bytestream::ByteStreamService {
                 node: node.clone(),
-                kept_blob_bytes,
+                kept_blob_bytes: kept_blob_bytes.clone(),
                 rates: rates.clone(),
+            })
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        ),
+        reapi("the Remote Execution API"),
+    );
+    let execution = InterceptedService::new(
+        Forward::new(
+            node.clone(),
+            ExecutionServer::new(api::reapi::execution::ExecutionService {
+                node: node.clone(),
+                rates: rates.clone(),
+                streams: api::watch::Watchers::default(),
             })
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES),
@@ -409,6 +423,7 @@ where
         WorkerApiServer::new(api::worker::WorkerService {
             node: node.clone(),
             rates,
+            kept_blob_bytes: kept_blob_bytes.clone(),
         })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES),
@@ -441,6 +456,7 @@ where
         .add_service(cas)
         .add_service(bytestream)
         .add_service(action_cache)
+        .add_service(execution)
         .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned())
         .await;
     shutdown.cancel();

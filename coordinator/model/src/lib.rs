@@ -36,7 +36,7 @@ pub use gc::RECENT_BLOB_MS;
 pub use invariants::InvariantViolation;
 pub use log::{
     CmdText, Collected, Command, DepRef, Event, GcLimits, InputRef, JobSpec, Outcome, OutputRef,
-    Proposal, Response, SubmittedJob,
+    Proposal, RemoteAction, Response, SubmittedJob,
 };
 pub use records::{
     ActionResultRecord, Build, BuildHeader, BuildJob, CachedResult, ExecState, Execution,

@@ -80,6 +80,30 @@ pub struct DepRef {
     pub cache_key: Digest,
 }
 
+/// A Remote Execution API action a job runs instead of commands: the
+/// worker reads the Action, its Command and input root from the CAS.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoteAction {
+    pub instance_name: String,
+    /// The Action message's digest (its function is every digest's).
+    pub action: BlobKey,
+    pub action_size: u64,
+    /// The result is not kept in the action cache.
+    pub do_not_cache: bool,
+    /// Platform properties (name, value), sorted: only a worker that has
+    /// every one of them runs it.
+    pub platform: Vec<(String, String)>,
+}
+
+impl RemoteAction {
+    /// Whether a worker with these (sorted) properties may run it.
+    pub fn runs_on(&self, properties: &[(String, String)]) -> bool {
+        self.platform
+            .iter()
+            .all(|wanted| properties.binary_search(wanted).is_ok())
+    }
+}
+
 /// Everything a worker needs to run a job.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobSpec {
@@ -88,6 +112,9 @@ pub struct JobSpec {
     pub cmds: Vec<CmdText>,
     pub inputs: Vec<InputRef>,
     pub deps: Vec<DepRef>,
+    /// Set for a Remote Execution API action (then `cmds`, `inputs` and
+    /// `deps` are empty).
+    pub action: Option<RemoteAction>,
 }
 
 /// One job of a submitted build; the leader validated the graph, ordered
@@ -159,6 +186,20 @@ pub enum Outcome {
     /// fetched from none of the holders tried (peer addresses, the ones
     /// the assignment named).
     LostInputs { lost: Vec<(Digest, Vec<String>)> },
+    /// A Remote Execution API action's command ran, whatever its exit
+    /// code: `result` is the encoded `ActionResult`, `blobs` the CAS blobs
+    /// it names (stored before the report). Its job succeeds when the exit
+    /// code is 0; the result is cached unless the action says not to.
+    Executed {
+        exit_code: i32,
+        #[serde(with = "serde_bytes")]
+        stdout: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        stderr: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        result: Vec<u8>,
+        blobs: Vec<(BlobKey, u64)>,
+    },
 }
 
 /// A change to the state, proposed by the leader. `now_ms` is the leader's

@@ -23,20 +23,25 @@ impl Model {
         stdout: &[u8],
         stderr: &[u8],
     ) -> Option<OutputRef> {
-        if stdout.is_empty() && stderr.is_empty() {
-            return None;
-        }
-        self.dirty.new_outputs.push((
+        self.new_output_with(
             index,
             JobOutput {
                 stdout: stdout.to_vec(),
                 stderr: stderr.to_vec(),
+                action_result: Vec::new(),
             },
-        ));
-        Some(OutputRef {
-            id: index,
-            bytes: (stdout.len() + stderr.len()) as u64,
-        })
+        )
+    }
+
+    /// Stores `output` as the row of the entry at `index` (none when it
+    /// is empty).
+    pub(crate) fn new_output_with(&mut self, index: u64, output: JobOutput) -> Option<OutputRef> {
+        if output.is_empty() {
+            return None;
+        }
+        let bytes = output.len() as u64;
+        self.dirty.new_outputs.push((index, output));
+        Some(OutputRef { id: index, bytes })
     }
 
     pub(crate) fn ref_output(&mut self, output: Option<OutputRef>) {

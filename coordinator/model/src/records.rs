@@ -92,6 +92,17 @@ pub struct Execution {
     pub timeout_ms: u64,
 }
 
+impl Execution {
+    /// Whether `worker` may run it: a Remote Execution API action only on
+    /// a worker with every platform property it asks for.
+    pub fn runs_on(&self, worker: &Worker) -> bool {
+        self.spec
+            .action
+            .as_ref()
+            .is_none_or(|action| action.runs_on(&worker.properties))
+    }
+}
+
 /// A successful job's cached result (exit code 0).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CachedResult {
@@ -119,11 +130,16 @@ pub struct JobOutput {
     pub stdout: Vec<u8>,
     #[serde(with = "serde_bytes")]
     pub stderr: Vec<u8>,
+    /// A Remote Execution API run's encoded `ActionResult` (empty for
+    /// other jobs): how the caller of `Execute` learns the result, cached
+    /// or not.
+    #[serde(with = "serde_bytes")]
+    pub action_result: Vec<u8>,
 }
 
 impl JobOutput {
     pub fn len(&self) -> usize {
-        self.stdout.len() + self.stderr.len()
+        self.stdout.len() + self.stderr.len() + self.action_result.len()
     }
 
     pub fn is_empty(&self) -> bool {

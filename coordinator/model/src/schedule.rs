@@ -29,6 +29,9 @@ impl Model {
                 break;
             }
             let exec = &self.executions[key];
+            if !exec.runs_on(me) {
+                continue;
+            }
             let mut bytes_by_worker: BTreeMap<&str, u64> = BTreeMap::new();
             for dep in &exec.spec.deps {
                 if let Some(result) = self.results.get(&dep.cache_key) {

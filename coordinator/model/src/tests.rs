@@ -39,6 +39,7 @@ fn job(n: u8, deps: &[u32], all: &[(u8, &[u32])]) -> SubmittedJob {
                     cache_key: key(all[d as usize].0),
                 })
                 .collect(),
+            action: None,
         },
     }
 }
@@ -1751,4 +1752,149 @@ fn a_blob_and_a_result_in_use_outlive_their_retention_and_unused_ones_do_not() {
     };
     assert_eq!(collected.blobs, 1, "the idle one");
     assert!(h.model.has_blob(&used) && !h.model.has_blob(&idle));
+}
+
+/// A job running Remote Execution API action `n` (SHA-256 digest `[n; 32]`)
+/// that only a worker with `pool=<pool>` may run.
+fn action_job(n: u8, pool: &str, do_not_cache: bool) -> SubmittedJob {
+    SubmittedJob {
+        cache_key: key(n),
+        deps: Vec::new(),
+        spec: JobSpec {
+            job_id: id(n),
+            name: format!("action {n}"),
+            cmds: Vec::new(),
+            inputs: Vec::new(),
+            deps: Vec::new(),
+            action: Some(crate::RemoteAction {
+                instance_name: "main".into(),
+                action: distbuild_proto::BlobKey::Sha256([n; 32]),
+                action_size: 100,
+                do_not_cache,
+                platform: vec![("pool".into(), pool.into())],
+            }),
+        },
+    }
+}
+
+fn executed(exit_code: i32, blobs: Vec<(distbuild_proto::BlobKey, u64)>) -> Outcome {
+    Outcome::Executed {
+        exit_code,
+        stdout: b"compiled".to_vec(),
+        stderr: Vec::new(),
+        result: vec![0x30, exit_code as u8],
+        blobs,
+    }
+}
+
+/// The `ActionResult` the `JobFinished` of `build`'s job 0 shows.
+fn action_result_shown(h: &Harness, build: u64) -> Vec<u8> {
+    let events = crate::tables::read_events(&h.store, build, 0, 100, 1 << 20).expect("read");
+    let finished: Vec<_> = events
+        .into_iter()
+        .filter(|e| matches!(e.event, Event::JobFinished { .. }))
+        .collect();
+    assert_eq!(finished.len(), 1, "one JobFinished");
+    finished[0]
+        .output
+        .as_ref()
+        .expect("its output row")
+        .action_result
+        .clone()
+}
+
+#[test]
+fn an_action_runs_once_for_every_caller_only_on_a_worker_with_its_platform_and_is_cached() {
+    use distbuild_proto::HashFunction;
+    let mut h = Harness::new();
+    let out = HashFunction::Sha256.key_of(b"out");
+    h.apply(Command::BlobStored {
+        digest: out,
+        size: 3,
+    });
+    let first = h.submit("op-1", vec![action_job(1, "b", false)]);
+    let second = h.submit("op-2", vec![action_job(1, "b", false)]);
+    assert_eq!(h.exec(1).waiters.len(), 2, "two callers, one execution");
+    assert!(h.pick("a").is_empty(), "worker a lacks pool=b");
+    assert_eq!(h.assign("a", &[key(1)]), [None], "nor may it be assigned");
+    assert_eq!(h.pick("b"), [key(1)]);
+    assert!(h.run_one("b", key(1), executed(0, vec![(out, 3)])));
+    assert_eq!(
+        h.events(),
+        [
+            format!("{first}:start:0"),
+            format!("{second}:start:0"),
+            format!("{first}:ok:0"),
+            format!("{second}:ok:0"),
+            format!("{first}:done:true"),
+            format!("{second}:done:true"),
+        ]
+    );
+    for build in [first, second] {
+        assert_eq!(action_result_shown(&h, build), [0x30, 0]);
+    }
+    let cached = h
+        .model
+        .action_result("main", &distbuild_proto::BlobKey::Sha256([1; 32]))
+        .expect("cached");
+    assert_eq!(cached.result, [0x30, 0]);
+    assert_eq!(cached.blobs, [(out, 3)]);
+}
+
+#[test]
+fn a_failed_uncacheable_or_unstored_action_result_reaches_its_caller_but_not_the_cache() {
+    use distbuild_proto::{BlobKey, HashFunction};
+    let mut h = Harness::new();
+    let out = HashFunction::Sha256.key_of(b"out");
+    h.apply(Command::BlobStored {
+        digest: out,
+        size: 3,
+    });
+    let cases = [
+        // (action, do_not_cache, exit code, blobs, ok)
+        (1, false, 2, vec![(out, 3)], false),
+        (2, true, 0, vec![(out, 3)], true),
+        (
+            3,
+            false,
+            0,
+            vec![(HashFunction::Sha256.key_of(b"gone"), 4)],
+            true,
+        ),
+        (4, false, 0, vec![(out, 4)], true),
+    ];
+    for (n, do_not_cache, exit_code, blobs, ok) in cases {
+        let build = h.submit(&format!("op-{n}"), vec![action_job(n, "a", do_not_cache)]);
+        assert!(h.run_one("a", key(n), executed(exit_code, blobs)));
+        let events = h.events();
+        assert_eq!(
+            events.last(),
+            Some(&format!("{build}:done:{ok}")),
+            "action {n}: {events:?}"
+        );
+        assert_eq!(
+            action_result_shown(&h, build),
+            [0x30, exit_code as u8],
+            "action {n}"
+        );
+        assert!(
+            h.model
+                .action_result("main", &BlobKey::Sha256([n; 32]))
+                .is_none(),
+            "action {n} is not cached"
+        );
+    }
+}
+
+#[test]
+fn an_action_result_reported_for_a_plain_job_fails_it() {
+    let mut h = Harness::new();
+    let build = h.submit("b", graph(&[(1, &[])]));
+    assert!(h.run_one("a", key(1), executed(0, Vec::new())));
+    let events = h.take_events();
+    assert!(
+        Harness::error_of(&events, build, 0).contains("not a Remote Execution API action"),
+        "{events:?}"
+    );
+    assert!(h.model.result(&key(1)).is_none(), "nothing cached");
 }

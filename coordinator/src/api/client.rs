@@ -180,6 +180,7 @@ impl ClientService {
                             cache_key: keys[d],
                         })
                         .collect(),
+                    action: None,
                 },
             });
         }
@@ -427,6 +428,7 @@ mod tests {
                 cmds: Vec::new(),
                 inputs: Vec::new(),
                 deps: Vec::new(),
+                action: None,
             },
         }
     }

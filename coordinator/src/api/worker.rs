@@ -4,7 +4,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use distbuild_proto::Digest;
 use distbuild_proto::auth::{Caller, caller};
 use distbuild_proto::text;
 use distbuild_proto::tls::MAX_NAME_CHARS;
@@ -12,18 +11,23 @@ use distbuild_proto::v1::worker_api_server::WorkerApi;
 use distbuild_proto::v1::{
     Assignment, BlobChunk, DepArtifact, FetchRequest, HeartbeatRequest, HeartbeatResponse,
     InputFile, LostInput, PollWorkRequest, PollWorkResponse, RegisterRequest, RegisterResponse,
-    ReportResultRequest, ReportResultResponse,
+    RemoteAction, ReportResultRequest, ReportResultResponse, UploadBlobResponse,
 };
 use distbuild_proto::wire::{
     MAX_CACHE_CHANGES_PER_HEARTBEAT, MAX_HELD_PER_REGISTER, MAX_HOLDERS_LISTED,
     MAX_JOB_ERROR_BYTES, MAX_JOB_OUTPUT_BYTES, MAX_REQUEST_ID_CHARS, MAX_TRIED_HOLDERS_PER_REPORT,
     digest_from_wire, digest_to_wire,
 };
-use tonic::{Request, Response, Status};
+use distbuild_proto::{BlobKey, Digest};
+use tonic::{Request, Response, Status, Streaming};
 
 use super::rate::CallerRates;
+use super::rate::client_name;
+use super::reapi::action_cache::{MAX_ACTION_RESULT_BYTES, named_blobs};
 use super::status::invalid;
-use super::{ResponseStream, blob_key_from_wire, digests, stream_file};
+use super::{
+    KeptBlobBytes, ResponseStream, blob_key_from_wire, digests, receive_blob, stream_file,
+};
 use distbuild_model::{self as model, CmdText, Command, MAX_ASSIGN_BATCH, Outcome};
 
 use crate::replica::Node;
@@ -73,6 +77,8 @@ pub struct WorkerService {
     pub node: Arc<Node>,
     /// Per-caller rate bounds on state-changing calls.
     pub rates: CallerRates,
+    /// Bytes of blobs being received, bounded with every other upload's.
+    pub kept_blob_bytes: Arc<KeptBlobBytes>,
 }
 
 impl WorkerService {
@@ -189,6 +195,11 @@ impl WorkerService {
                 .collect(),
             deps,
             timeout_ms: exec.timeout_ms,
+            action: spec.action.as_ref().map(|action| RemoteAction {
+                instance_name: action.instance_name.clone(),
+                action_digest: action.action.hash_bytes().to_vec().into(),
+                action_size: action.action_size as i64,
+            }),
         })
     }
 }
@@ -205,6 +216,26 @@ fn request_key(kind: &str, worker_id: &str, request_id: &str) -> Result<String, 
         )));
     }
     Ok(format!("{kind}/{worker_id}/{request_id}"))
+}
+
+/// A reported Remote Execution API result, checked: within the bound of
+/// what the action cache keeps, decodable, and the blobs it names (each
+/// digest's function from its length).
+fn action_result(bytes: &[u8]) -> Result<(Vec<u8>, Vec<(BlobKey, u64)>), Status> {
+    use prost::Message as _;
+    if bytes.len() > MAX_ACTION_RESULT_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "action_result: {} bytes, over the limit of {MAX_ACTION_RESULT_BYTES}",
+            bytes.len()
+        )));
+    }
+    let result =
+        bazel_remote_apis::build::bazel::remote::execution::v2::ActionResult::decode(bytes)
+            .map_err(|e| {
+                Status::invalid_argument(format!("action_result: not an ActionResult: {e}"))
+            })?;
+    let blobs = named_blobs(&result, 0)?;
+    Ok((bytes.to_vec(), blobs))
 }
 
 fn truncated(mut bytes: Vec<u8>) -> Vec<u8> {
@@ -428,6 +459,15 @@ impl WorkerApi for WorkerService {
         let stderr = truncated(req.stderr.to_vec());
         let outcome = if !lost.is_empty() {
             Outcome::LostInputs { lost }
+        } else if !req.action_result.is_empty() && req.error.is_empty() {
+            let (result, blobs) = action_result(&req.action_result)?;
+            Outcome::Executed {
+                exit_code: req.exit_code,
+                stdout,
+                stderr,
+                result,
+                blobs,
+            }
         } else if req.exit_code == 0 && req.error.is_empty() {
             Outcome::Success {
                 stdout,
@@ -469,6 +509,22 @@ impl WorkerApi for WorkerService {
     }
 
     type FetchBlobStream = ResponseStream<BlobChunk>;
+
+    async fn upload_blob(
+        &self,
+        request: Request<Streaming<BlobChunk>>,
+    ) -> Result<Response<UploadBlobResponse>, Status> {
+        // A follower redirects before reading any data.
+        self.node.ready_leader().await?;
+        self.rates.admit(&client_name(&request))?;
+        let admit = |size: u64| self.kept_blob_bytes.admit(&self.node, size);
+        let (digest, size) = receive_blob(self.node.blobs(), request.into_inner(), admit).await?;
+        self.node.replicate_blob(digest, size).await?;
+        self.node
+            .propose(Command::BlobStored { digest, size })
+            .await?;
+        Ok(Response::new(UploadBlobResponse {}))
+    }
 
     async fn fetch_blob(
         &self,

@@ -4,7 +4,7 @@ use distbuild_proto::Digest;
 
 use crate::log::{Event, Response};
 use crate::rebuild::Inputs;
-use crate::records::ExecState;
+use crate::records::{ExecState, Execution};
 use crate::state::Model;
 
 pub const MAX_ASSIGN_BATCH: u64 = 1024;
@@ -24,12 +24,15 @@ impl Model {
         let mut tokens = Vec::with_capacity(keys.len());
         for (position, key) in keys.iter().enumerate() {
             let token = index * MAX_ASSIGN_BATCH + position as u64;
-            let free = self
-                .workers
-                .get(worker_id)
-                .is_some_and(|w| w.running < w.slots);
-            let since = match self.executions.get(key).map(|e| &e.state) {
-                Some(ExecState::Queued { since_ms }) if free => *since_ms,
+            let worker = self.workers.get(worker_id);
+            let free = worker.is_some_and(|w| w.running < w.slots);
+            let since = match self.executions.get(key) {
+                Some(
+                    exec @ Execution {
+                        state: ExecState::Queued { since_ms },
+                        ..
+                    },
+                ) if free && worker.is_some_and(|w| exec.runs_on(w)) => *since_ms,
                 _ => {
                     tokens.push(None);
                     continue;

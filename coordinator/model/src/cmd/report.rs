@@ -4,7 +4,7 @@ use distbuild_proto::Digest;
 
 use crate::gc::result_bytes;
 use crate::log::{Event, Outcome};
-use crate::records::{CachedResult, ExecState, JobState};
+use crate::records::{CachedResult, ExecState, JobOutput, JobState};
 use crate::state::Model;
 
 impl Model {
@@ -114,6 +114,69 @@ impl Model {
                 self.make_ready(ready);
             }
             Outcome::LostInputs { .. } => unreachable!("handled above"),
+            Outcome::Executed {
+                exit_code,
+                stdout,
+                stderr,
+                result,
+                blobs,
+            } => {
+                let output = self.new_output_with(
+                    index,
+                    JobOutput {
+                        stdout: stdout.clone(),
+                        stderr: stderr.clone(),
+                        action_result: result.clone(),
+                    },
+                );
+                let Some(action) = &exec.spec.action else {
+                    // A worker confused about what it ran: not a result.
+                    for &(build_id, job) in &exec.waiters {
+                        self.fail_job(
+                            build_id,
+                            job,
+                            *exit_code,
+                            output,
+                            Some("the worker reported an action result for a job that is not a Remote Execution API action".into()),
+                        );
+                    }
+                    self.finish_builds_of(&exec.waiters);
+                    return true;
+                };
+                // Every blob it names was stored (and recorded) before the
+                // report; one collected since makes the result unservable,
+                // so it is not cached (its caller still gets it).
+                let stored = blobs.iter().all(|(blob, size)| {
+                    *size == 0 || self.blobs.get(blob).is_some_and(|b| b.size == *size)
+                });
+                if *exit_code == 0 && !action.do_not_cache && stored {
+                    self.action_result_stored(&action.instance_name, action.action, result, blobs);
+                }
+                if *exit_code == 0 {
+                    let mut ready = Vec::new();
+                    for &(build_id, job) in &exec.waiters {
+                        self.finished_with_output(build_id, job, output);
+                        self.job_mut(build_id, job).state = JobState::Succeeded;
+                        self.push_event(
+                            build_id,
+                            Event::JobFinished {
+                                job,
+                                exit_code: 0,
+                                output,
+                                cached: false,
+                                error: None,
+                                artifact: None,
+                            },
+                        );
+                        ready.extend(self.job_done(build_id, job));
+                    }
+                    self.make_ready(ready);
+                } else {
+                    for &(build_id, job) in &exec.waiters {
+                        self.fail_job(build_id, job, *exit_code, output, None);
+                    }
+                }
+            }
             Outcome::Failure {
                 exit_code,
                 stdout,

@@ -13,7 +13,7 @@ use std::fmt::Write as _;
 use serde::de::{self, DeserializeOwned, Visitor};
 use serde::forward_to_deserialize_any;
 
-use distbuild_proto::{Digest, JobId};
+use distbuild_proto::{BlobKey, Digest, JobId};
 use serde::Serialize;
 
 use super::*;
@@ -95,6 +95,25 @@ fn spec(n: u8) -> JobSpec {
             job_id: JobId::from_bytes([n + 1; 20]),
             cache_key: digest(n + 1),
         }],
+        action: None,
+    }
+}
+
+/// A Remote Execution API action's job.
+fn action_spec(n: u8) -> JobSpec {
+    JobSpec {
+        job_id: JobId::from_bytes([n; 20]),
+        name: format!("action {n}"),
+        cmds: Vec::new(),
+        inputs: Vec::new(),
+        deps: Vec::new(),
+        action: Some(RemoteAction {
+            instance_name: "main".into(),
+            action: BlobKey::Sha256([n; 32]),
+            action_size: 140,
+            do_not_cache: true,
+            platform: vec![("OSFamily".into(), "Linux".into())],
+        }),
     }
 }
 
@@ -125,6 +144,17 @@ fn commands() -> Vec<Command> {
             now_ms: 6,
             staged_parts: 3,
             jobs: vec![submitted(2)],
+        },
+        Command::SubmitBuild {
+            job_timeout_ms: 1_000,
+            request_id: "op-1".into(),
+            now_ms: 6,
+            staged_parts: 0,
+            jobs: vec![SubmittedJob {
+                cache_key: digest(30),
+                deps: Vec::new(),
+                spec: action_spec(30),
+            }],
         },
         Command::RegisterWorker {
             worker_id: "w-1".into(),
@@ -180,6 +210,20 @@ fn commands() -> Vec<Command> {
             cache_key: digest(8),
             outcome: Outcome::LostInputs {
                 lost: vec![(digest(10), vec!["10.0.0.1:1".into(), "10.0.0.2:1".into()])],
+            },
+            max_attempts: 3,
+            now_ms: 12,
+        },
+        Command::Report {
+            worker_id: "w-1".into(),
+            token: 4099,
+            cache_key: digest(30),
+            outcome: Outcome::Executed {
+                exit_code: 1,
+                stdout: b"o".to_vec(),
+                stderr: Vec::new(),
+                result: vec![0x20, 1],
+                blobs: vec![(BlobKey::Sha256([31; 32]), 1)],
             },
             max_attempts: 3,
             now_ms: 12,

@@ -83,6 +83,41 @@ fn missing(node: &Node, blobs: &[(BlobKey, u64)]) -> Vec<(BlobKey, u64)> {
         .collect()
 }
 
+/// The cached result of `action` in `instance_name`, if there is one the
+/// CAS still holds every blob of; serving it counts as a use of it and of
+/// its blobs.
+pub async fn served_result(
+    node: &Node,
+    instance_name: &str,
+    action: BlobKey,
+) -> Result<Option<re::ActionResult>, Status> {
+    let after = note_use_after_ms(node);
+    let stored = {
+        let model = node.model();
+        model.action_result(instance_name, &action).map(|r| {
+            let stale = r.last_used_ms.saturating_add(after) <= model.clock_ms();
+            (r.result.clone(), r.blobs.clone(), stale)
+        })
+    };
+    let Some((bytes, blobs, stale)) = stored else {
+        return Ok(None);
+    };
+    if !missing(node, &blobs).is_empty() {
+        // Its outputs were collected: the client runs the action again.
+        return Ok(None);
+    }
+    let stale_blobs = stale_blobs(node, blobs.iter().map(|(key, _)| *key));
+    let results = if stale {
+        vec![(instance_name.to_string(), action)]
+    } else {
+        Vec::new()
+    };
+    note_used(node, stale_blobs, results).await?;
+    let result = re::ActionResult::decode(bytes.as_slice())
+        .map_err(|e| Status::internal(format!("stored result of {action}: {e}")))?;
+    Ok(Some(result))
+}
+
 #[tonic::async_trait]
 impl ActionCache for ActionCacheService {
     async fn get_action_result(
@@ -96,35 +131,10 @@ impl ActionCache for ActionCacheService {
             "action_digest",
         )?;
         self.node.ready_leader().await?;
-        let after = note_use_after_ms(&self.node);
-        let stored = {
-            let model = self.node.model();
-            model
-                .action_result(&request.instance_name, &action)
-                .map(|r| {
-                    let stale = r.last_used_ms.saturating_add(after) <= model.clock_ms();
-                    (r.result.clone(), r.blobs.clone(), stale)
-                })
-        };
-        let not_found = || Status::not_found(format!("no result for action {action}"));
-        let Some((bytes, blobs, stale)) = stored else {
-            return Err(not_found());
-        };
-        if !missing(&self.node, &blobs).is_empty() {
-            // Its outputs were collected: the client runs the action again.
-            return Err(not_found());
+        match served_result(&self.node, &request.instance_name, action).await? {
+            Some(result) => Ok(Response::new(result)),
+            None => Err(Status::not_found(format!("no result for action {action}"))),
         }
-        // Served: the result and its blobs count as used.
-        let stale_blobs = stale_blobs(&self.node, blobs.iter().map(|(key, _)| *key));
-        let results = if stale {
-            vec![(request.instance_name.clone(), action)]
-        } else {
-            Vec::new()
-        };
-        note_used(&self.node, stale_blobs, results).await?;
-        let result = re::ActionResult::decode(bytes.as_slice())
-            .map_err(|e| Status::internal(format!("stored result of {action}: {e}")))?;
-        Ok(Response::new(result))
     }
 
     async fn update_action_result(

@@ -43,7 +43,7 @@ pub fn server_capabilities() -> re::ServerCapabilities {
         }),
         execution_capabilities: Some(re::ExecutionCapabilities {
             digest_function: re::digest_function::Value::Sha256 as i32,
-            exec_enabled: false,
+            exec_enabled: true,
             execution_priority_capabilities: None,
             supported_node_properties: Vec::new(),
             digest_functions: offered_functions(),

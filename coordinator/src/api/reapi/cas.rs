@@ -99,6 +99,62 @@ pub async fn read_whole(node: &Node, key: BlobKey, size: u64) -> Result<Option<V
     Ok(Some(data))
 }
 
+/// The directories of a tree the CAS holds, and those it lacks.
+pub struct WalkedTree {
+    /// Breadth first from the root, each once however often it is named.
+    pub directories: Vec<re::Directory>,
+    /// Directories named but not stored (their subtrees unread).
+    pub missing: Vec<(BlobKey, u64)>,
+}
+
+/// Reads the tree of Directory messages under `root`: at most
+/// [`MAX_TREE_DIRECTORIES`] directories and [`MAX_TREE_BYTES`] of them
+/// (INVALID_ARGUMENT past either, or for a blob that is not a Directory).
+pub async fn walk_tree(
+    node: &Node,
+    root: (BlobKey, u64),
+    function: i32,
+) -> Result<WalkedTree, Status> {
+    let mut tree = WalkedTree {
+        directories: Vec::new(),
+        missing: Vec::new(),
+    };
+    let mut seen = BTreeSet::from([root.0]);
+    let mut queue = VecDeque::from([root]);
+    let mut bytes_read: u64 = 0;
+    while let Some((key, size)) = queue.pop_front() {
+        if tree.directories.len() >= MAX_TREE_DIRECTORIES {
+            return Err(Status::invalid_argument(format!(
+                "the tree has more than {MAX_TREE_DIRECTORIES} directories"
+            )));
+        }
+        bytes_read = bytes_read.saturating_add(size);
+        if bytes_read > MAX_TREE_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "the tree's directories hold more than {MAX_TREE_BYTES} bytes"
+            )));
+        }
+        let Some(bytes) = read_whole(node, key, size).await? else {
+            tree.missing.push((key, size));
+            continue;
+        };
+        let directory = re::Directory::decode(bytes.as_slice())
+            .map_err(|e| Status::invalid_argument(format!("blob {key} is not a Directory: {e}")))?;
+        for (i, child) in directory.directories.iter().enumerate() {
+            let child = key_of(
+                child.digest.as_ref(),
+                function,
+                &format!("directory {key}: directories[{i}].digest"),
+            )?;
+            if seen.insert(child.0) {
+                queue.push_back(child);
+            }
+        }
+        tree.directories.push(directory);
+    }
+    Ok(tree)
+}
+
 /// Stores one blob of a batch: its answer, or the call's failure when
 /// this node stopped leading.
 async fn store_one(
@@ -276,43 +332,13 @@ impl ContentAddressableStorage for CasService {
             })?
         };
         self.node.ready_leader().await?;
-        // Breadth first, each directory once however often it is named.
-        let mut directories = Vec::new();
-        let mut seen = BTreeSet::from([root.0]);
-        let mut queue = VecDeque::from([root]);
-        let mut bytes_read: u64 = 0;
-        while let Some((key, size)) = queue.pop_front() {
-            if directories.len() >= MAX_TREE_DIRECTORIES {
-                return Err(Status::invalid_argument(format!(
-                    "the tree has more than {MAX_TREE_DIRECTORIES} directories"
-                )));
-            }
-            bytes_read = bytes_read.saturating_add(size);
-            if bytes_read > MAX_TREE_BYTES {
-                return Err(Status::invalid_argument(format!(
-                    "the tree's directories hold more than {MAX_TREE_BYTES} bytes"
-                )));
-            }
-            let Some(bytes) = read_whole(&self.node, key, size).await? else {
-                return Err(Status::not_found(format!(
-                    "directory blobs/{key}/{size} is not stored"
-                )));
-            };
-            let directory = re::Directory::decode(bytes.as_slice()).map_err(|e| {
-                Status::invalid_argument(format!("blob {key} is not a Directory: {e}"))
-            })?;
-            for (i, child) in directory.directories.iter().enumerate() {
-                let child = key_of(
-                    child.digest.as_ref(),
-                    function,
-                    &format!("directory {key}: directories[{i}].digest"),
-                )?;
-                if seen.insert(child.0) {
-                    queue.push_back(child);
-                }
-            }
-            directories.push(directory);
+        let tree = walk_tree(&self.node, root, function).await?;
+        if let Some((key, size)) = tree.missing.first() {
+            return Err(Status::not_found(format!(
+                "directory blobs/{key}/{size} is not stored"
+            )));
         }
+        let directories = tree.directories;
         let pages: Vec<Result<re::GetTreeResponse, Status>> = directories
             .into_iter()
             .skip(skip)

@@ -14,6 +14,7 @@ pub mod action_cache;
 pub mod bytestream;
 pub mod capabilities;
 pub mod cas;
+pub mod execution;
 pub mod forward;
 
 use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
@@ -27,6 +28,10 @@ use crate::replica::Node;
 /// Largest sum of blob sizes one batch call may carry (advertised as
 /// `max_batch_total_size_bytes`; clients send bigger blobs by ByteStream).
 pub const MAX_BATCH_TOTAL_BYTES: u64 = 4 << 20;
+
+/// Most bytes of an instance name (it is kept in the replicated state with
+/// each action it names).
+pub const MAX_INSTANCE_NAME_BYTES: usize = 1024;
 
 /// Most digests one call may name.
 pub const MAX_DIGESTS_PER_CALL: usize = 100_000;
