@@ -1,7 +1,13 @@
 //! The worker's content-addressed cache: blobs (source files, packed
-//! artifacts) stored by SHA-1 digest under a size bound, evicting the least
-//! recently used. It survives restarts: the files are the index, and a
-//! file's modification time is its last use.
+//! artifacts, Remote Execution API inputs) stored by [`BlobKey`] (file name:
+//! the hash in hex, 40 characters for SHA-1, 64 for SHA-256) under a size
+//! bound, evicting the least recently used. It survives restarts: the files
+//! are the index, and a file's modification time is its last use.
+//!
+//! What the worker tells the coordinators it holds ([`Cache::digests`],
+//! [`Cache::take_evicted`]) is SHA-1 blobs only: the artifacts peers may
+//! fetch are named by SHA-1, and SHA-256 entries (Remote Execution API
+//! inputs) are kept for the worker's own use.
 //!
 //! Invariants: a blob is visible only once complete and verified (written to
 //! a temporary file, hashed, renamed into place); a pinned blob (in use by a
@@ -15,8 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use distbuild_proto::{BlobKey, Digest};
-use sha1::{Digest as _, Sha1};
+use distbuild_proto::{BlobKey, Digest, HashFunction};
 
 /// Why a cache operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -67,15 +72,16 @@ fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> CacheError {
 
 #[derive(Default)]
 struct Index {
-    /// digest -> (size, last use tick)
-    entries: BTreeMap<Digest, (u64, u64)>,
-    /// (last use tick, digest), oldest first.
-    lru: BTreeSet<(u64, Digest)>,
-    pins: BTreeMap<Digest, usize>,
+    /// key -> (size, last use tick)
+    entries: BTreeMap<BlobKey, (u64, u64)>,
+    /// (last use tick, key), oldest first.
+    lru: BTreeSet<(u64, BlobKey)>,
+    pins: BTreeMap<BlobKey, usize>,
     total_bytes: u64,
     tick: u64,
     /// Evicted since the last `take_evicted`, oldest first, at most
-    /// `MAX_EVICTION_LOG` (the oldest are forgotten beyond it).
+    /// `MAX_EVICTION_LOG` (the oldest are forgotten beyond it). SHA-1 only:
+    /// nothing else is ever reported.
     evicted: Vec<Digest>,
 }
 
@@ -85,7 +91,7 @@ struct Index {
 pub const MAX_EVICTION_LOG: usize = 100_000;
 
 impl Index {
-    fn touch(&mut self, digest: Digest) {
+    fn touch(&mut self, digest: BlobKey) {
         self.tick += 1;
         if let Some((_, last)) = self.entries.get_mut(&digest) {
             self.lru.remove(&(*last, digest));
@@ -94,7 +100,7 @@ impl Index {
         }
     }
 
-    fn insert(&mut self, digest: Digest, size: u64) {
+    fn insert(&mut self, digest: BlobKey, size: u64) {
         if self.entries.contains_key(&digest) {
             self.touch(digest);
             return;
@@ -107,7 +113,7 @@ impl Index {
 
     /// Removes least recently used unpinned entries until within `max`;
     /// returns what was removed.
-    fn evict(&mut self, max_bytes: u64) -> Vec<Digest> {
+    fn evict(&mut self, max_bytes: u64) -> Vec<BlobKey> {
         let mut victims = Vec::new();
         let mut candidates = self.lru.iter().copied().collect::<Vec<_>>().into_iter();
         while self.total_bytes > max_bytes {
@@ -122,7 +128,8 @@ impl Index {
             self.total_bytes -= size;
             victims.push(digest);
         }
-        self.evicted.extend_from_slice(&victims);
+        self.evicted
+            .extend(victims.iter().filter_map(BlobKey::sha1));
         if self.evicted.len() > MAX_EVICTION_LOG {
             let excess = self.evicted.len() - MAX_EVICTION_LOG;
             self.evicted.drain(..excess);
@@ -142,7 +149,7 @@ pub struct Cache {
 /// Keeps a blob from eviction while it lives.
 pub struct Pin {
     cache: Cache,
-    digest: Digest,
+    digest: BlobKey,
 }
 
 impl Drop for Pin {
@@ -168,12 +175,13 @@ impl Cache {
             crate::tree::remove_tree(&tmp).map_err(io_err(format!("clear {}", tmp.display())))?;
         }
         fs::create_dir_all(&tmp).map_err(io_err(format!("create {}", tmp.display())))?;
-        let mut found: Vec<(SystemTime, Digest, u64)> = Vec::new();
+        let mut found: Vec<(SystemTime, BlobKey, u64)> = Vec::new();
         for entry in fs::read_dir(&blobs).map_err(io_err(format!("list {}", blobs.display())))? {
             let entry = entry.map_err(io_err(format!("list {}", blobs.display())))?;
             let name = entry.file_name();
-            // Anything not named by a digest is not ours to keep.
-            let Some(digest) = name.to_str().and_then(|n| n.parse::<Digest>().ok()) else {
+            // Anything not named by a key (40 or 64 lowercase hex) is not
+            // ours to keep.
+            let Some(digest) = name.to_str().and_then(|n| n.parse::<BlobKey>().ok()) else {
                 let _ = fs::remove_file(entry.path());
                 continue;
             };
@@ -197,7 +205,7 @@ impl Cache {
         Ok(cache)
     }
 
-    fn path_of(&self, digest: &Digest) -> PathBuf {
+    fn path_of(&self, digest: &BlobKey) -> PathBuf {
         self.dir.join("blobs").join(digest.to_string())
     }
 
@@ -206,65 +214,85 @@ impl Cache {
         self.index.lock().expect("cache index poisoned").total_bytes
     }
 
-    /// Whether the cache holds `digest`.
-    pub fn contains(&self, digest: &Digest) -> bool {
+    /// Whether the cache holds `key` (a [`Digest`] is a SHA-1 key).
+    pub fn contains(&self, key: impl Into<BlobKey>) -> bool {
         self.index
             .lock()
             .expect("cache index poisoned")
             .entries
-            .contains_key(digest)
+            .contains_key(&key.into())
     }
 
-    /// Up to `limit` held digests, most recently used first.
+    /// Up to `limit` held SHA-1 digests, most recently used first (what
+    /// the coordinators are told this worker holds; SHA-256 entries are
+    /// never listed).
     pub fn digests(&self, limit: usize) -> Vec<Digest> {
         let index = self.index.lock().expect("cache index poisoned");
         index
             .lru
             .iter()
             .rev()
+            .filter_map(|(_, key)| key.sha1())
             .take(limit)
-            .map(|(_, d)| *d)
             .collect()
     }
 
-    /// The digests evicted since the previous call, oldest first (at most
-    /// [`MAX_EVICTION_LOG`]).
+    /// The SHA-1 digests evicted since the previous call, oldest first (at
+    /// most [`MAX_EVICTION_LOG`]); SHA-256 evictions are not reported.
     pub fn take_evicted(&self) -> Vec<Digest> {
         std::mem::take(&mut self.index.lock().expect("cache index poisoned").evicted)
     }
 
     /// Opens a held blob for reading, pinned while the pin lives, and marks
     /// it used.
-    pub fn open_blob(&self, digest: &Digest) -> Result<Option<(File, Pin)>, CacheError> {
+    pub fn open_blob(&self, key: impl Into<BlobKey>) -> Result<Option<(File, Pin)>, CacheError> {
+        let key = key.into();
         let pin = {
             let mut index = self.index.lock().expect("cache index poisoned");
-            if !index.entries.contains_key(digest) {
+            if !index.entries.contains_key(&key) {
                 return Ok(None);
             }
-            index.touch(*digest);
-            *index.pins.entry(*digest).or_default() += 1;
+            index.touch(key);
+            *index.pins.entry(key).or_default() += 1;
             Pin {
                 cache: self.clone(),
-                digest: *digest,
+                digest: key,
             }
         };
-        let path = self.path_of(digest);
+        let path = self.path_of(&key);
         let file = File::open(&path).map_err(io_err(format!("open {}", path.display())))?;
         // Record the use on disk, so LRU order survives a restart.
         let _ = file.set_modified(SystemTime::now());
         Ok(Some((file, pin)))
     }
 
+    /// Stores the bytes read from `input` under their SHA-1 digest, which
+    /// must be `expected` (when given). Returns the digest. Evicts to stay
+    /// within the bound.
+    pub fn insert(&self, expected: Option<Digest>, input: impl Read) -> Result<Digest, CacheError> {
+        let key = self.insert_hashed(HashFunction::Sha1, expected.map(BlobKey::from), input)?;
+        Ok(key.sha1().expect("hashed with SHA-1"))
+    }
+
     /// Stores the bytes read from `input`, which must hash to `expected`
-    /// (when given). Returns the digest. Evicts to stay within the bound.
-    pub fn insert(
+    /// (verified with `expected`'s function). Evicts to stay within the
+    /// bound.
+    pub fn insert_key(&self, expected: BlobKey, input: impl Read) -> Result<(), CacheError> {
+        self.insert_hashed(expected.function(), Some(expected), input)
+            .map(drop)
+    }
+
+    /// Stores the bytes read from `input` under their `function` hash,
+    /// which must be `expected` when given; returns the key.
+    fn insert_hashed(
         &self,
-        expected: Option<Digest>,
+        function: HashFunction,
+        expected: Option<BlobKey>,
         mut input: impl Read,
-    ) -> Result<Digest, CacheError> {
+    ) -> Result<BlobKey, CacheError> {
         let mut tmp = tempfile::NamedTempFile::new_in(self.dir.join("tmp"))
             .map_err(io_err("create a cache temporary file"))?;
-        let mut sha1 = Sha1::new();
+        let mut hasher = function.hasher();
         let mut size = 0u64;
         let mut buf = vec![0u8; 256 << 10];
         loop {
@@ -279,18 +307,15 @@ impl Cache {
                     max_bytes: self.max_bytes,
                 });
             }
-            sha1.update(&buf[..n]);
+            hasher.update(&buf[..n]);
             tmp.write_all(&buf[..n])
                 .map_err(io_err("write cache temporary file"))?;
         }
-        let actual = Digest::from_bytes(sha1.finalize().into());
+        let actual = hasher.finish();
         if let Some(expected) = expected
             && expected != actual
         {
-            return Err(CacheError::DigestMismatch {
-                expected: expected.into(),
-                actual: actual.into(),
-            });
+            return Err(CacheError::DigestMismatch { expected, actual });
         }
         tmp.persist(self.path_of(&actual))
             .map_err(|e| CacheError::Io {
@@ -344,7 +369,7 @@ mod tests {
         let digest = cache
             .insert(Some(Digest::of(&data)), &data[..])
             .expect("insert");
-        let (mut file, _pin) = cache.open_blob(&digest).expect("open").expect("present");
+        let (mut file, _pin) = cache.open_blob(digest).expect("open").expect("present");
         let mut back = Vec::new();
         file.read_to_end(&mut back).expect("read");
         assert_eq!(back, data);
@@ -370,7 +395,7 @@ mod tests {
             "{refused:?}"
         );
         // Nothing was evicted for it.
-        assert!(cache.open_blob(&kept).expect("open").is_some());
+        assert!(cache.open_blob(kept).expect("open").is_some());
         assert_eq!(cache.total_bytes(), 600);
     }
 
@@ -382,14 +407,14 @@ mod tests {
         let b = cache.insert(None, &blob(2, 1000)[..]).expect("b");
         let c = cache.insert(None, &blob(3, 1000)[..]).expect("c");
         // Use a, pin b: d must evict c (a was used after c; b is pinned).
-        drop(cache.open_blob(&a).expect("open a"));
-        let (_file, pin_b) = cache.open_blob(&b).expect("open b").expect("b present");
-        let _ = cache.open_blob(&c).expect("open c"); // c used, then a used again
-        drop(cache.open_blob(&a).expect("open a"));
+        drop(cache.open_blob(a).expect("open a"));
+        let (_file, pin_b) = cache.open_blob(b).expect("open b").expect("b present");
+        let _ = cache.open_blob(c).expect("open c"); // c used, then a used again
+        drop(cache.open_blob(a).expect("open a"));
         let d = cache.insert(None, &blob(4, 1000)[..]).expect("d");
-        assert!(cache.contains(&a) && cache.contains(&b) && cache.contains(&d));
+        assert!(cache.contains(a) && cache.contains(b) && cache.contains(d));
         assert!(
-            !cache.contains(&c),
+            !cache.contains(c),
             "c was the least recently used unpinned blob"
         );
         assert!(cache.total_bytes() <= 3000);
@@ -404,6 +429,58 @@ mod tests {
     }
 
     #[test]
+    fn sha256_blobs_are_verified_kept_across_a_restart_and_never_listed() {
+        let dir = tempfile::TempDir::new().expect("tempdir");
+        let data = blob(7, 500);
+        let key = HashFunction::Sha256.key_of(&data);
+        let sha1 = Digest::of(b"a source");
+        {
+            let cache = Cache::open(dir.path(), 1 << 20).expect("open");
+            let wrong = cache.insert_key(HashFunction::Sha256.key_of(b"other"), &data[..]);
+            assert!(
+                matches!(wrong, Err(CacheError::DigestMismatch { actual, .. }) if actual == key),
+                "{wrong:?}"
+            );
+            // The same content named by its SHA-1 is another key.
+            let sha1_of_data = BlobKey::from(Digest::of(&data));
+            cache.insert_key(key, &data[..]).expect("insert");
+            assert!(cache.contains(key) && !cache.contains(sha1_of_data));
+            assert_eq!(cache.total_bytes(), 500, "a refused blob takes no space");
+            cache.insert(Some(sha1), &b"a source"[..]).expect("sha1");
+        }
+        let cache = Cache::open(dir.path(), 1 << 20).expect("reopen");
+        assert!(
+            dir.path().join("blobs").join(key.to_string()).is_file(),
+            "named by its 64 hex characters"
+        );
+        let (mut file, _pin) = cache.open_blob(key).expect("open").expect("kept");
+        let mut back = Vec::new();
+        file.read_to_end(&mut back).expect("read");
+        assert_eq!(back, data);
+        assert_eq!(
+            cache.digests(10),
+            vec![sha1],
+            "only SHA-1 digests are listed"
+        );
+    }
+
+    #[test]
+    fn sha256_evictions_are_not_reported() {
+        let dir = tempfile::TempDir::new().expect("tempdir");
+        let cache = Cache::open(dir.path(), 1000).expect("open");
+        let first = blob(1, 600);
+        cache
+            .insert_key(HashFunction::Sha256.key_of(&first), &first[..])
+            .expect("insert");
+        let second = cache
+            .insert(None, &blob(2, 600)[..])
+            .expect("evicts the first");
+        assert!(cache.contains(second));
+        assert!(!cache.contains(HashFunction::Sha256.key_of(&first)));
+        assert!(cache.take_evicted().is_empty());
+    }
+
+    #[test]
     fn survives_a_restart_with_its_lru_order() {
         let dir = tempfile::TempDir::new().expect("tempdir");
         let (a, b);
@@ -413,13 +490,13 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(20));
             b = cache.insert(None, &blob(2, 1000)[..]).expect("b");
             std::thread::sleep(std::time::Duration::from_millis(20));
-            drop(cache.open_blob(&a).expect("use a")); // a is now newest
+            drop(cache.open_blob(a).expect("use a")); // a is now newest
             fs::write(dir.path().join("tmp/half-written"), b"x").expect("debris");
         }
         // Reopened with room for one: the older (b) goes.
         let cache = Cache::open(dir.path(), 1500).expect("reopen");
-        assert!(cache.contains(&a));
-        assert!(!cache.contains(&b));
+        assert!(cache.contains(a));
+        assert!(!cache.contains(b));
         assert!(!dir.path().join("tmp/half-written").exists());
     }
 }

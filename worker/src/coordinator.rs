@@ -11,15 +11,21 @@
 //! same `request_id` and the coordinators apply the call at most once.
 
 use std::future::Future;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use distbuild_proto::BlobKey;
+use distbuild_proto::blob::upload_chunks;
+use distbuild_proto::blocking::ChunkReader;
 use distbuild_proto::leader::{self, Event, Failure, LeaderClient, Options};
 use distbuild_proto::v1::worker_api_client::WorkerApiClient;
 use distbuild_proto::v1::{
     BlobChunk, FetchRequest, HeartbeatRequest, HeartbeatResponse, PollWorkRequest,
     PollWorkResponse, RegisterRequest, RegisterResponse, ReportResultRequest, ReportResultResponse,
 };
+use distbuild_proto::wire::MAX_BLOB_CHUNK_BYTES;
+use futures::{Stream, StreamExt};
 use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};
 
@@ -30,6 +36,13 @@ pub use distbuild_proto::leader::{Backoff, Persistence};
 /// Deadline of one attempt of a call that is not a long poll or a
 /// heartbeat.
 pub const UNARY_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Time every attempt of an upload may take, whatever its size.
+pub const UPLOAD_BASE_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Slowest upload rate an attempt is given time for (added to
+/// [`UPLOAD_BASE_DEADLINE`]) before it is abandoned and retried.
+pub const MIN_UPLOAD_BYTES_PER_SEC: u64 = 1 << 20;
 
 /// A call that keeps failing is logged at warning level on its first
 /// failure and then once every this many attempts (debug otherwise).
@@ -102,6 +115,53 @@ impl RpcError {
             }
         }
     }
+}
+
+/// Why [`CoordinatorClient::upload_blob`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UploadError {
+    /// The coordinators refused the blob or could not be reached.
+    #[error(transparent)]
+    Rpc(#[from] RpcError),
+    /// The file could not be read here (or was shorter than its size): the
+    /// local cause of an upload the coordinators then refused.
+    #[error("read {path}: {problem}")]
+    Read {
+        /// The file uploaded.
+        path: String,
+        /// What went wrong.
+        problem: String,
+    },
+}
+
+/// The chunks of blob `key` (`size` bytes) read from `path` as they are
+/// sent ([`upload_chunks`]); the file is opened afresh for each stream, so
+/// a retried upload starts again from its beginning. On an open or read
+/// error (or a file shorter than `size`) the stream ends early and the
+/// problem is left in `read_error`.
+fn file_chunks(
+    path: PathBuf,
+    key: BlobKey,
+    size: u64,
+    read_error: Arc<Mutex<Option<String>>>,
+) -> impl Stream<Item = BlobChunk> + Send + 'static {
+    let fail = move |problem: String| {
+        *read_error
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(problem);
+    };
+    let open = distbuild_proto::blocking::run(move || std::fs::File::open(path));
+    futures::stream::once(open).flat_map(move |opened| match opened {
+        Ok(file) => {
+            let fail = fail.clone();
+            let reader = ChunkReader::new(file, MAX_BLOB_CHUNK_BYTES);
+            upload_chunks(reader, key, size, move |e| fail(e.to_string())).left_stream()
+        }
+        Err(e) => {
+            fail(format!("open: {e}"));
+            futures::stream::empty().right_stream()
+        }
+    })
 }
 
 /// The worker's log of its calls' retries and leader changes.
@@ -234,6 +294,43 @@ impl CoordinatorClient {
             },
         )
         .await
+    }
+
+    /// `UploadBlob`: stores blob `key` (`size` bytes, the content of the
+    /// file at `path`) in the coordinators' CAS, retried through failovers
+    /// as `persistence` allows, each attempt streaming the file again from
+    /// its start within [`UPLOAD_BASE_DEADLINE`] plus a second per MiB.
+    /// Returns once the coordinators acknowledge it (a quorum holds it).
+    pub async fn upload_blob(
+        &self,
+        path: &Path,
+        key: BlobKey,
+        size: u64,
+        persistence: Persistence,
+    ) -> Result<(), UploadError> {
+        let read_error: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
+        let deadline = UPLOAD_BASE_DEADLINE + Duration::from_secs(size / MIN_UPLOAD_BYTES_PER_SEC);
+        let result = self
+            .call("upload a blob", deadline, persistence, |mut client| {
+                let chunks = file_chunks(path.to_path_buf(), key, size, read_error.clone());
+                let request = Self::request(chunks, deadline);
+                async move { client.upload_blob(request).await }
+            })
+            .await;
+        // A read failure ends the stream early and the coordinators refuse
+        // the short blob; the local cause is the one worth reporting.
+        let local = read_error
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        match (result, local) {
+            (Ok(_), _) => Ok(()),
+            (Err(_), Some(problem)) => Err(UploadError::Read {
+                path: path.display().to_string(),
+                problem,
+            }),
+            (Err(e), None) => Err(e.into()),
+        }
     }
 
     /// `FetchBlob`: the stream of a source blob's chunks. `deadline` bounds

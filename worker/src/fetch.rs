@@ -1,15 +1,17 @@
-//! Getting blobs into the cache: source blobs from the coordinators
-//! (`FetchBlob`), dependency artifacts from the peers holding them
+//! Getting blobs into the cache: blobs from the coordinators (`FetchBlob`:
+//! distbuild's sources by SHA-1, Remote Execution API CAS blobs by SHA-1 or
+//! SHA-256), dependency artifacts from the peers holding them
 //! (`PeerApi.FetchArtifact`). Content is written to a scratch file, then
-//! verified against its digest as the cache stores it.
+//! verified against its key as the cache stores it. A blob the coordinators
+//! do not have is a [`FetchError::NotFound`], told apart from every other
+//! failure.
 
 use std::path::Path;
 use std::time::Duration;
 
-use distbuild_proto::Digest;
 use distbuild_proto::blob::{self, BlobCheck, OpenError, ReceiveError};
 use distbuild_proto::v1::{BlobChunk, FetchRequest};
-use distbuild_proto::wire::digest_to_wire;
+use distbuild_proto::{BlobKey, Digest};
 use tokio::time::Instant;
 use tonic::{Code, Streaming};
 
@@ -25,7 +27,7 @@ pub const FETCH_START_DEADLINE: Duration = Duration::from_secs(30);
 const _: () = assert!(FETCH_START_DEADLINE.as_secs() > TRANSFER_QUEUE_TIMEOUT.as_secs());
 /// How long a transfer may wait for its next chunk before it is abandoned.
 pub const FETCH_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long fetching a source blob keeps retrying while the coordinators
+/// How long fetching a coordinator blob keeps retrying while the coordinators
 /// cannot serve it (a failover, a stream broken by one).
 pub const SOURCE_FETCH_RETRY_WINDOW: Duration = Duration::from_secs(30);
 /// Rounds over an artifact's holders while some holder answers that it is
@@ -45,6 +47,18 @@ pub enum FetchError {
     /// A holder has the artifact but is too busy to serve it now.
     #[error("{0}")]
     Busy(String),
+    /// The coordinators do not have the blob (`FetchBlob` answered
+    /// NOT_FOUND). Shown as their answer; a Remote Execution API action
+    /// reports it in the form the coordinators parse (`crate::action`).
+    #[error("{message}")]
+    NotFound {
+        /// The blob.
+        key: BlobKey,
+        /// Its size as the caller named it.
+        size: u64,
+        /// The answer, as any other failure of the call shows it.
+        message: String,
+    },
     /// Something on this worker failed (a scratch file, the disk).
     #[error("{0}")]
     Local(String),
@@ -85,9 +99,7 @@ impl FetchError {
 }
 
 /// Fetches source blob `digest` (`size` bytes) from the coordinators into
-/// the cache; `scratch` is a directory for the partial download. Retries
-/// through failovers for up to [`SOURCE_FETCH_RETRY_WINDOW`]; a refusal
-/// (no such blob), wrong content or a local failure ends it at once.
+/// the cache: [`fetch_blob`] for a SHA-1 digest.
 pub async fn fetch_source_blob(
     coordinator: &CoordinatorClient,
     cache: &Cache,
@@ -95,17 +107,47 @@ pub async fn fetch_source_blob(
     size: u64,
     scratch: &Path,
 ) -> Result<(), FetchError> {
+    fetch_blob(coordinator, cache, digest.into(), size, scratch).await
+}
+
+/// Fetches blob `key` (`size` bytes) from the coordinators into the cache;
+/// `scratch` is a directory for the partial download. Retries through
+/// failovers for up to [`SOURCE_FETCH_RETRY_WINDOW`]; a refusal, wrong
+/// content or a local failure ends it at once, and a blob the coordinators
+/// do not have is [`FetchError::NotFound`]. The empty blob, which every
+/// CAS holds without storing it, is never asked for.
+pub async fn fetch_blob(
+    coordinator: &CoordinatorClient,
+    cache: &Cache,
+    key: BlobKey,
+    size: u64,
+    scratch: &Path,
+) -> Result<(), FetchError> {
+    if size == 0 && key == key.function().key_of(b"") {
+        let cache = cache.clone();
+        return distbuild_proto::blocking::run(move || {
+            cache
+                .insert_key(key, std::io::empty())
+                .map_err(FetchError::from)
+        })
+        .await;
+    }
     let give_up = Instant::now() + SOURCE_FETCH_RETRY_WINDOW;
     let mut backoff = Backoff::new();
     loop {
         let request = FetchRequest {
-            digest: digest_to_wire(&digest),
+            digest: bytes::Bytes::copy_from_slice(key.hash_bytes()),
         };
         let result = match coordinator
             .fetch_blob(request, UNARY_DEADLINE, Persistence::Until(give_up))
             .await
         {
-            Ok(stream) => receive_into_cache(stream, cache, digest, size, scratch).await,
+            Ok(stream) => receive_into_cache(stream, cache, key, size, scratch).await,
+            Err(e) if e.code() == Code::NotFound => Err(FetchError::NotFound {
+                key,
+                size,
+                message: e.to_string(),
+            }),
             Err(e) => Err(e.into()),
         };
         let error = match result {
@@ -118,7 +160,7 @@ pub async fn fetch_source_blob(
         if !matches!(error, FetchError::Transfer(_)) || Instant::now() + delay >= give_up {
             return Err(error);
         }
-        tracing::info!(%digest, %error, "source blob transfer failed; retrying");
+        tracing::info!(blob = %key, %error, "blob transfer failed; retrying");
         tokio::time::sleep(delay).await;
     }
 }
@@ -214,14 +256,16 @@ async fn fetch_artifact_from(
 /// Writes the chunks of `stream` (at most `size` bytes in all, each chunk
 /// within [`FETCH_IDLE_TIMEOUT`]) to a scratch file, checked against
 /// `digest` as they arrive ([`BlobCheck`]), then stores it in the cache
-/// (which verifies what it stores, again).
+/// (which verifies what it stores, again). A stream ended by NOT_FOUND is
+/// [`FetchError::NotFound`].
 pub async fn receive_into_cache(
     mut stream: Streaming<BlobChunk>,
     cache: &Cache,
-    digest: Digest,
+    digest: impl Into<BlobKey>,
     size: u64,
     scratch: &Path,
 ) -> Result<(), FetchError> {
+    let digest: BlobKey = digest.into();
     let transfer = |problem: String| FetchError::Transfer(format!("blob {digest}: {problem}"));
     let local = |problem: String| FetchError::Local(format!("blob {digest}: {problem}"));
     let temp = tempfile::NamedTempFile::new_in(scratch).map_err(|e| {
@@ -239,6 +283,13 @@ pub async fn receive_into_cache(
             ReceiveError::Idle(_) => {
                 transfer(format!("no data for {} s", FETCH_IDLE_TIMEOUT.as_secs()))
             }
+            ReceiveError::Status(status) if status.code() == Code::NotFound => {
+                FetchError::NotFound {
+                    key: digest,
+                    size,
+                    message: format!("blob {digest}: {}: {}", status.code(), status.message()),
+                }
+            }
             ReceiveError::Status(status) => {
                 transfer(format!("{}: {}", status.code(), status.message()))
             }
@@ -255,7 +306,7 @@ pub async fn receive_into_cache(
     }
     if let Err(mismatch) = check.finish() {
         return Err(FetchError::Cache(CacheError::DigestMismatch {
-            expected: digest.into(),
+            expected: digest,
             actual: mismatch.actual,
         }));
     }
@@ -267,7 +318,7 @@ pub async fn receive_into_cache(
     distbuild_proto::blocking::run(move || -> Result<(), FetchError> {
         let reader = std::fs::File::open(&temp_path)
             .map_err(|e| FetchError::Local(format!("reopen {}: {e}", temp_path.display())))?;
-        cache.insert(Some(digest), reader)?;
+        cache.insert_key(digest, reader)?;
         // The temporary path is removed when `temp_path` drops.
         Ok(())
     })
@@ -381,7 +432,7 @@ mod tests {
             let result = fetch_artifact(&connector, &holders, &cache, digest, size, scratch).await;
             match (&result, &want) {
                 (Ok(()), Want::Fetched) => {
-                    assert!(cache.open_blob(&digest).expect("open").is_some(), "{what}");
+                    assert!(cache.open_blob(digest).expect("open").is_some(), "{what}");
                 }
                 (Err(e), Want::Lost) => {
                     assert_eq!(e.lost_digest(), Some(digest), "{what}: {e}");

@@ -297,7 +297,7 @@ impl Layout {
 }
 
 /// A time limit as a person reads it: whole seconds when it is some.
-fn describe_limit(limit: Duration) -> String {
+pub(crate) fn describe_limit(limit: Duration) -> String {
     if limit.subsec_millis() == 0 {
         format!("{} s", limit.as_secs())
     } else {
@@ -353,7 +353,7 @@ where
     // its opening (a cache too small for the work at hand).
     for _ in 0..2 {
         let reader = cache.clone();
-        let opened = blocking(move || reader.open_blob(&digest).map_err(|e| e.to_string()))
+        let opened = blocking(move || reader.open_blob(digest).map_err(|e| e.to_string()))
             .await
             .map_err(|e| format!("{what}: {e}"))?;
         if let Some((file, pin)) = opened {
@@ -966,7 +966,7 @@ mod tests {
 
     /// The files of an artifact in the cache, by relative path.
     fn artifact_files(f: &Fixture, digest: Digest) -> Vec<(String, String)> {
-        let (file, _pin) = f.env.cache.open_blob(&digest).expect("open").expect("held");
+        let (file, _pin) = f.env.cache.open_blob(digest).expect("open").expect("held");
         let dest = f._dir.path().join("unpacked");
         artifact::unpack(file, &dest, 1 << 20).expect("unpacks");
         let mut files = Vec::new();
@@ -1124,6 +1124,7 @@ mod tests {
                 holders: vec!["h:1".into()],
             }],
             timeout_ms: 2_500,
+            action: None,
         };
         let spec = JobSpec::from_wire(&good).expect("valid");
         assert_eq!(spec.timeout, Duration::from_millis(2_500));

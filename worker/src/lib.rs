@@ -4,7 +4,9 @@
 //! `distbuild_proto::artifact`, shared with the client.
 //!
 //! Modules by concern: `cli` (flags), `runtime` (register, poll,
-//! heartbeat, report), `job` (one job in its sandbox), `process` (the
+//! heartbeat, report), `job` (one job in its sandbox), `action` (one
+//! Remote Execution API v2 action: its input root materialized from the
+//! CAS, its outputs uploaded and described by an `ActionResult`), `process` (the
 //! process-spawning seam), `sandbox` (bubblewrap around each command),
 //! `cgroup` (the per-job process limit), `connect` (the network seam for outgoing
 //! connections), `coordinator` (the WorkerApi client, leader following),
@@ -22,6 +24,7 @@
 
 #![warn(missing_docs)]
 
+pub mod action;
 pub mod cache;
 pub mod cgroup;
 pub mod cli;

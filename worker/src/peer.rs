@@ -68,7 +68,7 @@ impl PeerApi for PeerService {
         .map_err(|_| Status::resource_exhausted("too many transfers in progress"))?
         .map_err(|_| Status::unavailable("shutting down"))?;
         let cache = self.cache.clone();
-        let opened = distbuild_proto::blocking::run(move || cache.open_blob(&digest)).await;
+        let opened = distbuild_proto::blocking::run(move || cache.open_blob(digest)).await;
         let (file, pin) = match opened {
             Ok(Some(found)) => found,
             Ok(None) => return Err(Status::not_found(format!("blob {digest} is not here"))),

@@ -36,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::action::{ActionOutcome, ActionSpec, run_action};
 use crate::cache::Cache;
 use crate::connect::{SharedConnector, TcpConnector};
 use crate::coordinator::{Backoff, CoordinatorClient, Persistence};
@@ -451,7 +452,85 @@ impl Worker {
         );
     }
 
+    /// Runs `work` (a job or an action in `sandbox`) until it ends or
+    /// `cancel` fires (`None`), then removes the sandbox either way.
+    async fn run_in_sandbox<T>(
+        &self,
+        sandbox: &Path,
+        cancel: &CancellationToken,
+        work: impl std::future::Future<Output = T>,
+    ) -> Option<T> {
+        let outcome = tokio::select! {
+            outcome = work => Some(outcome),
+            () = cancel.cancelled() => None,
+        };
+        let removal = distbuild_proto::blocking::run({
+            let sandbox = sandbox.to_path_buf();
+            move || remove_tree(&sandbox)
+        })
+        .await;
+        if let Err(e) = removal {
+            tracing::warn!(sandbox = %sandbox.display(), error = %e, "cannot remove a sandbox");
+        }
+        outcome
+    }
+
+    /// Runs a Remote Execution API action and reports it: the encoded
+    /// `ActionResult` when its command ran, else exit code -1 and a
+    /// one-line error.
+    async fn run_remote_action(&self, assignment: Assignment, cancel: &CancellationToken) {
+        let token = assignment.lease_token;
+        let outcome = match ActionSpec::from_wire(&assignment) {
+            Err(error) => {
+                tracing::warn!(%error, "assignment refused");
+                ActionOutcome {
+                    exit_code: crate::job::EXIT_CODE_NOT_RUN,
+                    error: format!("invalid assignment: {error}"),
+                    ..ActionOutcome::default()
+                }
+            }
+            Ok(spec) => {
+                tracing::info!(
+                    instance_name = %spec.instance_name,
+                    action = %spec.action,
+                    "action started"
+                );
+                let sandbox = self.sandbox_root.join(token.to_string());
+                let work = run_action(&self.env, &spec, &sandbox, &self.worker_id);
+                let Some(outcome) = self.run_in_sandbox(&sandbox, cancel, work).await else {
+                    tracing::info!("action stopped (lease revoked or worker shutting down)");
+                    return;
+                };
+                outcome
+            }
+        };
+        tracing::info!(
+            exit_code = outcome.exit_code,
+            error = %outcome.error,
+            "action finished"
+        );
+        let request = ReportResultRequest {
+            worker_id: self.worker_id.clone(),
+            lease_token: token,
+            cache_key: assignment.cache_key.clone(),
+            exit_code: outcome.exit_code,
+            stdout: outcome.stdout.into(),
+            stderr: outcome.stderr.into(),
+            error: outcome.error,
+            artifact_digest: Default::default(),
+            artifact_size: 0,
+            request_id: self.request_ids.next("report"),
+            lost_inputs: Vec::new(),
+            action_result: outcome.action_result.unwrap_or_default().into(),
+        };
+        self.report(request, cancel).await;
+    }
+
     async fn run_assignment(&self, assignment: Assignment, cancel: &CancellationToken) {
+        // A Remote Execution API action: its own runner and report.
+        if assignment.action.is_some() {
+            return self.run_remote_action(assignment, cancel).await;
+        }
         let token = assignment.lease_token;
         let outcome = match JobSpec::from_wire(&assignment) {
             Err(error) => {
@@ -465,18 +544,9 @@ impl Worker {
             Ok(spec) => {
                 tracing::info!("job started");
                 let sandbox = self.sandbox_root.join(token.to_string());
-                let outcome = tokio::select! {
-                    outcome = run_job(&self.env, &spec, &sandbox) => Some(outcome),
-                    () = cancel.cancelled() => None,
-                };
-                let removal = distbuild_proto::blocking::run({
-                    let sandbox = sandbox.clone();
-                    move || remove_tree(&sandbox)
-                })
-                .await;
-                if let Err(e) = removal {
-                    tracing::warn!(sandbox = %sandbox.display(), error = %e, "cannot remove a sandbox");
-                }
+                let outcome = self
+                    .run_in_sandbox(&sandbox, cancel, run_job(&self.env, &spec, &sandbox))
+                    .await;
                 let Some(outcome) = outcome else {
                     tracing::info!("job stopped (lease revoked or worker shutting down)");
                     return;
@@ -509,6 +579,7 @@ impl Worker {
             artifact_size,
             request_id: self.request_ids.next("report"),
             lost_inputs: lost_inputs_to_wire(&outcome.lost_inputs),
+            action_result: Default::default(),
         };
         self.report(request, cancel).await;
     }

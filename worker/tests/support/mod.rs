@@ -16,10 +16,10 @@ use distbuild_proto::v1::worker_api_server::{WorkerApi, WorkerApiServer};
 use distbuild_proto::v1::{
     self, Assignment, BlobChunk, FetchRequest, HeartbeatRequest, HeartbeatResponse,
     PollWorkRequest, PollWorkResponse, RegisterRequest, RegisterResponse, ReportResultRequest,
-    ReportResultResponse,
+    ReportResultResponse, UploadBlobResponse,
 };
 use distbuild_proto::wire::{LEADER_METADATA_KEY, digest_to_wire};
-use distbuild_proto::{Digest, artifact};
+use distbuild_proto::{BlobKey, Digest, artifact};
 use distbuild_worker::cache::Cache;
 use distbuild_worker::peer::PeerService;
 use distbuild_worker::{WorkerConfig, run};
@@ -32,6 +32,11 @@ use tonic::{Request, Response, Status};
 pub struct State {
     /// Source blobs it serves through FetchBlob.
     pub blobs: HashMap<Digest, Vec<u8>>,
+    /// Remote Execution API CAS blobs it serves through FetchBlob (any
+    /// function), and those uploaded (verified) through UploadBlob.
+    pub cas: HashMap<BlobKey, Vec<u8>>,
+    /// Every blob upload completed, in order.
+    pub uploads: Vec<BlobKey>,
     /// Assignments handed out by PollWork, in order.
     pub queue: VecDeque<Assignment>,
     /// Leases to revoke in the next heartbeat answers.
@@ -222,16 +227,32 @@ impl WorkerApi for FakeCoordinator {
         })
     }
 
+    async fn upload_blob(
+        &self,
+        request: Request<tonic::Streaming<BlobChunk>>,
+    ) -> Result<Response<UploadBlobResponse>, Status> {
+        self.not_leader()?;
+        let (key, data) = Self::receive_upload(request.into_inner()).await?;
+        self.with(|s| {
+            s.uploads.push(key);
+            s.cas.insert(key, data);
+        });
+        Ok(Response::new(UploadBlobResponse {}))
+    }
+
     async fn fetch_blob(
         &self,
         request: Request<FetchRequest>,
     ) -> Result<Response<Self::FetchBlobStream>, Status> {
         self.not_leader()?;
-        let digest = Digest::try_from(&request.get_ref().digest[..])
+        let key = BlobKey::from_hash_bytes(&request.get_ref().digest[..])
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let data = self.with(|s| {
             s.fetches += 1;
-            s.blobs.get(&digest).cloned()
+            match key.sha1() {
+                Some(digest) if s.blobs.contains_key(&digest) => s.blobs.get(&digest).cloned(),
+                _ => s.cas.get(&key).cloned(),
+            }
         });
         let data = data.ok_or_else(|| Status::not_found("no such blob"))?;
         // Small chunks, so the transfer takes several messages.
@@ -245,6 +266,33 @@ impl WorkerApi for FakeCoordinator {
             })
             .collect();
         Ok(Response::new(tokio_stream::iter(chunks)))
+    }
+}
+
+impl FakeCoordinator {
+    /// Receives an upload whole and checks it as the coordinators do.
+    async fn receive_upload(
+        mut stream: tonic::Streaming<BlobChunk>,
+    ) -> Result<(BlobKey, Vec<u8>), Status> {
+        use futures::StreamExt;
+        let mut first: Option<(BlobKey, u64)> = None;
+        let mut data = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk?;
+            if first.is_none() {
+                let key = BlobKey::from_hash_bytes(&chunk.digest)
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?;
+                first = Some((key, chunk.size));
+            }
+            data.extend_from_slice(&chunk.data);
+        }
+        let (key, size) = first.ok_or_else(|| Status::invalid_argument("no chunk"))?;
+        if data.len() as u64 != size || key.function().key_of(&data) != key {
+            return Err(Status::invalid_argument(
+                "content does not match its digest",
+            ));
+        }
+        Ok((key, data))
     }
 }
 
@@ -338,6 +386,7 @@ pub fn assignment(lease_token: u64, cmds: Vec<v1::Command>) -> Assignment {
         inputs: vec![],
         deps: vec![],
         timeout_ms: 60_000,
+        action: None,
     }
 }
 
