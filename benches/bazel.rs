@@ -33,7 +33,12 @@ fn zlib_sources() -> PathBuf {
     let mut found: Vec<PathBuf> = std::fs::read_dir(&registry)
         .expect("the cargo registry")
         .flatten()
-        .flat_map(|index| std::fs::read_dir(index.path()).into_iter().flatten().flatten())
+        .flat_map(|index| {
+            std::fs::read_dir(index.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+        })
         .map(|crate_dir| crate_dir.path().join("src/zlib"))
         .filter(|zlib| {
             zlib.join("deflate.c").exists()
@@ -180,7 +185,10 @@ impl Config {
         let took = started.elapsed();
         assert!(out.status.success(), "{}: {}", self.name, text(&out));
         if std::env::var_os("BENCH_VERBOSE").is_some() {
-            for line in text(&out).lines().filter(|l| l.contains("processes:") || l.contains("Elapsed")) {
+            for line in text(&out)
+                .lines()
+                .filter(|l| l.contains("processes:") || l.contains("Elapsed"))
+            {
                 println!("  {} round {round}: {line}", self.name);
             }
         }

@@ -4,7 +4,8 @@
 # replication and failover (commands per second, the stall a leader kill
 # causes), raft-store appends against the disk's fsync rate, and the soak
 # (coordinator disk and memory over 200 builds with garbage collection),
-# and what TLS and the job sandbox cost per job.
+# what TLS and the job sandbox cost per job, and Bazel building zlib
+# locally against remotely.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
@@ -14,4 +15,5 @@ cargo bench --locked --bench locality
 cargo bench --locked --bench failover
 cargo bench --locked --bench soak
 cargo bench --locked --bench security
+cargo bench --locked --bench bazel
 cargo bench --locked -p distbuild-raft-store --bench append

@@ -532,3 +532,116 @@ fn callers_of_the_same_action_at_once_share_one_run() {
         assert_eq!(outputs.len(), 1, "one run for three callers: {outputs:?}");
     });
 }
+
+fn sha1(data: &[u8]) -> re::Digest {
+    use sha1::Digest as _;
+    re::Digest {
+        hash: hex::encode(sha1::Sha1::digest(data)),
+        size_bytes: data.len() as i64,
+    }
+}
+
+#[test]
+fn newer_clients_name_outputs_by_output_paths_the_platform_in_the_action_and_sha1_digests() {
+    let cluster = Cluster::start_full(1, 2, &[], &["--property", "pool=main"], false);
+    runtime().block_on(async {
+        let mut client = Client::new(&cluster.coordinator_addr()).await;
+        let sha1_function = re::digest_function::Value::Sha1 as i32;
+        let command = re::Command {
+            arguments: vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "mkdir -p out/sub && printf one > out/sub/one && printf two > two && chmod +x two"
+                    .into(),
+            ],
+            output_paths: vec!["out".into(), "two".into(), "never".into()],
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let root = re::Directory::default().encode_to_vec();
+        let action_for = |pool: &str| {
+            re::Action {
+                command_digest: Some(sha1(&command)),
+                input_root_digest: Some(sha1(&root)),
+                platform: Some(re::Platform {
+                    properties: vec![re::platform::Property {
+                        name: "pool".into(),
+                        value: pool.into(),
+                    }],
+                }),
+                ..Default::default()
+            }
+            .encode_to_vec()
+        };
+        let (runs, elsewhere) = (action_for("main"), action_for("gpu"));
+        let requests = [&command, &root, &runs, &elsewhere]
+            .into_iter()
+            .map(|data| re::batch_update_blobs_request::Request {
+                digest: Some(sha1(data)),
+                data: data.clone(),
+                compressor: 0,
+            })
+            .collect();
+        client
+            .cas
+            .batch_update_blobs(re::BatchUpdateBlobsRequest {
+                requests,
+                digest_function: sha1_function,
+                ..Default::default()
+            })
+            .await
+            .expect("upload");
+        let execute = |action: &Vec<u8>| re::ExecuteRequest {
+            action_digest: Some(sha1(action)),
+            digest_function: sha1_function,
+            ..Default::default()
+        };
+        // Action.platform is honoured (Command.platform is empty).
+        let refused = client
+            .exec
+            .execute(execute(&elsewhere))
+            .await
+            .map(|_| ())
+            .expect_err("no worker has pool=gpu");
+        assert_eq!(refused.code(), Code::FailedPrecondition);
+        assert!(refused.message().contains("pool=gpu"), "{refused:?}");
+        let mut stream = client
+            .exec
+            .execute(execute(&runs))
+            .await
+            .expect("execute")
+            .into_inner();
+        let mut ops = Vec::new();
+        while let Some(op) = stream.next().await {
+            ops.push(op.expect("op"));
+        }
+        let result = response(&ops).result.expect("a result");
+        assert_eq!(result.exit_code, 0, "{result:?}");
+        // A file and a directory named by output_paths, both in SHA-1.
+        assert_eq!(result.output_files.len(), 1, "{result:?}");
+        assert_eq!(result.output_files[0].path, "two");
+        assert_eq!(result.output_files[0].digest, Some(sha1(b"two")));
+        assert!(result.output_files[0].is_executable);
+        assert_eq!(result.output_directories.len(), 1, "{result:?}");
+        assert_eq!(result.output_directories[0].path, "out");
+        let tree_digest = result.output_directories[0]
+            .tree_digest
+            .clone()
+            .expect("tree");
+        assert_eq!(tree_digest.hash.len(), 40, "a SHA-1 tree");
+        let tree = client
+            .cas
+            .batch_read_blobs(re::BatchReadBlobsRequest {
+                digests: vec![tree_digest],
+                digest_function: sha1_function,
+                ..Default::default()
+            })
+            .await
+            .expect("read")
+            .into_inner();
+        let tree = re::Tree::decode(tree.responses[0].data.as_slice()).expect("a Tree");
+        assert_eq!(tree.root.expect("root").directories[0].name, "sub");
+        assert_eq!(tree.children.len(), 1);
+        assert_eq!(tree.children[0].files[0].digest, Some(sha1(b"one")));
+    });
+}

@@ -150,9 +150,17 @@ fn every_role_boundary_is_refused_with_its_code_and_the_cluster_then_builds() {
         );
         let worker0 = channel_as(pki, "worker", "worker0", &coordinator).await;
         refused(
-            CasClient::new(worker0)
+            CasClient::new(worker0.clone())
                 .find_missing_blobs(re::FindMissingBlobsRequest::default())
                 .await,
+            Code::PermissionDenied,
+            "the Remote Execution API is for role client or coordinator; the caller is worker \"worker0\"",
+        );
+        refused(
+            re::execution_client::ExecutionClient::new(worker0)
+                .execute(re::ExecuteRequest::default())
+                .await
+                .map(|_| ()),
             Code::PermissionDenied,
             "the Remote Execution API is for role client or coordinator; the caller is worker \"worker0\"",
         );
@@ -177,6 +185,18 @@ fn every_role_boundary_is_refused_with_its_code_and_the_cluster_then_builds() {
                     slots: 1,
                     ..Default::default()
                 })
+                .await,
+            Code::PermissionDenied,
+            "the worker API is for role worker; the caller is client \"client\"",
+        );
+        // Nor may it store blobs as a worker does for an action's outputs.
+        refused(
+            distbuild_proto::net::worker_api(client.clone())
+                .upload_blob(futures::stream::iter([distbuild_proto::v1::BlobChunk {
+                    digest: vec![0; 32].into(),
+                    size: 1,
+                    data: vec![1].into(),
+                }]))
                 .await,
             Code::PermissionDenied,
             "the worker API is for role worker; the caller is client \"client\"",
