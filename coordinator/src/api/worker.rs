@@ -105,7 +105,8 @@ fn check_worker_id(id: &str) -> Result<(), Status> {
 /// What became of a lease granted to a worker by the time its assignment
 /// is written.
 enum Leased {
-    Assignment(Assignment),
+    // Boxed: an assignment is large next to the other cases.
+    Assignment(Box<Assignment>),
     /// No longer the worker's (expired, or its result already in).
     Gone,
     /// Still the worker's, but a dependency's result was dropped meanwhile
@@ -129,7 +130,7 @@ impl WorkerService {
         for (key, token) in keys.iter().zip(tokens) {
             let Some(token) = *token else { continue };
             match self.assignment(worker_id, key, token) {
-                Leased::Assignment(assignment) => assignments.push(assignment),
+                Leased::Assignment(assignment) => assignments.push(*assignment),
                 Leased::Gone => {}
                 Leased::MissingDependency => {
                     let release = Command::Report {
@@ -178,7 +179,7 @@ impl WorkerService {
                     .collect(),
             });
         }
-        Leased::Assignment(Assignment {
+        Leased::Assignment(Box::new(Assignment {
             lease_token: token,
             cache_key: digest_to_wire(key),
             job_id: spec.job_id.to_string(),
@@ -200,7 +201,7 @@ impl WorkerService {
                 action_digest: action.action.hash_bytes().to_vec().into(),
                 action_size: action.action_size as i64,
             }),
-        })
+        }))
     }
 }
 
@@ -218,10 +219,13 @@ fn request_key(kind: &str, worker_id: &str, request_id: &str) -> Result<String, 
     Ok(format!("{kind}/{worker_id}/{request_id}"))
 }
 
+/// The blobs an action result names, with their sizes.
+type NamedBlobs = Vec<(BlobKey, u64)>;
+
 /// A reported Remote Execution API result, checked: within the bound of
 /// what the action cache keeps, decodable, and the blobs it names (each
 /// digest's function from its length).
-fn action_result(bytes: &[u8]) -> Result<(Vec<u8>, Vec<(BlobKey, u64)>), Status> {
+fn action_result(bytes: &[u8]) -> Result<(Vec<u8>, NamedBlobs), Status> {
     use prost::Message as _;
     if bytes.len() > MAX_ACTION_RESULT_BYTES {
         return Err(Status::invalid_argument(format!(

@@ -359,8 +359,9 @@ impl Follower {
         loop {
             let page = self
                 .node
-                .read_events(self.build_id, self.next_seq, 16, 1 << 20)?;
-            for stored in page {
+                .read_events(self.build_id, self.next_seq, 1, 1 << 20)?;
+            // One event at a time: each is an update of its own.
+            if let Some(stored) = page.into_iter().next() {
                 self.next_seq = stored.seq + 1;
                 match stored.event {
                     Event::JobStarted { .. } => {
