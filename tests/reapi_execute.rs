@@ -330,6 +330,10 @@ fn actions_run_on_a_worker_from_the_cas_are_cached_and_answer_as_the_spec_says()
         // Cached now: the same action answers at once from the cache...
         let again = client.execute(&action, false).await.expect("execute again");
         assert_eq!(again.len(), 1, "{again:?}");
+        assert!(
+            again[0].name.starts_with("operations/"),
+            "a cache hit's operation has a name too: {again:?}"
+        );
         let cached = response(&again);
         assert!(cached.cached_result);
         assert_eq!(
@@ -643,5 +647,38 @@ fn newer_clients_name_outputs_by_output_paths_the_platform_in_the_action_and_sha
         assert_eq!(tree.root.expect("root").directories[0].name, "sub");
         assert_eq!(tree.children.len(), 1);
         assert_eq!(tree.children[0].files[0].digest, Some(sha1(b"one")));
+    });
+}
+
+#[test]
+fn a_command_that_hits_a_job_limit_is_a_result_with_its_exit_code_not_an_error() {
+    let cluster = Cluster::start_full(1, 1, &[], &["--job-max-file-bytes", "4096"], false);
+    runtime().block_on(async {
+        let mut client = Client::new(&cluster.coordinator_addr()).await;
+        let action = client
+            .action(
+                "mkdir -p out && head -c 100000 /dev/zero > out/copy.txt",
+                &[],
+                Shape::default(),
+            )
+            .await;
+        let ops = client.execute(&action, false).await.expect("execute");
+        assert!(ops[0].name.starts_with("operations/"));
+        let answer = response(&ops);
+        assert_eq!(
+            answer.status.as_ref().map_or(0, |s| s.code),
+            0,
+            "{answer:?}"
+        );
+        let result = answer.result.expect("a result");
+        assert_ne!(result.exit_code, 0, "{result:?}");
+        let stderr = client
+            .read(result.stderr_digest.as_ref().expect("stderr"))
+            .await;
+        let stderr = String::from_utf8_lossy(&stderr);
+        assert!(stderr.contains("4096"), "stderr names the limit: {stderr}");
+        // A failed run is not cached: the next Execute runs it again.
+        let again = client.execute(&action, false).await.expect("execute");
+        assert!(again.len() > 1 && !response(&again).cached_result);
     });
 }

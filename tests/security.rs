@@ -220,6 +220,12 @@ fn every_role_boundary_is_refused_with_its_code_and_the_cluster_then_builds() {
             Code::PermissionDenied,
             "changing membership is for role admin",
         );
+        // A client certificate is what Remote Execution API clients
+        // (Bazel with --tls_client_certificate) use over TLS.
+        CasClient::new(client.clone())
+            .find_missing_blobs(re::FindMissingBlobsRequest::default())
+            .await
+            .expect("a client uses the CAS over TLS");
         // Anyone of the cluster may read its status.
         distbuild_proto::net::admin_api(client)
             .cluster_status(ClusterStatusRequest::default())

@@ -412,7 +412,9 @@ where
             ExecutionServer::new(api::reapi::execution::ExecutionService {
                 node: node.clone(),
                 rates: rates.clone(),
-                streams: api::watch::Watchers::default(),
+                streams: Arc::new(tokio::sync::Semaphore::new(
+                    api::reapi::execution::MAX_OPERATION_STREAMS,
+                )),
             })
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES),

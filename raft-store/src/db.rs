@@ -38,8 +38,10 @@ const KEY_FORMAT: &[u8] = b"format";
 /// (an `outputs` table), and events and results name it instead of
 /// carrying a copy each. Format 5: a stored blob is named by its hash
 /// function and hash (`BlobKey`: SHA-1 or SHA-256, for the Remote
-/// Execution API's CAS), not by a SHA-1 digest alone.
-pub(crate) const FORMAT: u32 = 5;
+/// Execution API's CAS), not by a SHA-1 digest alone. Format 6: a job's
+/// spec may carry a Remote Execution API action, a run's output its
+/// `ActionResult`.
+pub(crate) const FORMAT: u32 = 6;
 
 /// Opens the database in `dir` with the store's column families and the
 /// application's. Column families found on disk but no longer declared are

@@ -62,6 +62,13 @@ pub const MAX_INPUT_DIRECTORIES: usize = 100_000;
 pub const MAX_INPUT_FILES: usize = 1_000_000;
 /// Deepest nesting of directories in an input root or an output directory.
 pub const MAX_TREE_DEPTH: usize = 256;
+/// Longest name in an input tree (the filesystem's NAME_MAX).
+pub const MAX_NAME_BYTES: usize = 255;
+/// Longest path below the input root (the filesystem's PATH_MAX).
+pub const MAX_PATH_BYTES: usize = 4096;
+/// Most bytes of all an input tree's paths together: what the worker
+/// holds of a tree while it lays it out.
+pub const MAX_INPUT_PATH_BYTES: usize = 256 << 20;
 /// Largest Action, Command or Directory message read from the CAS.
 pub const MAX_ACTION_MESSAGE_BYTES: u64 = 32 << 20;
 /// Largest encoded ActionResult a report may carry (it becomes part of a
@@ -188,12 +195,15 @@ fn quoted_path(path: &Path) -> String {
 fn key_of(
     digest: Option<&ReDigest>,
     function: HashFunction,
-    what: &str,
+    what: impl Fn() -> String,
 ) -> Result<(BlobKey, u64), String> {
-    let digest = digest.ok_or_else(|| format!("{what}: no digest"))?;
-    let key = BlobKey::parse(function, &digest.hash).map_err(|e| format!("{what}: {e}"))?;
+    // The field's name is made only when it is wrong: a tree names many.
+    let Some(digest) = digest else {
+        return Err(format!("{}: no digest", what()));
+    };
+    let key = BlobKey::parse(function, &digest.hash).map_err(|e| format!("{}: {e}", what()))?;
     let size = u64::try_from(digest.size_bytes)
-        .map_err(|_| format!("{what}: size {} is negative", digest.size_bytes))?;
+        .map_err(|_| format!("{}: size {} is negative", what(), digest.size_bytes))?;
     Ok((key, size))
 }
 
@@ -234,9 +244,30 @@ pub fn check_name(name: &str) -> Result<(), &'static str> {
         Err("contains a /")
     } else if name.contains('\0') {
         Err("contains a NUL")
+    } else if name.len() > MAX_NAME_BYTES {
+        Err("is longer than 255 bytes")
     } else {
         Ok(())
     }
+}
+
+/// Checks the path of an input below the root against [`MAX_PATH_BYTES`]
+/// and adds it to `total`, bounded by [`MAX_INPUT_PATH_BYTES`].
+fn count_path(path: &Path, total: &mut usize) -> Result<(), String> {
+    let len = path.as_os_str().len();
+    if len > MAX_PATH_BYTES {
+        return Err(format!(
+            "input path {} is longer than {MAX_PATH_BYTES} bytes",
+            quoted_path(path)
+        ));
+    }
+    *total += len;
+    if *total > MAX_INPUT_PATH_BYTES {
+        return Err(format!(
+            "the input root's paths add up to more than {MAX_INPUT_PATH_BYTES} bytes"
+        ));
+    }
+    Ok(())
 }
 
 /// What is wrong with the target of a symlink `depth` directories below
@@ -517,6 +548,7 @@ async fn read_input_tree(
     let mut level: Vec<(PathBuf, BlobKey, u64)> = vec![(PathBuf::new(), root, size)];
     let mut n_directories = 1usize;
     let mut n_files = 0usize;
+    let mut path_bytes = 0usize;
     let mut depth = 0usize;
     while !level.is_empty() {
         if depth > MAX_TREE_DEPTH {
@@ -563,21 +595,26 @@ async fn read_input_tree(
             }
             for file in &directory.files {
                 let file_path = path.join(&file.name);
-                let what = format!("input file {}", quoted_path(&file_path));
-                let content = key_of(file.digest.as_ref(), function, &what)?;
+                count_path(&file_path, &mut path_bytes)?;
+                let content = key_of(file.digest.as_ref(), function, || {
+                    format!("input file {}", quoted_path(&file_path))
+                })?;
                 tree.files
                     .entry(content)
                     .or_default()
                     .push((file_path, file.is_executable));
             }
             for symlink in &directory.symlinks {
-                tree.symlinks
-                    .push((path.join(&symlink.name), symlink.target.clone()));
+                let link_path = path.join(&symlink.name);
+                count_path(&link_path, &mut path_bytes)?;
+                tree.symlinks.push((link_path, symlink.target.clone()));
             }
             for child in &directory.directories {
                 let child_path = path.join(&child.name);
-                let what = format!("input directory {}", quoted_path(&child_path));
-                let (child_key, child_size) = key_of(child.digest.as_ref(), function, &what)?;
+                count_path(&child_path, &mut path_bytes)?;
+                let (child_key, child_size) = key_of(child.digest.as_ref(), function, || {
+                    format!("input directory {}", quoted_path(&child_path))
+                })?;
                 tree.directories.push(child_path.clone());
                 next.push((child_path, child_key, child_size));
             }
@@ -1043,16 +1080,12 @@ async fn run_steps(
     let input_fetch_start = now();
     let action: Action =
         read_message(env, spec.action, spec.action_size, "the Action", sandbox).await?;
-    let (command_key, command_size) = key_of(
-        action.command_digest.as_ref(),
-        function,
-        "Action.command_digest",
-    )?;
-    let (input_key, input_size) = key_of(
-        action.input_root_digest.as_ref(),
-        function,
-        "Action.input_root_digest",
-    )?;
+    let (command_key, command_size) = key_of(action.command_digest.as_ref(), function, || {
+        "Action.command_digest".into()
+    })?;
+    let (input_key, input_size) = key_of(action.input_root_digest.as_ref(), function, || {
+        "Action.input_root_digest".into()
+    })?;
     let command: Command =
         read_message(env, command_key, command_size, "the Command", sandbox).await?;
     let command = check_command(&command)?;
@@ -1114,10 +1147,19 @@ async fn run_steps(
         Ok(Ok(output)) => output,
     };
     let execution_completed = now();
-    captured.output = Some(output.clone());
+    let mut output = output;
     if let Some(limit) = &output.limit_hit {
-        return Err(limit.clone().into());
+        // A limit the command ran into (memory, processes, file size) is
+        // its result, named on its stderr: running it again would hit it
+        // again, so it is not an error for the client to retry.
+        output
+            .stderr
+            .extend_from_slice(format!("\n[distbuild: {limit}]\n").as_bytes());
+        if output.exit_code == 0 {
+            output.exit_code = 1;
+        }
     }
+    captured.output = Some(output.clone());
 
     let output_upload_start = now();
     let mut collected = {
@@ -1254,6 +1296,18 @@ mod tests {
             ("a/b", Err("contains a /")),
             ("a\0b", Err("contains a NUL")),
         ];
+        let longest = "n".repeat(MAX_NAME_BYTES);
+        let too_long = "n".repeat(MAX_NAME_BYTES + 1);
+        assert_eq!(check_name(&longest), Ok(()));
+        assert_eq!(check_name(&too_long), Err("is longer than 255 bytes"));
+        let mut total = 0;
+        assert!(count_path(Path::new(&"p".repeat(MAX_PATH_BYTES)), &mut total).is_ok());
+        let error = count_path(Path::new(&"p".repeat(MAX_PATH_BYTES + 1)), &mut total)
+            .expect_err("too long");
+        assert!(error.contains("longer than 4096 bytes"), "{error}");
+        let mut total = MAX_INPUT_PATH_BYTES - 1;
+        let error = count_path(Path::new("ab"), &mut total).expect_err("over the total");
+        assert!(error.contains("add up to more than"), "{error}");
         for (name, want) in names {
             assert_eq!(check_name(name), *want, "name {name:?}");
         }

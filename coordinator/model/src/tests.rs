@@ -1898,3 +1898,23 @@ fn an_action_result_reported_for_a_plain_job_fails_it() {
     );
     assert!(h.model.result(&key(1)).is_none(), "nothing cached");
 }
+
+#[test]
+fn a_plain_success_reported_for_an_action_fails_it_and_caches_nothing() {
+    let mut h = Harness::new();
+    let build = h.submit("op", vec![action_job(1, "a", false)]);
+    assert!(h.run_one("a", key(1), success(1)));
+    let events = h.take_events();
+    assert!(
+        Harness::error_of(&events, build, 0).contains("does not run Remote Execution API actions"),
+        "{events:?}"
+    );
+    assert!(h.model.result(&key(1)).is_none(), "not in the result cache");
+    assert!(
+        h.model.holders(&artifact(1)).is_empty(),
+        "no artifact recorded"
+    );
+    // The next caller of the action runs it again.
+    h.submit("op-2", vec![action_job(1, "a", false)]);
+    assert_eq!(h.pick("a"), [key(1)]);
+}

@@ -225,7 +225,7 @@ type NamedBlobs = Vec<(BlobKey, u64)>;
 /// A reported Remote Execution API result, checked: within the bound of
 /// what the action cache keeps, decodable, and the blobs it names (each
 /// digest's function from its length).
-fn action_result(bytes: &[u8]) -> Result<(Vec<u8>, NamedBlobs), Status> {
+fn action_result(bytes: &[u8]) -> Result<(i32, Vec<u8>, NamedBlobs), Status> {
     use prost::Message as _;
     if bytes.len() > MAX_ACTION_RESULT_BYTES {
         return Err(Status::invalid_argument(format!(
@@ -239,7 +239,17 @@ fn action_result(bytes: &[u8]) -> Result<(Vec<u8>, NamedBlobs), Status> {
                 Status::invalid_argument(format!("action_result: not an ActionResult: {e}"))
             })?;
     let blobs = named_blobs(&result, 0)?;
-    Ok((bytes.to_vec(), blobs))
+    Ok((result.exit_code, bytes.to_vec(), blobs))
+}
+
+/// Most bytes of an action's stdout and of its stderr kept with its run's
+/// result (the whole of both is in the CAS, which the result names): the
+/// report stays a small Raft entry.
+const MAX_ACTION_OUTPUT_SHOWN: usize = 16 << 10;
+
+fn head(mut bytes: Vec<u8>, max: usize) -> Vec<u8> {
+    bytes.truncate(max);
+    bytes
 }
 
 fn truncated(mut bytes: Vec<u8>) -> Vec<u8> {
@@ -464,11 +474,12 @@ impl WorkerApi for WorkerService {
         let outcome = if !lost.is_empty() {
             Outcome::LostInputs { lost }
         } else if !req.action_result.is_empty() && req.error.is_empty() {
-            let (result, blobs) = action_result(&req.action_result)?;
+            // The exit code the result says, whatever the report's field.
+            let (exit_code, result, blobs) = action_result(&req.action_result)?;
             Outcome::Executed {
-                exit_code: req.exit_code,
-                stdout,
-                stderr,
+                exit_code,
+                stdout: head(stdout, MAX_ACTION_OUTPUT_SHOWN),
+                stderr: head(stderr, MAX_ACTION_OUTPUT_SHOWN),
                 result,
                 blobs,
             }

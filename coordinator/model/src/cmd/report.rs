@@ -71,6 +71,23 @@ impl Model {
         }
         let exec = self.executions.remove(key).expect("checked above");
         self.dirty.executions.insert(*key);
+        // A worker that knows nothing of Remote Execution API actions
+        // (older than they are) ran none of it: its "success" is no result
+        // and must not be cached as one.
+        if exec.spec.action.is_some() && matches!(outcome, Outcome::Success { .. }) {
+            let output = None;
+            for &(build_id, job) in &exec.waiters {
+                self.fail_job(
+                    build_id,
+                    job,
+                    -1,
+                    output,
+                    Some("the worker does not run Remote Execution API actions".into()),
+                );
+            }
+            self.finish_builds_of(&exec.waiters);
+            return true;
+        }
         match outcome {
             Outcome::Success {
                 stdout,
@@ -131,15 +148,11 @@ impl Model {
                 );
                 let Some(action) = &exec.spec.action else {
                     // A worker confused about what it ran: not a result.
+                    let why = "the worker reported an action result for a job that is not a Remote Execution API action";
                     for &(build_id, job) in &exec.waiters {
-                        self.fail_job(
-                            build_id,
-                            job,
-                            *exit_code,
-                            output,
-                            Some("the worker reported an action result for a job that is not a Remote Execution API action".into()),
-                        );
+                        self.fail_job(build_id, job, *exit_code, output, Some(why.into()));
                     }
+                    self.fail_blocked_on(*key, &format!("its rebuild failed: {why}"));
                     self.finish_builds_of(&exec.waiters);
                     return true;
                 };

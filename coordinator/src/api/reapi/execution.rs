@@ -30,11 +30,11 @@ use tonic::{Code, Request, Response, Status};
 
 use super::action_cache::served_result;
 use super::cas::{read_whole, walk_tree};
-use super::{MAX_BATCH_TOTAL_BYTES, digest_of, holds, key_of, note_used, stale_blobs};
+use super::{MAX_BATCH_TOTAL_BYTES, digest_of, holds, key_of, note_used, used_before};
 use crate::api::ResponseStream;
 use crate::api::rate::{CallerRates, client_name};
+use crate::api::status::busy;
 use crate::api::status::refusal;
-use crate::api::watch::{WatcherSlot, Watchers};
 use crate::replica::Node;
 
 /// Largest Action or Command message read.
@@ -43,9 +43,21 @@ pub const MAX_MESSAGE_BLOB_BYTES: u64 = MAX_BATCH_TOTAL_BYTES;
 /// Most platform properties an action may ask for.
 pub const MAX_PLATFORM_PROPERTIES: usize = 64;
 
-/// Most missing blobs one FAILED_PRECONDITION lists (the client uploads
-/// them and asks again; the rest show up then).
-const MAX_VIOLATIONS: usize = 1_000;
+/// Most missing blobs one FAILED_PRECONDITION lists: the details travel in
+/// a trailer, and gRPC clients refuse metadata past 8 KiB (grpc-java's
+/// default), which 40 violations stay well under. The client uploads
+/// them and asks again; the rest show up then.
+const MAX_VIOLATIONS: usize = 40;
+
+/// Most operation streams one node serves at once (every Execute and
+/// WaitExecution holds one while its action runs).
+pub const MAX_OPERATION_STREAMS: usize = 4096;
+
+/// An action's inputs whose last recorded use is older than this are
+/// recorded as used again when it is executed: collection keeps anything
+/// used in the last ten minutes, so what a queued action needs stays at
+/// least five minutes after its Execute.
+const INPUT_USE_REFRESH_MS: u64 = distbuild_model::RECENT_BLOB_MS / 2;
 
 /// Operation names are this prefix and the build's ID.
 const OPERATION_PREFIX: &str = "operations/";
@@ -80,8 +92,9 @@ pub struct Violation {
 pub struct ExecutionService {
     pub node: Arc<Node>,
     pub rates: CallerRates,
-    /// Bounds the operation streams open on this node.
-    pub streams: Watchers,
+    /// Bounds the operation streams open on this node
+    /// ([`MAX_OPERATION_STREAMS`] permits).
+    pub streams: Arc<tokio::sync::Semaphore>,
 }
 
 /// The subject naming a blob in a violation, as the spec writes it.
@@ -341,7 +354,7 @@ struct Follower {
     next_seq: u64,
     last_applied: Option<u64>,
     done: bool,
-    _slot: WatcherSlot,
+    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Follower {
@@ -377,6 +390,12 @@ impl Follower {
                             Some(error) => re::ExecuteResponse {
                                 status: Some(run_error(&error)),
                                 message: error,
+                                ..Default::default()
+                            },
+                            None if output.action_result.is_empty() => re::ExecuteResponse {
+                                status: Some(run_error(
+                                    "the run ended with no action result (a worker that does not run Remote Execution API actions?)",
+                                )),
                                 ..Default::default()
                             },
                             None => {
@@ -442,6 +461,20 @@ impl Follower {
 }
 
 impl ExecutionService {
+    /// A stream's place among this node's, or RESOURCE_EXHAUSTED with a
+    /// retry hint. Taken before an action is submitted, so a refused call
+    /// has started nothing.
+    fn admit_stream(&self) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
+        self.streams.clone().try_acquire_owned().map_err(|_| {
+            busy(
+                format!(
+                    "this coordinator already streams {MAX_OPERATION_STREAMS} operations, its limit; retry later"
+                ),
+                std::time::Duration::from_millis(500),
+            )
+        })
+    }
+
     /// The stream of updates of the operation of build `build_id`,
     /// starting with `first` when given.
     fn follow(
@@ -449,8 +482,8 @@ impl ExecutionService {
         build_id: u64,
         action: re::Digest,
         first: Option<Operation>,
-    ) -> Result<ResponseStream<Operation>, Status> {
-        let slot = self.streams.admit(build_id)?;
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) -> ResponseStream<Operation> {
         let follower = Follower {
             node: self.node.clone(),
             name: operation_name(build_id),
@@ -459,14 +492,14 @@ impl ExecutionService {
             next_seq: 0,
             last_applied: None,
             done: false,
-            _slot: slot,
+            _permit: permit,
         };
         let first = futures::stream::iter(first.map(Ok));
         let rest = futures::stream::unfold(follower, |mut follower| async move {
             let update = follower.next().await?;
             Some((update, follower))
         });
-        Ok(Box::pin(futures::StreamExt::chain(first, rest)))
+        Box::pin(futures::StreamExt::chain(first, rest))
     }
 
     /// The time limit of the action's run, from `Action.timeout`.
@@ -521,6 +554,22 @@ impl re::execution_server::Execution for ExecutionService {
             )));
         }
         self.node.ready_leader().await?;
+
+        if !request.skip_cache_lookup
+            && let Some(result) =
+                served_result(&self.node, &request.instance_name, action_key).await?
+        {
+            let op = finished(
+                &format!("{OPERATION_PREFIX}cached/{action_key}"),
+                &action_digest,
+                re::ExecuteResponse {
+                    result: Some(result),
+                    cached_result: true,
+                    ..Default::default()
+                },
+            );
+            return Ok(Response::new(Box::pin(futures::stream::iter([Ok(op)]))));
+        }
 
         let mut missing = Vec::new();
         let Some(action) = read_message::<re::Action>(
@@ -579,30 +628,17 @@ impl re::execution_server::Execution for ExecutionService {
         let platform = platform_of(&action, &command)?;
         check_satisfiable(&self.node, &platform)?;
         let job_timeout_ms = self.timeout_ms(action.timeout.as_ref())?;
+        let permit = self.admit_stream()?;
         // Found and about to be used: their use counts for collection.
-        let inputs =
-            files
-                .iter()
-                .map(|(key, _)| *key)
-                .chain([action_key, command_key.0, root_key.0]);
-        let stale = stale_blobs(&self.node, inputs);
+        let mut inputs: Vec<BlobKey> = files
+            .iter()
+            .map(|(key, _)| *key)
+            .chain([action_key, command_key.0, root_key.0])
+            .collect();
+        inputs.sort_unstable();
+        inputs.dedup();
+        let stale = used_before(&self.node, inputs, INPUT_USE_REFRESH_MS);
         note_used(&self.node, stale, Vec::new()).await?;
-
-        if !request.skip_cache_lookup
-            && let Some(result) =
-                served_result(&self.node, &request.instance_name, action_key).await?
-        {
-            let op = finished(
-                "",
-                &action_digest,
-                re::ExecuteResponse {
-                    result: Some(result),
-                    cached_result: true,
-                    ..Default::default()
-                },
-            );
-            return Ok(Response::new(Box::pin(futures::stream::iter([Ok(op)]))));
-        }
 
         let request_id = format!("reapi/{:032x}", distbuild_proto::rng::next_u128());
         let own = action.do_not_cache.then_some(request_id.as_str());
@@ -648,7 +684,8 @@ impl re::execution_server::Execution for ExecutionService {
             build_id,
             action_digest,
             Some(queued),
-        )?))
+            permit,
+        )))
     }
 
     type WaitExecutionStream = ResponseStream<Operation>;
@@ -674,7 +711,8 @@ impl re::execution_server::Execution for ExecutionService {
             )));
         };
         let digest = digest_of(&action.action, action.action_size);
-        Ok(Response::new(self.follow(build_id, digest, None)?))
+        let permit = self.admit_stream()?;
+        Ok(Response::new(self.follow(build_id, digest, None, permit)))
     }
 }
 
@@ -696,8 +734,7 @@ mod tests {
             execution_key("main", &a, 10, Some("op-1")),
             "unmergeable"
         );
-        // The instance name's length is part of the key: no two splits of
-        // the same bytes collide.
+        // The function is part of the key.
         let sha1 = HashFunction::Sha1.key_of(b"action");
         assert_ne!(
             execution_key("main", &sha1, 10, None),

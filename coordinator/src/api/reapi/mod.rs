@@ -132,7 +132,16 @@ const MAX_USED_PER_ENTRY: usize = 4_000;
 /// Of `blobs`, those recorded whose last recorded use is older than
 /// [`note_use_after_ms`].
 pub fn stale_blobs(node: &Node, blobs: impl IntoIterator<Item = BlobKey>) -> Vec<BlobKey> {
-    let after = note_use_after_ms(node);
+    used_before(node, blobs, note_use_after_ms(node))
+}
+
+/// Of `blobs`, those recorded whose last recorded use is at least
+/// `after` milliseconds old.
+pub fn used_before(
+    node: &Node,
+    blobs: impl IntoIterator<Item = BlobKey>,
+    after: u64,
+) -> Vec<BlobKey> {
     let model = node.model();
     let now = model.clock_ms();
     blobs
