@@ -1918,3 +1918,25 @@ fn a_plain_success_reported_for_an_action_fails_it_and_caches_nothing() {
     h.submit("op-2", vec![action_job(1, "a", false)]);
     assert_eq!(h.pick("a"), [key(1)]);
 }
+
+#[test]
+fn a_queued_action_whose_platform_left_with_its_worker_fails_instead_of_waiting_forever() {
+    let mut h = Harness::new();
+    let stranded = h.submit("op-1", vec![action_job(1, "b", false)]);
+    let placeable = h.submit("op-2", vec![action_job(2, "a", false)]);
+    // Worker b stops being seen; a keeps heartbeating.
+    h.now_ms += 10_000;
+    h.heartbeat("a", &[]);
+    h.expire(3, 5_000);
+    assert!(!h.model.workers().contains_key("b"), "b removed");
+    let events = h.take_events();
+    assert!(
+        Harness::error_of(&events, stranded, 0).contains("no worker with platform pool=b"),
+        "{events:?}"
+    );
+    assert!(
+        !events.iter().any(|(b, _, _)| *b == placeable),
+        "the action worker a can run still waits: {events:?}"
+    );
+    assert_eq!(h.pick("a"), [key(2)]);
+}

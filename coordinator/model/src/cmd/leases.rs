@@ -2,6 +2,8 @@
 
 use std::collections::BTreeSet;
 
+use distbuild_proto::Digest;
+
 use crate::records::ExecState;
 use crate::state::Model;
 
@@ -67,6 +69,7 @@ impl Model {
                 ),
             );
         }
+        let removed = !dead.is_empty();
         for id in dead {
             let held = self.workers[&id].held.clone();
             for digest in held {
@@ -75,6 +78,41 @@ impl Model {
             self.workers.remove(&id);
             self.dirty.workers.insert(id);
         }
+        if removed {
+            self.give_up_stranded_actions();
+        }
         expired
+    }
+
+    /// Gives up the queued Remote Execution API actions that ask for a
+    /// platform no registered worker offers any more: they would wait
+    /// forever (Execute refuses such an action up front; this is for the
+    /// worker that left after it was queued).
+    fn give_up_stranded_actions(&mut self) {
+        let stranded: Vec<(Digest, String)> = self
+            .queue
+            .iter()
+            .filter_map(|(_, key)| {
+                let exec = &self.executions[key];
+                let action = exec.spec.action.as_ref()?;
+                if action.platform.is_empty() || self.workers.values().any(|w| exec.runs_on(w)) {
+                    return None;
+                }
+                let platform = action
+                    .platform
+                    .iter()
+                    .map(|(name, value)| format!("{name}={value}"))
+                    .collect::<Vec<_>>()
+                    .join(",");
+                Some((*key, platform))
+            })
+            .collect();
+        for (key, platform) in stranded {
+            self.give_up(
+                key,
+                format!("no worker with platform {platform} is left to run it"),
+                format!("its rebuild needs platform {platform}, which no worker has"),
+            );
+        }
     }
 }
