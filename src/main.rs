@@ -31,6 +31,10 @@ enum Command {
     /// The workspace's local server: output base, pid, address, version,
     /// uptime.
     Info(distbuild_client::LocalArgs),
+    /// Let a Remote Execution API client without TLS (Debian's Bazel) use
+    /// a TLS cluster: on loopback, for this user only, with this user's
+    /// client certificate.
+    ReapiProxy(distbuild_client::reapi_proxy::ReapiProxyArgs),
     /// Make a cluster's CA and certificates (TLS and roles).
     #[command(subcommand)]
     Certs(distbuild_client::certs::CertsCommand),
@@ -86,6 +90,9 @@ fn main() -> ExitCode {
                 return distbuild_client::remove_node_cli(args).await;
             }
             Command::Certs(command) => return distbuild_client::certs::certs_cli(command),
+            Command::ReapiProxy(args) => {
+                return distbuild_client::reapi_proxy::reapi_proxy_cli(args).await;
+            }
             Command::Info(args) => return distbuild_client::info_cli(args).await,
             Command::Shutdown(args) => return distbuild_client::shutdown_cli(args).await,
             Command::Server(args) => server::run(args).await,

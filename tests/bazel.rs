@@ -378,3 +378,71 @@ fn two_bazel_output_bases_building_the_same_targets_at_once_run_each_action_once
         "each action ran once for both output bases"
     );
 }
+
+#[test]
+fn bazel_without_tls_uses_a_tls_cluster_through_the_proxy_its_user_runs() {
+    let cluster = HaCluster::start_secured(3, 0, 1, 2, None, true);
+    let pki = cluster.pki.as_ref().expect("a TLS cluster");
+    let leader = cluster.wait_for_leader();
+    let follower = (1..=3).find(|id| *id != leader).expect("a follower");
+    let mut args = vec![
+        "reapi-proxy".to_string(),
+        "--coordinator".to_string(),
+        cluster.node_addr(follower),
+    ];
+    args.extend(pki.flags("client", "bazel-user"));
+    let proxy = Server::start(&args, cluster.path("proxy.log"));
+
+    let workspace = cluster.path("workspace");
+    let root = cluster.path("bazel-root");
+    std::fs::create_dir_all(&workspace).expect("mkdir");
+    std::fs::write(
+        workspace.join("WORKSPACE"),
+        "workspace(name = \"proxied\")\n",
+    )
+    .expect("write");
+    std::fs::write(
+        workspace.join("BUILD"),
+        "genrule(name = \"g\", outs = [\"g.txt\"], cmd = \"echo through the proxy > $@\")\n",
+    )
+    .expect("write");
+    let _server = BazelServer {
+        root: &root,
+        workspace: &workspace,
+    };
+    let executor = format!("--remote_executor=grpc://{}", proxy.addr);
+    let out = bazel(
+        &root,
+        &workspace,
+        &["build", &executor, "--remote_local_fallback=false", "//:g"],
+    );
+    assert!(out.status.success(), "{}\n{}", text(&out), cluster.logs());
+    let ran = processes_line(&out);
+    assert!(ran.contains("1 remote"), "{ran}");
+    assert_eq!(
+        std::fs::read_to_string(workspace.join("bazel-bin/g.txt")).expect("output"),
+        "through the proxy\n"
+    );
+
+    // Another user of the machine is turned away before a byte is read.
+    let user = other_user().expect("a second user");
+    let port = proxy.addr.rsplit(':').next().expect("port");
+    let probe = Command::new("runuser")
+        .args(["-u", user, "--", "timeout", "10", "bash", "-c"])
+        .arg(format!(
+            "exec 3<>/dev/tcp/127.0.0.1/{port}; printf 'PRI * HTTP/2.0\\r\\n\\r\\nSM\\r\\n\\r\\n' >&3; head -c 1 <&3 | wc -c"
+        ))
+        .output()
+        .expect("runuser");
+    assert_eq!(
+        String::from_utf8_lossy(&probe.stdout).trim(),
+        "0",
+        "the connection is closed unanswered: {}",
+        text(&probe)
+    );
+    let log = std::fs::read_to_string(cluster.path("proxy.log")).expect("proxy log");
+    assert!(
+        log.contains("refused a connection") && log.contains("belongs to user"),
+        "{log}"
+    );
+}

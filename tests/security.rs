@@ -417,27 +417,6 @@ fn a_tls_cluster_of_three_builds_and_survives_a_leader_kill() {
     assert!(seen.contains("--tls-key"), "the command lines were read");
 }
 
-/// A user other than the one running the tests (root), created once.
-fn other_user() -> Option<&'static str> {
-    const NAME: &str = "distbuild-other";
-    let exists = std::process::Command::new("id")
-        .arg(NAME)
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !exists {
-        let made = std::process::Command::new("useradd")
-            .args(["--no-create-home", "--shell", "/bin/sh", NAME])
-            .output()
-            .expect("run useradd");
-        assert!(
-            made.status.success(),
-            "useradd: {}",
-            String::from_utf8_lossy(&made.stderr)
-        );
-    }
-    Some(NAME)
-}
-
 #[test]
 fn a_second_local_user_can_neither_build_on_nor_read_another_users_local_server() {
     let user = other_user().expect("a second user");

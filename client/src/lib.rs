@@ -1,7 +1,9 @@
 #![warn(missing_docs)]
 //! The distbuild client: `distbuild build` (hash and upload sources, submit
 //! a graph, stream its events, download the outputs), `distbuild cluster
-//! status`, and `distbuild cluster add-node` / `remove-node`.
+//! status`, `distbuild cluster add-node` / `remove-node`, and
+//! `distbuild reapi-proxy` ([`reapi_proxy`]: a TLS cluster for REAPI
+//! clients that cannot do TLS, on loopback, for its own user only).
 //!
 //! Layout by concern: [`args`] (flags), [`connect`] (the one place that
 //! opens a connection — the network seam), [`cluster`] (the client's side
@@ -15,7 +17,7 @@
 //! Layering: a module imports only modules before it in this list, never
 //! one that imports it back: `exit_code`, `connect`, `args`, `render`,
 //! `certs`, `sources`, `cluster`, `upload`, `download`, `watch`, `local`,
-//! `status`, `membership`, `build`.
+//! `status`, `membership`, `reapi_proxy`, `build`.
 
 pub mod args;
 pub mod build;
@@ -26,6 +28,7 @@ pub mod download;
 pub mod exit_code;
 pub mod local;
 pub mod membership;
+pub mod reapi_proxy;
 pub mod render;
 pub mod sources;
 pub mod status;

@@ -1053,3 +1053,24 @@ pub fn assert_complete(
         }
     }
 }
+
+/// A user other than the one running the tests (root), created once.
+pub fn other_user() -> Option<&'static str> {
+    const NAME: &str = "distbuild-other";
+    let exists = std::process::Command::new("id")
+        .arg(NAME)
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !exists {
+        let made = std::process::Command::new("useradd")
+            .args(["--no-create-home", "--shell", "/bin/sh", NAME])
+            .output()
+            .expect("run useradd");
+        assert!(
+            made.status.success(),
+            "useradd: {}",
+            String::from_utf8_lossy(&made.stderr)
+        );
+    }
+    Some(NAME)
+}
