@@ -596,3 +596,21 @@ fn tls_flags_are_checked_before_anything_is_sent() {
     assert!(!out.status.success(), "{out:?}");
     assert!(stderr(&out).contains("--insecure"), "{out:?}");
 }
+
+#[test]
+fn the_reapi_proxy_listens_on_loopback_only_and_checks_its_flags_first() {
+    for (listen, says) in [
+        ("0.0.0.0:0", "is not a loopback address"),
+        ("localhost:0", "is not HOST:PORT with an IP address"),
+    ] {
+        let out = distbuild()
+            .args(["reapi-proxy", "--insecure", "--coordinator", "127.0.0.1:1"])
+            .args(["--listen", listen])
+            .output()
+            .expect("run reapi-proxy");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{listen}: {stderr}");
+        assert!(stderr.contains(says), "{listen}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    }
+}
