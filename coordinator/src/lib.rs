@@ -415,6 +415,9 @@ where
                 streams: Arc::new(tokio::sync::Semaphore::new(
                     api::reapi::execution::MAX_OPERATION_STREAMS,
                 )),
+                checks: Arc::new(tokio::sync::Semaphore::new(
+                    api::reapi::execution::MAX_CHECKS_AT_ONCE,
+                )),
             })
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES),

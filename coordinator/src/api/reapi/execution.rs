@@ -49,6 +49,9 @@ pub const MAX_PLATFORM_PROPERTIES: usize = 64;
 /// them and asks again; the rest show up then.
 const MAX_VIOLATIONS: usize = 40;
 
+/// Most actions whose inputs one node checks at once.
+pub const MAX_CHECKS_AT_ONCE: usize = 8;
+
 /// Most operation streams one node serves at once (every Execute and
 /// WaitExecution holds one while its action runs).
 pub const MAX_OPERATION_STREAMS: usize = 4096;
@@ -95,6 +98,9 @@ pub struct ExecutionService {
     /// Bounds the operation streams open on this node
     /// ([`MAX_OPERATION_STREAMS`] permits).
     pub streams: Arc<tokio::sync::Semaphore>,
+    /// Bounds the actions being checked at once ([`MAX_CHECKS_AT_ONCE`]
+    /// permits; more wait): each may read up to 64 MiB of directories.
+    pub checks: Arc<tokio::sync::Semaphore>,
 }
 
 /// The subject naming a blob in a violation, as the spec writes it.
@@ -571,6 +577,11 @@ impl re::execution_server::Execution for ExecutionService {
             return Ok(Response::new(Box::pin(futures::stream::iter([Ok(op)]))));
         }
 
+        let checking = self
+            .checks
+            .acquire()
+            .await
+            .map_err(|_| Status::unavailable("the coordinator is stopping; retry"))?;
         let mut missing = Vec::new();
         let Some(action) = read_message::<re::Action>(
             &self.node,
@@ -628,6 +639,7 @@ impl re::execution_server::Execution for ExecutionService {
         let platform = platform_of(&action, &command)?;
         check_satisfiable(&self.node, &platform)?;
         let job_timeout_ms = self.timeout_ms(action.timeout.as_ref())?;
+        drop(checking);
         let permit = self.admit_stream()?;
         // Found and about to be used: their use counts for collection.
         let mut inputs: Vec<BlobKey> = files
