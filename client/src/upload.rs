@@ -2,16 +2,14 @@
 //! from disk chunk by chunk, several at a time.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use distbuild_proto::Digest;
-use distbuild_proto::blob::upload_chunks;
-use distbuild_proto::blocking::ChunkReader;
-use distbuild_proto::v1::{BlobChunk, FindMissingBlobsRequest};
-use distbuild_proto::wire::{MAX_BLOB_CHUNK_BYTES, digest_from_wire, digest_to_wire};
-use futures::{Stream, StreamExt, TryStreamExt};
+use distbuild_proto::blob::file_chunks;
+use distbuild_proto::v1::FindMissingBlobsRequest;
+use distbuild_proto::wire::{digest_from_wire, digest_to_wire};
+use futures::{StreamExt, TryStreamExt};
 
 use crate::cluster::{CallError, Cluster, RPC_TIMEOUT};
 use crate::connect::client_api;
@@ -109,7 +107,7 @@ async fn upload_one(cluster: &Cluster, source: &Source) -> Result<(), UploadErro
     let what = format!("upload source file {:?}", source.path);
     let result = cluster
         .call(&what, Some(limit), |channel| {
-            let chunks = blob_chunks(
+            let chunks = file_chunks(
                 source.local_path.clone(),
                 source.digest,
                 source.size,
@@ -137,46 +135,18 @@ async fn upload_one(cluster: &Cluster, source: &Source) -> Result<(), UploadErro
     }
 }
 
-/// The chunks of one blob, read from `path` as they are sent, framed as
-/// [`distbuild_proto::blob::upload_chunks`] does: the first names digest
-/// and size, each carries at most `MAX_BLOB_CHUNK_BYTES`. On an open or
-/// read error (or a file shorter than `size`) the stream ends early and the
-/// problem is left in `read_error`.
-pub fn blob_chunks(
-    path: PathBuf,
-    digest: Digest,
-    size: u64,
-    read_error: Arc<Mutex<Option<String>>>,
-) -> impl Stream<Item = BlobChunk> + Send + 'static {
-    let fail = move |problem: String| {
-        *read_error
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(problem);
-    };
-    let open = distbuild_proto::blocking::run(move || std::fs::File::open(path));
-    futures::stream::once(open).flat_map(move |opened| match opened {
-        Ok(file) => {
-            let fail = fail.clone();
-            let reader = ChunkReader::new(file, MAX_BLOB_CHUNK_BYTES);
-            upload_chunks(reader, digest, size, move |e| fail(e.to_string())).left_stream()
-        }
-        Err(e) => {
-            fail(format!("open: {e}"));
-            futures::stream::empty().right_stream()
-        }
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use distbuild_proto::v1::BlobChunk;
+    use distbuild_proto::wire::MAX_BLOB_CHUNK_BYTES;
 
     async fn chunks_of(data: &[u8], size: u64) -> (Vec<BlobChunk>, Option<String>) {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("blob");
         std::fs::write(&path, data).expect("write");
         let error = Arc::new(Mutex::new(None));
-        let chunks: Vec<BlobChunk> = blob_chunks(path, Digest::of(data), size, error.clone())
+        let chunks: Vec<BlobChunk> = file_chunks(path, Digest::of(data), size, error.clone())
             .collect()
             .await;
         let error = error.lock().expect("lock").take();

@@ -278,6 +278,37 @@ pub async fn open_artifact(
     }
 }
 
+/// The chunks of blob `key` (`size` bytes) read from `path` as they are
+/// sent, framed by [`upload_chunks`]; the file is opened afresh for each
+/// stream, so a retried upload starts again from its beginning. On an
+/// open or read error (or a file shorter than `size`) the stream ends
+/// early and the problem is left in `read_error`.
+pub fn file_chunks(
+    path: std::path::PathBuf,
+    key: impl Into<BlobKey>,
+    size: u64,
+    read_error: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+) -> impl Stream<Item = BlobChunk> + Send + 'static {
+    let key: BlobKey = key.into();
+    let fail = move |problem: String| {
+        *read_error
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(problem);
+    };
+    let open = crate::blocking::run(move || std::fs::File::open(path));
+    futures::stream::once(open).flat_map(move |opened| match opened {
+        Ok(file) => {
+            let fail = fail.clone();
+            let reader = ChunkReader::new(file, crate::wire::MAX_BLOB_CHUNK_BYTES);
+            upload_chunks(reader, key, size, move |e| fail(e.to_string())).left_stream()
+        }
+        Err(e) => {
+            fail(format!("open: {e}"));
+            futures::stream::empty().right_stream()
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use std::fs::File;

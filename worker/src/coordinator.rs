@@ -11,21 +11,18 @@
 //! same `request_id` and the coordinators apply the call at most once.
 
 use std::future::Future;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use distbuild_proto::BlobKey;
-use distbuild_proto::blob::upload_chunks;
-use distbuild_proto::blocking::ChunkReader;
+use distbuild_proto::blob::file_chunks;
 use distbuild_proto::leader::{self, Event, Failure, LeaderClient, Options};
 use distbuild_proto::v1::worker_api_client::WorkerApiClient;
 use distbuild_proto::v1::{
     BlobChunk, FetchRequest, HeartbeatRequest, HeartbeatResponse, PollWorkRequest,
     PollWorkResponse, RegisterRequest, RegisterResponse, ReportResultRequest, ReportResultResponse,
 };
-use distbuild_proto::wire::MAX_BLOB_CHUNK_BYTES;
-use futures::{Stream, StreamExt};
 use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};
 
@@ -132,36 +129,6 @@ pub enum UploadError {
         /// What went wrong.
         problem: String,
     },
-}
-
-/// The chunks of blob `key` (`size` bytes) read from `path` as they are
-/// sent ([`upload_chunks`]); the file is opened afresh for each stream, so
-/// a retried upload starts again from its beginning. On an open or read
-/// error (or a file shorter than `size`) the stream ends early and the
-/// problem is left in `read_error`.
-fn file_chunks(
-    path: PathBuf,
-    key: BlobKey,
-    size: u64,
-    read_error: Arc<Mutex<Option<String>>>,
-) -> impl Stream<Item = BlobChunk> + Send + 'static {
-    let fail = move |problem: String| {
-        *read_error
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(problem);
-    };
-    let open = distbuild_proto::blocking::run(move || std::fs::File::open(path));
-    futures::stream::once(open).flat_map(move |opened| match opened {
-        Ok(file) => {
-            let fail = fail.clone();
-            let reader = ChunkReader::new(file, MAX_BLOB_CHUNK_BYTES);
-            upload_chunks(reader, key, size, move |e| fail(e.to_string())).left_stream()
-        }
-        Err(e) => {
-            fail(format!("open: {e}"));
-            futures::stream::empty().right_stream()
-        }
-    })
 }
 
 /// The worker's log of its calls' retries and leader changes.

@@ -4,6 +4,8 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
+use distbuild_proto::Digest;
+
 use crate::log::Event;
 use crate::log::OutputRef;
 use crate::records::{BuildJob, ExecState, Execution, JobState};
@@ -84,20 +86,14 @@ impl Model {
                 self.dirty.results.insert(key);
                 let (output, artifact, artifact_size) =
                     (result.output, result.artifact, result.artifact_size);
-                self.finished_with_output(build_id, job, output);
-                self.job_mut(build_id, job).state = JobState::Succeeded;
-                self.push_event(
+                let cached = true;
+                ready.extend(self.succeed_job(
                     build_id,
-                    Event::JobFinished {
-                        job,
-                        exit_code: 0,
-                        output,
-                        cached: true,
-                        error: None,
-                        artifact: Some((artifact, artifact_size)),
-                    },
-                );
-                ready.extend(self.job_done(build_id, job));
+                    job,
+                    output,
+                    Some((artifact, artifact_size)),
+                    cached,
+                ));
                 continue;
             }
             self.job_mut(build_id, job).state = JobState::Queued;
@@ -262,6 +258,32 @@ impl Model {
             self.requests.remove(&build.header.request_id);
             self.dirty.removed_builds.push(oldest);
         }
+    }
+
+    /// Finishes `job` of `build_id` with exit code 0, showing `output` and
+    /// `artifact`; returns the dependents that became ready.
+    pub(crate) fn succeed_job(
+        &mut self,
+        build_id: u64,
+        job: u32,
+        output: Option<OutputRef>,
+        artifact: Option<(Digest, u64)>,
+        cached: bool,
+    ) -> Vec<(u64, u32)> {
+        self.finished_with_output(build_id, job, output);
+        self.job_mut(build_id, job).state = JobState::Succeeded;
+        self.push_event(
+            build_id,
+            Event::JobFinished {
+                job,
+                exit_code: 0,
+                output,
+                cached,
+                error: None,
+                artifact,
+            },
+        );
+        self.job_done(build_id, job)
     }
 
     pub(crate) fn fail_job(

@@ -3,8 +3,8 @@
 use distbuild_proto::Digest;
 
 use crate::gc::result_bytes;
-use crate::log::{Event, Outcome};
-use crate::records::{CachedResult, ExecState, JobOutput, JobState};
+use crate::log::Outcome;
+use crate::records::{CachedResult, ExecState, JobOutput};
 use crate::state::Model;
 
 impl Model {
@@ -113,20 +113,8 @@ impl Model {
                 self.unblock(*key);
                 let mut ready = Vec::new();
                 for &(build_id, job) in &exec.waiters {
-                    self.finished_with_output(build_id, job, output);
-                    self.job_mut(build_id, job).state = JobState::Succeeded;
-                    self.push_event(
-                        build_id,
-                        Event::JobFinished {
-                            job,
-                            exit_code: 0,
-                            output,
-                            cached: false,
-                            error: None,
-                            artifact: Some((*artifact, *artifact_size)),
-                        },
-                    );
-                    ready.extend(self.job_done(build_id, job));
+                    let artifact = Some((*artifact, *artifact_size));
+                    ready.extend(self.succeed_job(build_id, job, output, artifact, false));
                 }
                 self.make_ready(ready);
             }
@@ -168,20 +156,7 @@ impl Model {
                 if *exit_code == 0 {
                     let mut ready = Vec::new();
                     for &(build_id, job) in &exec.waiters {
-                        self.finished_with_output(build_id, job, output);
-                        self.job_mut(build_id, job).state = JobState::Succeeded;
-                        self.push_event(
-                            build_id,
-                            Event::JobFinished {
-                                job,
-                                exit_code: 0,
-                                output,
-                                cached: false,
-                                error: None,
-                                artifact: None,
-                            },
-                        );
-                        ready.extend(self.job_done(build_id, job));
+                        ready.extend(self.succeed_job(build_id, job, output, None, false));
                     }
                     self.make_ready(ready);
                 } else {
