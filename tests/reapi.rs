@@ -14,32 +14,10 @@ use prost::Message as _;
 use re::action_cache_client::ActionCacheClient;
 use re::capabilities_client::CapabilitiesClient;
 use re::content_addressable_storage_client::ContentAddressableStorageClient;
-use sha2::Digest as _;
+use support::reapi::*;
 use support::*;
 use tonic::Code;
 use tonic::transport::Channel;
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
-fn sha256(data: &[u8]) -> re::Digest {
-    re::Digest {
-        hash: hex::encode(sha2::Sha256::digest(data)),
-        size_bytes: data.len() as i64,
-    }
-}
-
-fn sha1(data: &[u8]) -> re::Digest {
-    use sha1::Digest as _;
-    re::Digest {
-        hash: hex::encode(sha1::Sha1::digest(data)),
-        size_bytes: data.len() as i64,
-    }
-}
 
 fn update(digest: re::Digest, data: &[u8]) -> re::batch_update_blobs_request::Request {
     re::batch_update_blobs_request::Request {
@@ -53,14 +31,6 @@ fn refused<T: std::fmt::Debug>(result: Result<T, tonic::Status>, code: Code, say
     let status = result.expect_err("refused");
     assert_eq!(status.code(), code, "{status:?}");
     assert!(status.message().contains(says), "{status:?}");
-}
-
-async fn channel(addr: &str) -> Channel {
-    Channel::from_shared(format!("http://{addr}"))
-        .expect("uri")
-        .connect()
-        .await
-        .expect("connect")
 }
 
 async fn read_all(

@@ -18,7 +18,7 @@ use prost::Message as _;
 use re::action_cache_client::ActionCacheClient;
 use re::content_addressable_storage_client::ContentAddressableStorageClient;
 use re::execution_client::ExecutionClient;
-use sha2::Digest as _;
+use support::reapi::*;
 use support::*;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -38,28 +38,6 @@ struct Violation {
     subject: String,
     #[prost(string, tag = "3")]
     description: String,
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
-fn sha256(data: &[u8]) -> re::Digest {
-    re::Digest {
-        hash: hex::encode(sha2::Sha256::digest(data)),
-        size_bytes: data.len() as i64,
-    }
-}
-
-async fn channel(addr: &str) -> Channel {
-    Channel::from_shared(format!("http://{addr}"))
-        .expect("uri")
-        .connect()
-        .await
-        .expect("connect")
 }
 
 /// A client of the CAS, the action cache and Execution on one channel.
@@ -535,14 +513,6 @@ fn callers_of_the_same_action_at_once_share_one_run() {
         }
         assert_eq!(outputs.len(), 1, "one run for three callers: {outputs:?}");
     });
-}
-
-fn sha1(data: &[u8]) -> re::Digest {
-    use sha1::Digest as _;
-    re::Digest {
-        hash: hex::encode(sha1::Sha1::digest(data)),
-        size_bytes: data.len() as i64,
-    }
 }
 
 #[test]

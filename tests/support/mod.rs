@@ -1074,3 +1074,41 @@ pub fn other_user() -> Option<&'static str> {
     }
     Some(NAME)
 }
+
+/// What the Remote Execution API tests share: a runtime for their async
+/// clients, digests as the API writes them, a plain channel.
+pub mod reapi {
+    use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
+    use tonic::transport::Channel;
+
+    pub fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+    }
+
+    pub fn sha256(data: &[u8]) -> re::Digest {
+        use sha2::Digest as _;
+        re::Digest {
+            hash: hex::encode(sha2::Sha256::digest(data)),
+            size_bytes: data.len() as i64,
+        }
+    }
+
+    pub fn sha1(data: &[u8]) -> re::Digest {
+        use sha1::Digest as _;
+        re::Digest {
+            hash: hex::encode(sha1::Sha1::digest(data)),
+            size_bytes: data.len() as i64,
+        }
+    }
+
+    pub async fn channel(addr: &str) -> Channel {
+        Channel::from_shared(format!("http://{addr}"))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect")
+    }
+}

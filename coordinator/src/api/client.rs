@@ -22,7 +22,7 @@ use distbuild_model::{self as model, CmdText, Command, DepRef, InputRef, JobSpec
 use super::rate::{CallerRates, client_name};
 use super::status::{invalid, refusal};
 use super::watch::{Watchers, stream_events};
-use super::{KeptBlobBytes, ResponseStream, digests, receive_blob};
+use super::{KeptBlobBytes, ResponseStream, digests, store_upload};
 use crate::replica::Node;
 
 /// Most jobs one build may have.
@@ -244,12 +244,7 @@ impl ClientApi for ClientService {
         // A follower redirects before reading any data.
         self.node.ready_leader().await?;
         admit(&self.rates, &request)?;
-        let admit = |size: u64| self.kept_blob_bytes.admit(&self.node, size);
-        let (digest, size) = receive_blob(self.node.blobs(), request.into_inner(), admit).await?;
-        self.node.replicate_blob(digest, size).await?;
-        self.node
-            .propose(Command::BlobStored { digest, size })
-            .await?;
+        store_upload(&self.node, &self.kept_blob_bytes, request.into_inner()).await?;
         Ok(Response::new(UploadBlobResponse {}))
     }
 

@@ -70,6 +70,23 @@ async fn next_chunk(
     }
 }
 
+/// Stores an uploaded blob: received whole within the bound on bytes
+/// being received (`kept`), verified and durable, copied to a quorum,
+/// then recorded through Raft (`BlobStored`). The client's and the
+/// worker's `UploadBlob` alike.
+pub async fn store_upload(
+    node: &crate::replica::Node,
+    kept: &KeptBlobBytes,
+    chunks: tonic::Streaming<distbuild_proto::v1::BlobChunk>,
+) -> Result<(), Status> {
+    let admit = |size: u64| kept.admit(node, size);
+    let (digest, size) = receive_blob(node.blobs(), chunks, admit).await?;
+    node.replicate_blob(digest, size).await?;
+    node.propose(distbuild_model::Command::BlobStored { digest, size })
+        .await?;
+    Ok(())
+}
+
 /// Receives one blob (the first chunk names digest and size) into
 /// `blobs`, verified and durable, if `admit` lets a blob of its size in;
 /// returns its digest and size.

@@ -26,7 +26,7 @@ use super::rate::client_name;
 use super::reapi::action_cache::{MAX_ACTION_RESULT_BYTES, named_blobs};
 use super::status::invalid;
 use super::{
-    KeptBlobBytes, ResponseStream, blob_key_from_wire, digests, receive_blob, stream_file,
+    KeptBlobBytes, ResponseStream, blob_key_from_wire, digests, store_upload, stream_file,
 };
 use distbuild_model::{self as model, CmdText, Command, MAX_ASSIGN_BATCH, Outcome};
 
@@ -532,12 +532,7 @@ impl WorkerApi for WorkerService {
         // A follower redirects before reading any data.
         self.node.ready_leader().await?;
         self.rates.admit(&client_name(&request))?;
-        let admit = |size: u64| self.kept_blob_bytes.admit(&self.node, size);
-        let (digest, size) = receive_blob(self.node.blobs(), request.into_inner(), admit).await?;
-        self.node.replicate_blob(digest, size).await?;
-        self.node
-            .propose(Command::BlobStored { digest, size })
-            .await?;
+        store_upload(&self.node, &self.kept_blob_bytes, request.into_inner()).await?;
         Ok(Response::new(UploadBlobResponse {}))
     }
 
