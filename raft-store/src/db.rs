@@ -40,8 +40,10 @@ const KEY_FORMAT: &[u8] = b"format";
 /// function and hash (`BlobKey`: SHA-1 or SHA-256, for the Remote
 /// Execution API's CAS), not by a SHA-1 digest alone. Format 6: a job's
 /// spec may carry a Remote Execution API action, a run's output its
-/// `ActionResult`.
-pub(crate) const FORMAT: u32 = 6;
+/// `ActionResult`. Format 7: executions carry their scheduling rank and
+/// lease start, jobs their critical path, and a `durations` table keeps
+/// expected durations.
+pub(crate) const FORMAT: u32 = 7;
 
 /// Opens the database in `dir` with the store's column families and the
 /// application's. Column families found on disk but no longer declared are

@@ -8,7 +8,7 @@ use distbuild_proto::Digest;
 
 use crate::log::Event;
 use crate::log::OutputRef;
-use crate::records::{BuildJob, ExecState, Execution, JobState};
+use crate::records::{BuildJob, ExecState, Execution, JobState, Rank};
 use crate::state::Model;
 
 /// Finished builds kept (with their events) for late watchers; older ones
@@ -61,10 +61,10 @@ impl Model {
     pub(crate) fn make_ready(&mut self, jobs: Vec<(u64, u32)>) {
         let mut ready: VecDeque<(u64, u32)> = jobs.into();
         while let Some((build_id, job)) = ready.pop_front() {
-            let (key, spec) = {
+            let (key, spec, path_ms) = {
                 let j = self.job_mut(build_id, job);
                 debug_assert_eq!(j.state, JobState::Waiting);
-                (j.cache_key, j.spec.clone())
+                (j.cache_key, j.spec.clone(), j.path_ms)
             };
             let leaf = self.builds[&build_id].jobs[job as usize]
                 .dependents
@@ -119,9 +119,14 @@ impl Model {
                             attempts: 0,
                             waiters: vec![(build_id, job)],
                             timeout_ms,
+                            rank: Rank {
+                                build: build_id,
+                                path_ms,
+                                order: job,
+                            },
                         },
                     );
-                    self.queue.insert((since_ms, key));
+                    self.enqueue(key, since_ms);
                 }
             }
         }

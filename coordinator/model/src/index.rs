@@ -72,16 +72,14 @@ impl Model {
         }
         let exec = self.executions.remove(&key).expect("found above");
         match exec.state {
-            ExecState::Queued { since_ms } => {
-                self.queue.remove(&(since_ms, key));
+            ExecState::Queued { .. } => {
+                self.queue.remove(exec.rank, key);
             }
             ExecState::Running {
                 worker_id, token, ..
             } => {
                 self.leases.remove(&token);
-                if let Some(w) = self.workers.get_mut(&worker_id) {
-                    w.running -= 1;
-                }
+                self.lease_ended(&worker_id, exec.rank.build);
             }
             ExecState::Blocked { on } => {
                 for dep in on {
@@ -94,17 +92,47 @@ impl Model {
     /// Ends the lease `token`: its execution is queued again.
     pub(crate) fn release_lease(&mut self, token: u64) {
         let key = self.leases.remove(&token).expect("a current lease");
-        let exec = self.executions.get_mut(&key).expect("leased execution");
-        if let ExecState::Running { worker_id, .. } = &exec.state
-            && let Some(w) = self.workers.get_mut(worker_id)
-        {
+        let exec = &self.executions[&key];
+        if let ExecState::Running { worker_id, .. } = &exec.state {
+            let (worker_id, build) = (worker_id.clone(), exec.rank.build);
+            self.lease_ended(&worker_id, build);
+        }
+        self.enqueue(key, self.clock_ms);
+    }
+
+    /// Puts the execution of `key` (not queued, not leased) in the queue
+    /// by its rank, as queued since `since_ms`.
+    pub(crate) fn enqueue(&mut self, key: Digest, since_ms: u64) {
+        let exec = self
+            .executions
+            .get_mut(&key)
+            .expect("an execution to queue");
+        exec.state = ExecState::Queued { since_ms };
+        self.queue.insert(exec.rank, key);
+        self.dirty.executions.insert(key);
+    }
+
+    /// A lease of `worker_id` for build `build` began: the counts the
+    /// scheduler shares slots by.
+    pub(crate) fn lease_started(&mut self, worker_id: &str, build: u64) {
+        if let Some(w) = self.workers.get_mut(worker_id) {
+            w.running += 1;
+        }
+        *self.running_by_build.entry(build).or_default() += 1;
+    }
+
+    /// A lease of `worker_id` for build `build` ended (its worker may be
+    /// gone already).
+    pub(crate) fn lease_ended(&mut self, worker_id: &str, build: u64) {
+        if let Some(w) = self.workers.get_mut(worker_id) {
             w.running -= 1;
         }
-        exec.state = ExecState::Queued {
-            since_ms: self.clock_ms,
-        };
-        self.queue.insert((self.clock_ms, key));
-        self.dirty.executions.insert(key);
+        if let Some(n) = self.running_by_build.get_mut(&build) {
+            *n -= 1;
+            if *n == 0 {
+                self.running_by_build.remove(&build);
+            }
+        }
     }
 
     pub(crate) fn forget_result(&mut self, key: Digest) {

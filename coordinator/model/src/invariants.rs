@@ -87,19 +87,21 @@ impl Model {
             .collect();
         compare("submit request IDs", &self.requests, &requests, &mut out);
 
-        let mut queue = BTreeSet::new();
+        let mut queue = crate::state::Queue::default();
+        let mut running_by_build: BTreeMap<u64, u32> = BTreeMap::new();
         let mut leases = BTreeMap::new();
         let mut blocked_on: BTreeMap<Digest, BTreeSet<Digest>> = BTreeMap::new();
         let mut running: BTreeMap<String, u32> = BTreeMap::new();
         for (key, exec) in &self.executions {
             match &exec.state {
-                ExecState::Queued { since_ms } => {
-                    queue.insert((*since_ms, *key));
+                ExecState::Queued { .. } => {
+                    queue.insert(exec.rank, *key);
                 }
                 ExecState::Running {
                     worker_id, token, ..
                 } => {
                     leases.insert(*token, *key);
+                    *running_by_build.entry(exec.rank.build).or_default() += 1;
                     if self.workers.contains_key(worker_id) {
                         *running.entry(worker_id.clone()).or_default() += 1;
                     }
@@ -114,7 +116,38 @@ impl Model {
                 }
             }
         }
-        compare("queue", &as_map(&self.queue), &as_map(&queue), &mut out);
+        compare(
+            "queue",
+            &as_map(&self.queue.entries()),
+            &as_map(&queue.entries()),
+            &mut out,
+        );
+        if self.queue.by_build.values().any(|q| q.is_empty()) {
+            out.push("the queue keeps a build with nothing queued".into());
+        }
+        compare(
+            "running per build",
+            &self.running_by_build,
+            &running_by_build,
+            &mut out,
+        );
+        let durations_by_age: BTreeSet<(u64, Digest)> = self
+            .durations
+            .iter()
+            .map(|(key, d)| (d.last_run_ms, *key))
+            .collect();
+        compare(
+            "durations by age",
+            &as_map(&self.durations_by_age),
+            &as_map(&durations_by_age),
+            &mut out,
+        );
+        if self.durations.len() > crate::durations::MAX_DURATIONS {
+            out.push(format!(
+                "{} expected durations kept, over the bound",
+                self.durations.len()
+            ));
+        }
         compare("leases", &self.leases, &leases, &mut out);
         compare("blocked_on", &self.blocked_on, &blocked_on, &mut out);
         for dep in blocked_on.keys() {

@@ -14,6 +14,7 @@
 mod apply;
 mod builds;
 mod cmd;
+mod durations;
 mod gc;
 mod index;
 pub mod invariants;
@@ -32,6 +33,7 @@ pub mod tables;
 
 pub use builds::{MAX_RETAINED_BUILDS, MAX_RETAINED_EVENT_BYTES, MIN_RETAINED_MS};
 pub use cmd::MAX_ASSIGN_BATCH;
+pub use durations::{DEFAULT_EXPECTED_MS, MAX_DURATIONS, duration_key};
 pub use gc::RECENT_BLOB_MS;
 pub use invariants::InvariantViolation;
 pub use log::{
@@ -39,8 +41,8 @@ pub use log::{
     Proposal, RemoteAction, Response, SubmittedJob,
 };
 pub use records::{
-    ActionResultRecord, Build, BuildHeader, BuildJob, CachedResult, ExecState, Execution,
-    JobOutput, JobState, Worker,
+    ActionResultRecord, Build, BuildHeader, BuildJob, CachedResult, DurationRecord, ExecState,
+    Execution, JobOutput, JobState, Rank, Worker,
 };
 pub use requests::Requests;
 pub use staging::{

@@ -11,7 +11,7 @@ use std::collections::{BTreeSet, VecDeque};
 use distbuild_proto::Digest;
 
 use crate::log::JobSpec;
-use crate::records::{ExecState, Execution};
+use crate::records::{ExecState, Execution, Rank};
 use crate::state::Model;
 
 pub(crate) enum Inputs {
@@ -31,7 +31,7 @@ impl Model {
     /// execution of its cache key is made sure of, queued as early as this
     /// one so it does not wait behind younger work.
     pub(crate) fn check_inputs(&mut self, key: Digest, since_ms: u64) -> Inputs {
-        let timeout_ms = self.executions[&key].timeout_ms;
+        let (timeout_ms, rank) = (self.executions[&key].timeout_ms, self.executions[&key].rank);
         let deps: BTreeSet<Digest> = self.executions[&key]
             .spec
             .deps
@@ -57,15 +57,20 @@ impl Model {
                     if let std::collections::btree_map::Entry::Vacant(e) =
                         self.executions.entry(dep)
                     {
+                        // It runs for the same build, just before the
+                        // execution that needs it.
                         e.insert(Execution {
                             spec,
                             state: ExecState::Queued { since_ms },
                             attempts: 0,
                             waiters: Vec::new(),
                             timeout_ms,
+                            rank: Rank {
+                                path_ms: rank.path_ms.saturating_add(1),
+                                ..rank
+                            },
                         });
-                        self.queue.insert((since_ms, dep));
-                        self.dirty.executions.insert(dep);
+                        self.enqueue(dep, since_ms);
                     }
                     on.insert(dep);
                 }
@@ -149,13 +154,11 @@ impl Model {
                 unreachable!("blocked_on indexes blocked executions");
             };
             on.remove(&key);
-            if on.is_empty() {
-                exec.state = ExecState::Queued {
-                    since_ms: self.clock_ms,
-                };
-                self.queue.insert((self.clock_ms, blocked));
-            }
+            let unblocked = on.is_empty();
             self.dirty.executions.insert(blocked);
+            if unblocked {
+                self.enqueue(blocked, self.clock_ms);
+            }
         }
     }
 

@@ -32,6 +32,10 @@ pub struct BuildJob {
     /// The captured output its `JobFinished` event names (a row of the
     /// `outputs` table), if it finished with any.
     pub output: Option<OutputRef>,
+    /// Its priority: the expected time from its start to the end of its
+    /// build along the longest chain of its dependents, itself included
+    /// (see `durations`).
+    pub path_ms: u64,
 }
 
 /// A build's summary record.
@@ -70,6 +74,9 @@ pub enum ExecState {
         worker_id: String,
         token: u64,
         expires_ms: u64,
+        /// The state's clock when the lease began: a run's duration, for
+        /// the expected durations of later builds.
+        started_ms: u64,
     },
     /// Some dependency's artifact was lost: waiting until the executions
     /// rebuilding these dependency cache keys (never empty; each has an
@@ -90,6 +97,31 @@ pub struct Execution {
     /// Time limit of a run: the longest of its waiting builds' (a rebuild
     /// takes the limit of the execution that needed it).
     pub timeout_ms: u64,
+    /// Where it stands in the queue.
+    pub rank: Rank,
+}
+
+/// A queued execution's place: the build it runs for (the first that
+/// asked for it; a rebuild takes the build of the execution that needed
+/// it), the longest expected path from it to the end of that build, and
+/// its position in the build's job list (dependencies first, roots in
+/// the graph's order), which breaks ties.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Rank {
+    pub build: u64,
+    pub path_ms: u64,
+    pub order: u32,
+}
+
+/// How long runs of one kind of job took (by `durations::duration_key`):
+/// what the scheduler expects the next to take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DurationRecord {
+    /// A moving average of its runs' durations (lease to report).
+    pub expected_ms: u64,
+    /// The state's clock at its latest run (the least recently run are
+    /// forgotten first).
+    pub last_run_ms: u64,
 }
 
 impl Execution {

@@ -53,8 +53,8 @@ impl Model {
             .expect("an execution to give up");
         self.dirty.executions.insert(key);
         match exec.state {
-            ExecState::Queued { since_ms } => {
-                self.queue.remove(&(since_ms, key));
+            ExecState::Queued { .. } => {
+                self.queue.remove(exec.rank, key);
             }
             _ => unreachable!("only a queued execution is given up"),
         }

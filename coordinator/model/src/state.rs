@@ -2,14 +2,63 @@
 //! from them, the records the entry being applied changed (`Dirty`, what
 //! `storage` writes), and the state's clock.
 
+use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet};
 
 use distbuild_proto::{BlobKey, Digest};
 
 use crate::log::Event;
 use crate::records::{
-    ActionResultRecord, BlobRecord, Build, CachedResult, Execution, Staged, Worker,
+    ActionResultRecord, BlobRecord, Build, CachedResult, DurationRecord, Execution, Rank, Staged,
+    Worker,
 };
+
+/// The queued executions, per build, most urgent first: longest expected
+/// path to the end of the build first, then the build's own order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Queue {
+    pub(crate) by_build: BTreeMap<u64, BTreeSet<(Reverse<u64>, u32, Digest)>>,
+}
+
+impl Queue {
+    pub(crate) fn insert(&mut self, rank: Rank, key: Digest) {
+        self.by_build.entry(rank.build).or_default().insert((
+            Reverse(rank.path_ms),
+            rank.order,
+            key,
+        ));
+    }
+
+    pub(crate) fn remove(&mut self, rank: Rank, key: Digest) {
+        if let Some(queued) = self.by_build.get_mut(&rank.build) {
+            queued.remove(&(Reverse(rank.path_ms), rank.order, key));
+            if queued.is_empty() {
+                self.by_build.remove(&rank.build);
+            }
+        }
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.by_build.is_empty()
+    }
+
+    /// Every entry as (build, path, order, key), for comparisons.
+    pub(crate) fn entries(&self) -> BTreeSet<(u64, u64, u32, Digest)> {
+        self.by_build
+            .iter()
+            .flat_map(|(build, queued)| {
+                queued
+                    .iter()
+                    .map(move |(Reverse(path), order, key)| (*build, *path, *order, *key))
+            })
+            .collect()
+    }
+
+    /// Every queued cache key, build by build, most urgent first.
+    pub(crate) fn keys(&self) -> impl Iterator<Item = &Digest> {
+        self.by_build.values().flatten().map(|(_, _, key)| key)
+    }
+}
 
 /// Records changed by the entry being applied.
 #[derive(Default)]
@@ -19,6 +68,7 @@ pub(crate) struct Dirty {
     pub(crate) jobs: BTreeSet<(u64, u32)>,
     pub(crate) events: Vec<(u64, u64, Event)>,
     pub(crate) executions: BTreeSet<Digest>,
+    pub(crate) durations: BTreeSet<Digest>,
     pub(crate) results: BTreeSet<Digest>,
     pub(crate) workers: BTreeSet<String>,
     pub(crate) holdings: BTreeSet<(String, Digest)>,
@@ -41,8 +91,14 @@ pub struct Model {
     /// Submit request ID -> build ID (derived from the builds).
     pub(crate) requests: BTreeMap<String, u64>,
     pub(crate) executions: BTreeMap<Digest, Execution>,
-    /// (queued since, cache key) of every queued execution (derived).
-    pub(crate) queue: BTreeSet<(u64, Digest)>,
+    /// Every queued execution by its rank (derived).
+    pub(crate) queue: Queue,
+    /// Build -> its executions leased now (by `Rank::build`; derived).
+    pub(crate) running_by_build: BTreeMap<u64, u32>,
+    /// Expected durations by `durations::duration_key`, bounded.
+    pub(crate) durations: BTreeMap<Digest, DurationRecord>,
+    /// (last run, key) of every expected duration (derived).
+    pub(crate) durations_by_age: BTreeSet<(u64, Digest)>,
     /// Lease token -> cache key (derived).
     pub(crate) leases: BTreeMap<u64, Digest>,
     /// Dependency cache key being rebuilt -> executions blocked on it
@@ -76,6 +132,9 @@ impl Model {
             requests: self.requests.clone(),
             executions: self.executions.clone(),
             queue: self.queue.clone(),
+            running_by_build: self.running_by_build.clone(),
+            durations: self.durations.clone(),
+            durations_by_age: self.durations_by_age.clone(),
             leases: self.leases.clone(),
             blocked_on: self.blocked_on.clone(),
             results: self.results.clone(),

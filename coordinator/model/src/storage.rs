@@ -8,8 +8,8 @@ use serde::{Deserialize, Serialize};
 use crate::records::{Build, BuildHeader, ExecState, Execution, Worker};
 use crate::state::Model;
 use crate::tables::{
-    KEY_CLOCK, ReadTables, StorageError, T_ACTION_RESULTS, T_BLOBS, T_BUILDS, T_EVENTS,
-    T_EXECUTIONS, T_HOLDINGS, T_JOBS, T_META, T_OUTPUTS, T_RESULTS, T_WORKERS, Tables,
+    KEY_CLOCK, ReadTables, StorageError, T_ACTION_RESULTS, T_BLOBS, T_BUILDS, T_DURATIONS,
+    T_EVENTS, T_EXECUTIONS, T_HOLDINGS, T_JOBS, T_META, T_OUTPUTS, T_RESULTS, T_WORKERS, Tables,
     blob_key_of_key, build_key, decode, digest_of_key, encode, event_key, holding_key, job_key,
     scan,
 };
@@ -109,13 +109,20 @@ impl Model {
                 .insert(key, decode("action result", v)?);
             Ok(())
         })?;
+        scan(state, T_DURATIONS, &[], |k, v| {
+            let key = digest_of_key("expected duration", k)?;
+            let record: crate::records::DurationRecord = decode("expected duration", v)?;
+            model.durations_by_age.insert((record.last_run_ms, key));
+            model.durations.insert(key, record);
+            Ok(())
+        })?;
         model.load_staged(state)?;
         // Derived indexes.
         model.output_refs = model.derived_output_refs();
         for (key, exec) in &model.executions {
             match &exec.state {
-                ExecState::Queued { since_ms } => {
-                    model.queue.insert((*since_ms, *key));
+                ExecState::Queued { .. } => {
+                    model.queue.insert(exec.rank, *key);
                 }
                 ExecState::Running {
                     worker_id, token, ..
@@ -124,6 +131,7 @@ impl Model {
                     if let Some(w) = model.workers.get_mut(worker_id) {
                         w.running += 1;
                     }
+                    *model.running_by_build.entry(exec.rank.build).or_default() += 1;
                 }
                 ExecState::Blocked { on } => {
                     assert!(!on.is_empty(), "execution {key} is blocked on something");
@@ -192,6 +200,16 @@ impl Model {
             match self.executions.get(&key) {
                 Some(exec) => txn.put(T_EXECUTIONS, key.as_bytes(), &encode("execution", exec)?)?,
                 None => txn.delete(T_EXECUTIONS, key.as_bytes())?,
+            }
+        }
+        for key in dirty.durations {
+            match self.durations.get(&key) {
+                Some(d) => txn.put(
+                    T_DURATIONS,
+                    key.as_bytes(),
+                    &encode("expected duration", d)?,
+                )?,
+                None => txn.delete(T_DURATIONS, key.as_bytes())?,
             }
         }
         for key in dirty.results {

@@ -75,6 +75,7 @@ pub const TABLES: &[&str] = &[
     T_STAGED,
     T_OUTPUTS,
     T_ACTION_RESULTS,
+    T_DURATIONS,
 ];
 /// The remembered answers of the exactly-once request table.
 pub(crate) const T_REQUESTS: &str = "requests";
@@ -96,6 +97,8 @@ pub(crate) const T_BLOBS: &str = "blobs";
 /// Remote Execution API action results, by (instance name, action digest)
 /// encoded.
 pub(crate) const T_ACTION_RESULTS: &str = "action_results";
+/// Expected durations (`DurationRecord`), by kind of job.
+pub(crate) const T_DURATIONS: &str = "durations";
 pub(crate) const T_META: &str = "meta";
 pub(crate) const KEY_CLOCK: &[u8] = b"clock";
 

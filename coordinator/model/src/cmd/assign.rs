@@ -26,19 +26,19 @@ impl Model {
             let token = index * MAX_ASSIGN_BATCH + position as u64;
             let worker = self.workers.get(worker_id);
             let free = worker.is_some_and(|w| w.running < w.slots);
-            let since = match self.executions.get(key) {
+            let (since, rank) = match self.executions.get(key) {
                 Some(
                     exec @ Execution {
                         state: ExecState::Queued { since_ms },
                         ..
                     },
-                ) if free && worker.is_some_and(|w| exec.runs_on(w)) => *since_ms,
+                ) if free && worker.is_some_and(|w| exec.runs_on(w)) => (*since_ms, exec.rank),
                 _ => {
                     tokens.push(None);
                     continue;
                 }
             };
-            self.queue.remove(&(since, *key));
+            self.queue.remove(rank, *key);
             match self.check_inputs(*key, since) {
                 Inputs::Available => {}
                 Inputs::Rebuilding(on) => {
@@ -64,10 +64,11 @@ impl Model {
                 worker_id: worker_id.to_string(),
                 token,
                 expires_ms: self.clock_ms + lease_timeout_ms,
+                started_ms: self.clock_ms,
             };
             let waiters = exec.waiters.clone();
             self.leases.insert(token, *key);
-            self.workers.get_mut(worker_id).expect("checked").running += 1;
+            self.lease_started(worker_id, rank.build);
             self.dirty.executions.insert(*key);
             for (build_id, job) in waiters {
                 self.push_event(

@@ -91,8 +91,8 @@ impl Model {
     fn give_up_stranded_actions(&mut self) {
         let stranded: Vec<(Digest, String)> = self
             .queue
-            .iter()
-            .filter_map(|(_, key)| {
+            .keys()
+            .filter_map(|key| {
                 let exec = &self.executions[key];
                 let action = exec.spec.action.as_ref()?;
                 if action.platform.is_empty() || self.workers.values().any(|w| exec.runs_on(w)) {

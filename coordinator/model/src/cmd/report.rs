@@ -2,6 +2,7 @@
 
 use distbuild_proto::Digest;
 
+use crate::durations::duration_key;
 use crate::gc::result_bytes;
 use crate::log::Outcome;
 use crate::records::{CachedResult, ExecState, JobOutput};
@@ -29,20 +30,22 @@ impl Model {
             if !self.accept_expired_lease_results || !matches!(outcome, Outcome::Success { .. }) {
                 return false;
             }
-            match self.executions.get(key).map(|e| e.state.clone()) {
-                Some(ExecState::Queued { since_ms }) => {
-                    self.queue.remove(&(since_ms, *key));
+            let Some(exec) = self.executions.get(key) else {
+                return false;
+            };
+            let rank = exec.rank;
+            match exec.state.clone() {
+                ExecState::Queued { .. } => {
+                    self.queue.remove(rank, *key);
                 }
-                Some(ExecState::Running {
+                ExecState::Running {
                     worker_id: holder,
                     token: newer,
                     ..
-                }) => {
+                } => {
                     self.leases.remove(&newer);
-                    if let Some(w) = self.workers.get_mut(&holder) {
-                        w.running -= 1;
-                        self.dirty.workers.insert(holder);
-                    }
+                    self.lease_ended(&holder, rank.build);
+                    self.dirty.workers.insert(holder);
                 }
                 _ => return false,
             }
@@ -63,8 +66,15 @@ impl Model {
                 return true;
             }
             self.leases.remove(&token);
+            let exec = &self.executions[key];
+            if let ExecState::Running { started_ms, .. } = exec.state {
+                let ran_ms = self.clock_ms.saturating_sub(started_ms);
+                let build = exec.rank.build;
+                let kind = duration_key(&exec.spec);
+                self.record_duration(kind, ran_ms);
+                self.lease_ended(worker_id, build);
+            }
             if let Some(w) = self.workers.get_mut(worker_id) {
-                w.running -= 1;
                 w.last_seen_ms = self.clock_ms;
                 self.dirty.workers.insert(worker_id.to_string());
             }

@@ -94,12 +94,17 @@ impl Model {
                 pending_deps: j.deps.len() as u32,
                 state: JobState::Waiting,
                 output: None,
+                path_ms: 0,
             })
             .collect();
         for (i, job) in jobs.iter().enumerate() {
             for &dep in &job.deps {
                 build_jobs[dep as usize].dependents.push(i as u32);
             }
+        }
+        let paths = self.critical_paths(&build_jobs);
+        for (job, path_ms) in build_jobs.iter_mut().zip(paths) {
+            job.path_ms = path_ms;
         }
         self.builds.insert(
             build_id,
