@@ -4,7 +4,11 @@
 //! rebuild of the same graph; then the same cold build on a cluster of
 //! three coordinators (every command replicated to a quorum).
 //!
-//! `cargo bench --bench build` (BENCH_JOBS overrides the 2,000 jobs).
+//! It also prints the coordinator's memory: its peak resident size over
+//! the idle size it started the cold build with, per job.
+//!
+//! `cargo bench --bench build` (BENCH_JOBS overrides the 2,000 jobs;
+//! BENCH_THREE=0 skips the three-coordinator build, BENCH_NINJA=0 ninja).
 //! Under `cargo test --all-targets` it runs 20 jobs as a smoke test.
 
 #[path = "../tests/support/mod.rs"]
@@ -14,7 +18,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use support::{Cluster, HaCluster, finish_build, id};
+use support::{Cluster, HaCluster, finish_build, id, peak_rss_bytes, status_bytes};
 
 fn command(i: usize) -> String {
     format!("echo {i} > out")
@@ -35,9 +39,12 @@ fn main() {
         "Cmds": [{"Exec": ["/bin/sh", "-c", command(i)], "WorkingDirectory": "{{.OutputDir}}"}],
     })).collect::<Vec<_>>()});
 
+    let coordinator_pid = cluster.coordinator.as_ref().expect("running").child.id();
+    let idle_rss = status_bytes(coordinator_pid, "VmRSS").expect("coordinator alive");
     let started = Instant::now();
     let run = cluster.build(&graph, &cluster.path("nosrc"), &[]);
     let cold = started.elapsed();
+    let peak_rss = peak_rss_bytes(coordinator_pid);
     assert_eq!(run.code, Some(0), "{}", run.describe());
     assert_eq!(
         run.events.iter().filter(|e| e["cached"] == false).count(),
@@ -54,13 +61,16 @@ fn main() {
     );
 
     drop(cluster);
-    let three = HaCluster::start(3, 0, 1, cpus as u32);
-    let started = Instant::now();
-    let limit = Duration::from_secs(if benchmarking { 1800 } else { 120 });
-    let run = finish_build(three.spawn_build(&graph, &[]), limit);
-    let replicated = started.elapsed();
-    assert_eq!(run.code, Some(0), "{}", run.describe());
-    drop(three);
+    let enabled = |name: &str| std::env::var(name).map_or(true, |v| v != "0");
+    let replicated = enabled("BENCH_THREE").then(|| {
+        let three = HaCluster::start(3, 0, 1, cpus as u32);
+        let started = Instant::now();
+        let limit = Duration::from_secs(if benchmarking { 7200 } else { 120 });
+        let run = finish_build(three.spawn_build(&graph, &[]), limit);
+        let replicated = started.elapsed();
+        assert_eq!(run.code, Some(0), "{}", run.describe());
+        replicated
+    });
 
     let rate = |d: Duration| jobs as f64 / d.as_secs_f64();
     println!("build: {jobs} trivial jobs, 1 worker with {cpus} slots");
@@ -75,11 +85,26 @@ fn main() {
         rate(cached)
     );
     println!(
-        "  3 coordinators:   {:>8.2} s  {:>8.0} jobs/s  ({:.2}x the time of 1 coordinator)",
-        replicated.as_secs_f64(),
-        rate(replicated),
-        replicated.as_secs_f64() / cold.as_secs_f64()
+        "  per job (cold):   {:>8.2} ms",
+        cold.as_secs_f64() * 1000.0 / jobs as f64
     );
+    println!(
+        "  coordinator:      {:>8.1} MiB peak resident, {:.2} KiB per job over the idle {:.1} MiB",
+        peak_rss as f64 / (1 << 20) as f64,
+        peak_rss.saturating_sub(idle_rss) as f64 / 1024.0 / jobs as f64,
+        idle_rss as f64 / (1 << 20) as f64
+    );
+    if let Some(replicated) = replicated {
+        println!(
+            "  3 coordinators:   {:>8.2} s  {:>8.0} jobs/s  ({:.2}x the time of 1 coordinator)",
+            replicated.as_secs_f64(),
+            rate(replicated),
+            replicated.as_secs_f64() / cold.as_secs_f64()
+        );
+    }
+    if !enabled("BENCH_NINJA") {
+        return;
+    }
     let scratch = tempfile::tempdir().expect("tempdir");
     match ninja(jobs, cpus, &scratch.path().join("ninja")) {
         Some(ninja) => println!(

@@ -4,8 +4,9 @@
 # replication and failover (commands per second, the stall a leader kill
 # causes), raft-store appends against the disk's fsync rate, and the soak
 # (coordinator disk and memory over 200 builds with garbage collection),
-# what TLS and the job sandbox cost per job, and Bazel building zlib
-# locally against remotely.
+# what TLS and the job sandbox cost per job, Bazel building zlib
+# locally against remotely, and a C project (zlib, bzip2 and lz4) on
+# distbuild against ninja.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
@@ -16,4 +17,5 @@ cargo bench --locked --bench failover
 cargo bench --locked --bench soak
 cargo bench --locked --bench security
 cargo bench --locked --bench bazel
+cargo bench --locked --bench cproject
 cargo bench --locked -p distbuild-raft-store --bench append

@@ -27,6 +27,8 @@ struct SeedRun {
     /// (a panic, such as a broken invariant) is one `[process]` violation.
     violations: Vec<String>,
     trace_hash: Option<String>,
+    /// Log entries that carried several commands (the leader's batches).
+    batched_entries: u64,
     /// The command that runs it again (as every failure prints it).
     replay: String,
 }
@@ -59,6 +61,14 @@ fn run_in_own_process(seed: u64, bug_name: Option<&str>) -> SeedRun {
             let (_, rest) = line.split_once(", trace ")?;
             rest.split(',').next().map(str::to_string)
         });
+    let batched_entries = stdout
+        .lines()
+        .filter(|line| line.starts_with(&summary))
+        .find_map(|line| {
+            let (before, _) = line.split_once(" batched entries")?;
+            before.rsplit(' ').next()?.parse().ok()
+        })
+        .unwrap_or(0);
     let mut violations: Vec<String> = stdout
         .lines()
         .filter_map(|line| line.strip_prefix("  "))
@@ -78,6 +88,7 @@ fn run_in_own_process(seed: u64, bug_name: Option<&str>) -> SeedRun {
         seed,
         violations,
         trace_hash,
+        batched_entries,
         replay: replay_command(seed, bugs),
     }
 }
@@ -121,12 +132,15 @@ fn every_seed_keeps_every_promise() {
         None => (0..env_u64("DISTBUILD_SIM_SEEDS").unwrap_or(50)).collect(),
     };
     let failures = Mutex::new(Vec::new());
+    let batched = std::sync::atomic::AtomicU64::new(0);
     run_seeds(seeds, None, |report| {
         eprintln!(
-            "seed {}: {} violations",
+            "seed {}: {} violations, {} batched entries",
             report.seed,
-            report.violations.len()
+            report.violations.len(),
+            report.batched_entries
         );
+        batched.fetch_add(report.batched_entries, std::sync::atomic::Ordering::Relaxed);
         if !report.violations.is_empty() {
             let mut text = format!("seed {} failed:\n", report.seed);
             for violation in &report.violations {
@@ -144,6 +158,11 @@ fn every_seed_keeps_every_promise() {
         "{} seeds failed:\n{}",
         failures.len(),
         failures.concat()
+    );
+    // The checkers saw the leader's batches, part by part.
+    assert!(
+        batched.into_inner() > 0,
+        "no seed batched commands into one entry: the checkers no longer see batches"
     );
 }
 

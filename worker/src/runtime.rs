@@ -440,13 +440,26 @@ impl Worker {
         let worker = Arc::clone(self);
         self.tracker.spawn(
             async move {
-                let _permit = permit;
-                worker.run_assignment(assignment, &cancel).await;
+                let next = worker.run_assignment(assignment, &cancel).await;
                 worker
                     .jobs
                     .lock()
                     .expect("jobs lock poisoned")
                     .remove(&token);
+                // The report leased the slot to the next job: it runs on
+                // the same permit.
+                let mut next = next.into_iter();
+                match next.next() {
+                    Some(assignment) => worker.start_job(assignment, permit),
+                    None => drop(permit),
+                }
+                for extra in next {
+                    tracing::warn!(
+                        lease_token = extra.lease_token,
+                        job_id = %extra.job_id,
+                        "more assignments than free slots; leaving this one to expire"
+                    );
+                }
             }
             .instrument(span),
         );
@@ -478,7 +491,11 @@ impl Worker {
     /// Runs a Remote Execution API action and reports it: the encoded
     /// `ActionResult` when its command ran, else exit code -1 and a
     /// one-line error.
-    async fn run_remote_action(&self, assignment: Assignment, cancel: &CancellationToken) {
+    async fn run_remote_action(
+        &self,
+        assignment: Assignment,
+        cancel: &CancellationToken,
+    ) -> Vec<Assignment> {
         let token = assignment.lease_token;
         let outcome = match ActionSpec::from_wire(&assignment) {
             Err(error) => {
@@ -499,7 +516,7 @@ impl Worker {
                 let work = run_action(&self.env, &spec, &sandbox, &self.worker_id);
                 let Some(outcome) = self.run_in_sandbox(&sandbox, cancel, work).await else {
                     tracing::info!("action stopped (lease revoked or worker shutting down)");
-                    return;
+                    return Vec::new();
                 };
                 outcome
             }
@@ -522,11 +539,18 @@ impl Worker {
             request_id: self.request_ids.next("report"),
             lost_inputs: Vec::new(),
             action_result: outcome.action_result.unwrap_or_default().into(),
+            take_next: !self.shutdown.is_cancelled(),
         };
-        self.report(request, cancel).await;
+        self.report(request, cancel).await
     }
 
-    async fn run_assignment(&self, assignment: Assignment, cancel: &CancellationToken) {
+    /// Runs `assignment` and reports it; the next jobs the report leased
+    /// to its slot.
+    async fn run_assignment(
+        &self,
+        assignment: Assignment,
+        cancel: &CancellationToken,
+    ) -> Vec<Assignment> {
         // A Remote Execution API action: its own runner and report.
         if assignment.action.is_some() {
             return self.run_remote_action(assignment, cancel).await;
@@ -549,7 +573,7 @@ impl Worker {
                     .await;
                 let Some(outcome) = outcome else {
                     tracing::info!("job stopped (lease revoked or worker shutting down)");
-                    return;
+                    return Vec::new();
                 };
                 let mut changes = self.changes.lock().expect("changes lock poisoned");
                 for digest in &outcome.fetched_artifacts {
@@ -580,31 +604,46 @@ impl Worker {
             request_id: self.request_ids.next("report"),
             lost_inputs: lost_inputs_to_wire(&outcome.lost_inputs),
             action_result: Default::default(),
+            take_next: !self.shutdown.is_cancelled(),
         };
-        self.report(request, cancel).await;
+        self.report(request, cancel).await
     }
 
     /// Delivers a result: sent again (same request ID) through failovers
     /// until some coordinator answers, for [`REPORT_RETRY_LEASE_PERIODS`]
     /// lease periods at most; stops early when the lease is revoked or the
     /// worker shuts down. The job stays among the running ones meanwhile,
-    /// so heartbeats keep its lease alive.
-    async fn report(&self, request: ReportResultRequest, cancel: &CancellationToken) {
+    /// so heartbeats keep its lease alive. Returns the jobs the report
+    /// leased to the slot it frees.
+    async fn report(
+        &self,
+        request: ReportResultRequest,
+        cancel: &CancellationToken,
+    ) -> Vec<Assignment> {
         let window =
             (self.lease_timeout() * REPORT_RETRY_LEASE_PERIODS).max(MIN_REPORT_RETRY_WINDOW);
         let persistence = Persistence::Until(tokio::time::Instant::now() + window);
         let result = tokio::select! {
             result = self.coordinator.report_result(request, persistence) => result,
-            () = cancel.cancelled() => return,
+            () = cancel.cancelled() => return Vec::new(),
         };
         match result {
-            Ok(response) if response.accepted => tracing::debug!("result accepted"),
-            Ok(_) => tracing::info!("result refused: the lease is no longer ours"),
-            Err(e) => tracing::error!(
-                error = %e,
-                retried_for_ms = window.as_millis() as u64,
-                "giving up reporting the result; the lease will expire"
-            ),
+            Ok(response) => {
+                if response.accepted {
+                    tracing::debug!("result accepted");
+                } else {
+                    tracing::info!("result refused: the lease is no longer ours");
+                }
+                response.assignments
+            }
+            Err(e) => {
+                tracing::error!(
+                    error = %e,
+                    retried_for_ms = window.as_millis() as u64,
+                    "giving up reporting the result; the lease will expire"
+                );
+                Vec::new()
+            }
         }
     }
 

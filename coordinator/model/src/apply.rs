@@ -110,6 +110,12 @@ impl Model {
             Command::CollectGarbage { limits, .. } => {
                 Response::Collected(self.collect_garbage(limits))
             }
+            // A batch's parts are applied one by one (`Proposal::parts`);
+            // one reaching here is inside another.
+            Command::Batch { .. } => Response::Refused {
+                reason: "a batch inside a batch".into(),
+                retry: false,
+            },
         }
     }
 }

@@ -37,8 +37,8 @@ pub use durations::{DEFAULT_EXPECTED_MS, MAX_DURATIONS, duration_key};
 pub use gc::RECENT_BLOB_MS;
 pub use invariants::InvariantViolation;
 pub use log::{
-    CmdText, Collected, Command, DepRef, Event, GcLimits, InputRef, JobSpec, Outcome, OutputRef,
-    Proposal, RemoteAction, Response, SubmittedJob,
+    CmdText, Collected, Command, DepRef, Event, GcLimits, InputRef, JobSpec, MAX_BATCH, Outcome,
+    OutputRef, Proposal, RemoteAction, Response, SubmittedJob, command_index,
 };
 pub use records::{
     ActionResultRecord, Build, BuildHeader, BuildJob, CachedResult, DurationRecord, ExecState,

@@ -312,6 +312,12 @@ pub enum Command {
         now_ms: u64,
         limits: GcLimits,
     },
+    /// Proposals of concurrent callers carried by one entry, applied in
+    /// order as if each were its own entry (see [`Proposal::parts`]); at
+    /// most [`MAX_BATCH`], none a batch itself.
+    Batch {
+        proposals: Vec<Proposal>,
+    },
 }
 
 /// The answer to a command.
@@ -359,6 +365,10 @@ pub enum Response {
     },
     /// What a `CollectGarbage` dropped.
     Collected(Collected),
+    /// A `Batch`'s answers, one per proposal in order.
+    Batch {
+        responses: Vec<Response>,
+    },
 }
 
 /// An event of a build, numbered from 0 in its build.
@@ -404,7 +414,7 @@ impl Command {
             | Command::ActionResultStored { now_ms, .. }
             | Command::Used { now_ms, .. }
             | Command::CollectGarbage { now_ms, .. } => Some(*now_ms),
-            Command::BlobStored { .. } => None,
+            Command::BlobStored { .. } | Command::Batch { .. } => None,
         }
     }
 }
@@ -427,4 +437,33 @@ impl Proposal {
             command,
         }
     }
+
+    /// What the entry at `log_index` applies, in order, each with the
+    /// index it is applied as ([`command_index`]): a batch's proposals,
+    /// else the proposal itself. None for a batch over [`MAX_BATCH`]
+    /// (nothing of it is applied).
+    pub fn parts(&self, log_index: u64) -> Option<Vec<(u64, &Proposal)>> {
+        match &self.command {
+            Command::Batch { proposals } if proposals.len() > MAX_BATCH => None,
+            Command::Batch { proposals } => Some(
+                proposals
+                    .iter()
+                    .enumerate()
+                    .map(|(position, p)| (command_index(log_index, position), p))
+                    .collect(),
+            ),
+            _ => Some(vec![(command_index(log_index, 0), self)]),
+        }
+    }
+}
+
+/// Proposals one entry carries, at most.
+pub const MAX_BATCH: usize = 64;
+
+/// The index the proposal at `position` of the entry at `log_index` is
+/// applied as: every ID derived from an index (build IDs, lease tokens,
+/// output rows) stays unique and grows with the log, batched or not.
+pub fn command_index(log_index: u64, position: usize) -> u64 {
+    debug_assert!(position < MAX_BATCH);
+    log_index * MAX_BATCH as u64 + position as u64
 }

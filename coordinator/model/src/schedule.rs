@@ -46,6 +46,47 @@ impl Model {
             return Vec::new();
         };
         let free = (me.slots.saturating_sub(me.running) as usize).min(max);
+        self.pick(worker_id, free, now_ms, locality_wait_ms, alive_ms)
+    }
+
+    /// What [`Model::pick_for`] would give `worker_id` for one slot once
+    /// its report of lease `token` is applied (the report frees the slot
+    /// when the lease is still its): the job a report takes next, in the
+    /// same entry.
+    pub fn pick_after_report(
+        &self,
+        worker_id: &str,
+        token: u64,
+        now_ms: u64,
+        locality_wait_ms: u64,
+        alive_ms: u64,
+    ) -> Vec<Digest> {
+        let Some(me) = self.workers.get(worker_id) else {
+            return Vec::new();
+        };
+        let frees = self
+            .leases
+            .get(&token)
+            .and_then(|key| self.executions.get(key))
+            .is_some_and(|exec| {
+                matches!(&exec.state, ExecState::Running { worker_id: w, .. } if w == worker_id)
+            });
+        let free = (me.slots.saturating_sub(me.running) as usize + usize::from(frees)).min(1);
+        self.pick(worker_id, free, now_ms, locality_wait_ms, alive_ms)
+    }
+
+    /// Up to `free` queued executions for `worker_id` (see the module).
+    fn pick(
+        &self,
+        worker_id: &str,
+        free: usize,
+        now_ms: u64,
+        locality_wait_ms: u64,
+        alive_ms: u64,
+    ) -> Vec<Digest> {
+        let Some(me) = self.workers.get(worker_id) else {
+            return Vec::new();
+        };
         let mut lanes: Vec<Lane<'_>> = self
             .queue
             .by_build

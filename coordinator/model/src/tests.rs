@@ -9,6 +9,7 @@ use crate::tables::{
     ReadTables, RowVisitor, StorageError, StoredEvent, T_HOLDINGS, T_WORKERS, Tables, holding_key,
 };
 
+mod batch;
 mod golden;
 mod schedule;
 

@@ -501,26 +501,65 @@ impl WorkerApi for WorkerService {
                 error: (!error.is_empty()).then_some(error),
             }
         };
-        let response = self
-            .node
-            .propose_request(
-                request,
-                Command::Report {
-                    worker_id: req.worker_id,
-                    token: req.lease_token,
-                    cache_key,
-                    outcome,
-                    max_attempts: self.node.tuning().max_attempts,
-                    now_ms: self.node.now_ms(),
-                },
+        let tuning = self.node.tuning();
+        let now_ms = self.node.now_ms();
+        let report = model::Proposal {
+            request_id: (!request.is_empty()).then(|| request.clone()),
+            command: Command::Report {
+                worker_id: req.worker_id.clone(),
+                token: req.lease_token,
+                cache_key,
+                outcome,
+                max_attempts: tuning.max_attempts,
+                now_ms,
+            },
+        };
+        // The job for the slot this report frees, leased in the same
+        // entry: the worker's next poll, saved.
+        let next = if req.take_next {
+            self.node.ready_leader().await?;
+            self.node.model().pick_after_report(
+                &req.worker_id,
+                req.lease_token,
+                now_ms,
+                tuning.locality_wait_ms,
+                tuning.lease_timeout_ms,
             )
-            .await?;
-        match response {
-            model::Response::Reported { accepted } => {
-                Ok(Response::new(ReportResultResponse { accepted }))
-            }
-            _ => Err(Status::internal("unexpected answer to a report")),
+        } else {
+            Vec::new()
+        };
+        let mut proposals = vec![report];
+        // A retried report whose first try leased a next job gets that
+        // answer again, whatever it would pick now.
+        let replayed =
+            !request.is_empty() && self.node.remembered(&format!("{request}#next")).is_some();
+        if !next.is_empty() || replayed {
+            proposals.push(model::Proposal {
+                request_id: (!request.is_empty()).then(|| format!("{request}#next")),
+                command: Command::Assign {
+                    worker_id: req.worker_id.clone(),
+                    cache_keys: next,
+                    lease_timeout_ms: tuning.lease_timeout_ms,
+                    now_ms,
+                },
+            });
         }
+        let mut responses = self.node.propose_together(proposals).await?.into_iter();
+        let accepted = match responses.next() {
+            Some(model::Response::Reported { accepted }) => accepted,
+            _ => return Err(Status::internal("unexpected answer to a report")),
+        };
+        let assignments = match responses.next() {
+            Some(model::Response::Assigned { keys, tokens }) => {
+                self.assignments(&req.worker_id, &keys, &tokens).await
+            }
+            None => Vec::new(),
+            Some(_) => return Err(Status::internal("unexpected answer to an assignment")),
+        };
+        Ok(Response::new(ReportResultResponse {
+            accepted,
+            assignments,
+        }))
     }
 
     type FetchBlobStream = ResponseStream<BlobChunk>;

@@ -6,7 +6,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use distbuild_model::tables::RowVisitor;
 use distbuild_model::{
-    Model, Proposal, ReadTables, Requests, Response, StorageError, TABLES, Tables,
+    Command, MAX_BATCH, Model, Proposal, ReadTables, Requests, Response, StorageError, TABLES,
+    Tables,
 };
 use distbuild_raft_store::{Application, ApplyTxn, ReadState, StateReader, StoreError};
 use openraft::LogId;
@@ -125,22 +126,40 @@ impl Application<TypeConfig> for App {
         let mut requests = self.shared.requests();
         model.inject_accept_expired_lease_results(self.bugs.accept_expired_lease_results);
         requests.inject_forget_answers(self.bugs.forget_request_answers);
-        let response = requests.apply(&mut model, log_id.index, proposal);
-        if self.check_invariants
-            && let Err(violation) = model.check_invariants()
-        {
-            panic!(
-                "coordinator {} after applying entry {}: {violation}",
-                self.node_id, log_id.index
-            );
+        let Some(parts) = proposal.parts(log_id.index) else {
+            // The leader never builds one; applied as nothing, answered
+            // as refused.
+            return Ok(Response::Refused {
+                reason: format!("a batch of over {MAX_BATCH} proposals"),
+                retry: false,
+            });
+        };
+        let mut responses = Vec::with_capacity(parts.len());
+        for &(index, part) in &parts {
+            let response = requests.apply(&mut model, index, part);
+            if self.check_invariants
+                && let Err(violation) = model.check_invariants()
+            {
+                panic!(
+                    "coordinator {} after applying entry {} (as {index}): {violation}",
+                    self.node_id, log_id.index
+                );
+            }
+            responses.push(response);
         }
+        // One atomic write for the whole entry, batch or not.
         let mut store = Txn(txn);
         model.flush(&mut store).map_err(to_store)?;
         requests.flush(&mut store).map_err(to_store)?;
         if let Some(observer) = &self.observer {
-            observer.applied(self.node_id, log_id.index, proposal, &response);
+            for ((index, part), response) in parts.iter().zip(&responses) {
+                observer.applied(self.node_id, *index, part, response);
+            }
         }
-        Ok(response)
+        Ok(match proposal.command {
+            Command::Batch { .. } => Response::Batch { responses },
+            _ => responses.pop().unwrap_or(Response::None),
+        })
     }
 
     fn empty_response(&self) -> Response {

@@ -10,15 +10,11 @@ use std::time::Duration;
 
 use distbuild_model::{Command, Proposal, Response};
 use openraft::ServerState;
-use openraft::error::{ClientWriteError, RaftError};
 use tokio_util::sync::CancellationToken;
 
 use super::config::{HEARTBEAT_INTERVAL_MS, LEADER_SILENCE, LEADER_WAIT, LEADERSHIP_FRESH_MS};
 use super::error::{ReplicaError, Result};
 use super::node::Node;
-
-/// Bounds how long one proposal may take before the caller is told to retry.
-const PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn just_elected() -> ReplicaError {
     ReplicaError::NotLeader {
@@ -156,24 +152,27 @@ impl Node {
     }
 
     async fn propose_once(&self, proposal: Proposal) -> Result<Response> {
+        let mut responses = self.propose_together(vec![proposal]).await?;
+        match (responses.pop(), responses.is_empty()) {
+            (Some(response), true) => Ok(response),
+            _ => Err(ReplicaError::Unavailable(
+                "the log answered a proposal with no single answer; retry".into(),
+            )),
+        }
+    }
+
+    /// Proposes `proposals` (at most `MAX_BATCH`) in one entry, applied in
+    /// order; their answers in order. The entry may carry other callers'
+    /// proposals too (see `batch`).
+    pub async fn propose_together(&self, proposals: Vec<Proposal>) -> Result<Vec<Response>> {
         // The leader's own lease extension is proposed before it serves.
-        if !matches!(proposal.command, Command::ExtendLeases { .. }) {
+        if !proposals
+            .iter()
+            .all(|p| matches!(p.command, Command::ExtendLeases { .. }))
+        {
             self.ready_leader().await?;
         }
-        let write = tokio::time::timeout(PROPOSE_TIMEOUT, self.raft.client_write(proposal)).await;
-        match write {
-            Err(_) => Err(ReplicaError::Unavailable(
-                "the coordinator did not commit the change in time; retry".to_string(),
-            )),
-            Ok(Ok(response)) => Ok(response.data),
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward)))) => {
-                Err(ReplicaError::NotLeader {
-                    message: "not the leader".to_string(),
-                    leader: forward.leader_node.map(|node| node.addr),
-                })
-            }
-            Ok(Err(e)) => Err(ReplicaError::Unavailable(format!("raft: {e}"))),
-        }
+        self.batcher.propose(proposals).await
     }
 }
 

@@ -8,6 +8,7 @@
 //! reaches into openraft.
 
 mod app;
+mod batch;
 mod config;
 mod contact;
 mod detector;

@@ -33,6 +33,8 @@ pub struct Node {
     pub(super) node_id: u64,
     pub(super) addr: String,
     pub(super) raft: Raft<TypeConfig>,
+    /// Where every proposal goes: concurrent ones share entries.
+    pub(super) batcher: super::batch::Batcher,
     /// Channels to the other replicas.
     pub(super) peers: Peers,
     /// The term whose leader (this node) has extended every lease; the
@@ -173,6 +175,7 @@ impl Node {
             .with_context(|| format!("open the blob store in {}", blobs_dir.display()))?;
         Ok(Arc::new(Self {
             node_id,
+            batcher: super::batch::Batcher::start(raft.clone()),
             addr,
             raft,
             peers,

@@ -30,7 +30,9 @@ impl Clock for SystemClock {
 
 /// Sees every command a replica applies, in log order, with its answer:
 /// the simulation's checkers compare replicas and audit leases through it.
-/// Called inside `apply`, after the state changed; must not block.
+/// Each proposal of a batch is seen on its own, under the index it is
+/// applied as (`distbuild_model::command_index`). Called inside `apply`,
+/// after the entry's state was written; must not block.
 pub trait ApplyObserver: Send + Sync + 'static {
     fn applied(&self, node_id: u64, index: u64, proposal: &Proposal, response: &Response);
 }

@@ -195,13 +195,24 @@ pub fn exercised(run: &RunResult) -> String {
             _ => {}
         }
     }
+    // A command applied at a position past the first of its entry was
+    // batched with others (see `distbuild_model::command_index`).
+    let per_entry = distbuild_model::MAX_BATCH as u64;
+    let entries: std::collections::BTreeSet<u64> = log.keys().map(|i| i / per_entry).collect();
+    let batches: std::collections::BTreeSet<u64> = log
+        .keys()
+        .filter(|i| *i % per_entry != 0)
+        .map(|i| i / per_entry)
+        .collect();
     let records = run.trace.records();
     let count =
         |f: &dyn Fn(&crate::trace::What) -> bool| records.iter().filter(|r| f(&r.what)).count();
     format!(
-        "{} entries ({} retries), {} terms led, {} faults, {} job runs, reports {accepted} accepted / {refused} refused, {expired} leases expired, {revoked} revoked",
+        "{} commands ({} retries) in {} entries, {} batched entries, {} terms led, {} faults, {} job runs, reports {accepted} accepted / {refused} refused, {expired} leases expired, {revoked} revoked",
         log.len(),
         retried.len(),
+        entries.len(),
+        batches.len(),
         run.observer.observations().leaders.len(),
         count(&|w| matches!(w, crate::trace::What::Fault(_))),
         count(&|w| matches!(w, crate::trace::What::RunStarted { .. })),

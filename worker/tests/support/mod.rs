@@ -223,7 +223,10 @@ impl WorkerApi for FakeCoordinator {
                 return Err(Self::no_leader());
             }
             s.reports.push(request);
-            Ok(Response::new(ReportResultResponse { accepted: true }))
+            Ok(Response::new(ReportResultResponse {
+                accepted: true,
+                assignments: Vec::new(),
+            }))
         })
     }
 

@@ -266,6 +266,21 @@ fn commands() -> Vec<Command> {
                 max_result_bytes: 1 << 30,
             },
         },
+        Command::Batch {
+            proposals: vec![
+                Proposal {
+                    request_id: Some("report/w-1/7".into()),
+                    command: Command::BlobStored {
+                        digest: distbuild_proto::BlobKey::Sha1(digest(3)),
+                        size: 12,
+                    },
+                },
+                Proposal::once(Command::ExtendLeases {
+                    now_ms: 17,
+                    lease_timeout_ms: 10_000,
+                }),
+            ],
+        },
     ]
 }
 
@@ -302,6 +317,9 @@ fn responses() -> Vec<Response> {
             results: 1,
             action_results: 2,
         }),
+        Response::Batch {
+            responses: vec![Response::None, Response::Reported { accepted: false }],
+        },
     ]
 }
 
