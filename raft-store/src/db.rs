@@ -45,6 +45,11 @@ const KEY_FORMAT: &[u8] = b"format";
 /// expected durations.
 pub(crate) const FORMAT: u32 = 7;
 
+/// Memory all memtables may hold together before RocksDB flushes one.
+pub const MEMTABLE_BUDGET_BYTES: usize = 64 << 20;
+/// One column family's memtable size at which it is flushed.
+const MEMTABLE_BYTES_PER_FAMILY: usize = 16 << 20;
+
 /// Opens the database in `dir` with the store's column families and the
 /// application's. Column families found on disk but no longer declared are
 /// opened too (RocksDB requires it) and left alone.
@@ -67,6 +72,11 @@ pub(crate) fn open(dir: &Path, app_column_families: &[&str]) -> Result<DB, Store
     opts.set_wal_recovery_mode(DBRecoveryMode::PointInTime);
     opts.set_keep_log_file_num(4);
     opts.set_max_log_file_size(8 << 20);
+    // Unflushed writes of all column families together: RocksDB's default
+    // is 64 MiB per family (two while one flushes), which over the
+    // coordinator's fifteen families lets a busy store hold gigabytes in
+    // memory; past this budget the biggest memtable is flushed.
+    opts.set_db_write_buffer_size(MEMTABLE_BUDGET_BYTES);
 
     let mut names: Vec<String> = vec![CF_LOG.into(), CF_META.into()];
     names.extend(app_column_families.iter().map(|s| s.to_string()));
@@ -77,9 +87,11 @@ pub(crate) fn open(dir: &Path, app_column_families: &[&str]) -> Result<DB, Store
             }
         }
     }
-    let descriptors = names
-        .into_iter()
-        .map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
+    let descriptors = names.into_iter().map(|name| {
+        let mut family = Options::default();
+        family.set_write_buffer_size(MEMTABLE_BYTES_PER_FAMILY);
+        ColumnFamilyDescriptor::new(name, family)
+    });
     let db = DB::open_cf_descriptors(&opts, dir, descriptors)?;
     check_format(&db, dir)?;
     Ok(db)

@@ -113,13 +113,22 @@ impl Index {
 
     /// Removes least recently used unpinned entries until within `max`;
     /// returns what was removed.
+    /// Walks the LRU order only as far as it removes (or passes pinned
+    /// entries): nothing when within `max`, so an insert costs the same
+    /// however many entries the cache holds.
     fn evict(&mut self, max_bytes: u64) -> Vec<BlobKey> {
+        use std::ops::Bound::{Excluded, Unbounded};
         let mut victims = Vec::new();
-        let mut candidates = self.lru.iter().copied().collect::<Vec<_>>().into_iter();
+        let mut passed: Option<(u64, BlobKey)> = None;
         while self.total_bytes > max_bytes {
-            let Some((tick, digest)) = candidates.next() else {
+            let next = match passed {
+                None => self.lru.first().copied(),
+                Some(last) => self.lru.range((Excluded(last), Unbounded)).next().copied(),
+            };
+            let Some((tick, digest)) = next else {
                 break;
             };
+            passed = Some((tick, digest));
             if self.pins.contains_key(&digest) {
                 continue;
             }
@@ -426,6 +435,26 @@ mod tests {
         assert!(cache.take_evicted().is_empty());
         assert_eq!(cache.digests(2), vec![d, a], "most recently used first");
         drop(pin_b);
+    }
+
+    #[test]
+    fn eviction_passes_pinned_entries_and_removes_the_oldest_others_until_within_the_bound() {
+        let dir = tempfile::TempDir::new().expect("tempdir");
+        let cache = Cache::open(dir.path(), 5000).expect("open");
+        let keys: Vec<Digest> = (1..=5)
+            .map(|n| cache.insert(None, &blob(n, 1000)[..]).expect("insert"))
+            .collect();
+        // The two oldest are pinned: a 3,000-byte blob evicts the three
+        // after them, oldest first.
+        let pins: Vec<_> = keys[..2]
+            .iter()
+            .map(|k| cache.open_blob(*k).expect("open").expect("present").1)
+            .collect();
+        let big = cache.insert(None, &blob(9, 3000)[..]).expect("big");
+        assert_eq!(cache.take_evicted(), keys[2..].to_vec());
+        assert!(cache.contains(keys[0]) && cache.contains(keys[1]) && cache.contains(big));
+        assert_eq!(cache.total_bytes(), 5000);
+        drop(pins);
     }
 
     #[test]

@@ -50,8 +50,8 @@ impl Model {
             .builds
             .values()
             .filter(|b| !b.header.finished)
-            .flat_map(|b| b.jobs.iter().map(|j| &j.spec));
-        let executions = self.executions.values().map(|e| &e.spec);
+            .flat_map(|b| b.jobs.iter().map(|j| &*j.spec));
+        let executions = self.executions.values().map(|e| &*e.spec);
         let staged = self
             .staged
             .values()

@@ -3,6 +3,7 @@
 //! its table, except a worker, whose held artifacts are rows of their own.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use distbuild_proto::{BlobKey, Digest};
 use serde::{Deserialize, Serialize};
@@ -23,7 +24,9 @@ pub enum JobState {
 /// One job of a build.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BuildJob {
-    pub spec: JobSpec,
+    /// Shared with its execution and its cached result (encoded as the
+    /// spec itself).
+    pub spec: Arc<JobSpec>,
     pub cache_key: Digest,
     pub deps: Vec<u32>,
     pub dependents: Vec<u32>,
@@ -87,7 +90,7 @@ pub enum ExecState {
 /// The one run of a cache key that the builds wanting it wait for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Execution {
-    pub spec: JobSpec,
+    pub spec: Arc<JobSpec>,
     pub state: ExecState,
     /// Leases that expired so far.
     pub attempts: u32,
@@ -148,7 +151,7 @@ pub struct CachedResult {
     pub artifact: Digest,
     pub artifact_size: u64,
     /// What produced it: run again if every copy of the artifact is lost.
-    pub spec: JobSpec,
+    pub spec: Arc<JobSpec>,
 }
 
 /// A run's captured stdout and stderr: stored once, in the `outputs`

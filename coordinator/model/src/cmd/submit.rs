@@ -87,7 +87,7 @@ impl Model {
         let mut build_jobs: Vec<BuildJob> = jobs
             .iter()
             .map(|j| BuildJob {
-                spec: j.spec.clone(),
+                spec: std::sync::Arc::new(j.spec.clone()),
                 cache_key: j.cache_key,
                 deps: j.deps.clone(),
                 dependents: Vec::new(),
