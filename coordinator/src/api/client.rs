@@ -274,6 +274,9 @@ impl ClientApi for ClientService {
             }));
         }
         let jobs = self.plan(&req)?;
+        // The graph's text and the source list are planned: not kept while
+        // the parts commit (a 100,000-job graph's are tens of megabytes).
+        let SubmitBuildRequest { request_id, .. } = req;
         let mut parts = split_into_parts(jobs, SUBMIT_PART_BYTES);
         let last = parts.pop().unwrap_or_default();
         let staged_parts = u32::try_from(parts.len())
@@ -297,7 +300,7 @@ impl ClientApi for ClientService {
             let response = self
                 .node
                 .propose(Command::StageSubmit {
-                    request_id: req.request_id.clone(),
+                    request_id: request_id.clone(),
                     part,
                     jobs,
                     total_bytes,
@@ -311,7 +314,7 @@ impl ClientApi for ClientService {
         let response = self
             .node
             .propose(Command::SubmitBuild {
-                request_id: req.request_id,
+                request_id,
                 now_ms: self.node.now_ms(),
                 staged_parts,
                 jobs: last,
