@@ -431,38 +431,44 @@ impl Worker {
                 },
             );
         }
+        // The worker's span (a job started by its predecessor's report
+        // is started in it too): job spans never nest, however many jobs
+        // a slot runs one after another.
+        let outer = tracing::Span::current();
         let span = tracing::info_span!(
+            parent: &outer,
             "job",
             job_id = %assignment.job_id,
             name = %assignment.name,
             lease_token = token,
         );
         let worker = Arc::clone(self);
-        self.tracker.spawn(
-            async move {
-                let next = worker.run_assignment(assignment, &cancel).await;
-                worker
-                    .jobs
-                    .lock()
-                    .expect("jobs lock poisoned")
-                    .remove(&token);
-                // The report leased the slot to the next job: it runs on
-                // the same permit.
-                let mut next = next.into_iter();
-                match next.next() {
-                    Some(assignment) => worker.start_job(assignment, permit),
-                    None => drop(permit),
-                }
-                for extra in next {
-                    tracing::warn!(
-                        lease_token = extra.lease_token,
-                        job_id = %extra.job_id,
-                        "more assignments than free slots; leaving this one to expire"
-                    );
-                }
+        self.tracker.spawn(async move {
+            let next = worker
+                .run_assignment(assignment, &cancel)
+                .instrument(span)
+                .await;
+            worker
+                .jobs
+                .lock()
+                .expect("jobs lock poisoned")
+                .remove(&token);
+            // The report leased the slot to the next job: it runs on the
+            // same permit.
+            let _in_worker = outer.enter();
+            let mut next = next.into_iter();
+            match next.next() {
+                Some(assignment) => worker.start_job(assignment, permit),
+                None => drop(permit),
             }
-            .instrument(span),
-        );
+            for extra in next {
+                tracing::warn!(
+                    lease_token = extra.lease_token,
+                    job_id = %extra.job_id,
+                    "more assignments than free slots; leaving this one to expire"
+                );
+            }
+        });
     }
 
     /// Runs `work` (a job or an action in `sandbox`) until it ends or
