@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, btree_set};
 
 use distbuild_proto::Digest;
 
-use crate::records::{ExecState, Execution};
+use crate::records::{ExecState, Execution, Worker};
 use crate::state::Model;
 
 /// Queued executions one poll looks at per build, at most (those passed
@@ -46,7 +46,7 @@ impl Model {
             return Vec::new();
         };
         let free = (me.slots.saturating_sub(me.running) as usize).min(max);
-        self.pick(worker_id, free, now_ms, locality_wait_ms, alive_ms)
+        self.pick(worker_id, me, free, now_ms, locality_wait_ms, alive_ms)
     }
 
     /// What [`Model::pick_for`] would give `worker_id` for one slot once
@@ -72,21 +72,20 @@ impl Model {
                 matches!(&exec.state, ExecState::Running { worker_id: w, .. } if w == worker_id)
             });
         let free = (me.slots.saturating_sub(me.running) as usize + usize::from(frees)).min(1);
-        self.pick(worker_id, free, now_ms, locality_wait_ms, alive_ms)
+        self.pick(worker_id, me, free, now_ms, locality_wait_ms, alive_ms)
     }
 
-    /// Up to `free` queued executions for `worker_id` (see the module).
+    /// Up to `free` queued executions for `worker_id` (registered as
+    /// `me`; see the module).
     fn pick(
         &self,
         worker_id: &str,
+        me: &Worker,
         free: usize,
         now_ms: u64,
         locality_wait_ms: u64,
         alive_ms: u64,
     ) -> Vec<Digest> {
-        let Some(me) = self.workers.get(worker_id) else {
-            return Vec::new();
-        };
         let mut lanes: Vec<Lane<'_>> = self
             .queue
             .by_build
