@@ -9,6 +9,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut config = prost_build::Config::new();
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
     config.bytes(["."]);
-    tonic_prost_build::configure().compile_with_config(config, &protos, &["proto"])?;
+    // The services' descriptors, for gRPC reflection (grpcurl).
+    let descriptors = std::path::PathBuf::from(std::env::var("OUT_DIR")?).join("descriptors.bin");
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(descriptors)
+        .compile_with_config(config, &protos, &["proto"])?;
     Ok(())
 }

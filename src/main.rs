@@ -13,8 +13,46 @@ mod server;
 #[derive(Parser, Debug)]
 #[command(name = "distbuild", version, about)]
 struct Cli {
+    /// How log lines are written (to stderr): `text` for people, `json`
+    /// (one object per line, the fields of its spans — build, job, worker
+    /// and node IDs — included) for log collectors. `DISTBUILD_LOG` picks
+    /// what is logged (`debug`, `distbuild_worker=debug`, ...).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// What a server logs by default: its start, leadership changes, jobs
+/// that could not run, warnings and errors. openraft logs every failed
+/// call to a peer; the coordinator logs a peer that stays silent instead.
+const SERVER_LOG: &str = "warn,distbuild=info,distbuild_coordinator=info,distbuild_worker=info,distbuild_ops=info,openraft=off";
+/// What a command-line client logs by default: warnings and errors.
+const CLIENT_LOG: &str = "warn,openraft=off";
+
+fn init_logs(format: LogFormat, server: bool) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("DISTBUILD_LOG").unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new(if server { SERVER_LOG } else { CLIENT_LOG })
+        });
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(true)
+            .init(),
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -61,15 +99,11 @@ const EXIT_SERVER_FAILED: u8 = 1;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("DISTBUILD_LOG")
-                // openraft logs every failed call to a peer; the
-                // coordinator logs a peer that stays silent instead.
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,openraft=off")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let server = matches!(
+        cli.command,
+        Command::Coordinator(_) | Command::Worker(_) | Command::Server(_)
+    );
+    init_logs(cli.log_format, server);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {

@@ -117,6 +117,9 @@ pub struct CoordinatorArgs {
     /// `--insecure`.
     #[command(flatten)]
     pub security: SecurityFlags,
+    /// The metrics and status page port.
+    #[command(flatten)]
+    pub http: distbuild_ops::http::HttpFlags,
 }
 
 /// The longest `--max-job-timeout` (a year): beyond it a limit is no limit.
@@ -169,6 +172,7 @@ pub async fn run_cli(args: CoordinatorArgs) -> anyhow::Result<()> {
             args.listen
         );
     }
+    let http = distbuild_ops::http::HttpPort::bind(&args.http, &security).await?;
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listen on {}", args.listen))?;
@@ -198,7 +202,13 @@ pub async fn run_cli(args: CoordinatorArgs) -> anyhow::Result<()> {
         secret,
         security,
     };
-    run(config, listener, Seams::production(), shutdown).await
+    let addr = listener.local_addr().context("listener address")?;
+    let node = start_node(&config, addr, Seams::production(), shutdown.clone()).await?;
+    if let Some(http) = http {
+        tokio::spawn(http.serve(api::http::routes(node.clone()), shutdown.clone()));
+    }
+    let access = Access::for_security(&config.security);
+    serve(node, config.secret, access, listener, shutdown).await
 }
 
 async fn shutdown_on_signal(shutdown: CancellationToken) {
@@ -338,12 +348,28 @@ where
     IO::ConnectInfo: Clone + Send + Sync + 'static,
     IE: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    use tracing::Instrument as _;
+    // Every line a duty logs names the replica.
+    let span = tracing::info_span!("coordinator", node_id = node.node_id());
     let tasks = tokio_util::task::TaskTracker::new();
-    tasks.spawn(replica::leader_duties(node.clone(), shutdown.clone()));
-    tasks.spawn(replica::expire_leases(node.clone(), shutdown.clone()));
-    tasks.spawn(replica::collect_garbage(node.clone(), shutdown.clone()));
-    tasks.spawn(replica::sweep_blobs(node.clone(), shutdown.clone()));
-    tasks.spawn(replica::drive_elections(node.clone(), shutdown.clone()));
+    tasks.spawn(replica::leader_duties(node.clone(), shutdown.clone()).instrument(span.clone()));
+    tasks.spawn(replica::expire_leases(node.clone(), shutdown.clone()).instrument(span.clone()));
+    tasks.spawn(replica::collect_garbage(node.clone(), shutdown.clone()).instrument(span.clone()));
+    tasks.spawn(replica::sweep_blobs(node.clone(), shutdown.clone()).instrument(span.clone()));
+    tasks.spawn(replica::drive_elections(node.clone(), shutdown.clone()).instrument(span.clone()));
+
+    let (health_reporter, health) = distbuild_ops::health::health_reporter();
+    tasks.spawn(
+        api::health::report(node.clone(), health_reporter, shutdown.clone()).instrument(span),
+    );
+    let health = InterceptedService::new(health, access.authorize("health checks", &Role::ALL));
+    let (reflection, reflection_alpha) = distbuild_ops::health::reflection();
+    let reflection =
+        InterceptedService::new(reflection, access.authorize("gRPC reflection", &Role::ALL));
+    let reflection_alpha = InterceptedService::new(
+        reflection_alpha,
+        access.authorize("gRPC reflection", &Role::ALL),
+    );
 
     let rates = api::rate::CallerRates::default();
     let kept_blob_bytes = Arc::new(api::KeptBlobBytes::default());
@@ -453,6 +479,7 @@ where
     let served = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .layer(node.grpc_metrics().layer())
         .add_service(client)
         .add_service(worker)
         .add_service(admin)
@@ -462,6 +489,9 @@ where
         .add_service(bytestream)
         .add_service(action_cache)
         .add_service(execution)
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(reflection_alpha)
         .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned())
         .await;
     shutdown.cancel();

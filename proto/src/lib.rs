@@ -36,3 +36,7 @@ pub mod distbuild {
 
 pub use distbuild::raft::v1 as raft_v1;
 pub use distbuild::v1;
+
+/// The encoded descriptors of every distbuild service and message, for
+/// gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptors.bin"));

@@ -317,6 +317,27 @@ impl TlsMaterial {
         self.server.clone()
     }
 
+    /// TLS settings for an HTTPS server with this certificate (the
+    /// metrics and status page port): HTTP/1.1, no client certificate
+    /// asked for (browsers and scrapers authenticate with a token).
+    pub fn https_server_config(&self) -> Result<Arc<rustls::ServerConfig>, String> {
+        use rustls::pki_types::pem::PemObject as _;
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&self.cert_pem)
+            .filter_map(Result::ok)
+            .collect();
+        let key = PrivateKeyDer::from_pem_slice(&self.key_pem).map_err(|e| e.to_string())?;
+        #[allow(deprecated)]
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut server = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| e.to_string())?
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .map_err(|e| e.to_string())?;
+        server.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Arc::new(server))
+    }
+
     /// The check of callers' certificates against the CA.
     pub fn callers(&self) -> &CallerVerifier {
         &self.callers

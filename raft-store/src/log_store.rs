@@ -36,6 +36,8 @@ pub struct LogStore<C: StoreTypeConfig> {
     /// durable purge point may lag it (see `purge`), never pass it. Not
     /// persisted: after a restart the durable point is the truth.
     purge_requested: Option<LogId<u64>>,
+    /// The last committed index openraft saved, for metrics.
+    committed: Arc<std::sync::atomic::AtomicU64>,
     _config: PhantomData<C>,
 }
 
@@ -60,8 +62,15 @@ impl<C: StoreTypeConfig> LogStore<C> {
             db,
             flusher,
             purge_requested: None,
+            committed: Arc::default(),
             _config: PhantomData,
         })
+    }
+
+    /// The index of the last entry openraft said is committed (0 before
+    /// it said any), kept current as it saves more: for metrics.
+    pub fn committed_index(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.committed.clone()
     }
 
     /// Appends `entries` (readable when this returns) and calls `done` once
@@ -260,6 +269,10 @@ impl<C: StoreTypeConfig> RaftLogStorage<C> for LogStore<C> {
         // Not synced: a committed id that is lost in a crash is learned again
         // from the leader, and the WAL keeps it ordered after the entries it
         // names.
+        if let Some(id) = committed {
+            self.committed
+                .fetch_max(id.index, std::sync::atomic::Ordering::Relaxed);
+        }
         let bytes = db::encode("committed", &committed).map_err(write_err)?;
         self.db
             .put_cf(db::cf(&self.db, CF_META), KEY_COMMITTED, bytes)

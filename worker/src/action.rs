@@ -475,6 +475,8 @@ async fn open_or_fetch(
                 FetchError::NotFound { key, size, .. } => ActionError::Missing { key, size },
                 other => ActionError::Failed(format!("fetch blobs/{key}/{size}: {other}")),
             })?;
+        env.coordinator_bytes_fetched
+            .fetch_add(size, std::sync::atomic::Ordering::Relaxed);
     }
     Err(
         format!("blobs/{key}/{size} was evicted as soon as it was fetched (cache too small?)")
@@ -1700,6 +1702,7 @@ mod tests {
                 connector,
                 runner: Arc::new(TokioProcessRunner::default()),
                 peer_bytes_fetched: Default::default(),
+                coordinator_bytes_fetched: Default::default(),
             },
             dir,
         }
@@ -1859,6 +1862,7 @@ mod tests {
         let good = v1::Assignment {
             lease_token: 9,
             timeout_ms: 1_500,
+            build_id: 1,
             action: Some(v1::RemoteAction {
                 instance_name: "main".into(),
                 action_digest: key.hash_bytes().to_vec().into(),

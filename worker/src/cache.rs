@@ -83,6 +83,8 @@ struct Index {
     /// `MAX_EVICTION_LOG` (the oldest are forgotten beyond it). SHA-1 only:
     /// nothing else is ever reported.
     evicted: Vec<Digest>,
+    /// Entries evicted since the cache opened (for metrics).
+    evictions: u64,
 }
 
 /// Evictions remembered for `Cache::take_evicted` between two calls. Beyond
@@ -135,6 +137,7 @@ impl Index {
             let (size, _) = self.entries.remove(&digest).expect("lru and entries agree");
             self.lru.remove(&(tick, digest));
             self.total_bytes -= size;
+            self.evictions += 1;
             victims.push(digest);
         }
         self.evicted
@@ -216,6 +219,16 @@ impl Cache {
 
     fn path_of(&self, digest: &BlobKey) -> PathBuf {
         self.dir.join("blobs").join(digest.to_string())
+    }
+
+    /// Bytes held, entries held, and entries evicted since it opened.
+    pub fn stats(&self) -> (u64, u64, u64) {
+        let index = self.index.lock().expect("cache index poisoned");
+        (
+            index.total_bytes,
+            index.entries.len() as u64,
+            index.evictions,
+        )
     }
 
     /// Total bytes held.

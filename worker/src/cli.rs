@@ -54,6 +54,9 @@ pub struct WorkerArgs {
     /// worker's ID), or `--insecure`.
     #[command(flatten)]
     pub security: SecurityFlags,
+    /// The metrics port.
+    #[command(flatten)]
+    pub http: distbuild_ops::http::HttpFlags,
     /// How jobs are confined: `namespaces` (bubblewrap; the default where
     /// it works here) or `none` (jobs run unconfined, with a warning).
     #[arg(long, value_enum, value_name = "KIND")]
@@ -216,6 +219,9 @@ pub fn choose_sandbox(
 /// runs until Ctrl-C or SIGTERM.
 pub async fn run_cli(args: WorkerArgs) -> anyhow::Result<()> {
     let config = args.to_config()?;
+    let http =
+        distbuild_ops::http::HttpPort::bind(&args.http, &args.security.load(&[Role::Worker])?)
+            .await?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("listen on {}", args.listen))?;
@@ -234,6 +240,25 @@ pub async fn run_cli(args: WorkerArgs) -> anyhow::Result<()> {
             shutdown.cancel();
         }
     });
+    if let Some(http) = http {
+        let metrics = config.metrics.clone();
+        let routes = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let metrics = metrics.clone();
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            distbuild_ops::http::METRICS_CONTENT_TYPE,
+                        )],
+                        metrics.encode(),
+                    )
+                }
+            }),
+        );
+        tokio::spawn(http.serve(routes, shutdown.clone()));
+    }
     let result = run(config, listener, shutdown.clone()).await;
     shutdown.cancel();
     let _ = signals.await;

@@ -214,6 +214,8 @@ pub struct JobEnv {
     pub runner: Arc<dyn ProcessRunner>,
     /// Bytes of dependency artifacts fetched from peers so far.
     pub peer_bytes_fetched: Arc<std::sync::atomic::AtomicU64>,
+    /// Bytes of sources and CAS blobs fetched from the coordinators so far.
+    pub coordinator_bytes_fetched: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// A job's captured output across its commands.
@@ -373,7 +375,7 @@ where
 
 async fn stage_input(env: &JobEnv, input: &InputFile, layout: &Layout) -> Result<(), String> {
     let what = format!("input {:?}", input.path);
-    let (mut file, pin, _) = open_or_fetch(&env.cache, input.digest, &what, || {
+    let (mut file, pin, _) = open_or_fetch(&env.cache, input.digest, &what, || async {
         fetch_source_blob(
             &env.coordinator,
             &env.cache,
@@ -381,6 +383,10 @@ async fn stage_input(env: &JobEnv, input: &InputFile, layout: &Layout) -> Result
             input.size,
             &layout.root,
         )
+        .await?;
+        env.coordinator_bytes_fetched
+            .fetch_add(input.size, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     })
     .await
     .map_err(|e| e.message)?;
@@ -918,6 +924,7 @@ mod tests {
                 connector,
                 runner: Arc::new(TokioProcessRunner::default()),
                 peer_bytes_fetched: Default::default(),
+                coordinator_bytes_fetched: Default::default(),
             },
             sandbox,
             _dir: dir,
@@ -1124,6 +1131,7 @@ mod tests {
                 holders: vec!["h:1".into()],
             }],
             timeout_ms: 2_500,
+            build_id: 1,
             action: None,
         };
         let spec = JobSpec::from_wire(&good).expect("valid");

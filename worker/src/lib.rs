@@ -11,7 +11,8 @@
 //! `cgroup` (the per-job process limit), `connect` (the network seam for outgoing
 //! connections), `coordinator` (the WorkerApi client, leader following),
 //! `fetch` (blobs and artifacts into the cache), `peer` (the PeerApi
-//! server).
+//! server), `metrics` (what `/metrics` shows), `health` (what
+//! `grpc.health.v1` answers).
 //!
 //! Through coordinator failovers: every call to the coordinators has a
 //! deadline and carries a request ID that its retries reuse (applied once);
@@ -32,6 +33,7 @@ pub mod connect;
 pub mod coordinator;
 pub mod fetch;
 pub mod job;
+pub mod metrics;
 pub mod peer;
 pub mod process;
 pub mod runtime;

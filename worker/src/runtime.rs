@@ -108,6 +108,8 @@ pub struct WorkerConfig {
     /// Platform properties (name, value) matched against what Remote
     /// Execution API actions ask for.
     pub properties: Vec<(String, String)>,
+    /// Where the worker counts what `/metrics` shows.
+    pub metrics: Arc<crate::metrics::WorkerMetrics>,
 }
 
 impl WorkerConfig {
@@ -126,6 +128,7 @@ impl WorkerConfig {
             access: Access::for_security(&Security::Insecure),
             worker_id: None,
             runner: Arc::new(TokioProcessRunner::default()),
+            metrics: Arc::default(),
         }
     }
 }
@@ -220,6 +223,7 @@ struct Worker {
     /// Serialises registrations; counts them, so a caller that asked for
     /// one while another was under way does not register twice.
     registrations: tokio::sync::Mutex<u64>,
+    metrics: Arc<crate::metrics::WorkerMetrics>,
 }
 
 impl Worker {
@@ -229,6 +233,19 @@ impl Worker {
 
     fn lease_timeout(&self) -> Duration {
         Duration::from_millis(self.lease_timeout_ms.load(Ordering::Relaxed))
+    }
+
+    /// Counts a job or action about to be reported, assigned at
+    /// `assigned`.
+    fn count_report(&self, request: &ReportResultRequest, assigned: tokio::time::Instant) {
+        let outcome = if !request.lost_inputs.is_empty() {
+            "lost_inputs"
+        } else if request.exit_code == 0 && request.error.is_empty() {
+            "succeeded"
+        } else {
+            "failed"
+        };
+        self.metrics.job_reported(outcome, assigned.elapsed());
     }
 
     /// Sleeps `delay` unless shutting down; false when shutting down.
@@ -438,6 +455,7 @@ impl Worker {
         let span = tracing::info_span!(
             parent: &outer,
             "job",
+            build_id = assignment.build_id,
             job_id = %assignment.job_id,
             name = %assignment.name,
             lease_token = token,
@@ -502,6 +520,7 @@ impl Worker {
         assignment: Assignment,
         cancel: &CancellationToken,
     ) -> Vec<Assignment> {
+        let assigned = tokio::time::Instant::now();
         let token = assignment.lease_token;
         let outcome = match ActionSpec::from_wire(&assignment) {
             Err(error) => {
@@ -513,7 +532,7 @@ impl Worker {
                 }
             }
             Ok(spec) => {
-                tracing::info!(
+                tracing::debug!(
                     instance_name = %spec.instance_name,
                     action = %spec.action,
                     "action started"
@@ -521,17 +540,23 @@ impl Worker {
                 let sandbox = self.sandbox_root.join(token.to_string());
                 let work = run_action(&self.env, &spec, &sandbox, &self.worker_id);
                 let Some(outcome) = self.run_in_sandbox(&sandbox, cancel, work).await else {
-                    tracing::info!("action stopped (lease revoked or worker shutting down)");
+                    tracing::debug!("action stopped (lease revoked or worker shutting down)");
                     return Vec::new();
                 };
                 outcome
             }
         };
-        tracing::info!(
-            exit_code = outcome.exit_code,
-            error = %outcome.error,
-            "action finished"
-        );
+        // Each run at debug; one that could not run at all (not a command
+        // exiting non-zero: that is the build's business) at warn.
+        if outcome.exit_code == crate::job::EXIT_CODE_NOT_RUN || !outcome.error.is_empty() {
+            tracing::warn!(
+                exit_code = outcome.exit_code,
+                error = %outcome.error,
+                "action could not run"
+            );
+        } else {
+            tracing::debug!(exit_code = outcome.exit_code, "action finished");
+        }
         let request = ReportResultRequest {
             worker_id: self.worker_id.clone(),
             lease_token: token,
@@ -547,6 +572,7 @@ impl Worker {
             action_result: outcome.action_result.unwrap_or_default().into(),
             take_next: !self.shutdown.is_cancelled(),
         };
+        self.count_report(&request, assigned);
         self.report(request, cancel).await
     }
 
@@ -561,6 +587,7 @@ impl Worker {
         if assignment.action.is_some() {
             return self.run_remote_action(assignment, cancel).await;
         }
+        let assigned = tokio::time::Instant::now();
         let token = assignment.lease_token;
         let outcome = match JobSpec::from_wire(&assignment) {
             Err(error) => {
@@ -572,13 +599,13 @@ impl Worker {
                 }
             }
             Ok(spec) => {
-                tracing::info!("job started");
+                tracing::debug!("job started");
                 let sandbox = self.sandbox_root.join(token.to_string());
                 let outcome = self
                     .run_in_sandbox(&sandbox, cancel, run_job(&self.env, &spec, &sandbox))
                     .await;
                 let Some(outcome) = outcome else {
-                    tracing::info!("job stopped (lease revoked or worker shutting down)");
+                    tracing::debug!("job stopped (lease revoked or worker shutting down)");
                     return Vec::new();
                 };
                 let mut changes = self.changes.lock().expect("changes lock poisoned");
@@ -588,11 +615,17 @@ impl Worker {
                 outcome
             }
         };
-        tracing::info!(
-            exit_code = outcome.exit_code,
-            error = %outcome.error,
-            "job finished"
-        );
+        // Each run at debug; one that could not run at all (not a command
+        // exiting non-zero: that is the build's business) at warn.
+        if outcome.exit_code == crate::job::EXIT_CODE_NOT_RUN || !outcome.error.is_empty() {
+            tracing::warn!(
+                exit_code = outcome.exit_code,
+                error = %outcome.error,
+                "job could not run"
+            );
+        } else {
+            tracing::debug!(exit_code = outcome.exit_code, "job finished");
+        }
         let (artifact_digest, artifact_size) = match outcome.artifact {
             Some((digest, size)) => (digest_to_wire(&digest), size),
             None => (Default::default(), 0),
@@ -612,6 +645,7 @@ impl Worker {
             action_result: Default::default(),
             take_next: !self.shutdown.is_cancelled(),
         };
+        self.count_report(&request, assigned);
         self.report(request, cancel).await
     }
 
@@ -685,6 +719,7 @@ impl Worker {
             added_artifacts: added.iter().map(|(d, _)| digest_to_wire(d)).collect(),
             dropped_artifacts: dropped.iter().map(|(d, _)| digest_to_wire(d)).collect(),
             peer_bytes_fetched_total: self.env.peer_bytes_fetched.load(Ordering::Relaxed),
+            cache_bytes: self.env.cache.total_bytes(),
             request_id: self.request_ids.next("heartbeat"),
         };
         let deadline = self
@@ -891,9 +926,22 @@ where
     let tracker = TaskTracker::new();
     let worker_span = tracing::info_span!("worker", worker_id = %worker_id);
     let service = PeerService::new(cache.clone(), tracker.clone(), shutdown.clone());
+    let (health_reporter, health) = distbuild_ops::health::health_reporter();
+    let (reflection, reflection_alpha) = distbuild_ops::health::reflection();
+    let anyone = |what| config.access.authorize(what, &Role::ALL);
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .layer(config.metrics.grpc.layer())
+        .add_service(InterceptedService::new(health, anyone("health checks")))
+        .add_service(InterceptedService::new(
+            reflection,
+            anyone("gRPC reflection"),
+        ))
+        .add_service(InterceptedService::new(
+            reflection_alpha,
+            anyone("gRPC reflection"),
+        ))
         .add_service(InterceptedService::new(
             PeerApiServer::new(service)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -939,6 +987,7 @@ where
             connector: config.connector.clone(),
             runner: config.runner.clone(),
             peer_bytes_fetched: Default::default(),
+            coordinator_bytes_fetched: Default::default(),
         },
         coordinator,
         shutdown: shutdown.clone(),
@@ -950,10 +999,31 @@ where
         heartbeat_interval_ms: AtomicU64::new(DEFAULT_HEARTBEAT_INTERVAL.as_millis() as u64),
         lease_timeout_ms: AtomicU64::new(DEFAULT_LEASE_TIMEOUT.as_millis() as u64),
         registrations: tokio::sync::Mutex::new(0),
+        metrics: config.metrics.clone(),
+    });
+    worker.metrics.attach(crate::metrics::Live {
+        cache: worker.env.cache.clone(),
+        slots: worker.slots,
+        free_slots: worker.free_slots.clone(),
+        peer_bytes: worker.env.peer_bytes_fetched.clone(),
+        coordinator_bytes: worker.env.coordinator_bytes_fetched.clone(),
     });
 
+    // Health: the peer API serves from the start; the whole worker ("")
+    // once registered and taking work, until it stops.
+    use distbuild_ops::health::ServingStatus;
+    let peer_api = distbuild_proto::v1::peer_api_server::SERVICE_NAME;
+    health_reporter
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    health_reporter
+        .set_service_status(peer_api, ServingStatus::Serving)
+        .await;
     async {
         if worker.register(0).await {
+            health_reporter
+                .set_service_status("", ServingStatus::Serving)
+                .await;
             let heartbeats = Arc::clone(&worker);
             worker
                 .tracker
@@ -965,6 +1035,11 @@ where
     .await;
 
     // Polling stops only on shutdown; make sure everything else stops too.
+    for service in ["", peer_api] {
+        health_reporter
+            .set_service_status(service, ServingStatus::NotServing)
+            .await;
+    }
     shutdown.cancel();
     tracker.close();
     tracker.wait().await;

@@ -7,6 +7,7 @@ use crate::state::Model;
 impl Model {
     /// Applies one committed command; `index` is its log index.
     pub fn apply(&mut self, index: u64, command: &Command) -> Response {
+        self.tally = Default::default();
         if let Some(now_ms) = command.now_ms() {
             self.tick(now_ms);
         }

@@ -32,6 +32,7 @@ impl Model {
         build.header.event_bytes +=
             postcard::experimental::serialized_size(&event).unwrap_or(0) as u64;
         self.dirty.builds.insert(build_id);
+        self.tally.event(&event);
         self.dirty.events.push((build_id, seq, event));
     }
 
@@ -97,6 +98,7 @@ impl Model {
                 continue;
             }
             self.job_mut(build_id, job).state = JobState::Queued;
+            self.tally.cache_misses += 1;
             self.dirty.executions.insert(key);
             let timeout_ms = self.builds[&build_id].header.job_timeout_ms;
             match self.executions.get_mut(&key) {

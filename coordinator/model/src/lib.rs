@@ -30,9 +30,10 @@ mod staging;
 mod state;
 mod storage;
 pub mod tables;
+mod tally;
 
 pub use builds::{MAX_RETAINED_BUILDS, MAX_RETAINED_EVENT_BYTES, MIN_RETAINED_MS};
-pub use cmd::MAX_ASSIGN_BATCH;
+pub use cmd::{BUILD_CANCELLED, MAX_ASSIGN_BATCH};
 pub use durations::{DEFAULT_EXPECTED_MS, MAX_DURATIONS, duration_key};
 pub use gc::RECENT_BLOB_MS;
 pub use invariants::InvariantViolation;
@@ -40,6 +41,7 @@ pub use log::{
     CmdText, Collected, Command, DepRef, Event, GcLimits, InputRef, JobSpec, MAX_BATCH, Outcome,
     OutputRef, Proposal, RemoteAction, Response, SubmittedJob, command_index,
 };
+pub use queries::Gauges;
 pub use records::{
     ActionResultRecord, Build, BuildHeader, BuildJob, CachedResult, DurationRecord, ExecState,
     Execution, JobOutput, JobState, Rank, Worker,
@@ -50,6 +52,7 @@ pub use staging::{
 };
 pub use state::Model;
 pub use tables::{ReadTables, StorageError, TABLES, Tables};
+pub use tally::{RunEnd, Tally};
 
 #[cfg(test)]
 mod tests;

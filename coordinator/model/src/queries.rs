@@ -7,6 +7,29 @@ use distbuild_proto::{BlobKey, Digest};
 use crate::records::{Build, CachedResult, ExecState, Execution, Worker};
 use crate::state::Model;
 
+/// Sizes of the state (see [`Model::gauges`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Gauges {
+    /// Executions waiting for a worker.
+    pub queued: u64,
+    /// Executions leased to a worker.
+    pub running: u64,
+    /// Executions waiting for a lost input's rebuild.
+    pub blocked: u64,
+    pub builds_running: u64,
+    /// Builds kept, running and finished.
+    pub builds_retained: u64,
+    pub cached_results: u64,
+    pub cached_result_bytes: u64,
+    pub blobs: u64,
+    pub blob_bytes: u64,
+    pub action_results: u64,
+    pub workers: u64,
+    pub worker_slots: u64,
+    pub busy_slots: u64,
+    pub expected_durations: u64,
+}
+
 impl Model {
     /// The state's clock: the latest leader time applied.
     pub fn clock_ms(&self) -> u64 {
@@ -15,6 +38,18 @@ impl Model {
 
     pub fn build(&self, id: u64) -> Option<&Build> {
         self.builds.get(&id)
+    }
+
+    /// Every build kept, by ID (oldest first).
+    pub fn builds(&self) -> impl DoubleEndedIterator<Item = (&u64, &Build)> {
+        self.builds.iter()
+    }
+
+    /// The executions leased now.
+    pub fn running_executions(&self) -> impl Iterator<Item = &Execution> {
+        self.leases
+            .values()
+            .filter_map(|key| self.executions.get(key))
     }
 
     pub fn build_for_request(&self, request_id: &str) -> Option<u64> {
@@ -70,6 +105,27 @@ impl Model {
             .flatten()
             .filter_map(|w| self.workers.get(w).map(|w| w.addr.clone()))
             .collect()
+    }
+
+    /// Sizes of the state now, for metrics. Walks the builds, results and
+    /// blobs, so it is for a scrape, not for every command.
+    pub fn gauges(&self) -> Gauges {
+        Gauges {
+            queued: self.queue.by_build.values().map(|q| q.len() as u64).sum(),
+            running: self.leases.len() as u64,
+            blocked: self.blocked_on.values().map(|b| b.len() as u64).sum(),
+            builds_running: self.builds.values().filter(|b| !b.header.finished).count() as u64,
+            builds_retained: self.builds.len() as u64,
+            cached_results: self.results.len() as u64,
+            cached_result_bytes: self.results.values().map(|r| r.bytes).sum(),
+            blobs: self.blobs.len() as u64,
+            blob_bytes: self.blobs.values().map(|b| b.size).sum(),
+            action_results: self.action_results.len() as u64,
+            workers: self.workers.len() as u64,
+            worker_slots: self.workers.values().map(|w| u64::from(w.slots)).sum(),
+            busy_slots: self.workers.values().map(|w| u64::from(w.running)).sum(),
+            expected_durations: self.durations.len() as u64,
+        }
     }
 
     /// Whether an `ExpireLeases` at `now_ms` would change anything: some

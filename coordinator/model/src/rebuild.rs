@@ -71,6 +71,7 @@ impl Model {
                             },
                         });
                         self.enqueue(dep, since_ms);
+                        self.tally.lost_input_rebuilds += 1;
                     }
                     on.insert(dep);
                 }

@@ -25,6 +25,7 @@ impl Model {
         };
         exec.attempts += 1;
         if exec.attempts < max_attempts {
+            self.tally.retries += 1;
             return;
         }
         let attempts = exec.attempts;

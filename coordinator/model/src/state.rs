@@ -117,6 +117,8 @@ pub struct Model {
     /// and results' `output`).
     pub(crate) output_refs: BTreeMap<u64, u32>,
     pub(crate) dirty: Dirty,
+    /// What the command being applied did, for metrics (never persisted).
+    pub(crate) tally: crate::tally::Tally,
     /// Injected bug (simulation only), never persisted: see
     /// [`Model::inject_accept_expired_lease_results`].
     pub(crate) accept_expired_lease_results: bool,
@@ -145,6 +147,7 @@ impl Model {
             staged: self.staged.clone(),
             output_refs: self.output_refs.clone(),
             dirty: Dirty::default(),
+            tally: Default::default(),
             accept_expired_lease_results: false,
         }
     }

@@ -12,6 +12,7 @@ use crate::tables::{
 mod batch;
 mod golden;
 mod schedule;
+mod tally;
 
 fn id(n: u8) -> JobId {
     JobId::from_bytes([n; 20])

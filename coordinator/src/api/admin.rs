@@ -34,88 +34,93 @@ fn voters_of(node: &Node) -> Vec<Member> {
         .collect()
 }
 
+/// The cluster as this node sees it: every member's answer (asked now),
+/// the leader, and the registered workers.
+pub async fn cluster_status(node: &Node) -> ClusterStatusResponse {
+    let answers = node.member_statuses().await;
+    let leader = answers
+        .iter()
+        .filter_map(|a| a.answer.as_ref().ok())
+        .filter(|a| a.role == "leader")
+        .max_by_key(|a| a.term)
+        .map(|a| (a.node_id, a.last_log_index));
+    let newest = answers
+        .iter()
+        .filter_map(|a| a.answer.as_ref().ok().map(|a| a.last_log_index))
+        .max()
+        .unwrap_or(0);
+    let head = leader.map_or(newest, |(_, last)| last);
+    let members = answers
+        .into_iter()
+        .map(
+            |MemberAnswer {
+                 node_id: id,
+                 addr,
+                 voter,
+                 answer,
+             }| match answer {
+                Ok(a) => Member {
+                    node_id: id,
+                    addr,
+                    voter,
+                    role: a.role,
+                    term: a.term,
+                    last_log_index: a.last_log_index,
+                    applied_index: a.applied_index,
+                    lag: head.saturating_sub(a.applied_index),
+                    error: String::new(),
+                },
+                Err(error) => Member {
+                    node_id: id,
+                    addr,
+                    voter,
+                    role: "unreachable".to_string(),
+                    error: error.to_string(),
+                    ..Default::default()
+                },
+            },
+        )
+        .collect();
+    let now_ms = node.now_ms();
+    let stats = node.worker_stats();
+    let alive_ms = node.tuning().lease_timeout_ms;
+    let workers = node
+        .model()
+        .workers()
+        .iter()
+        .map(|(id, w)| WorkerStatus {
+            id: id.clone(),
+            addr: w.addr.clone(),
+            slots: w.slots,
+            running: w.running,
+            alive: now_ms.saturating_sub(w.last_seen_ms) < alive_ms,
+            peer_bytes_fetched_total: stats.get(id).map_or(0, |s| s.peer_bytes_total),
+            properties: w
+                .properties
+                .iter()
+                .map(|(name, value)| format!("{name}={value}"))
+                .collect(),
+        })
+        .collect();
+    let leader = leader
+        .map(|(id, _)| id)
+        .or(node.current_leader())
+        .unwrap_or(0);
+    ClusterStatusResponse {
+        leader,
+        members,
+        workers,
+        answered_by: node.node_id(),
+    }
+}
+
 #[tonic::async_trait]
 impl AdminApi for AdminService {
     async fn cluster_status(
         &self,
         _request: Request<ClusterStatusRequest>,
     ) -> Result<Response<ClusterStatusResponse>, Status> {
-        let answers = self.node.member_statuses().await;
-        let leader = answers
-            .iter()
-            .filter_map(|a| a.answer.as_ref().ok())
-            .filter(|a| a.role == "leader")
-            .max_by_key(|a| a.term)
-            .map(|a| (a.node_id, a.last_log_index));
-        let newest = answers
-            .iter()
-            .filter_map(|a| a.answer.as_ref().ok().map(|a| a.last_log_index))
-            .max()
-            .unwrap_or(0);
-        let head = leader.map_or(newest, |(_, last)| last);
-        let members = answers
-            .into_iter()
-            .map(
-                |MemberAnswer {
-                     node_id: id,
-                     addr,
-                     voter,
-                     answer,
-                 }| match answer {
-                    Ok(a) => Member {
-                        node_id: id,
-                        addr,
-                        voter,
-                        role: a.role,
-                        term: a.term,
-                        last_log_index: a.last_log_index,
-                        applied_index: a.applied_index,
-                        lag: head.saturating_sub(a.applied_index),
-                        error: String::new(),
-                    },
-                    Err(error) => Member {
-                        node_id: id,
-                        addr,
-                        voter,
-                        role: "unreachable".to_string(),
-                        error: error.to_string(),
-                        ..Default::default()
-                    },
-                },
-            )
-            .collect();
-        let now_ms = self.node.now_ms();
-        let peer_bytes = self.node.peer_bytes();
-        let alive_ms = self.node.tuning().lease_timeout_ms;
-        let workers = self
-            .node
-            .model()
-            .workers()
-            .iter()
-            .map(|(id, w)| WorkerStatus {
-                id: id.clone(),
-                addr: w.addr.clone(),
-                slots: w.slots,
-                running: w.running,
-                alive: now_ms.saturating_sub(w.last_seen_ms) < alive_ms,
-                peer_bytes_fetched_total: peer_bytes.get(id).copied().unwrap_or(0),
-                properties: w
-                    .properties
-                    .iter()
-                    .map(|(name, value)| format!("{name}={value}"))
-                    .collect(),
-            })
-            .collect();
-        let leader = leader
-            .map(|(id, _)| id)
-            .or(self.node.current_leader())
-            .unwrap_or(0);
-        Ok(Response::new(ClusterStatusResponse {
-            leader,
-            members,
-            workers,
-            answered_by: self.node.node_id(),
-        }))
+        Ok(Response::new(cluster_status(&self.node).await))
     }
 
     async fn add_node(

@@ -7,10 +7,13 @@
 
 pub mod admin;
 pub mod client;
+pub mod health;
+pub mod http;
 pub mod raft;
 pub mod rate;
 pub mod reapi;
 pub mod status;
+pub mod status_page;
 pub mod watch;
 pub mod worker;
 

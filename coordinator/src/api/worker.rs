@@ -196,6 +196,7 @@ impl WorkerService {
                 .collect(),
             deps,
             timeout_ms: exec.timeout_ms,
+            build_id: exec.rank.build,
             action: spec.action.as_ref().map(|action| RemoteAction {
                 instance_name: action.instance_name.clone(),
                 action_digest: action.action.hash_bytes().to_vec().into(),
@@ -422,8 +423,11 @@ impl WorkerApi for WorkerService {
                 "more leases than a worker can hold",
             ));
         }
-        self.node
-            .note_peer_bytes(&req.worker_id, req.peer_bytes_fetched_total);
+        self.node.note_worker_stats(
+            &req.worker_id,
+            req.peer_bytes_fetched_total,
+            req.cache_bytes,
+        );
         let changes = req.added_artifacts.len() + req.dropped_artifacts.len();
         if changes > MAX_CACHE_CHANGES_PER_HEARTBEAT {
             return Err(Status::invalid_argument(format!(

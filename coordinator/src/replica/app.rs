@@ -37,6 +37,7 @@ pub(super) struct App {
     pub node_id: u64,
     pub shared: Shared,
     pub observer: Option<Arc<dyn ApplyObserver>>,
+    pub metrics: Arc<super::metrics::ReplicaMetrics>,
     pub check_invariants: bool,
     pub bugs: InjectedBugs,
 }
@@ -137,6 +138,7 @@ impl Application<TypeConfig> for App {
         let mut responses = Vec::with_capacity(parts.len());
         for &(index, part) in &parts {
             let response = requests.apply(&mut model, index, part);
+            self.metrics.applied(&model.take_tally(), &response);
             if self.check_invariants
                 && let Err(violation) = model.check_invariants()
             {

@@ -16,6 +16,7 @@ use openraft::error::{ClientWriteError, RaftError};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::error::{ReplicaError, Result};
+use super::metrics::ReplicaMetrics;
 use super::types::TypeConfig;
 
 /// Entries being committed at once; while they are, new proposals wait
@@ -41,14 +42,15 @@ struct Group {
 /// send it.
 pub(super) struct Batcher {
     groups: mpsc::Sender<Group>,
+    metrics: Arc<ReplicaMetrics>,
 }
 
 impl Batcher {
     /// Starts the task (it ends when the batcher is dropped).
-    pub(super) fn start(raft: Raft<TypeConfig>) -> Self {
+    pub(super) fn start(raft: Raft<TypeConfig>, metrics: Arc<ReplicaMetrics>) -> Self {
         let (groups, waiting) = mpsc::channel(MAX_WAITING);
-        tokio::spawn(form_entries(raft, waiting));
-        Self { groups }
+        tokio::spawn(form_entries(raft, waiting, metrics.clone()));
+        Self { groups, metrics }
     }
 
     /// Proposes `proposals` (at most [`MAX_BATCH`]) in one entry, maybe
@@ -62,6 +64,7 @@ impl Batcher {
             .iter()
             .map(|p| postcard::experimental::serialized_size(p).unwrap_or(usize::MAX))
             .fold(0usize, usize::saturating_add);
+        let started = tokio::time::Instant::now();
         let (reply, answer) = oneshot::channel();
         let group = Group {
             proposals,
@@ -73,17 +76,23 @@ impl Batcher {
                 "the coordinator is stopping; retry".into(),
             ));
         }
-        answer.await.unwrap_or_else(|_| {
+        let answered = answer.await.unwrap_or_else(|_| {
             Err(ReplicaError::Unavailable(
                 "the coordinator is stopping; retry".into(),
             ))
-        })
+        });
+        self.metrics.proposal_answered(started.elapsed());
+        answered
     }
 }
 
 /// Takes groups as they come: waits for an entry's room to commit, then
 /// puts every group waiting (within the bounds) into one entry.
-async fn form_entries(raft: Raft<TypeConfig>, mut waiting: mpsc::Receiver<Group>) {
+async fn form_entries(
+    raft: Raft<TypeConfig>,
+    mut waiting: mpsc::Receiver<Group>,
+    metrics: Arc<ReplicaMetrics>,
+) {
     let room = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let mut carried: Option<Group> = None;
     loop {
@@ -111,6 +120,7 @@ async fn form_entries(raft: Raft<TypeConfig>, mut waiting: mpsc::Receiver<Group>
             bytes = bytes.saturating_add(group.bytes);
             entry.push(group);
         }
+        metrics.entry_written(parts);
         let raft = raft.clone();
         tokio::spawn(async move {
             write(&raft, entry).await;

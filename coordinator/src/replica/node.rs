@@ -21,6 +21,7 @@ use super::config::{
 };
 use super::contact::Contact;
 use super::error::{ReplicaError, Result};
+use super::metrics::ReplicaMetrics;
 use super::network::{MAX_RAFT_MESSAGE_BYTES, Network, Peers};
 use super::seams::{Clock, Seams};
 use super::time::LeaderTime;
@@ -57,12 +58,22 @@ pub struct Node {
     pub(super) contact: Arc<Contact>,
     /// What peers and operators must show (None: nothing required).
     pub(super) secret: Option<ClusterSecret>,
-    /// Per worker, the peer bytes it last reported fetching: a metric this
+    /// Per worker, what it last reported in a heartbeat: metrics this
     /// node saw, not replicated state.
-    pub(super) peer_bytes_fetched: Mutex<std::collections::HashMap<String, u64>>,
+    pub(super) worker_stats: Mutex<std::collections::HashMap<String, WorkerStats>>,
+    pub(super) metrics: Arc<ReplicaMetrics>,
     /// Cancelled when the server stops: long polls and event streams end
     /// so the server's graceful shutdown does not wait on them.
     pub(super) shutdown: CancellationToken,
+}
+
+/// What a worker last reported about itself in a heartbeat.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WorkerStats {
+    /// Bytes it fetched from other workers since it started.
+    pub peer_bytes_total: u64,
+    /// Bytes its cache holds.
+    pub cache_bytes: u64,
 }
 
 /// A role as `cluster status` names it.
@@ -93,9 +104,11 @@ impl Node {
     ) -> anyhow::Result<Arc<Self>> {
         use anyhow::Context as _;
         let shared = Shared::default();
+        let metrics = Arc::new(ReplicaMetrics::new());
         let app = App {
             node_id,
             shared: shared.clone(),
+            metrics: metrics.clone(),
             observer: seams.observer.clone(),
             check_invariants: seams.check_invariants,
             bugs: seams.bugs,
@@ -110,6 +123,7 @@ impl Node {
             distbuild_raft_store::open_with(&raft_dir, app, options)
                 .with_context(|| format!("open the raft store in {}", raft_dir.display()))?;
         let state = state_machine.state();
+        metrics.follow_commits(log_store.committed_index());
         let config = openraft::Config {
             cluster_name: "distbuild".to_string(),
             heartbeat_interval: HEARTBEAT_INTERVAL_MS,
@@ -137,6 +151,10 @@ impl Node {
         let raft = Raft::new(node_id, config, network, log_store, state_machine)
             .await
             .context("start the raft node")?;
+        tokio::spawn(tracing::Instrument::instrument(
+            follow_raft_metrics(raft.metrics(), metrics.clone()),
+            tracing::info_span!("coordinator", node_id),
+        ));
         let mut addr = addr;
         if !raft.is_initialized().await.context("raft status")? {
             let members = match &bootstrap {
@@ -175,7 +193,8 @@ impl Node {
             .with_context(|| format!("open the blob store in {}", blobs_dir.display()))?;
         Ok(Arc::new(Self {
             node_id,
-            batcher: super::batch::Batcher::start(raft.clone()),
+            batcher: super::batch::Batcher::start(raft.clone(), metrics.clone()),
+            metrics,
             addr,
             raft,
             peers,
@@ -190,9 +209,20 @@ impl Node {
             tuning,
             contact,
             secret,
-            peer_bytes_fetched: Mutex::default(),
+            worker_stats: Mutex::default(),
             shutdown,
         }))
+    }
+
+    /// This replica's metrics in Prometheus's text format.
+    pub fn metrics_text(&self) -> String {
+        let gauges = self.model().gauges();
+        self.metrics.encode(&gauges)
+    }
+
+    /// The families its gRPC server counts calls in.
+    pub fn grpc_metrics(&self) -> &distbuild_ops::grpc::GrpcMetrics {
+        &self.metrics.grpc
     }
 
     /// This replica's node ID.
@@ -262,17 +292,29 @@ impl Node {
         self.leader_time.start(term, base);
     }
 
-    /// Notes the peer bytes `worker_id` reported fetching (a metric).
-    pub fn note_peer_bytes(&self, worker_id: &str, bytes_total: u64) {
-        self.peer_bytes_fetched
-            .lock()
-            .expect("metrics lock poisoned")
-            .insert(worker_id.to_string(), bytes_total);
+    /// Notes what `worker_id` reported in a heartbeat: bytes fetched from
+    /// peers since it started, bytes its cache holds (metrics, not
+    /// replicated). Workers no longer registered are forgotten here, so
+    /// the table holds at most the registered workers and one more.
+    pub fn note_worker_stats(&self, worker_id: &str, peer_bytes_total: u64, cache_bytes: u64) {
+        let mut stats = self.worker_stats.lock().expect("metrics lock poisoned");
+        stats.insert(
+            worker_id.to_string(),
+            WorkerStats {
+                peer_bytes_total,
+                cache_bytes,
+            },
+        );
+        let registered = self.model().workers().len();
+        if stats.len() > registered + 1 {
+            let model = self.model();
+            stats.retain(|id, _| model.workers().contains_key(id));
+        }
     }
 
-    /// The peer bytes each worker last reported fetching.
-    pub fn peer_bytes(&self) -> std::collections::HashMap<String, u64> {
-        self.peer_bytes_fetched
+    /// What each worker last reported in a heartbeat to this node.
+    pub fn worker_stats(&self) -> std::collections::HashMap<String, WorkerStats> {
+        self.worker_stats
             .lock()
             .expect("metrics lock poisoned")
             .clone()
@@ -390,6 +432,31 @@ impl Node {
         tokio::select! {
             _ = changed => {}
             () = self.shutdown.cancelled() => {}
+        }
+    }
+}
+
+/// Keeps the Raft families current as openraft's metrics change; ends when
+/// Raft stops.
+async fn follow_raft_metrics(
+    mut raft: tokio::sync::watch::Receiver<openraft::RaftMetrics<u64, openraft::BasicNode>>,
+    metrics: Arc<ReplicaMetrics>,
+) {
+    let mut last_leader = None;
+    loop {
+        let leader_before = last_leader;
+        let term = {
+            let m = raft.borrow_and_update();
+            metrics.raft_changed(&m, &mut last_leader);
+            m.current_term
+        };
+        if last_leader != leader_before
+            && let Some(leader) = last_leader
+        {
+            tracing::info!(leader, term, "new leader");
+        }
+        if raft.changed().await.is_err() {
+            return;
         }
     }
 }

@@ -389,6 +389,7 @@ pub fn assignment(lease_token: u64, cmds: Vec<v1::Command>) -> Assignment {
         inputs: vec![],
         deps: vec![],
         timeout_ms: 60_000,
+        build_id: 1,
         action: None,
     }
 }

@@ -68,6 +68,9 @@ impl Model {
             };
             let waiters = exec.waiters.clone();
             self.leases.insert(token, *key);
+            self.tally
+                .queue_waits_ms
+                .push(self.clock_ms.saturating_sub(since));
             self.lease_started(worker_id, rank.build);
             self.dirty.executions.insert(*key);
             for (build_id, job) in waiters {

@@ -6,6 +6,9 @@ use crate::log::Event;
 use crate::records::JobState;
 use crate::state::Model;
 
+/// The error a cancelled build finishes with.
+pub const BUILD_CANCELLED: &str = "the build was cancelled";
+
 impl Model {
     /// Cancels build `build_id`: every job not in a final state is skipped,
     /// leaves the execution of its cache key, and an execution no build
@@ -37,7 +40,7 @@ impl Model {
             build_id,
             Event::BuildFinished {
                 ok: false,
-                error: Some("the build was cancelled".to_string()),
+                error: Some(BUILD_CANCELLED.to_string()),
             },
         );
         self.finish_retention(build_id);

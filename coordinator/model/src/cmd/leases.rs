@@ -53,9 +53,11 @@ impl Model {
                 _ => unreachable!("leases index running executions"),
             };
             self.release_lease(token);
+            self.tally.lease_expiries += 1;
             let exec = self.executions.get_mut(&key).expect("released above");
             exec.attempts += 1;
             if exec.attempts < max_attempts {
+                self.tally.retries += 1;
                 continue;
             }
             let attempts = exec.attempts;

@@ -11,3 +11,4 @@ mod report;
 mod submit;
 
 pub use assign::MAX_ASSIGN_BATCH;
+pub use cancel::BUILD_CANCELLED;

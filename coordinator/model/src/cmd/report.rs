@@ -7,6 +7,7 @@ use crate::gc::result_bytes;
 use crate::log::Outcome;
 use crate::records::{CachedResult, ExecState, JobOutput};
 use crate::state::Model;
+use crate::tally::RunEnd;
 
 impl Model {
     pub(crate) fn report(
@@ -51,6 +52,15 @@ impl Model {
             }
         } else {
             if let Outcome::LostInputs { lost } = outcome {
+                // An empty list is the leader handing back a lease it
+                // could not describe: no run was tried.
+                if let Some(ExecState::Running { started_ms, .. }) =
+                    self.executions.get(key).map(|e| &e.state)
+                    && !lost.is_empty()
+                {
+                    let ran_ms = self.clock_ms.saturating_sub(*started_ms);
+                    self.tally.runs.push((RunEnd::LostInputs, ran_ms));
+                }
                 let counts = self.lost_inputs(token, key, lost);
                 if let Some(w) = self.workers.get_mut(worker_id) {
                     w.last_seen_ms = self.clock_ms;
@@ -69,6 +79,13 @@ impl Model {
             let exec = &self.executions[key];
             if let ExecState::Running { started_ms, .. } = exec.state {
                 let ran_ms = self.clock_ms.saturating_sub(started_ms);
+                let end = match outcome {
+                    Outcome::Success { .. } | Outcome::Executed { exit_code: 0, .. } => {
+                        RunEnd::Success
+                    }
+                    _ => RunEnd::Failure,
+                };
+                self.tally.runs.push((end, ran_ms));
                 let build = exec.rank.build;
                 let kind = duration_key(&exec.spec);
                 self.record_duration(kind, ran_ms);
