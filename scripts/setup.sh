@@ -6,11 +6,12 @@
 # the partition test (tests/partition.rs); bubblewrap (`bwrap`) is the
 # workers' job sandbox. Bazel (Debian's bazel-bootstrap, 4.2.3, with the
 # C++ and Java rules it would otherwise download) is the Remote Execution
-# API client of tests/bazel.rs.
+# API client of tests/bazel.rs. Chromium is the browser tests/status_page.rs
+# loads the coordinators' status page in (headless).
 set -euo pipefail
 
 packages=(libclang-dev clang g++ make pkg-config ninja-build iproute2 bubblewrap
-  bazel-bootstrap bazel-rules-cc bazel-rules-java)
+  bazel-bootstrap bazel-rules-cc bazel-rules-java chromium)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

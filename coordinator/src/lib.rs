@@ -205,7 +205,11 @@ pub async fn run_cli(args: CoordinatorArgs) -> anyhow::Result<()> {
     let addr = listener.local_addr().context("listener address")?;
     let node = start_node(&config, addr, Seams::production(), shutdown.clone()).await?;
     if let Some(http) = http {
-        tokio::spawn(http.serve(api::http::routes(node.clone()), shutdown.clone()));
+        tokio::spawn(http.serve(
+            api::http::routes(node.clone()),
+            api::http::public_routes(),
+            shutdown.clone(),
+        ));
     }
     let access = Access::for_security(&config.security);
     serve(node, config.secret, access, listener, shutdown).await

@@ -157,15 +157,16 @@ impl HttpPort {
         self.listener.local_addr()
     }
 
-    /// Serves `routes` (behind the token check, with `/login` added)
-    /// until `shutdown`.
-    pub async fn serve(self, routes: Router, shutdown: CancellationToken) {
+    /// Serves `routes` behind the token check, `public` (pages that show
+    /// no data) without it, and `/login`, until `shutdown`.
+    pub async fn serve(self, routes: Router, public: Router, shutdown: CancellationToken) {
         let secure = self.tls.is_some();
         let app = routes
             .layer(axum::middleware::from_fn_with_state(
                 self.access.clone(),
                 require_token,
             ))
+            .merge(public)
             .route(
                 "/login",
                 axum::routing::get(login).with_state((self.access.clone(), secure)),

@@ -566,6 +566,10 @@ pub struct HaCluster {
     /// The CA every process's certificate comes from; `None`: every
     /// process runs `--insecure`.
     pub pki: Option<Pki>,
+    /// Each node's metrics and status port (index = node ID - 1).
+    pub metrics_ports: Vec<u16>,
+    /// The token every metrics port asks for.
+    pub metrics_token: String,
 }
 
 impl HaCluster {
@@ -604,8 +608,13 @@ impl HaCluster {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let dir = tempfile::tempdir().expect("tempdir");
-        let ports = free_ports(coordinators + spare);
+        let mut ports = free_ports(2 * (coordinators + spare));
+        let metrics_ports = ports.split_off(coordinators + spare);
+        let metrics_token = format!("metrics-token-{}", rand_suffix());
+        write_private(&dir.path().join("metrics-token"), &metrics_token);
         let mut cluster = HaCluster {
+            metrics_ports,
+            metrics_token,
             _serial: serial,
             dir,
             coordinators: (0..coordinators + spare).map(|_| None).collect(),
@@ -641,6 +650,18 @@ impl HaCluster {
 
     pub fn node_addr(&self, id: u64) -> String {
         format!("127.0.0.1:{}", self.ports[id as usize - 1])
+    }
+
+    /// Node `id`'s metrics and status port.
+    pub fn metrics_addr(&self, id: u64) -> String {
+        format!("127.0.0.1:{}", self.metrics_ports[id as usize - 1])
+    }
+
+    /// `path` from node `id`'s metrics port, with the token: (HTTP status,
+    /// body).
+    pub fn http_get(&self, id: u64, path: &str) -> (u16, String) {
+        let auth = format!("Bearer {}", self.metrics_token);
+        http_get(&self.metrics_addr(id), path, &[("Authorization", &auth)])
     }
 
     /// Every coordinator address (up or down), for `--coordinator`.
@@ -679,6 +700,10 @@ impl HaCluster {
             args.push("--cluster-secret-file".into());
             args.push(path.to_str().expect("utf-8").into());
         }
+        args.push("--metrics-listen".into());
+        args.push(self.metrics_addr(id));
+        args.push("--metrics-token-file".into());
+        args.push(self.path("metrics-token").display().to_string());
         if id as usize <= self.initial {
             args.push("--initial-cluster".into());
             args.push(self.initial_cluster());
@@ -707,6 +732,11 @@ impl HaCluster {
 
     /// Starts one more worker with `extra` flags.
     pub fn add_worker_with(&mut self, extra: &[&str]) {
+        self.add_worker_with_env(extra, &[]);
+    }
+
+    /// Starts one more worker with `extra` flags and `env` variables.
+    pub fn add_worker_with_env(&mut self, extra: &[&str], env: &[(&str, &str)]) {
         let i = self.workers.len();
         let mut args: Vec<String> = vec![
             "worker".into(),
@@ -730,7 +760,9 @@ impl HaCluster {
         ));
         args.extend(writable_dir_flags(self.dir.path()));
         let log = self.path(&format!("worker{i}.log"));
-        self.workers.push(Some(Server::start(&args, log)));
+        let mut command = distbuild();
+        command.args(&args).envs(env.iter().copied());
+        self.workers.push(Some(Server::start_command(command, log)));
     }
 
     /// `distbuild cluster status --json` through every address, or the
@@ -1111,4 +1143,68 @@ pub mod reapi {
             .await
             .expect("connect")
     }
+}
+
+/// GET `path` from `addr` over plain HTTP/1.1 with `headers`: (status,
+/// body). Panics if nothing answers.
+pub fn http_get(addr: &str, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    use std::io::{Read as _, Write as _};
+    let mut stream =
+        std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let mut request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        request += &format!("{name}: {value}\r\n");
+    }
+    request += "\r\n";
+    stream.write_all(request.as_bytes()).expect("send request");
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).expect("read response");
+    let response = String::from_utf8_lossy(&response).into_owned();
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no HTTP response: {response:?}"));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP status: {head:?}"));
+    // Chunked answers (axum streams bodies) are decoded.
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        let mut out = String::new();
+        let mut rest = body;
+        while let Some((size, tail)) = rest.split_once("\r\n") {
+            let size = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+            if size == 0 {
+                break;
+            }
+            out += &tail[..size];
+            rest = &tail[size + 2..];
+        }
+        out
+    } else {
+        body.to_string()
+    };
+    (status, body)
+}
+
+/// The value of sample `name` (with its labels, as written:
+/// `distbuild_jobs_finished_total{outcome="failed"}`) in Prometheus text,
+/// or 0 when absent.
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|line| {
+            let rest = line.strip_prefix(name)?;
+            rest.strip_prefix(' ')?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
 }

@@ -257,7 +257,7 @@ pub async fn run_cli(args: WorkerArgs) -> anyhow::Result<()> {
                 }
             }),
         );
-        tokio::spawn(http.serve(routes, shutdown.clone()));
+        tokio::spawn(http.serve(routes, axum::Router::new(), shutdown.clone()));
     }
     let result = run(config, listener, shutdown.clone()).await;
     shutdown.cancel();

@@ -14,7 +14,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use tokio::sync::Semaphore;
 
 use crate::cache::Cache;
 
@@ -32,7 +31,7 @@ struct Source {
 pub(crate) struct Live {
     pub(crate) cache: Cache,
     pub(crate) slots: usize,
-    pub(crate) free_slots: Arc<Semaphore>,
+    pub(crate) running: Arc<std::sync::atomic::AtomicUsize>,
     pub(crate) peer_bytes: Arc<AtomicU64>,
     pub(crate) coordinator_bytes: Arc<AtomicU64>,
 }
@@ -138,10 +137,8 @@ impl WorkerMetrics {
     pub fn encode(&self) -> String {
         if let Some(live) = self.live.get() {
             let as_i64 = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
-            let busy = live
-                .slots
-                .saturating_sub(live.free_slots.available_permits());
-            self.busy_slots.set(busy as i64);
+            self.busy_slots
+                .set(live.running.load(Ordering::Relaxed) as i64);
             let (bytes, entries, evictions) = live.cache.stats();
             self.cache_bytes.set(as_i64(bytes));
             self.cache_entries.set(as_i64(entries));

@@ -224,6 +224,8 @@ struct Worker {
     /// one while another was under way does not register twice.
     registrations: tokio::sync::Mutex<u64>,
     metrics: Arc<crate::metrics::WorkerMetrics>,
+    /// Jobs running now (the `jobs` table's size, for metrics).
+    running: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Worker {
@@ -447,6 +449,7 @@ impl Worker {
                     cancel: cancel.clone(),
                 },
             );
+            self.running.fetch_add(1, Ordering::Relaxed);
         }
         // The worker's span (a job started by its predecessor's report
         // is started in it too): job spans never nest, however many jobs
@@ -466,11 +469,15 @@ impl Worker {
                 .run_assignment(assignment, &cancel)
                 .instrument(span)
                 .await;
-            worker
+            if worker
                 .jobs
                 .lock()
                 .expect("jobs lock poisoned")
-                .remove(&token);
+                .remove(&token)
+                .is_some()
+            {
+                worker.running.fetch_sub(1, Ordering::Relaxed);
+            }
             // The report leased the slot to the next job: it runs on the
             // same permit.
             let _in_worker = outer.enter();
@@ -1000,11 +1007,12 @@ where
         lease_timeout_ms: AtomicU64::new(DEFAULT_LEASE_TIMEOUT.as_millis() as u64),
         registrations: tokio::sync::Mutex::new(0),
         metrics: config.metrics.clone(),
+        running: Arc::default(),
     });
     worker.metrics.attach(crate::metrics::Live {
         cache: worker.env.cache.clone(),
         slots: worker.slots,
-        free_slots: worker.free_slots.clone(),
+        running: worker.running.clone(),
         peer_bytes: worker.env.peer_bytes_fetched.clone(),
         coordinator_bytes: worker.env.coordinator_bytes_fetched.clone(),
     });

@@ -13,8 +13,30 @@ use distbuild_ops::http::METRICS_CONTENT_TYPE;
 
 use crate::replica::Node;
 
-/// The port's routes (the token check and `/login` are added by
-/// `HttpPort::serve`).
+/// The page itself: static, it shows nothing until its script fetches
+/// `/status.json` (with the token), so anyone may load it and be told how
+/// to log in.
+pub fn public_routes() -> Router {
+    Router::new().route(
+        "/",
+        get(|| async {
+            (
+                [
+                    (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+                    // The page loads nothing from elsewhere; say so.
+                    (
+                        header::CONTENT_SECURITY_POLICY,
+                        "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src data:",
+                    ),
+                ],
+                PAGE,
+            )
+        }),
+    )
+}
+
+/// The routes behind the token (the token check and `/login` are added
+/// by `HttpPort::serve`).
 pub fn routes(node: Arc<Node>) -> Router {
     let page = Arc::new(super::status_page::StatusPage::new(node.clone()));
     Router::new()
@@ -29,22 +51,6 @@ pub fn routes(node: Arc<Node>) -> Router {
                     )
                         .into_response()
                 }
-            }),
-        )
-        .route(
-            "/",
-            get(|| async {
-                (
-                    [
-                        (header::CONTENT_TYPE, "text/html; charset=utf-8"),
-                        // The page loads nothing from elsewhere; say so.
-                        (
-                            header::CONTENT_SECURITY_POLICY,
-                            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src data:",
-                        ),
-                    ],
-                    PAGE,
-                )
             }),
         )
         .route(

@@ -282,12 +282,12 @@ impl ReplicaMetrics {
         );
         r.register("workers", "Workers registered", m.workers.clone());
         r.register(
-            "worker_slots",
+            "workers_slots",
             "Job slots of the registered workers",
             m.worker_slots.clone(),
         );
         r.register(
-            "worker_busy_slots",
+            "workers_busy_slots",
             "Job slots leased now",
             m.worker_busy_slots.clone(),
         );
