@@ -92,6 +92,9 @@ enum ClusterCommand {
     AddNode(distbuild_client::AddNodeArgs),
     /// Remove a coordinator from the voters.
     RemoveNode(distbuild_client::RemoveNodeArgs),
+    /// Drain a worker: it takes no new work, finishes what it runs, hands
+    /// off the outputs builds still need from it, deregisters and exits.
+    DrainWorker(distbuild_client::DrainWorkerArgs),
 }
 
 /// Exit code of a server that stopped on an error (bad flags are 2).
@@ -122,6 +125,9 @@ fn main() -> ExitCode {
             }
             Command::Cluster(ClusterCommand::RemoveNode(args)) => {
                 return distbuild_client::remove_node_cli(args).await;
+            }
+            Command::Cluster(ClusterCommand::DrainWorker(args)) => {
+                return distbuild_client::drain_worker_cli(args).await;
             }
             Command::Certs(command) => return distbuild_client::certs::certs_cli(command),
             Command::ReapiProxy(args) => {

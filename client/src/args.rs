@@ -213,6 +213,26 @@ pub struct AddNodeArgs {
     pub connection: ConnectionArgs,
 }
 
+/// Flags of `distbuild cluster drain-worker`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DrainWorkerArgs {
+    /// The worker to drain (its ID, as `cluster status` lists it).
+    #[arg(value_name = "WORKER_ID")]
+    pub worker_id: String,
+
+    /// Return once the worker was told, not once it left.
+    #[arg(long)]
+    pub no_wait: bool,
+
+    /// How long to wait for the worker to leave, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 300)]
+    pub wait_timeout: u64,
+
+    /// Where the cluster is.
+    #[command(flatten)]
+    pub connection: ConnectionArgs,
+}
+
 /// Flags of `distbuild cluster remove-node`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RemoveNodeArgs {

@@ -25,6 +25,7 @@ pub mod certs;
 pub mod cluster;
 pub mod connect;
 pub mod download;
+pub mod drain;
 pub mod exit_code;
 pub mod local;
 pub mod membership;
@@ -36,9 +37,11 @@ pub mod upload;
 pub mod watch;
 
 pub use args::{
-    AddNodeArgs, BuildArgs, ClusterStatusArgs, ConnectionArgs, LocalArgs, RemoveNodeArgs,
+    AddNodeArgs, BuildArgs, ClusterStatusArgs, ConnectionArgs, DrainWorkerArgs, LocalArgs,
+    RemoveNodeArgs,
 };
 pub use build::{build_cli, run_build};
+pub use drain::{drain_worker_cli, run_drain_worker};
 pub use local::{info_cli, shutdown_cli};
 pub use membership::{add_node_cli, remove_node_cli, run_add_node, run_remove_node};
 pub use status::{cluster_status_cli, run_cluster_status};

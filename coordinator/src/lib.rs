@@ -459,6 +459,7 @@ where
             node: node.clone(),
             rates,
             kept_blob_bytes: kept_blob_bytes.clone(),
+            drains: Arc::default(),
         })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES),

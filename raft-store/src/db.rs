@@ -42,8 +42,8 @@ const KEY_FORMAT: &[u8] = b"format";
 /// spec may carry a Remote Execution API action, a run's output its
 /// `ActionResult`. Format 7: executions carry their scheduling rank and
 /// lease start, jobs their critical path, and a `durations` table keeps
-/// expected durations.
-pub(crate) const FORMAT: u32 = 7;
+/// expected durations. Format 8: a worker record says whether it drains.
+pub(crate) const FORMAT: u32 = 8;
 
 /// Memory all memtables may hold together before RocksDB flushes one.
 pub const MEMTABLE_BUDGET_BYTES: usize = 64 << 20;

@@ -57,6 +57,13 @@ pub struct WorkerArgs {
     /// The metrics port.
     #[command(flatten)]
     pub http: distbuild_ops::http::HttpFlags,
+    /// On SIGTERM (or `cluster drain-worker`) the worker takes no new
+    /// work, lets running jobs finish, hands off the outputs builds still
+    /// need from it, deregisters and exits; past this many seconds it
+    /// stops its jobs (they run elsewhere) and leaves anyway. A second
+    /// SIGTERM or Ctrl-C stops it at once.
+    #[arg(long, value_name = "SECONDS", default_value_t = 120)]
+    pub drain_timeout: u64,
     /// How jobs are confined: `namespaces` (bubblewrap; the default where
     /// it works here) or `none` (jobs run unconfined, with a warning).
     #[arg(long, value_enum, value_name = "KIND")]
@@ -123,6 +130,10 @@ impl WorkerArgs {
             .map_err(|e| anyhow::anyhow!("--property: {e}"))?;
         config.cache_max_bytes = self.cache_max_bytes;
         config.advertise_addr = self.advertise.clone();
+        if self.drain_timeout == 0 || self.drain_timeout > 86_400 {
+            anyhow::bail!("--drain-timeout: must be 1 to 86400 seconds");
+        }
+        config.drain_timeout = std::time::Duration::from_secs(self.drain_timeout);
         let security = self.security.load(&[Role::Worker])?;
         if matches!(security, Security::Insecure) {
             tracing::warn!("{INSECURE_WARNING}");
@@ -228,15 +239,24 @@ pub async fn run_cli(args: WorkerArgs) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("install the SIGTERM handler")?;
+    // The first signal drains (see `runtime::drain`), the second stops at
+    // once.
     let signals = tokio::spawn({
         let shutdown = shutdown.clone();
+        let drain = config.drain.clone();
         async move {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = terminate.recv() => {}
                 () = shutdown.cancelled() => return,
             }
-            tracing::info!("shutting down");
+            drain.cancel();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = terminate.recv() => {}
+                () = shutdown.cancelled() => return,
+            }
+            tracing::info!("shutting down without draining");
             shutdown.cancel();
         }
     });

@@ -20,8 +20,9 @@ use distbuild_proto::blob::file_chunks;
 use distbuild_proto::leader::{self, Event, Failure, LeaderClient, Options};
 use distbuild_proto::v1::worker_api_client::WorkerApiClient;
 use distbuild_proto::v1::{
-    BlobChunk, FetchRequest, HeartbeatRequest, HeartbeatResponse, PollWorkRequest,
-    PollWorkResponse, RegisterRequest, RegisterResponse, ReportResultRequest, ReportResultResponse,
+    BlobChunk, FetchRequest, HeartbeatRequest, HeartbeatResponse, LeaveRequest, LeaveResponse,
+    PollWorkRequest, PollWorkResponse, RegisterRequest, RegisterResponse, ReportResultRequest,
+    ReportResultResponse,
 };
 use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};
@@ -241,6 +242,28 @@ impl CoordinatorClient {
         self.call("heartbeat", deadline, persistence, |mut client| {
             let request = Self::request(message.clone(), deadline);
             async move { client.heartbeat(request).await }
+        })
+        .await
+    }
+
+    /// `Drain` (`leave` false) or `Deregister` (true), retried as
+    /// `persistence` allows.
+    pub async fn leave(
+        &self,
+        message: LeaveRequest,
+        deregister: bool,
+        persistence: Persistence,
+    ) -> Result<LeaveResponse, RpcError> {
+        let what = if deregister { "deregister" } else { "drain" };
+        self.call(what, UNARY_DEADLINE, persistence, |mut client| {
+            let request = Self::request(message.clone(), UNARY_DEADLINE);
+            async move {
+                if deregister {
+                    client.deregister(request).await
+                } else {
+                    client.drain(request).await
+                }
+            }
         })
         .await
     }

@@ -11,6 +11,8 @@
 //! only a lease the coordinators revoke, or a registration they forgot,
 //! does.
 
+mod drain;
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, Write};
@@ -110,6 +112,12 @@ pub struct WorkerConfig {
     pub properties: Vec<(String, String)>,
     /// Where the worker counts what `/metrics` shows.
     pub metrics: Arc<crate::metrics::WorkerMetrics>,
+    /// Cancelled to drain: take no new work, finish, hand off, leave
+    /// (`distbuild worker` cancels it on SIGTERM).
+    pub drain: CancellationToken,
+    /// How long a drain may take before running jobs are stopped and
+    /// handed back.
+    pub drain_timeout: Duration,
 }
 
 impl WorkerConfig {
@@ -129,9 +137,14 @@ impl WorkerConfig {
             worker_id: None,
             runner: Arc::new(TokioProcessRunner::default()),
             metrics: Arc::default(),
+            drain: CancellationToken::new(),
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
         }
     }
 }
+
+/// How long a drain may take by default.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// One slot per CPU.
 pub fn default_slots() -> usize {
@@ -226,6 +239,18 @@ struct Worker {
     metrics: Arc<crate::metrics::WorkerMetrics>,
     /// Jobs running now (the `jobs` table's size, for metrics).
     running: Arc<std::sync::atomic::AtomicUsize>,
+    /// Cancelled once the worker drains (see `drain`).
+    draining: CancellationToken,
+    /// The last heartbeat answer said this draining worker may leave.
+    may_leave: std::sync::atomic::AtomicBool,
+    /// The leader knows this worker drains (its `Drain` was answered).
+    told_draining: std::sync::atomic::AtomicBool,
+    /// A heartbeat answer since said the leader does not (a registration
+    /// ended the drain on its side): tell it again.
+    drain_forgotten: std::sync::atomic::AtomicBool,
+    /// Copies for draining workers being fetched.
+    copies: Mutex<std::collections::BTreeSet<Digest>>,
+    copy_slots: Semaphore,
 }
 
 impl Worker {
@@ -297,6 +322,8 @@ impl Worker {
             let result = tokio::select! {
                 result = self.coordinator.register(request.clone(), Persistence::UntilAnswered) => result,
                 () = self.shutdown.cancelled() => return false,
+                // Leaving before it could register: nothing to hand off.
+                () = self.draining.cancelled() => return false,
             };
             match result {
                 Ok(response) => {
@@ -363,6 +390,11 @@ impl Worker {
         let mut unanswered: Option<(PollWorkRequest, Vec<OwnedSemaphorePermit>, u64)> = None;
         let mut backoff = Backoff::new();
         loop {
+            // Draining: no new poll (one in flight is answered, and its jobs
+            // run: the leader gives a draining worker nothing new).
+            if self.draining.is_cancelled() && unanswered.is_none() {
+                return;
+            }
             let (request, mut permits, seen) = match unanswered.take() {
                 Some(poll) => poll,
                 None => {
@@ -372,6 +404,7 @@ impl Worker {
                             Err(_) => return,
                         },
                         () = self.shutdown.cancelled() => return,
+                        () = self.draining.cancelled() => return,
                     };
                     let mut permits = vec![first];
                     while let Ok(permit) = self.free_slots.clone().try_acquire_owned() {
@@ -577,7 +610,7 @@ impl Worker {
             request_id: self.request_ids.next("report"),
             lost_inputs: Vec::new(),
             action_result: outcome.action_result.unwrap_or_default().into(),
-            take_next: !self.shutdown.is_cancelled(),
+            take_next: !self.shutdown.is_cancelled() && !self.draining.is_cancelled(),
         };
         self.count_report(&request, assigned);
         self.report(request, cancel).await
@@ -650,7 +683,7 @@ impl Worker {
             request_id: self.request_ids.next("report"),
             lost_inputs: lost_inputs_to_wire(&outcome.lost_inputs),
             action_result: Default::default(),
-            take_next: !self.shutdown.is_cancelled(),
+            take_next: !self.shutdown.is_cancelled() && !self.draining.is_cancelled(),
         };
         self.count_report(&request, assigned);
         self.report(request, cancel).await
@@ -695,7 +728,7 @@ impl Worker {
     }
 
     /// Heartbeats every interval until shutdown.
-    async fn heartbeat_loop(&self) {
+    async fn heartbeat_loop(self: &Arc<Self>) {
         loop {
             if !self.pause(self.heartbeat_interval()).await {
                 return;
@@ -704,7 +737,7 @@ impl Worker {
         }
     }
 
-    async fn heartbeat(&self) {
+    async fn heartbeat(self: &Arc<Self>) {
         let seen = self.registration_count().await;
         let lease_tokens: Vec<u64> = {
             let jobs = self.jobs.lock().expect("jobs lock poisoned");
@@ -756,6 +789,17 @@ impl Worker {
                             job.cancel.cancel();
                         }
                     }
+                }
+                if response.draining && !self.draining.is_cancelled() {
+                    tracing::info!("drained by an operator");
+                    self.draining.cancel();
+                }
+                if !response.draining && self.told_draining.swap(false, Ordering::Relaxed) {
+                    self.drain_forgotten.store(true, Ordering::Relaxed);
+                }
+                self.may_leave.store(response.may_leave, Ordering::Relaxed);
+                if !response.replicate.is_empty() && !self.draining.is_cancelled() {
+                    self.copy_for_draining(response.replicate);
                 }
                 if response.reregister {
                     self.register(seen).await;
@@ -1008,6 +1052,12 @@ where
         registrations: tokio::sync::Mutex::new(0),
         metrics: config.metrics.clone(),
         running: Arc::default(),
+        draining: config.drain.clone(),
+        may_leave: Default::default(),
+        told_draining: Default::default(),
+        drain_forgotten: Default::default(),
+        copies: Mutex::default(),
+        copy_slots: Semaphore::new(drain::MAX_COPIES_AT_ONCE),
     });
     worker.metrics.attach(crate::metrics::Live {
         cache: worker.env.cache.clone(),
@@ -1036,7 +1086,16 @@ where
             worker
                 .tracker
                 .spawn(async move { heartbeats.heartbeat_loop().await }.in_current_span());
+            worker
+                .tracker
+                .spawn(Arc::clone(&worker).tell_when_draining().in_current_span());
             worker.poll_loop().await;
+            if worker.draining.is_cancelled() && !worker.shutdown.is_cancelled() {
+                health_reporter
+                    .set_service_status("", ServingStatus::NotServing)
+                    .await;
+                worker.drain_and_leave(config.drain_timeout).await;
+            }
         }
     }
     .instrument(worker_span)

@@ -384,6 +384,14 @@ impl AdminApi for Fake {
         }))
     }
 
+    async fn drain_worker(
+        &self,
+        _request: Request<distbuild_proto::v1::DrainWorkerRequest>,
+    ) -> Result<Response<distbuild_proto::v1::DrainWorkerResponse>, Status> {
+        // The fake cluster has no workers.
+        Err(Status::not_found("no such worker"))
+    }
+
     async fn add_node(
         &self,
         request: Request<AddNodeRequest>,

@@ -111,6 +111,12 @@ impl Model {
             Command::CollectGarbage { limits, .. } => {
                 Response::Collected(self.collect_garbage(limits))
             }
+            Command::DrainWorker { worker_id, .. } => Response::Worker {
+                found: self.drain_worker(worker_id),
+            },
+            Command::DeregisterWorker { worker_id, .. } => Response::Worker {
+                found: self.deregister_worker(worker_id),
+            },
             // A batch's parts are applied one by one (`Proposal::parts`);
             // one reaching here is inside another.
             Command::Batch { .. } => Response::Refused {

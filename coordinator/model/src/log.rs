@@ -318,6 +318,18 @@ pub enum Command {
     Batch {
         proposals: Vec<Proposal>,
     },
+    /// The worker is leaving: it is given no new work (its leases run
+    /// on) until it deregisters, or registers again.
+    DrainWorker {
+        worker_id: String,
+        now_ms: u64,
+    },
+    /// The worker left: its leases are handed back (queued again, no
+    /// attempt counted: they were not lost) and its holdings forgotten.
+    DeregisterWorker {
+        worker_id: String,
+        now_ms: u64,
+    },
 }
 
 /// The answer to a command.
@@ -369,6 +381,11 @@ pub enum Response {
     Batch {
         responses: Vec<Response>,
     },
+    /// Whether the worker a `DrainWorker` or `DeregisterWorker` named was
+    /// registered.
+    Worker {
+        found: bool,
+    },
 }
 
 /// An event of a build, numbered from 0 in its build.
@@ -413,7 +430,9 @@ impl Command {
             | Command::ExtendLeases { now_ms, .. }
             | Command::ActionResultStored { now_ms, .. }
             | Command::Used { now_ms, .. }
-            | Command::CollectGarbage { now_ms, .. } => Some(*now_ms),
+            | Command::CollectGarbage { now_ms, .. }
+            | Command::DrainWorker { now_ms, .. }
+            | Command::DeregisterWorker { now_ms, .. } => Some(*now_ms),
             Command::BlobStored { .. } | Command::Batch { .. } => None,
         }
     }

@@ -107,6 +107,58 @@ impl Model {
             .collect()
     }
 
+    /// What the draining workers still hold that nobody else does and a
+    /// build needs: per draining worker, the artifacts (with sizes) of the
+    /// succeeded jobs of every build running or finished within
+    /// `recent_ms` (its client may still be downloading), held by no
+    /// worker that is not draining; at most `max` per worker. Walks those
+    /// builds' jobs: for the leader while a worker drains, not per command.
+    pub fn drain_plan(&self, recent_ms: u64, max: usize) -> BTreeMap<String, Vec<(Digest, u64)>> {
+        let mut plan: BTreeMap<String, Vec<(Digest, u64)>> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.draining)
+            .map(|(id, _)| (id.clone(), Vec::new()))
+            .collect();
+        if plan.is_empty() {
+            return plan;
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        let in_flight = self.builds.values().filter(|b| {
+            !b.header.finished || b.header.finished_ms.saturating_add(recent_ms) > self.clock_ms
+        });
+        for build in in_flight {
+            for job in &build.jobs {
+                if job.state != crate::records::JobState::Succeeded {
+                    continue;
+                }
+                let Some(result) = self.results.get(&job.cache_key) else {
+                    continue;
+                };
+                if !seen.insert(result.artifact) {
+                    continue;
+                }
+                let Some(holders) = self.held_by.get(&result.artifact) else {
+                    continue;
+                };
+                let elsewhere = holders
+                    .iter()
+                    .any(|h| self.workers.get(h).is_some_and(|w| !w.draining));
+                if elsewhere {
+                    continue;
+                }
+                for holder in holders {
+                    if let Some(list) = plan.get_mut(holder)
+                        && list.len() < max
+                    {
+                        list.push((result.artifact, result.artifact_size));
+                    }
+                }
+            }
+        }
+        plan
+    }
+
     /// Sizes of the state now, for metrics. Walks the builds, results and
     /// blobs, so it is for a scrape, not for every command.
     pub fn gauges(&self) -> Gauges {

@@ -218,6 +218,9 @@ pub struct Worker {
     pub held: BTreeSet<Digest>,
     /// Its platform properties (name, value), sorted.
     pub properties: Vec<(String, String)>,
+    /// Leaving: it takes no new work (`DrainWorker`) until it deregisters
+    /// or registers again.
+    pub draining: bool,
 }
 
 /// The parts of one submit staged so far.

@@ -42,7 +42,7 @@ impl Model {
         locality_wait_ms: u64,
         alive_ms: u64,
     ) -> Vec<Digest> {
-        let Some(me) = self.workers.get(worker_id) else {
+        let Some(me) = self.workers.get(worker_id).filter(|w| !w.draining) else {
             return Vec::new();
         };
         let free = (me.slots.saturating_sub(me.running) as usize).min(max);
@@ -61,7 +61,7 @@ impl Model {
         locality_wait_ms: u64,
         alive_ms: u64,
     ) -> Vec<Digest> {
-        let Some(me) = self.workers.get(worker_id) else {
+        let Some(me) = self.workers.get(worker_id).filter(|w| !w.draining) else {
             return Vec::new();
         };
         let frees = self

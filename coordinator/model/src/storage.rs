@@ -22,6 +22,7 @@ struct WorkerRecord {
     slots: u32,
     last_seen_ms: u64,
     properties: Vec<(String, String)>,
+    draining: bool,
 }
 
 impl Model {
@@ -80,6 +81,7 @@ impl Model {
                     slots: record.slots,
                     last_seen_ms: record.last_seen_ms,
                     properties: record.properties,
+                    draining: record.draining,
                     ..Worker::default()
                 },
             );
@@ -230,6 +232,7 @@ impl Model {
                             slots: w.slots,
                             last_seen_ms: w.last_seen_ms,
                             properties: w.properties.clone(),
+                            draining: w.draining,
                         },
                     )?,
                 )?,

@@ -10,6 +10,7 @@ use crate::tables::{
 };
 
 mod batch;
+mod drain;
 mod golden;
 mod schedule;
 mod tally;

@@ -8,8 +8,8 @@ use distbuild_proto::auth::caller;
 use distbuild_proto::tls::Role;
 use distbuild_proto::v1::admin_api_server::AdminApi;
 use distbuild_proto::v1::{
-    AddNodeRequest, ChangeMembershipResponse, ClusterStatusRequest, ClusterStatusResponse, Member,
-    RemoveNodeRequest, WorkerStatus,
+    AddNodeRequest, ChangeMembershipResponse, ClusterStatusRequest, ClusterStatusResponse,
+    DrainWorkerRequest, DrainWorkerResponse, Member, RemoveNodeRequest, WorkerStatus,
 };
 use distbuild_proto::wire::{PortUse, check_host_port};
 use tonic::{Request, Response, Status};
@@ -143,6 +143,32 @@ impl AdminApi for AdminService {
         Ok(Response::new(ChangeMembershipResponse {
             members: voters_of(&self.node),
         }))
+    }
+
+    async fn drain_worker(
+        &self,
+        request: Request<DrainWorkerRequest>,
+    ) -> Result<Response<DrainWorkerResponse>, Status> {
+        caller(&request)?.require(&[Role::Admin], "draining a worker")?;
+        let worker_id = request.into_inner().worker_id;
+        if distbuild_proto::tls::check_name(&worker_id).is_err() {
+            return Err(Status::invalid_argument(format!(
+                "worker_id {:?} is not a worker ID",
+                distbuild_proto::text::shortened(&worker_id, 80)
+            )));
+        }
+        let command = distbuild_model::Command::DrainWorker {
+            worker_id: worker_id.clone(),
+            now_ms: self.node.now_ms(),
+        };
+        match self.node.propose(command).await.map_err(to_status)? {
+            distbuild_model::Response::Worker { found: true } => {
+                Ok(Response::new(DrainWorkerResponse {}))
+            }
+            _ => Err(Status::not_found(format!(
+                "worker {worker_id} is not registered"
+            ))),
+        }
     }
 
     async fn remove_node(

@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod client;
+pub mod drain;
 pub mod health;
 pub mod http;
 pub mod raft;

@@ -99,7 +99,7 @@ impl StatusPage {
                         "alive": seen_ago < alive_ms,
                         "last_seen_ms_ago": seen_ago,
                         "cache_bytes": stats.get(id).map(|s| s.cache_bytes),
-                        "draining": false,
+                        "draining": w.draining,
                         "properties": w.properties.iter()
                             .map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(),
                     })

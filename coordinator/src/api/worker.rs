@@ -10,8 +10,9 @@ use distbuild_proto::tls::MAX_NAME_CHARS;
 use distbuild_proto::v1::worker_api_server::WorkerApi;
 use distbuild_proto::v1::{
     Assignment, BlobChunk, DepArtifact, FetchRequest, HeartbeatRequest, HeartbeatResponse,
-    InputFile, LostInput, PollWorkRequest, PollWorkResponse, RegisterRequest, RegisterResponse,
-    RemoteAction, ReportResultRequest, ReportResultResponse, UploadBlobResponse,
+    InputFile, LeaveRequest, LeaveResponse, LostInput, PollWorkRequest, PollWorkResponse,
+    RegisterRequest, RegisterResponse, RemoteAction, ReportResultRequest, ReportResultResponse,
+    UploadBlobResponse,
 };
 use distbuild_proto::wire::{
     MAX_CACHE_CHANGES_PER_HEARTBEAT, MAX_HELD_PER_REGISTER, MAX_HOLDERS_LISTED,
@@ -79,6 +80,8 @@ pub struct WorkerService {
     pub rates: CallerRates,
     /// Bytes of blobs being received, bounded with every other upload's.
     pub kept_blob_bytes: Arc<KeptBlobBytes>,
+    /// The plan for workers leaving.
+    pub drains: Arc<super::drain::Drains>,
 }
 
 impl WorkerService {
@@ -88,6 +91,29 @@ impl WorkerService {
         check_worker_id(worker_id)?;
         caller.act_as_worker(worker_id)?;
         self.rates.admit(&format!("worker {worker_id}"))
+    }
+
+    /// A worker's `Drain` or `Deregister`: `command` for it, once per
+    /// request ID.
+    async fn leave(
+        &self,
+        request: Request<LeaveRequest>,
+        kind: &str,
+        command: impl FnOnce(String, u64) -> Command,
+    ) -> Result<Response<LeaveResponse>, Status> {
+        let caller = caller(&request)?;
+        let req = request.into_inner();
+        self.admit(&caller, &req.worker_id)?;
+        let request = request_key(kind, &req.worker_id, &req.request_id)?;
+        let command = command(req.worker_id.clone(), self.node.now_ms());
+        match self.node.propose_request(request, command).await? {
+            model::Response::Worker { found: true } => Ok(Response::new(LeaveResponse {})),
+            model::Response::Worker { found: false } => Err(Status::not_found(format!(
+                "worker {} is not registered",
+                req.worker_id
+            ))),
+            _ => Err(Status::internal(format!("unexpected answer to {kind}"))),
+        }
     }
 }
 
@@ -348,10 +374,14 @@ impl WorkerApi for WorkerService {
         loop {
             self.node.ready_leader().await?;
             let now_ms = self.node.now_ms();
-            let (known, picks, queued) = {
+            let (known, draining, picks, queued) = {
                 let model = self.node.model();
                 (
                     model.workers().contains_key(&req.worker_id),
+                    model
+                        .workers()
+                        .get(&req.worker_id)
+                        .is_some_and(|w| w.draining),
                     model.pick_for(
                         &req.worker_id,
                         max,
@@ -367,6 +397,11 @@ impl WorkerApi for WorkerService {
                     assignments: Vec::new(),
                     reregister: true,
                 }));
+            }
+            // Nothing will come for a draining worker: answer at once, so
+            // it can get on with leaving.
+            if draining {
+                return Ok(Response::new(PollWorkResponse::default()));
             }
             if !picks.is_empty() {
                 let id = if request.is_empty() {
@@ -437,6 +472,7 @@ impl WorkerApi for WorkerService {
         let added = digests(&req.added_artifacts, "added_artifacts")?;
         let dropped = digests(&req.dropped_artifacts, "dropped_artifacts")?;
         let request = request_key("heartbeat", &req.worker_id, &req.request_id)?;
+        let worker_id = req.worker_id.clone();
         let response = self
             .node
             .propose_request(
@@ -455,12 +491,39 @@ impl WorkerApi for WorkerService {
             model::Response::Heartbeat {
                 revoked,
                 reregister,
-            } => Ok(Response::new(HeartbeatResponse {
-                revoked_tokens: revoked,
-                reregister,
-            })),
+            } => {
+                let advice = self.drains.advice(&self.node, &worker_id);
+                Ok(Response::new(HeartbeatResponse {
+                    revoked_tokens: revoked,
+                    reregister,
+                    draining: advice.draining,
+                    may_leave: advice.may_leave,
+                    replicate: advice.replicate,
+                }))
+            }
             _ => Err(Status::internal("unexpected answer to a heartbeat")),
         }
+    }
+
+    async fn drain(
+        &self,
+        request: Request<LeaveRequest>,
+    ) -> Result<Response<LeaveResponse>, Status> {
+        self.leave(request, "drain", |worker_id, now_ms| Command::DrainWorker {
+            worker_id,
+            now_ms,
+        })
+        .await
+    }
+
+    async fn deregister(
+        &self,
+        request: Request<LeaveRequest>,
+    ) -> Result<Response<LeaveResponse>, Status> {
+        self.leave(request, "deregister", |worker_id, now_ms| {
+            Command::DeregisterWorker { worker_id, now_ms }
+        })
+        .await
     }
 
     async fn report_result(

@@ -245,6 +245,13 @@ impl AdminApi for Fake {
     ) -> Result<Response<ChangeMembershipResponse>, Status> {
         Err(Status::unimplemented("fake"))
     }
+
+    async fn drain_worker(
+        &self,
+        _request: Request<crate::v1::DrainWorkerRequest>,
+    ) -> Result<Response<crate::v1::DrainWorkerResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
 }
 
 /// Serves a fake node `node_id` on 127.0.0.1 (until the test's runtime

@@ -14,9 +14,9 @@ use bytes::Bytes;
 use distbuild_proto::v1::peer_api_server::PeerApiServer;
 use distbuild_proto::v1::worker_api_server::{WorkerApi, WorkerApiServer};
 use distbuild_proto::v1::{
-    self, Assignment, BlobChunk, FetchRequest, HeartbeatRequest, HeartbeatResponse,
-    PollWorkRequest, PollWorkResponse, RegisterRequest, RegisterResponse, ReportResultRequest,
-    ReportResultResponse, UploadBlobResponse,
+    self, Assignment, BlobChunk, FetchRequest, HeartbeatRequest, HeartbeatResponse, LeaveRequest,
+    LeaveResponse, PollWorkRequest, PollWorkResponse, RegisterRequest, RegisterResponse,
+    ReportResultRequest, ReportResultResponse, UploadBlobResponse,
 };
 use distbuild_proto::wire::{LEADER_METADATA_KEY, digest_to_wire};
 use distbuild_proto::{BlobKey, Digest, artifact};
@@ -57,6 +57,10 @@ pub struct State {
     pub refuse_reports: usize,
     /// While set, heartbeats are refused UNAVAILABLE (no leader named).
     pub refuse_heartbeats: bool,
+    /// Workers that asked to drain, and that deregistered, in order. A
+    /// draining worker's heartbeats are answered "draining, may leave".
+    pub drained: Vec<String>,
+    pub deregistered: Vec<String>,
     /// Answers of polls that leased jobs, by request ID: a retry gets the
     /// same answer (the coordinators' at-most-once application).
     pub poll_answers: HashMap<String, PollWorkResponse>,
@@ -202,10 +206,14 @@ impl WorkerApi for FakeCoordinator {
                 .copied()
                 .filter(|t| reregister || s.revoke.contains(t))
                 .collect();
+            let draining = s.drained.contains(&request.worker_id);
             s.heartbeats.push(request);
             Ok(Response::new(HeartbeatResponse {
                 revoked_tokens,
                 reregister,
+                draining,
+                may_leave: draining,
+                replicate: Vec::new(),
             }))
         })
     }
@@ -228,6 +236,24 @@ impl WorkerApi for FakeCoordinator {
                 assignments: Vec::new(),
             }))
         })
+    }
+
+    async fn drain(
+        &self,
+        request: Request<LeaveRequest>,
+    ) -> Result<Response<LeaveResponse>, Status> {
+        self.not_leader()?;
+        self.with(|s| s.drained.push(request.into_inner().worker_id));
+        Ok(Response::new(LeaveResponse {}))
+    }
+
+    async fn deregister(
+        &self,
+        request: Request<LeaveRequest>,
+    ) -> Result<Response<LeaveResponse>, Status> {
+        self.not_leader()?;
+        self.with(|s| s.deregistered.push(request.into_inner().worker_id));
+        Ok(Response::new(LeaveResponse {}))
     }
 
     async fn upload_blob(

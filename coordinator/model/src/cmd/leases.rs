@@ -90,7 +90,7 @@ impl Model {
     /// platform no registered worker offers any more: they would wait
     /// forever (Execute refuses such an action up front; this is for the
     /// worker that left after it was queued).
-    fn give_up_stranded_actions(&mut self) {
+    pub(crate) fn give_up_stranded_actions(&mut self) {
         let stranded: Vec<(Digest, String)> = self
             .queue
             .keys()

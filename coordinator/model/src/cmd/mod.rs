@@ -4,6 +4,7 @@ mod action;
 mod assign;
 mod blob;
 mod cancel;
+mod drain;
 mod heartbeat;
 mod leases;
 mod register;

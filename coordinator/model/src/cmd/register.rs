@@ -44,6 +44,9 @@ impl Model {
         worker.slots = slots;
         worker.properties = properties.to_vec();
         worker.last_seen_ms = self.clock_ms;
+        // A worker that starts again takes work again (one still leaving
+        // says so again).
+        worker.draining = false;
         self.dirty.workers.insert(worker_id.to_string());
         for digest in new_held {
             self.add_listed_holding(worker_id, digest);

@@ -281,6 +281,14 @@ fn commands() -> Vec<Command> {
                 }),
             ],
         },
+        Command::DrainWorker {
+            worker_id: "w-1".into(),
+            now_ms: 18,
+        },
+        Command::DeregisterWorker {
+            worker_id: "w-1".into(),
+            now_ms: 19,
+        },
     ]
 }
 
@@ -320,6 +328,7 @@ fn responses() -> Vec<Response> {
         Response::Batch {
             responses: vec![Response::None, Response::Reported { accepted: false }],
         },
+        Response::Worker { found: true },
     ]
 }
 
@@ -583,6 +592,11 @@ fn a_scripted_run_leaves_the_pinned_tables() {
         }),
         Proposal::once(Command::CancelBuild {
             build_id: 11,
+            now_ms: 5_001,
+        }),
+        // Leaving: a worker record says it drains.
+        Proposal::once(Command::DrainWorker {
+            worker_id: "w2".into(),
             now_ms: 5_001,
         }),
         // A retry: answered from memory, nothing applied.
