@@ -90,6 +90,18 @@ impl Model {
     }
 
     /// Ends the lease `token`: its execution is queued again.
+    /// The tokens of `worker_id`'s leases.
+    pub(crate) fn leases_of(&self, worker_id: &str) -> Vec<u64> {
+        self.leases
+            .iter()
+            .filter(|(_, key)| {
+                matches!(&self.executions[*key].state,
+                    ExecState::Running { worker_id: w, .. } if w == worker_id)
+            })
+            .map(|(token, _)| *token)
+            .collect()
+    }
+
     pub(crate) fn release_lease(&mut self, token: u64) {
         let key = self.leases.remove(&token).expect("a current lease");
         let exec = &self.executions[&key];

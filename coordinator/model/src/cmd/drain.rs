@@ -4,7 +4,6 @@
 //! to other workers (the leader plans the copies: `Model::drain_plan`);
 //! then it deregisters.
 
-use crate::records::ExecState;
 use crate::state::Model;
 
 impl Model {
@@ -27,16 +26,7 @@ impl Model {
             return false;
         };
         let held = worker.held.clone();
-        let leases: Vec<u64> = self
-            .leases
-            .iter()
-            .filter(|(_, key)| {
-                matches!(&self.executions[*key].state,
-                    ExecState::Running { worker_id: w, .. } if w == worker_id)
-            })
-            .map(|(token, _)| *token)
-            .collect();
-        for token in leases {
+        for token in self.leases_of(worker_id) {
             self.release_lease(token);
         }
         for digest in held {

@@ -4,7 +4,6 @@ use std::collections::BTreeSet;
 
 use distbuild_proto::Digest;
 
-use crate::records::ExecState;
 use crate::state::Model;
 
 impl Model {
@@ -18,16 +17,7 @@ impl Model {
     ) {
         // A worker that registers has just started: nothing of its earlier
         // life is running any more.
-        let stale: Vec<u64> = self
-            .leases
-            .iter()
-            .filter(|(_, key)| {
-                matches!(&self.executions[*key].state,
-                    ExecState::Running { worker_id: w, .. } if w == worker_id)
-            })
-            .map(|(token, _)| *token)
-            .collect();
-        for token in stale {
+        for token in self.leases_of(worker_id) {
             self.release_lease(token);
         }
         let old_held = self
