@@ -7,10 +7,11 @@
 # workers' job sandbox. Bazel (Debian's bazel-bootstrap, 4.2.3, with the
 # C++ and Java rules it would otherwise download) is the Remote Execution
 # API client of tests/bazel.rs. Chromium is the browser tests/status_page.rs
-# loads the coordinators' status page in (headless).
+# loads the coordinators' status page in (headless); curl speaks HTTPS to the
+# metrics port in tests/security.rs.
 set -euo pipefail
 
-packages=(libclang-dev clang g++ make pkg-config ninja-build iproute2 bubblewrap
+packages=(libclang-dev clang g++ make pkg-config ninja-build iproute2 bubblewrap curl
   bazel-bootstrap bazel-rules-cc bazel-rules-java chromium)
 missing=()
 for p in "${packages[@]}"; do

@@ -67,15 +67,27 @@ fn health(runtime: &tokio::runtime::Runtime, addr: &str, service: &str) -> i32 {
             .await
             .expect("connect for health");
         let mut client = HealthClient::new(channel);
+        // An error (a service not reported yet: NOT_FOUND) is -1.
         client
             .check(HealthCheckRequest {
                 service: service.into(),
             })
             .await
-            .expect("health check")
-            .into_inner()
-            .status
+            .map_or(-1, |answer| answer.into_inner().status)
     })
+}
+
+/// Waits until `addr` answers `want` for `service` (statuses are brought
+/// up to date every 200 ms).
+fn wait_health(runtime: &tokio::runtime::Runtime, addr: &str, service: &str, want: i32) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while health(runtime, addr, service) != want {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{addr} never answered {want} for {service:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 const SERVING: i32 = 1;
@@ -105,28 +117,23 @@ fn metrics_health_and_status_follow_builds_and_a_failover() {
     // Health, per service: the leader serves clients and workers; a
     // follower redirects them, passes the Remote Execution API on, and is
     // up.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while health(
+    wait_health(
         &runtime,
         &cluster.node_addr(leader),
         "distbuild.v1.ClientApi",
-    ) != SERVING
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the leader never served clients"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let f = cluster.node_addr(follower);
-    assert_eq!(health(&runtime, &f, "distbuild.v1.ClientApi"), NOT_SERVING);
-    assert_eq!(health(&runtime, &f, "distbuild.v1.WorkerApi"), NOT_SERVING);
-    assert_eq!(
-        health(&runtime, &f, "build.bazel.remote.execution.v2.Execution"),
-        SERVING
+        SERVING,
     );
-    assert_eq!(health(&runtime, &f, ""), SERVING);
-    assert_eq!(health(&runtime, &cluster.node_addr(leader), ""), SERVING);
+    let f = cluster.node_addr(follower);
+    wait_health(&runtime, &f, "distbuild.v1.ClientApi", NOT_SERVING);
+    wait_health(&runtime, &f, "distbuild.v1.WorkerApi", NOT_SERVING);
+    wait_health(
+        &runtime,
+        &f,
+        "build.bazel.remote.execution.v2.Execution",
+        SERVING,
+    );
+    wait_health(&runtime, &f, "", SERVING);
+    wait_health(&runtime, &cluster.node_addr(leader), "", SERVING);
 
     // Reflection lists distbuild's services.
     let services = runtime.block_on(async {
@@ -280,13 +287,12 @@ fn metrics_health_and_status_follow_builds_and_a_failover() {
         "{text}"
     );
     assert!(metric(&text, "distbuild_raft_term") >= 2.0);
-    assert_eq!(
-        health(
-            &runtime,
-            &cluster.node_addr(new_leader),
-            "distbuild.v1.ClientApi"
-        ),
-        SERVING
+    // Once it may serve (a quorum confirmed it), it says so.
+    wait_health(
+        &runtime,
+        &cluster.node_addr(new_leader),
+        "distbuild.v1.ClientApi",
+        SERVING,
     );
 }
 

@@ -614,3 +614,101 @@ fn the_reapi_proxy_listens_on_loopback_only_and_checks_its_flags_first() {
         assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
     }
 }
+
+#[test]
+fn the_metrics_port_is_https_behind_its_token_under_tls() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::new(dir.path().join("pki"));
+    let token = dir.path().join("token");
+    let start = |extra: &[String]| {
+        distbuild()
+            .args(["coordinator", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .args(pki.flags("coordinator", "c1"))
+            .args(extra)
+            .output()
+            .expect("run coordinator")
+    };
+    let port = free_ports(1)[0];
+    let listen = vec!["--metrics-listen".to_string(), format!("127.0.0.1:{port}")];
+    let stderr = |out: &std::process::Output| String::from_utf8_lossy(&out.stderr).into_owned();
+    // With TLS the port needs a token.
+    let out = start(&listen);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        stderr(&out).contains("--metrics-listen needs --metrics-token-file"),
+        "{out:?}"
+    );
+    // A token others may read is refused.
+    std::fs::write(&token, "metrics-token-0123456789\n").expect("write token");
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let mut with_token = listen.clone();
+    with_token.extend([
+        "--metrics-token-file".to_string(),
+        token.display().to_string(),
+    ]);
+    let out = start(&with_token);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(stderr(&out).contains("chmod 600"), "{out:?}");
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+
+    let mut args: Vec<String> = vec![
+        "coordinator".into(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--data-dir".into(),
+        dir.path().join("data").display().to_string(),
+    ];
+    args.extend(pki.flags("coordinator", "c1"));
+    args.extend(with_token);
+    let _coordinator = Server::start(&args, dir.path().join("coordinator.log"));
+    let url = format!("https://127.0.0.1:{port}/metrics");
+    let ca = pki.dir.join("ca.pem");
+    let curl = |extra: &[&str], url: &str| {
+        let out = std::process::Command::new("curl")
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                "10",
+            ])
+            .arg("--cacert")
+            .arg(&ca)
+            .args(extra)
+            .arg(url)
+            .output()
+            .expect("run curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // HTTPS with the coordinator's certificate, checked against the CA.
+    assert_eq!(curl(&[], &url), "401");
+    assert_eq!(
+        curl(
+            &["-H", "Authorization: Bearer metrics-token-0123456789"],
+            &url
+        ),
+        "200"
+    );
+    assert_eq!(
+        curl(
+            &["-H", "Authorization: Bearer wrong-token-0123456789"],
+            &url
+        ),
+        "401"
+    );
+    // Plain HTTP gets no answer.
+    assert_eq!(
+        curl(&[], &format!("http://127.0.0.1:{port}/metrics")),
+        "000"
+    );
+    // The static page needs no token; its data does.
+    assert_eq!(curl(&[], &format!("https://127.0.0.1:{port}/")), "200");
+    assert_eq!(
+        curl(&[], &format!("https://127.0.0.1:{port}/status.json")),
+        "401"
+    );
+}

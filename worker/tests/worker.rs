@@ -324,3 +324,77 @@ async fn one_worker_per_cache_directory() {
     );
     first.stop().await;
 }
+
+#[tokio::test]
+async fn a_drained_worker_polls_no_more_finishes_its_job_and_deregisters() {
+    let dir = tempfile::TempDir::new().expect("tempdir");
+    let gate = dir.path().join("gate");
+    let coordinator = serve(FakeCoordinator::default()).await;
+    coordinator.fake.with(|s| {
+        s.queue.push_back(assignment(
+            7,
+            vec![sh(&format!(
+                "while [ ! -e {} ]; do sleep 0.02; done; echo ok > {{{{.OutputDir}}}}/x",
+                gate.display()
+            ))],
+        ));
+    });
+    let worker =
+        RunningWorker::start(vec![coordinator.addr.to_string()], &dir.path().join("w"), 2).await;
+    coordinator
+        .fake
+        .wait_until("the job leased", WAIT, |s| s.queue.is_empty())
+        .await;
+    worker.drain.cancel();
+    coordinator
+        .fake
+        .wait_until("the drain told", WAIT, |s| !s.drained.is_empty())
+        .await;
+    let polls = coordinator.fake.with(|s| s.polls.len());
+    // Its job still runs: it has not left.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(coordinator.fake.with(|s| s.deregistered.is_empty()));
+    std::fs::write(&gate, "").expect("open the gate");
+    coordinator
+        .fake
+        .wait_until("deregistered", WAIT, |s| !s.deregistered.is_empty())
+        .await;
+    tokio::time::timeout(WAIT, worker.handle)
+        .await
+        .expect("the worker stops by itself")
+        .expect("no panic")
+        .expect("the worker ran without error");
+    coordinator.fake.with(|s| {
+        assert_eq!(s.reports.len(), 1, "its job finished and reported");
+        assert_eq!(s.reports[0].exit_code, 0);
+        assert!(
+            !s.reports[0].take_next,
+            "a draining worker takes no next job"
+        );
+        assert!(s.polls.len() <= polls + 1, "at most the poll in flight");
+        assert_eq!(s.deregistered.len(), 1);
+    });
+}
+
+#[tokio::test]
+async fn a_worker_drained_by_an_operator_leaves_on_its_heartbeat() {
+    let dir = tempfile::TempDir::new().expect("tempdir");
+    let coordinator = serve(FakeCoordinator::default()).await;
+    let worker =
+        RunningWorker::start(vec![coordinator.addr.to_string()], &dir.path().join("w"), 1).await;
+    coordinator
+        .fake
+        .wait_until("registered", WAIT, |s| !s.heartbeats.is_empty())
+        .await;
+    let id = coordinator.fake.with(|s| {
+        let id = s.heartbeats[0].worker_id.clone();
+        s.drained.push(id.clone());
+        id
+    });
+    tokio::time::timeout(WAIT, worker.handle)
+        .await
+        .expect("the worker stops by itself")
+        .expect("no panic")
+        .expect("the worker ran without error");
+    assert_eq!(coordinator.fake.with(|s| s.deregistered.clone()), vec![id]);
+}

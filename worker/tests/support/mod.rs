@@ -364,6 +364,8 @@ pub struct RunningWorker {
     /// Its peer address.
     pub addr: String,
     pub shutdown: CancellationToken,
+    /// Cancel to drain it (as SIGTERM does).
+    pub drain: CancellationToken,
     pub handle: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
@@ -377,10 +379,12 @@ impl RunningWorker {
         config.slots = slots;
         config.poll_wait_ms = 200;
         let shutdown = CancellationToken::new();
+        let drain = config.drain.clone();
         let handle = tokio::spawn(run(config, listener, shutdown.clone()));
         Self {
             addr,
             shutdown,
+            drain,
             handle,
         }
     }
