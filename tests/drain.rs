@@ -122,7 +122,23 @@ fn sigterm_drains_a_worker_under_a_running_build_losing_and_rerunning_nothing() 
     let pid = cluster.workers[index].as_ref().expect("running").child.id();
     // SAFETY: signals a child process this test started.
     assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGTERM) }, 0);
-    std::thread::sleep(Duration::from_millis(300));
+    // Its job waits for the gate: it drains meanwhile, and says so.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = cluster.status();
+        let draining = status["workers"].as_array().is_some_and(|w| {
+            w.iter()
+                .any(|w| w["id"] == running_on.as_str() && w["draining"] == true)
+        });
+        if draining {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never draining: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     std::fs::write(&gate, "").expect("open the gate");
     let status = wait_exit(&mut cluster, index, Duration::from_secs(60));
     assert!(

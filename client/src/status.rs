@@ -101,6 +101,7 @@ struct JsonWorker<'a> {
     alive: bool,
     peer_bytes_fetched_total: u64,
     properties: &'a [String],
+    draining: bool,
 }
 
 /// The status as one JSON object (one line). Keys are never renamed or
@@ -134,6 +135,7 @@ pub fn status_json(status: &ClusterStatusResponse) -> String {
                 alive: w.alive,
                 peer_bytes_fetched_total: w.peer_bytes_fetched_total,
                 properties: &w.properties,
+                draining: w.draining,
             })
             .collect(),
         answered_by: status.answered_by,
@@ -243,7 +245,12 @@ pub fn status_table(status: &ClusterStatusResponse) -> String {
             w.addr.clone(),
             w.slots.to_string(),
             w.running.to_string(),
-            if w.alive { "yes" } else { "no" }.to_string(),
+            match (w.alive, w.draining) {
+                (true, false) => "yes",
+                (true, true) => "yes (draining)",
+                (false, _) => "no",
+            }
+            .to_string(),
             w.properties.join(","),
         ]);
     }
@@ -286,6 +293,7 @@ mod tests {
                 alive: true,
                 peer_bytes_fetched_total: 5,
                 properties: vec!["OSFamily=Linux".into(), "pool=large".into()],
+                draining: false,
             }],
             answered_by: 2,
         }
@@ -312,7 +320,7 @@ mod tests {
                 r#"{"leader":1,"members":["#,
                 r#"{"node_id":1,"addr":"10.0.0.1:7000","voter":true,"role":"leader","term":3,"last_log_index":1204,"applied_index":1204,"lag":0,"error":null},"#,
                 r#"{"node_id":2,"addr":"10.0.0.2:7000","voter":true,"role":"follower","term":3,"last_log_index":1190,"applied_index":1188,"lag":14,"error":null}],"#,
-                r#""workers":[{"id":"w-1","addr":"10.0.0.9:7100","slots":4,"running":2,"alive":true,"peer_bytes_fetched_total":5,"properties":["OSFamily=Linux","pool=large"]}],"#,
+                r#""workers":[{"id":"w-1","addr":"10.0.0.9:7100","slots":4,"running":2,"alive":true,"peer_bytes_fetched_total":5,"properties":["OSFamily=Linux","pool=large"],"draining":false}],"#,
                 r#""answered_by":2}"#
             )
         );

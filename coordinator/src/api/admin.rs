@@ -94,6 +94,7 @@ pub async fn cluster_status(node: &Node) -> ClusterStatusResponse {
             slots: w.slots,
             running: w.running,
             alive: now_ms.saturating_sub(w.last_seen_ms) < alive_ms,
+            draining: w.draining,
             peer_bytes_fetched_total: stats.get(id).map_or(0, |s| s.peer_bytes_total),
             properties: w
                 .properties
