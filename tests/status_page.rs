@@ -14,6 +14,17 @@ use support::*;
 /// (the test's processes are already confined), a throwaway profile, and
 /// a few seconds of virtual time for the page's polls.
 fn chromium(profile: &std::path::Path, extra: &[&str], url: &str) -> std::process::Output {
+    chromium_for(profile, 3_000, extra, url)
+}
+
+/// [`chromium`] with `virtual_ms` of virtual time (the page polls once a
+/// virtual second; each poll's fetch takes real time).
+fn chromium_for(
+    profile: &std::path::Path,
+    virtual_ms: u64,
+    extra: &[&str],
+    url: &str,
+) -> std::process::Output {
     let mut command = Command::new("timeout");
     command
         .arg("90")
@@ -23,8 +34,8 @@ fn chromium(profile: &std::path::Path, extra: &[&str], url: &str) -> std::proces
             "--no-sandbox",
             "--disable-gpu",
             "--no-first-run",
-            "--virtual-time-budget=3000",
         ])
+        .arg(format!("--virtual-time-budget={virtual_ms}"))
         .arg(format!("--user-data-dir={}", profile.display()))
         .args(extra)
         .arg(url);
@@ -102,10 +113,12 @@ fn the_status_page_shows_the_cluster_and_a_running_build_in_a_browser() {
         assert!(dom.contains(&addr), "node {addr} missing: {dom}");
     }
     assert!(dom.contains(&worker_id), "{dom}");
-    assert!(dom.contains("class=\"build"), "{dom}");
-    assert!(dom.contains("running-job"), "{dom}");
+    assert!(dom.contains("class=\"build\""), "{dom}");
+    assert!(dom.contains("class=\"state state-running\""), "{dom}");
+    // (Class names as the DOM writes them: the page's style names them too.)
+    assert!(dom.contains("class=\"running-job\""), "{dom}");
     assert!(dom.contains("compile slow.c"), "{dom}");
-    assert!(dom.contains("class=\"failure"), "{dom}");
+    assert!(dom.contains("class=\"failure\""), "{dom}");
     // The job's stderr is text on the page, never markup.
     assert!(
         dom.contains("&lt;script&gt;alert(1)&lt;/script&gt; broke"),
@@ -138,7 +151,24 @@ fn the_status_page_shows_the_cluster_and_a_running_build_in_a_browser() {
             &url,
         );
     }
-    std::fs::write(&gate, "").expect("open the gate");
+    // Live: a page loaded while the build runs shows it finished, without
+    // a reload, once it has (the gate opens while the page polls).
+    let profile = tempfile::tempdir().expect("profile dir");
+    let opener = {
+        let gate = gate.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            std::fs::write(&gate, "").expect("open the gate");
+        })
+    };
+    let out = chromium_for(profile.path(), 120_000, &["--dump-dom"], &url);
+    opener.join().expect("gate opener");
+    let dom = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        dom.contains("class=\"state state-failed\""),
+        "the page never showed the end: {dom}"
+    );
+    assert!(!dom.contains("class=\"running-job\""), "{dom}");
     let run = finish_build_explained(build, Duration::from_secs(120), || cluster.logs());
     assert_ne!(run.code, Some(0));
 }
