@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use distbuild_proto::wire::{
     SECRET_METADATA_KEY, SecretFileError, SecretProblem, check_cluster_secret, read_cluster_secret,
+    same_secret,
 };
 use tonic::metadata::{AsciiMetadataValue, MetadataMap};
 use tonic::service::Interceptor;
@@ -49,10 +50,7 @@ impl ClusterSecret {
                 "this coordinator requires the cluster secret (--cluster-secret-file)",
             ));
         };
-        let (a, b) = (shown.as_bytes(), self.0.as_bytes());
-        let differ =
-            a.len() != b.len() || a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) != 0;
-        if differ {
+        if !same_secret(shown.as_bytes(), self.0.as_bytes()) {
             return Err(Status::unauthenticated(
                 "wrong cluster secret (--cluster-secret-file differs from this coordinator's)",
             ));

@@ -23,7 +23,9 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use distbuild_proto::tls::Security;
-use distbuild_proto::wire::{PrivateFileError, check_cluster_secret, read_owner_only};
+use distbuild_proto::wire::{
+    PrivateFileError, check_cluster_secret, read_owner_only, same_secret as same,
+};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -249,11 +251,6 @@ pub fn read_token(path: &std::path::Path) -> Result<String, HttpFlagsError> {
         problem: problem.to_string(),
     })?;
     Ok(text)
-}
-
-/// Compares in time that depends only on the lengths.
-fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// The token a request shows, by header or cookie.

@@ -298,6 +298,18 @@ pub fn read_cluster_secret(path: &Path) -> Result<String, SecretFileError> {
     Ok(text.to_string())
 }
 
+/// Whether a secret shown equals the one expected, compared in time that
+/// depends only on their lengths (for the cluster secret and the metrics
+/// token).
+pub fn same_secret(shown: &[u8], expected: &[u8]) -> bool {
+    shown.len() == expected.len()
+        && shown
+            .iter()
+            .zip(expected)
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
 /// Whether `text` is a valid cluster secret; the error says why not.
 pub fn check_cluster_secret(text: &str) -> Result<(), SecretProblem> {
     if !(MIN_SECRET_BYTES..=MAX_SECRET_BYTES).contains(&text.len()) {

@@ -31,7 +31,8 @@ struct Source {
 pub(crate) struct Live {
     pub(crate) cache: Cache,
     pub(crate) slots: usize,
-    pub(crate) running: Arc<std::sync::atomic::AtomicUsize>,
+    /// Jobs running now.
+    pub(crate) running: Box<dyn Fn() -> usize + Send + Sync>,
     pub(crate) peer_bytes: Arc<AtomicU64>,
     pub(crate) coordinator_bytes: Arc<AtomicU64>,
 }
@@ -137,8 +138,7 @@ impl WorkerMetrics {
     pub fn encode(&self) -> String {
         if let Some(live) = self.live.get() {
             let as_i64 = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
-            self.busy_slots
-                .set(live.running.load(Ordering::Relaxed) as i64);
+            self.busy_slots.set((live.running)() as i64);
             let (bytes, entries, evictions) = live.cache.stats();
             self.cache_bytes.set(as_i64(bytes));
             self.cache_entries.set(as_i64(entries));

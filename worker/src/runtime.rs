@@ -143,6 +143,9 @@ impl WorkerConfig {
     }
 }
 
+/// Outputs of draining workers copied at once (see `drain`).
+pub const MAX_COPIES_AT_ONCE: usize = 4;
+
 /// How long a drain may take by default.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -228,7 +231,7 @@ struct Worker {
     shutdown: CancellationToken,
     tracker: TaskTracker,
     free_slots: Arc<Semaphore>,
-    jobs: Mutex<BTreeMap<u64, RunningJob>>,
+    jobs: Arc<Mutex<BTreeMap<u64, RunningJob>>>,
     changes: Mutex<CacheChanges>,
     request_ids: RequestIds,
     heartbeat_interval_ms: AtomicU64,
@@ -237,8 +240,6 @@ struct Worker {
     /// one while another was under way does not register twice.
     registrations: tokio::sync::Mutex<u64>,
     metrics: Arc<crate::metrics::WorkerMetrics>,
-    /// Jobs running now (the `jobs` table's size, for metrics).
-    running: Arc<std::sync::atomic::AtomicUsize>,
     /// Cancelled once the worker drains (see `drain`).
     draining: CancellationToken,
     /// The last heartbeat answer said this draining worker may leave.
@@ -260,6 +261,11 @@ impl Worker {
 
     fn lease_timeout(&self) -> Duration {
         Duration::from_millis(self.lease_timeout_ms.load(Ordering::Relaxed))
+    }
+
+    /// Jobs running now.
+    fn running(&self) -> usize {
+        self.jobs.lock().expect("jobs lock poisoned").len()
     }
 
     /// Counts a job or action about to be reported, assigned at
@@ -482,7 +488,6 @@ impl Worker {
                     cancel: cancel.clone(),
                 },
             );
-            self.running.fetch_add(1, Ordering::Relaxed);
         }
         // The worker's span (a job started by its predecessor's report
         // is started in it too): job spans never nest, however many jobs
@@ -502,15 +507,11 @@ impl Worker {
                 .run_assignment(assignment, &cancel)
                 .instrument(span)
                 .await;
-            if worker
+            worker
                 .jobs
                 .lock()
                 .expect("jobs lock poisoned")
-                .remove(&token)
-                .is_some()
-            {
-                worker.running.fetch_sub(1, Ordering::Relaxed);
-            }
+                .remove(&token);
             // The report leased the slot to the next job: it runs on the
             // same permit.
             let _in_worker = outer.enter();
@@ -1044,25 +1045,27 @@ where
         shutdown: shutdown.clone(),
         tracker: tracker.clone(),
         free_slots: Arc::new(Semaphore::new(config.slots)),
-        jobs: Mutex::new(BTreeMap::new()),
+        jobs: Arc::default(),
         changes: Mutex::new(CacheChanges::default()),
         request_ids,
         heartbeat_interval_ms: AtomicU64::new(DEFAULT_HEARTBEAT_INTERVAL.as_millis() as u64),
         lease_timeout_ms: AtomicU64::new(DEFAULT_LEASE_TIMEOUT.as_millis() as u64),
         registrations: tokio::sync::Mutex::new(0),
         metrics: config.metrics.clone(),
-        running: Arc::default(),
         draining: config.drain.clone(),
         may_leave: Default::default(),
         told_draining: Default::default(),
         drain_forgotten: Default::default(),
         copies: Mutex::default(),
-        copy_slots: Semaphore::new(drain::MAX_COPIES_AT_ONCE),
+        copy_slots: Semaphore::new(MAX_COPIES_AT_ONCE),
     });
     worker.metrics.attach(crate::metrics::Live {
         cache: worker.env.cache.clone(),
         slots: worker.slots,
-        running: worker.running.clone(),
+        running: {
+            let jobs = Arc::clone(&worker.jobs);
+            Box::new(move || jobs.lock().expect("jobs lock poisoned").len())
+        },
         peer_bytes: worker.env.peer_bytes_fetched.clone(),
         coordinator_bytes: worker.env.coordinator_bytes_fetched.clone(),
     });

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use distbuild_proto::Digest;
 use distbuild_proto::v1::DepArtifact;
-use distbuild_proto::wire::{MAX_HOLDERS_LISTED, digest_to_wire};
+use distbuild_proto::wire::digest_to_wire;
 use tokio::time::Instant;
 
 use crate::replica::Node;
@@ -118,10 +118,6 @@ fn copy_of(model: &distbuild_model::Model, digest: &Digest, size: u64) -> DepArt
         job_id: String::new(),
         digest: digest_to_wire(digest),
         size,
-        holders: model
-            .holders(digest)
-            .into_iter()
-            .take(MAX_HOLDERS_LISTED)
-            .collect(),
+        holders: super::listed_holders(model, digest),
     }
 }

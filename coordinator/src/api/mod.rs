@@ -27,6 +27,17 @@ use tonic::Status;
 
 use self::status::{blob_status, invalid};
 
+/// The peer addresses a worker is told hold `artifact` (an assignment's
+/// dependency, a copy for a draining worker): at most
+/// `MAX_HOLDERS_LISTED`.
+pub(crate) fn listed_holders(model: &distbuild_model::Model, artifact: &Digest) -> Vec<String> {
+    model
+        .holders(artifact)
+        .into_iter()
+        .take(distbuild_proto::wire::MAX_HOLDERS_LISTED)
+        .collect()
+}
+
 /// The blob bytes collection may not take (what builds in flight need,
 /// what was used recently), for upload admission: a scan of every build in
 /// flight, so computed at most once a second, not per upload.

@@ -198,11 +198,7 @@ impl WorkerService {
                 job_id: dep.job_id.to_string(),
                 digest: digest_to_wire(&result.artifact),
                 size: result.artifact_size,
-                holders: model
-                    .holders(&result.artifact)
-                    .into_iter()
-                    .take(MAX_HOLDERS_LISTED)
-                    .collect(),
+                holders: super::listed_holders(&model, &result.artifact),
             });
         }
         Leased::Assignment(Box::new(Assignment {

@@ -12,7 +12,7 @@ use distbuild_model::tables::StoredEvent;
 use distbuild_model::{Model, Response};
 use distbuild_raft_store::StateHandle;
 use openraft::error::RaftError;
-use openraft::{BasicNode, Raft, ServerState};
+use openraft::{BasicNode, Raft};
 use tokio_util::sync::CancellationToken;
 
 use super::app::{App, Shared};
@@ -25,7 +25,7 @@ use super::metrics::ReplicaMetrics;
 use super::network::{MAX_RAFT_MESSAGE_BYTES, Network, Peers};
 use super::seams::{Clock, Seams};
 use super::time::LeaderTime;
-use super::types::TypeConfig;
+use super::types::{TypeConfig, role_name};
 use crate::blobs::{BlobReader, BlobStore};
 use crate::secret::ClusterSecret;
 
@@ -74,17 +74,6 @@ pub struct WorkerStats {
     pub peer_bytes_total: u64,
     /// Bytes its cache holds.
     pub cache_bytes: u64,
-}
-
-/// A role as `cluster status` names it.
-pub fn role_name(state: ServerState) -> &'static str {
-    match state {
-        ServerState::Leader => "leader",
-        ServerState::Follower => "follower",
-        ServerState::Candidate => "candidate",
-        ServerState::Learner => "learner",
-        ServerState::Shutdown => "shutdown",
-    }
 }
 
 impl Node {

@@ -12,7 +12,7 @@
 //!
 //! The copies: a heartbeat answer may list artifacts for this worker to
 //! fetch from a draining one; it fetches them (at most
-//! [`MAX_COPIES_AT_ONCE`] at once, [`MAX_COPIES_PENDING`] known) into its
+//! [`super::MAX_COPIES_AT_ONCE`] at once, [`MAX_COPIES_PENDING`] known) into its
 //! cache and reports them as added in its next heartbeat.
 
 use std::sync::Arc;
@@ -26,8 +26,6 @@ use distbuild_proto::wire::digest_from_wire;
 use super::Worker;
 use crate::fetch::fetch_artifact;
 
-/// Copies fetched at once.
-pub const MAX_COPIES_AT_ONCE: usize = 4;
 /// Copies known and not yet fetched, at most (more are asked for again).
 pub const MAX_COPIES_PENDING: usize = 64;
 /// How long a `Drain` or `Deregister` call is retried.
@@ -41,7 +39,7 @@ impl Worker {
         let give_up = tokio::time::Instant::now() + timeout;
         let mut timed_out = false;
         loop {
-            let running = self.running.load(Ordering::Relaxed);
+            let running = self.running();
             if running == 0 && self.may_leave.load(Ordering::Relaxed) {
                 break;
             }
@@ -61,7 +59,7 @@ impl Worker {
         }
         if timed_out {
             tracing::warn!(
-                running = self.running.load(Ordering::Relaxed),
+                running = self.running(),
                 "drain timed out: stopping running jobs and handing them back"
             );
             for job in self.jobs.lock().expect("jobs lock poisoned").values() {
