@@ -587,17 +587,7 @@ impl Worker {
                 outcome
             }
         };
-        // Each run at debug; one that could not run at all (not a command
-        // exiting non-zero: that is the build's business) at warn.
-        if outcome.exit_code == crate::job::EXIT_CODE_NOT_RUN || !outcome.error.is_empty() {
-            tracing::warn!(
-                exit_code = outcome.exit_code,
-                error = %outcome.error,
-                "action could not run"
-            );
-        } else {
-            tracing::debug!(exit_code = outcome.exit_code, "action finished");
-        }
+        log_run_end("action", outcome.exit_code, &outcome.error);
         let request = ReportResultRequest {
             worker_id: self.worker_id.clone(),
             lease_token: token,
@@ -656,17 +646,7 @@ impl Worker {
                 outcome
             }
         };
-        // Each run at debug; one that could not run at all (not a command
-        // exiting non-zero: that is the build's business) at warn.
-        if outcome.exit_code == crate::job::EXIT_CODE_NOT_RUN || !outcome.error.is_empty() {
-            tracing::warn!(
-                exit_code = outcome.exit_code,
-                error = %outcome.error,
-                "job could not run"
-            );
-        } else {
-            tracing::debug!(exit_code = outcome.exit_code, "job finished");
-        }
+        log_run_end("job", outcome.exit_code, &outcome.error);
         let (artifact_digest, artifact_size) = match outcome.artifact {
             Some((digest, size)) => (digest_to_wire(&digest), size),
             None => (Default::default(), 0),
@@ -807,6 +787,17 @@ impl Worker {
                 }
             }
         }
+    }
+}
+
+/// Logs how a job or action (`what`) ended: each run at debug; one that
+/// could not run at all (not a command exiting non-zero: that is the
+/// build's business) at warn.
+fn log_run_end(what: &str, exit_code: i32, error: &str) {
+    if exit_code == crate::job::EXIT_CODE_NOT_RUN || !error.is_empty() {
+        tracing::warn!(exit_code, error, "{what} could not run");
+    } else {
+        tracing::debug!(exit_code, "{what} finished");
     }
 }
 
