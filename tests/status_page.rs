@@ -161,7 +161,9 @@ fn the_status_page_shows_the_cluster_and_a_running_build_in_a_browser() {
             std::fs::write(&gate, "").expect("open the gate");
         })
     };
-    let out = chromium_for(profile.path(), 120_000, &["--dump-dom"], &url);
+    // 300 polls: each waits for a real fetch, several real seconds in
+    // all, well past the build's end.
+    let out = chromium_for(profile.path(), 300_000, &["--dump-dom"], &url);
     opener.join().expect("gate opener");
     let dom = String::from_utf8_lossy(&out.stdout);
     assert!(
