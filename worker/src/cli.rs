@@ -104,6 +104,12 @@ pub fn check_host_port(flag: &str, addr: &str, port_use: PortUse) -> anyhow::Res
 impl WorkerArgs {
     /// The configuration these flags describe, or a one-line error.
     pub fn to_config(&self) -> anyhow::Result<WorkerConfig> {
+        self.configure().map(|(config, _)| config)
+    }
+
+    /// [`WorkerArgs::to_config`], with the security it loaded (for the
+    /// metrics port: the TLS files are read once).
+    fn configure(&self) -> anyhow::Result<(WorkerConfig, Security)> {
         anyhow::ensure!(
             !self.coordinator.is_empty(),
             "--coordinator: at least one address is needed"
@@ -160,7 +166,7 @@ impl WorkerArgs {
         config.runner = std::sync::Arc::new(TokioProcessRunner::new(sandbox, limits, groups));
         config.connector = std::sync::Arc::new(TcpConnector::new(&security));
         config.access = Access::for_security(&security);
-        Ok(config)
+        Ok((config, security))
     }
 }
 
@@ -229,10 +235,8 @@ pub fn choose_sandbox(
 /// Runs `distbuild worker`: validates the flags, binds the listener, and
 /// runs until Ctrl-C or SIGTERM.
 pub async fn run_cli(args: WorkerArgs) -> anyhow::Result<()> {
-    let config = args.to_config()?;
-    let http =
-        distbuild_ops::http::HttpPort::bind(&args.http, &args.security.load(&[Role::Worker])?)
-            .await?;
+    let (config, security) = args.configure()?;
+    let http = distbuild_ops::http::HttpPort::bind(&args.http, &security).await?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("listen on {}", args.listen))?;

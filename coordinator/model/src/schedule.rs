@@ -42,7 +42,7 @@ impl Model {
         locality_wait_ms: u64,
         alive_ms: u64,
     ) -> Vec<Digest> {
-        let Some(me) = self.workers.get(worker_id).filter(|w| !w.draining) else {
+        let Some(me) = self.workers.get(worker_id) else {
             return Vec::new();
         };
         let free = (me.slots.saturating_sub(me.running) as usize).min(max);
@@ -61,7 +61,7 @@ impl Model {
         locality_wait_ms: u64,
         alive_ms: u64,
     ) -> Vec<Digest> {
-        let Some(me) = self.workers.get(worker_id).filter(|w| !w.draining) else {
+        let Some(me) = self.workers.get(worker_id) else {
             return Vec::new();
         };
         let frees = self
@@ -86,6 +86,10 @@ impl Model {
         locality_wait_ms: u64,
         alive_ms: u64,
     ) -> Vec<Digest> {
+        // A draining worker is given nothing new.
+        if me.draining {
+            return Vec::new();
+        }
         let mut lanes: Vec<Lane<'_>> = self
             .queue
             .by_build
