@@ -81,6 +81,10 @@ enum Command {
     /// Run as a workspace's local server (started by `distbuild build`).
     #[command(hide = true)]
     Server(server::ServerArgs),
+    /// Run as a worker slot's sandbox init (started by the worker inside
+    /// bubblewrap, its stdin the worker's socket).
+    #[command(hide = true)]
+    SandboxInit,
 }
 
 #[derive(Subcommand, Debug)]
@@ -102,6 +106,10 @@ const EXIT_SERVER_FAILED: u8 = 1;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Single-threaded, without logs or a runtime: it forks its commands.
+    if matches!(cli.command, Command::SandboxInit) {
+        return ExitCode::from(distbuild_worker::sandbox::init::main());
+    }
     let server = matches!(
         cli.command,
         Command::Coordinator(_) | Command::Worker(_) | Command::Server(_)
@@ -138,6 +146,7 @@ fn main() -> ExitCode {
             Command::Server(args) => server::run(args).await,
             Command::Coordinator(args) => distbuild_coordinator::run_cli(args).await,
             Command::Worker(args) => distbuild_worker::run_cli(args).await,
+            Command::SandboxInit => unreachable!("run before the runtime starts"),
         };
         match server {
             Ok(()) => 0,

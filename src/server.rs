@@ -94,12 +94,15 @@ pub async fn run(args: ServerArgs) -> anyhow::Result<()> {
     worker_config.worker_id = Some(distbuild_client::certs::LOCAL_WORKER_NAME.to_string());
     // Jobs see nothing of the output base (the server's state, its keys,
     // the cache, other jobs) but their own directory.
-    let sandbox = distbuild_worker::cli::choose_sandbox(
-        None,
-        vec![base.dir.clone()],
-        &args.sandbox_writable_paths,
-        false,
-    )?;
+    let sandbox = distbuild_worker::cli::keep_per_slot(
+        distbuild_worker::cli::choose_sandbox(
+            None,
+            vec![base.dir.clone()],
+            &args.sandbox_writable_paths,
+            false,
+        )?,
+        &worker_config.cache_dir,
+    );
     let (groups, limits) = distbuild_worker::cli::job_limits(
         distbuild_worker::sandbox::DEFAULT_MAX_PROCESSES,
         distbuild_worker::sandbox::DEFAULT_LIMITS.memory_bytes,

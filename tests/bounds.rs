@@ -147,9 +147,7 @@ fn deep_trees_left_by_jobs_neither_kill_the_worker_nor_pack() {
     let after = json!({"Jobs": [sh_job("after", &[], &[], &["echo still here"])]});
     let run = finish_build(cluster.spawn_build(&after, &[]), BUILD_TIMEOUT);
     assert_eq!(run.code, Some(0), "{}", run.describe());
-    let sandboxes: Vec<_> = std::fs::read_dir(cluster.path("worker0/sandbox"))
-        .expect("the sandbox directory")
-        .collect();
+    let sandboxes = job_dirs_left(&cluster.path("worker0/sandbox"));
     assert!(sandboxes.is_empty(), "left behind: {sandboxes:?}");
 }
 
@@ -178,9 +176,7 @@ fn a_worker_restarts_over_whatever_a_killed_job_left_in_its_sandbox() {
     cluster.start_worker(0, 1);
     let _ = build.kill();
     let _ = build.wait();
-    let sandboxes: Vec<_> = std::fs::read_dir(cluster.path("worker0/sandbox"))
-        .expect("the sandbox directory")
-        .collect();
+    let sandboxes = job_dirs_left(&cluster.path("worker0/sandbox"));
     assert!(sandboxes.is_empty(), "left behind: {sandboxes:?}");
 }
 

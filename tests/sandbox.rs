@@ -292,3 +292,105 @@ fn a_job_past_its_memory_limit_is_killed_saying_so() {
         run.describe()
     );
 }
+
+/// The first line of what `job` printed that starts with `key`, without
+/// it.
+fn said_after(run: &BuildRun, job: &str, key: &str) -> String {
+    said(run, job)
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+/// Jobs one after another in a slot run in the slot's kept sandbox (the
+/// same `distbuild sandbox-init` forks both), and the second finds nothing
+/// the first left: no files in /tmp or /dev/shm, no System V shared
+/// memory, no process. A job timed out takes the sandbox with it, and the
+/// slot's next job gets a new one. Unconfined, the second job sees what
+/// the first left: each check can fail.
+#[test]
+fn jobs_in_one_slot_share_its_sandbox_but_nothing_a_job_left() {
+    for sandboxed in [true, false] {
+        let flags: &[&str] = if sandboxed {
+            &[]
+        } else {
+            &["--sandbox", "none"]
+        };
+        let cluster = Cluster::start_full(1, 1, &[], flags, false);
+        let mark = format!("distbuild-mark-{}-{}", std::process::id(), unique());
+        let sleeper = format!("{}.{}", 900 + unique() % 99, std::process::id());
+        let parent = "echo parent $(tr '\\0' ' ' < /proc/$PPID/cmdline)";
+        let leave = format!(
+            "echo a > /tmp/{mark}; echo a > /dev/shm/{mark}; echo shm $(ipcmk -M 4096 | tr -dc 0-9); setsid sleep {sleeper} >/dev/null 2>&1 & sleep 0.5; {parent}"
+        );
+        let look = format!(
+            "echo files $(ls /tmp/{mark} /dev/shm/{mark} 2>/dev/null | wc -l); echo segments $(ipcs -m | grep -c '^0x'); echo sleepers $(pgrep -f '^sleep {sleeper}$' | wc -l); {parent}"
+        );
+        let graph = graph(
+            &[],
+            vec![
+                sh_job("first", &[], &[], &[&leave]),
+                sh_job("second", &[], &["first"], &[&look]),
+            ],
+        );
+        let run = cluster.build(&graph, cluster.dir.path(), &["--timeout", "60"]);
+        // What the unconfined run left on this machine goes first.
+        kill_sleepers(&sleeper);
+        let _ = std::fs::remove_file(format!("/tmp/{mark}"));
+        let _ = std::fs::remove_file(format!("/dev/shm/{mark}"));
+        let segment = said_after(&run, "first", "shm");
+        if !sandboxed && !segment.is_empty() {
+            let _ = std::process::Command::new("ipcrm")
+                .args(["-m", &segment])
+                .status();
+        }
+        assert_eq!(run.code, Some(0), "{}\n{}", run.describe(), cluster.logs());
+        let count = |key| {
+            said_after(&run, "second", key)
+                .parse::<u32>()
+                .unwrap_or_else(|_| panic!("no {key} count: {}", run.describe()))
+        };
+        let parents = [
+            said_after(&run, "first", "parent"),
+            said_after(&run, "second", "parent"),
+        ];
+        if sandboxed {
+            assert_eq!(count("files "), 0, "{}", run.describe());
+            assert_eq!(count("segments "), 0, "{}", run.describe());
+            assert_eq!(count("sleepers "), 0, "{}", run.describe());
+            assert!(
+                parents[0].ends_with("sandbox-init") && parents[0] == parents[1],
+                "not one kept sandbox: {parents:?}\n{}",
+                cluster.logs()
+            );
+            assert!(!segment.is_empty(), "{}", run.describe());
+            // A job timed out kills its slot's sandbox; the next job gets
+            // a new one.
+            let graph = graph_of_one("slow", "sleep 30");
+            let run = cluster.build(
+                &graph,
+                cluster.dir.path(),
+                &["--timeout", "60", "--job-timeout", "1"],
+            );
+            assert_eq!(run.code, Some(1), "{}", run.describe());
+            let graph = graph_of_one("after", &format!("echo fine; {parent}"));
+            let run = cluster.build(&graph, cluster.dir.path(), &["--timeout", "60"]);
+            assert_eq!(run.code, Some(0), "{}", run.describe());
+            assert!(
+                said_after(&run, "after", "parent").ends_with("sandbox-init"),
+                "{}",
+                run.describe()
+            );
+        } else {
+            assert_eq!(count("files "), 2, "{}", run.describe());
+            assert!(count("segments ") >= 1, "{}", run.describe());
+            assert_eq!(count("sleepers "), 1, "{}", run.describe());
+        }
+    }
+}
+
+fn graph_of_one(name: &str, script: &str) -> serde_json::Value {
+    graph(&[], vec![sh_job(name, &[], &[], &[script])])
+}

@@ -1208,3 +1208,25 @@ pub fn metric(text: &str, name: &str) -> f64 {
         })
         .unwrap_or(0.0)
 }
+
+/// What is left in a worker's sandbox directory but its slots' (empty)
+/// directories: job directories not removed.
+pub fn job_dirs_left(sandbox_root: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut left = Vec::new();
+    for entry in std::fs::read_dir(sandbox_root).expect("the sandbox directory") {
+        let path = entry.expect("an entry").path();
+        let is_slot = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("slot-"))
+            && path.is_dir();
+        if !is_slot {
+            left.push(path);
+            continue;
+        }
+        for job in std::fs::read_dir(&path).expect("a slot directory") {
+            left.push(job.expect("an entry").path());
+        }
+    }
+    left
+}

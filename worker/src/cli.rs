@@ -1,7 +1,7 @@
 //! `distbuild worker`: the command-line flags and the process-level wiring
 //! (binding the listener, Ctrl-C and SIGTERM) around [`run`].
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use distbuild_proto::auth::Access;
@@ -157,12 +157,15 @@ impl WorkerArgs {
             self.job_max_memory,
             self.job_max_file_bytes,
         );
-        let sandbox = choose_sandbox(
-            self.sandbox.clone(),
-            hidden,
-            &self.sandbox_writable_paths,
-            self.sandbox_network,
-        )?;
+        let sandbox = keep_per_slot(
+            choose_sandbox(
+                self.sandbox.clone(),
+                hidden,
+                &self.sandbox_writable_paths,
+                self.sandbox_network,
+            )?,
+            &config.cache_dir,
+        );
         config.runner = std::sync::Arc::new(TokioProcessRunner::new(sandbox, limits, groups));
         config.connector = std::sync::Arc::new(TcpConnector::new(&security));
         config.access = Access::for_security(&security);
@@ -198,6 +201,21 @@ pub fn job_limits(
             );
             rlimits.memory_bytes = memory_bytes;
             (None, rlimits)
+        }
+    }
+}
+
+/// `sandbox` (if any) with a sandbox kept per slot of the worker whose
+/// cache is `cache_dir`, its init this binary (`distbuild sandbox-init`);
+/// where this binary's path is unknown, one bubblewrap per command, with
+/// a warning.
+pub fn keep_per_slot(sandbox: Option<Sandbox>, cache_dir: &Path) -> Option<Sandbox> {
+    let sandbox = sandbox?;
+    match crate::sandbox::this_binary_as_init() {
+        Ok(init) => Some(sandbox.kept_per_slot(init, crate::runtime::sandbox_root(cache_dir))),
+        Err(e) => {
+            tracing::warn!(error = %e, "this binary's path is unknown: jobs run under one bubblewrap per command");
+            Some(sandbox)
         }
     }
 }

@@ -18,6 +18,8 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use crate::cgroup::{GroupLimits, JobGroup, JobLimiter};
 use crate::sandbox::{JobLimits, Sandbox, check_program};
 
+mod slots;
+
 /// How long output is still read after a process exits (from whatever
 /// escaped its process group and still holds the pipes).
 pub const OUTPUT_DRAIN_AFTER_EXIT: Duration = Duration::from_secs(2);
@@ -73,6 +75,7 @@ pub struct TokioProcessRunner {
     sandbox: Option<std::sync::Arc<Sandbox>>,
     limits: JobLimits,
     groups: Option<std::sync::Arc<JobLimiter>>,
+    slots: Option<std::sync::Arc<slots::SlotSandboxes>>,
 }
 
 impl Default for TokioProcessRunner {
@@ -85,6 +88,7 @@ impl Default for TokioProcessRunner {
                 file_bytes: 0,
             },
             groups: None,
+            slots: None,
         }
     }
 }
@@ -92,12 +96,22 @@ impl Default for TokioProcessRunner {
 impl TokioProcessRunner {
     /// A runner confining every process in `sandbox` (if any) under the
     /// rlimits of `limits`, and each command in a group of `groups` (if
-    /// any: the process and memory limits).
+    /// any: the process and memory limits). A sandbox kept per slot
+    /// (`Sandbox::kept_per_slot`) serves the job directories of its slots.
     pub fn new(sandbox: Option<Sandbox>, limits: JobLimits, groups: Option<JobLimiter>) -> Self {
+        let sandbox = sandbox.map(std::sync::Arc::new);
+        let slots = sandbox.as_ref().and_then(|sandbox| {
+            let kept = sandbox.kept.clone()?;
+            Some(std::sync::Arc::new(slots::SlotSandboxes::new(
+                std::sync::Arc::clone(sandbox),
+                kept,
+            )))
+        });
         Self {
-            sandbox: sandbox.map(std::sync::Arc::new),
+            sandbox,
             limits,
             groups: groups.map(std::sync::Arc::new),
+            slots,
         }
     }
 }
@@ -115,30 +129,64 @@ impl ProcessRunner for TokioProcessRunner {
                     .or_else(|| std::env::var_os("PATH")),
                 None => std::env::var_os("PATH"),
             };
-            if let Err(e) = check_program(&spec.program, &spec.cwd, path.as_deref()) {
-                return Box::pin(async move { Err(e) });
-            }
-            let program = std::mem::take(&mut spec.program);
-            let args = std::mem::take(&mut spec.args);
-            (spec.program, spec.args) = sandbox.wrap(&spec.job_dir, &spec.cwd, program, args);
-        }
-        let group = self
-            .groups
-            .as_ref()
-            .map(|groups| (groups.job(), groups.limits()));
-        Box::pin(async move {
-            let group = match group {
-                None => None,
-                Some((Ok(group), limits)) => Some((group, limits)),
-                Some((Err(e), _)) => {
-                    return Err(io::Error::new(
-                        e.kind(),
-                        format!("make the job's cgroup: {e}"),
-                    ));
-                }
+            let found = match check_program(&spec.program, &spec.cwd, path.as_deref()) {
+                Ok(found) => found,
+                Err(e) => return Box::pin(async move { Err(e) }),
             };
+            let kept = self
+                .slots
+                .as_ref()
+                .and_then(|slots| Some((slots, slots.slot_of(&spec.job_dir)?)));
+            if let Some((slots, slot)) = kept {
+                return Box::pin(async move {
+                    let group = self.group()?;
+                    let fds = group
+                        .as_ref()
+                        .map(|(g, _)| g.procs_fds())
+                        .unwrap_or_default();
+                    match slots.run(slot, &spec, found, self.limits, &fds).await {
+                        Some(ran) => {
+                            let (status, out, err) = ran?;
+                            Ok(finish(status, out, err, self.limits, group.as_ref()))
+                        }
+                        None => {
+                            let spec = confined(sandbox, spec);
+                            run_process(spec, self.limits, group).await
+                        }
+                    }
+                });
+            }
+            spec = confined(sandbox, spec);
+        }
+        Box::pin(async move {
+            let group = self.group()?;
             run_process(spec, self.limits, group).await
         })
+    }
+}
+
+/// `spec` run under a bubblewrap of its own.
+fn confined(sandbox: &Sandbox, mut spec: ProcessSpec) -> ProcessSpec {
+    let program = std::mem::take(&mut spec.program);
+    let args = std::mem::take(&mut spec.args);
+    (spec.program, spec.args) = sandbox.wrap(&spec.job_dir, &spec.cwd, program, args);
+    spec
+}
+
+impl TokioProcessRunner {
+    /// A new cgroup for one command, with its limits, when there are
+    /// cgroups.
+    fn group(&self) -> io::Result<Option<(JobGroup, GroupLimits)>> {
+        let Some(groups) = &self.groups else {
+            return Ok(None);
+        };
+        match groups.job() {
+            Ok(group) => Ok(Some((group, groups.limits()))),
+            Err(e) => Err(io::Error::new(
+                e.kind(),
+                format!("make the job's cgroup: {e}"),
+            )),
+        }
     }
 }
 
@@ -326,6 +374,18 @@ async fn run_process(
             }
         }
     }
+    Ok(finish(status, out, err, limits, group.as_ref()))
+}
+
+/// What a process left: its exit code, the heads of its output, and the
+/// job limit it ran into, if any.
+fn finish(
+    status: ExitStatus,
+    out: CappedBuffer,
+    err: CappedBuffer,
+    limits: JobLimits,
+    group: Option<&(JobGroup, GroupLimits)>,
+) -> ProcessOutput {
     let exit_code = exit_code_of(status);
     // SIGXFSZ ends a process that wrote past RLIMIT_FSIZE; a shell or
     // bwrap in between passes it on as 128 + the signal.
@@ -335,7 +395,7 @@ async fn run_process(
             limits.file_bytes
         )
     });
-    if let Some((group, set)) = &group
+    if let Some((group, set)) = group
         && exit_code != 0
     {
         let hit = group.limits_hit();
@@ -351,19 +411,20 @@ async fn run_process(
             ));
         }
     }
-    Ok(ProcessOutput {
+    ProcessOutput {
         exit_code,
         limit_hit,
         stdout: out.kept,
         stderr: err.kept,
         stdout_truncated: out.truncated,
         stderr_truncated: err.truncated,
-    })
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sandbox::DEFAULT_LIMITS;
 
     fn sh(script: &str, max_output_bytes: usize) -> ProcessSpec {
         ProcessSpec {
@@ -422,6 +483,32 @@ mod tests {
             .await
             .expect_err("no program");
         assert_eq!(err.kind(), io::ErrorKind::NotFound);
+    }
+
+    #[tokio::test]
+    async fn a_kept_sandbox_that_cannot_start_gives_way_to_one_bubblewrap_per_command() {
+        let dir = tempfile::TempDir::new().expect("tempdir");
+        let root = dir.path().join("sandbox");
+        let job_dir = root.join("slot-0").join("7");
+        std::fs::create_dir_all(&job_dir).expect("mkdir");
+        // An init that exits at once never greets.
+        let sandbox = Sandbox::new(Vec::new(), Vec::new(), false)
+            .expect("bubblewrap works here")
+            .kept_per_slot(vec!["/bin/false".into()], root);
+        let runner = TokioProcessRunner::new(Some(sandbox), DEFAULT_LIMITS, None);
+        let slots = runner.slots.clone().expect("kept per slot");
+        assert_eq!(
+            slots.slot_of(&job_dir),
+            Some(dir.path().join("sandbox/slot-0"))
+        );
+        let mut spec = sh("echo confined; test -w / || echo read-only", 1024);
+        spec.job_dir = job_dir.clone();
+        spec.cwd = job_dir.clone();
+        for _ in 0..2 {
+            let output = runner.run(spec.clone()).await.expect("runs");
+            assert_eq!(output.stdout, b"confined\nread-only\n");
+            assert_eq!(slots.slot_of(&job_dir), None, "kept sandboxes still tried");
+        }
     }
 
     #[tokio::test]

@@ -12,6 +12,7 @@
 //! does.
 
 mod drain;
+mod slot;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -149,6 +150,13 @@ pub const MAX_COPIES_AT_ONCE: usize = 4;
 /// How long a drain may take by default.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// Where a worker with its cache in `cache_dir` makes its jobs'
+/// directories: `slot-<n>/<lease>/` for each slot's job, `copies/` for
+/// copies fetched for draining workers.
+pub fn sandbox_root(cache_dir: &Path) -> PathBuf {
+    cache_dir.join("sandbox")
+}
+
 /// One slot per CPU.
 pub fn default_slots() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -226,6 +234,7 @@ struct Worker {
     properties: Vec<String>,
     poll_wait_ms: u64,
     sandbox_root: PathBuf,
+    slot_numbers: slot::SlotNumbers,
     env: JobEnv,
     coordinator: Arc<CoordinatorClient>,
     shutdown: CancellationToken,
@@ -455,7 +464,7 @@ impl Worker {
             let got_work = !response.assignments.is_empty();
             for assignment in response.assignments {
                 match permits.pop() {
-                    Some(permit) => self.start_job(assignment, permit),
+                    Some(permit) => self.start_job(assignment, self.slot_numbers.lease(permit)),
                     None => tracing::warn!(
                         lease_token = assignment.lease_token,
                         job_id = %assignment.job_id,
@@ -473,7 +482,7 @@ impl Worker {
         }
     }
 
-    fn start_job(self: &Arc<Self>, assignment: Assignment, permit: OwnedSemaphorePermit) {
+    fn start_job(self: &Arc<Self>, assignment: Assignment, slot: slot::SlotLease) {
         let cancel = self.shutdown.child_token();
         let token = assignment.lease_token;
         {
@@ -504,7 +513,7 @@ impl Worker {
         let worker = Arc::clone(self);
         self.tracker.spawn(async move {
             let next = worker
-                .run_assignment(assignment, &cancel)
+                .run_assignment(assignment, &slot.dir(&worker.sandbox_root), &cancel)
                 .instrument(span)
                 .await;
             worker
@@ -512,13 +521,13 @@ impl Worker {
                 .lock()
                 .expect("jobs lock poisoned")
                 .remove(&token);
-            // The report leased the slot to the next job: it runs on the
-            // same permit.
+            // The report leased the slot to the next job: it runs in the
+            // same slot.
             let _in_worker = outer.enter();
             let mut next = next.into_iter();
             match next.next() {
-                Some(assignment) => worker.start_job(assignment, permit),
-                None => drop(permit),
+                Some(assignment) => worker.start_job(assignment, slot),
+                None => drop(slot),
             }
             for extra in next {
                 tracing::warn!(
@@ -544,7 +553,8 @@ impl Worker {
         };
         let removal = distbuild_proto::blocking::run({
             let sandbox = sandbox.to_path_buf();
-            move || remove_tree(&sandbox)
+            let root = self.sandbox_root.clone();
+            move || remove_or_move_aside(&sandbox, &root)
         })
         .await;
         if let Err(e) = removal {
@@ -559,6 +569,7 @@ impl Worker {
     async fn run_remote_action(
         &self,
         assignment: Assignment,
+        slot_dir: &Path,
         cancel: &CancellationToken,
     ) -> Vec<Assignment> {
         let assigned = tokio::time::Instant::now();
@@ -578,7 +589,7 @@ impl Worker {
                     action = %spec.action,
                     "action started"
                 );
-                let sandbox = self.sandbox_root.join(token.to_string());
+                let sandbox = slot_dir.join(token.to_string());
                 let work = run_action(&self.env, &spec, &sandbox, &self.worker_id);
                 let Some(outcome) = self.run_in_sandbox(&sandbox, cancel, work).await else {
                     tracing::debug!("action stopped (lease revoked or worker shutting down)");
@@ -612,11 +623,12 @@ impl Worker {
     async fn run_assignment(
         &self,
         assignment: Assignment,
+        slot_dir: &Path,
         cancel: &CancellationToken,
     ) -> Vec<Assignment> {
         // A Remote Execution API action: its own runner and report.
         if assignment.action.is_some() {
-            return self.run_remote_action(assignment, cancel).await;
+            return self.run_remote_action(assignment, slot_dir, cancel).await;
         }
         let assigned = tokio::time::Instant::now();
         let token = assignment.lease_token;
@@ -631,7 +643,7 @@ impl Worker {
             }
             Ok(spec) => {
                 tracing::debug!("job started");
-                let sandbox = self.sandbox_root.join(token.to_string());
+                let sandbox = slot_dir.join(token.to_string());
                 let outcome = self
                     .run_in_sandbox(&sandbox, cancel, run_job(&self.env, &spec, &sandbox))
                     .await;
@@ -837,6 +849,28 @@ const LEFT_BEHIND_PREFIX: &str = "sandbox-left-behind-";
 /// Empties the sandbox directory of what jobs of an earlier run left. What
 /// cannot be removed is moved aside (and reported) rather than keeping the
 /// worker from starting; what was moved aside before is tried again.
+/// Removes a job's directory; one that cannot be removed is moved out of
+/// its slot's directory (the next job in the slot, in the slot's kept
+/// sandbox, could see it), beside `root`, where the next start removes it.
+fn remove_or_move_aside(sandbox: &Path, root: &Path) -> io::Result<()> {
+    let error = match remove_tree(sandbox) {
+        Ok(()) => return Ok(()),
+        Err(error) => error,
+    };
+    let aside = root.with_file_name(format!(
+        "{LEFT_BEHIND_PREFIX}{:016x}",
+        distbuild_proto::rng::next_u64()
+    ));
+    fs::rename(sandbox, &aside).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("{error}; and it cannot be moved aside: {e}"),
+        )
+    })?;
+    tracing::warn!(%error, moved_to = %aside.display(), "cannot remove a job's directory; moved it aside");
+    Ok(())
+}
+
 fn clear_sandboxes(root: &Path) -> io::Result<()> {
     if let Some(parent) = root.parent() {
         for entry in fs::read_dir(parent)?.flatten() {
@@ -954,7 +988,7 @@ where
             .await
             .with_context(|| format!("open the cache in {}", cache_dir.display()))?
     };
-    let sandbox_root = cache_dir.join("sandbox");
+    let sandbox_root = sandbox_root(&cache_dir);
     {
         let root = sandbox_root.clone();
         distbuild_proto::blocking::run(move || clear_sandboxes(&root))
@@ -1024,6 +1058,7 @@ where
             .collect(),
         poll_wait_ms: config.poll_wait_ms,
         sandbox_root,
+        slot_numbers: slot::SlotNumbers::new(config.slots),
         env: JobEnv {
             cache,
             coordinator: coordinator.clone(),

@@ -8,6 +8,14 @@
 //! process the job started dies with it, a new session's included.
 //! Resource limits (address space, file size) are set on the sandbox's
 //! processes before bwrap runs (`process`).
+//!
+//! A worker keeps one sandbox per slot (see [`KeptPerSlot`]): its
+//! namespaces are made once and its init ([`init`]) forks each command
+//! inside, cleaning up between jobs, so a job does not pay for a new
+//! bubblewrap.
+
+pub mod init;
+pub mod wire;
 
 use std::ffi::{OsStr, OsString};
 use std::io;
@@ -58,6 +66,30 @@ pub struct Sandbox {
     pub writable: Vec<PathBuf>,
     /// Whether jobs keep the host's network.
     pub network: bool,
+    /// Sandboxes kept per slot, if any (`None`: one bubblewrap per
+    /// command).
+    pub kept: Option<KeptPerSlot>,
+}
+
+/// Sandboxes kept per slot: the job directories `<root>/<slot>/<job>` of a
+/// slot run in one sandbox, made on the slot's first command with
+/// `<root>/<slot>` as its writable directory, whose init forks each
+/// command and cleans up after each (see [`init`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeptPerSlot {
+    /// The init's command line (`distbuild sandbox-init`).
+    pub init: Vec<OsString>,
+    /// The directory whose subdirectories are the slots'.
+    pub root: PathBuf,
+}
+
+/// The init's command line in this binary: `<this executable>
+/// sandbox-init` (the worker runs as `distbuild`).
+pub fn this_binary_as_init() -> io::Result<Vec<OsString>> {
+    Ok(vec![
+        std::env::current_exe()?.into_os_string(),
+        "sandbox-init".into(),
+    ])
 }
 
 /// Why the sandbox cannot be used.
@@ -83,13 +115,13 @@ pub enum SandboxError {
     },
 }
 
-/// Checks that `program` names something to execute, as the worker would
-/// find it (a path with a `/`, against `cwd` if relative; else the first
-/// match in `path`, the command's PATH), so that a missing program fails
-/// its job with the same error confined as unconfined, not as an exit
-/// code of bubblewrap's. The sandbox sees the host's files, so the
-/// worker's view is the job's (but for `/tmp` and the hidden paths).
-pub fn check_program(program: &OsStr, cwd: &Path, path: Option<&OsStr>) -> io::Result<()> {
+/// Finds the file `program` names to execute, as the worker would find it
+/// (a path with a `/`, against `cwd` if relative; else the first match in
+/// `path`, the command's PATH), so that a missing program fails its job
+/// with the same error confined as unconfined, not as an exit code of
+/// bubblewrap's. The sandbox sees the host's files, so the worker's view
+/// is the job's (but for `/tmp` and the hidden paths).
+pub fn check_program(program: &OsStr, cwd: &Path, path: Option<&OsStr>) -> io::Result<PathBuf> {
     use std::os::unix::ffi::OsStrExt as _;
     let executable = |candidate: &Path| -> io::Result<()> {
         use std::os::unix::fs::PermissionsExt as _;
@@ -101,12 +133,14 @@ pub fn check_program(program: &OsStr, cwd: &Path, path: Option<&OsStr>) -> io::R
         }
     };
     if program.as_bytes().contains(&b'/') {
-        return executable(&cwd.join(program));
+        let found = cwd.join(program);
+        return executable(&found).map(|()| found);
     }
     let mut last = io::Error::from(io::ErrorKind::NotFound);
     for dir in std::env::split_paths(path.unwrap_or_default()) {
-        match executable(&dir.join(program)) {
-            Ok(()) => return Ok(()),
+        let found = dir.join(program);
+        match executable(&found) {
+            Ok(()) => return Ok(found),
             Err(e) => last = e,
         }
     }
@@ -162,6 +196,7 @@ impl Sandbox {
             hidden_files,
             writable,
             network,
+            kept: None,
         };
         let probe_dir = std::env::temp_dir();
         let (program, args) = sandbox.wrap(&probe_dir, &probe_dir, "true".into(), Vec::new());
@@ -178,6 +213,14 @@ impl Sandbox {
             )));
         }
         Ok(sandbox)
+    }
+
+    /// Keeps a sandbox per slot of `root` (see [`KeptPerSlot`]), its init
+    /// started as `init`.
+    /// An empty `init` keeps none.
+    pub fn kept_per_slot(mut self, init: Vec<OsString>, root: PathBuf) -> Self {
+        self.kept = (!init.is_empty()).then_some(KeptPerSlot { init, root });
+        self
     }
 
     /// The program and arguments that run `program args` confined, with

@@ -111,13 +111,20 @@ async fn runs_a_job_with_inputs_and_a_dependency_then_restarts_with_its_cache() 
                 .any(|h| h.added_artifacts.contains(&digest_to_wire(&dep_digest)))
         })
         .await;
-    assert!(
-        std::fs::read_dir(cache_dir.join("sandbox"))
-            .expect("list")
-            .next()
-            .is_none(),
-        "the sandbox is removed"
-    );
+    // Only the slots' directories are left, empty.
+    for slot in std::fs::read_dir(cache_dir.join("sandbox")).expect("list") {
+        let slot = slot.expect("entry").path();
+        assert!(
+            slot.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("slot-")),
+            "left behind: {}",
+            slot.display()
+        );
+        assert!(
+            std::fs::read_dir(&slot).expect("list").next().is_none(),
+            "the job's directory is removed"
+        );
+    }
 
     // The worker serves what it built, and refuses what it lacks.
     let bytes = download(&worker.addr, &artifact_digest)

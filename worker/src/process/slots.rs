@@ -1,0 +1,287 @@
+//! Sandboxes kept per slot: the worker side of `distbuild sandbox-init`
+//! (see [`crate::sandbox::init`]). A job directory `<root>/<slot>/<job>`
+//! runs its commands in its slot's sandbox, started on the slot's first
+//! command with `<root>/<slot>` as its one writable directory and kept
+//! for the jobs after it; a slot runs one job at a time, so its sandbox
+//! serves one command at a time. A command dropped before it ends (its
+//! job timed out, its lease was revoked) takes the whole sandbox with it
+//! — bubblewrap is killed, and with it every process in the namespace —
+//! and so does a command after which the init could not clean up; the
+//! slot's next command starts a new one. If a sandbox cannot be started
+//! at all, the worker says so once and goes back to one bubblewrap per
+//! command.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::io;
+use std::os::fd::{AsRawFd as _, OwnedFd, RawFd};
+use std::os::unix::ffi::{OsStrExt as _, OsStringExt as _};
+use std::os::unix::process::ExitStatusExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt as _, Interest};
+use tokio::sync::{Mutex, OwnedMutexGuard};
+
+use super::{CappedBuffer, ProcessSpec, die_with_the_worker, read_capped};
+use crate::sandbox::wire::{self, HELLO, Outcome, REPLY_BYTES, Reply, Spawn};
+use crate::sandbox::{JobLimits, KeptPerSlot, Sandbox};
+
+/// How long a new sandbox may take to greet.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The most slots kept (a worker has one per job it runs at once).
+const MAX_SLOTS: usize = 1024;
+
+/// One slot's sandbox: bubblewrap (killed when this drops) running the
+/// init, and the socket to it.
+#[derive(Debug)]
+struct Kept {
+    _bwrap: tokio::process::Child,
+    socket: tokio::net::UnixStream,
+}
+
+type Slot = Arc<Mutex<Option<Kept>>>;
+
+/// The kept sandboxes, one per slot directory.
+#[derive(Debug)]
+pub(super) struct SlotSandboxes {
+    sandbox: Arc<Sandbox>,
+    kept: KeptPerSlot,
+    slots: std::sync::Mutex<HashMap<PathBuf, Slot>>,
+    unusable: AtomicBool,
+}
+
+/// What a command left: its status and the heads of its output.
+pub(super) type Ran = (ExitStatus, CappedBuffer, CappedBuffer);
+
+/// Holds a slot's sandbox while its command runs; dropped before the
+/// command's end, it kills the sandbox.
+struct Running {
+    held: Option<OwnedMutexGuard<Option<Kept>>>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut held) = self.held.take() {
+            *held = None;
+        }
+    }
+}
+
+impl SlotSandboxes {
+    pub(super) fn new(sandbox: Arc<Sandbox>, kept: KeptPerSlot) -> Self {
+        Self {
+            sandbox,
+            kept,
+            slots: std::sync::Mutex::new(HashMap::new()),
+            unusable: AtomicBool::new(false),
+        }
+    }
+
+    /// The slot directory of `job_dir` when it is one of the kept ones'
+    /// and they work here.
+    pub(super) fn slot_of(&self, job_dir: &Path) -> Option<PathBuf> {
+        if self.unusable.load(Ordering::Relaxed) {
+            return None;
+        }
+        let slot = job_dir.parent()?;
+        (slot.parent()? == self.kept.root).then(|| slot.to_path_buf())
+    }
+
+    /// Runs `spec` (its program found at `path`) in the sandbox of `slot`,
+    /// joining the cgroups whose `cgroup.procs` are open as `cgroups`.
+    /// `None`: kept sandboxes do not work here, run it another way.
+    pub(super) async fn run(
+        &self,
+        slot: PathBuf,
+        spec: &ProcessSpec,
+        path: PathBuf,
+        limits: JobLimits,
+        cgroups: &[RawFd],
+    ) -> Option<io::Result<Ran>> {
+        let entry = {
+            let mut slots = self.slots.lock().expect("slots lock poisoned");
+            if slots.len() >= MAX_SLOTS && !slots.contains_key(&slot) {
+                return None;
+            }
+            Arc::clone(slots.entry(slot.clone()).or_default())
+        };
+        let mut held = entry.lock_owned().await;
+        let frame = match wire::frame(&request(spec, path, limits)) {
+            Ok(frame) => frame,
+            Err(e) => return Some(Err(e)),
+        };
+        let pipes = || nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from);
+        let ((out_read, out_write), (err_read, err_write)) = match (pipes(), pipes()) {
+            (Ok(out), Ok(err)) => (out, err),
+            (Err(e), _) | (_, Err(e)) => return Some(Err(e)),
+        };
+        let mut fds = vec![out_write.as_raw_fd(), err_write.as_raw_fd()];
+        fds.extend_from_slice(cgroups);
+        // A sandbox found dead (a job killed its init) is replaced once.
+        let mut tries = 0;
+        loop {
+            if held.is_none() {
+                match self.start(&slot).await {
+                    Ok(kept) => *held = Some(kept),
+                    Err(e) => {
+                        if !self.unusable.swap(true, Ordering::Relaxed) {
+                            tracing::warn!(
+                                error = %e,
+                                "a sandbox kept per slot could not start; jobs run under one bubblewrap per command"
+                            );
+                        }
+                        return None;
+                    }
+                }
+            }
+            let kept = held.as_ref().expect("started above");
+            match send(&kept.socket, &frame, &fds).await {
+                Ok(()) => break,
+                Err(e) => {
+                    *held = None;
+                    tries += 1;
+                    if tries == 2 {
+                        return Some(Err(io::Error::new(
+                            e.kind(),
+                            format!("send the command to its sandbox: {e}"),
+                        )));
+                    }
+                }
+            }
+        }
+        drop((out_write, err_write));
+        let mut running = Running { held: Some(held) };
+        let result = self.wait(&mut running, spec, out_read, err_read).await;
+        let held = running.held.as_mut().expect("held until here");
+        match &result {
+            Ok((_, retire)) if !retire => {}
+            // The init said it cannot clean up, or it is gone.
+            _ => **held = None,
+        }
+        drop(running.held.take());
+        Some(result.map(|(ran, _)| ran))
+    }
+
+    /// Reads the command's output until the init replies; the command's
+    /// end and whether the sandbox retires.
+    async fn wait(
+        &self,
+        running: &mut Running,
+        spec: &ProcessSpec,
+        out_read: OwnedFd,
+        err_read: OwnedFd,
+    ) -> io::Result<(Ran, bool)> {
+        let kept = running
+            .held
+            .as_mut()
+            .and_then(|held| held.as_mut())
+            .expect("a running command's sandbox");
+        let stdout = tokio::net::unix::pipe::Receiver::from_owned_fd(out_read)?;
+        let stderr = tokio::net::unix::pipe::Receiver::from_owned_fd(err_read)?;
+        let mut out = CappedBuffer::default();
+        let mut err = CappedBuffer::default();
+        let mut reply = [0u8; REPLY_BYTES];
+        // The init replies once every process of the command is gone, so
+        // the pipes end too.
+        let (replied, read_out, read_err) = tokio::join!(
+            kept.socket.read_exact(&mut reply),
+            read_capped(Some(stdout), spec.max_output_bytes, &mut out),
+            read_capped(Some(stderr), spec.max_output_bytes, &mut err),
+        );
+        if let Err(e) = replied {
+            return Err(io::Error::new(
+                e.kind(),
+                format!("the job's sandbox ended while the command ran ({e})"),
+            ));
+        }
+        read_out?;
+        read_err?;
+        let reply = Reply::decode(reply)?;
+        match reply.outcome {
+            Outcome::Exited(status) => Ok(((ExitStatus::from_raw(status), out, err), reply.retire)),
+            Outcome::NotStarted(errno) => Err(io::Error::from_raw_os_error(errno)),
+        }
+    }
+
+    /// Starts the sandbox of `slot` and waits for its init's greeting.
+    async fn start(&self, slot: &Path) -> io::Result<Kept> {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+        let (program, args) = self.sandbox.wrap(
+            slot,
+            slot,
+            self.kept.init[0].clone(),
+            self.kept.init[1..].to_vec(),
+        );
+        let mut command = tokio::process::Command::new(program);
+        command
+            .args(args)
+            .stdin(Stdio::from(OwnedFd::from(theirs)))
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .process_group(0);
+        die_with_the_worker(&mut command);
+        let bwrap = command.spawn()?;
+        drop(command);
+        ours.set_nonblocking(true)?;
+        let mut socket = tokio::net::UnixStream::from_std(ours)?;
+        let mut hello = [0u8; 1];
+        match tokio::time::timeout(START_TIMEOUT, socket.read_exact(&mut hello)).await {
+            Ok(Ok(_)) if hello[0] == HELLO => Ok(Kept {
+                _bwrap: bwrap,
+                socket,
+            }),
+            Ok(Ok(_)) => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the sandbox's init greeted wrongly",
+            )),
+            Ok(Err(e)) => Err(io::Error::new(
+                e.kind(),
+                format!(
+                    "the sandbox's init ({:?}) did not start: {e}",
+                    self.kept.init
+                ),
+            )),
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the sandbox's init did not start within {START_TIMEOUT:?}"),
+            )),
+        }
+    }
+}
+
+/// The request for `spec`.
+fn request(spec: &ProcessSpec, path: PathBuf, limits: JobLimits) -> Spawn {
+    let bytes = |s: &std::ffi::OsStr| s.as_bytes().to_vec();
+    let pair = |(k, v): &(OsString, OsString)| [k.as_bytes(), b"=", v.as_bytes()].concat();
+    Spawn {
+        path: path.into_os_string().into_vec(),
+        argv: std::iter::once(spec.program.as_os_str())
+            .chain(spec.args.iter().map(|a| a.as_os_str()))
+            .map(bytes)
+            .collect(),
+        replace_env: spec.env.is_some(),
+        env: spec.env.iter().flatten().map(pair).collect(),
+        cwd: bytes(spec.cwd.as_os_str()),
+        max_address_space: limits.memory_bytes,
+        max_file_bytes: limits.file_bytes,
+    }
+}
+
+/// Sends `frame` with `fds` on its first byte.
+async fn send(socket: &tokio::net::UnixStream, frame: &[u8], fds: &[RawFd]) -> io::Result<()> {
+    let mut sent = 0;
+    while sent < frame.len() {
+        sent += socket
+            .async_io(Interest::WRITABLE, || {
+                wire::send_part(socket.as_raw_fd(), frame, sent, fds)
+            })
+            .await?;
+    }
+    Ok(())
+}
