@@ -1209,8 +1209,9 @@ pub fn metric(text: &str, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// What is left in a worker's sandbox directory but its slots' (empty)
-/// directories: job directories not removed.
+/// What is left in a worker's sandbox directory but its slots'
+/// directories and their spares (the last job's directory, emptied): job
+/// directories not removed, anything in a spare's directories.
 pub fn job_dirs_left(sandbox_root: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut left = Vec::new();
     for entry in std::fs::read_dir(sandbox_root).expect("the sandbox directory") {
@@ -1225,7 +1226,18 @@ pub fn job_dirs_left(sandbox_root: &std::path::Path) -> Vec<std::path::PathBuf> 
             continue;
         }
         for job in std::fs::read_dir(&path).expect("a slot directory") {
-            left.push(job.expect("an entry").path());
+            let job = job.expect("an entry").path();
+            if !job.ends_with(".spare") {
+                left.push(job);
+                continue;
+            }
+            for dir in std::fs::read_dir(&job).expect("the spare") {
+                let dir = dir.expect("an entry").path();
+                let empty = std::fs::read_dir(&dir).is_ok_and(|mut inside| inside.next().is_none());
+                if !empty {
+                    left.push(dir);
+                }
+            }
         }
     }
     left

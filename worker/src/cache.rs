@@ -352,6 +352,41 @@ impl Cache {
         Ok(actual)
     }
 
+    /// A new temporary file in the cache's directory, for a blob the
+    /// worker writes and hashes itself (see [`Cache::adopt`]).
+    pub fn temp_file(&self) -> Result<tempfile::NamedTempFile, CacheError> {
+        tempfile::NamedTempFile::new_in(self.dir.join("tmp"))
+            .map_err(io_err("create a cache temporary file"))
+    }
+
+    /// Stores `file` (from [`Cache::temp_file`]), whose `size` bytes the
+    /// caller hashed to `digest` as it wrote them, without reading it
+    /// again. Evicts to stay within the bound.
+    pub fn adopt(
+        &self,
+        file: tempfile::NamedTempFile,
+        digest: Digest,
+        size: u64,
+    ) -> Result<(), CacheError> {
+        if size > self.max_bytes {
+            return Err(CacheError::TooLarge {
+                size,
+                max_bytes: self.max_bytes,
+            });
+        }
+        let key = BlobKey::from(digest);
+        file.persist(self.path_of(&key))
+            .map_err(|e| CacheError::Io {
+                context: "move blob into the cache".into(),
+                source: e.error,
+            })?;
+        self.index
+            .lock()
+            .expect("cache index poisoned")
+            .insert(key, size);
+        self.evict()
+    }
+
     /// The most bytes the cache holds.
     pub fn max_bytes(&self) -> u64 {
         self.max_bytes
@@ -398,6 +433,36 @@ mod tests {
         let wrong = cache.insert(Some(Digest::of(b"other")), &data[..]);
         assert!(matches!(wrong, Err(CacheError::DigestMismatch { .. })));
         assert_eq!(cache.total_bytes(), 1000, "a refused blob takes no space");
+    }
+
+    #[test]
+    fn an_adopted_file_is_stored_as_written_and_counted() {
+        let dir = tempfile::TempDir::new().expect("tempdir");
+        let cache = Cache::open(dir.path(), 1500).expect("open");
+        let data = blob(2, 1000);
+        let mut file = cache.temp_file().expect("temp file");
+        file.write_all(&data).expect("write");
+        cache.adopt(file, Digest::of(&data), 1000).expect("adopt");
+        let (mut file, _pin) = cache
+            .open_blob(Digest::of(&data))
+            .expect("open")
+            .expect("present");
+        let mut back = Vec::new();
+        file.read_to_end(&mut back).expect("read");
+        assert_eq!(back, data);
+        assert_eq!(cache.total_bytes(), 1000);
+        let too_big = cache.temp_file().expect("temp file");
+        let refused = cache.adopt(too_big, Digest::of(b"big"), 2000);
+        assert!(matches!(
+            refused,
+            Err(CacheError::TooLarge { size: 2000, .. })
+        ));
+        assert_eq!(cache.total_bytes(), 1000, "a refused blob takes no space");
+        assert_eq!(
+            fs::read_dir(dir.path().join("tmp")).expect("list").count(),
+            0,
+            "the refused file is removed"
+        );
     }
 
     #[test]

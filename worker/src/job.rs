@@ -287,14 +287,9 @@ impl Layout {
         }
     }
 
+    /// Makes the directories, from the slot's spare if it has one.
     fn create(&self) -> io::Result<()> {
-        if self.root.exists() {
-            crate::tree::remove_tree(&self.root)?;
-        }
-        for dir in [&self.src, &self.out, &self.deps, &self.tmp] {
-            fs::create_dir_all(dir)?;
-        }
-        Ok(())
+        crate::jobdir::make(&self.root, &["src", "out", "deps", "tmp"])
     }
 }
 
@@ -694,10 +689,12 @@ async fn run_steps(
     }
 
     let cache = env.cache.clone();
-    let (root, out) = (layout.root.clone(), layout.out.clone());
+    let out = layout.out.clone();
     let (digest, size) = blocking(move || {
-        let mut temp = tempfile::NamedTempFile::new_in(&root)
-            .map_err(|e| format!("create the artifact file in {}: {e}", root.display()))?;
+        // Packed straight into the cache, hashed as it is written.
+        let mut temp = cache
+            .temp_file()
+            .map_err(|e| format!("create the artifact file: {e}"))?;
         let (digest, size) = {
             let mut writer = BufWriter::new(temp.as_file_mut());
             let packed =
@@ -715,11 +712,8 @@ async fn run_steps(
                 cache.max_bytes()
             ));
         }
-        let reader = temp
-            .reopen()
-            .map_err(|e| format!("reopen the artifact: {e}"))?;
         cache
-            .insert(Some(digest), reader)
+            .adopt(temp, digest, size)
             .map_err(|e| format!("store the artifact: {e}"))?;
         Ok((digest, size))
     })

@@ -33,6 +33,7 @@ pub mod connect;
 pub mod coordinator;
 pub mod fetch;
 pub mod job;
+pub mod jobdir;
 pub mod metrics;
 pub mod peer;
 pub mod process;

@@ -849,11 +849,12 @@ const LEFT_BEHIND_PREFIX: &str = "sandbox-left-behind-";
 /// Empties the sandbox directory of what jobs of an earlier run left. What
 /// cannot be removed is moved aside (and reported) rather than keeping the
 /// worker from starting; what was moved aside before is tried again.
-/// Removes a job's directory; one that cannot be removed is moved out of
-/// its slot's directory (the next job in the slot, in the slot's kept
-/// sandbox, could see it), beside `root`, where the next start removes it.
+/// Empties a job's directory into its slot's spare (`jobdir`), or removes
+/// it; one that can be neither is moved out of its slot's directory (the
+/// next job in the slot, in the slot's kept sandbox, could see it), beside
+/// `root`, where the next start removes it.
 fn remove_or_move_aside(sandbox: &Path, root: &Path) -> io::Result<()> {
-    let error = match remove_tree(sandbox) {
+    let error = match crate::jobdir::recycle(sandbox).or_else(|_| remove_tree(sandbox)) {
         Ok(()) => return Ok(()),
         Err(error) => error,
     };

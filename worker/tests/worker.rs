@@ -111,7 +111,8 @@ async fn runs_a_job_with_inputs_and_a_dependency_then_restarts_with_its_cache() 
                 .any(|h| h.added_artifacts.contains(&digest_to_wire(&dep_digest)))
         })
         .await;
-    // Only the slots' directories are left, empty.
+    // Only the slots' directories are left, each with its spare: the
+    // last job's directory, emptied.
     for slot in std::fs::read_dir(cache_dir.join("sandbox")).expect("list") {
         let slot = slot.expect("entry").path();
         assert!(
@@ -120,10 +121,25 @@ async fn runs_a_job_with_inputs_and_a_dependency_then_restarts_with_its_cache() 
             "left behind: {}",
             slot.display()
         );
-        assert!(
-            std::fs::read_dir(&slot).expect("list").next().is_none(),
-            "the job's directory is removed"
-        );
+        for entry in std::fs::read_dir(&slot).expect("list") {
+            let entry = entry.expect("entry").path();
+            assert!(
+                entry.ends_with(".spare"),
+                "left behind: {}",
+                entry.display()
+            );
+            for dir in std::fs::read_dir(&entry).expect("list") {
+                let dir = dir.expect("entry").path();
+                assert!(
+                    std::fs::read_dir(&dir)
+                        .expect("a directory")
+                        .next()
+                        .is_none(),
+                    "not emptied: {}",
+                    dir.display()
+                );
+            }
+        }
     }
 
     // The worker serves what it built, and refuses what it lacks.

@@ -56,6 +56,12 @@ pub fn main() -> u8 {
     let own_env: Vec<Vec<u8>> = std::env::vars_os()
         .map(|(k, v)| [k.as_bytes(), b"=", v.as_bytes()].concat())
         .collect();
+    // A job cannot mount here (it has no capabilities): the mount points
+    // are read once.
+    let mounts = match mount_points() {
+        Ok(mounts) => mounts,
+        Err(e) => return fail("read the mount points", &e),
+    };
     if let Err(e) = write_all(control.as_fd(), &[HELLO]) {
         return fail("greet the worker", &e);
     }
@@ -66,7 +72,7 @@ pub fn main() -> u8 {
             Err(e) => return fail("read a request", &e),
         };
         let outcome = run(&spawn, fds, devnull.as_fd(), &own_env);
-        let cleaned = clean_up();
+        let cleaned = clean_up(&mounts);
         if let Err(e) = &cleaned {
             eprintln!("distbuild sandbox-init: retiring this sandbox: {e}");
         }
@@ -281,11 +287,10 @@ fn wait_for(pid: libc::pid_t) -> i32 {
 /// `/dev/shm` (but for the mount points bubblewrap made in them: a job or
 /// cache directory under the host's `/tmp` is bound at its own path, in
 /// the sandbox's `/tmp`), no System V IPC objects.
-fn clean_up() -> Result<(), String> {
+fn clean_up(mounts: &[PathBuf]) -> Result<(), String> {
     kill_the_rest()?;
-    let mounts = mount_points()?;
     for dir in ["/tmp", "/dev/shm"] {
-        empty(Path::new(dir), &mounts)?;
+        empty(Path::new(dir), mounts)?;
     }
     remove_ipc_objects()
 }
