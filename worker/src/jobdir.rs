@@ -136,7 +136,7 @@ mod tests {
         // a symlink where a directory was, things beside its directory.
         fs::create_dir_all(first.join("tmp/a/b/c")).expect("mkdir");
         fs::write(first.join("tmp/a/b/c/deep"), b"x").expect("write");
-        fs::set_permissions(first.join("src"), fs::Permissions::from_mode(0)).expect("chmod");
+        fs::set_permissions(first.join("src"), fs::Permissions::from_mode(0o000)).expect("chmod");
         fs::write(first.join("stray"), b"x").expect("write");
         fs::remove_dir(first.join("out")).expect("rmdir");
         std::os::unix::fs::symlink("/etc", first.join("out")).expect("symlink");
