@@ -244,6 +244,13 @@ fn a_job_past_its_process_limit_fails_saying_so() {
     let graph = graph_of_few();
     let run = cluster.build(&graph, cluster.dir.path(), &["--timeout", "60"]);
     assert_eq!(run.code, Some(0), "{}", run.describe());
+    // A later failure in the same slot is its own, not the limit's.
+    let graph = graph_of_one("fails", "exit 3");
+    let run = cluster.build(&graph, cluster.dir.path(), &["--timeout", "60"]);
+    assert_eq!(run.code, Some(1), "{}", run.describe());
+    let finished = run.finished(&id("fails"));
+    assert_eq!(finished["exit_code"], 3, "{}", run.describe());
+    assert!(finished["error"].is_null(), "{}", run.describe());
 }
 
 fn graph_of_few() -> serde_json::Value {

@@ -70,6 +70,25 @@ pub struct LimitsHit {
     pub memory: bool,
 }
 
+/// A group's event counters: forks refused, processes killed for memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LimitEvents {
+    /// Forks refused for the process limit.
+    pub processes: u64,
+    /// Processes the kernel killed for the memory limit.
+    pub memory: u64,
+}
+
+impl LimitEvents {
+    /// The limits hit between `before` and these counters.
+    pub fn since(self, before: LimitEvents) -> LimitsHit {
+        LimitsHit {
+            processes: self.processes > before.processes,
+            memory: self.memory > before.memory,
+        }
+    }
+}
+
 /// This process's group of `controller`: its directory, and whether that
 /// is cgroup v2.
 fn own_group(controller: Controller) -> Result<(PathBuf, bool), String> {
@@ -186,13 +205,32 @@ impl JobLimiter {
 
     /// New groups for one command.
     pub fn job(&self) -> io::Result<JobGroup> {
+        self.group("job", GroupLimits {
+            processes: 0,
+            memory_bytes: 0,
+        })
+    }
+
+    /// New groups for a slot's kept sandbox, whose own processes
+    /// (bubblewrap and its init) take `overhead` besides the job's limits;
+    /// its commands' limits hit are told by [`JobGroup::events`] before
+    /// and after each.
+    pub fn slot(&self, overhead: GroupLimits) -> io::Result<JobGroup> {
+        self.group("slot", overhead)
+    }
+
+    fn group(&self, kind: &str, overhead: GroupLimits) -> io::Result<JobGroup> {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let mut group = JobGroup {
             dirs: Vec::new(),
             procs: Vec::new(),
         };
+        let limits = GroupLimits {
+            processes: self.limits.processes.saturating_add(overhead.processes),
+            memory_bytes: self.limits.memory_bytes.saturating_add(overhead.memory_bytes),
+        };
         for (controller, worker_dir, v2) in &self.dirs {
-            let dir = worker_dir.join(format!("job-{n}"));
+            let dir = worker_dir.join(format!("{kind}-{n}"));
             let in_dir = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", dir.display()));
             // v2: one directory for every controller.
             if !group.dirs.iter().any(|(_, d, _)| d == &dir) {
@@ -206,15 +244,15 @@ impl JobLimiter {
             }
             match (controller, v2) {
                 (Controller::Pids, _) => {
-                    fs::write(dir.join("pids.max"), self.limits.processes.to_string())
+                    fs::write(dir.join("pids.max"), limits.processes.to_string())
                 }
                 (Controller::Memory, true) => {
-                    fs::write(dir.join("memory.max"), self.limits.memory_bytes.to_string())
+                    fs::write(dir.join("memory.max"), limits.memory_bytes.to_string())
                         .and_then(|()| fs::write(dir.join("memory.swap.max"), "0").or(Ok(())))
                 }
                 (Controller::Memory, false) => fs::write(
                     dir.join("memory.limit_in_bytes"),
-                    self.limits.memory_bytes.to_string(),
+                    limits.memory_bytes.to_string(),
                 ),
             }
             .map_err(in_dir)?;
@@ -239,23 +277,28 @@ impl JobGroup {
         self.procs.iter().map(|f| f.as_raw_fd()).collect()
     }
 
-    /// What the command ran into.
+    /// What the group's command ran into (a group made for it).
     pub fn limits_hit(&self) -> LimitsHit {
-        let mut hit = LimitsHit::default();
+        self.events().since(LimitEvents::default())
+    }
+
+    /// The group's event counters now.
+    pub fn events(&self) -> LimitEvents {
+        let mut events = LimitEvents::default();
         for (controller, dir, v2) in &self.dirs {
             match (controller, v2) {
                 (Controller::Pids, _) => {
-                    hit.processes |= counter(&dir.join("pids.events"), "max") > 0
+                    events.processes += counter(&dir.join("pids.events"), "max");
                 }
                 (Controller::Memory, true) => {
-                    hit.memory |= counter(&dir.join("memory.events"), "oom_kill") > 0;
+                    events.memory += counter(&dir.join("memory.events"), "oom_kill");
                 }
                 (Controller::Memory, false) => {
-                    hit.memory |= counter(&dir.join("memory.oom_control"), "oom_kill") > 0;
+                    events.memory += counter(&dir.join("memory.oom_control"), "oom_kill");
                 }
             }
         }
-        hit
+        events
     }
 }
 
@@ -275,9 +318,12 @@ pub fn join(fds: &[RawFd]) -> io::Result<()> {
 impl Drop for JobGroup {
     fn drop(&mut self) {
         // Empty once the command's processes are gone (they are killed
-        // before this drops); a straggler still exiting makes a group busy
-        // for a moment.
-        for (_, dir, _) in &self.dirs {
+        // before this drops; v2 kills whatever is left at once); a
+        // straggler still exiting makes a group busy for a moment.
+        for (_, dir, v2) in &self.dirs {
+            if *v2 {
+                let _ = fs::write(dir.join("cgroup.kill"), "1");
+            }
             for attempt in 0..20 {
                 if fs::remove_dir(dir).is_ok() || !dir.exists() {
                     break;

@@ -100,17 +100,19 @@ impl TokioProcessRunner {
     /// (`Sandbox::kept_per_slot`) serves the job directories of its slots.
     pub fn new(sandbox: Option<Sandbox>, limits: JobLimits, groups: Option<JobLimiter>) -> Self {
         let sandbox = sandbox.map(std::sync::Arc::new);
+        let groups = groups.map(std::sync::Arc::new);
         let slots = sandbox.as_ref().and_then(|sandbox| {
             let kept = sandbox.kept.clone()?;
             Some(std::sync::Arc::new(slots::SlotSandboxes::new(
                 std::sync::Arc::clone(sandbox),
                 kept,
+                groups.clone(),
             )))
         });
         Self {
             sandbox,
             limits,
-            groups: groups.map(std::sync::Arc::new),
+            groups,
             slots,
         }
     }
@@ -139,19 +141,14 @@ impl ProcessRunner for TokioProcessRunner {
                 .and_then(|slots| Some((slots, slots.slot_of(&spec.job_dir)?)));
             if let Some((slots, slot)) = kept {
                 return Box::pin(async move {
-                    let group = self.group()?;
-                    let fds = group
-                        .as_ref()
-                        .map(|(g, _)| g.procs_fds())
-                        .unwrap_or_default();
-                    match slots.run(slot, &spec, found, self.limits, &fds).await {
+                    match slots.run(slot, &spec, found, self.limits).await {
                         Some(ran) => {
-                            let (status, out, err) = ran?;
-                            Ok(finish(status, out, err, self.limits, group.as_ref()))
+                            let (status, out, err, hit) = ran?;
+                            Ok(finish(status, out, err, self.limits, hit))
                         }
                         None => {
                             let spec = confined(sandbox, spec);
-                            run_process(spec, self.limits, group).await
+                            run_process(spec, self.limits, self.group()?).await
                         }
                     }
                 });
@@ -374,7 +371,11 @@ async fn run_process(
             }
         }
     }
-    Ok(finish(status, out, err, limits, group.as_ref()))
+    // The counters are read only when the command failed.
+    let hit = (!status.success())
+        .then(|| group.as_ref().map(|(group, set)| (group.limits_hit(), *set)))
+        .flatten();
+    Ok(finish(status, out, err, limits, hit))
 }
 
 /// What a process left: its exit code, the heads of its output, and the
@@ -384,7 +385,7 @@ fn finish(
     out: CappedBuffer,
     err: CappedBuffer,
     limits: JobLimits,
-    group: Option<&(JobGroup, GroupLimits)>,
+    group: Option<(crate::cgroup::LimitsHit, GroupLimits)>,
 ) -> ProcessOutput {
     let exit_code = exit_code_of(status);
     // SIGXFSZ ends a process that wrote past RLIMIT_FSIZE; a shell or
@@ -395,10 +396,9 @@ fn finish(
             limits.file_bytes
         )
     });
-    if let Some((group, set)) = group
+    if let Some((hit, set)) = group
         && exit_code != 0
     {
-        let hit = group.limits_hit();
         if hit.memory {
             limit_hit = Some(format!(
                 "exit code {exit_code}: killed for memory, the job may use at most {} bytes (--job-max-memory)",

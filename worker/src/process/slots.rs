@@ -27,6 +27,7 @@ use tokio::io::{AsyncReadExt as _, Interest};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use super::{CappedBuffer, ProcessSpec, die_with_the_worker, read_capped};
+use crate::cgroup::{GroupLimits, JobGroup, JobLimiter, LimitEvents, LimitsHit};
 use crate::sandbox::wire::{self, HELLO, Outcome, REPLY_BYTES, Reply, Spawn};
 use crate::sandbox::{JobLimits, KeptPerSlot, Sandbox};
 
@@ -36,12 +37,36 @@ const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// The most slots kept (a worker has one per job it runs at once).
 const MAX_SLOTS: usize = 1024;
 
+/// What a kept sandbox's own processes take of its cgroup besides the
+/// job's limits: bubblewrap outside the namespace, bubblewrap's init and
+/// ours inside; their memory.
+const SANDBOX_OVERHEAD: GroupLimits = GroupLimits {
+    processes: 3,
+    memory_bytes: 32 << 20,
+};
+
 /// One slot's sandbox: bubblewrap (killed when this drops) running the
-/// init, and the socket to it.
+/// init, the socket to it, and the cgroup every process of it is in (its
+/// commands inherit it: no cgroup made or joined per command), with its
+/// event counters as the last command left them.
 #[derive(Debug)]
 struct Kept {
-    _bwrap: tokio::process::Child,
+    bwrap: tokio::process::Child,
     socket: tokio::net::UnixStream,
+    group: Option<(JobGroup, LimitEvents)>,
+}
+
+impl Drop for Kept {
+    fn drop(&mut self) {
+        let _ = self.bwrap.start_kill();
+        // Removing the group waits for its processes to be gone.
+        if let Some((group, _)) = self.group.take() {
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => drop(runtime.spawn_blocking(move || drop(group))),
+                Err(_) => drop(group),
+            }
+        }
+    }
 }
 
 type Slot = Arc<Mutex<Option<Kept>>>;
@@ -51,12 +76,19 @@ type Slot = Arc<Mutex<Option<Kept>>>;
 pub(super) struct SlotSandboxes {
     sandbox: Arc<Sandbox>,
     kept: KeptPerSlot,
+    groups: Option<Arc<JobLimiter>>,
     slots: std::sync::Mutex<HashMap<PathBuf, Slot>>,
     unusable: AtomicBool,
 }
 
-/// What a command left: its status and the heads of its output.
-pub(super) type Ran = (ExitStatus, CappedBuffer, CappedBuffer);
+/// What a command left: its status, the heads of its output, and the
+/// cgroup limits it ran into (with the limits), if there are cgroups.
+pub(super) type Ran = (
+    ExitStatus,
+    CappedBuffer,
+    CappedBuffer,
+    Option<(LimitsHit, GroupLimits)>,
+);
 
 /// Holds a slot's sandbox while its command runs; dropped before the
 /// command's end, it kills the sandbox.
@@ -73,10 +105,15 @@ impl Drop for Running {
 }
 
 impl SlotSandboxes {
-    pub(super) fn new(sandbox: Arc<Sandbox>, kept: KeptPerSlot) -> Self {
+    pub(super) fn new(
+        sandbox: Arc<Sandbox>,
+        kept: KeptPerSlot,
+        groups: Option<Arc<JobLimiter>>,
+    ) -> Self {
         Self {
             sandbox,
             kept,
+            groups,
             slots: std::sync::Mutex::new(HashMap::new()),
             unusable: AtomicBool::new(false),
         }
@@ -92,8 +129,7 @@ impl SlotSandboxes {
         (slot.parent()? == self.kept.root).then(|| slot.to_path_buf())
     }
 
-    /// Runs `spec` (its program found at `path`) in the sandbox of `slot`,
-    /// joining the cgroups whose `cgroup.procs` are open as `cgroups`.
+    /// Runs `spec` (its program found at `path`) in the sandbox of `slot`.
     /// `None`: kept sandboxes do not work here, run it another way.
     pub(super) async fn run(
         &self,
@@ -101,7 +137,6 @@ impl SlotSandboxes {
         spec: &ProcessSpec,
         path: PathBuf,
         limits: JobLimits,
-        cgroups: &[RawFd],
     ) -> Option<io::Result<Ran>> {
         let entry = {
             let mut slots = self.slots.lock().expect("slots lock poisoned");
@@ -120,8 +155,7 @@ impl SlotSandboxes {
             (Ok(out), Ok(err)) => (out, err),
             (Err(e), _) | (_, Err(e)) => return Some(Err(e)),
         };
-        let mut fds = vec![out_write.as_raw_fd(), err_write.as_raw_fd()];
-        fds.extend_from_slice(cgroups);
+        let fds = [out_write.as_raw_fd(), err_write.as_raw_fd()];
         // A sandbox found dead (a job killed its init) is replaced once.
         let mut tries = 0;
         loop {
@@ -158,6 +192,17 @@ impl SlotSandboxes {
         let mut running = Running { held: Some(held) };
         let result = self.wait(&mut running, spec, out_read, err_read).await;
         let held = running.held.as_mut().expect("held until here");
+        let result = result.map(|((status, out, err, _), retire)| {
+            let kept = held.as_mut().expect("not dropped while held");
+            let hit = kept.group.as_mut().map(|(group, seen)| {
+                let now = group.events();
+                let hit = now.since(*seen);
+                *seen = now;
+                let limits = self.groups.as_ref().map(|g| g.limits());
+                (hit, limits.unwrap_or(GroupLimits { processes: 0, memory_bytes: 0 }))
+            });
+            ((status, out, err, hit), retire)
+        });
         match &result {
             Ok((_, retire)) if !retire => {}
             // The init said it cannot clean up, or it is gone.
@@ -203,13 +248,23 @@ impl SlotSandboxes {
         read_err?;
         let reply = Reply::decode(reply)?;
         match reply.outcome {
-            Outcome::Exited(status) => Ok(((ExitStatus::from_raw(status), out, err), reply.retire)),
+            Outcome::Exited(status) => Ok((
+                (ExitStatus::from_raw(status), out, err, None),
+                reply.retire,
+            )),
             Outcome::NotStarted(errno) => Err(io::Error::from_raw_os_error(errno)),
         }
     }
 
-    /// Starts the sandbox of `slot` and waits for its init's greeting.
+    /// Starts the sandbox of `slot` in a cgroup of its own (when there are
+    /// cgroups) and waits for its init's greeting.
     async fn start(&self, slot: &Path) -> io::Result<Kept> {
+        let group = match &self.groups {
+            Some(groups) => Some(groups.slot(SANDBOX_OVERHEAD).map_err(|e| {
+                io::Error::new(e.kind(), format!("make the slot's cgroup: {e}"))
+            })?),
+            None => None,
+        };
         let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
         let (program, args) = self.sandbox.wrap(
             slot,
@@ -226,6 +281,14 @@ impl SlotSandboxes {
             .kill_on_drop(true)
             .process_group(0);
         die_with_the_worker(&mut command);
+        if let Some(group) = &group {
+            let fds = group.procs_fds();
+            // SAFETY: runs in the forked child before exec; `join` only
+            // writes to open descriptors.
+            unsafe {
+                command.pre_exec(move || crate::cgroup::join(&fds));
+            }
+        }
         let bwrap = command.spawn()?;
         drop(command);
         ours.set_nonblocking(true)?;
@@ -233,8 +296,12 @@ impl SlotSandboxes {
         let mut hello = [0u8; 1];
         match tokio::time::timeout(START_TIMEOUT, socket.read_exact(&mut hello)).await {
             Ok(Ok(_)) if hello[0] == HELLO => Ok(Kept {
-                _bwrap: bwrap,
+                bwrap,
                 socket,
+                group: group.map(|group| {
+                    let events = group.events();
+                    (group, events)
+                }),
             }),
             Ok(Ok(_)) => Err(io::Error::new(
                 io::ErrorKind::InvalidData,
