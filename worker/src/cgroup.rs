@@ -205,10 +205,13 @@ impl JobLimiter {
 
     /// New groups for one command.
     pub fn job(&self) -> io::Result<JobGroup> {
-        self.group("job", GroupLimits {
-            processes: 0,
-            memory_bytes: 0,
-        })
+        self.group(
+            "job",
+            GroupLimits {
+                processes: 0,
+                memory_bytes: 0,
+            },
+        )
     }
 
     /// New groups for a slot's kept sandbox, whose own processes
@@ -227,7 +230,10 @@ impl JobLimiter {
         };
         let limits = GroupLimits {
             processes: self.limits.processes.saturating_add(overhead.processes),
-            memory_bytes: self.limits.memory_bytes.saturating_add(overhead.memory_bytes),
+            memory_bytes: self
+                .limits
+                .memory_bytes
+                .saturating_add(overhead.memory_bytes),
         };
         for (controller, worker_dir, v2) in &self.dirs {
             let dir = worker_dir.join(format!("{kind}-{n}"));

@@ -373,7 +373,11 @@ async fn run_process(
     }
     // The counters are read only when the command failed.
     let hit = (!status.success())
-        .then(|| group.as_ref().map(|(group, set)| (group.limits_hit(), *set)))
+        .then(|| {
+            group
+                .as_ref()
+                .map(|(group, set)| (group.limits_hit(), *set))
+        })
         .flatten();
     Ok(finish(status, out, err, limits, hit))
 }

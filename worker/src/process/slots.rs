@@ -199,7 +199,13 @@ impl SlotSandboxes {
                 let hit = now.since(*seen);
                 *seen = now;
                 let limits = self.groups.as_ref().map(|g| g.limits());
-                (hit, limits.unwrap_or(GroupLimits { processes: 0, memory_bytes: 0 }))
+                (
+                    hit,
+                    limits.unwrap_or(GroupLimits {
+                        processes: 0,
+                        memory_bytes: 0,
+                    }),
+                )
             });
             ((status, out, err, hit), retire)
         });
@@ -248,10 +254,9 @@ impl SlotSandboxes {
         read_err?;
         let reply = Reply::decode(reply)?;
         match reply.outcome {
-            Outcome::Exited(status) => Ok((
-                (ExitStatus::from_raw(status), out, err, None),
-                reply.retire,
-            )),
+            Outcome::Exited(status) => {
+                Ok(((ExitStatus::from_raw(status), out, err, None), reply.retire))
+            }
             Outcome::NotStarted(errno) => Err(io::Error::from_raw_os_error(errno)),
         }
     }
@@ -259,12 +264,13 @@ impl SlotSandboxes {
     /// Starts the sandbox of `slot` in a cgroup of its own (when there are
     /// cgroups) and waits for its init's greeting.
     async fn start(&self, slot: &Path) -> io::Result<Kept> {
-        let group = match &self.groups {
-            Some(groups) => Some(groups.slot(SANDBOX_OVERHEAD).map_err(|e| {
-                io::Error::new(e.kind(), format!("make the slot's cgroup: {e}"))
-            })?),
-            None => None,
-        };
+        let group =
+            match &self.groups {
+                Some(groups) => Some(groups.slot(SANDBOX_OVERHEAD).map_err(|e| {
+                    io::Error::new(e.kind(), format!("make the slot's cgroup: {e}"))
+                })?),
+                None => None,
+            };
         let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
         let (program, args) = self.sandbox.wrap(
             slot,

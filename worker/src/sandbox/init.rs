@@ -5,9 +5,9 @@
 //!
 //! It runs inside bubblewrap (PID 2 of the sandbox's PID namespace, under
 //! bubblewrap's own init), its stdin the socket to the worker. For each
-//! request (see [`super::wire`]) it forks the command — a new session,
-//! the cgroups it is given, its rlimits, its directory — and waits for
-//! it; then it leaves the sandbox as the next job must find it: every
+//! request (see [`super::wire`]) it starts the command — a new session,
+//! its descriptors, its directory; the rlimits and cgroup it inherits —
+//! and waits for it; then it leaves the sandbox as the next job must find it: every
 //! other process in the namespace killed (until none is left), `/tmp` and
 //! `/dev/shm` emptied, System V IPC objects removed. Only then does it
 //! reply, so the worker's pipes reach their end and the next command
@@ -18,14 +18,12 @@
 //! its memory to reach the jobs after it. A job can kill it: its command
 //! then fails, and the slot gets a new sandbox.
 //!
-//! Single-threaded and without an async runtime: between fork and exec
-//! the child calls only async-signal-safe functions on data prepared
-//! before the fork.
+//! Single-threaded and without an async runtime.
 
 use std::ffi::{CString, OsStr};
 use std::fs;
 use std::io::{self, Write as _};
-use std::os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd, RawFd};
+use std::os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd};
 use std::os::unix::ffi::OsStrExt as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -62,6 +60,7 @@ pub fn main() -> u8 {
         Ok(mounts) => mounts,
         Err(e) => return fail("read the mount points", &e),
     };
+    let mut applied: Applied = None;
     if let Err(e) = write_all(control.as_fd(), &[HELLO]) {
         return fail("greet the worker", &e);
     }
@@ -71,7 +70,7 @@ pub fn main() -> u8 {
             Ok(None) => return 0,
             Err(e) => return fail("read a request", &e),
         };
-        let outcome = run(&spawn, fds, devnull.as_fd(), &own_env);
+        let outcome = run(&spawn, fds, devnull.as_fd(), &own_env, &mut applied);
         let cleaned = clean_up(&mounts);
         if let Err(e) = &cleaned {
             eprintln!("distbuild sandbox-init: retiring this sandbox: {e}");
@@ -108,10 +107,24 @@ fn pointers(strings: &[CString]) -> Vec<*const libc::c_char> {
         .collect()
 }
 
-/// Starts `spawn` and waits for it.
-fn run(spawn: &Spawn, fds: Vec<OwnedFd>, devnull: BorrowedFd<'_>, own_env: &[Vec<u8>]) -> Outcome {
+/// The rlimits an init has set on itself for its commands to inherit
+/// (address space, file size).
+type Applied = Option<(u64, u64)>;
+
+/// Starts `spawn` and waits for it. The command inherits the init's
+/// rlimits (set here when they change: a worker's are the same for every
+/// command) and its cgroup (the slot's), and is started with
+/// `posix_spawn` (a vfork: no copy of the init's page tables).
+fn run(
+    spawn: &Spawn,
+    fds: Vec<OwnedFd>,
+    devnull: BorrowedFd<'_>,
+    own_env: &[Vec<u8>],
+    applied: &mut Applied,
+) -> Outcome {
     let prepared = (|| {
-        if fds.len() < 2 {
+        // Exactly stdout and stderr.
+        if fds.len() != 2 {
             return Err(libc::EBADF);
         }
         let path = c_string(&spawn.path)?;
@@ -136,135 +149,80 @@ fn run(spawn: &Spawn, fds: Vec<OwnedFd>, devnull: BorrowedFd<'_>, own_env: &[Vec
         Ok(prepared) => prepared,
         Err(errno) => return Outcome::NotStarted(errno),
     };
+    let limits = (spawn.max_address_space, spawn.max_file_bytes);
+    if *applied != Some(limits) {
+        for (resource, value) in [(libc::RLIMIT_AS, limits.0), (libc::RLIMIT_FSIZE, limits.1)] {
+            let value = if value == 0 {
+                libc::RLIM_INFINITY
+            } else {
+                value as libc::rlim_t
+            };
+            let limit = libc::rlimit {
+                rlim_cur: value,
+                rlim_max: value,
+            };
+            // SAFETY: setrlimit reads the struct.
+            if unsafe { libc::setrlimit(resource, &limit) } != 0 {
+                return Outcome::NotStarted(io::Error::last_os_error().raw_os_error().unwrap_or(0));
+            }
+        }
+        *applied = Some(limits);
+    }
     let argv_ptrs = pointers(&argv);
     let env_ptrs = pointers(&env);
-    let raw: Vec<RawFd> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
-    let child_fds = ChildFds {
-        stdin: devnull.as_raw_fd(),
-        stdout: raw[0],
-        stderr: raw[1],
-        cgroups: &raw[2..],
-    };
-    let (report_read, report_write) = match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
-        Ok(pipe) => pipe,
-        Err(e) => return Outcome::NotStarted(e as i32),
-    };
-    let limits = [
-        (libc::RLIMIT_AS, spawn.max_address_space),
-        (libc::RLIMIT_FSIZE, spawn.max_file_bytes),
-    ];
-    // SAFETY: this process has one thread; the child runs only
-    // async-signal-safe calls on memory prepared above, then execs or
-    // exits.
-    let pid = unsafe { libc::fork() };
-    if pid == 0 {
-        // SAFETY: in the forked child, see `child`.
-        unsafe {
-            child(
-                &path,
-                &argv_ptrs,
-                &env_ptrs,
-                &cwd,
-                &child_fds,
-                &limits,
-                report_write.as_raw_fd(),
-            )
-        }
-    }
-    if pid < 0 {
-        return Outcome::NotStarted(io::Error::last_os_error().raw_os_error().unwrap_or(0));
-    }
-    drop(report_write);
-    drop(fds);
-    // Four bytes of errno if the child failed before its exec; none (end
-    // of pipe, closed on exec) when the exec succeeded.
-    let mut errno = [0u8; 4];
-    let mut read = 0;
-    let mut report = fs::File::from(report_read);
-    while read < errno.len() {
-        match io::Read::read(&mut report, &mut errno[read..]) {
-            Ok(0) => break,
-            Ok(n) => read += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => break,
-        }
-    }
-    let status = wait_for(pid);
-    if read == errno.len() {
-        return Outcome::NotStarted(i32::from_ne_bytes(errno));
-    }
-    Outcome::Exited(status)
-}
-
-/// The descriptors the child makes its 0, 1 and 2, and the cgroups'
-/// `cgroup.procs` files it writes itself into.
-struct ChildFds<'a> {
-    stdin: RawFd,
-    stdout: RawFd,
-    stderr: RawFd,
-    cgroups: &'a [RawFd],
-}
-
-/// The forked child: joins its cgroups, takes its descriptors, session,
-/// limits and directory, and execs; on any failure it writes the errno to
-/// `report` and exits 127.
-///
-/// # Safety
-/// Only in the child of `fork`; calls only async-signal-safe functions.
-unsafe fn child(
-    path: &CString,
-    argv: &[*const libc::c_char],
-    env: &[*const libc::c_char],
-    cwd: &CString,
-    fds: &ChildFds<'_>,
-    limits: &[(libc::__rlimit_resource_t, u64)],
-    report: RawFd,
-) -> ! {
-    // SAFETY (whole body): async-signal-safe libc calls on prepared data.
-    unsafe {
-        let fail = || -> ! {
-            let errno = io::Error::last_os_error().raw_os_error().unwrap_or(0);
-            let bytes = errno.to_ne_bytes();
-            libc::write(report, bytes.as_ptr().cast(), bytes.len());
-            libc::_exit(127)
-        };
-        // Rust's runtime ignores SIGPIPE; commands expect the default.
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    let mut pid: libc::pid_t = 0;
+    // SAFETY: every pointer is to memory that lives until posix_spawn
+    // returns (the argument and environment vectors are null-terminated);
+    // the attribute and action objects are initialised before use and
+    // destroyed after.
+    let spawned = unsafe {
+        let mut actions: libc::posix_spawn_file_actions_t = std::mem::zeroed();
+        let mut attr: libc::posix_spawnattr_t = std::mem::zeroed();
+        libc::posix_spawn_file_actions_init(&mut actions);
+        libc::posix_spawnattr_init(&mut attr);
+        let mut steps = [
+            libc::posix_spawn_file_actions_adddup2(&mut actions, devnull.as_raw_fd(), 0),
+            libc::posix_spawn_file_actions_adddup2(&mut actions, fds[0].as_raw_fd(), 1),
+            libc::posix_spawn_file_actions_adddup2(&mut actions, fds[1].as_raw_fd(), 2),
+            libc::posix_spawn_file_actions_addchdir_np(&mut actions, cwd.as_ptr()),
+            0,
+            0,
+            0,
+        ];
+        // Rust's runtime ignores SIGPIPE; commands expect the default. A
+        // new session, as bubblewrap's --new-session gives (no terminal).
         let mut none: libc::sigset_t = std::mem::zeroed();
+        let mut pipe: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut none);
-        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
-        if libc::setsid() < 0 {
-            fail();
-        }
-        let me = b"0\n";
-        for fd in fds.cgroups {
-            if libc::write(*fd, me.as_ptr().cast(), me.len()) < 0 {
-                fail();
-            }
-        }
-        for (from, to) in [(fds.stdin, 0), (fds.stdout, 1), (fds.stderr, 2)] {
-            if libc::dup2(from, to) < 0 {
-                fail();
-            }
-        }
-        for (resource, value) in limits {
-            if *value == 0 {
-                continue;
-            }
-            let limit = libc::rlimit {
-                rlim_cur: *value as libc::rlim_t,
-                rlim_max: *value as libc::rlim_t,
-            };
-            if libc::setrlimit(*resource, &limit) != 0 {
-                fail();
-            }
-        }
-        if libc::chdir(cwd.as_ptr()) != 0 {
-            fail();
-        }
-        libc::execve(path.as_ptr(), argv.as_ptr(), env.as_ptr());
-        fail()
+        libc::sigemptyset(&mut pipe);
+        libc::sigaddset(&mut pipe, libc::SIGPIPE);
+        steps[4] = libc::posix_spawnattr_setsigmask(&mut attr, &none);
+        steps[5] = libc::posix_spawnattr_setsigdefault(&mut attr, &pipe);
+        steps[6] = libc::posix_spawnattr_setflags(
+            &mut attr,
+            libc::POSIX_SPAWN_SETSID
+                | (libc::POSIX_SPAWN_SETSIGMASK | libc::POSIX_SPAWN_SETSIGDEF) as libc::c_short,
+        );
+        let result = match steps.iter().find(|rc| **rc != 0) {
+            Some(rc) => *rc,
+            None => libc::posix_spawn(
+                &mut pid,
+                path.as_ptr(),
+                &actions,
+                &attr,
+                argv_ptrs.as_ptr().cast(),
+                env_ptrs.as_ptr().cast(),
+            ),
+        };
+        libc::posix_spawn_file_actions_destroy(&mut actions);
+        libc::posix_spawnattr_destroy(&mut attr);
+        result
+    };
+    drop(fds);
+    if spawned != 0 {
+        return Outcome::NotStarted(spawned);
     }
+    Outcome::Exited(wait_for(pid))
 }
 
 /// Waits for `pid`; its wait status.

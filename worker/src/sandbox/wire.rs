@@ -1,8 +1,7 @@
 //! The messages between the worker and a slot's sandbox init (`distbuild
 //! sandbox-init`, see [`super::init`]) over their Unix socket: the worker
 //! sends one [`Spawn`] at a time, with the descriptors the command gets
-//! (stdout, stderr, then the `cgroup.procs` files it joins) passed as
-//! `SCM_RIGHTS`; the init answers with one [`Reply`] once the command and
+//! (stdout, stderr) passed as `SCM_RIGHTS`; the init answers with one [`Reply`] once the command and
 //! everything it started are gone. The init greets once, a single
 //! [`HELLO`] byte, when it is ready.
 
@@ -18,8 +17,8 @@ pub const HELLO: u8 = 0x5a;
 /// well below this where the graph is validated.
 pub const MAX_REQUEST_BYTES: usize = 64 << 20;
 
-/// The most descriptors one request carries: stdout, stderr and a
-/// `cgroup.procs` file per cgroup hierarchy (two in v1).
+/// The most descriptors a request is read with (it carries two: stdout
+/// and stderr; more are refused).
 pub const MAX_FDS: usize = 8;
 
 /// One command to run.
@@ -42,10 +41,12 @@ pub struct Spawn {
     /// The working directory.
     #[prost(bytes = "vec", tag = "5")]
     pub cwd: Vec<u8>,
-    /// RLIMIT_AS of the command's processes (0: none).
+    /// RLIMIT_AS of the command's processes (0: none); the same for every
+    /// command of an init.
     #[prost(uint64, tag = "6")]
     pub max_address_space: u64,
-    /// RLIMIT_FSIZE of the command's processes (0: none).
+    /// RLIMIT_FSIZE of the command's processes (0: none); the same for
+    /// every command of an init.
     #[prost(uint64, tag = "7")]
     pub max_file_bytes: u64,
 }
@@ -56,7 +57,7 @@ pub enum Outcome {
     /// It ran; its wait status (as `waitpid` gives it).
     Exited(i32),
     /// It could not be started: the errno of the step that failed (a bad
-    /// descriptor, joining its cgroup, its directory, exec).
+    /// descriptor, its rlimits, its directory, exec).
     NotStarted(i32),
 }
 
