@@ -401,3 +401,36 @@ fn jobs_in_one_slot_share_its_sandbox_but_nothing_a_job_left() {
 fn graph_of_one(name: &str, script: &str) -> serde_json::Value {
     graph(&[], vec![sh_job(name, &[], &[], &[script])])
 }
+
+/// A worker whose binary lies under /tmp (where its sandboxes have a /tmp
+/// of their own) still keeps its slots' sandboxes: the init's program is
+/// bound into them at its own path.
+#[test]
+fn a_worker_binary_under_tmp_still_keeps_its_slots_sandboxes() {
+    let mut cluster = Cluster::start_full(0, 1, &[], &[], false);
+    let bin_dir = tempfile::Builder::new()
+        .prefix("distbuild-bin")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+    let copy = bin_dir.path().join("distbuild");
+    std::fs::copy(env!("CARGO_BIN_EXE_distbuild"), &copy).expect("copy the binary");
+    let mut command = std::process::Command::new(&copy);
+    command
+        .args(["worker", "--coordinator", &cluster.coordinator_addr()])
+        .args(["--listen", "127.0.0.1:0", "--slots", "1"])
+        .arg("--cache-dir")
+        .arg(cluster.path("worker0"))
+        .args(security_flags(None, "worker", "worker0"));
+    let log = cluster.path("worker0.log");
+    cluster.workers.push(Server::start_command(command, log));
+    cluster.wait_for_workers(1);
+    let graph = graph_of_one("where", "echo parent $(tr '\\0' ' ' < /proc/$PPID/cmdline)");
+    let run = cluster.build(&graph, cluster.dir.path(), &["--timeout", "60"]);
+    assert_eq!(run.code, Some(0), "{}\n{}", run.describe(), cluster.logs());
+    assert_eq!(
+        said_after(&run, "where", "parent"),
+        format!("{} sandbox-init", copy.display()),
+        "{}",
+        cluster.logs()
+    );
+}

@@ -150,12 +150,19 @@ impl Index {
     }
 }
 
+/// Files the attic holds at most (see [`Cache::donate`]).
+const ATTIC_MAX: usize = 256;
+
 /// A content-addressed blob cache in one directory.
 #[derive(Clone)]
 pub struct Cache {
     dir: PathBuf,
     max_bytes: u64,
     index: Arc<Mutex<Index>>,
+    /// Emptied files finished jobs left, in `tmp/`, to write new blobs
+    /// into (see [`Cache::donate`]).
+    attic: Arc<Mutex<Vec<PathBuf>>>,
+    attic_next: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Keeps a blob from eviction while it lives.
@@ -212,6 +219,8 @@ impl Cache {
             dir: dir.to_path_buf(),
             max_bytes,
             index: Arc::new(Mutex::new(index)),
+            attic: Arc::default(),
+            attic_next: Arc::default(),
         };
         cache.evict()?;
         Ok(cache)
@@ -352,11 +361,81 @@ impl Cache {
         Ok(actual)
     }
 
-    /// A new temporary file in the cache's directory, for a blob the
-    /// worker writes and hashes itself (see [`Cache::adopt`]).
+    /// An empty temporary file in the cache's directory, for a blob the
+    /// worker writes and hashes itself (see [`Cache::adopt`]): one from
+    /// the attic when it has one, else a new one.
     pub fn temp_file(&self) -> Result<tempfile::NamedTempFile, CacheError> {
+        use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
+        while let Some(path) = self.attic.lock().expect("attic poisoned").pop() {
+            let file = fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&path);
+            if let Ok(file) = file
+                && file
+                    .metadata()
+                    .is_ok_and(|m| m.is_file() && m.nlink() == 1 && m.len() == 0)
+                && let Ok(temp) = tempfile::TempPath::try_from_path(&path)
+            {
+                return Ok(tempfile::NamedTempFile::from_parts(file, temp));
+            }
+            let _ = fs::remove_file(&path);
+        }
         tempfile::NamedTempFile::new_in(self.dir.join("tmp"))
             .map_err(io_err("create a cache temporary file"))
+    }
+
+    /// Takes `path`, a file a finished job left, into the attic instead of
+    /// its deletion, emptied, for a later blob to be written into: on a
+    /// file system without a journal (ext4 here) every new file walks past
+    /// the inodes deleted in the last seconds, and a worker deleting each
+    /// job's outputs made that walk long. Only a regular file of this
+    /// process's user with one link and no other open description (a
+    /// write lease is granted only then; no process outside the worker can
+    /// reach it later) is taken, while the attic has room; `false` leaves
+    /// it where it is.
+    pub fn donate(&self, path: &Path) -> bool {
+        use std::os::fd::AsRawFd as _;
+        use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _};
+        if self.attic.lock().expect("attic poisoned").len() >= ATTIC_MAX {
+            return false;
+        }
+        let Ok(file) = fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(path)
+        else {
+            return false;
+        };
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        let suitable = file
+            .metadata()
+            .is_ok_and(|m| m.is_file() && m.nlink() == 1 && m.uid() == me);
+        let fd = file.as_raw_fd();
+        // SAFETY: fcntl on a descriptor this function owns.
+        if !suitable || unsafe { libc::fcntl(fd, libc::F_SETLEASE, libc::F_WRLCK) } != 0 {
+            return false;
+        }
+        let emptied = file.set_len(0).is_ok()
+            && file
+                .set_permissions(fs::Permissions::from_mode(0o600))
+                .is_ok();
+        // SAFETY: as above.
+        unsafe { libc::fcntl(fd, libc::F_SETLEASE, libc::F_UNLCK) };
+        if !emptied {
+            return false;
+        }
+        let n = self
+            .attic_next
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let kept = self.dir.join("tmp").join(format!("attic-{n}"));
+        if fs::rename(path, &kept).is_err() {
+            return false;
+        }
+        self.attic.lock().expect("attic poisoned").push(kept);
+        true
     }
 
     /// Stores `file` (from [`Cache::temp_file`]), whose `size` bytes the
@@ -463,6 +542,54 @@ mod tests {
             0,
             "the refused file is removed"
         );
+    }
+
+    #[test]
+    fn a_donated_file_becomes_the_next_blob_file_unless_another_can_reach_it() {
+        use std::os::unix::fs::MetadataExt as _;
+        let dir = tempfile::TempDir::new().expect("tempdir");
+        let cache = Cache::open(&dir.path().join("cache"), 1 << 20).expect("open");
+        let job = dir.path().join("job");
+        fs::create_dir(&job).expect("mkdir");
+        let left = job.join("out");
+        fs::write(&left, b"a job's output").expect("write");
+        let inode = fs::metadata(&left).expect("stat").ino();
+        assert!(cache.donate(&left));
+        assert!(!left.exists(), "taken away");
+        let mut reused = cache.temp_file().expect("temp file");
+        assert_eq!(reused.as_file().metadata().expect("stat").ino(), inode);
+        assert_eq!(
+            reused.as_file().metadata().expect("stat").len(),
+            0,
+            "emptied"
+        );
+        let data = blob(3, 100);
+        reused.write_all(&data).expect("write");
+        cache.adopt(reused, Digest::of(&data), 100).expect("adopt");
+        let (mut file, _pin) = cache
+            .open_blob(Digest::of(&data))
+            .expect("open")
+            .expect("present");
+        let mut back = Vec::new();
+        file.read_to_end(&mut back).expect("read");
+        assert_eq!(back, data);
+        // Another link, or another open description, could reach the blob
+        // later: such files are not taken.
+        let linked = job.join("linked");
+        fs::write(&linked, b"x").expect("write");
+        fs::hard_link(&linked, job.join("elsewhere")).expect("link");
+        assert!(!cache.donate(&linked));
+        let open = job.join("open");
+        fs::write(&open, b"x").expect("write");
+        let holder = fs::File::open(&open).expect("open");
+        assert!(!cache.donate(&open));
+        drop(holder);
+        assert!(cache.donate(&open));
+        std::os::unix::fs::symlink(&open, job.join("link")).expect("symlink");
+        assert!(!cache.donate(&job.join("link")));
+        // With nothing in the attic, a new file.
+        assert!(cache.temp_file().is_ok());
+        assert!(cache.temp_file().is_ok());
     }
 
     #[test]

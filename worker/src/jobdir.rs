@@ -62,9 +62,11 @@ pub fn make(root: &Path, subdirs: &[&str]) -> io::Result<()> {
 }
 
 /// Empties the job directory `root` into its slot's spare and removes
-/// everything else in the slot's directory. An error leaves `root` for the
-/// caller to remove.
-pub fn recycle(root: &Path) -> io::Result<()> {
+/// everything else in the slot's directory. Each regular file at the top
+/// of `root` or of its directories is offered to `take` first (the
+/// cache's attic: see `Cache::donate`), and removed if not taken. An error
+/// leaves `root` for the caller to remove.
+pub fn recycle(root: &Path, take: &mut dyn FnMut(&Path) -> bool) -> io::Result<()> {
     let (Some(slot), Some(spare)) = (root.parent(), spare_of(root)) else {
         return remove_tree(root);
     };
@@ -78,8 +80,9 @@ pub fn recycle(root: &Path) -> io::Result<()> {
         match fs::symlink_metadata(&path) {
             Ok(meta) if meta.is_dir() => {
                 restore_mode(&path, &meta)?;
-                empty(&path)?;
+                empty(&path, take)?;
             }
+            Ok(meta) if meta.is_file() && take(&path) => {}
             _ => remove_tree(&path)?,
         }
     }
@@ -104,10 +107,15 @@ fn restore_mode(dir: &Path, meta: &fs::Metadata) -> io::Result<()> {
     Ok(())
 }
 
-/// Removes everything in `dir`.
-fn empty(dir: &Path) -> io::Result<()> {
+/// Removes everything in `dir`, regular files `take` takes aside.
+fn empty(dir: &Path, take: &mut dyn FnMut(&Path) -> bool) -> io::Result<()> {
     for entry in fs::read_dir(dir)? {
-        remove_tree(&entry?.path())?;
+        let entry = entry?;
+        let path = entry.path();
+        if entry.file_type().is_ok_and(|t| t.is_file()) && take(&path) {
+            continue;
+        }
+        remove_tree(&path)?;
     }
     Ok(())
 }
@@ -141,7 +149,18 @@ mod tests {
         fs::remove_dir(first.join("out")).expect("rmdir");
         std::os::unix::fs::symlink("/etc", first.join("out")).expect("symlink");
         fs::write(slot.join("beside"), b"x").expect("write");
-        recycle(&first).expect("recycle");
+        let mut taken = Vec::new();
+        let aside = dir.path().join("aside");
+        recycle(&first, &mut |path| {
+            taken.push(path.to_path_buf());
+            path.ends_with("stray") && fs::rename(path, &aside).is_ok()
+        })
+        .expect("recycle");
+        assert!(aside.exists());
+        // Offered: the files at the top of the directory and of its
+        // directories, not deeper; removed when not taken.
+        taken.sort();
+        assert_eq!(taken, [first.join("stray")]);
         assert_eq!(listing(&slot), [".spare"]);
         assert_eq!(listing(&slot.join(".spare")), ["src", "tmp"]);
         let src = fs::symlink_metadata(slot.join(".spare/src")).expect("stat");

@@ -554,7 +554,8 @@ impl Worker {
         let removal = distbuild_proto::blocking::run({
             let sandbox = sandbox.to_path_buf();
             let root = self.sandbox_root.clone();
-            move || remove_or_move_aside(&sandbox, &root)
+            let cache = self.env.cache.clone();
+            move || remove_or_move_aside(&sandbox, &root, &cache)
         })
         .await;
         if let Err(e) = removal {
@@ -853,8 +854,9 @@ const LEFT_BEHIND_PREFIX: &str = "sandbox-left-behind-";
 /// it; one that can be neither is moved out of its slot's directory (the
 /// next job in the slot, in the slot's kept sandbox, could see it), beside
 /// `root`, where the next start removes it.
-fn remove_or_move_aside(sandbox: &Path, root: &Path) -> io::Result<()> {
-    let error = match crate::jobdir::recycle(sandbox).or_else(|_| remove_tree(sandbox)) {
+fn remove_or_move_aside(sandbox: &Path, root: &Path, cache: &Cache) -> io::Result<()> {
+    let recycled = crate::jobdir::recycle(sandbox, &mut |file| cache.donate(file));
+    let error = match recycled.or_else(|_| remove_tree(sandbox)) {
         Ok(()) => return Ok(()),
         Err(error) => error,
     };

@@ -232,6 +232,33 @@ impl Sandbox {
         program: OsString,
         args: Vec<OsString>,
     ) -> (OsString, Vec<OsString>) {
+        self.confine(job_dir, None, cwd, program, args)
+    }
+
+    /// The command line of a slot's kept sandbox: its init (`init`, the
+    /// program and its arguments) confined as [`Sandbox::wrap`] confines
+    /// a command, with `slot` writable, and the init's program bound
+    /// read-only at its own path, so that it is there even when it lies
+    /// under the sandbox's private `/tmp` or a hidden directory.
+    pub fn wrap_init(&self, slot: &Path, init: &[OsString]) -> (OsString, Vec<OsString>) {
+        let (program, args) = init.split_first().expect("an init command line");
+        self.confine(
+            slot,
+            Some(Path::new(program)),
+            slot,
+            program.clone(),
+            args.to_vec(),
+        )
+    }
+
+    fn confine(
+        &self,
+        job_dir: &Path,
+        read_only: Option<&Path>,
+        cwd: &Path,
+        program: OsString,
+        args: Vec<OsString>,
+    ) -> (OsString, Vec<OsString>) {
         let mut out: Vec<OsString> = Vec::with_capacity(args.len() + 40);
         let mut push = |items: &[&std::ffi::OsStr]| {
             out.extend(items.iter().map(|s| s.to_os_string()));
@@ -267,6 +294,9 @@ impl Sandbox {
         }
         for file in &self.hidden_files {
             push(&["--ro-bind".as_ref(), "/dev/null".as_ref(), file.as_os_str()]);
+        }
+        if let Some(path) = read_only {
+            push(&["--ro-bind".as_ref(), path.as_os_str(), path.as_os_str()]);
         }
         push(&[
             "--bind".as_ref(),

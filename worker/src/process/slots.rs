@@ -272,12 +272,7 @@ impl SlotSandboxes {
                 None => None,
             };
         let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
-        let (program, args) = self.sandbox.wrap(
-            slot,
-            slot,
-            self.kept.init[0].clone(),
-            self.kept.init[1..].to_vec(),
-        );
+        let (program, args) = self.sandbox.wrap_init(slot, &self.kept.init);
         let mut command = tokio::process::Command::new(program);
         command
             .args(args)
