@@ -514,6 +514,13 @@ mod tests {
         assert_eq!(cache.total_bytes(), 1000, "a refused blob takes no space");
     }
 
+    fn read_blob(cache: &Cache, digest: Digest) -> Vec<u8> {
+        let (mut file, _pin) = cache.open_blob(digest).expect("open").expect("present");
+        let mut back = Vec::new();
+        file.read_to_end(&mut back).expect("read");
+        back
+    }
+
     #[test]
     fn an_adopted_file_is_stored_as_written_and_counted() {
         let dir = tempfile::TempDir::new().expect("tempdir");
@@ -522,13 +529,7 @@ mod tests {
         let mut file = cache.temp_file().expect("temp file");
         file.write_all(&data).expect("write");
         cache.adopt(file, Digest::of(&data), 1000).expect("adopt");
-        let (mut file, _pin) = cache
-            .open_blob(Digest::of(&data))
-            .expect("open")
-            .expect("present");
-        let mut back = Vec::new();
-        file.read_to_end(&mut back).expect("read");
-        assert_eq!(back, data);
+        assert_eq!(read_blob(&cache, Digest::of(&data)), data);
         assert_eq!(cache.total_bytes(), 1000);
         let too_big = cache.temp_file().expect("temp file");
         let refused = cache.adopt(too_big, Digest::of(b"big"), 2000);
@@ -566,13 +567,7 @@ mod tests {
         let data = blob(3, 100);
         reused.write_all(&data).expect("write");
         cache.adopt(reused, Digest::of(&data), 100).expect("adopt");
-        let (mut file, _pin) = cache
-            .open_blob(Digest::of(&data))
-            .expect("open")
-            .expect("present");
-        let mut back = Vec::new();
-        file.read_to_end(&mut back).expect("read");
-        assert_eq!(back, data);
+        assert_eq!(read_blob(&cache, Digest::of(&data)), data);
         // Another link, or another open description, could reach the blob
         // later: such files are not taken.
         let linked = job.join("linked");
