@@ -434,3 +434,35 @@ fn a_worker_binary_under_tmp_still_keeps_its_slots_sandboxes() {
         cluster.logs()
     );
 }
+
+/// A job that kills every process it may signal (`kill -9 -1`) takes down
+/// its slot's sandbox init: the job fails saying its sandbox ended, and
+/// the slot's next job gets a new sandbox. (Only ever run sandboxed: as
+/// root, unconfined, it would kill the machine's processes.)
+#[test]
+fn a_job_that_kills_its_sandbox_fails_and_the_slot_recovers() {
+    let cluster = Cluster::start_full(1, 1, &[], &[], false);
+    let graph = graph_of_one("killer", "kill -9 -1; sleep 0.5; echo survived");
+    let run = cluster.build(&graph, cluster.dir.path(), &["--timeout", "60"]);
+    assert_eq!(run.code, Some(1), "{}\n{}", run.describe(), cluster.logs());
+    let error = run.finished(&id("killer"))["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        error.contains("the job's sandbox ended while the command ran"),
+        "{}",
+        run.describe()
+    );
+    let graph = graph_of_one(
+        "after",
+        "echo fine; echo parent $(tr '\\0' ' ' < /proc/$PPID/cmdline)",
+    );
+    let run = cluster.build(&graph, cluster.dir.path(), &["--timeout", "60"]);
+    assert_eq!(run.code, Some(0), "{}\n{}", run.describe(), cluster.logs());
+    assert!(
+        said_after(&run, "after", "parent").ends_with("sandbox-init"),
+        "{}",
+        run.describe()
+    );
+}
