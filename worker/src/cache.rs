@@ -348,7 +348,19 @@ impl Cache {
         {
             return Err(CacheError::DigestMismatch { expected, actual });
         }
-        tmp.persist(self.path_of(&actual))
+        self.store(tmp, actual, size)?;
+        Ok(actual)
+    }
+
+    /// Moves the finished temporary file `tmp` into the cache as `key`'s
+    /// blob of `size` bytes, and evicts to stay within the bound.
+    fn store(
+        &self,
+        tmp: tempfile::NamedTempFile,
+        key: BlobKey,
+        size: u64,
+    ) -> Result<(), CacheError> {
+        tmp.persist(self.path_of(&key))
             .map_err(|e| CacheError::Io {
                 context: "move blob into the cache".into(),
                 source: e.error,
@@ -356,9 +368,8 @@ impl Cache {
         self.index
             .lock()
             .expect("cache index poisoned")
-            .insert(actual, size);
-        self.evict()?;
-        Ok(actual)
+            .insert(key, size);
+        self.evict()
     }
 
     /// An empty temporary file in the cache's directory, for a blob the
@@ -453,17 +464,7 @@ impl Cache {
                 max_bytes: self.max_bytes,
             });
         }
-        let key = BlobKey::from(digest);
-        file.persist(self.path_of(&key))
-            .map_err(|e| CacheError::Io {
-                context: "move blob into the cache".into(),
-                source: e.error,
-            })?;
-        self.index
-            .lock()
-            .expect("cache index poisoned")
-            .insert(key, size);
-        self.evict()
+        self.store(file, BlobKey::from(digest), size)
     }
 
     /// The most bytes the cache holds.
