@@ -70,6 +70,21 @@ pub fn recycle(root: &Path, take: &mut dyn FnMut(&Path) -> bool) -> io::Result<(
     let (Some(slot), Some(spare)) = (root.parent(), spare_of(root)) else {
         return remove_tree(root);
     };
+    let emptied = empty_into(root, &spare, take);
+    // Whatever the job did to its own directory (moved it away, left a
+    // symlink in its place), nothing but the spare stays in the slot's.
+    for entry in fs::read_dir(slot)? {
+        let path = entry?.path();
+        if path != spare {
+            remove_tree(&path)?;
+        }
+    }
+    emptied
+}
+
+/// Empties the job directory `root` and renames it to `spare`; one that is
+/// no longer a directory is removed.
+fn empty_into(root: &Path, spare: &Path, take: &mut dyn FnMut(&Path) -> bool) -> io::Result<()> {
     let root_meta = fs::symlink_metadata(root)?;
     if !root_meta.is_dir() {
         return remove_tree(root);
@@ -86,17 +101,10 @@ pub fn recycle(root: &Path, take: &mut dyn FnMut(&Path) -> bool) -> io::Result<(
             _ => remove_tree(&path)?,
         }
     }
-    if fs::symlink_metadata(&spare).is_ok() {
-        remove_tree(&spare)?;
+    if fs::symlink_metadata(spare).is_ok() {
+        remove_tree(spare)?;
     }
-    fs::rename(root, &spare)?;
-    for entry in fs::read_dir(slot)? {
-        let path = entry?.path();
-        if path != spare {
-            remove_tree(&path)?;
-        }
-    }
-    Ok(())
+    fs::rename(root, spare)
 }
 
 /// Gives a directory the job made unreadable or unwritable its mode back.
@@ -178,6 +186,20 @@ mod tests {
             assert!(listing(&second.join(name)).is_empty(), "{name}");
         }
         // /etc is untouched: the symlink was removed, never followed.
+        assert!(Path::new("/etc/passwd").exists());
+    }
+
+    #[test]
+    fn a_job_that_moved_its_directory_away_leaves_nothing_in_the_slot() {
+        let dir = tempfile::TempDir::new().expect("tempdir");
+        let slot = dir.path().join("slot-1");
+        let root = slot.join("5");
+        make(&root, &["out"]).expect("make");
+        fs::write(root.join("out/secret"), b"x").expect("write");
+        fs::rename(&root, slot.join("hidden")).expect("move away");
+        std::os::unix::fs::symlink("/etc", &root).expect("symlink");
+        recycle(&root, &mut |_| false).expect("recycle");
+        assert!(listing(&slot).is_empty(), "{:?}", listing(&slot));
         assert!(Path::new("/etc/passwd").exists());
     }
 

@@ -555,7 +555,7 @@ impl Worker {
             let sandbox = sandbox.to_path_buf();
             let root = self.sandbox_root.clone();
             let cache = self.env.cache.clone();
-            move || remove_or_move_aside(&sandbox, &root, &cache)
+            move || recycle_or_move_aside(&sandbox, &root, &cache)
         })
         .await;
         if let Err(e) = removal {
@@ -854,7 +854,7 @@ const LEFT_BEHIND_PREFIX: &str = "sandbox-left-behind-";
 /// it; one that can be neither is moved out of its slot's directory (the
 /// next job in the slot, in the slot's kept sandbox, could see it), beside
 /// `root`, where the next start removes it.
-fn remove_or_move_aside(sandbox: &Path, root: &Path, cache: &Cache) -> io::Result<()> {
+fn recycle_or_move_aside(sandbox: &Path, root: &Path, cache: &Cache) -> io::Result<()> {
     let recycled = crate::jobdir::recycle(sandbox, &mut |file| cache.donate(file));
     let error = match recycled.or_else(|_| remove_tree(sandbox)) {
         Ok(()) => return Ok(()),

@@ -192,21 +192,19 @@ impl SlotSandboxes {
         let mut running = Running { held: Some(held) };
         let result = self.wait(&mut running, spec, out_read, err_read).await;
         let held = running.held.as_mut().expect("held until here");
-        let result = result.map(|((status, out, err, _), retire)| {
+        let result = result.map(|(status, out, err, retire)| {
             let kept = held.as_mut().expect("not dropped while held");
-            let hit = kept.group.as_mut().map(|(group, seen)| {
-                let now = group.events();
-                let hit = now.since(*seen);
-                *seen = now;
-                let limits = self.groups.as_ref().map(|g| g.limits());
-                (
-                    hit,
-                    limits.unwrap_or(GroupLimits {
-                        processes: 0,
-                        memory_bytes: 0,
-                    }),
-                )
-            });
+            // What the group counted since the last command is this one's.
+            let hit =
+                kept.group
+                    .as_mut()
+                    .zip(self.groups.as_ref())
+                    .map(|((group, seen), groups)| {
+                        let now = group.events();
+                        let hit = now.since(*seen);
+                        *seen = now;
+                        (hit, groups.limits())
+                    });
             ((status, out, err, hit), retire)
         });
         match &result {
@@ -219,14 +217,14 @@ impl SlotSandboxes {
     }
 
     /// Reads the command's output until the init replies; the command's
-    /// end and whether the sandbox retires.
+    /// status and output, and whether the sandbox retires.
     async fn wait(
         &self,
         running: &mut Running,
         spec: &ProcessSpec,
         out_read: OwnedFd,
         err_read: OwnedFd,
-    ) -> io::Result<(Ran, bool)> {
+    ) -> io::Result<(ExitStatus, CappedBuffer, CappedBuffer, bool)> {
         let kept = running
             .held
             .as_mut()
@@ -254,9 +252,7 @@ impl SlotSandboxes {
         read_err?;
         let reply = Reply::decode(reply)?;
         match reply.outcome {
-            Outcome::Exited(status) => {
-                Ok(((ExitStatus::from_raw(status), out, err, None), reply.retire))
-            }
+            Outcome::Exited(status) => Ok((ExitStatus::from_raw(status), out, err, reply.retire)),
             Outcome::NotStarted(errno) => Err(io::Error::from_raw_os_error(errno)),
         }
     }
