@@ -5,6 +5,7 @@
 
 use std::ffi::OsString;
 use std::io;
+use std::os::unix::ffi::{OsStrExt as _, OsStringExt as _};
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
@@ -13,12 +14,15 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
-use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::cgroup::{GroupLimits, JobGroup, JobLimiter};
+use crate::sandbox::wire::Spawn;
 use crate::sandbox::{JobLimits, Sandbox, check_program};
 
+mod child;
 mod slots;
+
+use child::{CappedBuffer, die_with_the_worker, read_capped};
 
 /// How long output is still read after a process exits (from whatever
 /// escaped its process group and still holds the pipes).
@@ -141,7 +145,8 @@ impl ProcessRunner for TokioProcessRunner {
                 .and_then(|slots| Some((slots, slots.slot_of(&spec.job_dir)?)));
             if let Some((slots, slot)) = kept {
                 return Box::pin(async move {
-                    match slots.run(slot, &spec, found, self.limits).await {
+                    let spawn = request(&spec, found, self.limits);
+                    match slots.run(slot, &spawn, spec.max_output_bytes).await {
                         Some(ran) => {
                             let (status, out, err, hit) = ran?;
                             Ok(finish(status, out, err, self.limits, hit))
@@ -159,6 +164,25 @@ impl ProcessRunner for TokioProcessRunner {
             let group = self.group()?;
             run_process(spec, self.limits, group).await
         })
+    }
+}
+
+/// The request a slot's kept sandbox gets for `spec`, its program found
+/// at `path`.
+fn request(spec: &ProcessSpec, path: PathBuf, limits: JobLimits) -> Spawn {
+    let bytes = |s: &std::ffi::OsStr| s.as_bytes().to_vec();
+    let pair = |(k, v): &(OsString, OsString)| [k.as_bytes(), b"=", v.as_bytes()].concat();
+    Spawn {
+        path: path.into_os_string().into_vec(),
+        argv: std::iter::once(spec.program.as_os_str())
+            .chain(spec.args.iter().map(|a| a.as_os_str()))
+            .map(bytes)
+            .collect(),
+        replace_env: spec.env.is_some(),
+        env: spec.env.iter().flatten().map(pair).collect(),
+        cwd: bytes(spec.cwd.as_os_str()),
+        max_address_space: limits.memory_bytes,
+        max_file_bytes: limits.file_bytes,
     }
 }
 
@@ -215,64 +239,6 @@ impl Drop for GroupKiller {
     fn drop(&mut self) {
         self.kill();
     }
-}
-
-/// Bytes read from a pipe: the head up to a bound, and whether there was
-/// more.
-#[derive(Default)]
-struct CappedBuffer {
-    kept: Vec<u8>,
-    truncated: bool,
-}
-
-async fn read_capped(
-    pipe: Option<impl AsyncRead + Unpin>,
-    max_bytes: usize,
-    into: &mut CappedBuffer,
-) -> io::Result<()> {
-    let Some(mut pipe) = pipe else {
-        return Ok(());
-    };
-    let mut buf = vec![0u8; 64 << 10];
-    loop {
-        let n = pipe.read(&mut buf).await?;
-        if n == 0 {
-            return Ok(());
-        }
-        let room = max_bytes.saturating_sub(into.kept.len());
-        if n > room {
-            into.truncated = true;
-        }
-        into.kept.extend_from_slice(&buf[..n.min(room)]);
-    }
-}
-
-/// A job's process is killed when the worker dies (even by SIGKILL): a
-/// dead worker's jobs run again elsewhere, and a survivor would run twice
-/// and could write where the rerun writes. (Linux: the parent-death signal
-/// fires when the spawning thread exits; jobs are spawned from the
-/// runtime's long-lived worker threads.)
-fn die_with_the_worker(command: &mut tokio::process::Command) {
-    #[cfg(target_os = "linux")]
-    {
-        let parent = std::process::id() as libc::pid_t;
-        // SAFETY: the closure runs in the forked child before exec and
-        // calls only async-signal-safe functions (prctl, getppid).
-        unsafe {
-            command.pre_exec(move || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                // The worker died between fork and prctl.
-                if libc::getppid() != parent {
-                    return Err(io::Error::other("the worker exited"));
-                }
-                Ok(())
-            });
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = command;
 }
 
 /// Sets the job limits on the process about to exec (inherited by all it

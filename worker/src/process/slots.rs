@@ -12,10 +12,8 @@
 //! command.
 
 use std::collections::HashMap;
-use std::ffi::OsString;
 use std::io;
 use std::os::fd::{AsRawFd as _, OwnedFd, RawFd};
-use std::os::unix::ffi::{OsStrExt as _, OsStringExt as _};
 use std::os::unix::process::ExitStatusExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -26,10 +24,10 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt as _, Interest};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
-use super::{CappedBuffer, ProcessSpec, die_with_the_worker, read_capped};
+use super::child::{CappedBuffer, die_with_the_worker, read_capped};
 use crate::cgroup::{GroupLimits, JobGroup, JobLimiter, LimitEvents, LimitsHit};
 use crate::sandbox::wire::{self, HELLO, Outcome, REPLY_BYTES, Reply, Spawn};
-use crate::sandbox::{JobLimits, KeptPerSlot, Sandbox};
+use crate::sandbox::{KeptPerSlot, Sandbox};
 
 /// How long a new sandbox may take to greet.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
@@ -129,14 +127,14 @@ impl SlotSandboxes {
         (slot.parent()? == self.kept.root).then(|| slot.to_path_buf())
     }
 
-    /// Runs `spec` (its program found at `path`) in the sandbox of `slot`.
-    /// `None`: kept sandboxes do not work here, run it another way.
+    /// Runs `spawn` in the sandbox of `slot`, keeping at most
+    /// `max_output_bytes` of each output stream. `None`: kept sandboxes do
+    /// not work here, run it another way.
     pub(super) async fn run(
         &self,
         slot: PathBuf,
-        spec: &ProcessSpec,
-        path: PathBuf,
-        limits: JobLimits,
+        spawn: &Spawn,
+        max_output_bytes: usize,
     ) -> Option<io::Result<Ran>> {
         let entry = {
             let mut slots = self.slots.lock().expect("slots lock poisoned");
@@ -146,7 +144,7 @@ impl SlotSandboxes {
             Arc::clone(slots.entry(slot.clone()).or_default())
         };
         let mut held = entry.lock_owned().await;
-        let frame = match wire::frame(&request(spec, path, limits)) {
+        let frame = match wire::frame(spawn) {
             Ok(frame) => frame,
             Err(e) => return Some(Err(e)),
         };
@@ -190,7 +188,9 @@ impl SlotSandboxes {
         }
         drop((out_write, err_write));
         let mut running = Running { held: Some(held) };
-        let result = self.wait(&mut running, spec, out_read, err_read).await;
+        let result = self
+            .wait(&mut running, max_output_bytes, out_read, err_read)
+            .await;
         let held = running.held.as_mut().expect("held until here");
         let result = result.map(|(status, out, err, retire)| {
             let kept = held.as_mut().expect("not dropped while held");
@@ -221,7 +221,7 @@ impl SlotSandboxes {
     async fn wait(
         &self,
         running: &mut Running,
-        spec: &ProcessSpec,
+        max_output_bytes: usize,
         out_read: OwnedFd,
         err_read: OwnedFd,
     ) -> io::Result<(ExitStatus, CappedBuffer, CappedBuffer, bool)> {
@@ -239,8 +239,8 @@ impl SlotSandboxes {
         // the pipes end too.
         let (replied, read_out, read_err) = tokio::join!(
             kept.socket.read_exact(&mut reply),
-            read_capped(Some(stdout), spec.max_output_bytes, &mut out),
-            read_capped(Some(stderr), spec.max_output_bytes, &mut err),
+            read_capped(Some(stdout), max_output_bytes, &mut out),
+            read_capped(Some(stderr), max_output_bytes, &mut err),
         );
         if let Err(e) = replied {
             return Err(io::Error::new(
@@ -316,24 +316,6 @@ impl SlotSandboxes {
                 format!("the sandbox's init did not start within {START_TIMEOUT:?}"),
             )),
         }
-    }
-}
-
-/// The request for `spec`.
-fn request(spec: &ProcessSpec, path: PathBuf, limits: JobLimits) -> Spawn {
-    let bytes = |s: &std::ffi::OsStr| s.as_bytes().to_vec();
-    let pair = |(k, v): &(OsString, OsString)| [k.as_bytes(), b"=", v.as_bytes()].concat();
-    Spawn {
-        path: path.into_os_string().into_vec(),
-        argv: std::iter::once(spec.program.as_os_str())
-            .chain(spec.args.iter().map(|a| a.as_os_str()))
-            .map(bytes)
-            .collect(),
-        replace_env: spec.env.is_some(),
-        env: spec.env.iter().flatten().map(pair).collect(),
-        cwd: bytes(spec.cwd.as_os_str()),
-        max_address_space: limits.memory_bytes,
-        max_file_bytes: limits.file_bytes,
     }
 }
 
