@@ -96,6 +96,18 @@ fn probes(outside: &Outside, worker_dir: &str, port: u16, sleeper: &str) -> serd
     )
 }
 
+/// Builds `graph`, which must fail (exit 1); the run and the error of its
+/// job `job`.
+fn failed_build(cluster: &Cluster, graph: &serde_json::Value, job: &str) -> (BuildRun, String) {
+    let run = cluster.build(graph, cluster.dir.path(), &["--timeout", "60"]);
+    assert_eq!(run.code, Some(1), "{}\n{}", run.describe(), cluster.logs());
+    let error = run.finished(&id(job))["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    (run, error)
+}
+
 /// A number unlikely to repeat.
 fn unique() -> u32 {
     std::time::SystemTime::now()
@@ -229,12 +241,7 @@ fn a_job_past_its_process_limit_fails_saying_so() {
             &["for i in $(seq 40); do sleep 3 & done; wait"],
         )],
     );
-    let run = cluster.build(&graph, cluster.dir.path(), &["--timeout", "60"]);
-    assert_eq!(run.code, Some(1), "{}\n{}", run.describe(), cluster.logs());
-    let error = run.finished(&id("many"))["error"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let (run, error) = failed_build(&cluster, &graph, "many");
     assert!(
         error.contains("the job may run at most 20 processes at once (--job-max-processes)"),
         "{}",
@@ -285,12 +292,7 @@ fn a_job_past_its_memory_limit_is_killed_saying_so() {
             &["head -c 400000000 /dev/zero | tail > /dev/null"],
         )],
     );
-    let run = cluster.build(&graph, cluster.dir.path(), &["--timeout", "60"]);
-    assert_eq!(run.code, Some(1), "{}\n{}", run.describe(), cluster.logs());
-    let error = run.finished(&id("hungry"))["error"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let (run, error) = failed_build(&cluster, &graph, "hungry");
     assert!(
         error.contains(
             "killed for memory, the job may use at most 100000000 bytes (--job-max-memory)"
@@ -448,12 +450,7 @@ fn a_worker_binary_under_tmp_still_keeps_its_slots_sandboxes() {
 fn a_job_that_kills_its_sandbox_fails_and_the_slot_recovers() {
     let cluster = Cluster::start_full(1, 1, &[], &[], false);
     let graph = graph_of_one("killer", "kill -9 -1; sleep 0.5; echo survived");
-    let run = cluster.build(&graph, cluster.dir.path(), &["--timeout", "60"]);
-    assert_eq!(run.code, Some(1), "{}\n{}", run.describe(), cluster.logs());
-    let error = run.finished(&id("killer"))["error"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let (run, error) = failed_build(&cluster, &graph, "killer");
     assert!(
         error.contains("the job's sandbox ended while the command ran"),
         "{}",

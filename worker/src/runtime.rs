@@ -860,11 +860,7 @@ fn recycle_or_move_aside(sandbox: &Path, root: &Path, cache: &Cache) -> io::Resu
         Ok(()) => return Ok(()),
         Err(error) => error,
     };
-    let aside = root.with_file_name(format!(
-        "{LEFT_BEHIND_PREFIX}{:016x}",
-        distbuild_proto::rng::next_u64()
-    ));
-    fs::rename(sandbox, &aside).map_err(|e| {
+    let aside = move_aside(sandbox, root).map_err(|e| {
         io::Error::new(
             e.kind(),
             format!("{error}; and it cannot be moved aside: {e}"),
@@ -872,6 +868,17 @@ fn recycle_or_move_aside(sandbox: &Path, root: &Path, cache: &Cache) -> io::Resu
     })?;
     tracing::warn!(%error, moved_to = %aside.display(), "cannot remove a job's directory; moved it aside");
     Ok(())
+}
+
+/// Moves `path` beside the sandbox directory `root`, under a name the
+/// next start removes (`LEFT_BEHIND_PREFIX`); its new path.
+fn move_aside(path: &Path, root: &Path) -> io::Result<PathBuf> {
+    let aside = root.with_file_name(format!(
+        "{LEFT_BEHIND_PREFIX}{:016x}",
+        distbuild_proto::rng::next_u64()
+    ));
+    fs::rename(path, &aside)?;
+    Ok(aside)
 }
 
 fn clear_sandboxes(root: &Path) -> io::Result<()> {
@@ -888,11 +895,7 @@ fn clear_sandboxes(root: &Path) -> io::Result<()> {
         }
     }
     if let Err(error) = remove_tree(root) {
-        let aside = root.with_file_name(format!(
-            "{LEFT_BEHIND_PREFIX}{:016x}",
-            distbuild_proto::rng::next_u64()
-        ));
-        fs::rename(root, &aside)?;
+        let aside = move_aside(root, root)?;
         tracing::warn!(
             %error,
             moved_to = %aside.display(),
