@@ -77,6 +77,47 @@ fn a_second_build_is_served_from_the_cache_and_a_source_change_reruns() {
     assert_eq!(lines(&ran).len(), 2, "a changed source re-runs the job");
 }
 
+/// Early cutoff: a job is keyed by what its dependencies produced, so a
+/// dependency that runs again (its source changed) but writes the same
+/// bytes leaves its dependents cached.
+#[test]
+fn a_dependency_rebuilt_into_the_same_output_leaves_its_dependent_cached() {
+    let cluster = Cluster::start(1, 2);
+    let src = cluster.path("src");
+    let ran = cluster.path("ran.log");
+    let strip = format!(
+        "echo strip >> {}; grep -v '^#' {{{{.SourceDir}}}}/a.txt > {{{{.OutputDir}}}}/code",
+        ran.display()
+    );
+    let count = format!(
+        "echo count >> {}; wc -l < {{{{index .Deps \"{}\"}}}}/code > {{{{.OutputDir}}}}/lines",
+        ran.display(),
+        id("strip")
+    );
+    let g = graph(
+        &["a.txt"],
+        vec![
+            sh_job("strip", &["a.txt"], &[], &[&strip]),
+            sh_job("count", &[], &["strip"], &[&count]),
+        ],
+    );
+    let build = |content: &str| {
+        write(&src, "a.txt", content);
+        let run = cluster.build(&g, &src, &[]);
+        assert_eq!(run.code, Some(0), "{}\n{}", run.describe(), cluster.logs());
+        let cached = |job: &str| run.finished(&id(job))["cached"].as_bool();
+        (cached("strip"), cached("count"))
+    };
+    assert_eq!(build("one\n# first\n"), (Some(false), Some(false)));
+    assert_eq!(lines(&ran), ["strip", "count"]);
+    // Only a comment changed: strip runs, its output is the same.
+    assert_eq!(build("one\n# second\n"), (Some(false), Some(true)));
+    assert_eq!(lines(&ran), ["strip", "count", "strip"]);
+    // The code changed: both run.
+    assert_eq!(build("one\ntwo\n# second\n"), (Some(false), Some(false)));
+    assert_eq!(lines(&ran), ["strip", "count", "strip", "strip", "count"]);
+}
+
 #[test]
 fn sources_in_subdirectories_and_separate_stdout_stderr() {
     let cluster = Cluster::start(1, 1);

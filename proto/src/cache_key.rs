@@ -1,13 +1,22 @@
 //! A job's cache key: what makes two jobs the same job, whatever IDs their
-//! graphs give them. SHA-1 over an unambiguous encoding (every variable-length
-//! part is length-prefixed) of:
-//! - the commands, with each `{{index .Deps "<id>"}}` replaced by that
-//!   dependency's own cache key (so graph IDs never enter the key);
-//! - the inputs as (relative path, content digest), sorted by path;
-//! - the dependencies' cache keys, sorted.
+//! graphs give them. It comes in two steps, so that a dependency rebuilt
+//! into the same bytes does not rebuild its dependents (early cutoff, as
+//! Bazel and Shake do it):
+//!
+//! - [`job_key`], when the build is planned: SHA-1 over an unambiguous
+//!   encoding (every variable-length part is length-prefixed) of
+//!   - the commands, with each `{{index .Deps "<id>"}}` replaced by that
+//!     dependency's position in the job's `Deps` (so graph IDs never enter
+//!     the key);
+//!   - the inputs as (relative path, content digest), sorted by path;
+//!   - the number of dependencies.
+//! - [`resolved_key`], when every dependency has succeeded: the job key and
+//!   the digest of each dependency's output artifact, in `Deps` order. A job
+//!   without dependencies keeps its job key.
 //!
 //! The job's name and ID are not part of it. Changing one source byte changes
-//! the input's digest, so the job's key, so every dependent's key.
+//! the input's digest, so the job's key; its dependents' keys change only if
+//! its output does.
 
 use sha1::{Digest as _, Sha1};
 
@@ -15,7 +24,10 @@ use crate::graph::{Cmd, Job, Segment, Template};
 use crate::ids::{Digest, JobId};
 
 /// Bumped when the encoding changes, so old cache entries stop matching.
-const CACHE_KEY_VERSION: &[u8] = b"distbuild-cache-key-v1";
+const CACHE_KEY_VERSION: &[u8] = b"distbuild-cache-key-v2";
+
+/// Tags the second step, so no resolved key can equal a job key.
+const RESOLVED_KEY_VERSION: &[u8] = b"distbuild-resolved-key-v1";
 
 struct Encoder(Sha1);
 
@@ -26,7 +38,7 @@ impl Encoder {
         self.0.update(bytes);
     }
 
-    fn template(&mut self, t: &Template, dep_key: &dyn Fn(&JobId) -> Digest) {
+    fn template(&mut self, t: &Template, dep_position: &dyn Fn(&JobId) -> u64) {
         self.0.update([b'T']);
         self.0.update((t.segments.len() as u64).to_le_bytes());
         for segment in &t.segments {
@@ -34,27 +46,33 @@ impl Encoder {
                 Segment::Literal(s) => self.bytes(b'L', s.as_bytes()),
                 Segment::SourceDir => self.0.update([b'S']),
                 Segment::OutputDir => self.0.update([b'O']),
-                Segment::DepOutput(id) => self.bytes(b'D', dep_key(id).as_bytes()),
+                Segment::DepOutput(id) => {
+                    self.0.update([b'D']);
+                    self.0.update(dep_position(id).to_le_bytes());
+                }
             }
         }
     }
 
-    fn templates(&mut self, tag: u8, ts: &[Template], dep_key: &dyn Fn(&JobId) -> Digest) {
+    fn templates(&mut self, tag: u8, ts: &[Template], dep_position: &dyn Fn(&JobId) -> u64) {
         self.0.update([tag]);
         self.0.update((ts.len() as u64).to_le_bytes());
         for t in ts {
-            self.template(t, dep_key);
+            self.template(t, dep_position);
         }
     }
 }
 
-/// The cache key of `job`, given the content digest of each input path and
-/// the cache key of each dependency (both are the caller's to know).
-pub fn cache_key(
-    job: &Job,
-    input_digest: &dyn Fn(&str) -> Digest,
-    dep_key: &dyn Fn(&JobId) -> Digest,
-) -> Digest {
+/// The job key of `job`, given the content digest of each input path (the
+/// caller's to know). A template naming a dependency the job does not list
+/// cannot pass graph validation; it would be encoded as position `u64::MAX`.
+pub fn job_key(job: &Job, input_digest: &dyn Fn(&str) -> Digest) -> Digest {
+    let dep_position = |id: &JobId| {
+        job.deps
+            .iter()
+            .position(|d| d == id)
+            .map_or(u64::MAX, |p| p as u64)
+    };
     let mut e = Encoder(Sha1::new());
     e.bytes(b'V', CACHE_KEY_VERSION);
     e.0.update((job.cmds.len() as u64).to_le_bytes());
@@ -66,14 +84,14 @@ pub fn cache_key(
                 working_directory,
             } => {
                 e.0.update([b'E']);
-                e.templates(b'a', argv, dep_key);
-                e.templates(b'e', environ, dep_key);
-                e.templates(b'w', working_directory.as_slice(), dep_key);
+                e.templates(b'a', argv, &dep_position);
+                e.templates(b'e', environ, &dep_position);
+                e.templates(b'w', working_directory.as_slice(), &dep_position);
             }
             Cmd::Cat { template, output } => {
                 e.0.update([b'C']);
-                e.template(template, dep_key);
-                e.template(output, dep_key);
+                e.template(template, &dep_position);
+                e.template(output, &dep_position);
             }
         }
     }
@@ -85,11 +103,26 @@ pub fn cache_key(
         e.bytes(b'p', path.as_bytes());
         e.bytes(b'c', input_digest(path).as_bytes());
     }
-    let mut deps: Vec<Digest> = job.deps.iter().map(dep_key).collect();
-    deps.sort_unstable();
-    e.0.update((deps.len() as u64).to_le_bytes());
-    for dep in deps {
-        e.bytes(b'd', dep.as_bytes());
+    e.0.update([b'd']);
+    e.0.update((job.deps.len() as u64).to_le_bytes());
+    Digest::from_bytes(e.0.finalize().into())
+}
+
+/// The cache key of a job of job key `job_key` whose dependencies (in its
+/// `Deps` order) produced `dep_artifacts`.
+pub fn resolved_key<'a>(
+    job_key: &Digest,
+    dep_artifacts: impl ExactSizeIterator<Item = &'a Digest>,
+) -> Digest {
+    if dep_artifacts.len() == 0 {
+        return *job_key;
+    }
+    let mut e = Encoder(Sha1::new());
+    e.bytes(b'V', RESOLVED_KEY_VERSION);
+    e.bytes(b'j', job_key.as_bytes());
+    e.0.update((dep_artifacts.len() as u64).to_le_bytes());
+    for artifact in dep_artifacts {
+        e.bytes(b'a', artifact.as_bytes());
     }
     Digest::from_bytes(e.0.finalize().into())
 }
@@ -126,19 +159,15 @@ mod tests {
         BuildGraph::from_json(json.as_bytes()).expect("valid graph")
     }
 
-    fn key_of_top(g: &BuildGraph, a_content: &[u8]) -> Digest {
-        let dep = &g.jobs[0];
-        let dep_key = cache_key(dep, &|_| unreachable!("dep has no inputs"), &|_| {
-            unreachable!("no deps")
-        });
+    /// The resolved key of `top`, its input `a.c` holding `a_content` and
+    /// its dependency having produced `dep_artifact`.
+    fn key_of_top(g: &BuildGraph, a_content: &[u8], dep_artifact: &[u8]) -> Digest {
         let digest = |path: &str| match path {
             "a.c" => Digest::of(a_content),
             _ => Digest::of(b"b"),
         };
-        cache_key(&g.jobs[1], &digest, &|id| {
-            assert_eq!(*id, dep.id);
-            dep_key
-        })
+        let own = job_key(&g.jobs[1], &digest);
+        resolved_key(&own, [Digest::of(dep_artifact)].iter())
     }
 
     const D1: &str = "dddddddddddddddddddddddddddddddddddddddd";
@@ -150,28 +179,39 @@ mod tests {
     fn graph_ids_do_not_enter_the_key() {
         let one = graph(D1, T1, &["cat", "DEP/x"], &["a.c"]);
         let two = graph(D2, T2, &["cat", "DEP/x"], &["a.c"]);
-        assert_eq!(key_of_top(&one, b"a"), key_of_top(&two, b"a"));
+        assert_eq!(
+            key_of_top(&one, b"a", b"out"),
+            key_of_top(&two, b"a", b"out")
+        );
     }
 
     #[test]
     fn what_changes_the_key() {
-        let base = key_of_top(&graph(D1, T1, &["cat", "DEP/x"], &["a.c"]), b"a");
+        let base = key_of_top(&graph(D1, T1, &["cat", "DEP/x"], &["a.c"]), b"a", b"out");
         let cases = [
             (
                 "one source byte",
-                key_of_top(&graph(D1, T1, &["cat", "DEP/x"], &["a.c"]), b"A"),
+                key_of_top(&graph(D1, T1, &["cat", "DEP/x"], &["a.c"]), b"A", b"out"),
             ),
             (
                 "an argument",
-                key_of_top(&graph(D1, T1, &["cat", "DEP/y"], &["a.c"]), b"a"),
+                key_of_top(&graph(D1, T1, &["cat", "DEP/y"], &["a.c"]), b"a", b"out"),
             ),
             (
                 "argument boundaries",
-                key_of_top(&graph(D1, T1, &["ca", "tDEP/x"], &["a.c"]), b"a"),
+                key_of_top(&graph(D1, T1, &["ca", "tDEP/x"], &["a.c"]), b"a", b"out"),
+            ),
+            (
+                "the dependency's output",
+                key_of_top(&graph(D1, T1, &["cat", "DEP/x"], &["a.c"]), b"a", b"other"),
             ),
             (
                 "an input added",
-                key_of_top(&graph(D1, T1, &["cat", "DEP/x"], &["a.c", "b.c"]), b"a"),
+                key_of_top(
+                    &graph(D1, T1, &["cat", "DEP/x"], &["a.c", "b.c"]),
+                    b"a",
+                    b"out",
+                ),
             ),
         ];
         for (what, key) in cases {
@@ -181,8 +221,43 @@ mod tests {
 
     #[test]
     fn input_order_does_not_matter() {
-        let ab = key_of_top(&graph(D1, T1, &["x"], &["a.c", "b.c"]), b"a");
-        let ba = key_of_top(&graph(D1, T1, &["x"], &["b.c", "a.c"]), b"a");
+        let ab = key_of_top(&graph(D1, T1, &["x"], &["a.c", "b.c"]), b"a", b"out");
+        let ba = key_of_top(&graph(D1, T1, &["x"], &["b.c", "a.c"]), b"a", b"out");
         assert_eq!(ab, ba);
+    }
+
+    /// Early cutoff: what the dependency ran is not part of its dependent's
+    /// key, only what it produced.
+    #[test]
+    fn a_dependency_s_own_key_does_not_enter_its_dependent_s() {
+        let one = graph(D1, T1, &["cat", "DEP/x"], &["a.c"]);
+        let mut two = one.clone();
+        two.jobs[0].inputs.push("b.c".into());
+        let input = |_: &str| Digest::of(b"b");
+        assert_ne!(job_key(&one.jobs[0], &input), job_key(&two.jobs[0], &input));
+        assert_eq!(
+            key_of_top(&one, b"a", b"out"),
+            key_of_top(&two, b"a", b"out")
+        );
+    }
+
+    #[test]
+    fn a_job_without_dependencies_keeps_its_job_key_and_no_other_does() {
+        let g = graph(D1, T1, &["cat", "DEP/x"], &["a.c"]);
+        let dep_key = job_key(&g.jobs[0], &|_| unreachable!("no inputs"));
+        assert_eq!(resolved_key(&dep_key, std::iter::empty()), dep_key);
+        let own = job_key(&g.jobs[1], &|_| Digest::of(b"a"));
+        assert_ne!(resolved_key(&own, [Digest::of(b"out")].iter()), own);
+    }
+
+    /// Each dependency's output is tied to where the templates name it.
+    #[test]
+    fn which_dependency_produced_which_output_matters() {
+        let (a, b) = (Digest::of(b"a"), Digest::of(b"b"));
+        let own = Digest::of(b"job");
+        assert_ne!(
+            resolved_key(&own, [a, b].iter()),
+            resolved_key(&own, [b, a].iter())
+        );
     }
 }

@@ -16,7 +16,7 @@ pub mod text;
 pub mod tls;
 pub mod wire;
 
-pub use cache_key::cache_key;
+pub use cache_key::{job_key, resolved_key};
 pub use ids::{BlobKey, Digest, HashFunction, Hasher, IdError, JobId};
 
 /// Generated code, nested as the proto packages are (the Raft transport's

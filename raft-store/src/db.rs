@@ -43,7 +43,10 @@ const KEY_FORMAT: &[u8] = b"format";
 /// `ActionResult`. Format 7: executions carry their scheduling rank and
 /// lease start, jobs their critical path, and a `durations` table keeps
 /// expected durations. Format 8: a worker record says whether it drains.
-pub(crate) const FORMAT: u32 = 8;
+/// Format 9: cache keys are made of dependencies' outputs, not their keys
+/// (early cutoff): a dependency reference carries the artifact, a build's
+/// job the artifact it succeeded with, and a submitted job its job key.
+pub(crate) const FORMAT: u32 = 9;
 
 /// Memory all memtables may hold together before RocksDB flushes one.
 pub const MEMTABLE_BUDGET_BYTES: usize = 64 << 20;

@@ -3,11 +3,11 @@
 //! finishing, failing, skipping dependents, and retiring old builds.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
 
-use distbuild_proto::Digest;
+use distbuild_proto::{Digest, resolved_key};
 
-use crate::log::Event;
-use crate::log::OutputRef;
+use crate::log::{DepRef, Event, JobSpec, OutputRef};
 use crate::records::{BuildJob, ExecState, Execution, JobState, Rank};
 use crate::state::Model;
 
@@ -57,11 +57,47 @@ impl Model {
             .jobs[job as usize]
     }
 
+    /// Gives ready job `job` of `build_id` its cache key and its spec the
+    /// dependencies, from what they produced (the `cache_key` module of
+    /// `distbuild-proto`): a dependency rebuilt into the same bytes leaves
+    /// its dependents cached (early cutoff). Deterministic: a hash of the
+    /// state.
+    fn resolve(&mut self, build_id: u64, job: u32) {
+        let build = &self.builds[&build_id];
+        let this = &build.jobs[job as usize];
+        if this.deps.is_empty() {
+            return;
+        }
+        let deps: Vec<DepRef> = this
+            .deps
+            .iter()
+            .map(|&d| {
+                let dep = &build.jobs[d as usize];
+                DepRef {
+                    job_id: dep.spec.job_id,
+                    cache_key: dep.cache_key,
+                    // `submit` refuses a dependency on an action, the only
+                    // job that succeeds without an artifact.
+                    artifact: dep
+                        .artifact
+                        .expect("a succeeded dependency has an artifact"),
+                }
+            })
+            .collect();
+        let key = resolved_key(&this.cache_key, deps.iter().map(|d| &d.artifact));
+        let mut spec = JobSpec::clone(&this.spec);
+        spec.deps = deps;
+        let this = self.job_mut(build_id, job);
+        this.cache_key = key;
+        this.spec = Arc::new(spec);
+    }
+
     /// Jobs whose dependencies all succeeded: served from the cache, or
     /// attached to the execution of their cache key.
     pub(crate) fn make_ready(&mut self, jobs: Vec<(u64, u32)>) {
         let mut ready: VecDeque<(u64, u32)> = jobs.into();
         while let Some((build_id, job)) = ready.pop_front() {
+            self.resolve(build_id, job);
             let (key, spec, path_ms) = {
                 let j = self.job_mut(build_id, job);
                 debug_assert_eq!(j.state, JobState::Waiting);
@@ -278,7 +314,9 @@ impl Model {
         cached: bool,
     ) -> Vec<(u64, u32)> {
         self.finished_with_output(build_id, job, output);
-        self.job_mut(build_id, job).state = JobState::Succeeded;
+        let this = self.job_mut(build_id, job);
+        this.state = JobState::Succeeded;
+        this.artifact = artifact.map(|(digest, _)| digest);
         self.push_event(
             build_id,
             Event::JobFinished {

@@ -72,12 +72,14 @@ pub struct InputRef {
     pub size: u64,
 }
 
-/// A dependency as a job's templates name it, and the cache key whose
-/// result is its output.
+/// A dependency as a job's templates name it, the cache key whose result
+/// is its output, and that output's artifact (part of the job's own cache
+/// key).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DepRef {
     pub job_id: JobId,
     pub cache_key: Digest,
+    pub artifact: Digest,
 }
 
 /// A Remote Execution API action a job runs instead of commands: the
@@ -111,6 +113,8 @@ pub struct JobSpec {
     pub name: String,
     pub cmds: Vec<CmdText>,
     pub inputs: Vec<InputRef>,
+    /// Filled in when the job becomes ready (a submitted job gives its
+    /// dependencies as indices, see `SubmittedJob`).
     pub deps: Vec<DepRef>,
     /// Set for a Remote Execution API action (then `cmds`, `inputs` and
     /// `deps` are empty).
@@ -118,9 +122,11 @@ pub struct JobSpec {
 }
 
 /// One job of a submitted build; the leader validated the graph, ordered
-/// the jobs so that dependencies come first, and computed the cache keys.
+/// the jobs so that dependencies come first, and computed the job keys.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SubmittedJob {
+    /// Its job key (`distbuild_proto::job_key`): its cache key once its
+    /// dependencies' outputs are known, see `Model::resolve`.
     pub cache_key: Digest,
     /// Indices of its dependencies in the build's job list, each smaller
     /// than its own.

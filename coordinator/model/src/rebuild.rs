@@ -6,7 +6,7 @@
 //! A worker that could fetch an input from none of the holders it tried
 //! reports `LostInputs`: only those copies are forgotten.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use distbuild_proto::Digest;
 
@@ -19,9 +19,16 @@ pub(crate) enum Inputs {
     Available,
     /// These dependency cache keys are being rebuilt.
     Rebuilding(BTreeSet<Digest>),
-    /// This dependency's output is gone and its rebuild failed.
-    Unrecoverable(Digest),
+    /// This dependency's output is gone and cannot be had again, for this
+    /// reason.
+    Unrecoverable(Digest, &'static str),
 }
+
+/// Why a dependency whose rebuild ended without a result is unrecoverable.
+const REBUILD_FAILED: &str = "its rebuild already failed";
+/// Why one rebuilt into other bytes is: the execution's cache key was made
+/// of the old ones, so its result would be filed under the wrong key.
+const REBUILT_DIFFERENTLY: &str = "it was built again into different bytes (it is not deterministic), and this job's cache key was made of the old ones; build again";
 
 impl Model {
     /// Whether the dependency artifacts of the queued execution of `key`
@@ -32,23 +39,28 @@ impl Model {
     /// one so it does not wait behind younger work.
     pub(crate) fn check_inputs(&mut self, key: Digest, since_ms: u64) -> Inputs {
         let (timeout_ms, rank) = (self.executions[&key].timeout_ms, self.executions[&key].rank);
-        let deps: BTreeSet<Digest> = self.executions[&key]
+        let deps: BTreeMap<Digest, Digest> = self.executions[&key]
             .spec
             .deps
             .iter()
-            .map(|d| d.cache_key)
+            .map(|d| (d.cache_key, d.artifact))
             .collect();
         // Its result was forgotten for a rebuild, and the rebuild ended
-        // without one. (Checked first: a doomed execution starts no
-        // rebuilds.)
-        if let Some(dep) = deps
-            .iter()
-            .find(|d| !self.results.contains_key(d) && !self.executions.contains_key(d))
-        {
-            return Inputs::Unrecoverable(*dep);
+        // without one; or the rebuild gave other bytes. (Checked first: a
+        // doomed execution starts no rebuilds.)
+        for (dep, artifact) in &deps {
+            match self.results.get(dep) {
+                None if !self.executions.contains_key(dep) => {
+                    return Inputs::Unrecoverable(*dep, REBUILD_FAILED);
+                }
+                Some(result) if result.artifact != *artifact => {
+                    return Inputs::Unrecoverable(*dep, REBUILT_DIFFERENTLY);
+                }
+                _ => {}
+            }
         }
         let mut on = BTreeSet::new();
-        for dep in deps {
+        for dep in deps.into_keys() {
             match self.results.get(&dep) {
                 Some(result) if self.is_held(&result.artifact) => {}
                 Some(result) => {

@@ -27,6 +27,8 @@ pub struct BuildJob {
     /// Shared with its execution and its cached result (encoded as the
     /// spec itself).
     pub spec: Arc<JobSpec>,
+    /// Its job key while it waits for dependencies; its cache key from the
+    /// moment it is ready.
     pub cache_key: Digest,
     pub deps: Vec<u32>,
     pub dependents: Vec<u32>,
@@ -35,6 +37,9 @@ pub struct BuildJob {
     /// The captured output its `JobFinished` event names (a row of the
     /// `outputs` table), if it finished with any.
     pub output: Option<OutputRef>,
+    /// The artifact it succeeded with, which its dependents' cache keys
+    /// are made of (none for a Remote Execution API action).
+    pub artifact: Option<Digest>,
     /// Its priority: the expected time from its start to the end of its
     /// build along the longest chain of its dependents, itself included
     /// (see `durations`).

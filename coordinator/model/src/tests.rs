@@ -10,6 +10,7 @@ use crate::tables::{
 };
 
 mod batch;
+mod cutoff;
 mod drain;
 mod golden;
 mod schedule;
@@ -23,8 +24,9 @@ fn key(n: u8) -> Digest {
     Digest::from_bytes([n; 20])
 }
 
-/// A job `n` with cache key `key(n)` depending on the listed positions.
-fn job(n: u8, deps: &[u32], all: &[(u8, &[u32])]) -> SubmittedJob {
+/// A job `n` with job key `key(n)` depending on the listed positions (its
+/// cache key once ready: `Harness::k`).
+fn job(n: u8, deps: &[u32]) -> SubmittedJob {
     SubmittedJob {
         cache_key: key(n),
         deps: deps.to_vec(),
@@ -36,20 +38,14 @@ fn job(n: u8, deps: &[u32], all: &[(u8, &[u32])]) -> SubmittedJob {
                 output: "{{.OutputDir}}/out".into(),
             }],
             inputs: Vec::new(),
-            deps: deps
-                .iter()
-                .map(|&d| DepRef {
-                    job_id: id(all[d as usize].0),
-                    cache_key: key(all[d as usize].0),
-                })
-                .collect(),
+            deps: Vec::new(),
             action: None,
         },
     }
 }
 
 fn graph(jobs: &[(u8, &[u32])]) -> Vec<SubmittedJob> {
-    jobs.iter().map(|(n, deps)| job(*n, deps, jobs)).collect()
+    jobs.iter().map(|(n, deps)| job(*n, deps)).collect()
 }
 
 const LEASE_MS: u64 = 1000;
@@ -235,7 +231,24 @@ impl Harness {
     }
 
     fn exec(&self, n: u8) -> &Execution {
-        self.model.execution(&key(n)).expect("an execution")
+        self.exec_of(self.k(n))
+    }
+
+    fn exec_of(&self, key: Digest) -> &Execution {
+        self.model.execution(&key).expect("an execution")
+    }
+
+    /// The cache key of job `n` (ID `id(n)`): its job key `key(n)` until
+    /// it is ready, then what its dependencies' outputs made it (in the
+    /// newest build that has it ready).
+    fn k(&self, n: u8) -> Digest {
+        self.model
+            .builds
+            .values()
+            .rev()
+            .flat_map(|b| &b.jobs)
+            .find(|j| j.spec.job_id == id(n) && j.state != JobState::Waiting)
+            .map_or(key(n), |j| j.cache_key)
     }
 
     /// The error of the only `JobFinished` of `job` in `events`.
@@ -348,11 +361,11 @@ fn a_chain_runs_in_order_and_finishes() {
     h.events();
     assert_eq!(
         h.model.pick_for("a", 4, h.now_ms, 50, LEASE_MS),
-        vec![key(1)]
+        vec![h.k(1)]
     );
-    assert!(h.run_one("a", key(1), success(1)));
+    assert!(h.run_one("a", h.k(1), success(1)));
     assert_eq!(h.events(), [format!("{b}:start:0"), format!("{b}:ok:0")]);
-    assert!(h.run_one("a", key(2), success(2)));
+    assert!(h.run_one("a", h.k(2), success(2)));
     assert_eq!(
         h.events(),
         [
@@ -372,9 +385,9 @@ fn the_same_cache_key_runs_once_for_every_build_and_is_cached_after() {
     // One execution serves both builds.
     assert_eq!(
         h.model.pick_for("a", 4, h.now_ms, 50, LEASE_MS),
-        vec![key(1)]
+        vec![h.k(1)]
     );
-    assert!(h.run_one("a", key(1), success(1)));
+    assert!(h.run_one("a", h.k(1), success(1)));
     let events = h.events();
     for b in [b1, b2] {
         assert!(events.contains(&format!("{b}:ok:0")), "{events:?}");
@@ -399,7 +412,7 @@ fn a_failure_skips_its_dependents_but_not_independent_jobs() {
     // 1 <- 2 <- 3, and 4 on its own.
     let b = h.submit("r", graph(&[(1, &[]), (2, &[0]), (3, &[1]), (4, &[])]));
     h.events();
-    assert!(h.run_one("a", key(1), failure(3)));
+    assert!(h.run_one("a", h.k(1), failure(3)));
     assert_eq!(
         h.events(),
         [
@@ -412,9 +425,9 @@ fn a_failure_skips_its_dependents_but_not_independent_jobs() {
     // Nothing of the failed chain is queued; the independent job is.
     assert_eq!(
         h.model.pick_for("a", 4, h.now_ms, 50, LEASE_MS),
-        vec![key(4)]
+        vec![h.k(4)]
     );
-    assert!(h.run_one("a", key(4), success(4)));
+    assert!(h.run_one("a", h.k(4), success(4)));
     assert_eq!(
         h.events(),
         [
@@ -427,7 +440,7 @@ fn a_failure_skips_its_dependents_but_not_independent_jobs() {
     h.submit("r2", graph(&[(1, &[])]));
     assert_eq!(
         h.model.pick_for("a", 4, h.now_ms, 50, LEASE_MS),
-        vec![key(1)]
+        vec![h.k(1)]
     );
 }
 
@@ -435,7 +448,7 @@ fn a_failure_skips_its_dependents_but_not_independent_jobs() {
 fn an_expired_lease_requeues_and_its_late_result_is_refused() {
     let mut h = Harness::new();
     h.submit("r", graph(&[(1, &[])]));
-    let token = h.assign("a", &[key(1)])[0].expect("assigned");
+    let token = h.assign("a", &[h.k(1)])[0].expect("assigned");
     // Renewed in time: nothing expires.
     h.now_ms += LEASE_MS - 1;
     let renewed = h.apply(Command::Heartbeat {
@@ -462,10 +475,10 @@ fn an_expired_lease_requeues_and_its_late_result_is_refused() {
     assert_eq!(h.exec(1).attempts, 1);
     assert_eq!(
         h.model.pick_for("b", 4, h.now_ms, 50, LEASE_MS),
-        vec![key(1)]
+        vec![h.k(1)]
     );
     // The old holder's result and renewal are refused.
-    assert!(!h.report("a", token, key(1), success(1)));
+    assert!(!h.report("a", token, h.k(1), success(1)));
     let late = h.apply(Command::Heartbeat {
         worker_id: "a".into(),
         tokens: vec![token],
@@ -482,7 +495,7 @@ fn an_expired_lease_requeues_and_its_late_result_is_refused() {
         }
     );
     // The new lease's result is accepted.
-    assert!(h.run_one("b", key(1), success(1)));
+    assert!(h.run_one("b", h.k(1), success(1)));
 }
 
 #[test]
@@ -490,7 +503,7 @@ fn a_job_whose_lease_keeps_expiring_fails_with_a_message() {
     let mut h = Harness::new();
     let b = h.submit("r", graph(&[(1, &[])]));
     for _ in 0..2 {
-        h.assign("a", &[key(1)]);
+        h.assign("a", &[h.k(1)]);
         h.now_ms += LEASE_MS;
         h.expire(2, NO_DEATHS_MS);
     }
@@ -514,17 +527,17 @@ fn a_job_whose_lease_keeps_expiring_fails_with_a_message() {
 fn ready_jobs_wait_briefly_for_the_worker_holding_their_inputs() {
     let mut h = Harness::new();
     h.submit("r", graph(&[(1, &[]), (2, &[0])]));
-    assert!(h.run_one("a", key(1), success(1)));
+    assert!(h.run_one("a", h.k(1), success(1)));
     // Worker b polls first: job 2's input lives on a, which has a free slot.
     assert!(h.model.pick_for("b", 4, h.now_ms, 50, LEASE_MS).is_empty());
     assert_eq!(
         h.model.pick_for("a", 4, h.now_ms, 50, LEASE_MS),
-        vec![key(2)]
+        vec![h.k(2)]
     );
     // After the locality wait, anyone may take it.
     assert_eq!(
         h.model.pick_for("b", 4, h.now_ms + 50, 50, LEASE_MS),
-        vec![key(2)]
+        vec![h.k(2)]
     );
     // Once b has fetched the input too, it no longer waits.
     h.apply(Command::Heartbeat {
@@ -537,7 +550,7 @@ fn ready_jobs_wait_briefly_for_the_worker_holding_their_inputs() {
     });
     assert_eq!(
         h.model.pick_for("b", 4, h.now_ms, 50, LEASE_MS),
-        vec![key(2)]
+        vec![h.k(2)]
     );
 }
 
@@ -547,7 +560,7 @@ fn slots_bound_assignments() {
     h.submit("r", graph(&[(1, &[]), (2, &[]), (3, &[])]));
     let picks = h.model.pick_for("a", 10, h.now_ms, 50, LEASE_MS);
     assert_eq!(picks.len(), 2, "worker a has two slots");
-    let tokens = h.assign("a", &[key(1), key(2), key(3)]);
+    let tokens = h.assign("a", &[h.k(1), h.k(2), h.k(3)]);
     assert!(tokens[0].is_some() && tokens[1].is_some());
     assert_eq!(tokens[2], None, "a third lease exceeds the slots");
     assert!(h.model.pick_for("a", 10, h.now_ms, 50, LEASE_MS).is_empty());
@@ -557,7 +570,7 @@ fn slots_bound_assignments() {
 fn a_reregistering_worker_loses_its_leases() {
     let mut h = Harness::new();
     h.submit("r", graph(&[(1, &[])]));
-    let token = h.assign("a", &[key(1)])[0].expect("assigned");
+    let token = h.assign("a", &[h.k(1)])[0].expect("assigned");
     h.apply(Command::RegisterWorker {
         worker_id: "a".into(),
         addr: "a:1".into(),
@@ -566,10 +579,10 @@ fn a_reregistering_worker_loses_its_leases() {
         properties: Vec::new(),
         now_ms: h.now_ms,
     });
-    assert!(!h.report("a", token, key(1), success(1)));
+    assert!(!h.report("a", token, h.k(1), success(1)));
     assert_eq!(
         h.model.pick_for("b", 4, h.now_ms, 50, LEASE_MS),
-        vec![key(1)]
+        vec![h.k(1)]
     );
 }
 
@@ -586,9 +599,9 @@ fn a_dead_worker_is_removed_with_its_holdings_and_leases() {
     let b = h.submit("r", graph(&[(1, &[]), (2, &[])]));
     // a is last seen when it reports (at 1000), then leases job 2 at 1500:
     // the lease would run to 2500, but a dies at 2000.
-    assert!(h.run_one("a", key(1), success(1)));
+    assert!(h.run_one("a", h.k(1), success(1)));
     h.now_ms += LEASE_MS / 2;
-    let token = h.assign("a", &[key(2)])[0].expect("assigned");
+    let token = h.assign("a", &[h.k(2)])[0].expect("assigned");
     h.now_ms = 1_000 + LEASE_MS - 1;
     h.heartbeat("b", &[]);
     assert!(!h.model.needs_expiry(h.now_ms, LEASE_MS));
@@ -621,9 +634,9 @@ fn a_dead_worker_is_removed_with_its_holdings_and_leases() {
             reregister: true
         }
     );
-    assert!(!h.report("a", token, key(2), success(2)));
-    assert_eq!(h.pick("b"), vec![key(2)]);
-    assert!(h.run_one("b", key(2), success(2)));
+    assert!(!h.report("a", token, h.k(2), success(2)));
+    assert_eq!(h.pick("b"), vec![h.k(2)]);
+    assert!(h.run_one("b", h.k(2), success(2)));
     assert_eq!(
         h.events(),
         [
@@ -639,7 +652,7 @@ fn a_dead_worker_s_lease_counts_toward_giving_up() {
     let mut h = Harness::new();
     let b = h.submit("r", graph(&[(1, &[])]));
     h.now_ms += LEASE_MS / 2;
-    h.assign("a", &[key(1)]);
+    h.assign("a", &[h.k(1)]);
     h.now_ms += LEASE_MS / 2;
     h.heartbeat("b", &[]);
     h.expire(1, LEASE_MS);
@@ -650,14 +663,14 @@ fn a_dead_worker_s_lease_counts_toward_giving_up() {
         events.last(),
         Some((id, _, Event::BuildFinished { ok: false, .. })) if *id == b
     ));
-    assert!(h.model.execution(&key(1)).is_none());
+    assert!(h.model.execution(&h.k(1)).is_none());
 }
 
 #[test]
 fn extending_leases_also_refreshes_worker_liveness() {
     let mut h = Harness::new();
     h.submit("r", graph(&[(1, &[])]));
-    let token = h.assign("a", &[key(1)])[0].expect("assigned");
+    let token = h.assign("a", &[h.k(1)])[0].expect("assigned");
     // No leader for ten lease periods: no heartbeat could land.
     h.now_ms += 10 * LEASE_MS;
     assert!(h.model.needs_expiry(h.now_ms, LEASE_MS));
@@ -697,8 +710,8 @@ fn extending_leases_also_refreshes_worker_liveness() {
 /// dies: both artifacts are lost and C is ready. Returns the build ID.
 fn chain_whose_holder_died(h: &mut Harness, jobs: &[(u8, &[u32])]) -> u64 {
     let b = h.submit("r", graph(jobs));
-    assert!(h.run_one("a", key(1), success(1)));
-    assert!(h.run_one("a", key(2), success(2)));
+    assert!(h.run_one("a", h.k(1), success(1)));
+    assert!(h.run_one("a", h.k(2), success(2)));
     h.now_ms += LEASE_MS;
     h.heartbeat("b", &[]);
     h.expire(3, LEASE_MS);
@@ -718,27 +731,27 @@ fn chain_whose_holder_died(h: &mut Harness, jobs: &[(u8, &[u32])]) -> u64 {
 /// Assigns C, then B, to b: each is blocked on its lost input, whose
 /// rebuild is queued with no (build, job) waiting for it.
 fn block_c_then_b(h: &mut Harness) {
-    assert_eq!(h.pick("b"), vec![key(3)]);
-    assert_eq!(h.assign("b", &[key(3)]), vec![None]);
+    assert_eq!(h.pick("b"), vec![h.k(3)]);
+    assert_eq!(h.assign("b", &[h.k(3)]), vec![None]);
     assert_eq!(
         h.exec(3).state,
         ExecState::Blocked {
-            on: BTreeSet::from([key(2)])
+            on: BTreeSet::from([h.k(2)])
         }
     );
-    assert!(h.model.result(&key(2)).is_none(), "no longer servable");
+    assert!(h.model.result(&h.k(2)).is_none(), "no longer servable");
     assert!(h.exec(2).waiters.is_empty());
     // The rebuild of B is next; C is never picked while blocked.
-    assert_eq!(h.pick("b"), vec![key(2)]);
-    assert_eq!(h.assign("b", &[key(2)]), vec![None]);
+    assert_eq!(h.pick("b"), vec![h.k(2)]);
+    assert_eq!(h.assign("b", &[h.k(2)]), vec![None]);
     assert_eq!(
         h.exec(2).state,
         ExecState::Blocked {
-            on: BTreeSet::from([key(1)])
+            on: BTreeSet::from([h.k(1)])
         }
     );
-    assert!(h.model.result(&key(1)).is_none());
-    assert_eq!(h.pick("b"), vec![key(1)]);
+    assert!(h.model.result(&h.k(1)).is_none());
+    assert_eq!(h.pick("b"), vec![h.k(1)]);
 }
 
 #[test]
@@ -746,15 +759,15 @@ fn lost_inputs_are_rebuilt_dependencies_first_and_finish_once_per_job() {
     let mut h = Harness::new();
     let b = chain_whose_holder_died(&mut h, &[(1, &[]), (2, &[0]), (3, &[1])]);
     block_c_then_b(&mut h);
-    assert!(h.run_one("b", key(1), success(1)));
+    assert!(h.run_one("b", h.k(1), success(1)));
     assert_eq!(h.model.holders(&artifact(1)), ["b:1"]);
-    assert!(h.model.result(&key(1)).is_some());
-    assert_eq!(h.pick("b"), vec![key(2)], "B unblocked, C still blocked");
-    assert!(h.run_one("b", key(2), success(2)));
+    assert!(h.model.result(&h.k(1)).is_some());
+    assert_eq!(h.pick("b"), vec![h.k(2)], "B unblocked, C still blocked");
+    assert!(h.run_one("b", h.k(2), success(2)));
     // The build's A and B finished before: the rebuilds add no event.
     assert!(h.events().is_empty());
-    assert_eq!(h.pick("b"), vec![key(3)]);
-    assert!(h.run_one("b", key(3), success(3)));
+    assert_eq!(h.pick("b"), vec![h.k(3)]);
+    assert!(h.run_one("b", h.k(3), success(3)));
     assert_eq!(
         h.events(),
         [
@@ -773,8 +786,8 @@ fn a_failed_rebuild_fails_the_jobs_blocked_on_it_naming_the_lost_dependency() {
     // A <- B <- C <- D.
     let b = chain_whose_holder_died(&mut h, &[(1, &[]), (2, &[0]), (3, &[1]), (4, &[2])]);
     block_c_then_b(&mut h);
-    let token = h.assign("b", &[key(1)])[0].expect("assigned");
-    assert!(h.report("b", token, key(1), failure(3)));
+    let token = h.assign("b", &[h.k(1)])[0].expect("assigned");
+    assert!(h.report("b", token, h.k(1), failure(3)));
     let events = h.take_events();
     // B's rebuild, blocked on A, fails with it; C, blocked on B, fails
     // naming B; D is skipped. A and B get no second event.
@@ -794,7 +807,7 @@ fn a_failed_rebuild_fails_the_jobs_blocked_on_it_naming_the_lost_dependency() {
         .collect();
     assert_eq!(rendered, ["exit-1:2", "skip:3", "done:false"]);
     for n in 1..=4 {
-        assert!(h.model.execution(&key(n)).is_none(), "execution {n} left");
+        assert!(h.model.execution(&h.k(n)).is_none(), "execution {n} left");
     }
     assert!(h.model.blocked_on.is_empty());
     assert!(!h.model.has_queued());
@@ -807,7 +820,7 @@ fn a_rebuild_that_gives_up_fails_the_jobs_blocked_on_it() {
     block_c_then_b(&mut h);
     // A's rebuild is leased to b, which keeps heartbeating without renewing
     // the lease.
-    h.assign("b", &[key(1)]);
+    h.assign("b", &[h.k(1)]);
     h.now_ms += LEASE_MS;
     h.heartbeat("b", &[]);
     h.expire(1, LEASE_MS);
@@ -816,8 +829,8 @@ fn a_rebuild_that_gives_up_fails_the_jobs_blocked_on_it() {
         error.contains("dependency \"job2\"") && error.contains("could not be rebuilt"),
         "{error}"
     );
-    assert!(h.model.execution(&key(2)).is_none());
-    assert!(h.model.execution(&key(3)).is_none());
+    assert!(h.model.execution(&h.k(2)).is_none());
+    assert!(h.model.execution(&h.k(3)).is_none());
 }
 
 #[test]
@@ -826,18 +839,18 @@ fn a_job_needing_an_output_whose_rebuild_failed_fails_when_assigned() {
     // A <- B and A <- C: B is assigned first and blocks on A's rebuild,
     // which fails while C is still queued.
     let b = h.submit("r", graph(&[(1, &[]), (2, &[0]), (3, &[0])]));
-    assert!(h.run_one("a", key(1), success(1)));
+    assert!(h.run_one("a", h.k(1), success(1)));
     h.now_ms += LEASE_MS;
     h.heartbeat("b", &[]);
     h.expire(3, LEASE_MS);
-    assert_eq!(h.assign("b", &[key(2)]), vec![None]);
-    let token = h.assign("b", &[key(1)])[0].expect("assigned");
-    assert!(h.report("b", token, key(1), failure(3)));
+    assert_eq!(h.assign("b", &[h.k(2)]), vec![None]);
+    let token = h.assign("b", &[h.k(1)])[0].expect("assigned");
+    assert!(h.report("b", token, h.k(1), failure(3)));
     let error = Harness::error_of(&h.take_events(), b, 1);
     assert!(error.contains("dependency \"job1\""), "{error}");
     // C's input has neither a result nor a rebuild any more.
-    assert_eq!(h.pick("b"), vec![key(3)]);
-    assert_eq!(h.assign("b", &[key(3)]), vec![None]);
+    assert_eq!(h.pick("b"), vec![h.k(3)]);
+    assert_eq!(h.assign("b", &[h.k(3)]), vec![None]);
     let events = h.take_events();
     let error = Harness::error_of(&events, b, 2);
     assert!(
@@ -848,7 +861,7 @@ fn a_job_needing_an_output_whose_rebuild_failed_fails_when_assigned() {
         events.last(),
         Some((id, _, Event::BuildFinished { ok: false, .. })) if *id == b
     ));
-    assert!(h.model.execution(&key(1)).is_none(), "no rebuild started");
+    assert!(h.model.execution(&h.k(1)).is_none(), "no rebuild started");
     assert!(!h.model.has_queued());
 }
 
@@ -857,9 +870,9 @@ fn lost_inputs_requeue_as_an_attempt_and_lead_to_a_rebuild() {
     let mut h = Harness::new();
     // A <- B, and E on its own.
     let b = h.submit("r", graph(&[(1, &[]), (2, &[0]), (5, &[])]));
-    assert!(h.run_one("a", key(1), success(1)));
-    assert!(h.run_one("a", key(5), success(5)));
-    let token = h.assign("b", &[key(2)])[0].expect("assigned");
+    assert!(h.run_one("a", h.k(1), success(1)));
+    assert!(h.run_one("a", h.k(5), success(5)));
+    let token = h.assign("b", &[h.k(2)])[0].expect("assigned");
     h.events();
     let lost = Outcome::LostInputs {
         lost: vec![
@@ -867,7 +880,7 @@ fn lost_inputs_requeue_as_an_attempt_and_lead_to_a_rebuild() {
             (artifact(5), vec!["a:1".to_string()]),
         ],
     };
-    assert!(h.report("b", token, key(2), lost.clone()));
+    assert!(h.report("b", token, h.k(2), lost.clone()));
     assert_eq!(h.exec(2).attempts, 1);
     assert!(matches!(h.exec(2).state, ExecState::Queued { .. }));
     assert_eq!(h.model.workers()["b"].running, 0);
@@ -876,17 +889,17 @@ fn lost_inputs_requeue_as_an_attempt_and_lead_to_a_rebuild() {
     assert!(h.model.holders(&artifact(1)).is_empty());
     assert_eq!(h.model.holders(&artifact(5)), ["a:1"]);
     // The same report again holds a stale lease: refused.
-    assert!(!h.report("b", token, key(2), lost));
+    assert!(!h.report("b", token, h.k(2), lost));
     // The next assignment rebuilds A first.
-    assert_eq!(h.assign("b", &[key(2)]), vec![None]);
+    assert_eq!(h.assign("b", &[h.k(2)]), vec![None]);
     assert_eq!(
         h.exec(2).state,
         ExecState::Blocked {
-            on: BTreeSet::from([key(1)])
+            on: BTreeSet::from([h.k(1)])
         }
     );
-    assert!(h.run_one("b", key(1), success(1)));
-    assert!(h.run_one("b", key(2), success(2)));
+    assert!(h.run_one("b", h.k(1), success(1)));
+    assert!(h.run_one("b", h.k(2), success(2)));
     assert_eq!(
         h.events(),
         [
@@ -901,22 +914,22 @@ fn lost_inputs_requeue_as_an_attempt_and_lead_to_a_rebuild() {
 fn a_build_submitted_during_a_rebuild_attaches_to_it() {
     let mut h = Harness::new();
     let b1 = h.submit("r1", graph(&[(1, &[]), (2, &[0])]));
-    assert!(h.run_one("a", key(1), success(1)));
+    assert!(h.run_one("a", h.k(1), success(1)));
     h.now_ms += LEASE_MS;
     h.heartbeat("b", &[]);
     h.expire(3, LEASE_MS);
-    assert_eq!(h.assign("b", &[key(2)]), vec![None]);
+    assert_eq!(h.assign("b", &[h.k(2)]), vec![None]);
     h.events();
     // A is being rebuilt: the new build's A waits for that run instead of
     // being answered from the cache.
     let b2 = h.submit("r2", graph(&[(1, &[]), (2, &[0])]));
     assert!(h.events().is_empty());
     assert_eq!(h.exec(1).waiters, [(b2, 0)]);
-    assert!(h.run_one("b", key(1), success(1)));
+    assert!(h.run_one("b", h.k(1), success(1)));
     assert_eq!(h.events(), [format!("{b2}:start:0"), format!("{b2}:ok:0")]);
     // Its B joins the one execution of B, unblocked now.
     assert_eq!(h.exec(2).waiters, [(b1, 1), (b2, 1)]);
-    assert!(h.run_one("b", key(2), success(2)));
+    assert!(h.run_one("b", h.k(2), success(2)));
     assert_eq!(
         h.events(),
         [
@@ -935,8 +948,8 @@ fn a_lost_leaf_output_is_built_again_not_answered_from_the_cache() {
     let mut h = Harness::new();
     // A <- B, both run on a, which dies.
     h.submit("r1", graph(&[(1, &[]), (2, &[0])]));
-    assert!(h.run_one("a", key(1), success(1)));
-    assert!(h.run_one("a", key(2), success(2)));
+    assert!(h.run_one("a", h.k(1), success(1)));
+    assert!(h.run_one("a", h.k(2), success(2)));
     h.now_ms += LEASE_MS;
     h.heartbeat("b", &[]);
     h.expire(3, LEASE_MS);
@@ -946,11 +959,11 @@ fn a_lost_leaf_output_is_built_again_not_answered_from_the_cache() {
     // the client downloads, so B runs again.
     let b2 = h.submit("r2", graph(&[(1, &[]), (2, &[0])]));
     assert_eq!(h.events(), [format!("{b2}:cached:0")]);
-    assert_eq!(h.pick("b"), vec![key(2)]);
+    assert_eq!(h.pick("b"), vec![h.k(2)]);
     // Running it needs A, whose output is lost too.
-    assert_eq!(h.assign("b", &[key(2)]), vec![None]);
-    assert!(h.run_one("b", key(1), success(1)));
-    assert!(h.run_one("b", key(2), success(2)));
+    assert_eq!(h.assign("b", &[h.k(2)]), vec![None]);
+    assert!(h.run_one("b", h.k(1), success(1)));
+    assert!(h.run_one("b", h.k(2), success(2)));
     assert_eq!(
         h.events(),
         [
@@ -1134,14 +1147,39 @@ fn staging_is_bounded_in_bytes_and_submits_in_progress_are_never_evicted() {
 fn a_malformed_job_list_is_refused_not_applied() {
     let mut h = Harness::new();
     // Job 0 depends on job 1, which comes after it.
-    let mut jobs = graph(&[(1, &[]), (2, &[])]);
-    jobs[0].deps = vec![1];
-    match h.submit_last("bad", 0, jobs) {
-        Response::Refused {
-            reason,
-            retry: false,
-        } => assert!(reason.contains("job 0"), "{reason}"),
-        other => panic!("answered {other:?}"),
+    let mut after = graph(&[(1, &[]), (2, &[])]);
+    after[0].deps = vec![1];
+    // Job 1 depends on an action, which leaves no artifact to key on.
+    let on_action = vec![action_job(1, "a", false), job(2, &[0])];
+    // Job 1 names its dependency in its spec rather than by index.
+    let mut in_spec = graph(&[(1, &[]), (2, &[0])]);
+    in_spec[1].spec.deps = vec![DepRef {
+        job_id: id(1),
+        cache_key: key(1),
+        artifact: artifact(1),
+    }];
+    let cases = [
+        (
+            after,
+            "job 0 of the submit depends on job 1, which does not come before it",
+        ),
+        (
+            on_action,
+            "job 1 of the submit depends on job 0, a Remote Execution API action",
+        ),
+        (
+            in_spec,
+            "job 1 of the submit names its dependencies in its spec",
+        ),
+    ];
+    for (jobs, expected) in cases {
+        match h.submit_last("bad", 0, jobs) {
+            Response::Refused {
+                reason,
+                retry: false,
+            } => assert!(reason.contains(expected), "{reason}"),
+            other => panic!("answered {other:?}"),
+        }
     }
     assert!(h.model.builds.is_empty());
     assert!(h.model.requests.is_empty());
@@ -1157,8 +1195,8 @@ fn a_malformed_job_list_is_refused_not_applied() {
 fn lost_inputs_keep_the_copies_of_holders_not_tried() {
     let mut h = Harness::new();
     let b = h.submit("r", graph(&[(1, &[]), (2, &[0])]));
-    assert!(h.run_one("a", key(1), success(1)));
-    let token = h.assign("b", &[key(2)])[0].expect("assigned");
+    assert!(h.run_one("a", h.k(1), success(1)));
+    let token = h.assign("b", &[h.k(2)])[0].expect("assigned");
     // After the assignment named a, worker c registers with a copy.
     h.apply(Command::RegisterWorker {
         worker_id: "c".into(),
@@ -1171,14 +1209,14 @@ fn lost_inputs_keep_the_copies_of_holders_not_tried() {
     let lost = Outcome::LostInputs {
         lost: vec![(artifact(1), vec!["a:1".to_string()])],
     };
-    assert!(h.report("b", token, key(2), lost));
+    assert!(h.report("b", token, h.k(2), lost));
     assert_eq!(h.model.holders(&artifact(1)), ["c:1"], "c was not tried");
     // Nothing to rebuild: the job is leased again at once, fetching from c.
-    let token = h.assign("b", &[key(2)])[0].expect("leased again, not blocked");
+    let token = h.assign("b", &[h.k(2)])[0].expect("leased again, not blocked");
     h.events();
-    assert!(h.report("b", token, key(2), success(2)));
+    assert!(h.report("b", token, h.k(2), success(2)));
     assert_eq!(h.events(), [format!("{b}:ok:1"), format!("{b}:done:true")]);
-    assert!(h.model.result(&key(1)).is_some());
+    assert!(h.model.result(&h.k(1)).is_some());
 }
 
 /// A run whose inputs cannot be fetched counts as an attempt: when every
@@ -1188,7 +1226,7 @@ fn lost_inputs_keep_the_copies_of_holders_not_tried() {
 fn runs_that_keep_losing_their_inputs_give_up_at_the_attempt_limit() {
     let mut h = Harness::new();
     let b = h.submit("r", graph(&[(1, &[]), (2, &[0]), (3, &[1])]));
-    assert!(h.run_one("a", key(1), success(1)));
+    assert!(h.run_one("a", h.k(1), success(1)));
     h.events();
     for attempt in 1..=3u32 {
         // Past the wait for a worker holding the inputs.
@@ -1205,20 +1243,20 @@ fn runs_that_keep_losing_their_inputs_give_up_at_the_attempt_limit() {
         let token = loop {
             // Rebuilt first when no copy is left.
             match h.pick("b").first() {
-                Some(k) if *k == key(1) => assert!(h.run_one("b", key(1), success(1))),
-                Some(_) => break h.assign("b", &[key(2)])[0].expect("assigned"),
+                Some(k) if *k == h.k(1) => assert!(h.run_one("b", h.k(1), success(1))),
+                Some(_) => break h.assign("b", &[h.k(2)])[0].expect("assigned"),
                 None => panic!("nothing to run"),
             }
         };
         let lost = Outcome::LostInputs {
             lost: vec![(artifact(1), vec!["a:1".to_string()])],
         };
-        assert!(h.report("b", token, key(2), lost));
+        assert!(h.report("b", token, h.k(2), lost));
         if attempt < 3 {
             assert_eq!(h.exec(2).attempts, attempt);
         }
     }
-    assert!(h.model.execution(&key(2)).is_none(), "given up");
+    assert!(h.model.execution(&h.k(2)).is_none(), "given up");
     let events = h.take_events();
     let error = Harness::error_of(&events, b, 1);
     assert!(
@@ -1240,15 +1278,15 @@ fn runs_that_keep_losing_their_inputs_give_up_at_the_attempt_limit() {
 fn a_lease_handed_back_requeues_without_an_attempt() {
     let mut h = Harness::new();
     h.submit("r", graph(&[(1, &[]), (2, &[0])]));
-    assert!(h.run_one("a", key(1), success(1)));
-    let token = h.assign("b", &[key(2)])[0].expect("assigned");
+    assert!(h.run_one("a", h.k(1), success(1)));
+    let token = h.assign("b", &[h.k(2)])[0].expect("assigned");
     let back = Outcome::LostInputs { lost: Vec::new() };
-    assert!(h.report("b", token, key(2), back));
+    assert!(h.report("b", token, h.k(2), back));
     assert_eq!(h.exec(2).attempts, 0);
     assert!(matches!(h.exec(2).state, ExecState::Queued { .. }));
     assert_eq!(h.model.workers()["b"].running, 0);
     assert_eq!(h.model.holders(&artifact(1)), ["a:1"]);
-    assert!(h.assign("b", &[key(2)])[0].is_some(), "leased again");
+    assert!(h.assign("b", &[h.k(2)])[0].is_some(), "leased again");
 }
 
 #[test]
@@ -1257,7 +1295,7 @@ fn cancelling_a_build_skips_its_open_jobs_and_stops_runs_nobody_else_needs() {
     // Build 1: A (running) <- B, and C; build 2 wants C too.
     let b1 = h.submit("r1", graph(&[(1, &[]), (2, &[0]), (3, &[])]));
     let b2 = h.submit("r2", graph(&[(3, &[])]));
-    let token_a = h.assign("a", &[key(1)])[0].expect("A leased");
+    let token_a = h.assign("a", &[h.k(1)])[0].expect("A leased");
     h.events();
     assert_eq!(
         h.apply(Command::CancelBuild {
@@ -1277,7 +1315,7 @@ fn cancelling_a_build_skips_its_open_jobs_and_stops_runs_nobody_else_needs() {
     );
     // A's run is stopped: its lease is revoked at the next heartbeat, and
     // a late result is refused. C still runs for build 2.
-    assert!(h.model.execution(&key(1)).is_none());
+    assert!(h.model.execution(&h.k(1)).is_none());
     assert_eq!(
         h.heartbeat("a", &[token_a]),
         Response::Heartbeat {
@@ -1285,10 +1323,10 @@ fn cancelling_a_build_skips_its_open_jobs_and_stops_runs_nobody_else_needs() {
             reregister: false
         }
     );
-    assert!(!h.report("a", token_a, key(1), success(1)));
+    assert!(!h.report("a", token_a, h.k(1), success(1)));
     assert_eq!(h.model.workers()["a"].running, 0);
     assert_eq!(h.exec(3).waiters, vec![(b2, 0)]);
-    assert!(h.run_one("b", key(3), success(3)));
+    assert!(h.run_one("b", h.k(3), success(3)));
     assert_eq!(
         h.events(),
         [
@@ -1317,7 +1355,7 @@ fn the_invariant_check_names_a_broken_index() {
     let mut h = Harness::new();
     let jobs = graph(&[(1, &[]), (2, &[0]), (3, &[])]);
     h.submit("r", jobs);
-    let token = h.assign("a", &[key(1)])[0].expect("leased");
+    let token = h.assign("a", &[h.k(1)])[0].expect("leased");
     h.model
         .check_invariants()
         .expect("consistent before breaking it");
@@ -1386,7 +1424,7 @@ fn an_output_is_stored_once_for_every_job_that_shows_it_and_goes_with_the_last()
             .map(|(_, _, e)| postcard::to_stdvec(e).expect("encode").len())
             .sum()
     };
-    let token = h.assign("a", &[key(1)])[0].expect("assigned");
+    let token = h.assign("a", &[h.k(1)])[0].expect("assigned");
     h.index += 1;
     let report_index = h.index;
     h.model.apply(
@@ -1394,7 +1432,7 @@ fn an_output_is_stored_once_for_every_job_that_shows_it_and_goes_with_the_last()
         &Command::Report {
             worker_id: "a".into(),
             token,
-            cache_key: key(1),
+            cache_key: h.k(1),
             outcome: big,
             max_attempts: 3,
             now_ms: h.now_ms,
@@ -1447,7 +1485,7 @@ fn an_output_is_stored_once_for_every_job_that_shows_it_and_goes_with_the_last()
     assert!(page[0].output.is_some());
     // The row goes when nothing names it: the result forgotten, every build
     // that shows it retired.
-    h.model.forget_result(key(1));
+    h.model.forget_result(h.k(1));
     h.model.flush(&mut h.store).expect("flush");
     assert_eq!(stored_outputs(&h.store).len(), 1, "builds still show it");
     h.now_ms += MIN_RETAINED_MS;
@@ -1522,7 +1560,7 @@ fn blobs_no_build_needs_go_after_their_retention_and_past_the_byte_bound_lru_fir
     assert!(!h.model.has_blob(&blob(2).into()));
     assert_eq!(h.model.blob_bytes_kept(&limits), 100);
     // Done with it, blob 0 can go too.
-    assert!(h.run_one("a", key(1), success(1)));
+    assert!(h.run_one("a", h.k(1), success(1)));
     assert_eq!(collect(&mut h, limits).blobs, 1);
     assert_eq!(h.model.blob_bytes(), 0);
     // A submit naming a collected blob is refused for a retry (which
@@ -1552,13 +1590,13 @@ fn blobs_no_build_needs_go_after_their_retention_and_past_the_byte_bound_lru_fir
 fn cached_results_are_bounded_least_recently_used_first_and_never_one_a_build_needs() {
     let mut h = Harness::new();
     h.submit("r1", graph(&[(1, &[]), (2, &[])]));
-    assert!(h.run_one("a", key(1), success(1)));
+    assert!(h.run_one("a", h.k(1), success(1)));
     h.now_ms += 10;
-    assert!(h.run_one("a", key(2), success(2)));
+    assert!(h.run_one("a", h.k(2), success(2)));
     // A build in flight needs key 3's result (job 4 waits on it).
     h.submit("r2", graph(&[(3, &[]), (4, &[0])]));
     h.now_ms += 10;
-    assert!(h.run_one("a", key(3), success(3)));
+    assert!(h.run_one("a", h.k(3), success(3)));
     // Key 1 answers a new build: used more recently than key 2.
     h.now_ms += 10;
     h.submit("r3", graph(&[(1, &[])]));
@@ -1569,11 +1607,11 @@ fn cached_results_are_bounded_least_recently_used_first_and_never_one_a_build_ne
     let collected = collect(&mut h, limits);
     // Key 2 then key 1 go; key 3 stays while its dependent is in flight.
     assert_eq!(collected.results, 2, "{collected:?}");
-    assert!(h.model.result(&key(3)).is_some());
-    assert!(h.model.result(&key(1)).is_none() && h.model.result(&key(2)).is_none());
+    assert!(h.model.result(&h.k(3)).is_some());
+    assert!(h.model.result(&h.k(1)).is_none() && h.model.result(&h.k(2)).is_none());
     // A build asking for an evicted result runs its job again.
     h.submit("r4", graph(&[(2, &[])]));
-    assert_eq!(h.pick("b"), vec![key(2)]);
+    assert_eq!(h.pick("b"), vec![h.k(2)]);
 }
 
 #[test]
@@ -1588,7 +1626,7 @@ fn finished_builds_are_retired_first_finished_first_and_never_within_a_minute() 
     assert_eq!(h.model.builds.len(), MAX_RETAINED_BUILDS + 2);
     // `slow`, the lowest ID, finishes last.
     h.now_ms += 10;
-    assert!(h.run_one("a", key(1), success(1)));
+    assert!(h.run_one("a", h.k(1), success(1)));
     // A minute on, the next finish retires the first finished: `quick` and
     // the first fillers, not `slow`.
     h.now_ms += MIN_RETAINED_MS;
@@ -1630,7 +1668,7 @@ fn a_worker_at_its_holdings_bound_still_holds_what_it_just_built() {
         "listed copies are bounded"
     );
     h.submit("r", graph(&[(1, &[])]));
-    assert!(h.run_one("a", key(1), success(1)));
+    assert!(h.run_one("a", h.k(1), success(1)));
     assert_eq!(
         h.model.holders(&artifact(1)),
         ["a:1"],
@@ -1824,9 +1862,9 @@ fn an_action_runs_once_for_every_caller_only_on_a_worker_with_its_platform_and_i
     let second = h.submit("op-2", vec![action_job(1, "b", false)]);
     assert_eq!(h.exec(1).waiters.len(), 2, "two callers, one execution");
     assert!(h.pick("a").is_empty(), "worker a lacks pool=b");
-    assert_eq!(h.assign("a", &[key(1)]), [None], "nor may it be assigned");
-    assert_eq!(h.pick("b"), [key(1)]);
-    assert!(h.run_one("b", key(1), executed(0, vec![(out, 3)])));
+    assert_eq!(h.assign("a", &[h.k(1)]), [None], "nor may it be assigned");
+    assert_eq!(h.pick("b"), [h.k(1)]);
+    assert!(h.run_one("b", h.k(1), executed(0, vec![(out, 3)])));
     assert_eq!(
         h.events(),
         [
@@ -1898,33 +1936,33 @@ fn a_failed_uncacheable_or_unstored_action_result_reaches_its_caller_but_not_the
 fn an_action_result_reported_for_a_plain_job_fails_it() {
     let mut h = Harness::new();
     let build = h.submit("b", graph(&[(1, &[])]));
-    assert!(h.run_one("a", key(1), executed(0, Vec::new())));
+    assert!(h.run_one("a", h.k(1), executed(0, Vec::new())));
     let events = h.take_events();
     assert!(
         Harness::error_of(&events, build, 0).contains("not a Remote Execution API action"),
         "{events:?}"
     );
-    assert!(h.model.result(&key(1)).is_none(), "nothing cached");
+    assert!(h.model.result(&h.k(1)).is_none(), "nothing cached");
 }
 
 #[test]
 fn a_plain_success_reported_for_an_action_fails_it_and_caches_nothing() {
     let mut h = Harness::new();
     let build = h.submit("op", vec![action_job(1, "a", false)]);
-    assert!(h.run_one("a", key(1), success(1)));
+    assert!(h.run_one("a", h.k(1), success(1)));
     let events = h.take_events();
     assert!(
         Harness::error_of(&events, build, 0).contains("does not run Remote Execution API actions"),
         "{events:?}"
     );
-    assert!(h.model.result(&key(1)).is_none(), "not in the result cache");
+    assert!(h.model.result(&h.k(1)).is_none(), "not in the result cache");
     assert!(
         h.model.holders(&artifact(1)).is_empty(),
         "no artifact recorded"
     );
     // The next caller of the action runs it again.
     h.submit("op-2", vec![action_job(1, "a", false)]);
-    assert_eq!(h.pick("a"), [key(1)]);
+    assert_eq!(h.pick("a"), [h.k(1)]);
 }
 
 #[test]
@@ -1946,5 +1984,5 @@ fn a_queued_action_whose_platform_left_with_its_worker_fails_instead_of_waiting_
         !events.iter().any(|(b, _, _)| *b == placeable),
         "the action worker a can run still waits: {events:?}"
     );
-    assert_eq!(h.pick("a"), [key(2)]);
+    assert_eq!(h.pick("a"), [h.k(2)]);
 }

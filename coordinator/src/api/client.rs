@@ -14,10 +14,10 @@ use distbuild_proto::v1::{
 use distbuild_proto::wire::{
     MAX_REQUEST_ID_CHARS, command_to_wire, digest_from_wire, digest_to_wire,
 };
-use distbuild_proto::{Digest, JobId, cache_key};
+use distbuild_proto::{Digest, JobId, job_key};
 use tonic::{Request, Response, Status, Streaming};
 
-use distbuild_model::{self as model, CmdText, Command, DepRef, InputRef, JobSpec, SubmittedJob};
+use distbuild_model::{self as model, CmdText, Command, InputRef, JobSpec, SubmittedJob};
 
 use super::rate::{CallerRates, client_name};
 use super::status::{invalid, refusal};
@@ -141,16 +141,12 @@ impl ClientService {
             .enumerate()
             .map(|(i, j)| (j.id, i))
             .collect();
-        let mut keys: HashMap<JobId, Digest> = HashMap::new();
         let mut jobs = Vec::with_capacity(order.len());
         for &i in &order {
             let job = &graph.jobs[i];
             let input = |path: &str| by_path[path].0;
-            let dep_key = |id: &JobId| keys[id];
-            let key = cache_key(job, &input, &dep_key);
-            keys.insert(job.id, key);
             jobs.push(SubmittedJob {
-                cache_key: key,
+                cache_key: job_key(job, &input),
                 deps: job.deps.iter().map(|d| position[index[d]]).collect(),
                 spec: JobSpec {
                     job_id: job.id,
@@ -172,14 +168,9 @@ impl ClientService {
                             }
                         })
                         .collect(),
-                    deps: job
-                        .deps
-                        .iter()
-                        .map(|d| DepRef {
-                            job_id: *d,
-                            cache_key: keys[d],
-                        })
-                        .collect(),
+                    // Filled in by the state machine once the
+                    // dependencies' outputs are known.
+                    deps: Vec::new(),
                     action: None,
                 },
             });

@@ -37,8 +37,10 @@ use super::contact::Contact;
 use super::types::TypeConfig;
 use crate::secret::{ClusterSecret, ShowSecret};
 
-/// Version of the payload encoding; a replica refuses others.
-pub const PAYLOAD_FORMAT: u32 = 1;
+/// Version of the payload encoding; a replica refuses others. Log entries
+/// travel in it, so it changes whenever their encoding does (2: the store
+/// format 9 entries, whose dependency references carry artifacts).
+pub const PAYLOAD_FORMAT: u32 = 2;
 /// Largest Raft message either side accepts (an append batch of big
 /// submits, or a snapshot chunk).
 pub const MAX_RAFT_MESSAGE_BYTES: usize = 256 * 1024 * 1024;

@@ -51,10 +51,10 @@ impl Model {
                     tokens.push(None);
                     continue;
                 }
-                Inputs::Unrecoverable(dep) => {
+                Inputs::Unrecoverable(dep, why) => {
                     let exec = self.executions.remove(key).expect("checked above");
                     self.dirty.executions.insert(*key);
-                    self.fail_for_lost_dependency(*key, exec, dep, "its rebuild already failed");
+                    self.fail_for_lost_dependency(*key, exec, dep, why);
                     tokens.push(None);
                     continue;
                 }

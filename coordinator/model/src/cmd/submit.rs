@@ -7,7 +7,9 @@ use crate::state::Model;
 
 /// What `submit` requires of a job list (the leader builds it so; a
 /// command that breaks it is refused, not applied): a count that fits the
-/// job indices, and every dependency before its dependent.
+/// job indices, every dependency before its dependent and not a Remote
+/// Execution API action (which leaves no artifact to key on), and no
+/// dependency given in a spec (they are filled in when the job is ready).
 fn check_submitted(jobs: &[SubmittedJob]) -> Result<(), String> {
     if u32::try_from(jobs.len()).is_err() {
         return Err(format!("a submit of {} jobs is too big", jobs.len()));
@@ -16,6 +18,20 @@ fn check_submitted(jobs: &[SubmittedJob]) -> Result<(), String> {
         if let Some(&dep) = job.deps.iter().find(|&&dep| dep as usize >= i) {
             return Err(format!(
                 "job {i} of the submit depends on job {dep}, which does not come before it"
+            ));
+        }
+        if let Some(&dep) = job
+            .deps
+            .iter()
+            .find(|&&dep| jobs[dep as usize].spec.action.is_some())
+        {
+            return Err(format!(
+                "job {i} of the submit depends on job {dep}, a Remote Execution API action"
+            ));
+        }
+        if !job.spec.deps.is_empty() {
+            return Err(format!(
+                "job {i} of the submit names its dependencies in its spec, not by index"
             ));
         }
     }
@@ -94,6 +110,7 @@ impl Model {
                 pending_deps: j.deps.len() as u32,
                 state: JobState::Waiting,
                 output: None,
+                artifact: None,
                 path_ms: 0,
             })
             .collect();

@@ -21,13 +21,13 @@ fn deregister(h: &mut Harness, worker: &str) -> Response {
 fn a_draining_worker_gets_no_new_work_but_finishes_what_it_runs() {
     let mut h = Harness::new();
     h.submit("r", graph(&[(1, &[]), (2, &[]), (3, &[])]));
-    let token = h.assign("a", &[key(1)])[0].expect("leased");
+    let token = h.assign("a", &[h.k(1)])[0].expect("leased");
     assert_eq!(drain(&mut h, "a"), Response::Worker { found: true });
     assert!(h.pick("a").is_empty(), "no work for a draining worker");
-    assert_eq!(h.assign("a", &[key(2)]), vec![None], "nor by an assign");
+    assert_eq!(h.assign("a", &[h.k(2)]), vec![None], "nor by an assign");
     assert!(!h.pick("b").is_empty(), "others still get work");
     // Its running job's result counts.
-    assert!(h.report("a", token, key(1), success(1)));
+    assert!(h.report("a", token, h.k(1), success(1)));
     assert_eq!(drain(&mut h, "nobody"), Response::Worker { found: false });
 }
 
@@ -35,8 +35,8 @@ fn a_draining_worker_gets_no_new_work_but_finishes_what_it_runs() {
 fn the_plan_lists_what_only_draining_workers_hold_and_builds_need() {
     let mut h = Harness::new();
     h.submit("r", graph(&[(1, &[]), (2, &[0]), (3, &[])]));
-    assert!(h.run_one("a", key(1), success(1)));
-    assert!(h.run_one("b", key(3), success(3)));
+    assert!(h.run_one("a", h.k(1), success(1)));
+    assert!(h.run_one("b", h.k(3), success(3)));
     assert!(h.model.drain_plan(60_000, 10).is_empty(), "nobody drains");
     drain(&mut h, "a");
     let plan = h.model.drain_plan(60_000, 10);
@@ -58,7 +58,7 @@ fn the_plan_lists_what_only_draining_workers_hold_and_builds_need() {
 fn a_finished_build_stops_needing_outputs_after_the_grace() {
     let mut h = Harness::new();
     h.submit("r", graph(&[(1, &[])]));
-    assert!(h.run_one("a", key(1), success(1)));
+    assert!(h.run_one("a", h.k(1), success(1)));
     drain(&mut h, "a");
     assert_eq!(
         h.model.drain_plan(60_000, 10)["a"].len(),
@@ -74,14 +74,14 @@ fn a_finished_build_stops_needing_outputs_after_the_grace() {
 fn deregistering_hands_leases_back_without_an_attempt_and_forgets_holdings() {
     let mut h = Harness::new();
     h.submit("r", graph(&[(1, &[]), (2, &[])]));
-    assert!(h.run_one("a", key(1), success(1)));
-    h.assign("a", &[key(2)])[0].expect("leased");
+    assert!(h.run_one("a", h.k(1), success(1)));
+    h.assign("a", &[h.k(2)])[0].expect("leased");
     drain(&mut h, "a");
     assert_eq!(deregister(&mut h, "a"), Response::Worker { found: true });
     assert!(!h.model.workers().contains_key("a"));
     assert!(h.model.holders(&artifact(1)).is_empty());
     assert_eq!(h.exec(2).attempts, 0, "handed back, not lost");
-    assert_eq!(h.pick("b"), vec![key(2)]);
+    assert_eq!(h.pick("b"), vec![h.k(2)]);
     assert_eq!(deregister(&mut h, "a"), Response::Worker { found: false });
 }
 

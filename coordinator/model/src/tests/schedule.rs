@@ -5,8 +5,8 @@ use super::*;
 use crate::durations::{DEFAULT_EXPECTED_MS, MAX_DURATIONS, duration_key};
 
 /// Job `n` named `name` (what its expected duration is learned by).
-fn named(n: u8, name: &str, deps: &[u32], all: &[(u8, &[u32])]) -> SubmittedJob {
-    let mut job = job(n, deps, all);
+fn named(n: u8, name: &str, deps: &[u32]) -> SubmittedJob {
+    let mut job = job(n, deps);
     job.spec.name = name.into();
     job
 }
@@ -14,12 +14,6 @@ fn named(n: u8, name: &str, deps: &[u32], all: &[(u8, &[u32])]) -> SubmittedJob 
 /// The positions in `build`'s job list of the executions `keys` run.
 fn positions(h: &Harness, keys: &[Digest]) -> Vec<u32> {
     keys.iter().map(|k| h.exec_of(*k).rank.order).collect()
-}
-
-impl Harness {
-    fn exec_of(&self, key: Digest) -> &Execution {
-        self.model.execution(&key).expect("an execution")
-    }
 }
 
 #[test]
@@ -42,7 +36,7 @@ fn the_longest_path_to_the_end_goes_first_ties_in_graph_order() {
     let d = DEFAULT_EXPECTED_MS;
     assert_eq!(paths, vec![d, d, 3 * d, 2 * d, d, 2 * d, d]);
     // Worker "a" has two slots: the chain of three, then the chain of two.
-    assert_eq!(h.pick("a"), vec![key(3), key(6)]);
+    assert_eq!(h.pick("a"), vec![h.k(3), h.k(6)]);
     // With one slot at a time, the rest in order: longest path, then the
     // graph's order among equals.
     let mut order = Vec::new();
@@ -51,44 +45,36 @@ fn the_longest_path_to_the_end_goes_first_ties_in_graph_order() {
         let Some(&k) = picked.first() else { break };
         let token = h.assign("a", &[k])[0].expect("assigned");
         order.push(k);
-        assert!(h.report("a", token, k, success(k.as_bytes()[0])));
+        assert!(h.report("a", token, k, success(1)));
     }
     // 3 then its dependent 4 (path 2d) ties with 6 and comes before it by
     // order; 6's dependent 7 ties with 1, 2 and 5 and comes after them.
     assert_eq!(
         order,
-        vec![key(3), key(4), key(6), key(1), key(2), key(5), key(7)]
+        vec![h.k(3), h.k(4), h.k(6), h.k(1), h.k(2), h.k(5), h.k(7)]
     );
 }
 
 #[test]
 fn expected_durations_come_from_earlier_runs_of_the_same_name() {
     let mut h = Harness::new();
-    let shape: &[(u8, &[u32])] = &[(1, &[]), (2, &[])];
-    let first = vec![
-        named(1, "cc quick.c", &[], shape),
-        named(2, "cc slow.c", &[], shape),
-    ];
+    let first = vec![named(1, "cc quick.c", &[]), named(2, "cc slow.c", &[])];
     let b1 = h.submit("r1", first);
     // Unknown durations tie: the graph's order.
-    assert_eq!(h.pick("a"), vec![key(1), key(2)]);
-    let tokens = h.assign("a", &[key(1), key(2)]);
+    assert_eq!(h.pick("a"), vec![h.k(1), h.k(2)]);
+    let tokens = h.assign("a", &[h.k(1), h.k(2)]);
     h.now_ms += 20;
-    assert!(h.report("a", tokens[0].unwrap(), key(1), success(1)));
+    assert!(h.report("a", tokens[0].unwrap(), h.k(1), success(1)));
     h.now_ms += 4_980;
-    assert!(h.report("a", tokens[1].unwrap(), key(2), success(2)));
+    assert!(h.report("a", tokens[1].unwrap(), h.k(2), success(2)));
     let quick = duration_key(&h.model.build(b1).unwrap().jobs[0].spec).unwrap();
     assert_eq!(h.model.durations[&quick].expected_ms, 20);
 
     // The same names with new commands (new cache keys): the slow one
     // goes first now, though it comes second in the graph.
-    let shape: &[(u8, &[u32])] = &[(3, &[]), (4, &[])];
     let b2 = h.submit(
         "r2",
-        vec![
-            named(3, "cc quick.c", &[], shape),
-            named(4, "cc slow.c", &[], shape),
-        ],
+        vec![named(3, "cc quick.c", &[]), named(4, "cc slow.c", &[])],
     );
     let jobs = &h.model.build(b2).expect("built").jobs;
     assert_eq!(
@@ -97,13 +83,13 @@ fn expected_durations_come_from_earlier_runs_of_the_same_name() {
     );
     assert_eq!(
         h.model.pick_for("a", 1, h.now_ms, 50, LEASE_MS),
-        vec![key(4)]
+        vec![h.k(4)]
     );
 
     // A later run moves the expectation a quarter of the way.
-    let token = h.assign("a", &[key(4)])[0].unwrap();
+    let token = h.assign("a", &[h.k(4)])[0].unwrap();
     h.now_ms += 1_000;
-    assert!(h.report("a", token, key(4), success(4)));
+    assert!(h.report("a", token, h.k(4), success(4)));
     let slow = duration_key(&h.model.build(b1).unwrap().jobs[1].spec).unwrap();
     assert_eq!(
         h.model.durations[&slow].expected_ms,
@@ -116,7 +102,7 @@ fn a_job_the_cache_answers_adds_nothing_to_the_paths_through_it() {
     let mut h = Harness::new();
     let shape: &[(u8, &[u32])] = &[(1, &[]), (2, &[0]), (3, &[])];
     h.submit("r1", graph(&shape[..1]));
-    assert!(h.run_one("a", key(1), success(1)));
+    assert!(h.run_one("a", h.k(1), success(1)));
     h.submit("r2", graph(shape));
     let jobs = &h.model.build(h.index).expect("built").jobs;
     let d = DEFAULT_EXPECTED_MS;
@@ -135,14 +121,14 @@ fn a_small_build_gets_its_share_of_slots_beside_a_big_one_queued_first() {
     let small_build = h.submit("small", graph(small));
     // Two workers of two slots: each build gets two.
     let picked = h.pick("a");
-    assert_eq!(picked, vec![key(1), key(101)]);
+    assert_eq!(picked, vec![h.k(1), h.k(101)]);
     h.assign("a", &picked);
     let picked = h.pick("b");
-    assert_eq!(picked, vec![key(2), key(102)]);
+    assert_eq!(picked, vec![h.k(2), h.k(102)]);
     h.assign("b", &picked);
     assert_eq!(h.model.running_by_build[&big_build], 2);
     assert_eq!(h.model.running_by_build[&small_build], 2);
-    assert_eq!(positions(&h, &[key(1), key(2)]), vec![0, 1]);
+    assert_eq!(positions(&h, &[h.k(1), h.k(2)]), vec![0, 1]);
 }
 
 #[test]
@@ -157,7 +143,7 @@ fn a_build_with_fewer_leases_gets_the_next_slot() {
     h.assign("b", &taken);
     let second: Vec<(u8, &[u32])> = (11..=16).map(|n| (n, &[][..])).collect();
     h.submit("second", graph(&second));
-    assert_eq!(h.pick("b"), vec![key(11)]);
+    assert_eq!(h.pick("b"), vec![h.k(11)]);
 }
 
 #[test]

@@ -17,10 +17,10 @@ fn each_command_tallies_what_it_did_and_only_that() {
         "two jobs needed executions"
     );
     h.now_ms += 30;
-    let tokens = h.assign("a", &[key(1), key(3)]);
+    let tokens = h.assign("a", &[h.k(1), h.k(3)]);
     assert_eq!(h.model.tally().queue_waits_ms, vec![30, 30]);
     h.now_ms += 200;
-    assert!(h.report("a", tokens[0].unwrap(), key(1), failure(2)));
+    assert!(h.report("a", tokens[0].unwrap(), h.k(1), failure(2)));
     assert_eq!(
         *h.model.tally(),
         Tally {
@@ -31,7 +31,7 @@ fn each_command_tallies_what_it_did_and_only_that() {
         }
     );
     h.now_ms += 100;
-    assert!(h.report("a", tokens[1].unwrap(), key(3), success(3)));
+    assert!(h.report("a", tokens[1].unwrap(), h.k(3), success(3)));
     assert_eq!(
         *h.model.tally(),
         Tally {
@@ -59,7 +59,7 @@ fn each_command_tallies_what_it_did_and_only_that() {
 fn expiries_retries_and_rebuilds_are_tallied() {
     let mut h = Harness::new();
     h.submit("r", graph(&[(1, &[])]));
-    h.assign("a", &[key(1)]);
+    h.assign("a", &[h.k(1)]);
     h.now_ms += LEASE_MS;
     h.expire(2, NO_DEATHS_MS);
     assert_eq!(
@@ -70,7 +70,7 @@ fn expiries_retries_and_rebuilds_are_tallied() {
             ..Tally::default()
         }
     );
-    h.assign("b", &[key(1)]);
+    h.assign("b", &[h.k(1)]);
     h.now_ms += LEASE_MS;
     h.expire(2, NO_DEATHS_MS);
     assert_eq!(
@@ -89,7 +89,7 @@ fn expiries_retries_and_rebuilds_are_tallied() {
 fn a_lost_input_is_tallied_as_a_run_ended_and_a_rebuild() {
     let mut h = Harness::new();
     h.submit("r", graph(&[(1, &[]), (2, &[0])]));
-    assert!(h.run_one("a", key(1), success(1)));
+    assert!(h.run_one("a", h.k(1), success(1)));
     // Worker a dies; its copy of job 0's output is forgotten.
     h.apply(Command::Heartbeat {
         worker_id: "b".into(),
@@ -102,7 +102,7 @@ fn a_lost_input_is_tallied_as_a_run_ended_and_a_rebuild() {
     h.now_ms += 10_000;
     h.expire(3, 5_000);
     // Job 1 is leased: its input must be rebuilt first.
-    let tokens = h.assign("b", &[key(2)]);
+    let tokens = h.assign("b", &[h.k(2)]);
     assert_eq!(tokens, vec![None]);
     assert_eq!(h.model.tally().lost_input_rebuilds, 1);
 }
