@@ -410,9 +410,13 @@ mod tests {
     #[test]
     fn another_format_or_garbage_is_refused_with_one_line() {
         let mut wire = encode(&7u64).expect("encode");
-        wire.format = 2;
-        let err = decode::<u64>(&wire).expect_err("format 2");
-        assert!(err.to_string().contains("format 2"), "{err}");
+        let other = PAYLOAD_FORMAT + 1;
+        wire.format = other;
+        let err = decode::<u64>(&wire).expect_err("another format");
+        assert!(
+            err.to_string().contains(&format!("format {other}")),
+            "{err}"
+        );
         let garbage = RaftPayload {
             format: PAYLOAD_FORMAT,
             payload: vec![0xff; 3].into(),
