@@ -33,10 +33,7 @@ impl Model {
             return;
         };
         if worker.held.insert(digest) {
-            self.held_by
-                .entry(digest)
-                .or_default()
-                .insert(worker_id.to_string());
+            self.held_by.entry(digest).or_default().insert(worker_id);
             self.dirty.holdings.insert((worker_id.to_string(), digest));
         }
     }

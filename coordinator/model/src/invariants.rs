@@ -16,7 +16,7 @@ use std::fmt::Debug;
 use distbuild_proto::Digest;
 
 use crate::records::{ExecState, JobState};
-use crate::state::Model;
+use crate::state::{Holders, Model};
 
 /// Derived indexes that disagree with the records they derive from, one
 /// line each.
@@ -164,10 +164,10 @@ impl Model {
             .collect();
         compare("workers' running counts", &kept_running, &running, &mut out);
 
-        let mut held_by: BTreeMap<Digest, BTreeSet<String>> = BTreeMap::new();
+        let mut held_by: BTreeMap<Digest, Holders> = BTreeMap::new();
         for (id, worker) in &self.workers {
             for digest in &worker.held {
-                held_by.entry(*digest).or_default().insert(id.clone());
+                held_by.entry(*digest).or_default().insert(id);
             }
         }
         compare("held_by", &self.held_by, &held_by, &mut out);

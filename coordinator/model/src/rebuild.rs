@@ -225,15 +225,16 @@ impl Model {
                 continue;
             }
             any_input = true;
-            for holder in self.held_by.get(artifact).cloned().unwrap_or_default() {
+            let holders = self.held_by.get(artifact).cloned().unwrap_or_default();
+            for holder in &holders {
                 // A holder that registered its copy after the assignment
                 // named the holders was not tried: its copy stays.
                 let was_tried = self
                     .workers
-                    .get(&holder)
+                    .get(holder)
                     .is_some_and(|w| tried.contains(&w.addr));
                 if was_tried {
-                    self.drop_holding(&holder, *artifact);
+                    self.drop_holding(holder, *artifact);
                 }
             }
         }

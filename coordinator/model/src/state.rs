@@ -13,6 +13,53 @@ use crate::records::{
     Worker,
 };
 
+/// The workers holding one artifact, sorted. Usually one or two: a sorted
+/// vector, where a `BTreeSet` would allocate a node for eleven (one per
+/// artifact, so per job).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Holders(Vec<String>);
+
+impl Holders {
+    /// Adds `worker`; false if it was there.
+    pub(crate) fn insert(&mut self, worker: &str) -> bool {
+        match self.0.binary_search_by(|w| w.as_str().cmp(worker)) {
+            Ok(_) => false,
+            Err(at) => {
+                self.0.insert(at, worker.to_string());
+                true
+            }
+        }
+    }
+
+    /// Removes `worker`; false if it was not there.
+    pub(crate) fn remove(&mut self, worker: &str) -> bool {
+        match self.0.binary_search_by(|w| w.as_str().cmp(worker)) {
+            Ok(at) => {
+                self.0.remove(at);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub(crate) fn iter(&self) -> std::slice::Iter<'_, String> {
+        self.0.iter()
+    }
+}
+
+impl<'a> IntoIterator for &'a Holders {
+    type Item = &'a String;
+    type IntoIter = std::slice::Iter<'a, String>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
 /// The queued executions, per build, most urgent first: longest expected
 /// path to the end of the build first, then the build's own order.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -107,7 +154,7 @@ pub struct Model {
     pub(crate) results: BTreeMap<Digest, CachedResult>,
     pub(crate) workers: BTreeMap<String, Worker>,
     /// Artifact -> workers holding it (derived from `Worker::held`).
-    pub(crate) held_by: BTreeMap<Digest, BTreeSet<String>>,
+    pub(crate) held_by: BTreeMap<Digest, Holders>,
     pub(crate) blobs: BTreeMap<BlobKey, BlobRecord>,
     /// Remote Execution API action results by (instance name, action).
     pub(crate) action_results: BTreeMap<(String, BlobKey), ActionResultRecord>,

@@ -97,7 +97,7 @@ impl Model {
             if let Some(w) = model.workers.get_mut(&worker) {
                 w.held.insert(digest);
             }
-            model.held_by.entry(digest).or_default().insert(worker);
+            model.held_by.entry(digest).or_default().insert(&worker);
             Ok(())
         })?;
         scan(state, T_BLOBS, &[], |k, v| {

@@ -1379,7 +1379,9 @@ fn the_invariant_check_names_a_broken_index() {
     let mut broken = h.model.clone_for_test();
     broken
         .held_by
-        .insert(artifact(9), BTreeSet::from(["b".to_string()]));
+        .entry(artifact(9))
+        .or_default()
+        .insert("b");
     check(&broken, "held_by");
     let mut broken = h.model.clone_for_test();
     broken.requests.insert("ghost".into(), 99);

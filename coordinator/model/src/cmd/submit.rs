@@ -97,27 +97,30 @@ impl Model {
                 self.dirty.blobs.insert(input.digest.into());
             }
         }
-        let jobs = &jobs[..];
         let build_id = index;
         let job_count = jobs.len() as u32;
+        // The specs move into the build (each job's spec is most of its
+        // memory).
         let mut build_jobs: Vec<BuildJob> = jobs
-            .iter()
+            .into_iter()
             .map(|j| BuildJob {
-                spec: std::sync::Arc::new(j.spec.clone()),
+                spec: std::sync::Arc::new(j.spec),
                 cache_key: j.cache_key,
-                deps: j.deps.clone(),
-                dependents: Vec::new(),
                 pending_deps: j.deps.len() as u32,
+                deps: j.deps,
+                dependents: Vec::new(),
                 state: JobState::Waiting,
                 output: None,
                 artifact: None,
                 path_ms: 0,
             })
             .collect();
-        for (i, job) in jobs.iter().enumerate() {
-            for &dep in &job.deps {
-                build_jobs[dep as usize].dependents.push(i as u32);
-            }
+        let edges: Vec<(u32, u32)> = (0u32..)
+            .zip(&build_jobs)
+            .flat_map(|(i, job)| job.deps.iter().map(move |&dep| (dep, i)))
+            .collect();
+        for (dep, dependent) in edges {
+            build_jobs[dep as usize].dependents.push(dependent);
         }
         let paths = self.critical_paths(&build_jobs);
         for (job, path_ms) in build_jobs.iter_mut().zip(paths) {
@@ -148,7 +151,7 @@ impl Model {
             self.dirty.jobs.insert((build_id, i));
         }
         let roots: Vec<(u64, u32)> = (0..job_count)
-            .filter(|&i| jobs[i as usize].deps.is_empty())
+            .filter(|&i| self.builds[&build_id].jobs[i as usize].deps.is_empty())
             .map(|i| (build_id, i))
             .collect();
         self.make_ready(roots);
