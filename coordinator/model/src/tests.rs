@@ -1377,11 +1377,7 @@ fn the_invariant_check_names_a_broken_index() {
     broken.workers.get_mut("a").expect("worker a").running += 1;
     check(&broken, "running counts");
     let mut broken = h.model.clone_for_test();
-    broken
-        .held_by
-        .entry(artifact(9))
-        .or_default()
-        .insert("b");
+    broken.held_by.entry(artifact(9)).or_default().insert("b");
     check(&broken, "held_by");
     let mut broken = h.model.clone_for_test();
     broken.requests.insert("ghost".into(), 99);
