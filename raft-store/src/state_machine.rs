@@ -794,6 +794,43 @@ mod tests {
         assert_eq!(db.get_cf(db::cf(&db, T), b"a3").expect("get"), None);
     }
 
+    /// The writes are held once, in the overlay; the batch made from them
+    /// at commit carries each key's last write, and the store's own keys.
+    #[test]
+    fn apply_txn_commits_each_key_s_last_write() {
+        let dir = tempfile::TempDir::new().expect("tempdir");
+        let db = db::open(dir.path(), KvApp::COLUMN_FAMILIES).expect("open");
+        for (k, v) in [("kept", "old"), ("gone", "old"), ("back", "old")] {
+            db.put_cf(db::cf(&db, T), k, v).expect("put");
+        }
+        let mut txn = ApplyTxn::new(&db, KvApp::COLUMN_FAMILIES);
+        txn.put(T, b"twice", b"first").expect("put");
+        txn.put(T, b"twice", b"second").expect("put");
+        txn.delete(T, b"gone").expect("delete");
+        txn.put(T, b"brief", b"new").expect("put");
+        txn.delete(T, b"brief").expect("delete");
+        txn.delete(T, b"back").expect("delete");
+        txn.put(T, b"back", b"new").expect("put");
+        txn.put_meta(KEY_APPLIED, "last applied log id", &Some(7u64))
+            .expect("meta");
+        db.write(txn.into_batch()).expect("write");
+        let get = |k: &str| {
+            db.get_cf(db::cf(&db, T), k)
+                .expect("get")
+                .map(|v| String::from_utf8_lossy(&v).into_owned())
+        };
+        assert_eq!(get("twice").as_deref(), Some("second"));
+        assert_eq!(get("kept").as_deref(), Some("old"));
+        assert_eq!(get("gone"), None);
+        assert_eq!(get("brief"), None);
+        assert_eq!(get("back").as_deref(), Some("new"));
+        assert!(
+            db.get_cf(db::cf(&db, CF_META), KEY_APPLIED)
+                .expect("get")
+                .is_some()
+        );
+    }
+
     #[test]
     fn reserved_column_family_names_are_refused() {
         let dir = tempfile::TempDir::new().expect("tempdir");
