@@ -759,13 +759,19 @@ mod tests {
         assert_eq!(prefix_end(b""), None);
     }
 
-    #[test]
-    fn apply_txn_reads_its_own_writes_merged_with_stored_state() {
+    /// A new store whose table `T` holds `keys`, each set to "old".
+    fn db_holding_old(keys: &[&str]) -> (tempfile::TempDir, DB) {
         let dir = tempfile::TempDir::new().expect("tempdir");
         let db = db::open(dir.path(), KvApp::COLUMN_FAMILIES).expect("open");
-        for (k, v) in [("a1", "old"), ("a2", "old"), ("a4", "old"), ("b1", "old")] {
-            db.put_cf(db::cf(&db, T), k, v).expect("put");
+        for key in keys {
+            db.put_cf(db::cf(&db, T), key, "old").expect("put");
         }
+        (dir, db)
+    }
+
+    #[test]
+    fn apply_txn_reads_its_own_writes_merged_with_stored_state() {
+        let (_dir, db) = db_holding_old(&["a1", "a2", "a4", "b1"]);
         let mut txn = ApplyTxn::new(&db, KvApp::COLUMN_FAMILIES);
         txn.put(T, b"a2", b"new").expect("put");
         txn.put(T, b"a3", b"new").expect("put");
@@ -798,11 +804,7 @@ mod tests {
     /// at commit carries each key's last write, and the store's own keys.
     #[test]
     fn apply_txn_commits_each_key_s_last_write() {
-        let dir = tempfile::TempDir::new().expect("tempdir");
-        let db = db::open(dir.path(), KvApp::COLUMN_FAMILIES).expect("open");
-        for (k, v) in [("kept", "old"), ("gone", "old"), ("back", "old")] {
-            db.put_cf(db::cf(&db, T), k, v).expect("put");
-        }
+        let (_dir, db) = db_holding_old(&["kept", "gone", "back"]);
         let mut txn = ApplyTxn::new(&db, KvApp::COLUMN_FAMILIES);
         txn.put(T, b"twice", b"first").expect("put");
         txn.put(T, b"twice", b"second").expect("put");

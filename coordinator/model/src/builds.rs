@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use distbuild_proto::{Digest, resolved_key};
 
-use crate::log::{DepRef, Event, JobSpec, OutputRef};
+use crate::log::{DepRef, Event, OutputRef};
 use crate::records::{BuildJob, ExecState, Execution, JobState, Rank};
 use crate::state::Model;
 
@@ -85,11 +85,11 @@ impl Model {
             })
             .collect();
         let key = resolved_key(&this.cache_key, deps.iter().map(|d| &d.artifact));
-        let mut spec = JobSpec::clone(&this.spec);
-        spec.deps = deps;
         let this = self.job_mut(build_id, job);
         this.cache_key = key;
-        this.spec = Arc::new(spec);
+        // A waiting job's spec is its own (no execution or result shares
+        // it yet): filled in place.
+        Arc::make_mut(&mut this.spec).deps = deps;
     }
 
     /// Jobs whose dependencies all succeeded: served from the cache, or

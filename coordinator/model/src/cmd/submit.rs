@@ -122,6 +122,11 @@ impl Model {
         for (dep, dependent) in edges {
             build_jobs[dep as usize].dependents.push(dependent);
         }
+        let roots: Vec<(u64, u32)> = (0u32..)
+            .zip(&build_jobs)
+            .filter(|(_, job)| job.deps.is_empty())
+            .map(|(i, _)| (build_id, i))
+            .collect();
         let paths = self.critical_paths(&build_jobs);
         for (job, path_ms) in build_jobs.iter_mut().zip(paths) {
             job.path_ms = path_ms;
@@ -150,10 +155,6 @@ impl Model {
         for i in 0..job_count {
             self.dirty.jobs.insert((build_id, i));
         }
-        let roots: Vec<(u64, u32)> = (0..job_count)
-            .filter(|&i| self.builds[&build_id].jobs[i as usize].deps.is_empty())
-            .map(|i| (build_id, i))
-            .collect();
         self.make_ready(roots);
         self.check_finished(build_id);
         Response::BuildSubmitted {
