@@ -43,7 +43,7 @@ impl Encoder {
         self.0.update((t.segments.len() as u64).to_le_bytes());
         for segment in &t.segments {
             match segment {
-                Segment::Literal(s) => self.bytes(b'L', s.as_bytes()),
+                Segment::Literal(bytes) => self.bytes(b'L', t.text[bytes.clone()].as_bytes()),
                 Segment::SourceDir => self.0.update([b'S']),
                 Segment::OutputDir => self.0.update([b'O']),
                 Segment::DepOutput(id) => {

@@ -66,7 +66,8 @@ pub enum GraphError {
 /// One piece of a template string.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Segment {
-    Literal(String),
+    /// Text as it is: these bytes of the template's text (not a copy).
+    Literal(std::ops::Range<usize>),
     /// `{{.SourceDir}}`: the job's source directory.
     SourceDir,
     /// `{{.OutputDir}}`: the job's output directory.
@@ -102,9 +103,10 @@ impl Template {
         };
         let mut segments = Vec::new();
         let mut rest = text;
+        let at = |rest: &str| text.len() - rest.len();
         while let Some(open) = rest.find("{{") {
             if open > 0 {
-                segments.push(Segment::Literal(rest[..open].to_string()));
+                segments.push(Segment::Literal(at(rest)..at(rest) + open));
             }
             let after = &rest[open + 2..];
             let close = after
@@ -136,8 +138,10 @@ impl Template {
             rest = &after[close + 2..];
         }
         if !rest.is_empty() {
-            segments.push(Segment::Literal(rest.to_string()));
+            segments.push(Segment::Literal(at(rest)..text.len()));
         }
+        // A graph holds a template per argument: no spare room each.
+        segments.shrink_to_fit();
         Ok(Self {
             text: text.to_string(),
             segments,
@@ -149,7 +153,7 @@ impl Template {
         let mut out = String::new();
         for segment in &self.segments {
             match segment {
-                Segment::Literal(s) => out.push_str(s),
+                Segment::Literal(bytes) => out.push_str(&self.text[bytes.clone()]),
                 Segment::SourceDir => out.push_str(dirs.source_dir),
                 Segment::OutputDir => out.push_str(dirs.output_dir),
                 Segment::DepOutput(id) => match (dirs.dep_output)(id) {
@@ -353,8 +357,9 @@ impl BuildGraph {
             }
             let dep_set: HashSet<JobId> = deps.iter().copied().collect();
             let template = |text: &str| Template::parse(&label, text, &dep_set);
-            let mut cmds = Vec::new();
-            for (index, cmd) in raw_job.cmds.unwrap_or_default().into_iter().enumerate() {
+            let raw_cmds = raw_job.cmds.unwrap_or_default();
+            let mut cmds = Vec::with_capacity(raw_cmds.len());
+            for (index, cmd) in raw_cmds.into_iter().enumerate() {
                 let bad = |problem: &str| GraphError::BadCommand {
                     job: label.clone(),
                     index,

@@ -3,7 +3,9 @@
 
 use std::path::Path;
 
-use rocksdb::{ColumnFamily, ColumnFamilyDescriptor, DB, DBRecoveryMode, Options};
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DB, DBRecoveryMode, Options,
+};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -46,12 +48,19 @@ const KEY_FORMAT: &[u8] = b"format";
 /// Format 9: cache keys are made of dependencies' outputs, not their keys
 /// (early cutoff): a dependency reference carries the artifact, a build's
 /// job the artifact it succeeded with, and a submitted job its job key.
-pub(crate) const FORMAT: u32 = 9;
+/// Format 10: a remembered answer is keyed by its request ID's SHA-1.
+pub(crate) const FORMAT: u32 = 10;
 
 /// Memory all memtables may hold together before RocksDB flushes one.
-pub const MEMTABLE_BUDGET_BYTES: usize = 64 << 20;
+pub const MEMTABLE_BUDGET_BYTES: usize = 32 << 20;
 /// One column family's memtable size at which it is flushed.
 const MEMTABLE_BYTES_PER_FAMILY: usize = 16 << 20;
+/// Blocks read from the tables kept in memory, for every column family
+/// together, their index blocks included. Left to itself RocksDB gives
+/// each family a cache of 32 MiB and keeps every table file's index
+/// beside it, so a coordinator's reads (watchers reading events back)
+/// grew it by tens of megabytes over a 100,000-job build.
+pub const BLOCK_CACHE_BYTES: usize = 8 << 20;
 
 /// Opens the database in `dir` with the store's column families and the
 /// application's. Column families found on disk but no longer declared are
@@ -80,6 +89,11 @@ pub(crate) fn open(dir: &Path, app_column_families: &[&str]) -> Result<DB, Store
     // coordinator's fifteen families lets a busy store hold gigabytes in
     // memory; past this budget the biggest memtable is flushed.
     opts.set_db_write_buffer_size(MEMTABLE_BUDGET_BYTES);
+    let cache = Cache::new_lru_cache(BLOCK_CACHE_BYTES);
+    let mut tables = BlockBasedOptions::default();
+    tables.set_block_cache(&cache);
+    tables.set_cache_index_and_filter_blocks(true);
+    opts.set_block_based_table_factory(&tables);
 
     let mut names: Vec<String> = vec![CF_LOG.into(), CF_META.into()];
     names.extend(app_column_families.iter().map(|s| s.to_string()));
@@ -93,6 +107,7 @@ pub(crate) fn open(dir: &Path, app_column_families: &[&str]) -> Result<DB, Store
     let descriptors = names.into_iter().map(|name| {
         let mut family = Options::default();
         family.set_write_buffer_size(MEMTABLE_BYTES_PER_FAMILY);
+        family.set_block_based_table_factory(&tables);
         ColumnFamilyDescriptor::new(name, family)
     });
     let db = DB::open_cf_descriptors(&opts, dir, descriptors)?;
@@ -181,6 +196,18 @@ mod tests {
 
     fn reopen(dir: &Path) -> Result<DB, StoreError> {
         open(dir, &["app"])
+    }
+
+    #[test]
+    fn every_column_family_reads_through_the_bounded_block_cache() {
+        let dir = tempfile::TempDir::new().expect("tempdir");
+        let db = reopen(dir.path()).expect("a new store opens");
+        for name in [CF_LOG, CF_META, "app"] {
+            let capacity = db
+                .property_int_value_cf(cf(&db, name), "rocksdb.block-cache-capacity")
+                .expect("read the property");
+            assert_eq!(capacity, Some(BLOCK_CACHE_BYTES as u64), "{name}");
+        }
     }
 
     #[test]

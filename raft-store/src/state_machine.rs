@@ -18,6 +18,12 @@ use tokio::io::AsyncWriteExt;
 
 use crate::db::{self, CF_META, KEY_APPLIED, KEY_INSTALLING, KEY_LAST_PURGED, KEY_MEMBERSHIP};
 use crate::snapshot::{self, Meta, SnapshotDir};
+
+/// A write batch's header: its sequence number and count.
+const BATCH_HEADER_BYTES: usize = 12;
+/// A record's bytes beside its key and value, at most: its tag, column
+/// family and two lengths (varints of up to five bytes).
+const RECORD_OVERHEAD_BYTES: usize = 16;
 use crate::{StoreError, StoreTypeConfig};
 
 /// Largest write batch used while loading a snapshot: bounds the memory an
@@ -188,7 +194,16 @@ impl<'a> ApplyTxn<'a> {
     /// The entry's writes as one batch (each key's last write), consuming
     /// them as it goes so that they are not held twice.
     fn into_batch(self) -> WriteBatch {
-        let mut batch = WriteBatch::default();
+        // Sized once: grown by doubling, a big submit's batch would pass
+        // through copies of up to twice its size.
+        let records: usize = self
+            .overlay
+            .iter()
+            .map(|((_, key), value)| key.len() + value.as_ref().map_or(0, Vec::len))
+            .chain(self.meta.iter().map(|(key, value)| key.len() + value.len()))
+            .map(|bytes| bytes + RECORD_OVERHEAD_BYTES)
+            .sum();
+        let mut batch = WriteBatch::with_capacity_bytes(BATCH_HEADER_BYTES + records);
         for ((index, key), value) in self.overlay {
             let cf = db::cf(self.db, self.tables[index]);
             match value {

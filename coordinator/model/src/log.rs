@@ -5,7 +5,7 @@
 //! versions: `tests/golden.rs` pins them, and a deliberate change bumps the
 //! store's format number.
 
-use distbuild_proto::{BlobKey, Digest, JobId, v1};
+use distbuild_proto::{BlobKey, Digest, JobId, graph, v1};
 use serde::{Deserialize, Serialize};
 
 /// A command as the graph wrote it (templates as text).
@@ -40,6 +40,29 @@ impl CmdText {
                 argv: Vec::new(),
                 environ: Vec::new(),
                 working_directory: String::new(),
+            },
+        }
+    }
+
+    /// A parsed graph's command, its templates' texts moved (the same as
+    /// its wire form's).
+    pub fn from_graph(cmd: graph::Cmd) -> Self {
+        let texts = |templates: Vec<graph::Template>| -> Vec<String> {
+            templates.into_iter().map(|t| t.text).collect()
+        };
+        match cmd {
+            graph::Cmd::Exec {
+                argv,
+                environ,
+                working_directory,
+            } => CmdText::Exec {
+                argv: texts(argv),
+                environ: texts(environ),
+                working_directory: working_directory.map(|t| t.text).unwrap_or_default(),
+            },
+            graph::Cmd::Cat { template, output } => CmdText::Cat {
+                template: template.text,
+                output: output.text,
             },
         }
     }
@@ -117,8 +140,9 @@ pub struct JobSpec {
     /// dependencies as indices, see `SubmittedJob`).
     pub deps: Vec<DepRef>,
     /// Set for a Remote Execution API action (then `cmds`, `inputs` and
-    /// `deps` are empty).
-    pub action: Option<RemoteAction>,
+    /// `deps` are empty). Boxed: most jobs have none, and unboxed it
+    /// would be nearly half of every spec (encoded the same either way).
+    pub action: Option<Box<RemoteAction>>,
 }
 
 /// One job of a submitted build; the leader validated the graph, ordered

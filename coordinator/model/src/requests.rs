@@ -5,11 +5,14 @@
 //!
 //! The table is part of the replicated state (same apply, same snapshot),
 //! bounded by count and by age in leader-stamped time, so every replica
-//! forgets the same IDs at the same log index.
+//! forgets the same IDs at the same log index. An ID is remembered by its
+//! SHA-1 ([`RequestKey`]), not as text: a worker's IDs are some seventy
+//! characters, and a build of 100,000 jobs leaves two answers per job.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::ControlFlow;
 
+use distbuild_proto::Digest;
 use serde::{Deserialize, Serialize};
 
 use crate::log::{Proposal, Response};
@@ -22,19 +25,31 @@ pub const MAX_REMEMBERED: usize = 100_000;
 /// caller retries one call.
 pub const REMEMBER_MS: u64 = 15 * 60 * 1000;
 
+/// A request ID as remembered: its SHA-1 (two IDs that differ share it
+/// with a chance of 2^-160).
+pub type RequestKey = Digest;
+
+/// The key `id` is remembered by.
+pub fn request_key(id: &str) -> RequestKey {
+    Digest::of(id.as_bytes())
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Remembered {
     at_ms: u64,
+    /// The index it was applied at ([`crate::command_index`]): the order
+    /// answers are forgotten in.
+    index: u64,
     response: Response,
 }
 
 /// The remembered answers.
 #[derive(Default)]
 pub struct Requests {
-    by_id: BTreeMap<String, Remembered>,
-    /// (remembered at, ID), oldest first (derived).
-    by_age: BTreeSet<(u64, String)>,
-    dirty: BTreeSet<String>,
+    by_id: BTreeMap<RequestKey, Remembered>,
+    /// (index applied at, ID), oldest first (derived).
+    by_age: BTreeSet<(u64, RequestKey)>,
+    dirty: BTreeSet<RequestKey>,
     /// Injected bug (simulation only), never persisted: see
     /// [`Requests::inject_forget_answers`].
     forget_answers: bool,
@@ -54,29 +69,33 @@ impl Requests {
         let Some(id) = &proposal.request_id else {
             return model.apply(index, &proposal.command);
         };
-        if let Some(seen) = self.by_id.get(id)
+        let id = request_key(id);
+        if let Some(seen) = self.by_id.get(&id)
             && !self.forget_answers
         {
             return seen.response.clone();
         }
         let response = model.apply(index, &proposal.command);
         let at_ms = model.clock_ms();
-        self.by_id.insert(
-            id.clone(),
-            Remembered {
-                at_ms,
-                response: response.clone(),
-            },
-        );
-        self.by_age.insert((at_ms, id.clone()));
-        self.dirty.insert(id.clone());
+        let remembered = Remembered {
+            at_ms,
+            index,
+            response: response.clone(),
+        };
+        if let Some(replaced) = self.by_id.insert(id, remembered) {
+            // Only with the injected bug: an ID applied twice.
+            self.by_age.remove(&(replaced.index, id));
+        }
+        self.by_age.insert((index, id));
+        self.dirty.insert(id);
         self.forget_old(at_ms);
         response
     }
 
     fn forget_old(&mut self, now_ms: u64) {
-        while let Some((at_ms, id)) = self.by_age.first().cloned() {
+        while let Some(&(_, id)) = self.by_age.first() {
             let too_many = self.by_id.len() > MAX_REMEMBERED;
+            let at_ms = self.by_id.get(&id).map_or(0, |seen| seen.at_ms);
             if !too_many && at_ms + REMEMBER_MS > now_ms {
                 return;
             }
@@ -88,7 +107,9 @@ impl Requests {
 
     /// The answer given to request `id`, if remembered.
     pub fn answer(&self, id: &str) -> Option<Response> {
-        self.by_id.get(id).map(|seen| seen.response.clone())
+        self.by_id
+            .get(&request_key(id))
+            .map(|seen| seen.response.clone())
     }
 
     /// How many answers are remembered.
@@ -123,25 +144,31 @@ impl Requests {
     pub fn load(state: &dyn ReadTables) -> Result<Self, StorageError> {
         let mut requests = Requests::default();
         let mut failure = None;
-        state.for_each_prefix(
-            T_REQUESTS,
-            &[],
-            &mut |k, v| match postcard::from_bytes::<Remembered>(v) {
-                Ok(seen) => {
-                    let id = String::from_utf8_lossy(k).into_owned();
-                    requests.by_age.insert((seen.at_ms, id.clone()));
-                    requests.by_id.insert(id, seen);
-                    ControlFlow::Continue(())
-                }
-                Err(source) => {
-                    failure = Some(StorageError::Decode {
-                        what: "remembered answer",
-                        source,
-                    });
-                    ControlFlow::Break(())
-                }
-            },
-        )?;
+        state.for_each_prefix(T_REQUESTS, &[], &mut |k, v| match (
+            <[u8; 20]>::try_from(k),
+            postcard::from_bytes::<Remembered>(v),
+        ) {
+            (Ok(id), Ok(seen)) => {
+                let id = Digest::from_bytes(id);
+                requests.by_age.insert((seen.index, id));
+                requests.by_id.insert(id, seen);
+                ControlFlow::Continue(())
+            }
+            (Err(_), _) => {
+                failure = Some(StorageError::Corrupt(format!(
+                    "a remembered answer's key is {} bytes, not a request ID's 20",
+                    k.len()
+                )));
+                ControlFlow::Break(())
+            }
+            (_, Err(source)) => {
+                failure = Some(StorageError::Decode {
+                    what: "remembered answer",
+                    source,
+                });
+                ControlFlow::Break(())
+            }
+        })?;
         failure.map_or(Ok(requests), Err)
     }
 }
@@ -201,8 +228,8 @@ mod tests {
         requests.apply(&mut model, 2, &with_id("new", 1_000 + REMEMBER_MS - 1));
         assert_eq!(requests.len(), 2);
         requests.apply(&mut model, 3, &with_id("newer", 1_000 + REMEMBER_MS));
-        assert!(!requests.by_id.contains_key("old"));
-        assert!(requests.by_id.contains_key("new"));
+        assert!(requests.answer("old").is_none());
+        assert!(requests.answer("new").is_some());
         for i in 0..MAX_REMEMBERED + 10 {
             requests.apply(
                 &mut model,
@@ -211,11 +238,11 @@ mod tests {
             );
         }
         assert_eq!(requests.len(), MAX_REMEMBERED);
-        assert!(!requests.by_id.contains_key("r0"));
+        assert!(requests.answer("r0").is_none());
         assert!(
             requests
-                .by_id
-                .contains_key(&format!("r{}", MAX_REMEMBERED + 9))
+                .answer(&format!("r{}", MAX_REMEMBERED + 9))
+                .is_some()
         );
     }
 }

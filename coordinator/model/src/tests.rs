@@ -6,7 +6,8 @@ use distbuild_proto::{Digest, JobId};
 
 use super::*;
 use crate::tables::{
-    ReadTables, RowVisitor, StorageError, StoredEvent, T_HOLDINGS, T_WORKERS, Tables, holding_key,
+    ReadTables, RowVisitor, StorageError, StoredEvent, T_HOLDINGS, T_REQUESTS, T_WORKERS, Tables,
+    holding_key,
 };
 
 mod batch;
@@ -352,6 +353,40 @@ fn failure(code: i32) -> Outcome {
         stderr: b"boom".to_vec(),
         error: None,
     }
+}
+
+#[test]
+fn remembered_answers_are_read_back_and_a_malformed_key_is_refused() {
+    let mut model = Model::default();
+    let mut requests = Requests::default();
+    let mut store = MemStore::default();
+    let register = Proposal {
+        request_id: Some("register/w1/one".into()),
+        command: Command::RegisterWorker {
+            worker_id: "w1".into(),
+            addr: "127.0.0.1:1".into(),
+            slots: 1,
+            held: Vec::new(),
+            properties: Vec::new(),
+            now_ms: 5,
+        },
+    };
+    let answer = requests.apply(&mut model, 1, &register);
+    requests.flush(&mut store).expect("flush");
+    let loaded = Requests::load(&store).expect("load");
+    assert_eq!(loaded.answer("register/w1/one"), Some(answer));
+    assert_eq!(loaded.answer("register/w1/two"), None);
+
+    store
+        .put(T_REQUESTS, b"register/w1/three", b"")
+        .expect("put");
+    let refused = Requests::load(&store)
+        .err()
+        .expect("a key that is no request key");
+    assert!(
+        matches!(&refused, StorageError::Corrupt(why) if why.contains("17 bytes")),
+        "{refused}"
+    );
 }
 
 #[test]
@@ -1810,13 +1845,13 @@ fn action_job(n: u8, pool: &str, do_not_cache: bool) -> SubmittedJob {
             cmds: Vec::new(),
             inputs: Vec::new(),
             deps: Vec::new(),
-            action: Some(crate::RemoteAction {
+            action: Some(Box::new(crate::RemoteAction {
                 instance_name: "main".into(),
                 action: distbuild_proto::BlobKey::Sha256([n; 32]),
                 action_size: 100,
                 do_not_cache,
                 platform: vec![("pool".into(), pool.into())],
-            }),
+            })),
         },
     }
 }

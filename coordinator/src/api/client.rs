@@ -3,7 +3,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
-use distbuild_proto::graph::{BuildGraph, check_relative_path};
+use distbuild_proto::graph::{BuildGraph, Job, check_relative_path};
 use distbuild_proto::v1::client_api_server::ClientApi;
 use distbuild_proto::v1::{
     ArtifactLocation, BlobChunk, BuildEvent, CancelBuildRequest, CancelBuildResponse,
@@ -11,9 +11,7 @@ use distbuild_proto::v1::{
     LocateArtifactsResponse, SubmitBuildRequest, SubmitBuildResponse, UploadBlobResponse,
     WatchBuildRequest,
 };
-use distbuild_proto::wire::{
-    MAX_REQUEST_ID_CHARS, command_to_wire, digest_from_wire, digest_to_wire,
-};
+use distbuild_proto::wire::{MAX_REQUEST_ID_CHARS, digest_from_wire, digest_to_wire};
 use distbuild_proto::{Digest, JobId, job_key};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -141,31 +139,34 @@ impl ClientService {
             .enumerate()
             .map(|(i, j)| (j.id, i))
             .collect();
+        // Each graph job is taken and dropped as its submitted job is made,
+        // so the two forms of a big graph are not held whole at once.
+        let mut graph_jobs: Vec<Option<Job>> = graph.jobs.into_iter().map(Some).collect();
         let mut jobs = Vec::with_capacity(order.len());
         for &i in &order {
-            let job = &graph.jobs[i];
+            let job = graph_jobs[i].take().expect("each job is in the order once");
             let input = |path: &str| by_path[path].0;
+            let cache_key = job_key(&job, &input);
+            let deps = job.deps.iter().map(|d| position[index[d]]).collect();
+            let Job {
+                id,
+                name,
+                inputs,
+                cmds,
+                ..
+            } = job;
             jobs.push(SubmittedJob {
-                cache_key: job_key(job, &input),
-                deps: job.deps.iter().map(|d| position[index[d]]).collect(),
+                cache_key,
+                deps,
                 spec: JobSpec {
-                    job_id: job.id,
-                    name: job.name.clone(),
-                    cmds: job
-                        .cmds
-                        .iter()
-                        .map(|c| CmdText::from_wire(command_to_wire(c)))
-                        .collect(),
-                    inputs: job
-                        .inputs
-                        .iter()
+                    job_id: id,
+                    name,
+                    cmds: cmds.into_iter().map(CmdText::from_graph).collect(),
+                    inputs: inputs
+                        .into_iter()
                         .map(|path| {
                             let (digest, size) = by_path[path.as_str()];
-                            InputRef {
-                                path: path.clone(),
-                                digest,
-                                size,
-                            }
+                            InputRef { path, digest, size }
                         })
                         .collect(),
                     // Filled in by the state machine once the

@@ -100,21 +100,20 @@ impl Model {
         let build_id = index;
         let job_count = jobs.len() as u32;
         // The specs move into the build (each job's spec is most of its
-        // memory).
-        let mut build_jobs: Vec<BuildJob> = jobs
-            .into_iter()
-            .map(|j| BuildJob {
-                spec: std::sync::Arc::new(j.spec),
-                cache_key: j.cache_key,
-                pending_deps: j.deps.len() as u32,
-                deps: j.deps,
-                dependents: Vec::new(),
-                state: JobState::Waiting,
-                output: None,
-                artifact: None,
-                path_ms: 0,
-            })
-            .collect();
+        // memory). Extended, not collected: a collect would reuse the job
+        // list's allocation, sized for the bigger `SubmittedJob`s.
+        let mut build_jobs: Vec<BuildJob> = Vec::with_capacity(jobs.len());
+        build_jobs.extend(jobs.into_iter().map(|j| BuildJob {
+            spec: std::sync::Arc::new(j.spec),
+            cache_key: j.cache_key,
+            pending_deps: j.deps.len() as u32,
+            deps: j.deps,
+            dependents: Vec::new(),
+            state: JobState::Waiting,
+            output: None,
+            artifact: None,
+            path_ms: 0,
+        }));
         let edges: Vec<(u32, u32)> = (0u32..)
             .zip(&build_jobs)
             .flat_map(|(i, job)| job.deps.iter().map(move |&dep| (dep, i)))

@@ -108,13 +108,13 @@ fn action_spec(n: u8) -> JobSpec {
         cmds: Vec::new(),
         inputs: Vec::new(),
         deps: Vec::new(),
-        action: Some(RemoteAction {
+        action: Some(Box::new(RemoteAction {
             instance_name: "main".into(),
             action: BlobKey::Sha256([n; 32]),
             action_size: 140,
             do_not_cache: true,
             platform: vec![("OSFamily".into(), "Linux".into())],
-        }),
+        })),
     }
 }
 

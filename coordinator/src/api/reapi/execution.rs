@@ -664,13 +664,13 @@ impl re::execution_server::Execution for ExecutionService {
                 cmds: Vec::new(),
                 inputs: Vec::new(),
                 deps: Vec::new(),
-                action: Some(RemoteAction {
+                action: Some(Box::new(RemoteAction {
                     instance_name: request.instance_name.clone(),
                     action: action_key,
                     action_size,
                     do_not_cache: action.do_not_cache,
                     platform,
-                }),
+                })),
             },
         };
         let response = self
