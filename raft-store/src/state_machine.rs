@@ -18,13 +18,13 @@ use tokio::io::AsyncWriteExt;
 
 use crate::db::{self, CF_META, KEY_APPLIED, KEY_INSTALLING, KEY_LAST_PURGED, KEY_MEMBERSHIP};
 use crate::snapshot::{self, Meta, SnapshotDir};
+use crate::{StoreError, StoreTypeConfig};
 
 /// A write batch's header: its sequence number and count.
 const BATCH_HEADER_BYTES: usize = 12;
 /// A record's bytes beside its key and value, at most: its tag, column
 /// family and two lengths (varints of up to five bytes).
 const RECORD_OVERHEAD_BYTES: usize = 16;
-use crate::{StoreError, StoreTypeConfig};
 
 /// Largest write batch used while loading a snapshot: bounds the memory an
 /// install takes whatever the snapshot's size.
