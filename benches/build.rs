@@ -4,8 +4,10 @@
 //! rebuild of the same graph; then the same cold build on a cluster of
 //! three coordinators (every command replicated to a quorum).
 //!
-//! It also prints the coordinator's memory: its peak resident size over
-//! the idle size it started the cold build with, per job.
+//! It also prints the coordinator's memory: its peak resident size during
+//! the cold build over the idle size it started with, per job, and its
+//! peak during the cached rebuild over the size it started that with (the
+//! finished cold build and its results), per job.
 //!
 //! `cargo bench --bench build` (BENCH_JOBS overrides the 2,000 jobs;
 //! BENCH_THREE=0 skips the three-coordinator build, BENCH_NINJA=0 ninja).
@@ -72,7 +74,13 @@ fn main() {
         jobs
     );
 
+    // The cached rebuild's own peak, over what the coordinator holds when
+    // it starts (the finished cold build, its results): `5` in
+    // `clear_refs` resets the process's peak resident size to its current.
+    let before_cached_rss = status_bytes(coordinator_pid, "VmRSS").expect("coordinator alive");
+    let reset = std::fs::write(format!("/proc/{coordinator_pid}/clear_refs"), "5").is_ok();
     let (cached, run) = timed(client());
+    let cached_peak_rss = reset.then(|| peak_rss_bytes(coordinator_pid));
     assert_eq!(run.code, Some(0), "{}", run.describe());
     assert_eq!(
         run.events.iter().filter(|e| e["cached"] == true).count(),
@@ -110,6 +118,15 @@ fn main() {
         peak_rss.saturating_sub(idle_rss) as f64 / 1024.0 / jobs as f64,
         idle_rss as f64 / (1 << 20) as f64
     );
+    match cached_peak_rss {
+        Some(peak) => println!(
+            "  cached rebuild:   {:>8.1} MiB peak resident, {:.2} KiB per job over the {:.1} MiB it started at",
+            peak as f64 / (1 << 20) as f64,
+            peak.saturating_sub(before_cached_rss) as f64 / 1024.0 / jobs as f64,
+            before_cached_rss as f64 / (1 << 20) as f64
+        ),
+        None => println!("  cached rebuild:   peak not measured (no /proc/PID/clear_refs)"),
+    }
     if let Some(replicated) = replicated {
         println!(
             "  3 coordinators:   {:>8.2} s  {:>8.0} jobs/s  ({:.2}x the time of 1 coordinator)",

@@ -51,10 +51,12 @@ const KEY_FORMAT: &[u8] = b"format";
 /// Format 10: a remembered answer is keyed by its request ID's SHA-1.
 pub(crate) const FORMAT: u32 = 10;
 
-/// Memory all memtables may hold together before RocksDB flushes one.
-pub const MEMTABLE_BUDGET_BYTES: usize = 32 << 20;
+/// Memory all memtables may hold together before RocksDB flushes one:
+/// resident beside the model whatever the load, where flushing more often
+/// costs a background write of a smaller table file.
+pub const MEMTABLE_BUDGET_BYTES: usize = 16 << 20;
 /// One column family's memtable size at which it is flushed.
-const MEMTABLE_BYTES_PER_FAMILY: usize = 16 << 20;
+const MEMTABLE_BYTES_PER_FAMILY: usize = 8 << 20;
 /// Blocks read from the tables kept in memory, for every column family
 /// together, their index blocks included. Left to itself RocksDB gives
 /// each family a cache of 32 MiB and keeps every table file's index

@@ -1,8 +1,8 @@
 //! openraft's `RaftStateMachine` on RocksDB, and the seam through which the
 //! application supplies its deterministic `apply`.
 
-use std::collections::BTreeMap;
-use std::ops::{Bound, ControlFlow};
+use std::cell::RefCell;
+use std::ops::{ControlFlow, Range};
 use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -19,12 +19,6 @@ use tokio::io::AsyncWriteExt;
 use crate::db::{self, CF_META, KEY_APPLIED, KEY_INSTALLING, KEY_LAST_PURGED, KEY_MEMBERSHIP};
 use crate::snapshot::{self, Meta, SnapshotDir};
 use crate::{StoreError, StoreTypeConfig};
-
-/// A write batch's header: its sequence number and count.
-const BATCH_HEADER_BYTES: usize = 12;
-/// A record's bytes beside its key and value, at most: its tag, column
-/// family and two lengths (varints of up to five bytes).
-const RECORD_OVERHEAD_BYTES: usize = 16;
 
 /// Largest write batch used while loading a snapshot: bounds the memory an
 /// install takes whatever the snapshot's size.
@@ -108,15 +102,15 @@ fn prefix_read_options(prefix: &[u8]) -> ReadOptions {
 }
 
 /// Walks a RocksDB iterator bounded to a prefix, merged with pending writes
-/// (`overlay`, already restricted to the prefix), which win on equal keys.
+/// (`pending`, already restricted to the prefix), which win on equal keys.
 fn merge_scan<'o>(
     iter: DBIteratorWithThreadMode<'_, DB>,
-    overlay: impl Iterator<Item = (&'o [u8], Option<&'o [u8]>)>,
+    pending: impl Iterator<Item = (&'o [u8], Option<&'o [u8]>)>,
     f: &mut dyn FnMut(&[u8], &[u8]) -> ControlFlow<()>,
 ) -> Result<(), StoreError> {
     use std::cmp::Ordering;
     let mut stored = iter.peekable();
-    let mut pending = overlay.peekable();
+    let mut pending = pending.peekable();
     loop {
         // Which side holds the smaller key; `None` once both are done.
         let order = match (stored.peek(), pending.peek()) {
@@ -154,16 +148,40 @@ fn merge_scan<'o>(
 
 /// The application's view of the state while applying one entry: reads see
 /// the state before the entry plus the entry's own writes so far.
+///
+/// Writes go straight into the entry's write batch, and each is indexed by
+/// where its key and value lie in the batch's bytes. A submit of 100,000
+/// jobs writes some hundred megabytes: kept as a map of copies until the
+/// batch was made of them, they and the batch were the coordinator's peak.
 pub struct ApplyTxn<'a> {
     db: &'a DB,
     tables: &'static [&'static str],
-    /// The store's own keys (applied log ID, membership), encoded.
-    meta: Vec<(&'static [u8], Vec<u8>)>,
-    /// The application's writes of this entry, the only copy until
-    /// `into_batch` (so that they can be read back): `None` is a deletion.
-    /// A submit of 100,000 jobs writes a hundred megabytes; held twice (as
-    /// here and in a write batch) they were the coordinator's peak.
-    overlay: BTreeMap<(usize, Vec<u8>), Option<Vec<u8>>>,
+    batch: WriteBatch,
+    /// The application's writes, in order, as places in `batch`.
+    writes: Vec<Written>,
+    /// `writes` (their positions) sorted by table and key, each key's last
+    /// write only: made by the first read after a write. Reads are rare
+    /// (the coordinator's deletes of a prefix), writes many.
+    sorted: RefCell<Option<Vec<usize>>>,
+}
+
+/// One write of an [`ApplyTxn`]: byte ranges of `batch.data()`.
+struct Written {
+    table: usize,
+    key: Range<usize>,
+    /// `None` for a deletion.
+    value: Option<Range<usize>>,
+}
+
+/// Bytes of the varint32 RocksDB prefixes a slice of `len` bytes with.
+fn varint_len(len: usize) -> usize {
+    let mut bytes = 1;
+    let mut rest = len >> 7;
+    while rest > 0 {
+        bytes += 1;
+        rest >>= 7;
+    }
+    bytes
 }
 
 impl<'a> ApplyTxn<'a> {
@@ -171,50 +189,105 @@ impl<'a> ApplyTxn<'a> {
         Self {
             db,
             tables,
-            meta: Vec::new(),
-            overlay: BTreeMap::new(),
+            batch: WriteBatch::default(),
+            writes: Vec::new(),
+            sorted: RefCell::new(None),
         }
     }
 
     /// Sets `key` in `table` to `value`.
     pub fn put(&mut self, table: &str, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
         let index = table_index(self.tables, table)?;
-        self.overlay
-            .insert((index, key.to_vec()), Some(value.to_vec()));
-        Ok(())
+        self.batch.put_cf(db::cf(self.db, table), key, value);
+        // A record ends with its key (a length, the bytes), then its value.
+        let end = self.batch.data().len();
+        let value_at = end - value.len();
+        let key_at = value_at.saturating_sub(varint_len(value.len()) + key.len());
+        self.record(
+            Written {
+                table: index,
+                key: key_at..key_at + key.len(),
+                value: Some(value_at..end),
+            },
+            key,
+            Some(value),
+        )
     }
 
     /// Removes `key` from `table`.
     pub fn delete(&mut self, table: &str, key: &[u8]) -> Result<(), StoreError> {
         let index = table_index(self.tables, table)?;
-        self.overlay.insert((index, key.to_vec()), None);
+        self.batch.delete_cf(db::cf(self.db, table), key);
+        let end = self.batch.data().len();
+        self.record(
+            Written {
+                table: index,
+                key: end.saturating_sub(key.len())..end,
+                value: None,
+            },
+            key,
+            None,
+        )
+    }
+
+    /// Indexes a write just added to the batch, after checking that its
+    /// ranges hold what was written (the record layout is RocksDB's, as
+    /// `write_batch.cc` documents it): one comparison of a few hundred
+    /// bytes, against a read that would silently see other bytes.
+    fn record(
+        &mut self,
+        written: Written,
+        key: &[u8],
+        value: Option<&[u8]>,
+    ) -> Result<(), StoreError> {
+        let data = self.batch.data();
+        let holds = data.get(written.key.clone()) == Some(key)
+            && written.value.clone().map(|range| data.get(range)) == value.map(Some);
+        if !holds {
+            return Err(StoreError::Corrupt(
+                "the write batch's last record is not laid out as expected".into(),
+            ));
+        }
+        self.writes.push(written);
+        *self.sorted.get_mut() = None;
         Ok(())
     }
 
-    /// The entry's writes as one batch (each key's last write), consuming
-    /// them as it goes so that they are not held twice.
-    fn into_batch(self) -> WriteBatch {
-        // Sized once: grown by doubling, a big submit's batch would pass
-        // through copies of up to twice its size.
-        let records: usize = self
-            .overlay
-            .iter()
-            .map(|((_, key), value)| key.len() + value.as_ref().map_or(0, Vec::len))
-            .chain(self.meta.iter().map(|(key, value)| key.len() + value.len()))
-            .map(|bytes| bytes + RECORD_OVERHEAD_BYTES)
-            .sum();
-        let mut batch = WriteBatch::with_capacity_bytes(BATCH_HEADER_BYTES + records);
-        for ((index, key), value) in self.overlay {
-            let cf = db::cf(self.db, self.tables[index]);
-            match value {
-                Some(value) => batch.put_cf(cf, key, value),
-                None => batch.delete_cf(cf, key),
+    /// The key and value (None: deleted) of write `i`.
+    fn write_at(&self, i: usize) -> (usize, &[u8], Option<&[u8]>) {
+        let data = self.batch.data();
+        let w = &self.writes[i];
+        (
+            w.table,
+            &data[w.key.clone()],
+            w.value.clone().map(|range| &data[range]),
+        )
+    }
+
+    /// Positions in `writes` sorted by (table, key), each key's last.
+    fn sorted_writes(&self) -> std::cell::Ref<'_, Vec<usize>> {
+        if self.sorted.borrow().is_none() {
+            let data = self.batch.data();
+            let ordering = |i: &usize| (self.writes[*i].table, &data[self.writes[*i].key.clone()]);
+            let mut order: Vec<usize> = (0..self.writes.len()).collect();
+            // Stable: a key's writes stay in write order, the last kept.
+            order.sort_by(|a, b| ordering(a).cmp(&ordering(b)));
+            let mut last_of_each: Vec<usize> = Vec::with_capacity(order.len());
+            for i in order {
+                match last_of_each.last_mut() {
+                    Some(prev) if ordering(prev) == ordering(&i) => *prev = i,
+                    _ => last_of_each.push(i),
+                }
             }
+            *self.sorted.borrow_mut() = Some(last_of_each);
         }
-        for (key, value) in self.meta {
-            batch.put_cf(db::cf(self.db, CF_META), key, value);
-        }
-        batch
+        std::cell::Ref::map(self.sorted.borrow(), |s| s.as_ref().expect("just sorted"))
+    }
+
+    /// The entry's writes as one batch, its applied log ID and membership
+    /// among them.
+    fn into_batch(self) -> WriteBatch {
+        self.batch
     }
 
     fn put_meta<T: serde::Serialize>(
@@ -223,7 +296,8 @@ impl<'a> ApplyTxn<'a> {
         what: &'static str,
         value: &T,
     ) -> Result<(), StoreError> {
-        self.meta.push((key, db::encode(what, value)?));
+        let value = db::encode(what, value)?;
+        self.batch.put_cf(db::cf(self.db, CF_META), key, value);
         Ok(())
     }
 }
@@ -231,8 +305,14 @@ impl<'a> ApplyTxn<'a> {
 impl ReadState for ApplyTxn<'_> {
     fn get(&self, table: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         let index = table_index(self.tables, table)?;
-        if let Some(pending) = self.overlay.get(&(index, key.to_vec())) {
-            return Ok(pending.clone());
+        let sorted = self.sorted_writes();
+        let found = sorted.binary_search_by(|&i| {
+            let (t, k, _) = self.write_at(i);
+            (t, k).cmp(&(index, key))
+        });
+        if let Ok(at) = found {
+            let (_, _, value) = self.write_at(sorted[at]);
+            return Ok(value.map(<[u8]>::to_vec));
         }
         Ok(self.db.get_cf(db::cf(self.db, table), key)?)
     }
@@ -249,12 +329,17 @@ impl ReadState for ApplyTxn<'_> {
             prefix_read_options(prefix),
             IteratorMode::From(prefix, Direction::Forward),
         );
-        let overlay = self
-            .overlay
-            .range((Bound::Included((index, prefix.to_vec())), Bound::Unbounded))
-            .take_while(|((t, k), _)| *t == index && k.starts_with(prefix))
-            .map(|((_, k), v)| (k.as_slice(), v.as_deref()));
-        merge_scan(iter, overlay, f)
+        let sorted = self.sorted_writes();
+        let from = sorted.partition_point(|&i| {
+            let (t, k, _) = self.write_at(i);
+            (t, k) < (index, prefix)
+        });
+        let pending = sorted[from..]
+            .iter()
+            .map(|&i| self.write_at(i))
+            .take_while(|(t, k, _)| *t == index && k.starts_with(prefix))
+            .map(|(_, k, v)| (k, v));
+        merge_scan(iter, pending, f)
     }
 }
 
@@ -815,8 +900,44 @@ mod tests {
         assert_eq!(db.get_cf(db::cf(&db, T), b"a3").expect("get"), None);
     }
 
-    /// The writes are held once, in the overlay; the batch made from them
-    /// at commit carries each key's last write, and the store's own keys.
+    /// Writes are found again in the batch's bytes whatever their sizes
+    /// (RocksDB prefixes each with a varint of one to three bytes here),
+    /// per table, with reads between writes seeing each key's last write.
+    #[test]
+    fn apply_txn_finds_its_writes_in_the_batch_whatever_their_sizes() {
+        let (_dir, db) = db_holding_old(&["k0"]);
+        let mut txn = ApplyTxn::new(&db, KvApp::COLUMN_FAMILIES);
+        let sizes = [0usize, 1, 127, 128, 300, 16_383, 16_384, 70_000];
+        for (i, &size) in sizes.iter().enumerate() {
+            let key = vec![b'k'; size.max(1)];
+            let value: Vec<u8> = (0..size).map(|b| (b + i) as u8).collect();
+            txn.put(T, &key, &value).expect("put");
+            txn.put("u", &key, b"other table").expect("put");
+            // Read back at once (the sorted index is made again).
+            assert_eq!(txn.get(T, &key).expect("get"), Some(value), "size {size}");
+        }
+        txn.put(T, b"k0", b"newer").expect("put");
+        assert_eq!(txn.get(T, b"k0").expect("get"), Some(b"newer".to_vec()));
+        txn.delete(T, b"k0").expect("delete");
+        assert_eq!(txn.get(T, b"k0").expect("get"), None);
+        assert_eq!(
+            txn.get("u", b"k").expect("get"),
+            Some(b"other table".to_vec())
+        );
+        // A scan sees one row per key, the last write, in key order.
+        let mut keys = Vec::new();
+        txn.for_each_prefix(T, b"k", &mut |k, v| {
+            keys.push((k.len(), v.len()));
+            ControlFlow::Continue(())
+        })
+        .expect("scan");
+        let mut expected: Vec<(usize, usize)> = sizes.iter().map(|&n| (n.max(1), n)).collect();
+        // Sizes 0 and 1 share the key "k": the later write (1 byte) wins.
+        expected.remove(0);
+        assert_eq!(keys, expected);
+    }
+
+    /// The batch carries each key's last write, and the store's own keys.
     #[test]
     fn apply_txn_commits_each_key_s_last_write() {
         let (_dir, db) = db_holding_old(&["kept", "gone", "back"]);

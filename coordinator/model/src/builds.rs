@@ -119,8 +119,10 @@ impl Model {
                 self.forget_result(key);
             }
             if let Some(result) = self.results.get_mut(&key) {
-                result.last_used_ms = self.clock_ms;
-                self.dirty.results.insert(key);
+                if crate::gc::records_use(result.last_used_ms, self.clock_ms) {
+                    result.last_used_ms = self.clock_ms;
+                    self.dirty.results.insert(key);
+                }
                 let (output, artifact, artifact_size) =
                     (result.output, result.artifact, result.artifact_size);
                 let cached = true;

@@ -8,8 +8,9 @@
 //!   in the last [`RECENT_BLOB_MS`] (or the retention, if shorter): a
 //!   client uploads its sources before it submits, so a blob just
 //!   uploaded is about to be needed;
-//! - cached results no build in flight needs, least recently used first,
-//!   while they pass their count or byte bound;
+//! - cached results no build in flight needs, least recently used first
+//!   (uses recorded to within [`RESULT_USE_RESOLUTION_MS`]), while they
+//!   pass their count or byte bound;
 //! - Remote Execution API action results whose blobs are gone, then the
 //!   oldest while they pass the same count or byte bound (counted apart).
 //!
@@ -30,6 +31,20 @@ use distbuild_proto::{BlobKey, Digest};
 /// Blobs used this recently are not taken for the byte bound (only the
 /// retention drops them).
 pub const RECENT_BLOB_MS: u64 = 10 * 60 * 1000;
+
+/// A cached result's use is recorded (its row rewritten) only when its
+/// last recorded use is at least this old: the byte and count bounds drop
+/// results least recently used first, and an order true to ten minutes
+/// serves a cache that keeps results for days. Recording every use made a
+/// fully cached rebuild of 100,000 jobs rewrite 100,000 result rows (each
+/// with its spec) in the submit's entry, a third of what it wrote.
+pub const RESULT_USE_RESOLUTION_MS: u64 = 10 * 60 * 1000;
+
+/// Whether a use at `now_ms` of a result last used at `last_used_ms` is
+/// recorded (see [`RESULT_USE_RESOLUTION_MS`]).
+pub(crate) fn records_use(last_used_ms: u64, now_ms: u64) -> bool {
+    last_used_ms.saturating_add(RESULT_USE_RESOLUTION_MS) <= now_ms
+}
 
 /// What keeping `result` costs, as `CachedResult::bytes` records it.
 pub(crate) fn result_bytes(result: &CachedResult) -> u64 {

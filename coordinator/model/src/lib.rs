@@ -35,7 +35,7 @@ mod tally;
 pub use builds::{MAX_RETAINED_BUILDS, MAX_RETAINED_EVENT_BYTES, MIN_RETAINED_MS};
 pub use cmd::{BUILD_CANCELLED, MAX_ASSIGN_BATCH};
 pub use durations::{DEFAULT_EXPECTED_MS, MAX_DURATIONS, duration_key};
-pub use gc::RECENT_BLOB_MS;
+pub use gc::{RECENT_BLOB_MS, RESULT_USE_RESOLUTION_MS};
 pub use invariants::InvariantViolation;
 pub use log::{
     CmdText, Collected, Command, DepRef, Event, GcLimits, InputRef, JobSpec, MAX_BATCH, Outcome,

@@ -1630,18 +1630,35 @@ fn cached_results_are_bounded_least_recently_used_first_and_never_one_a_build_ne
     h.submit("r2", graph(&[(3, &[]), (4, &[0])]));
     h.now_ms += 10;
     assert!(h.run_one("a", h.k(3), success(3)));
-    // Key 1 answers a new build: used more recently than key 2.
+    // Key 2 answers a new build at once: a use that recent is not
+    // recorded (nor its row rewritten).
+    let made = h.model.result(&h.k(2)).expect("cached").last_used_ms;
     h.now_ms += 10;
+    h.submit("r3a", graph(&[(2, &[])]));
+    assert_eq!(h.model.result(&h.k(2)).unwrap().last_used_ms, made);
+    // Key 1 answers a new build later: used more recently than key 2.
+    h.now_ms += crate::RESULT_USE_RESOLUTION_MS;
     h.submit("r3", graph(&[(1, &[])]));
+    assert_eq!(h.model.result(&h.k(1)).unwrap().last_used_ms, h.now_ms);
     let limits = GcLimits {
-        max_results: 1,
+        max_results: 2,
         ..KEEP_ALL
     };
     let collected = collect(&mut h, limits);
-    // Key 2 then key 1 go; key 3 stays while its dependent is in flight.
-    assert_eq!(collected.results, 2, "{collected:?}");
-    assert!(h.model.result(&h.k(3)).is_some());
-    assert!(h.model.result(&h.k(1)).is_none() && h.model.result(&h.k(2)).is_none());
+    // Key 2, the least recently used, goes; key 3 stays while its
+    // dependent is in flight.
+    assert_eq!(collected.results, 1, "{collected:?}");
+    assert!(h.model.result(&h.k(3)).is_some() && h.model.result(&h.k(1)).is_some());
+    assert!(h.model.result(&h.k(2)).is_none());
+    let collected = collect(
+        &mut h,
+        GcLimits {
+            max_results: 1,
+            ..KEEP_ALL
+        },
+    );
+    assert_eq!(collected.results, 1, "then key 1: {collected:?}");
+    assert!(h.model.result(&h.k(3)).is_some() && h.model.result(&h.k(1)).is_none());
     // A build asking for an evicted result runs its job again.
     h.submit("r4", graph(&[(2, &[])]));
     assert_eq!(h.pick("b"), vec![h.k(2)]);

@@ -267,8 +267,12 @@ impl ClientApi for ClientService {
         }
         let jobs = self.plan(&req)?;
         // The graph's text and the source list are planned: not kept while
-        // the parts commit (a 100,000-job graph's are tens of megabytes).
-        let SubmitBuildRequest { request_id, .. } = req;
+        // the parts commit (a 100,000-job graph's are tens of megabytes,
+        // and its text is a view into tonic's whole receive buffer).
+        // Dropped here, explicitly: a destructuring that moves the ID out
+        // would leave the other fields alive until the end of the call.
+        let request_id = req.request_id.clone();
+        drop(req);
         let mut parts = split_into_parts(jobs, SUBMIT_PART_BYTES);
         let last = parts.pop().unwrap_or_default();
         let staged_parts = u32::try_from(parts.len())
