@@ -1659,9 +1659,12 @@ fn cached_results_are_bounded_least_recently_used_first_and_never_one_a_build_ne
     );
     assert_eq!(collected.results, 1, "then key 1: {collected:?}");
     assert!(h.model.result(&h.k(3)).is_some() && h.model.result(&h.k(1)).is_none());
-    // A build asking for an evicted result runs its job again.
+    // A build asking for an evicted result runs its job again. (Job 4
+    // of r2, queued ten minutes ago beside the output it needs on
+    // worker a, is no longer held back for a either.)
     h.submit("r4", graph(&[(2, &[])]));
-    assert_eq!(h.pick("b"), vec![h.k(2)]);
+    let picked = h.pick("b");
+    assert!(picked.contains(&h.k(2)), "{picked:?}");
 }
 
 #[test]
