@@ -159,10 +159,11 @@ pub struct ApplyTxn<'a> {
     batch: WriteBatch,
     /// The application's writes, in order, as places in `batch`.
     writes: Vec<Written>,
-    /// `writes` (their positions) sorted by table and key, each key's last
-    /// write only: made by the first read after a write. Reads are rare
-    /// (the coordinator's deletes of a prefix), writes many.
-    sorted: RefCell<Option<Vec<usize>>>,
+    /// One table's writes (positions in `writes`) sorted by key, each
+    /// key's last write only: made by the first read of that table after
+    /// a write. Reads are rare (the coordinator's deletes of a prefix, in
+    /// tables the same entry seldom writes), writes many.
+    sorted: RefCell<Option<(usize, Vec<usize>)>>,
 }
 
 /// One write of an [`ApplyTxn`]: byte ranges of `batch.data()`.
@@ -254,34 +255,39 @@ impl<'a> ApplyTxn<'a> {
     }
 
     /// The key and value (None: deleted) of write `i`.
-    fn write_at(&self, i: usize) -> (usize, &[u8], Option<&[u8]>) {
+    fn write_at(&self, i: usize) -> (&[u8], Option<&[u8]>) {
         let data = self.batch.data();
         let w = &self.writes[i];
         (
-            w.table,
             &data[w.key.clone()],
             w.value.clone().map(|range| &data[range]),
         )
     }
 
-    /// Positions in `writes` sorted by (table, key), each key's last.
-    fn sorted_writes(&self) -> std::cell::Ref<'_, Vec<usize>> {
-        if self.sorted.borrow().is_none() {
+    /// Positions in `writes` of `table`'s writes sorted by key, each
+    /// key's last.
+    fn sorted_writes(&self, table: usize) -> std::cell::Ref<'_, Vec<usize>> {
+        let current = matches!(&*self.sorted.borrow(), Some((t, _)) if *t == table);
+        if !current {
             let data = self.batch.data();
-            let ordering = |i: &usize| (self.writes[*i].table, &data[self.writes[*i].key.clone()]);
-            let mut order: Vec<usize> = (0..self.writes.len()).collect();
+            let key = |i: &usize| &data[self.writes[*i].key.clone()];
+            let mut order: Vec<usize> = (0..self.writes.len())
+                .filter(|&i| self.writes[i].table == table)
+                .collect();
             // Stable: a key's writes stay in write order, the last kept.
-            order.sort_by(|a, b| ordering(a).cmp(&ordering(b)));
+            order.sort_by(|a, b| key(a).cmp(key(b)));
             let mut last_of_each: Vec<usize> = Vec::with_capacity(order.len());
             for i in order {
                 match last_of_each.last_mut() {
-                    Some(prev) if ordering(prev) == ordering(&i) => *prev = i,
+                    Some(prev) if key(prev) == key(&i) => *prev = i,
                     _ => last_of_each.push(i),
                 }
             }
-            *self.sorted.borrow_mut() = Some(last_of_each);
+            *self.sorted.borrow_mut() = Some((table, last_of_each));
         }
-        std::cell::Ref::map(self.sorted.borrow(), |s| s.as_ref().expect("just sorted"))
+        std::cell::Ref::map(self.sorted.borrow(), |s| {
+            &s.as_ref().expect("just sorted").1
+        })
     }
 
     /// The entry's writes as one batch, its applied log ID and membership
@@ -305,13 +311,10 @@ impl<'a> ApplyTxn<'a> {
 impl ReadState for ApplyTxn<'_> {
     fn get(&self, table: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         let index = table_index(self.tables, table)?;
-        let sorted = self.sorted_writes();
-        let found = sorted.binary_search_by(|&i| {
-            let (t, k, _) = self.write_at(i);
-            (t, k).cmp(&(index, key))
-        });
+        let sorted = self.sorted_writes(index);
+        let found = sorted.binary_search_by(|&i| self.write_at(i).0.cmp(key));
         if let Ok(at) = found {
-            let (_, _, value) = self.write_at(sorted[at]);
+            let (_, value) = self.write_at(sorted[at]);
             return Ok(value.map(<[u8]>::to_vec));
         }
         Ok(self.db.get_cf(db::cf(self.db, table), key)?)
@@ -329,16 +332,12 @@ impl ReadState for ApplyTxn<'_> {
             prefix_read_options(prefix),
             IteratorMode::From(prefix, Direction::Forward),
         );
-        let sorted = self.sorted_writes();
-        let from = sorted.partition_point(|&i| {
-            let (t, k, _) = self.write_at(i);
-            (t, k) < (index, prefix)
-        });
+        let sorted = self.sorted_writes(index);
+        let from = sorted.partition_point(|&i| self.write_at(i).0 < prefix);
         let pending = sorted[from..]
             .iter()
             .map(|&i| self.write_at(i))
-            .take_while(|(t, k, _)| *t == index && k.starts_with(prefix))
-            .map(|(_, k, v)| (k, v));
+            .take_while(|(k, _)| k.starts_with(prefix));
         merge_scan(iter, pending, f)
     }
 }
