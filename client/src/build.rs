@@ -24,7 +24,7 @@ use crate::exit_code;
 use crate::render::{Console, Reporter, print_error};
 use crate::sources::hash_sources;
 use crate::upload::{MIN_UPLOAD_BYTES_PER_SEC, UploadError, upload_missing};
-use crate::watch::watch_build;
+use crate::watch::{Watched, watch_build};
 
 /// Largest graph file accepted: it travels in one message.
 pub const MAX_GRAPH_FILE_BYTES: u64 = MAX_MESSAGE_BYTES as u64 / 2;
@@ -221,7 +221,11 @@ pub async fn run_build(args: BuildArgs, connector: Connector, console: Console) 
 
         // Artifacts of the jobs that succeeded, by job ID.
         let mut artifacts: HashMap<String, (Bytes, u64)> = HashMap::new();
-        let watched = watch_build(&cluster, build_id, |event| {
+        let watched = watch_build(&cluster, build_id, |watched| {
+            let event = match watched {
+                Watched::Event(event) => event,
+                Watched::CaughtUp => return reporter.caught_up(),
+            };
             if let Some(build_event::Event::JobFinished(f)) = &event.event
                 && f.exit_code == 0
                 && f.error.is_empty()

@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use distbuild_proto::v1::{BuildEvent, WatchBuildRequest, build_event};
+use futures::FutureExt;
 use tracing::{debug, warn};
 
 use crate::cluster::{Backoff, CallError, Cluster, Disposition, RPC_TIMEOUT, classify, describe};
@@ -16,6 +17,15 @@ use crate::connect::client_api;
 /// a dead connection much sooner.
 pub const WATCH_IDLE_TIMEOUT: Duration = Duration::from_secs(10 * 60);
 
+/// What a watcher is handed.
+pub enum Watched<'a> {
+    /// The next event, each once and in order.
+    Event(&'a BuildEvent),
+    /// Every event that has arrived was handed on, and the next is not
+    /// here yet: the moment to write out what was buffered.
+    CaughtUp,
+}
+
 /// Streams the events of build `build_id` into `on_event`, from sequence
 /// number 0 through build_finished. Fails when the cluster stays
 /// unreachable for its patience (each reopening is a [`Cluster::call_at`],
@@ -24,7 +34,7 @@ pub const WATCH_IDLE_TIMEOUT: Duration = Duration::from_secs(10 * 60);
 pub async fn watch_build(
     cluster: &Cluster,
     build_id: u64,
-    on_event: impl FnMut(&BuildEvent),
+    on_event: impl FnMut(Watched<'_>),
 ) -> Result<(), CallError> {
     watch_build_with_idle_timeout(cluster, build_id, WATCH_IDLE_TIMEOUT, on_event).await
 }
@@ -34,7 +44,7 @@ pub async fn watch_build_with_idle_timeout(
     cluster: &Cluster,
     build_id: u64,
     idle_timeout: Duration,
-    mut on_event: impl FnMut(&BuildEvent),
+    mut on_event: impl FnMut(Watched<'_>),
 ) -> Result<(), CallError> {
     let mut next_seq = 0u64;
     // Reset by every event: a stream that keeps opening and breaking without
@@ -51,7 +61,16 @@ pub async fn watch_build_with_idle_timeout(
             })
             .await?;
         let break_reason = loop {
-            match tokio::time::timeout(idle_timeout, stream.message()).await {
+            // `message` can be dropped unfinished: it takes nothing from
+            // the stream until it returns a message.
+            let next = match stream.message().now_or_never() {
+                Some(ready) => Ok(ready),
+                None => {
+                    on_event(Watched::CaughtUp);
+                    tokio::time::timeout(idle_timeout, stream.message()).await
+                }
+            };
+            match next {
                 Err(_) => {
                     // Keepalive catches a dead connection; this is a live
                     // one that stopped sending: try another node.
@@ -77,7 +96,7 @@ pub async fn watch_build_with_idle_timeout(
                     next_seq = event.seq + 1;
                     backoff.reset();
                     let done = matches!(event.event, Some(build_event::Event::BuildFinished(_)));
-                    on_event(&event);
+                    on_event(Watched::Event(&event));
                     if done {
                         return Ok(());
                     }

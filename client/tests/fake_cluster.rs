@@ -573,6 +573,55 @@ async fn a_stream_cut_off_by_a_partition_is_noticed_by_keepalive_and_resumed() {
     );
 }
 
+/// Output is buffered while events keep coming, but what arrived is
+/// written as soon as the stream waits (a job running): a watcher of
+/// `--json` sees each line when it happens, not when the build ends.
+#[tokio::test]
+async fn lines_are_written_while_the_stream_waits() {
+    let fake = Fake::default();
+    {
+        let mut state = fake.lock();
+        state.job_count = 2;
+        state.events = two_job_events();
+        // Two events (a started and finished), then a long wait.
+        state.watch_scripts = [WatchScript {
+            take: Some(2),
+            stall: Some(Duration::from_secs(5)),
+            ..Default::default()
+        }]
+        .into();
+    }
+    let server = Server::start(fake.clone()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let graph = write_graph(dir.path());
+    let build = args(dir.path(), &graph, vec![server.addr.clone()], 30);
+    let (console, out, err) = support::console();
+    let watch_output = async {
+        let waited = std::time::Instant::now();
+        while kinds(&out.text()) != ["build_started", "job_finished a"] {
+            assert!(
+                waited.elapsed() < Duration::from_secs(3),
+                "the lines before the wait were not written during it: {:?}",
+                out.text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(fake.lock().watch_from, vec![0], "still the first stream");
+    };
+    let (code, ()) = tokio::time::timeout(
+        TEST_BUILD_LIMIT,
+        futures::future::join(
+            distbuild_client::run_build(build, Connector::tcp(), console),
+            watch_output,
+        ),
+    )
+    .await
+    .expect("the build ends");
+    assert_eq!(code, exit_code::OK, "stderr: {}", err.text());
+    assert_eq!(kinds(&out.text()), EVERY_EVENT_ONCE);
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn an_election_shorter_than_the_timeout_does_not_end_the_build() {
     let fake = Fake::default();

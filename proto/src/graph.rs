@@ -4,6 +4,7 @@
 //! is a listed source file, paths are relative and stay inside their
 //! directory, and every template is parsed.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 
@@ -95,7 +96,11 @@ pub struct TemplateDirs<'a> {
 impl Template {
     /// Parses `text`; `deps` are the job's declared dependencies, the only
     /// IDs `{{index .Deps ...}}` may name. `job` labels the error.
-    pub fn parse(job: &str, text: &str, deps: &HashSet<JobId>) -> Result<Self, GraphError> {
+    pub fn parse(
+        job: &(impl fmt::Display + ?Sized),
+        text: &str,
+        deps: &HashSet<JobId>,
+    ) -> Result<Self, GraphError> {
         let err = |problem: String| GraphError::Template {
             job: job.to_string(),
             text: text.to_string(),
@@ -203,6 +208,22 @@ pub struct Job {
 
 impl fmt::Display for Job {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        JobLabel {
+            name: &self.name,
+            id: self.id,
+        }
+        .fmt(f)
+    }
+}
+
+/// How errors name a job: its name quoted, then its ID.
+struct JobLabel<'a> {
+    name: &'a str,
+    id: JobId,
+}
+
+impl fmt::Display for JobLabel<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:?} ({})", self.name, self.id)
     }
 }
@@ -218,41 +239,86 @@ pub struct BuildGraph {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawGraph {
+struct RawGraph<'a> {
     #[serde(rename = "SourceFiles", default)]
     source_files: Option<BTreeMap<String, String>>,
-    #[serde(rename = "Jobs", default)]
-    jobs: Option<Vec<RawJob>>,
+    #[serde(rename = "Jobs", default, borrow)]
+    jobs: Option<Vec<RawJob<'a>>>,
 }
 
+/// A job as the JSON has it. What validation copies anyway (IDs become
+/// `JobId`s, command texts become templates) is borrowed from the JSON.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawJob {
-    #[serde(rename = "ID")]
-    id: String,
+struct RawJob<'a> {
+    #[serde(rename = "ID", borrow)]
+    id: Text<'a>,
     #[serde(rename = "Name", default)]
     name: Option<String>,
     #[serde(rename = "Inputs", default)]
     inputs: Option<Vec<String>>,
-    #[serde(rename = "Deps", default)]
-    deps: Option<Vec<String>>,
-    #[serde(rename = "Cmds", default)]
-    cmds: Option<Vec<RawCmd>>,
+    #[serde(rename = "Deps", default, borrow)]
+    deps: Option<Vec<Text<'a>>>,
+    #[serde(rename = "Cmds", default, borrow)]
+    cmds: Option<Vec<RawCmd<'a>>>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawCmd {
-    #[serde(rename = "Exec", default)]
-    exec: Option<Vec<String>>,
-    #[serde(rename = "Environ", default)]
-    environ: Option<Vec<String>>,
-    #[serde(rename = "WorkingDirectory", default)]
-    working_directory: Option<String>,
-    #[serde(rename = "CatTemplate", default)]
-    cat_template: Option<String>,
-    #[serde(rename = "CatOutput", default)]
-    cat_output: Option<String>,
+struct RawCmd<'a> {
+    #[serde(rename = "Exec", default, borrow)]
+    exec: Option<Vec<Text<'a>>>,
+    #[serde(rename = "Environ", default, borrow)]
+    environ: Option<Vec<Text<'a>>>,
+    #[serde(rename = "WorkingDirectory", default, borrow)]
+    working_directory: Option<Text<'a>>,
+    #[serde(rename = "CatTemplate", default, borrow)]
+    cat_template: Option<Text<'a>>,
+    #[serde(rename = "CatOutput", default, borrow)]
+    cat_output: Option<Text<'a>>,
+}
+
+/// A string of the JSON: borrowed from it, or unescaped into a copy when
+/// it has escapes.
+struct Text<'a>(Cow<'a, str>);
+
+impl std::ops::Deref for Text<'_> {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct TextVisitor;
+
+        impl<'de> serde::de::Visitor<'de> for TextVisitor {
+            type Value = Text<'de>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+
+            fn visit_borrowed_str<E: serde::de::Error>(
+                self,
+                text: &'de str,
+            ) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Borrowed(text)))
+            }
+
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Owned(text.to_owned())))
+            }
+
+            fn visit_string<E: serde::de::Error>(self, text: String) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Owned(text)))
+            }
+        }
+
+        deserializer.deserialize_str(TextVisitor)
+    }
 }
 
 /// Checks that `path` is relative, non-empty, and never leaves its
@@ -284,7 +350,7 @@ impl BuildGraph {
         Self::validate(raw)
     }
 
-    fn validate(raw: RawGraph) -> Result<Self, GraphError> {
+    fn validate(raw: RawGraph<'_>) -> Result<Self, GraphError> {
         let source_files = raw.source_files.unwrap_or_default();
         let mut by_path: HashMap<&str, &str> = HashMap::new();
         for (id, path) in &source_files {
@@ -305,19 +371,20 @@ impl BuildGraph {
         }
 
         let raw_jobs = raw.jobs.unwrap_or_default();
-        let mut ids: HashMap<JobId, String> = HashMap::new();
+        // Each ID's job, by position.
+        let mut ids: HashMap<JobId, usize> = HashMap::with_capacity(raw_jobs.len());
         let mut parsed_ids = Vec::with_capacity(raw_jobs.len());
-        for job in &raw_jobs {
-            let name = job.name.clone().unwrap_or_default();
+        for (position, job) in raw_jobs.iter().enumerate() {
+            let name = || job.name.clone().unwrap_or_default();
             let id: JobId = job.id.parse().map_err(|_| GraphError::BadJobId {
-                name: name.clone(),
-                id: job.id.clone(),
+                name: name(),
+                id: job.id.to_string(),
             })?;
-            if let Some(first) = ids.insert(id, name.clone()) {
+            if let Some(first) = ids.insert(id, position) {
                 return Err(GraphError::DuplicateJob {
                     id: id.to_string(),
-                    first,
-                    second: name,
+                    first: raw_jobs[first].name.clone().unwrap_or_default(),
+                    second: name(),
                 });
             }
             parsed_ids.push(id);
@@ -326,19 +393,22 @@ impl BuildGraph {
         let mut jobs = Vec::with_capacity(raw_jobs.len());
         for (raw_job, id) in raw_jobs.into_iter().zip(parsed_ids) {
             let name = raw_job.name.unwrap_or_default();
-            let label = format!("{name:?} ({id})");
+            // Written out only for an error.
+            let label = JobLabel { name: &name, id };
             let mut deps = Vec::new();
             for dep in raw_job.deps.unwrap_or_default() {
                 let dep_id: JobId = dep.parse().map_err(|_| GraphError::BadDepId {
-                    job: label.clone(),
-                    id: dep.clone(),
+                    job: label.to_string(),
+                    id: dep.to_string(),
                 })?;
                 if dep_id == id {
-                    return Err(GraphError::SelfDep { job: label });
+                    return Err(GraphError::SelfDep {
+                        job: label.to_string(),
+                    });
                 }
                 if !ids.contains_key(&dep_id) {
                     return Err(GraphError::UnknownDep {
-                        job: label,
+                        job: label.to_string(),
                         dep: dep_id.to_string(),
                     });
                 }
@@ -350,7 +420,7 @@ impl BuildGraph {
             for path in &inputs {
                 if !by_path.contains_key(path.as_str()) {
                     return Err(GraphError::UnlistedInput {
-                        job: label,
+                        job: label.to_string(),
                         path: path.clone(),
                     });
                 }
@@ -361,7 +431,7 @@ impl BuildGraph {
             let mut cmds = Vec::with_capacity(raw_cmds.len());
             for (index, cmd) in raw_cmds.into_iter().enumerate() {
                 let bad = |problem: &str| GraphError::BadCommand {
-                    job: label.clone(),
+                    job: label.to_string(),
                     index,
                     problem: problem.to_string(),
                 };
@@ -583,6 +653,36 @@ mod tests {
             BuildGraph::from_json(b"{}").expect("empty graph").jobs,
             vec![]
         );
+    }
+
+    /// Strings are borrowed from the JSON unless they have escapes; both
+    /// kinds parse to the same graph.
+    #[test]
+    fn escaped_strings_parse_like_plain_ones() {
+        let escaped_a = format!("\\u0061{}", &A[1..]);
+        let plain = graph(&[echo(A, &[], "x\ny"), echo(B, &[A], "z")]);
+        let escaped = plain
+            .replace(
+                &format!("\"ID\": \"{A}\""),
+                &format!("\"ID\": \"{escaped_a}\""),
+            )
+            .replace(
+                &format!("\"Deps\": [\"{A}\"]"),
+                &format!("\"Deps\": [\"{escaped_a}\"]"),
+            )
+            .replace("\"echo\"", "\"\\u0065cho\"");
+        assert_ne!(plain, escaped, "the test escapes something");
+        let plain = BuildGraph::from_json(plain.as_bytes()).expect("plain graph");
+        assert_eq!(
+            BuildGraph::from_json(escaped.as_bytes()).expect("escaped graph"),
+            plain
+        );
+        let Cmd::Exec { argv, .. } = &plain.jobs[0].cmds[0] else {
+            panic!("exec")
+        };
+        assert_eq!(argv[0].text, "echo");
+        assert_eq!(argv[1].text, "x\ny");
+        assert_eq!(plain.jobs[1].deps, vec![A.parse::<JobId>().expect("id")]);
     }
 
     #[test]

@@ -23,15 +23,40 @@ pub enum IdError {
 }
 
 fn parse_hex20(s: &str) -> Result<[u8; 20], IdError> {
-    let lowercase_hex = s.len() == 40
-        && s.bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-    if !lowercase_hex {
-        return Err(IdError::NotHex(s.chars().take(64).collect()));
+    let not_hex = || IdError::NotHex(s.chars().take(64).collect());
+    let bytes = s.as_bytes();
+    if bytes.len() != 40 {
+        return Err(not_hex());
     }
     let mut out = [0u8; 20];
-    hex::decode_to_slice(s, &mut out).map_err(|_| IdError::NotHex(s.to_string()))?;
+    for (byte, pair) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+        match (lower_hex_value(pair[0]), lower_hex_value(pair[1])) {
+            (Some(high), Some(low)) => *byte = high << 4 | low,
+            _ => return Err(not_hex()),
+        }
+    }
     Ok(out)
+}
+
+/// The value of one lowercase hex digit (uppercase is not one).
+fn lower_hex_value(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    }
+}
+
+/// `bytes` as 40 lowercase hex characters, on the stack: IDs are written
+/// once per job and event, where a `String` each would show.
+fn hex40(bytes: &[u8; 20]) -> [u8; 40] {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 40];
+    for (pair, byte) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = DIGITS[usize::from(byte >> 4)];
+        pair[1] = DIGITS[usize::from(byte & 0xf)];
+    }
+    out
 }
 
 macro_rules! hex20_type {
@@ -73,7 +98,8 @@ macro_rules! hex20_type {
 
         impl fmt::Display for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(&hex::encode(self.0))
+                let hex = hex40(&self.0);
+                f.write_str(std::str::from_utf8(&hex).expect("hex digits are ASCII"))
             }
         }
 
@@ -282,12 +308,26 @@ mod tests {
             ("0123456789abcdef0123456789abcdef0123456g", false), // not hex
             ("", false),
             ("é123456789abcdef0123456789abcdef012345", false), // multibyte
+            ("é123456789abcdef0123456789abcdef0123456", false), // 40 bytes
+            ("g123456789abcdef0123456789abcdef01234567", false), // high nibble
+            ("0123456789abcdef0123456789abcdef0123456:", false), // past '9'
+            ("0123456789abcdef0123456789abcdef0123456`", false), // before 'a'
         ];
         for (input, ok) in cases {
             assert_eq!(input.parse::<JobId>().is_ok(), *ok, "{input:?}");
         }
         let id: JobId = good.parse().expect("valid");
         assert_eq!(id.to_string(), good);
+    }
+
+    #[test]
+    fn every_byte_value_round_trips_through_hex() {
+        for first in 0..=255u8 {
+            let bytes: [u8; 20] = std::array::from_fn(|i| first.wrapping_add(i as u8 * 13));
+            let text = Digest::from_bytes(bytes).to_string();
+            assert_eq!(text, hex::encode(bytes));
+            assert_eq!(text.parse::<Digest>(), Ok(Digest::from_bytes(bytes)));
+        }
     }
 
     #[test]

@@ -98,33 +98,43 @@ impl Model {
         let mut ready: VecDeque<(u64, u32)> = jobs.into();
         while let Some((build_id, job)) = ready.pop_front() {
             self.resolve(build_id, job);
-            let (key, spec, path_ms) = {
+            let (key, spec, path_ms, leaf) = {
                 let j = self.job_mut(build_id, job);
                 debug_assert_eq!(j.state, JobState::Waiting);
-                (j.cache_key, j.spec.clone(), j.path_ms)
+                (
+                    j.cache_key,
+                    j.spec.clone(),
+                    j.path_ms,
+                    j.dependents.is_empty(),
+                )
             };
-            let leaf = self.builds[&build_id].jobs[job as usize]
-                .dependents
-                .is_empty();
-            if leaf
-                && self
-                    .results
-                    .get(&key)
-                    .is_some_and(|r| !self.is_held(&r.artifact))
-            {
+            // One lookup of the result: every job of a cached rebuild
+            // comes here, and the table has as many rows as jobs.
+            let mut unheld = false;
+            let cached = match self.results.get_mut(&key) {
                 // The client downloads a leaf's output: a result whose
                 // artifact nobody holds cannot answer it, so it is built
                 // again. (Other jobs' lost outputs are rebuilt only when a
                 // dependent is about to run, see `assign`.)
+                Some(result)
+                    if leaf && !crate::index::is_held_in(&self.held_by, &result.artifact) =>
+                {
+                    unheld = true;
+                    None
+                }
+                Some(result) => {
+                    if crate::gc::records_use(result.last_used_ms, self.clock_ms) {
+                        result.last_used_ms = self.clock_ms;
+                        self.dirty.results.insert(key);
+                    }
+                    Some((result.output, result.artifact, result.artifact_size))
+                }
+                None => None,
+            };
+            if unheld {
                 self.forget_result(key);
             }
-            if let Some(result) = self.results.get_mut(&key) {
-                if crate::gc::records_use(result.last_used_ms, self.clock_ms) {
-                    result.last_used_ms = self.clock_ms;
-                    self.dirty.results.insert(key);
-                }
-                let (output, artifact, artifact_size) =
-                    (result.output, result.artifact, result.artifact_size);
+            if let Some((output, artifact, artifact_size)) = cached {
                 let cached = true;
                 ready.extend(self.succeed_job(
                     build_id,

@@ -4,10 +4,12 @@
 //! an execution's waiters and blocks. Every transition changes those
 //! records through here; `invariants` checks they stayed in step.
 
+use std::collections::BTreeMap;
+
 use distbuild_proto::Digest;
 
 use crate::records::ExecState;
-use crate::state::Model;
+use crate::state::{Holders, Model};
 
 /// Artifacts a worker's registrations and heartbeats may have recorded as
 /// held by it: past it, what it lists is not recorded (its peers cannot be
@@ -53,7 +55,7 @@ impl Model {
 
     /// Whether some live worker holds `artifact`.
     pub(crate) fn is_held(&self, artifact: &Digest) -> bool {
-        self.held_by.get(artifact).is_some_and(|h| !h.is_empty())
+        is_held_in(&self.held_by, artifact)
     }
 
     /// Takes `waiter` off the execution of `key`; drops the execution if
@@ -158,4 +160,10 @@ impl Model {
             }
         }
     }
+}
+
+/// Whether some live worker holds `artifact`, by the holders index alone
+/// (for a caller holding another part of the model mutably).
+pub(crate) fn is_held_in(held_by: &BTreeMap<Digest, Holders>, artifact: &Digest) -> bool {
+    held_by.get(artifact).is_some_and(|h| !h.is_empty())
 }

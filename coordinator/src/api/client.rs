@@ -13,6 +13,7 @@ use distbuild_proto::v1::{
 };
 use distbuild_proto::wire::{MAX_REQUEST_ID_CHARS, digest_from_wire, digest_to_wire};
 use distbuild_proto::{Digest, JobId, job_key};
+use futures::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
 use distbuild_model::{self as model, CmdText, Command, InputRef, JobSpec, SubmittedJob};
@@ -185,6 +186,10 @@ impl ClientService {
 /// be fsynced there, so a big build goes in several entries.
 pub const SUBMIT_PART_BYTES: usize = 256 * 1024;
 
+/// Submit parts proposed at once: two entries of two parts each, the
+/// batcher's `MAX_IN_FLIGHT` entries of its `MAX_BATCH_BYTES`.
+const STAGE_PARTS_AT_ONCE: usize = 4;
+
 /// The encoded size of `jobs` (what staging counts).
 fn encoded_size(jobs: &[SubmittedJob]) -> u64 {
     postcard::experimental::serialized_size(jobs).map_or(u64::MAX, |n| n as u64)
@@ -292,21 +297,30 @@ impl ClientApi for ClientService {
                 model::MAX_STAGED_BYTES
             )));
         }
-        for (part, jobs) in (0u32..).zip(parts) {
-            let response = self
-                .node
-                .propose(Command::StageSubmit {
+        // Parts are keyed by their number, so they may commit in any
+        // order: a few are proposed at once, and the batcher packs them
+        // into entries while earlier ones commit.
+        let node = &self.node;
+        let request_id = &request_id;
+        let mut staging = futures::stream::iter((0u32..).zip(parts))
+            .map(|(part, jobs)| {
+                node.propose(Command::StageSubmit {
                     request_id: request_id.clone(),
                     part,
                     jobs,
                     total_bytes,
-                    now_ms: self.node.now_ms(),
+                    now_ms: node.now_ms(),
                 })
-                .await?;
+            })
+            .buffer_unordered(STAGE_PARTS_AT_ONCE);
+        while let Some(response) = staging.next().await {
+            let response = response?;
             if response != model::Response::None {
                 return Err(refusal(response));
             }
         }
+        drop(staging);
+        let request_id = request_id.clone();
         let response = self
             .node
             .propose(Command::SubmitBuild {
