@@ -300,16 +300,14 @@ impl ClientApi for ClientService {
         // Parts are keyed by their number, so they may commit in any
         // order: a few are proposed at once, and the batcher packs them
         // into entries while earlier ones commit.
-        let node = &self.node;
-        let request_id = &request_id;
         let mut staging = futures::stream::iter((0u32..).zip(parts))
             .map(|(part, jobs)| {
-                node.propose(Command::StageSubmit {
+                self.node.propose(Command::StageSubmit {
                     request_id: request_id.clone(),
                     part,
                     jobs,
                     total_bytes,
-                    now_ms: node.now_ms(),
+                    now_ms: self.node.now_ms(),
                 })
             })
             .buffer_unordered(STAGE_PARTS_AT_ONCE);
@@ -320,7 +318,6 @@ impl ClientApi for ClientService {
             }
         }
         drop(staging);
-        let request_id = request_id.clone();
         let response = self
             .node
             .propose(Command::SubmitBuild {
