@@ -23,40 +23,15 @@ pub enum IdError {
 }
 
 fn parse_hex20(s: &str) -> Result<[u8; 20], IdError> {
-    let not_hex = || IdError::NotHex(s.chars().take(64).collect());
-    let bytes = s.as_bytes();
-    if bytes.len() != 40 {
-        return Err(not_hex());
+    let lowercase_hex = s.len() == 40
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    if !lowercase_hex {
+        return Err(IdError::NotHex(s.chars().take(64).collect()));
     }
     let mut out = [0u8; 20];
-    for (byte, pair) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-        match (lower_hex_value(pair[0]), lower_hex_value(pair[1])) {
-            (Some(high), Some(low)) => *byte = high << 4 | low,
-            _ => return Err(not_hex()),
-        }
-    }
+    hex::decode_to_slice(s, &mut out).map_err(|_| IdError::NotHex(s.to_string()))?;
     Ok(out)
-}
-
-/// The value of one lowercase hex digit (uppercase is not one).
-fn lower_hex_value(c: u8) -> Option<u8> {
-    match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        _ => None,
-    }
-}
-
-/// `bytes` as 40 lowercase hex characters, on the stack: IDs are written
-/// once per job and event, where a `String` each would show.
-fn hex40(bytes: &[u8; 20]) -> [u8; 40] {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = [0u8; 40];
-    for (pair, byte) in out.chunks_exact_mut(2).zip(bytes) {
-        pair[0] = DIGITS[usize::from(byte >> 4)];
-        pair[1] = DIGITS[usize::from(byte & 0xf)];
-    }
-    out
 }
 
 macro_rules! hex20_type {
@@ -98,7 +73,10 @@ macro_rules! hex20_type {
 
         impl fmt::Display for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                let hex = hex40(&self.0);
+                // On the stack: IDs are written once per job and event,
+                // where a `String` each would show.
+                let mut hex = [0u8; 40];
+                hex::encode_to_slice(self.0, &mut hex).expect("40 bytes hold 20 in hex");
                 f.write_str(std::str::from_utf8(&hex).expect("hex digits are ASCII"))
             }
         }
