@@ -644,7 +644,29 @@ struct Driver<'p> {
     cuts: BTreeMap<(String, String), u32>,
     /// Each coordinator's wall clock jump (what its `SimClock` adds).
     clock_jumps: BTreeMap<String, Arc<AtomicI64>>,
+    /// A `Straggle` fault waiting for a lease to be granted, until then.
+    straggle_wanted_until: Option<u64>,
+    straggler: Option<Straggler>,
+    /// When the straggle is looked at next (it reads the applied log).
+    straggle_check_ms: u64,
 }
+
+/// A worker cut off until one of its leases expires.
+struct Straggler {
+    host: String,
+    links: Vec<(String, String)>,
+    /// The index of the grant it was chosen by.
+    granted_at: u64,
+    /// When it is reattached even if no lease expired (within the window
+    /// its reports are retried in: the results must still arrive).
+    until_ms: u64,
+}
+
+/// How often a straggle looks at the applied log.
+const STRAGGLE_CHECK_MS: u64 = 50;
+/// The longest a straggler stays cut off: three lease periods, within the
+/// worker's report retry window (`MIN_REPORT_RETRY_WINDOW`, 10 s).
+const STRAGGLE_MAX_MS: u64 = 9_000;
 
 enum Undo {
     /// Directed links (from, to) one fault cut.
@@ -675,7 +697,64 @@ impl<'p> Driver<'p> {
             delays: 0,
             losses: 0,
             cuts: BTreeMap::new(),
+            straggle_wanted_until: None,
+            straggler: None,
+            straggle_check_ms: 0,
         }
+    }
+
+    /// Cuts off the straggler once a lease is granted, and reattaches it
+    /// once one of its leases expired (see [`Fault::Straggle`]).
+    fn follow_straggle(&mut self, sim: &mut turmoil::Sim<'_>, now_ms: u64) {
+        if now_ms < self.straggle_check_ms {
+            return;
+        }
+        self.straggle_check_ms = now_ms + STRAGGLE_CHECK_MS;
+        if let Some(straggler) = &self.straggler {
+            let expired = self
+                .observer
+                .observations()
+                .lease_expired_since(&straggler.host, straggler.granted_at);
+            if !expired && now_ms < straggler.until_ms {
+                return;
+            }
+            let straggler = self.straggler.take().expect("checked");
+            self.uncut(sim, &straggler.links);
+            let why = if expired {
+                "a lease of it expired"
+            } else {
+                "none of its leases expired in time"
+            };
+            self.note(
+                now_ms,
+                format!("reattach straggler {}: {why}", straggler.host),
+            );
+            return;
+        }
+        let Some(wanted_until) = self.straggle_wanted_until else {
+            return;
+        };
+        if now_ms >= wanted_until {
+            self.straggle_wanted_until = None;
+            self.note(now_ms, "no straggler: no lease was granted".to_string());
+            return;
+        }
+        let Some((granted_at, host)) = self.observer.observations().newest_lease_holder() else {
+            return;
+        };
+        self.straggle_wanted_until = None;
+        let links = both_ways(self.coordinators.iter().map(|c| (host.clone(), c.clone())));
+        self.cut(sim, &links);
+        self.note(
+            now_ms,
+            format!("straggler {host}: cut off from the coordinators until a lease of it expires"),
+        );
+        self.straggler = Some(Straggler {
+            host,
+            links,
+            granted_at,
+            until_ms: now_ms + STRAGGLE_MAX_MS,
+        });
     }
 
     /// Cuts the directed links `links` (one more fault cutting each).
@@ -738,6 +817,7 @@ impl<'p> Driver<'p> {
                 self.undo_one(sim, now_ms, undo, base_latency_ms);
             }
         }
+        self.follow_straggle(sim, now_ms);
         while self.pending.front().is_some_and(|p| p.start_ms <= now_ms) {
             let planned = self.pending.pop_front().expect("checked");
             let undo = match &planned.fault {
@@ -814,6 +894,11 @@ impl<'p> Driver<'p> {
                     self.note(now_ms, format!("disconnect {host} from the coordinators"));
                     Undo::Uncut(links)
                 }
+                Fault::Straggle => {
+                    self.straggle_wanted_until = Some(planned.end_ms);
+                    self.straggle_check_ms = now_ms;
+                    continue;
+                }
             };
             self.undo.entry(planned.end_ms).or_default().push(undo);
         }
@@ -868,6 +953,8 @@ impl<'p> Driver<'p> {
         let now_ms = sim.elapsed().as_millis() as u64;
         self.pending.clear();
         self.cuts.clear();
+        self.straggle_wanted_until = None;
+        self.straggler = None;
         let undo = std::mem::take(&mut self.undo);
         for undo in undo.into_values().flatten() {
             match undo {

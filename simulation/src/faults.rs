@@ -4,7 +4,9 @@
 //! partitions (an isolated leader among them), slow and lossy links,
 //! coordinator and worker crashes with restarts, workers and clients cut
 //! off from the coordinators and reattached, and coordinators' wall clocks
-//! jumping an hour forward or back.
+//! jumping an hour forward or back. Every plan also has one straggler: a
+//! worker cut off while it holds a lease, just until the lease expires,
+//! so that its results arrive late (see [`Fault::Straggle`]).
 
 use rand::Rng;
 use rand::rngs::StdRng;
@@ -35,6 +37,15 @@ pub enum Fault {
     /// The wall clock of `host` (of whoever leads when the fault starts, if
     /// none) jumps by `by_ms`, until set right at the fault's end.
     ClockJump { host: Option<String>, by_ms: i64 },
+    /// At the fault's start (or the first grant after it, until its end),
+    /// the worker granted the newest lease is cut off from every
+    /// coordinator until one of its leases expires, then reattached at
+    /// once. Its jobs finish meanwhile, so
+    /// their results arrive just after the expiry, while the jobs wait to
+    /// run again or run elsewhere: the moment a coordinator that takes
+    /// results from expired leases is caught. Random partitions make that
+    /// moment rare (most expiries come long before the results arrive).
+    Straggle,
 }
 
 /// A fault and its window, in simulated milliseconds.
@@ -67,7 +78,13 @@ fn one<'a>(rng: &mut StdRng, from: &'a [String]) -> &'a String {
     &from[rng.gen_range(0..from.len())]
 }
 
-/// Between `min` and `max` faults within `0..chaos_ms`, sorted by start.
+/// When the straggler is chosen: early, while the first builds run.
+const STRAGGLE_START_MS: std::ops::Range<u64> = 100..1_500;
+/// How long the straggle waits for a lease to be granted.
+const STRAGGLE_WAIT_MS: u64 = 6_000;
+
+/// Between `min` and `max` faults within `0..chaos_ms`, and a straggler,
+/// sorted by start.
 pub fn plan(
     rng: &mut StdRng,
     hosts: &Hosts<'_>,
@@ -139,6 +156,12 @@ pub fn plan(
             fault,
         });
     }
+    let start_ms = rng.gen_range(STRAGGLE_START_MS);
+    planned.push(Planned {
+        start_ms,
+        end_ms: start_ms + STRAGGLE_WAIT_MS,
+        fault: Fault::Straggle,
+    });
     planned.sort_by_key(|p| p.start_ms);
     planned
 }

@@ -3,12 +3,11 @@
 //! (from openraft's metrics). Both go into the trace and into
 //! [`Observations`] for the checkers.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use distbuild_coordinator::{ApplyObserver, Node};
-use distbuild_model::Proposal;
-use distbuild_model::Response;
+use distbuild_model::{Command, Proposal, Response};
 use sha1::{Digest as _, Sha1};
 
 use crate::trace::{Trace, What};
@@ -36,6 +35,59 @@ pub struct Observations {
     /// Snapshot files are written outside the blocking seam, so a run is
     /// kept below openraft's snapshot threshold (see the `raft` checker).
     pub snapshots: Vec<(u64, u64)>,
+}
+
+impl Observations {
+    /// The committed log as the replicas applied it: per index, the first
+    /// application seen (the `raft` checker holds the others equal to it).
+    pub fn committed(&self) -> BTreeMap<u64, &Applied> {
+        let mut log = BTreeMap::new();
+        for per_node in self.applied.values() {
+            for (index, applied) in per_node {
+                if let Some(first) = applied.first() {
+                    log.entry(*index).or_insert(first);
+                }
+            }
+        }
+        log
+    }
+
+    /// The worker granted the newest lease so far, and the index of that
+    /// grant.
+    pub fn newest_lease_holder(&self) -> Option<(u64, String)> {
+        self.committed()
+            .into_iter()
+            .rev()
+            .find_map(
+                |(index, applied)| match (&applied.proposal.command, &applied.response) {
+                    (Command::Assign { worker_id, .. }, Response::Assigned { tokens, .. })
+                        if tokens.iter().any(Option::is_some) =>
+                    {
+                        Some((index, worker_id.clone()))
+                    }
+                    _ => None,
+                },
+            )
+    }
+
+    /// Whether a lease granted to `worker` expired in an entry after
+    /// index `after`.
+    pub fn lease_expired_since(&self, worker: &str, after: u64) -> bool {
+        let log = self.committed();
+        let mut granted = BTreeSet::new();
+        for applied in log.values() {
+            if let (Command::Assign { worker_id, .. }, Response::Assigned { tokens, .. }) =
+                (&applied.proposal.command, &applied.response)
+                && worker_id == worker
+            {
+                granted.extend(tokens.iter().flatten().copied());
+            }
+        }
+        log.range(after + 1..).any(|(_, applied)| {
+            matches!(&applied.response, Response::Expired { tokens }
+                if tokens.iter().any(|token| granted.contains(token)))
+        })
+    }
 }
 
 /// The observer shared by every coordinator of a run.

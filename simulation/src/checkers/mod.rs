@@ -80,19 +80,14 @@ pub fn check(run: &RunResult, reference: &RunResult) -> Vec<Violation> {
     all
 }
 
-/// The committed log as the replicas applied it: per index, the first
-/// application seen (the `raft` checker holds the others equal to it).
+/// The committed log as the replicas applied it (see
+/// [`crate::observe::Observations::committed`]).
 pub fn canonical_log(run: &RunResult) -> BTreeMap<u64, Applied> {
     let seen = run.observer.observations();
-    let mut log = BTreeMap::new();
-    for per_node in seen.applied.values() {
-        for (index, applied) in per_node {
-            if let Some(first) = applied.first() {
-                log.entry(*index).or_insert_with(|| first.clone());
-            }
-        }
-    }
-    log
+    seen.committed()
+        .into_iter()
+        .map(|(index, applied)| (index, applied.clone()))
+        .collect()
 }
 
 /// The retried requests of a committed log: index -> the earlier index
