@@ -460,6 +460,7 @@ where
             rates,
             kept_blob_bytes: kept_blob_bytes.clone(),
             drains: Arc::default(),
+            picks: Default::default(),
         })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES),

@@ -8,7 +8,7 @@
 //! own order. Locality can hold an execution back for a while (see
 //! [`Model::pick_for`]).
 
-use std::collections::{BTreeMap, btree_set};
+use std::collections::{BTreeMap, BTreeSet, btree_set};
 
 use distbuild_proto::Digest;
 
@@ -19,6 +19,13 @@ use crate::state::Model;
 /// over for locality or platform count too), so that a poll costs the
 /// same however long the queue is.
 pub const MAX_SCANNED_PER_BUILD: usize = 256;
+
+/// The clock and the waits a pick goes by.
+struct PickTime {
+    now_ms: u64,
+    locality_wait_ms: u64,
+    alive_ms: u64,
+}
 
 /// One build's queued executions, as a poll walks them.
 struct Lane<'a> {
@@ -34,6 +41,8 @@ impl Model {
     /// module), with locality: an execution whose dependency artifacts
     /// another live worker with a free slot holds more of than this one is
     /// left for that worker until it has waited `locality_wait_ms`.
+    /// Executions in `in_flight` (picked by a concurrent call whose
+    /// assignment is not applied yet) are passed over.
     pub fn pick_for(
         &self,
         worker_id: &str,
@@ -41,12 +50,18 @@ impl Model {
         now_ms: u64,
         locality_wait_ms: u64,
         alive_ms: u64,
+        in_flight: &BTreeSet<Digest>,
     ) -> Vec<Digest> {
         let Some(me) = self.workers.get(worker_id) else {
             return Vec::new();
         };
         let free = (me.slots.saturating_sub(me.running) as usize).min(max);
-        self.pick(worker_id, me, free, now_ms, locality_wait_ms, alive_ms)
+        let when = PickTime {
+            now_ms,
+            locality_wait_ms,
+            alive_ms,
+        };
+        self.pick(worker_id, me, free, &when, in_flight)
     }
 
     /// What [`Model::pick_for`] would give `worker_id` for one slot once
@@ -60,6 +75,7 @@ impl Model {
         now_ms: u64,
         locality_wait_ms: u64,
         alive_ms: u64,
+        in_flight: &BTreeSet<Digest>,
     ) -> Vec<Digest> {
         let Some(me) = self.workers.get(worker_id) else {
             return Vec::new();
@@ -72,7 +88,12 @@ impl Model {
                 matches!(&exec.state, ExecState::Running { worker_id: w, .. } if w == worker_id)
             });
         let free = (me.slots.saturating_sub(me.running) as usize + usize::from(frees)).min(1);
-        self.pick(worker_id, me, free, now_ms, locality_wait_ms, alive_ms)
+        let when = PickTime {
+            now_ms,
+            locality_wait_ms,
+            alive_ms,
+        };
+        self.pick(worker_id, me, free, &when, in_flight)
     }
 
     /// Up to `free` queued executions for `worker_id` (registered as
@@ -82,10 +103,14 @@ impl Model {
         worker_id: &str,
         me: &Worker,
         free: usize,
-        now_ms: u64,
-        locality_wait_ms: u64,
-        alive_ms: u64,
+        when: &PickTime,
+        in_flight: &BTreeSet<Digest>,
     ) -> Vec<Digest> {
+        let PickTime {
+            now_ms,
+            locality_wait_ms,
+            alive_ms,
+        } = *when;
         // A draining worker is given nothing new.
         if me.draining {
             return Vec::new();
@@ -121,7 +146,7 @@ impl Model {
                 let ExecState::Queued { since_ms } = exec.state else {
                     unreachable!("the queue holds queued executions");
                 };
-                if !exec.runs_on(me) {
+                if in_flight.contains(key) || !exec.runs_on(me) {
                     continue;
                 }
                 if now_ms.saturating_sub(since_ms) >= locality_wait_ms

@@ -228,7 +228,8 @@ impl Harness {
     }
 
     fn pick(&self, worker: &str) -> Vec<Digest> {
-        self.model.pick_for(worker, 4, self.now_ms, 50, LEASE_MS)
+        self.model
+            .pick_for(worker, 4, self.now_ms, 50, LEASE_MS, &BTreeSet::new())
     }
 
     fn exec(&self, n: u8) -> &Execution {
@@ -395,7 +396,8 @@ fn a_chain_runs_in_order_and_finishes() {
     let b = h.submit("r1", graph(&[(1, &[]), (2, &[0])]));
     h.events();
     assert_eq!(
-        h.model.pick_for("a", 4, h.now_ms, 50, LEASE_MS),
+        h.model
+            .pick_for("a", 4, h.now_ms, 50, LEASE_MS, &BTreeSet::new()),
         vec![h.k(1)]
     );
     assert!(h.run_one("a", h.k(1), success(1)));
@@ -419,7 +421,8 @@ fn the_same_cache_key_runs_once_for_every_build_and_is_cached_after() {
     h.events();
     // One execution serves both builds.
     assert_eq!(
-        h.model.pick_for("a", 4, h.now_ms, 50, LEASE_MS),
+        h.model
+            .pick_for("a", 4, h.now_ms, 50, LEASE_MS, &BTreeSet::new()),
         vec![h.k(1)]
     );
     assert!(h.run_one("a", h.k(1), success(1)));
@@ -459,7 +462,8 @@ fn a_failure_skips_its_dependents_but_not_independent_jobs() {
     );
     // Nothing of the failed chain is queued; the independent job is.
     assert_eq!(
-        h.model.pick_for("a", 4, h.now_ms, 50, LEASE_MS),
+        h.model
+            .pick_for("a", 4, h.now_ms, 50, LEASE_MS, &BTreeSet::new()),
         vec![h.k(4)]
     );
     assert!(h.run_one("a", h.k(4), success(4)));
@@ -474,7 +478,8 @@ fn a_failure_skips_its_dependents_but_not_independent_jobs() {
     // A failure is not cached: the same job runs again in a new build.
     h.submit("r2", graph(&[(1, &[])]));
     assert_eq!(
-        h.model.pick_for("a", 4, h.now_ms, 50, LEASE_MS),
+        h.model
+            .pick_for("a", 4, h.now_ms, 50, LEASE_MS, &BTreeSet::new()),
         vec![h.k(1)]
     );
 }
@@ -509,7 +514,8 @@ fn an_expired_lease_requeues_and_its_late_result_is_refused() {
     h.expire(3, NO_DEATHS_MS);
     assert_eq!(h.exec(1).attempts, 1);
     assert_eq!(
-        h.model.pick_for("b", 4, h.now_ms, 50, LEASE_MS),
+        h.model
+            .pick_for("b", 4, h.now_ms, 50, LEASE_MS, &BTreeSet::new()),
         vec![h.k(1)]
     );
     // The old holder's result and renewal are refused.
@@ -564,14 +570,20 @@ fn ready_jobs_wait_briefly_for_the_worker_holding_their_inputs() {
     h.submit("r", graph(&[(1, &[]), (2, &[0])]));
     assert!(h.run_one("a", h.k(1), success(1)));
     // Worker b polls first: job 2's input lives on a, which has a free slot.
-    assert!(h.model.pick_for("b", 4, h.now_ms, 50, LEASE_MS).is_empty());
+    assert!(
+        h.model
+            .pick_for("b", 4, h.now_ms, 50, LEASE_MS, &BTreeSet::new())
+            .is_empty()
+    );
     assert_eq!(
-        h.model.pick_for("a", 4, h.now_ms, 50, LEASE_MS),
+        h.model
+            .pick_for("a", 4, h.now_ms, 50, LEASE_MS, &BTreeSet::new()),
         vec![h.k(2)]
     );
     // After the locality wait, anyone may take it.
     assert_eq!(
-        h.model.pick_for("b", 4, h.now_ms + 50, 50, LEASE_MS),
+        h.model
+            .pick_for("b", 4, h.now_ms + 50, 50, LEASE_MS, &BTreeSet::new()),
         vec![h.k(2)]
     );
     // Once b has fetched the input too, it no longer waits.
@@ -584,7 +596,8 @@ fn ready_jobs_wait_briefly_for_the_worker_holding_their_inputs() {
         now_ms: h.now_ms,
     });
     assert_eq!(
-        h.model.pick_for("b", 4, h.now_ms, 50, LEASE_MS),
+        h.model
+            .pick_for("b", 4, h.now_ms, 50, LEASE_MS, &BTreeSet::new()),
         vec![h.k(2)]
     );
 }
@@ -593,12 +606,18 @@ fn ready_jobs_wait_briefly_for_the_worker_holding_their_inputs() {
 fn slots_bound_assignments() {
     let mut h = Harness::new();
     h.submit("r", graph(&[(1, &[]), (2, &[]), (3, &[])]));
-    let picks = h.model.pick_for("a", 10, h.now_ms, 50, LEASE_MS);
+    let picks = h
+        .model
+        .pick_for("a", 10, h.now_ms, 50, LEASE_MS, &BTreeSet::new());
     assert_eq!(picks.len(), 2, "worker a has two slots");
     let tokens = h.assign("a", &[h.k(1), h.k(2), h.k(3)]);
     assert!(tokens[0].is_some() && tokens[1].is_some());
     assert_eq!(tokens[2], None, "a third lease exceeds the slots");
-    assert!(h.model.pick_for("a", 10, h.now_ms, 50, LEASE_MS).is_empty());
+    assert!(
+        h.model
+            .pick_for("a", 10, h.now_ms, 50, LEASE_MS, &BTreeSet::new())
+            .is_empty()
+    );
 }
 
 #[test]
@@ -616,7 +635,8 @@ fn a_reregistering_worker_loses_its_leases() {
     });
     assert!(!h.report("a", token, h.k(1), success(1)));
     assert_eq!(
-        h.model.pick_for("b", 4, h.now_ms, 50, LEASE_MS),
+        h.model
+            .pick_for("b", 4, h.now_ms, 50, LEASE_MS, &BTreeSet::new()),
         vec![h.k(1)]
     );
 }

@@ -220,7 +220,9 @@ fn the_state_holds_little_per_job_in_flight() {
         calls += 1;
         format!("report/{WORKER}/{PREFIX}-report{calls}")
     };
-    let first = replica.model.pick_for(WORKER, 2, now_ms, 0, 60_000);
+    let first = replica
+        .model
+        .pick_for(WORKER, 2, now_ms, 0, 60_000, &Default::default());
     let mut leased: Vec<(u64, Digest)> = match &replica.apply(vec![Proposal {
         request_id: Some(format!("poll/{WORKER}/{PREFIX}-poll0")),
         command: Command::Assign {
@@ -241,9 +243,10 @@ fn the_state_holds_little_per_job_in_flight() {
     let mut done = 0;
     while let Some((token, key)) = leased.pop() {
         now_ms += 2;
-        let next = replica
-            .model
-            .pick_after_report(WORKER, token, now_ms, 0, 60_000);
+        let next =
+            replica
+                .model
+                .pick_after_report(WORKER, token, now_ms, 0, 60_000, &Default::default());
         let request = next_id();
         let mut proposals = vec![Proposal {
             request_id: Some(request.clone()),

@@ -10,6 +10,7 @@ pub mod client;
 pub mod drain;
 pub mod health;
 pub mod http;
+pub mod picks;
 pub mod raft;
 pub mod rate;
 pub mod reapi;

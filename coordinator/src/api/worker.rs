@@ -22,6 +22,7 @@ use distbuild_proto::wire::{
 use distbuild_proto::{BlobKey, Digest};
 use tonic::{Request, Response, Status, Streaming};
 
+use super::picks::PicksInFlight;
 use super::rate::CallerRates;
 use super::rate::client_name;
 use super::reapi::action_cache::{MAX_ACTION_RESULT_BYTES, named_blobs};
@@ -82,6 +83,8 @@ pub struct WorkerService {
     pub kept_blob_bytes: Arc<KeptBlobBytes>,
     /// The plan for workers leaving.
     pub drains: Arc<super::drain::Drains>,
+    /// Executions picked by calls whose assignments are not applied yet.
+    pub picks: PicksInFlight,
 }
 
 impl WorkerService {
@@ -378,13 +381,16 @@ impl WorkerApi for WorkerService {
                         .workers()
                         .get(&req.worker_id)
                         .is_some_and(|w| w.draining),
-                    model.pick_for(
-                        &req.worker_id,
-                        max,
-                        now_ms,
-                        tuning.locality_wait_ms,
-                        tuning.lease_timeout_ms,
-                    ),
+                    self.picks.pick(|in_flight| {
+                        model.pick_for(
+                            &req.worker_id,
+                            max,
+                            now_ms,
+                            tuning.locality_wait_ms,
+                            tuning.lease_timeout_ms,
+                            in_flight,
+                        )
+                    }),
                     model.has_queued(),
                 )
             };
@@ -399,7 +405,7 @@ impl WorkerApi for WorkerService {
             if draining {
                 return Ok(Response::new(PollWorkResponse::default()));
             }
-            if !picks.is_empty() {
+            if !picks.keys().is_empty() {
                 let id = if request.is_empty() {
                     String::new()
                 } else {
@@ -412,7 +418,7 @@ impl WorkerApi for WorkerService {
                         id,
                         Command::Assign {
                             worker_id: req.worker_id.clone(),
-                            cache_keys: picks.clone(),
+                            cache_keys: picks.keys().to_vec(),
                             lease_timeout_ms: tuning.lease_timeout_ms,
                             now_ms,
                         },
@@ -429,6 +435,9 @@ impl WorkerApi for WorkerService {
                     }));
                 }
             }
+            // Its assignment is applied: no longer in flight while this
+            // poll waits.
+            drop(picks);
             let now = tokio::time::Instant::now();
             if now >= deadline || self.node.shutdown_token().is_cancelled() {
                 return Ok(Response::new(PollWorkResponse::default()));
@@ -581,27 +590,31 @@ impl WorkerApi for WorkerService {
         // entry: the worker's next poll, saved.
         let next = if req.take_next {
             self.node.ready_leader().await?;
-            self.node.model().pick_after_report(
-                &req.worker_id,
-                req.lease_token,
-                now_ms,
-                tuning.locality_wait_ms,
-                tuning.lease_timeout_ms,
-            )
+            let model = self.node.model();
+            self.picks.pick(|in_flight| {
+                model.pick_after_report(
+                    &req.worker_id,
+                    req.lease_token,
+                    now_ms,
+                    tuning.locality_wait_ms,
+                    tuning.lease_timeout_ms,
+                    in_flight,
+                )
+            })
         } else {
-            Vec::new()
+            self.picks.pick(|_| Vec::new())
         };
         let mut proposals = vec![report];
         // A retried report whose first try leased a next job gets that
         // answer again, whatever it would pick now.
         let replayed =
             !request.is_empty() && self.node.remembered(&format!("{request}#next")).is_some();
-        if !next.is_empty() || replayed {
+        if !next.keys().is_empty() || replayed {
             proposals.push(model::Proposal {
                 request_id: (!request.is_empty()).then(|| format!("{request}#next")),
                 command: Command::Assign {
                     worker_id: req.worker_id.clone(),
-                    cache_keys: next,
+                    cache_keys: next.keys().to_vec(),
                     lease_timeout_ms: tuning.lease_timeout_ms,
                     now_ms,
                 },

@@ -41,7 +41,9 @@ fn the_longest_path_to_the_end_goes_first_ties_in_graph_order() {
     // graph's order among equals.
     let mut order = Vec::new();
     loop {
-        let picked = h.model.pick_for("a", 1, h.now_ms, 50, LEASE_MS);
+        let picked = h
+            .model
+            .pick_for("a", 1, h.now_ms, 50, LEASE_MS, &BTreeSet::new());
         let Some(&k) = picked.first() else { break };
         let token = h.assign("a", &[k])[0].expect("assigned");
         order.push(k);
@@ -82,7 +84,8 @@ fn expected_durations_come_from_earlier_runs_of_the_same_name() {
         vec![20, 5_000]
     );
     assert_eq!(
-        h.model.pick_for("a", 1, h.now_ms, 50, LEASE_MS),
+        h.model
+            .pick_for("a", 1, h.now_ms, 50, LEASE_MS, &BTreeSet::new()),
         vec![h.k(4)]
     );
 
@@ -137,13 +140,39 @@ fn a_build_with_fewer_leases_gets_the_next_slot() {
     let first: Vec<(u8, &[u32])> = (1..=6).map(|n| (n, &[][..])).collect();
     h.submit("first", graph(&first));
     // The first build holds three of four slots before the second comes.
-    let taken = h.model.pick_for("a", 2, h.now_ms, 50, LEASE_MS);
+    let taken = h
+        .model
+        .pick_for("a", 2, h.now_ms, 50, LEASE_MS, &BTreeSet::new());
     h.assign("a", &taken);
-    let taken = h.model.pick_for("b", 1, h.now_ms, 50, LEASE_MS);
+    let taken = h
+        .model
+        .pick_for("b", 1, h.now_ms, 50, LEASE_MS, &BTreeSet::new());
     h.assign("b", &taken);
     let second: Vec<(u8, &[u32])> = (11..=16).map(|n| (n, &[][..])).collect();
     h.submit("second", graph(&second));
     assert_eq!(h.pick("b"), vec![h.k(11)]);
+}
+
+/// Two picks at once (two slots reporting together) get different
+/// executions: a pick passes over those picked for an assignment still
+/// in flight, in its place in the order.
+#[test]
+fn a_pick_passes_over_executions_already_picked_in_flight() {
+    let mut h = Harness::new();
+    let jobs: Vec<(u8, &[u32])> = (1..=4).map(|n| (n, &[][..])).collect();
+    h.submit("build", graph(&jobs));
+    let first = h
+        .model
+        .pick_for("a", 1, h.now_ms, 50, LEASE_MS, &BTreeSet::new());
+    assert_eq!(first, vec![h.k(1)]);
+    let in_flight: BTreeSet<Digest> = first.iter().copied().collect();
+    assert_eq!(
+        h.model.pick_for("a", 2, h.now_ms, 50, LEASE_MS, &in_flight),
+        vec![h.k(2), h.k(3)]
+    );
+    h.assign("a", &first);
+    let running = h.model.executions[&h.k(1)].state.clone();
+    assert!(matches!(running, ExecState::Running { .. }), "{running:?}");
 }
 
 #[test]
