@@ -224,6 +224,9 @@ impl CacheChanges {
 /// A job this worker is running.
 struct RunningJob {
     cancel: CancellationToken,
+    /// Its run ended and its result is on its way: a revocation no longer
+    /// stops it (see [`Worker::report`]).
+    reporting: bool,
 }
 
 struct Worker {
@@ -495,6 +498,7 @@ impl Worker {
                 token,
                 RunningJob {
                     cancel: cancel.clone(),
+                    reporting: false,
                 },
             );
         }
@@ -685,15 +689,27 @@ impl Worker {
 
     /// Delivers a result: sent again (same request ID) through failovers
     /// until some coordinator answers, for [`REPORT_RETRY_LEASE_PERIODS`]
-    /// lease periods at most; stops early when the lease is revoked or the
-    /// worker shuts down. The job stays among the running ones meanwhile,
-    /// so heartbeats keep its lease alive. Returns the jobs the report
-    /// leased to the slot it frees.
+    /// lease periods at most; stops early when the worker shuts down or
+    /// its drain times out. The job stays among the running ones
+    /// meanwhile, so heartbeats keep its lease alive. A revocation does
+    /// not stop it: a heartbeat answered after the report was applied and
+    /// before its answer arrived revokes the lease the report ended, and
+    /// that answer leases the slot its next job, which would otherwise wait
+    /// out its lease unseen (a refused report costs one answer). Returns
+    /// the jobs the report leased to the slot it frees.
     async fn report(
         &self,
         request: ReportResultRequest,
         cancel: &CancellationToken,
     ) -> Vec<Assignment> {
+        if let Some(job) = self
+            .jobs
+            .lock()
+            .expect("jobs lock poisoned")
+            .get_mut(&request.lease_token)
+        {
+            job.reporting = true;
+        }
         let window =
             (self.lease_timeout() * REPORT_RETRY_LEASE_PERIODS).max(MIN_REPORT_RETRY_WINDOW);
         let persistence = Persistence::Until(tokio::time::Instant::now() + window);
@@ -778,9 +794,19 @@ impl Worker {
                 if !response.revoked_tokens.is_empty() {
                     let jobs = self.jobs.lock().expect("jobs lock poisoned");
                     for token in &response.revoked_tokens {
-                        if let Some(job) = jobs.get(token) {
-                            tracing::info!(lease_token = token, "lease revoked; stopping its job");
-                            job.cancel.cancel();
+                        match jobs.get(token) {
+                            Some(job) if job.reporting => tracing::debug!(
+                                lease_token = token,
+                                "lease revoked while its result is reported; the report's answer decides"
+                            ),
+                            Some(job) => {
+                                tracing::info!(
+                                    lease_token = token,
+                                    "lease revoked; stopping its job"
+                                );
+                                job.cancel.cancel();
+                            }
+                            None => {}
                         }
                     }
                 }

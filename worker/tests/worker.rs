@@ -266,6 +266,43 @@ async fn a_revoked_job_is_killed_and_not_reported_and_frees_its_slot() {
     worker.stop().await;
 }
 
+/// A heartbeat answered while a report is on its way revokes the reported
+/// lease (the coordinators took the result, so the lease is no longer
+/// current). The report must still be answered: its answer leases the
+/// slot's next job, which would otherwise wait out its lease unseen.
+#[tokio::test]
+async fn a_lease_revoked_while_its_result_is_reported_keeps_the_report_and_its_next_job() {
+    let dir = tempfile::TempDir::new().expect("tempdir");
+    let coordinator = serve(FakeCoordinator::default()).await;
+    coordinator.fake.with(|s| {
+        s.queue.push_back(assignment(7, vec![sh("echo first")]));
+        s.next_for_report
+            .push_back(assignment(8, vec![sh("echo next")]));
+        s.revoke_reported = true;
+        // Several heartbeats (every 100 ms) come and go meanwhile.
+        s.report_answer_delay = Some(Duration::from_millis(600));
+    });
+    let worker =
+        RunningWorker::start(vec![coordinator.addr.to_string()], &dir.path().join("w"), 1).await;
+    coordinator
+        .fake
+        .wait_until("the first report", WAIT, |s| !s.reports.is_empty())
+        .await;
+    coordinator
+        .fake
+        .wait_until("a heartbeat listing the reported lease", WAIT, |s| {
+            s.reports.len() > 1 || s.heartbeats.iter().any(|h| h.lease_tokens.contains(&7))
+        })
+        .await;
+    coordinator
+        .fake
+        .wait_until("the next job's report", WAIT, |s| {
+            s.reports.iter().any(|r| r.lease_token == 8)
+        })
+        .await;
+    worker.stop().await;
+}
+
 #[tokio::test]
 async fn follows_the_leader_past_an_unreachable_address() {
     let dir = tempfile::TempDir::new().expect("tempdir");

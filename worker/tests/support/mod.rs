@@ -57,6 +57,15 @@ pub struct State {
     pub refuse_reports: usize,
     /// While set, heartbeats are refused UNAVAILABLE (no leader named).
     pub refuse_heartbeats: bool,
+    /// Reports are applied at once but answered only after this long (an
+    /// entry committing slowly).
+    pub report_answer_delay: Option<Duration>,
+    /// A reported lease is revoked in the heartbeats after it, as the
+    /// coordinators answer for a lease no longer current.
+    pub revoke_reported: bool,
+    /// Leased to the slot of the next reports, one each (the report's
+    /// `take_next`).
+    pub next_for_report: VecDeque<Assignment>,
     /// Workers that asked to drain, and that deregistered, in order. A
     /// draining worker's heartbeats are answered "draining, may leave".
     pub drained: Vec<String>,
@@ -224,18 +233,33 @@ impl WorkerApi for FakeCoordinator {
     ) -> Result<Response<ReportResultResponse>, Status> {
         self.not_leader()?;
         let request = request.into_inner();
-        self.with(|s| {
+        let (answer, delay) = self.with(|s| {
             s.report_attempts.push(request.clone());
             if s.refuse_reports > 0 {
                 s.refuse_reports -= 1;
                 return Err(Self::no_leader());
             }
+            if s.revoke_reported {
+                s.revoke.insert(request.lease_token);
+            }
+            let assignments = if request.take_next {
+                s.next_for_report.pop_front().into_iter().collect()
+            } else {
+                Vec::new()
+            };
             s.reports.push(request);
-            Ok(Response::new(ReportResultResponse {
-                accepted: true,
-                assignments: Vec::new(),
-            }))
-        })
+            Ok((
+                ReportResultResponse {
+                    accepted: true,
+                    assignments,
+                },
+                s.report_answer_delay,
+            ))
+        })?;
+        if let Some(delay) = delay {
+            tokio::time::sleep(delay).await;
+        }
+        Ok(Response::new(answer))
     }
 
     async fn drain(
