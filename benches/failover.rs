@@ -109,6 +109,7 @@ async fn commands_per_second(leader: &str, callers: usize, duration: Duration) -
                     worker_id: worker_id.clone(),
                     addr: "127.0.0.1:1".into(),
                     slots: 1,
+                    ahead: 0,
                     held_artifacts: vec![],
                     request_id: format!("register-{i}"),
                     properties: vec![],

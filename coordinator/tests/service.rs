@@ -183,6 +183,7 @@ async fn refused_requests_change_nothing_and_the_server_keeps_serving() {
         worker_id: worker_id.into(),
         addr: "127.0.0.1:1".into(),
         slots,
+        ahead: 0,
         held_artifacts: Vec::new(),
         request_id: String::new(),
         properties: Vec::new(),
@@ -206,6 +207,16 @@ async fn refused_requests_change_nothing_and_the_server_keeps_serving() {
         .expect_err("refused");
     assert_eq!(err.code(), Code::InvalidArgument);
     assert_eq!(err.message(), "properties: \"=x\": the name is empty");
+    let err = c
+        .worker()
+        .register(RegisterRequest {
+            ahead: 2,
+            ..register("w1", 1)
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(err.message(), "ahead must be at most slots (1), not 2");
     // A result for a lease that does not exist is refused, not applied.
     c.worker()
         .register(register("w1", 1))
@@ -272,6 +283,7 @@ async fn stopping_ends_open_event_streams_and_polls() {
             worker_id: "idle".into(),
             addr: "127.0.0.1:1".into(),
             slots: 1,
+            ahead: 0,
             held_artifacts: Vec::new(),
             request_id: String::new(),
             properties: Vec::new(),

@@ -49,7 +49,10 @@ const KEY_FORMAT: &[u8] = b"format";
 /// (early cutoff): a dependency reference carries the artifact, a build's
 /// job the artifact it succeeded with, and a submitted job its job key.
 /// Format 10: a remembered answer is keyed by its request ID's SHA-1.
-pub(crate) const FORMAT: u32 = 10;
+/// Format 11: a worker registers (and its record keeps) the leases it may
+/// hold ahead of its slots, and a report says how long its job waited for
+/// a slot on the worker.
+pub(crate) const FORMAT: u32 = 11;
 
 /// Memory all memtables may hold together before RocksDB flushes one:
 /// resident beside the model whatever the load, where flushing more often

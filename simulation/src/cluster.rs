@@ -97,7 +97,8 @@ pub struct RunResult {
 /// The shape of a seed's cluster.
 struct Shape {
     coordinators: Vec<String>,
-    workers: Vec<(String, usize)>,
+    /// Name, slots, leases held ahead.
+    workers: Vec<(String, usize, usize)>,
     clients: Vec<String>,
     /// Builds each client runs, one after another.
     rounds: usize,
@@ -112,7 +113,10 @@ fn shape(rng: &mut StdRng) -> Shape {
     Shape {
         coordinators: (1..=coordinators).map(|i| format!("c{i}")).collect(),
         workers: (1..=workers)
-            .map(|i| (format!("w{i}"), rng.gen_range(1..=2)))
+            .map(|i| {
+                let slots = rng.gen_range(1..=2);
+                (format!("w{i}"), slots, rng.gen_range(0..=slots))
+            })
             .collect(),
         clients: (1..=clients).map(|i| format!("u{i}")).collect(),
         rounds: rng.gen_range(1..=3),
@@ -231,7 +235,7 @@ pub fn run(config: RunConfig, dir: &Path) -> RunResult {
             )
         })
         .collect();
-    let worker_names: Vec<String> = shape.workers.iter().map(|(w, _)| w.clone()).collect();
+    let worker_names: Vec<String> = shape.workers.iter().map(|(w, _, _)| w.clone()).collect();
     let plan = if config.faults {
         faults::plan(
             &mut rng,
@@ -338,7 +342,7 @@ pub fn run(config: RunConfig, dir: &Path) -> RunResult {
         });
     }
 
-    for (name, slots) in &shape.workers {
+    for (name, slots, ahead) in &shape.workers {
         let cache_dir = dir.join(name);
         std::fs::create_dir_all(&cache_dir).expect("create a worker's directory");
         let mut worker_config = WorkerConfig::new(coordinator_addrs.clone(), cache_dir);
@@ -348,6 +352,7 @@ pub fn run(config: RunConfig, dir: &Path) -> RunResult {
         worker_config.access = sim_access();
         worker_config.advertise_addr = Some(format!("{name}:{WORKER_PORT}"));
         worker_config.slots = *slots;
+        worker_config.jobs_ahead = Some(*ahead);
         worker_config.poll_wait_ms = 1_000;
         worker_config.connector = Arc::new(DialConnector(Arc::new(SimDialer)));
         worker_config.runner = Arc::new(FakeRunner {

@@ -38,6 +38,12 @@ pub struct WorkerArgs {
     /// Jobs run at once (default: the number of CPUs).
     #[arg(long, value_name = "N")]
     pub slots: Option<usize>,
+    /// Leases held beyond the slots (0 to the slots; default: as many as
+    /// the slots): a job held ahead starts as soon as a slot frees, while
+    /// the report of the job before it is on its way. The leader gives
+    /// them only while no other worker has a free slot.
+    #[arg(long, value_name = "N")]
+    pub jobs_ahead: Option<usize>,
     /// A platform property, KEY=VALUE (repeatable, at most 64): what
     /// Remote Execution API actions may ask a worker for (OSFamily=Linux,
     /// pool=large, ...).
@@ -122,6 +128,12 @@ impl WorkerArgs {
             check_host_port("advertise", addr, PortUse::Dial)?;
         }
         anyhow::ensure!(self.slots != Some(0), "--slots: must be at least 1");
+        let slots = self.slots.unwrap_or_else(default_slots);
+        let jobs_ahead = self.jobs_ahead.unwrap_or(slots);
+        anyhow::ensure!(
+            jobs_ahead <= slots,
+            "--jobs-ahead: must be at most --slots ({slots}), not {jobs_ahead}"
+        );
         anyhow::ensure!(
             self.cache_max_bytes > 0,
             "--cache-max-bytes: must be at least 1"
@@ -131,7 +143,8 @@ impl WorkerArgs {
         let cache_dir = std::path::absolute(&self.cache_dir)
             .map_err(|e| anyhow::anyhow!("--cache-dir {}: {e}", self.cache_dir.display()))?;
         let mut config = WorkerConfig::new(self.coordinator.clone(), cache_dir);
-        config.slots = self.slots.unwrap_or_else(default_slots);
+        config.slots = slots;
+        config.jobs_ahead = Some(jobs_ahead);
         config.properties = distbuild_proto::wire::parse_properties(&self.properties)
             .map_err(|e| anyhow::anyhow!("--property: {e}"))?;
         config.cache_max_bytes = self.cache_max_bytes;
@@ -361,6 +374,14 @@ mod tests {
         check(
             &with(&["--coordinator", "a:1", "--slots", "0"]),
             Err("--slots: must be at least 1"),
+        );
+        check(
+            &with(&["--coordinator", "a:1", "--slots", "2", "--jobs-ahead", "2"]),
+            Ok(()),
+        );
+        check(
+            &with(&["--coordinator", "a:1", "--slots", "2", "--jobs-ahead", "3"]),
+            Err("--jobs-ahead: must be at most --slots (2), not 3"),
         );
         check(
             &with(&["--coordinator", "a:1", "--property", "OSFamily=Linux"]),

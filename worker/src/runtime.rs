@@ -93,6 +93,10 @@ pub struct WorkerConfig {
     pub cache_dir: PathBuf,
     /// Jobs run at once (at least 1).
     pub slots: usize,
+    /// Leases held beyond `slots` (at most `slots`; `None`: as many as
+    /// `slots`), each started as a slot frees: the slot does not wait for
+    /// its report's round trip.
+    pub jobs_ahead: Option<usize>,
     /// Bound on the cache's size.
     pub cache_max_bytes: u64,
     /// How long each long poll waits on the coordinator.
@@ -130,6 +134,7 @@ impl WorkerConfig {
             advertise_addr: None,
             cache_dir,
             slots: default_slots(),
+            jobs_ahead: None,
             properties: Vec::new(),
             cache_max_bytes: DEFAULT_CACHE_MAX_BYTES,
             poll_wait_ms: DEFAULT_POLL_WAIT_MS,
@@ -233,6 +238,8 @@ struct Worker {
     worker_id: String,
     peer_addr: String,
     slots: usize,
+    /// Leases held beyond `slots` (see [`WorkerConfig::jobs_ahead`]).
+    jobs_ahead: usize,
     /// Platform properties, "KEY=VALUE", sent at registration.
     properties: Vec<String>,
     poll_wait_ms: u64,
@@ -242,7 +249,10 @@ struct Worker {
     coordinator: Arc<CoordinatorClient>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
+    /// Leases it may take: one per slot and one per job held ahead.
     free_slots: Arc<Semaphore>,
+    /// Jobs that may run at once: a leased job waits here for a slot.
+    run_slots: Semaphore,
     jobs: Arc<Mutex<BTreeMap<u64, RunningJob>>>,
     changes: Mutex<CacheChanges>,
     request_ids: RequestIds,
@@ -331,6 +341,7 @@ impl Worker {
             worker_id: self.worker_id.clone(),
             addr: self.peer_addr.clone(),
             slots: u32::try_from(self.slots).unwrap_or(u32::MAX),
+            ahead: u32::try_from(self.jobs_ahead).unwrap_or(u32::MAX),
             held_artifacts: held.iter().map(digest_to_wire).collect(),
             request_id: self.request_ids.next("register"),
             properties: self.properties.clone(),
@@ -543,16 +554,24 @@ impl Worker {
         });
     }
 
-    /// Runs `work` (a job or an action in `sandbox`) until it ends or
-    /// `cancel` fires (`None`), then removes the sandbox either way.
+    /// Runs `work` (a job or an action in `sandbox`) once a slot is free
+    /// (a job held ahead waits for one) until it ends or `cancel` fires
+    /// (`None`), then removes the sandbox either way. Returns the outcome
+    /// and how many milliseconds it waited for the slot.
     async fn run_in_sandbox<T>(
         &self,
         sandbox: &Path,
         cancel: &CancellationToken,
         work: impl std::future::Future<Output = T>,
-    ) -> Option<T> {
+    ) -> Option<(T, u64)> {
+        let leased = tokio::time::Instant::now();
         let outcome = tokio::select! {
-            outcome = work => Some(outcome),
+            outcome = async {
+                // Never closed: the permit is always there to wait for.
+                let _slot = self.run_slots.acquire().await.ok();
+                let queued_ms = u64::try_from(leased.elapsed().as_millis()).unwrap_or(u64::MAX);
+                (work.await, queued_ms)
+            } => Some(outcome),
             () = cancel.cancelled() => None,
         };
         let removal = distbuild_proto::blocking::run({
@@ -582,11 +601,12 @@ impl Worker {
         let outcome = match ActionSpec::from_wire(&assignment) {
             Err(error) => {
                 tracing::warn!(%error, "assignment refused");
-                ActionOutcome {
+                let outcome = ActionOutcome {
                     exit_code: crate::job::EXIT_CODE_NOT_RUN,
                     error: format!("invalid assignment: {error}"),
                     ..ActionOutcome::default()
-                }
+                };
+                (outcome, 0)
             }
             Ok(spec) => {
                 tracing::debug!(
@@ -596,13 +616,14 @@ impl Worker {
                 );
                 let sandbox = slot_dir.join(token.to_string());
                 let work = run_action(&self.env, &spec, &sandbox, &self.worker_id);
-                let Some(outcome) = self.run_in_sandbox(&sandbox, cancel, work).await else {
+                let Some(ran) = self.run_in_sandbox(&sandbox, cancel, work).await else {
                     tracing::debug!("action stopped (lease revoked or worker shutting down)");
                     return Vec::new();
                 };
-                outcome
+                ran
             }
         };
+        let (outcome, queued_ms) = outcome;
         log_run_end("action", outcome.exit_code, &outcome.error);
         let request = ReportResultRequest {
             worker_id: self.worker_id.clone(),
@@ -618,6 +639,7 @@ impl Worker {
             lost_inputs: Vec::new(),
             action_result: outcome.action_result.unwrap_or_default().into(),
             take_next: !self.shutdown.is_cancelled() && !self.draining.is_cancelled(),
+            queued_ms,
         };
         self.count_report(&request, assigned);
         self.report(request, cancel).await
@@ -637,14 +659,15 @@ impl Worker {
         }
         let assigned = tokio::time::Instant::now();
         let token = assignment.lease_token;
-        let outcome = match JobSpec::from_wire(&assignment) {
+        let (outcome, queued_ms) = match JobSpec::from_wire(&assignment) {
             Err(error) => {
                 tracing::warn!(%error, "assignment refused");
-                JobOutcome {
+                let outcome = JobOutcome {
                     exit_code: crate::job::EXIT_CODE_NOT_RUN,
                     error: format!("invalid assignment: {error}"),
                     ..JobOutcome::default()
-                }
+                };
+                (outcome, 0)
             }
             Ok(spec) => {
                 tracing::debug!("job started");
@@ -652,7 +675,7 @@ impl Worker {
                 let outcome = self
                     .run_in_sandbox(&sandbox, cancel, run_job(&self.env, &spec, &sandbox))
                     .await;
-                let Some(outcome) = outcome else {
+                let Some((outcome, queued_ms)) = outcome else {
                     tracing::debug!("job stopped (lease revoked or worker shutting down)");
                     return Vec::new();
                 };
@@ -660,7 +683,7 @@ impl Worker {
                 for digest in &outcome.fetched_artifacts {
                     changes.record(*digest, true);
                 }
-                outcome
+                (outcome, queued_ms)
             }
         };
         log_run_end("job", outcome.exit_code, &outcome.error);
@@ -682,6 +705,7 @@ impl Worker {
             lost_inputs: lost_inputs_to_wire(&outcome.lost_inputs),
             action_result: Default::default(),
             take_next: !self.shutdown.is_cancelled() && !self.draining.is_cancelled(),
+            queued_ms,
         };
         self.count_report(&request, assigned);
         self.report(request, cancel).await
@@ -1002,6 +1026,11 @@ where
     IE: Into<Box<dyn std::error::Error + Send + Sync>> + 'static,
 {
     anyhow::ensure!(config.slots > 0, "slots must be at least 1");
+    let jobs_ahead = config.jobs_ahead.unwrap_or(config.slots);
+    anyhow::ensure!(
+        jobs_ahead <= config.slots,
+        "jobs ahead must be at most the slots"
+    );
     anyhow::ensure!(
         !config.coordinators.is_empty(),
         "at least one coordinator address is needed"
@@ -1083,6 +1112,7 @@ where
         worker_id,
         peer_addr,
         slots: config.slots,
+        jobs_ahead,
         properties: config
             .properties
             .iter()
@@ -1090,7 +1120,7 @@ where
             .collect(),
         poll_wait_ms: config.poll_wait_ms,
         sandbox_root,
-        slot_numbers: slot::SlotNumbers::new(config.slots),
+        slot_numbers: slot::SlotNumbers::new(config.slots + jobs_ahead),
         env: JobEnv {
             cache,
             coordinator: coordinator.clone(),
@@ -1102,7 +1132,8 @@ where
         coordinator,
         shutdown: shutdown.clone(),
         tracker: tracker.clone(),
-        free_slots: Arc::new(Semaphore::new(config.slots)),
+        free_slots: Arc::new(Semaphore::new(config.slots + jobs_ahead)),
+        run_slots: Semaphore::new(config.slots),
         jobs: Arc::default(),
         changes: Mutex::new(CacheChanges::default()),
         request_ids,

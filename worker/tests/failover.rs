@@ -310,8 +310,15 @@ async fn told_to_register_again_by_a_heartbeat_it_does_and_keeps_working() {
             vec![sh(&format!("echo $$ > {}; sleep 30", pid_file.display()))],
         ));
     });
-    let worker =
-        RunningWorker::start(vec![coordinator.addr.to_string()], &dir.path().join("w"), 1).await;
+    // No lease ahead: job 22 is leased only after the registration (one
+    // held ahead while job 21 runs would be dropped with it).
+    let worker = RunningWorker::start_with_ahead(
+        vec![coordinator.addr.to_string()],
+        &dir.path().join("w"),
+        1,
+        0,
+    )
+    .await;
     wait_for_file(&pid_file).await;
     // A new leader that does not know the worker: its leases are gone.
     coordinator.fake.with(|s| {

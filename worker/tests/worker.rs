@@ -303,6 +303,52 @@ async fn a_lease_revoked_while_its_result_is_reported_keeps_the_report_and_its_n
     worker.stop().await;
 }
 
+/// With one slot and one lease ahead, the worker takes two jobs in one
+/// poll, runs them one after the other, and reports how long the second
+/// waited for the slot (not part of its run).
+#[tokio::test]
+async fn a_job_held_ahead_waits_for_the_slot_and_reports_its_wait() {
+    let dir = tempfile::TempDir::new().expect("tempdir");
+    let coordinator = serve(FakeCoordinator::default()).await;
+    coordinator.fake.with(|s| {
+        s.queue
+            .push_back(assignment(7, vec![sh("sleep 0.5; echo first")]));
+        s.queue.push_back(assignment(8, vec![sh("echo second")]));
+    });
+    let worker = RunningWorker::start_with_ahead(
+        vec![coordinator.addr.to_string()],
+        &dir.path().join("w"),
+        1,
+        1,
+    )
+    .await;
+    coordinator
+        .fake
+        .wait_until("both reports", WAIT, |s| s.reports.len() == 2)
+        .await;
+    let (registration, first_poll, reports) = coordinator.fake.with(|s| {
+        (
+            s.registrations[0].clone(),
+            s.polls[0].clone(),
+            s.reports.clone(),
+        )
+    });
+    assert_eq!((registration.slots, registration.ahead), (1, 1));
+    assert_eq!(first_poll.free_slots, 2, "one slot and one lease ahead");
+    assert_eq!(
+        reports.iter().map(|r| r.lease_token).collect::<Vec<_>>(),
+        [7, 8],
+        "one at a time"
+    );
+    assert!(reports[0].queued_ms < 400, "{}", reports[0].queued_ms);
+    assert!(
+        reports[1].queued_ms >= 400,
+        "the second waited for the first: {} ms",
+        reports[1].queued_ms
+    );
+    worker.stop().await;
+}
+
 #[tokio::test]
 async fn follows_the_leader_past_an_unreachable_address() {
     let dir = tempfile::TempDir::new().expect("tempdir");

@@ -42,11 +42,12 @@ impl Model {
                 worker_id,
                 addr,
                 slots,
+                ahead,
                 held,
                 properties,
                 ..
             } => {
-                self.register(worker_id, addr, *slots, held, properties);
+                self.register(worker_id, addr, *slots, *ahead, held, properties);
                 Response::None
             }
             Command::Assign {
@@ -69,9 +70,18 @@ impl Model {
                 cache_key,
                 outcome,
                 max_attempts,
+                queued_ms,
                 ..
             } => Response::Reported {
-                accepted: self.report(index, worker_id, *token, cache_key, outcome, *max_attempts),
+                accepted: self.report(
+                    index,
+                    worker_id,
+                    *token,
+                    cache_key,
+                    outcome,
+                    *max_attempts,
+                    *queued_ms,
+                ),
             },
             Command::ExpireLeases {
                 max_attempts,

@@ -267,6 +267,9 @@ pub enum Command {
         worker_id: String,
         addr: String,
         slots: u32,
+        /// Leases it may hold beyond its slots, each started as a slot
+        /// frees (see [`crate::records::Worker::ahead`]).
+        ahead: u32,
         held: Vec<Digest>,
         /// Its platform properties (name, value), sorted.
         properties: Vec<(String, String)>,
@@ -297,6 +300,9 @@ pub enum Command {
         /// (like lease expiries, each counts as an attempt) before its jobs
         /// fail.
         max_attempts: u32,
+        /// How long the job waited on the worker for a slot after its
+        /// lease was granted (a lease held ahead): not part of its run.
+        queued_ms: u64,
         now_ms: u64,
     },
     /// Requeue (or give up on) every execution whose lease expired, and

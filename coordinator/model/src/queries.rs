@@ -175,7 +175,12 @@ impl Model {
             action_results: self.action_results.len() as u64,
             workers: self.workers.len() as u64,
             worker_slots: self.workers.values().map(|w| u64::from(w.slots)).sum(),
-            busy_slots: self.workers.values().map(|w| u64::from(w.running)).sum(),
+            // Leases held ahead wait for a slot: they keep none busy.
+            busy_slots: self
+                .workers
+                .values()
+                .map(|w| u64::from(w.running.min(w.slots)))
+                .sum(),
             expected_durations: self.durations.len() as u64,
         }
     }

@@ -215,9 +215,15 @@ pub struct ActionResultRecord {
 #[derive(Debug, Clone, Default)]
 pub struct Worker {
     pub addr: String,
+    /// Jobs it runs at once.
     pub slots: u32,
+    /// Leases it may hold beyond `slots`: a job held ahead starts on the
+    /// worker as soon as a slot frees, while the report of the job before
+    /// it is still on its way. Given only while no other live worker has
+    /// a free slot (see `schedule`).
+    pub ahead: u32,
     pub last_seen_ms: u64,
-    /// Leases it holds now.
+    /// Leases it holds now (running, or held ahead).
     pub running: u32,
     /// Artifacts its cache holds.
     pub held: BTreeSet<Digest>,

@@ -6,7 +6,10 @@
 //! Within a build the longest expected path to the build's end goes
 //! first (critical path, weighted by `durations`), ties by the build's
 //! own order. Locality can hold an execution back for a while (see
-//! [`Model::pick_for`]).
+//! [`Model::pick_for`]). A worker is given leases beyond its slots (its
+//! `ahead`, started there as its slots free) only while no other live
+//! worker has a free slot: a job held ahead waits for that worker, and
+//! must not while another could start it now.
 
 use std::collections::{BTreeMap, BTreeSet, btree_set};
 
@@ -55,7 +58,10 @@ impl Model {
         let Some(me) = self.workers.get(worker_id) else {
             return Vec::new();
         };
-        let free = (me.slots.saturating_sub(me.running) as usize).min(max);
+        let free = (self
+            .lease_limit(worker_id, me, now_ms, alive_ms)
+            .saturating_sub(me.running) as usize)
+            .min(max);
         let when = PickTime {
             now_ms,
             locality_wait_ms,
@@ -87,13 +93,34 @@ impl Model {
             .is_some_and(|exec| {
                 matches!(&exec.state, ExecState::Running { worker_id: w, .. } if w == worker_id)
             });
-        let free = (me.slots.saturating_sub(me.running) as usize + usize::from(frees)).min(1);
+        let limit = self.lease_limit(worker_id, me, now_ms, alive_ms);
+        let free = (limit.saturating_sub(me.running) as usize + usize::from(frees)).min(1);
         let when = PickTime {
             now_ms,
             locality_wait_ms,
             alive_ms,
         };
         self.pick(worker_id, me, free, &when, in_flight)
+    }
+
+    /// The leases `worker_id` (registered as `me`) may hold now: its
+    /// slots, and those it takes ahead while no other live worker has a
+    /// free slot.
+    fn lease_limit(&self, worker_id: &str, me: &Worker, now_ms: u64, alive_ms: u64) -> u32 {
+        if me.ahead == 0 {
+            return me.slots;
+        }
+        let another_is_free = self.workers.iter().any(|(id, other)| {
+            id != worker_id
+                && !other.draining
+                && other.running < other.slots
+                && now_ms.saturating_sub(other.last_seen_ms) < alive_ms
+        });
+        if another_is_free {
+            me.slots
+        } else {
+            me.slots.saturating_add(me.ahead)
+        }
     }
 
     /// Up to `free` queued executions for `worker_id` (registered as

@@ -20,6 +20,7 @@ use crate::tables::{
 struct WorkerRecord {
     addr: String,
     slots: u32,
+    ahead: u32,
     last_seen_ms: u64,
     properties: Vec<(String, String)>,
     draining: bool,
@@ -79,6 +80,7 @@ impl Model {
                 Worker {
                     addr: record.addr,
                     slots: record.slots,
+                    ahead: record.ahead,
                     last_seen_ms: record.last_seen_ms,
                     properties: record.properties,
                     draining: record.draining,
@@ -230,6 +232,7 @@ impl Model {
                         &WorkerRecord {
                             addr: w.addr.clone(),
                             slots: w.slots,
+                            ahead: w.ahead,
                             last_seen_ms: w.last_seen_ms,
                             properties: w.properties.clone(),
                             draining: w.draining,

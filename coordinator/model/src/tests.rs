@@ -10,6 +10,7 @@ use crate::tables::{
     holding_key,
 };
 
+mod ahead;
 mod batch;
 mod cutoff;
 mod drain;
@@ -174,6 +175,7 @@ impl Harness {
                 worker_id: w.into(),
                 addr: format!("{w}:1"),
                 slots: 2,
+                ahead: 0,
                 held: Vec::new(),
                 properties: vec![("pool".into(), w.into())],
                 now_ms: 1_000,
@@ -305,6 +307,7 @@ impl Harness {
             cache_key: k,
             outcome,
             max_attempts: 3,
+            queued_ms: 0,
             now_ms: self.now_ms,
         }) {
             Response::Reported { accepted } => accepted,
@@ -367,6 +370,7 @@ fn remembered_answers_are_read_back_and_a_malformed_key_is_refused() {
             worker_id: "w1".into(),
             addr: "127.0.0.1:1".into(),
             slots: 1,
+            ahead: 0,
             held: Vec::new(),
             properties: Vec::new(),
             now_ms: 5,
@@ -629,6 +633,7 @@ fn a_reregistering_worker_loses_its_leases() {
         worker_id: "a".into(),
         addr: "a:1".into(),
         slots: 2,
+        ahead: 0,
         held: Vec::new(),
         properties: Vec::new(),
         now_ms: h.now_ms,
@@ -1257,6 +1262,7 @@ fn lost_inputs_keep_the_copies_of_holders_not_tried() {
         worker_id: "c".into(),
         addr: "c:1".into(),
         slots: 1,
+        ahead: 0,
         held: vec![artifact(1)],
         properties: Vec::new(),
         now_ms: h.now_ms,
@@ -1488,6 +1494,7 @@ fn an_output_is_stored_once_for_every_job_that_shows_it_and_goes_with_the_last()
             cache_key: h.k(1),
             outcome: big,
             max_attempts: 3,
+            queued_ms: 0,
             now_ms: h.now_ms,
         },
     );
@@ -1730,6 +1737,7 @@ fn a_worker_at_its_holdings_bound_still_holds_what_it_just_built() {
         worker_id: "a".into(),
         addr: "a:1".into(),
         slots: 2,
+        ahead: 0,
         held: listed,
         properties: Vec::new(),
         now_ms: h.now_ms,

@@ -177,6 +177,7 @@ fn the_state_holds_little_per_job_in_flight() {
             worker_id: WORKER.into(),
             addr: "127.0.0.1:1".into(),
             slots: 2,
+            ahead: 0,
             held: Vec::new(),
             properties: Vec::new(),
             now_ms,
@@ -261,6 +262,7 @@ fn the_state_holds_little_per_job_in_flight() {
                     artifact_size: 6,
                 },
                 max_attempts: 3,
+                queued_ms: 0,
                 now_ms,
             },
         }];

@@ -168,6 +168,7 @@ impl WorkerService {
                         cache_key: *key,
                         outcome: Outcome::LostInputs { lost: Vec::new() },
                         max_attempts: self.node.tuning().max_attempts,
+                        queued_ms: 0,
                         now_ms: self.node.now_ms(),
                     };
                     if let Err(e) = self.node.propose(release).await {
@@ -304,6 +305,12 @@ impl WorkerApi for WorkerService {
                 req.slots
             )));
         }
+        if req.ahead > req.slots {
+            return Err(Status::invalid_argument(format!(
+                "ahead must be at most slots ({}), not {}",
+                req.slots, req.ahead
+            )));
+        }
         if req.held_artifacts.len() > MAX_HELD_PER_REGISTER {
             return Err(Status::invalid_argument(format!(
                 "held_artifacts lists {} artifacts, over the limit of {MAX_HELD_PER_REGISTER} (report the rest in heartbeats)",
@@ -325,6 +332,7 @@ impl WorkerApi for WorkerService {
                     worker_id: req.worker_id,
                     addr: req.addr,
                     slots: req.slots,
+                    ahead: req.ahead,
                     held,
                     properties,
                     now_ms: self.node.now_ms(),
@@ -583,6 +591,7 @@ impl WorkerApi for WorkerService {
                 cache_key,
                 outcome,
                 max_attempts: tuning.max_attempts,
+                queued_ms: req.queued_ms,
                 now_ms,
             },
         };

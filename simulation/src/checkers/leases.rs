@@ -271,6 +271,7 @@ mod tests {
                     worker_id: worker.clone(),
                     addr: "w1:1".into(),
                     slots: 1,
+                    ahead: 0,
                     held: vec![],
                     properties: Vec::new(),
                     now_ms: 0,

@@ -394,13 +394,25 @@ pub struct RunningWorker {
 }
 
 impl RunningWorker {
+    /// A worker with `slots` slots and the default leases ahead (as
+    /// many).
     pub async fn start(coordinators: Vec<String>, cache_dir: &Path, slots: usize) -> Self {
+        Self::start_with_ahead(coordinators, cache_dir, slots, slots).await
+    }
+
+    pub async fn start_with_ahead(
+        coordinators: Vec<String>,
+        cache_dir: &Path,
+        slots: usize,
+        jobs_ahead: usize,
+    ) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr").to_string();
         let mut config = WorkerConfig::new(coordinators, cache_dir.to_path_buf());
         config.slots = slots;
+        config.jobs_ahead = Some(jobs_ahead);
         config.poll_wait_ms = 200;
         let shutdown = CancellationToken::new();
         let drain = config.drain.clone();

@@ -25,7 +25,8 @@ impl Model {
         for (position, key) in keys.iter().enumerate() {
             let token = index * MAX_ASSIGN_BATCH + position as u64;
             let worker = self.workers.get(worker_id);
-            let free = worker.is_some_and(|w| w.running < w.slots && !w.draining);
+            let free =
+                worker.is_some_and(|w| w.running < w.slots.saturating_add(w.ahead) && !w.draining);
             let (since, rank) = match self.executions.get(key) {
                 Some(
                     exec @ Execution {

@@ -12,6 +12,7 @@ impl Model {
         worker_id: &str,
         addr: &str,
         slots: u32,
+        ahead: u32,
         held: &[Digest],
         properties: &[(String, String)],
     ) {
@@ -32,6 +33,7 @@ impl Model {
         let worker = self.workers.entry(worker_id.to_string()).or_default();
         worker.addr = addr.to_string();
         worker.slots = slots;
+        worker.ahead = ahead;
         worker.properties = properties.to_vec();
         worker.last_seen_ms = self.clock_ms;
         // A worker that starts again takes work again (one still leaving

@@ -18,6 +18,7 @@ impl Model {
         key: &Digest,
         outcome: &Outcome,
         max_attempts: u32,
+        queued_ms: u64,
     ) -> bool {
         let current = self.leases.get(&token) == Some(key)
             && matches!(
@@ -58,7 +59,10 @@ impl Model {
                     self.executions.get(key).map(|e| &e.state)
                     && !lost.is_empty()
                 {
-                    let ran_ms = self.clock_ms.saturating_sub(*started_ms);
+                    let ran_ms = self
+                        .clock_ms
+                        .saturating_sub(*started_ms)
+                        .saturating_sub(queued_ms);
                     self.tally.runs.push((RunEnd::LostInputs, ran_ms));
                 }
                 let counts = self.lost_inputs(token, key, lost);
@@ -78,7 +82,12 @@ impl Model {
             self.leases.remove(&token);
             let exec = &self.executions[key];
             if let ExecState::Running { started_ms, .. } = exec.state {
-                let ran_ms = self.clock_ms.saturating_sub(started_ms);
+                // A job held ahead waited on its worker for a slot: not
+                // part of its run, nor of what its kind is expected to take.
+                let ran_ms = self
+                    .clock_ms
+                    .saturating_sub(started_ms)
+                    .saturating_sub(queued_ms);
                 let end = match outcome {
                     Outcome::Success { .. } | Outcome::Executed { exit_code: 0, .. } => {
                         RunEnd::Success

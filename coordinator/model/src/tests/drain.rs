@@ -94,6 +94,7 @@ fn registering_again_ends_a_drain() {
         worker_id: "a".into(),
         addr: "a:1".into(),
         slots: 2,
+        ahead: 0,
         held: Vec::new(),
         properties: vec![("pool".into(), "a".into())],
         now_ms: h.now_ms,

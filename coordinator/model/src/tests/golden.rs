@@ -161,6 +161,7 @@ fn commands() -> Vec<Command> {
             worker_id: "w-1".into(),
             addr: "127.0.0.1:4000".into(),
             slots: 8,
+            ahead: 1,
             held: vec![digest(3), digest(4)],
             properties: vec![("OSFamily".into(), "Linux".into())],
             now_ms: 7,
@@ -190,6 +191,7 @@ fn commands() -> Vec<Command> {
                 artifact_size: 123_456,
             },
             max_attempts: 3,
+            queued_ms: 25,
             now_ms: 10,
         },
         Command::Report {
@@ -203,6 +205,7 @@ fn commands() -> Vec<Command> {
                 error: Some("no such program".into()),
             },
             max_attempts: 3,
+            queued_ms: 25,
             now_ms: 11,
         },
         Command::Report {
@@ -213,6 +216,7 @@ fn commands() -> Vec<Command> {
                 lost: vec![(digest(10), vec!["10.0.0.1:1".into(), "10.0.0.2:1".into()])],
             },
             max_attempts: 3,
+            queued_ms: 25,
             now_ms: 12,
         },
         Command::Report {
@@ -227,6 +231,7 @@ fn commands() -> Vec<Command> {
                 blobs: vec![(BlobKey::Sha256([31; 32]), 1)],
             },
             max_attempts: 3,
+            queued_ms: 25,
             now_ms: 12,
         },
         Command::ExpireLeases {
@@ -470,6 +475,7 @@ fn a_scripted_run_leaves_the_pinned_tables() {
                 worker_id: "w1".into(),
                 addr: "127.0.0.1:4001".into(),
                 slots: 2,
+                ahead: 0,
                 held: vec![digest(50)],
                 properties: Vec::new(),
                 now_ms: 1_000,
@@ -479,6 +485,7 @@ fn a_scripted_run_leaves_the_pinned_tables() {
             worker_id: "w2".into(),
             addr: "127.0.0.1:4002".into(),
             slots: 1,
+            ahead: 0,
             held: Vec::new(),
             properties: Vec::new(),
             now_ms: 1_001,
@@ -539,6 +546,7 @@ fn a_scripted_run_leaves_the_pinned_tables() {
                     artifact_size: 10,
                 },
                 max_attempts: 3,
+                queued_ms: 25,
                 now_ms: 1_006,
             },
         },
@@ -553,6 +561,7 @@ fn a_scripted_run_leaves_the_pinned_tables() {
                 error: None,
             },
             max_attempts: 3,
+            queued_ms: 25,
             now_ms: 1_007,
         }),
         // A second build with job 1 (cached) and job 2 (queued again).
@@ -577,6 +586,7 @@ fn a_scripted_run_leaves_the_pinned_tables() {
                 lost: vec![(digest(101), vec!["127.0.0.1:4001".into()])],
             },
             max_attempts: 3,
+            queued_ms: 25,
             now_ms: 1_010,
         }),
         Proposal::once(Command::ExtendLeases {
@@ -611,6 +621,7 @@ fn a_scripted_run_leaves_the_pinned_tables() {
                     artifact_size: 10,
                 },
                 max_attempts: 3,
+                queued_ms: 25,
                 now_ms: 5_002,
             },
         },
