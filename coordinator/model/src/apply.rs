@@ -1,6 +1,7 @@
 //! The transition function: [`Model::apply`] stamps the command's time
 //! and dispatches to the command's own module (`cmd`, `staging`).
 
+use crate::cmd::Reported;
 use crate::log::{Command, Response};
 use crate::state::Model;
 
@@ -75,12 +76,14 @@ impl Model {
             } => Response::Reported {
                 accepted: self.report(
                     index,
-                    worker_id,
-                    *token,
-                    cache_key,
-                    outcome,
-                    *max_attempts,
-                    *queued_ms,
+                    &Reported {
+                        worker_id,
+                        token: *token,
+                        key: cache_key,
+                        outcome,
+                        max_attempts: *max_attempts,
+                        queued_ms: *queued_ms,
+                    },
                 ),
             },
             Command::ExpireLeases {

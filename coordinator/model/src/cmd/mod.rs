@@ -13,3 +13,4 @@ mod submit;
 
 pub use assign::MAX_ASSIGN_BATCH;
 pub use cancel::BUILD_CANCELLED;
+pub(crate) use report::Reported;

@@ -9,17 +9,27 @@ use crate::records::{CachedResult, ExecState, JobOutput};
 use crate::state::Model;
 use crate::tally::RunEnd;
 
+/// A `Report` command's fields.
+pub(crate) struct Reported<'a> {
+    pub worker_id: &'a str,
+    pub token: u64,
+    pub key: &'a Digest,
+    pub outcome: &'a Outcome,
+    pub max_attempts: u32,
+    /// How long the job waited on its worker for a slot.
+    pub queued_ms: u64,
+}
+
 impl Model {
-    pub(crate) fn report(
-        &mut self,
-        index: u64,
-        worker_id: &str,
-        token: u64,
-        key: &Digest,
-        outcome: &Outcome,
-        max_attempts: u32,
-        queued_ms: u64,
-    ) -> bool {
+    pub(crate) fn report(&mut self, index: u64, reported: &Reported<'_>) -> bool {
+        let Reported {
+            worker_id,
+            token,
+            key,
+            outcome,
+            max_attempts,
+            queued_ms,
+        } = *reported;
         let current = self.leases.get(&token) == Some(key)
             && matches!(
                 self.executions.get(key).map(|e| &e.state),
