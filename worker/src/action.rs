@@ -154,6 +154,8 @@ pub struct ActionOutcome {
     /// The encoded `ActionResult`, every blob it names uploaded, when the
     /// command ran and its outputs were stored.
     pub action_result: Option<Vec<u8>>,
+    /// How long its command waited for a run slot, in milliseconds.
+    pub queued_ms: u64,
 }
 
 /// Why an action did not produce a result.
@@ -1041,6 +1043,8 @@ pub fn collect_outputs(
 #[derive(Default)]
 struct Captured {
     output: Option<ProcessOutput>,
+    /// How long the command waited for a run slot, in milliseconds.
+    queued_ms: u64,
 }
 
 /// A captured stream as its blob: the head kept, and the note when the
@@ -1119,6 +1123,10 @@ async fn run_steps(
     }
     let input_fetch_completed = now();
 
+    // Fetched before the action takes a run slot and uploaded after it
+    // gives it back: only the command holds one.
+    let turn = env.run_slots.turn().await;
+    captured.queued_ms = turn.queued_ms;
     let mut arguments = command.arguments.iter();
     let program = arguments.next().expect("checked non-empty").clone();
     let process = ProcessSpec {
@@ -1148,6 +1156,7 @@ async fn run_steps(
         Ok(Err(e)) => return Err(format!("run {}: {e}", quoted(&program)).into()),
         Ok(Ok(output)) => output,
     };
+    drop(turn);
     let execution_completed = now();
     let mut output = output;
     if let Some(limit) = &output.limit_hit {
@@ -1251,7 +1260,10 @@ pub async fn run_action(
 ) -> ActionOutcome {
     let mut captured = Captured::default();
     let result = run_steps(env, spec, sandbox, worker_id, &mut captured).await;
-    let mut outcome = ActionOutcome::default();
+    let mut outcome = ActionOutcome {
+        queued_ms: captured.queued_ms,
+        ..ActionOutcome::default()
+    };
     if let Some(output) = captured.output {
         outcome.stdout = output.stdout;
         outcome.stdout.truncate(MAX_JOB_OUTPUT_BYTES);
@@ -1703,6 +1715,7 @@ mod tests {
                 runner: Arc::new(TokioProcessRunner::default()),
                 peer_bytes_fetched: Default::default(),
                 coordinator_bytes_fetched: Default::default(),
+                run_slots: Arc::new(crate::turns::RunSlots::new(1)),
             },
             dir,
         }

@@ -13,7 +13,9 @@
 //! not found) ends with exit code -1 and a one-line `error`; when that is
 //! because dependency artifacts could be fetched from none of their holders,
 //! the outcome also lists them (`lost_inputs`), so the coordinators rebuild
-//! them instead of counting a failure.
+//! them instead of counting a failure. Only the commands hold one of the
+//! worker's run slots (`turns`): inputs are staged before, outputs packed
+//! after.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
@@ -37,6 +39,7 @@ use crate::connect::SharedConnector;
 use crate::coordinator::CoordinatorClient;
 use crate::fetch::{FetchError, fetch_artifact, fetch_source_blob};
 use crate::process::{ProcessOutput, ProcessRunner, ProcessSpec};
+use crate::turns::RunSlots;
 
 /// Inputs (or dependencies) of one job fetched at once.
 pub const MAX_PARALLEL_FETCHES: usize = 4;
@@ -199,6 +202,9 @@ pub struct JobOutcome {
     /// holders tried (with exit code [`EXIT_CODE_NOT_RUN`] and an `error`
     /// naming them): the job did not run for want of them.
     pub lost_inputs: Vec<(Digest, Vec<String>)>,
+    /// How long its staged commands waited for a run slot, in
+    /// milliseconds.
+    pub queued_ms: u64,
 }
 
 /// What a job needs from the worker.
@@ -216,6 +222,8 @@ pub struct JobEnv {
     pub peer_bytes_fetched: Arc<std::sync::atomic::AtomicU64>,
     /// Bytes of sources and CAS blobs fetched from the coordinators so far.
     pub coordinator_bytes_fetched: Arc<std::sync::atomic::AtomicU64>,
+    /// The slots commands run in, shared by every job and action.
+    pub run_slots: Arc<RunSlots>,
 }
 
 /// A job's captured output across its commands.
@@ -557,6 +565,7 @@ async fn run_steps(
     layout: &Layout,
     log: &mut OutputLog,
     fetched_artifacts: &mut Vec<Digest>,
+    queued_ms: &mut u64,
 ) -> Result<Finished, String> {
     {
         let root = layout.root.clone();
@@ -635,6 +644,10 @@ async fn run_steps(
         job_dir: layout.root.clone(),
     };
 
+    // Staged before the job takes a run slot and packed after it gives it
+    // back: only the commands hold one.
+    let turn = env.run_slots.turn().await;
+    *queued_ms = turn.queued_ms;
     // The commands run under the job's time limit; dropping them at the
     // limit kills their processes (each command's whole process group).
     let commands = async {
@@ -676,7 +689,9 @@ async fn run_steps(
         }
         Ok::<Option<Finished>, String>(None)
     };
-    match tokio::time::timeout(spec.timeout, commands).await {
+    let ran = tokio::time::timeout(spec.timeout, commands).await;
+    drop(turn);
+    match ran {
         Ok(Ok(Some(failed))) => return Ok(failed),
         Ok(Ok(None)) => {}
         Ok(Err(error)) => return Err(error),
@@ -728,12 +743,22 @@ pub async fn run_job(env: &JobEnv, spec: &JobSpec, sandbox: &Path) -> JobOutcome
     let layout = Layout::new(sandbox);
     let mut log = OutputLog::default();
     let mut fetched_artifacts = Vec::new();
-    let result = run_steps(env, spec, &layout, &mut log, &mut fetched_artifacts).await;
+    let mut queued_ms = 0;
+    let result = run_steps(
+        env,
+        spec,
+        &layout,
+        &mut log,
+        &mut fetched_artifacts,
+        &mut queued_ms,
+    )
+    .await;
     let (stdout, stderr) = log.finish();
     let mut outcome = JobOutcome {
         stdout,
         stderr,
         fetched_artifacts,
+        queued_ms,
         ..JobOutcome::default()
     };
     match result {
@@ -919,6 +944,7 @@ mod tests {
                 runner: Arc::new(TokioProcessRunner::default()),
                 peer_bytes_fetched: Default::default(),
                 coordinator_bytes_fetched: Default::default(),
+                run_slots: Arc::new(RunSlots::new(1)),
             },
             sandbox,
             _dir: dir,
@@ -936,6 +962,43 @@ mod tests {
             deps: vec![],
             timeout: Duration::from_secs(60),
         }
+    }
+
+    /// A job stages its inputs before it waits for a run slot (a job held
+    /// ahead is ready the moment one frees), and its commands wait for it.
+    #[tokio::test]
+    async fn a_job_stages_its_inputs_before_it_waits_for_a_run_slot() {
+        let f = fixture();
+        let content = b"#define X 1\n";
+        let digest = f.env.cache.insert(None, &content[..]).expect("cached");
+        let mut spec = spec(vec![sh("cat {{.SourceDir}}/x.h > {{.OutputDir}}/x.h")]);
+        spec.inputs = vec![InputFile {
+            path: "x.h".into(),
+            digest,
+            size: content.len() as u64,
+        }];
+        let staged = f.sandbox.join("src/x.h");
+        let ran = f.sandbox.join("out/x.h");
+        let held = f.env.run_slots.turn().await;
+        let other_job = async {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while !staged.exists() {
+                assert!(std::time::Instant::now() < deadline, "input never staged");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            assert!(!ran.exists(), "a command ran without a run slot");
+            drop(held);
+        };
+        let (outcome, ()) = tokio::join!(run_job(&f.env, &spec, &f.sandbox), other_job);
+        assert_eq!((outcome.exit_code, outcome.error.as_str()), (0, ""));
+        assert!(outcome.artifact.is_some());
+        assert!(
+            (250..5_000).contains(&outcome.queued_ms),
+            "waited for the slot, not the staging: {} ms",
+            outcome.queued_ms
+        );
+        assert_eq!(f.env.run_slots.free(), 1, "the slot was given back");
     }
 
     #[tokio::test]

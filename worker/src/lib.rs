@@ -10,8 +10,8 @@
 //! process-spawning seam), `sandbox` (bubblewrap around each command),
 //! `cgroup` (the per-job process limit), `connect` (the network seam for outgoing
 //! connections), `coordinator` (the WorkerApi client, leader following),
-//! `fetch` (blobs and artifacts into the cache), `peer` (the PeerApi
-//! server), `metrics` (what `/metrics` shows), `health` (what
+//! `fetch` (blobs and artifacts into the cache), `turns` (the run slots
+//! a job's commands wait for), `peer` (the PeerApi server), `metrics` (what `/metrics` shows), `health` (what
 //! `grpc.health.v1` answers).
 //!
 //! Through coordinator failovers: every call to the coordinators has a
@@ -40,6 +40,7 @@ pub mod process;
 pub mod runtime;
 pub mod sandbox;
 pub mod tree;
+pub mod turns;
 
 pub use cli::{WorkerArgs, run_cli};
 pub use runtime::{WorkerConfig, run};

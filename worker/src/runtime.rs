@@ -47,6 +47,7 @@ use crate::job::{JobEnv, JobOutcome, JobSpec, run_job};
 use crate::peer::PeerService;
 use crate::process::{ProcessRunner, TokioProcessRunner};
 use crate::tree::remove_tree;
+use crate::turns::RunSlots;
 use distbuild_proto::auth::Access;
 use distbuild_proto::tls::{Role, Security};
 use tonic::service::interceptor::InterceptedService;
@@ -251,8 +252,6 @@ struct Worker {
     tracker: TaskTracker,
     /// Leases it may take: one per slot and one per job held ahead.
     free_slots: Arc<Semaphore>,
-    /// Jobs that may run at once: a leased job waits here for a slot.
-    run_slots: Semaphore,
     jobs: Arc<Mutex<BTreeMap<u64, RunningJob>>>,
     changes: Mutex<CacheChanges>,
     request_ids: RequestIds,
@@ -554,24 +553,17 @@ impl Worker {
         });
     }
 
-    /// Runs `work` (a job or an action in `sandbox`) once a slot is free
-    /// (a job held ahead waits for one) until it ends or `cancel` fires
-    /// (`None`), then removes the sandbox either way. Returns the outcome
-    /// and how many milliseconds it waited for the slot.
+    /// Runs `work` (a job or an action in `sandbox`; its commands wait for
+    /// a run slot, see `turns`) until it ends or `cancel` fires (`None`),
+    /// then removes the sandbox either way.
     async fn run_in_sandbox<T>(
         &self,
         sandbox: &Path,
         cancel: &CancellationToken,
         work: impl std::future::Future<Output = T>,
-    ) -> Option<(T, u64)> {
-        let leased = tokio::time::Instant::now();
+    ) -> Option<T> {
         let outcome = tokio::select! {
-            outcome = async {
-                // Never closed: the permit is always there to wait for.
-                let _slot = self.run_slots.acquire().await.ok();
-                let queued_ms = u64::try_from(leased.elapsed().as_millis()).unwrap_or(u64::MAX);
-                (work.await, queued_ms)
-            } => Some(outcome),
+            outcome = work => Some(outcome),
             () = cancel.cancelled() => None,
         };
         let removal = distbuild_proto::blocking::run({
@@ -606,7 +598,7 @@ impl Worker {
                     error: format!("invalid assignment: {error}"),
                     ..ActionOutcome::default()
                 };
-                (outcome, 0)
+                outcome
             }
             Ok(spec) => {
                 tracing::debug!(
@@ -623,7 +615,6 @@ impl Worker {
                 ran
             }
         };
-        let (outcome, queued_ms) = outcome;
         log_run_end("action", outcome.exit_code, &outcome.error);
         let request = ReportResultRequest {
             worker_id: self.worker_id.clone(),
@@ -639,7 +630,7 @@ impl Worker {
             lost_inputs: Vec::new(),
             action_result: outcome.action_result.unwrap_or_default().into(),
             take_next: !self.shutdown.is_cancelled() && !self.draining.is_cancelled(),
-            queued_ms,
+            queued_ms: outcome.queued_ms,
         };
         self.count_report(&request, assigned);
         self.report(request, cancel).await
@@ -659,7 +650,7 @@ impl Worker {
         }
         let assigned = tokio::time::Instant::now();
         let token = assignment.lease_token;
-        let (outcome, queued_ms) = match JobSpec::from_wire(&assignment) {
+        let outcome = match JobSpec::from_wire(&assignment) {
             Err(error) => {
                 tracing::warn!(%error, "assignment refused");
                 let outcome = JobOutcome {
@@ -667,7 +658,7 @@ impl Worker {
                     error: format!("invalid assignment: {error}"),
                     ..JobOutcome::default()
                 };
-                (outcome, 0)
+                outcome
             }
             Ok(spec) => {
                 tracing::debug!("job started");
@@ -675,7 +666,7 @@ impl Worker {
                 let outcome = self
                     .run_in_sandbox(&sandbox, cancel, run_job(&self.env, &spec, &sandbox))
                     .await;
-                let Some((outcome, queued_ms)) = outcome else {
+                let Some(outcome) = outcome else {
                     tracing::debug!("job stopped (lease revoked or worker shutting down)");
                     return Vec::new();
                 };
@@ -683,7 +674,7 @@ impl Worker {
                 for digest in &outcome.fetched_artifacts {
                     changes.record(*digest, true);
                 }
-                (outcome, queued_ms)
+                outcome
             }
         };
         log_run_end("job", outcome.exit_code, &outcome.error);
@@ -705,7 +696,7 @@ impl Worker {
             lost_inputs: lost_inputs_to_wire(&outcome.lost_inputs),
             action_result: Default::default(),
             take_next: !self.shutdown.is_cancelled() && !self.draining.is_cancelled(),
-            queued_ms,
+            queued_ms: outcome.queued_ms,
         };
         self.count_report(&request, assigned);
         self.report(request, cancel).await
@@ -1128,12 +1119,12 @@ where
             runner: config.runner.clone(),
             peer_bytes_fetched: Default::default(),
             coordinator_bytes_fetched: Default::default(),
+            run_slots: Arc::new(RunSlots::new(config.slots)),
         },
         coordinator,
         shutdown: shutdown.clone(),
         tracker: tracker.clone(),
         free_slots: Arc::new(Semaphore::new(config.slots + jobs_ahead)),
-        run_slots: Semaphore::new(config.slots),
         jobs: Arc::default(),
         changes: Mutex::new(CacheChanges::default()),
         request_ids,
