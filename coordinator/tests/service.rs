@@ -85,6 +85,22 @@ impl Coordinator {
             .collect()
     }
 
+    /// Registers worker `worker_id` with one slot and no leases ahead.
+    async fn register_worker(&self, worker_id: &str) {
+        self.worker()
+            .register(RegisterRequest {
+                worker_id: worker_id.into(),
+                addr: "127.0.0.1:1".into(),
+                slots: 1,
+                ahead: 0,
+                held_artifacts: Vec::new(),
+                request_id: String::new(),
+                properties: Vec::new(),
+            })
+            .await
+            .expect("register");
+    }
+
     async fn stop(self) {
         self.shutdown.cancel();
         self.task.await.expect("join").expect("clean stop");
@@ -278,18 +294,7 @@ async fn stopping_ends_open_event_streams_and_polls() {
         .await
         .expect("watch")
         .into_inner();
-    c.worker()
-        .register(RegisterRequest {
-            worker_id: "idle".into(),
-            addr: "127.0.0.1:1".into(),
-            slots: 1,
-            ahead: 0,
-            held_artifacts: Vec::new(),
-            request_id: String::new(),
-            properties: Vec::new(),
-        })
-        .await
-        .expect("register");
+    c.register_worker("idle").await;
     let mut worker = c.worker();
     let poll = tokio::spawn(async move {
         // Asks for no slots, so it waits its whole poll.
@@ -382,5 +387,48 @@ async fn a_big_build_is_submitted_in_parts() {
         .into_inner();
     assert_eq!(again.build_id, first.build_id);
     assert_eq!(again.job_count, JOBS as u32);
+    c.stop().await;
+}
+
+/// An assignment carries its job's priority, so a worker holding several
+/// leases starts the longest path first: the head of a chain of two jobs
+/// of unknown duration expects both.
+#[tokio::test]
+async fn an_assignment_carries_its_jobs_longest_path() {
+    use distbuild_proto::v1::PollWorkRequest;
+    let c = start().await;
+    let (first, second) = ("1".repeat(40), "2".repeat(40));
+    let graph = format!(
+        r#"{{"Jobs": [{{"ID": "{first}", "Cmds": [{{"Exec": ["true"]}}]}},
+                      {{"ID": "{second}", "Deps": ["{first}"], "Cmds": [{{"Exec": ["true"]}}]}}]}}"#
+    );
+    c.client()
+        .submit_build(SubmitBuildRequest {
+            job_timeout_secs: 0,
+            request_id: "chain".into(),
+            graph_json: graph.into_bytes().into(),
+            sources: Vec::new(),
+        })
+        .await
+        .expect("submit");
+    c.register_worker("w").await;
+    let assignments = c
+        .worker()
+        .poll_work(PollWorkRequest {
+            worker_id: "w".into(),
+            free_slots: 1,
+            wait_ms: 5_000,
+            request_id: "poll".into(),
+        })
+        .await
+        .expect("poll")
+        .into_inner()
+        .assignments;
+    assert_eq!(assignments.len(), 1);
+    assert_eq!(assignments[0].job_id, first);
+    assert_eq!(
+        assignments[0].path_ms,
+        2 * distbuild_model::DEFAULT_EXPECTED_MS
+    );
     c.stop().await;
 }

@@ -1062,6 +1062,7 @@ async fn run_steps(
     spec: &ActionSpec,
     sandbox: &Path,
     worker_id: &str,
+    ticket: crate::turns::Ticket,
     captured: &mut Captured,
 ) -> Result<(i32, Vec<u8>), ActionError> {
     let worker_start = now();
@@ -1125,7 +1126,7 @@ async fn run_steps(
 
     // Fetched before the action takes a run slot and uploaded after it
     // gives it back: only the command holds one.
-    let turn = env.run_slots.turn().await;
+    let turn = ticket.turn().await;
     captured.queued_ms = turn.queued_ms;
     let mut arguments = command.arguments.iter();
     let program = arguments.next().expect("checked non-empty").clone();
@@ -1250,16 +1251,18 @@ async fn upload_all(env: &JobEnv, uploads: &BTreeMap<BlobKey, Upload>) -> Result
 
 /// Runs the action described by `spec` in sandbox directory `sandbox`
 /// (created afresh; the caller removes it afterwards), as worker
-/// `worker_id` (named in the result's metadata). Cancel by dropping the
-/// future: running processes are killed.
+/// `worker_id` (named in the result's metadata); its command runs in the
+/// run slot `ticket` is granted. Cancel by dropping the future: running
+/// processes are killed.
 pub async fn run_action(
     env: &JobEnv,
     spec: &ActionSpec,
     sandbox: &Path,
     worker_id: &str,
+    ticket: crate::turns::Ticket,
 ) -> ActionOutcome {
     let mut captured = Captured::default();
-    let result = run_steps(env, spec, sandbox, worker_id, &mut captured).await;
+    let result = run_steps(env, spec, sandbox, worker_id, ticket, &mut captured).await;
     let mut outcome = ActionOutcome {
         queued_ms: captured.queued_ms,
         ..ActionOutcome::default()
@@ -1876,6 +1879,7 @@ mod tests {
             lease_token: 9,
             timeout_ms: 1_500,
             build_id: 1,
+            path_ms: 700,
             action: Some(v1::RemoteAction {
                 instance_name: "main".into(),
                 action_digest: key.hash_bytes().to_vec().into(),

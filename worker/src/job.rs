@@ -39,7 +39,7 @@ use crate::connect::SharedConnector;
 use crate::coordinator::CoordinatorClient;
 use crate::fetch::{FetchError, fetch_artifact, fetch_source_blob};
 use crate::process::{ProcessOutput, ProcessRunner, ProcessSpec};
-use crate::turns::RunSlots;
+use crate::turns::{RunSlots, Ticket};
 
 /// Inputs (or dependencies) of one job fetched at once.
 pub const MAX_PARALLEL_FETCHES: usize = 4;
@@ -565,6 +565,7 @@ async fn run_steps(
     layout: &Layout,
     log: &mut OutputLog,
     fetched_artifacts: &mut Vec<Digest>,
+    ticket: Ticket,
     queued_ms: &mut u64,
 ) -> Result<Finished, String> {
     {
@@ -646,7 +647,7 @@ async fn run_steps(
 
     // Staged before the job takes a run slot and packed after it gives it
     // back: only the commands hold one.
-    let turn = env.run_slots.turn().await;
+    let turn = ticket.turn().await;
     *queued_ms = turn.queued_ms;
     // The commands run under the job's time limit; dropping them at the
     // limit kills their processes (each command's whole process group).
@@ -739,7 +740,7 @@ async fn run_steps(
 /// Runs the job described by `spec` in sandbox directory `sandbox`
 /// (created afresh; the caller removes it afterwards). Cancel by dropping
 /// the future: running processes are killed.
-pub async fn run_job(env: &JobEnv, spec: &JobSpec, sandbox: &Path) -> JobOutcome {
+pub async fn run_job(env: &JobEnv, spec: &JobSpec, sandbox: &Path, ticket: Ticket) -> JobOutcome {
     let layout = Layout::new(sandbox);
     let mut log = OutputLog::default();
     let mut fetched_artifacts = Vec::new();
@@ -750,6 +751,7 @@ pub async fn run_job(env: &JobEnv, spec: &JobSpec, sandbox: &Path) -> JobOutcome
         &layout,
         &mut log,
         &mut fetched_artifacts,
+        ticket,
         &mut queued_ms,
     )
     .await;
@@ -789,6 +791,7 @@ mod tests {
     use super::*;
     use crate::connect::TcpConnector;
     use crate::process::TokioProcessRunner;
+    use crate::turns::Priority;
     use distbuild_proto::graph::Template;
 
     const DEP: &str = "1111111111111111111111111111111111111111";
@@ -951,6 +954,13 @@ mod tests {
         }
     }
 
+    impl Fixture {
+        /// A place in line for the fixture's one run slot.
+        fn ticket(&self) -> Ticket {
+            self.env.run_slots.ticket(Priority::default())
+        }
+    }
+
     fn spec(cmds: Vec<Cmd>) -> JobSpec {
         JobSpec {
             lease_token: 7,
@@ -979,7 +989,7 @@ mod tests {
         }];
         let staged = f.sandbox.join("src/x.h");
         let ran = f.sandbox.join("out/x.h");
-        let held = f.env.run_slots.turn().await;
+        let held = f.env.run_slots.ticket(Priority::default()).turn().await;
         let other_job = async {
             let deadline = std::time::Instant::now() + Duration::from_secs(10);
             while !staged.exists() {
@@ -990,7 +1000,11 @@ mod tests {
             assert!(!ran.exists(), "a command ran without a run slot");
             drop(held);
         };
-        let (outcome, ()) = tokio::join!(run_job(&f.env, &spec, &f.sandbox), other_job);
+        let ticket = f.env.run_slots.ticket(Priority {
+            path_ms: 0,
+            lease_token: spec.lease_token,
+        });
+        let (outcome, ()) = tokio::join!(run_job(&f.env, &spec, &f.sandbox, ticket), other_job);
         assert_eq!((outcome.exit_code, outcome.error.as_str()), (0, ""));
         assert!(outcome.artifact.is_some());
         assert!(
@@ -1011,7 +1025,7 @@ mod tests {
         ))]);
         spec.timeout = Duration::from_millis(1_500);
         let started = std::time::Instant::now();
-        let outcome = run_job(&f.env, &spec, &f.sandbox).await;
+        let outcome = run_job(&f.env, &spec, &f.sandbox, f.ticket()).await;
         assert_eq!(outcome.exit_code, EXIT_CODE_NOT_RUN);
         assert_eq!(
             outcome.error,
@@ -1024,7 +1038,7 @@ mod tests {
 
     async fn run(cmds: Vec<Cmd>) -> (JobOutcome, Fixture) {
         let f = fixture();
-        let outcome = run_job(&f.env, &spec(cmds), &f.sandbox).await;
+        let outcome = run_job(&f.env, &spec(cmds), &f.sandbox, f.ticket()).await;
         (outcome, f)
     }
 
@@ -1189,6 +1203,7 @@ mod tests {
             }],
             timeout_ms: 2_500,
             build_id: 1,
+            path_ms: 4_000,
             action: None,
         };
         let spec = JobSpec::from_wire(&good).expect("valid");

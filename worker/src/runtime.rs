@@ -47,7 +47,7 @@ use crate::job::{JobEnv, JobOutcome, JobSpec, run_job};
 use crate::peer::PeerService;
 use crate::process::{ProcessRunner, TokioProcessRunner};
 use crate::tree::remove_tree;
-use crate::turns::RunSlots;
+use crate::turns::{Priority, RunSlots, Ticket};
 use distbuild_proto::auth::Access;
 use distbuild_proto::tls::{Role, Security};
 use tonic::service::interceptor::InterceptedService;
@@ -512,6 +512,9 @@ impl Worker {
                 },
             );
         }
+        // In line for a run slot from the moment it is leased, in the order
+        // of its answer's leases.
+        let ticket = self.env.run_slots.ticket(Priority::of(&assignment));
         // The worker's span (a job started by its predecessor's report
         // is started in it too): job spans never nest, however many jobs
         // a slot runs one after another.
@@ -527,7 +530,7 @@ impl Worker {
         let worker = Arc::clone(self);
         self.tracker.spawn(async move {
             let next = worker
-                .run_assignment(assignment, &slot.dir(&worker.sandbox_root), &cancel)
+                .run_assignment(assignment, ticket, &slot.dir(&worker.sandbox_root), &cancel)
                 .instrument(span)
                 .await;
             worker
@@ -585,6 +588,7 @@ impl Worker {
     async fn run_remote_action(
         &self,
         assignment: Assignment,
+        ticket: Ticket,
         slot_dir: &Path,
         cancel: &CancellationToken,
     ) -> Vec<Assignment> {
@@ -593,12 +597,11 @@ impl Worker {
         let outcome = match ActionSpec::from_wire(&assignment) {
             Err(error) => {
                 tracing::warn!(%error, "assignment refused");
-                let outcome = ActionOutcome {
+                ActionOutcome {
                     exit_code: crate::job::EXIT_CODE_NOT_RUN,
                     error: format!("invalid assignment: {error}"),
                     ..ActionOutcome::default()
-                };
-                outcome
+                }
             }
             Ok(spec) => {
                 tracing::debug!(
@@ -607,7 +610,7 @@ impl Worker {
                     "action started"
                 );
                 let sandbox = slot_dir.join(token.to_string());
-                let work = run_action(&self.env, &spec, &sandbox, &self.worker_id);
+                let work = run_action(&self.env, &spec, &sandbox, &self.worker_id, ticket);
                 let Some(ran) = self.run_in_sandbox(&sandbox, cancel, work).await else {
                     tracing::debug!("action stopped (lease revoked or worker shutting down)");
                     return Vec::new();
@@ -641,30 +644,36 @@ impl Worker {
     async fn run_assignment(
         &self,
         assignment: Assignment,
+        ticket: Ticket,
         slot_dir: &Path,
         cancel: &CancellationToken,
     ) -> Vec<Assignment> {
         // A Remote Execution API action: its own runner and report.
         if assignment.action.is_some() {
-            return self.run_remote_action(assignment, slot_dir, cancel).await;
+            return self
+                .run_remote_action(assignment, ticket, slot_dir, cancel)
+                .await;
         }
         let assigned = tokio::time::Instant::now();
         let token = assignment.lease_token;
         let outcome = match JobSpec::from_wire(&assignment) {
             Err(error) => {
                 tracing::warn!(%error, "assignment refused");
-                let outcome = JobOutcome {
+                JobOutcome {
                     exit_code: crate::job::EXIT_CODE_NOT_RUN,
                     error: format!("invalid assignment: {error}"),
                     ..JobOutcome::default()
-                };
-                outcome
+                }
             }
             Ok(spec) => {
                 tracing::debug!("job started");
                 let sandbox = slot_dir.join(token.to_string());
                 let outcome = self
-                    .run_in_sandbox(&sandbox, cancel, run_job(&self.env, &spec, &sandbox))
+                    .run_in_sandbox(
+                        &sandbox,
+                        cancel,
+                        run_job(&self.env, &spec, &sandbox, ticket),
+                    )
                     .await;
                 let Some(outcome) = outcome else {
                     tracing::debug!("job stopped (lease revoked or worker shutting down)");

@@ -223,6 +223,7 @@ impl WorkerService {
             deps,
             timeout_ms: exec.timeout_ms,
             build_id: exec.rank.build,
+            path_ms: exec.rank.path_ms,
             action: spec.action.as_ref().map(|action| RemoteAction {
                 instance_name: action.instance_name.clone(),
                 action_digest: action.action.hash_bytes().to_vec().into(),

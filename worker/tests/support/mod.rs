@@ -456,6 +456,7 @@ pub fn assignment(lease_token: u64, cmds: Vec<v1::Command>) -> Assignment {
         deps: vec![],
         timeout_ms: 60_000,
         build_id: 1,
+        path_ms: 0,
         action: None,
     }
 }
