@@ -1718,7 +1718,6 @@ mod tests {
                 runner: Arc::new(TokioProcessRunner::default()),
                 peer_bytes_fetched: Default::default(),
                 coordinator_bytes_fetched: Default::default(),
-                run_slots: Arc::new(crate::turns::RunSlots::new(1)),
             },
             dir,
         }

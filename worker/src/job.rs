@@ -39,7 +39,7 @@ use crate::connect::SharedConnector;
 use crate::coordinator::CoordinatorClient;
 use crate::fetch::{FetchError, fetch_artifact, fetch_source_blob};
 use crate::process::{ProcessOutput, ProcessRunner, ProcessSpec};
-use crate::turns::{RunSlots, Ticket};
+use crate::turns::Ticket;
 
 /// Inputs (or dependencies) of one job fetched at once.
 pub const MAX_PARALLEL_FETCHES: usize = 4;
@@ -222,8 +222,6 @@ pub struct JobEnv {
     pub peer_bytes_fetched: Arc<std::sync::atomic::AtomicU64>,
     /// Bytes of sources and CAS blobs fetched from the coordinators so far.
     pub coordinator_bytes_fetched: Arc<std::sync::atomic::AtomicU64>,
-    /// The slots commands run in, shared by every job and action.
-    pub run_slots: Arc<RunSlots>,
 }
 
 /// A job's captured output across its commands.
@@ -791,7 +789,7 @@ mod tests {
     use super::*;
     use crate::connect::TcpConnector;
     use crate::process::TokioProcessRunner;
-    use crate::turns::Priority;
+    use crate::turns::{Priority, RunSlots};
     use distbuild_proto::graph::Template;
 
     const DEP: &str = "1111111111111111111111111111111111111111";
@@ -926,6 +924,8 @@ mod tests {
     struct Fixture {
         _dir: tempfile::TempDir,
         env: JobEnv,
+        /// The worker's one run slot.
+        run_slots: RunSlots,
         sandbox: PathBuf,
     }
 
@@ -947,8 +947,8 @@ mod tests {
                 runner: Arc::new(TokioProcessRunner::default()),
                 peer_bytes_fetched: Default::default(),
                 coordinator_bytes_fetched: Default::default(),
-                run_slots: Arc::new(RunSlots::new(1)),
             },
+            run_slots: RunSlots::new(1),
             sandbox,
             _dir: dir,
         }
@@ -957,7 +957,7 @@ mod tests {
     impl Fixture {
         /// A place in line for the fixture's one run slot.
         fn ticket(&self) -> Ticket {
-            self.env.run_slots.ticket(Priority::default())
+            self.run_slots.ticket(Priority::default())
         }
     }
 
@@ -989,7 +989,7 @@ mod tests {
         }];
         let staged = f.sandbox.join("src/x.h");
         let ran = f.sandbox.join("out/x.h");
-        let held = f.env.run_slots.ticket(Priority::default()).turn().await;
+        let held = f.run_slots.ticket(Priority::default()).turn().await;
         let other_job = async {
             let deadline = std::time::Instant::now() + Duration::from_secs(10);
             while !staged.exists() {
@@ -1000,7 +1000,7 @@ mod tests {
             assert!(!ran.exists(), "a command ran without a run slot");
             drop(held);
         };
-        let ticket = f.env.run_slots.ticket(Priority {
+        let ticket = f.run_slots.ticket(Priority {
             path_ms: 0,
             lease_token: spec.lease_token,
         });
@@ -1012,7 +1012,7 @@ mod tests {
             "waited for the slot, not the staging: {} ms",
             outcome.queued_ms
         );
-        assert_eq!(f.env.run_slots.free(), 1, "the slot was given back");
+        assert_eq!(f.run_slots.free(), 1, "the slot was given back");
     }
 
     #[tokio::test]

@@ -252,6 +252,8 @@ struct Worker {
     tracker: TaskTracker,
     /// Leases it may take: one per slot and one per job held ahead.
     free_slots: Arc<Semaphore>,
+    /// The slots leased jobs' commands run in.
+    run_slots: RunSlots,
     jobs: Arc<Mutex<BTreeMap<u64, RunningJob>>>,
     changes: Mutex<CacheChanges>,
     request_ids: RequestIds,
@@ -514,7 +516,7 @@ impl Worker {
         }
         // In line for a run slot from the moment it is leased, in the order
         // of its answer's leases.
-        let ticket = self.env.run_slots.ticket(Priority::of(&assignment));
+        let ticket = self.run_slots.ticket(Priority::of(&assignment));
         // The worker's span (a job started by its predecessor's report
         // is started in it too): job spans never nest, however many jobs
         // a slot runs one after another.
@@ -1128,8 +1130,8 @@ where
             runner: config.runner.clone(),
             peer_bytes_fetched: Default::default(),
             coordinator_bytes_fetched: Default::default(),
-            run_slots: Arc::new(RunSlots::new(config.slots)),
         },
+        run_slots: RunSlots::new(config.slots),
         coordinator,
         shutdown: shutdown.clone(),
         tracker: tracker.clone(),

@@ -216,7 +216,8 @@ impl RunSlots {
     }
 
     /// Slots free now.
-    pub fn free(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn free(&self) -> usize {
         self.shared.state().free
     }
 }
