@@ -39,6 +39,16 @@
 //!   outputs) along with the other 14 jobs;
 //! - cached: distbuild again, nothing changed.
 //!
+//! After the header is touched a third configuration also runs, the
+//! floor: the same 16 compile commands distbuild reruns, started straight
+//! from this process (no shell, sandbox, cache or scheduler), as many at a
+//! time as there are CPUs, longest first by the times the previous floor
+//! run measured (the first one, before the rounds, learns them). It is
+//! what any executor must spend on the work the header change leaves,
+//! so distbuild / floor is distbuild's own cost and ninja / floor what
+//! ninja spends beyond the compiles (its reruns of the archive, link
+//! and run). The three configurations take turns going first.
+//!
 //! A warm-up round (not counted) comes first, so the coordinator has seen
 //! every job name. Then, on a cluster of three coordinators (the first
 //! one stopped), a warm-up and one cold build per round; their median
@@ -614,6 +624,99 @@ fn check(run: &BuildRun, all: &[String], ran: &[String], what: &str, logs: &dyn 
     }
 }
 
+/// One command of the floor: the job it comes from and its program and
+/// arguments, to run in its own directory.
+struct FloorCommand {
+    name: String,
+    argv: Vec<String>,
+    dir: PathBuf,
+}
+
+/// The commands of the jobs named in `names`, as `graph` has them, with
+/// the source directory `src` and each job's output directory a fresh one
+/// under `out` (also its working directory, as in the graph).
+fn floor_commands(graph: &Value, names: &[String], src: &Path, out: &Path) -> Vec<FloorCommand> {
+    let _ = std::fs::remove_dir_all(out);
+    let mut commands = Vec::new();
+    for job in graph["Jobs"].as_array().expect("jobs") {
+        let name = job["Name"].as_str().expect("name");
+        if !names.iter().any(|n| n == name) {
+            continue;
+        }
+        let cmds = job["Cmds"].as_array().expect("cmds");
+        assert_eq!(cmds.len(), 1, "{name}: one command");
+        assert_eq!(cmds[0]["WorkingDirectory"], "{{.OutputDir}}", "{name}");
+        let dir = out.join(commands.len().to_string());
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let argv = cmds[0]["Exec"]
+            .as_array()
+            .expect("exec")
+            .iter()
+            .map(|a| {
+                let arg = a.as_str().expect("argument");
+                assert!(
+                    !arg.contains("{{index"),
+                    "{name}: a floor command has no dependencies"
+                );
+                arg.replace("{{.SourceDir}}", &src.display().to_string())
+                    .replace("{{.OutputDir}}", &dir.display().to_string())
+            })
+            .collect();
+        commands.push(FloorCommand {
+            name: name.to_string(),
+            argv,
+            dir,
+        });
+    }
+    assert_eq!(
+        commands.len(),
+        names.len(),
+        "every floor job is in the graph"
+    );
+    commands
+}
+
+/// Runs `commands` `slots` at a time, longest first by `expected` (the
+/// unknown first, in the order given), each program started directly:
+/// the time they take with no executor in the way. Records each
+/// command's time in `expected` for the next run.
+fn run_floor(
+    mut commands: Vec<FloorCommand>,
+    slots: usize,
+    expected: &mut std::collections::HashMap<String, Duration>,
+) -> Duration {
+    commands.sort_by_key(|c| {
+        std::cmp::Reverse(expected.get(&c.name).copied().unwrap_or(Duration::MAX))
+    });
+    let queue = std::sync::Mutex::new(commands.into_iter());
+    let took = std::sync::Mutex::new(Vec::new());
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        for _ in 0..slots {
+            scope.spawn(|| {
+                loop {
+                    let next = queue.lock().expect("queue").next();
+                    let Some(command) = next else { break };
+                    let began = Instant::now();
+                    let status = Command::new(&command.argv[0])
+                        .args(&command.argv[1..])
+                        .current_dir(&command.dir)
+                        .stdin(Stdio::null())
+                        .status()
+                        .expect("start a floor command");
+                    assert!(status.success(), "floor: {} failed: {status}", command.name);
+                    took.lock()
+                        .expect("took")
+                        .push((command.name, began.elapsed()));
+                }
+            });
+        }
+    });
+    let elapsed = started.elapsed();
+    expected.extend(took.into_inner().expect("took"));
+    elapsed
+}
+
 /// Appends a comment line to [`TOUCHED`] in `src`.
 fn touch(src: &Path, round: &str) {
     use std::io::Write as _;
@@ -636,6 +739,7 @@ struct Round {
     ninja_cold: Option<f64>,
     touched: f64,
     ninja_touched: Option<f64>,
+    floor_touched: f64,
     cached: f64,
 }
 
@@ -685,6 +789,13 @@ fn main() {
         ninja(round, all.len())
     };
 
+    let floor_out = scratch.path().join("floor");
+    let mut floor_expected = std::collections::HashMap::new();
+    let mut floor = |round: &str| -> f64 {
+        let commands = floor_commands(&graph(&libraries, round), &recompiled, &src, &floor_out);
+        run_floor(commands, cpus, &mut floor_expected).as_secs_f64()
+    };
+
     let cluster = Cluster::start(1, cpus as u32);
     let logs = || cluster.logs();
     let distbuild = |round: &str, ran: &[String], what: &str| -> f64 {
@@ -702,6 +813,8 @@ fn main() {
             ninja_cold("warmup");
         }
     }
+    // Learns the compiles' times, as distbuild's warm-up build did.
+    floor("warmup");
     let mut results = Vec::new();
     for round in 0..rounds {
         let tag = round.to_string();
@@ -716,12 +829,16 @@ fn main() {
         }
         touch(&src, &tag);
         let mut ninja_touched = None;
-        if have_ninja && ninja_first {
-            ninja_touched = Some(ninja(&tag, touched.len()));
-        }
-        let touched_time = distbuild(&tag, &recompiled, "header touched");
-        if have_ninja && !ninja_first {
-            ninja_touched = Some(ninja(&tag, touched.len()));
+        let mut touched_time = 0.0;
+        let mut floor_touched = 0.0;
+        // Each configuration goes first in every third round.
+        for turn in 0..3 {
+            match (round + turn) % 3 {
+                0 => touched_time = distbuild(&tag, &recompiled, "header touched"),
+                1 if have_ninja => ninja_touched = Some(ninja(&tag, touched.len())),
+                1 => {}
+                _ => floor_touched = floor(&tag),
+            }
         }
         let cached = distbuild(&tag, &[], "cached");
         results.push(Round {
@@ -729,6 +846,7 @@ fn main() {
             ninja_cold: ninja_cold_time,
             touched: touched_time,
             ninja_touched,
+            floor_touched,
             cached,
         });
     }
@@ -748,13 +866,14 @@ fn main() {
     let ratio = |a: f64, b: Option<f64>| b.map_or("-".to_string(), |b| format!("{:.2}x", a / b));
     for (round, r) in results.iter().enumerate() {
         println!(
-            "  round {round}: cold {:.2} s, ninja {} ({}); header touched {:.2} s, ninja {} ({}); cached {:.2} s",
+            "  round {round}: cold {:.2} s, ninja {} ({}); header touched {:.2} s, ninja {} ({}), floor {:.2} s; cached {:.2} s",
             r.cold,
             secs(r.ninja_cold),
             ratio(r.cold, r.ninja_cold),
             r.touched,
             secs(r.ninja_touched),
             ratio(r.touched, r.ninja_touched),
+            r.floor_touched,
             r.cached
         );
     }
@@ -774,6 +893,15 @@ fn main() {
         of(&|r| Some(r.touched)).expect("rounds"),
         secs(of(&|r| r.ninja_touched)),
         of(&|r| Some(r.touched / r.ninja_touched?)).map_or("-".into(), |x| format!("{x:.2}x"))
+    );
+    println!(
+        "    floor, header touched:    {:>6.2} s   distbuild / floor {:.2}x   ninja / floor {}   floor / ninja {}",
+        of(&|r| Some(r.floor_touched)).expect("rounds"),
+        of(&|r| Some(r.touched / r.floor_touched)).expect("rounds"),
+        of(&|r| Some(r.ninja_touched? / r.floor_touched))
+            .map_or("-".into(), |x| format!("{x:.2}x")),
+        of(&|r| Some(r.floor_touched / r.ninja_touched?))
+            .map_or("-".into(), |x| format!("{x:.2}x"))
     );
     println!(
         "    distbuild cached:         {:>6.2} s",
