@@ -421,6 +421,63 @@ fn the_cas_and_bytestream_serve_blobs_by_sha256_and_sha1_and_refuse_bad_input_cl
             .expect("get")
             .into_inner();
         assert_eq!(got, good);
+
+        // An output directory names its files through its tree alone: they
+        // too must be in the CAS, and count as the result's blobs.
+        let inside = b"a file in an output directory";
+        let tree = re::Tree {
+            root: Some(re::Directory {
+                files: vec![re::FileNode {
+                    name: "inside.txt".into(),
+                    digest: Some(sha256(inside)),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            children: Vec::new(),
+        };
+        let tree_bytes = tree.encode_to_vec();
+        let with_directory = re::ActionResult {
+            output_directories: vec![re::OutputDirectory {
+                path: "out/dir".into(),
+                tree_digest: Some(sha256(&tree_bytes)),
+                ..Default::default()
+            }],
+            ..good.clone()
+        };
+        let store = |digest: re::Digest, data: &[u8]| re::BatchUpdateBlobsRequest {
+            // The batch request of the file's top (`update` is the action
+            // cache's here).
+            requests: vec![crate::update(digest, data)],
+            ..Default::default()
+        };
+        cas.batch_update_blobs(store(sha256(&tree_bytes), &tree_bytes))
+            .await
+            .expect("store the tree");
+        refused(
+            action_cache
+                .update_action_result(update(with_directory.clone()))
+                .await,
+            Code::FailedPrecondition,
+            &format!(
+                "names blobs/{}/{}, which the CAS does not hold",
+                sha256(inside).hash,
+                inside.len()
+            ),
+        );
+        cas.batch_update_blobs(store(sha256(inside), inside))
+            .await
+            .expect("store the file");
+        action_cache
+            .update_action_result(update(with_directory.clone()))
+            .await
+            .expect("update with an output directory");
+        let got = action_cache
+            .get_action_result(get("main"))
+            .await
+            .expect("get")
+            .into_inner();
+        assert_eq!(got, with_directory);
         refused(
             action_cache.get_action_result(get("other")).await,
             Code::NotFound,

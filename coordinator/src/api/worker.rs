@@ -4,6 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
+use distbuild_proto::Digest;
 use distbuild_proto::auth::{Caller, caller};
 use distbuild_proto::text;
 use distbuild_proto::tls::MAX_NAME_CHARS;
@@ -19,13 +21,12 @@ use distbuild_proto::wire::{
     MAX_JOB_ERROR_BYTES, MAX_JOB_OUTPUT_BYTES, MAX_REQUEST_ID_CHARS, MAX_TRIED_HOLDERS_PER_REPORT,
     digest_from_wire, digest_to_wire,
 };
-use distbuild_proto::{BlobKey, Digest};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::picks::PicksInFlight;
 use super::rate::CallerRates;
 use super::rate::client_name;
-use super::reapi::action_cache::{MAX_ACTION_RESULT_BYTES, named_blobs};
+use super::reapi::action_cache::{MAX_ACTION_RESULT_BYTES, result_blobs};
 use super::status::invalid;
 use super::{
     KeptBlobBytes, ResponseStream, blob_key_from_wire, digests, store_upload, stream_file,
@@ -247,13 +248,10 @@ fn request_key(kind: &str, worker_id: &str, request_id: &str) -> Result<String, 
     Ok(format!("{kind}/{worker_id}/{request_id}"))
 }
 
-/// The blobs an action result names, with their sizes.
-type NamedBlobs = Vec<(BlobKey, u64)>;
-
 /// A reported Remote Execution API result, checked: within the bound of
-/// what the action cache keeps, decodable, and the blobs it names (each
-/// digest's function from its length).
-fn action_result(bytes: &[u8]) -> Result<(i32, Vec<u8>, NamedBlobs), Status> {
+/// what the action cache keeps and decodable ([`result_blobs`] checks the
+/// blobs it names).
+fn action_result(bytes: &[u8]) -> Result<re::ActionResult, Status> {
     use prost::Message as _;
     if bytes.len() > MAX_ACTION_RESULT_BYTES {
         return Err(Status::invalid_argument(format!(
@@ -261,13 +259,8 @@ fn action_result(bytes: &[u8]) -> Result<(i32, Vec<u8>, NamedBlobs), Status> {
             bytes.len()
         )));
     }
-    let result =
-        bazel_remote_apis::build::bazel::remote::execution::v2::ActionResult::decode(bytes)
-            .map_err(|e| {
-                Status::invalid_argument(format!("action_result: not an ActionResult: {e}"))
-            })?;
-    let blobs = named_blobs(&result, 0)?;
-    Ok((result.exit_code, bytes.to_vec(), blobs))
+    re::ActionResult::decode(bytes)
+        .map_err(|e| Status::invalid_argument(format!("action_result: not an ActionResult: {e}")))
 }
 
 /// Most bytes of an action's stdout and of its stderr kept with its run's
@@ -556,12 +549,15 @@ impl WorkerApi for WorkerService {
             Outcome::LostInputs { lost }
         } else if !req.action_result.is_empty() && req.error.is_empty() {
             // The exit code the result says, whatever the report's field.
-            let (exit_code, result, blobs) = action_result(&req.action_result)?;
+            let decoded = action_result(&req.action_result)?;
+            // Each digest's function from its length. The worker stored
+            // every blob first, the trees included.
+            let blobs = result_blobs(&self.node, &decoded, 0).await?;
             Outcome::Executed {
-                exit_code,
+                exit_code: decoded.exit_code,
                 stdout: head(stdout, MAX_ACTION_OUTPUT_SHOWN),
                 stderr: head(stderr, MAX_ACTION_OUTPUT_SHOWN),
-                result,
+                result: req.action_result.to_vec(),
                 blobs,
             }
         } else if req.exit_code == 0 && req.error.is_empty() {

@@ -2,13 +2,15 @@
 //! in the replicated state. A client may store results of actions it ran
 //! itself (`UpdateActionResult`, Bazel with `--remote_cache` alone); a
 //! result is stored only when every blob it names is in the CAS, and
-//! served only while they all still are.
+//! served only while they all still are. The files of an output directory
+//! are named by its Tree blob alone; they are read out of it when the
+//! result is stored and count as the result's blobs like the rest.
 
 use std::sync::Arc;
 
 use bazel_remote_apis::build::bazel::remote::execution::v2 as re;
 use distbuild_model::Command;
-use distbuild_proto::BlobKey;
+use distbuild_proto::{BlobKey, text};
 use prost::Message as _;
 use re::action_cache_server::ActionCache;
 use tonic::{Request, Response, Status};
@@ -62,14 +64,68 @@ pub fn named_blobs(
         }
     }
     if blobs.len() > MAX_RESULT_BLOBS {
-        return Err(Status::invalid_argument(format!(
-            "the action result names {} blobs, over the limit of {MAX_RESULT_BLOBS}",
-            blobs.len()
-        )));
+        return Err(too_many_blobs(blobs.len()));
     }
     blobs.sort_unstable();
     blobs.dedup();
     Ok(blobs)
+}
+
+/// Largest Tree blob of an output directory read for the files it names
+/// (a tree of 100,000 files, the most a result may name, is about this).
+pub const MAX_TREE_BYTES: u64 = 16 << 20;
+
+/// The blobs `result` names (see [`named_blobs`]) and the files in its
+/// output directories' trees, which the CAS holds: collection then keeps
+/// them with the result, and a result is served only while they are all
+/// still there. A tree the CAS does not hold adds nothing (the result
+/// names the tree, so it is not served without it).
+pub async fn result_blobs(
+    node: &Node,
+    result: &re::ActionResult,
+    digest_function: i32,
+) -> Result<Vec<(BlobKey, u64)>, Status> {
+    let mut blobs = named_blobs(result, digest_function)?;
+    for (i, dir) in result.output_directories.iter().enumerate() {
+        let what = format!("action_result.output_directories[{i}]");
+        let (key, size) = key_of(
+            dir.tree_digest.as_ref(),
+            digest_function,
+            &format!("{what}.tree_digest"),
+        )?;
+        if size > MAX_TREE_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "{what}: its tree is {size} bytes, over the limit of {MAX_TREE_BYTES}"
+            )));
+        }
+        let Some(bytes) = super::cas::read_whole(node, key, size).await? else {
+            continue;
+        };
+        let tree = re::Tree::decode(bytes.as_slice()).map_err(|e| {
+            Status::invalid_argument(format!("{what}: blobs/{key}/{size} is not a Tree: {e}"))
+        })?;
+        for directory in tree.root.iter().chain(&tree.children) {
+            for file in &directory.files {
+                blobs.push(key_of(
+                    file.digest.as_ref(),
+                    digest_function,
+                    &format!("{what}: file {:?}", text::shortened(&file.name, 256)),
+                )?);
+            }
+            if blobs.len() > MAX_RESULT_BLOBS {
+                return Err(too_many_blobs(blobs.len()));
+            }
+        }
+    }
+    blobs.sort_unstable();
+    blobs.dedup();
+    Ok(blobs)
+}
+
+fn too_many_blobs(count: usize) -> Status {
+    Status::invalid_argument(format!(
+        "the action result names {count} blobs, over the limit of {MAX_RESULT_BLOBS}"
+    ))
 }
 
 /// The blobs of `blobs` the CAS does not hold (the empty blob it always
@@ -163,9 +219,14 @@ impl ActionCache for ActionCacheService {
                 "instance_name: longer than 1024 characters",
             ));
         }
-        let blobs = named_blobs(&result, request.digest_function)?;
+        let named = named_blobs(&result, request.digest_function)?;
         self.node.ready_leader().await?;
         self.rates.admit(&caller)?;
+        // The trees first: their files are read out of them.
+        let blobs = match missing(&self.node, &named).first() {
+            Some(_) => named,
+            None => result_blobs(&self.node, &result, request.digest_function).await?,
+        };
         if let Some((key, size)) = missing(&self.node, &blobs).first() {
             return Err(Status::failed_precondition(format!(
                 "the action result names blobs/{key}/{size}, which the CAS does not hold; upload it first"
