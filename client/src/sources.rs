@@ -1,5 +1,5 @@
 //! The graph's source files on disk: checked, then hashed by streaming (a
-//! file of any size costs one buffer), several at a time.
+//! file of any size costs one buffer), several groups of files at a time.
 
 use std::fs::File;
 use std::io::{self, Read};
@@ -13,8 +13,13 @@ use sha1::{Digest as _, Sha1};
 /// Bytes read per step while hashing a file.
 pub const HASH_BUFFER_BYTES: usize = 256 << 10;
 
-/// Files hashed at the same time (each on a blocking thread).
+/// Groups of files hashed at the same time (each on a blocking thread).
 pub const MAX_CONCURRENT_HASHES: usize = 4;
+
+/// Most files one blocking task hashes, one after another with one
+/// buffer: a hop to a blocking thread per file, and a buffer each, cost
+/// more than hashing a small source file.
+pub const FILES_PER_HASH_TASK: usize = 64;
 
 /// Why a listed source file cannot be used. Each message is one line naming
 /// the file.
@@ -49,6 +54,9 @@ pub enum SourceError {
         #[source]
         source: io::Error,
     },
+    /// Hashing stopped on a bug (a panic), not on a file.
+    #[error(transparent)]
+    Panicked(#[from] distbuild_proto::blocking::Panicked),
 }
 
 /// A checked, hashed source file.
@@ -67,12 +75,16 @@ pub struct Source {
 }
 
 /// SHA-1 and length of everything `reader` yields, read in bounded steps.
-pub fn hash_reader(mut reader: impl Read) -> io::Result<(Digest, u64)> {
+pub fn hash_reader(reader: impl Read) -> io::Result<(Digest, u64)> {
+    hash_with(reader, &mut vec![0u8; HASH_BUFFER_BYTES])
+}
+
+/// [`hash_reader`] with `buffer` to read into.
+fn hash_with(mut reader: impl Read, buffer: &mut [u8]) -> io::Result<(Digest, u64)> {
     let mut sha1 = Sha1::new();
-    let mut buffer = vec![0u8; HASH_BUFFER_BYTES];
     let mut total = 0u64;
     loop {
-        let n = match reader.read(&mut buffer) {
+        let n = match reader.read(buffer) {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -135,11 +147,32 @@ pub async fn hash_sources(
     source_dir: &Path,
 ) -> Result<Vec<Source>, SourceError> {
     let checked = check_sources(graph, source_dir)?;
-    futures::stream::iter(checked)
-        .map(|(id, path, local_path)| async move {
-            let file = local_path.clone();
-            let hashed = distbuild_proto::blocking::run(move || hash_file(&file)).await;
-            match hashed {
+    // Spread over the concurrent tasks while there are few files.
+    let per_task = checked
+        .len()
+        .div_ceil(MAX_CONCURRENT_HASHES)
+        .clamp(1, FILES_PER_HASH_TASK);
+    let mut groups = Vec::with_capacity(checked.len().div_ceil(per_task));
+    let mut files = checked.into_iter().peekable();
+    while files.peek().is_some() {
+        groups.push(files.by_ref().take(per_task).collect::<Vec<_>>());
+    }
+    let hashed: Vec<Vec<Source>> = futures::stream::iter(groups)
+        .map(|group| distbuild_proto::blocking::run(move || hash_group(group)))
+        .buffered(MAX_CONCURRENT_HASHES)
+        .try_collect()
+        .await?;
+    Ok(hashed.into_iter().flatten().collect())
+}
+
+/// Hashes each of `files` (ID, path in the graph, local path), in order,
+/// with one buffer.
+fn hash_group(files: Vec<(String, String, PathBuf)>) -> Result<Vec<Source>, SourceError> {
+    let mut buffer = vec![0u8; HASH_BUFFER_BYTES];
+    files
+        .into_iter()
+        .map(|(id, path, local_path)| {
+            match File::open(&local_path).and_then(|file| hash_with(file, &mut buffer)) {
                 Ok((digest, size)) => Ok(Source {
                     id,
                     path,
@@ -150,9 +183,7 @@ pub async fn hash_sources(
                 Err(source) => Err(SourceError::Io { id, path, source }),
             }
         })
-        .buffered(MAX_CONCURRENT_HASHES)
-        .try_collect()
-        .await
+        .collect()
 }
 
 #[cfg(test)]
@@ -205,6 +236,40 @@ mod tests {
                 (B, "b.h", Digest::of(b""), 0),
             ]
         );
+    }
+
+    /// Many files are hashed in groups, several groups at a time; the
+    /// result keeps the graph's order and each file's own digest.
+    #[tokio::test]
+    async fn many_sources_are_hashed_in_groups_in_graph_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let count = FILES_PER_HASH_TASK * MAX_CONCURRENT_HASHES * 2 + 3;
+        let ids: Vec<String> = (0..count).map(|i| format!("{i:040x}")).collect();
+        let mut files = Vec::new();
+        for (i, id) in ids.iter().enumerate() {
+            let content = format!("int f{i};\n").repeat(i % 5);
+            fs::write(dir.path().join(format!("f{i}.c")), &content).expect("write");
+            files.push((id.clone(), format!("f{i}.c"), content));
+        }
+        let listed: Vec<(&str, &str)> = files
+            .iter()
+            .map(|(id, path, _)| (id.as_str(), path.as_str()))
+            .collect();
+        let sources = hash_sources(&graph(&listed), dir.path())
+            .await
+            .expect("hashed");
+        let got: Vec<(String, String, Digest, u64)> = sources
+            .into_iter()
+            .map(|s| (s.id, s.path, s.digest, s.size))
+            .collect();
+        let expected: Vec<(String, String, Digest, u64)> = files
+            .into_iter()
+            .map(|(id, path, content)| {
+                let size = content.len() as u64;
+                (id, path, Digest::of(content.as_bytes()), size)
+            })
+            .collect();
+        assert_eq!(got, expected);
     }
 
     /// Each broken source directory and a fragment its one-line error must

@@ -374,6 +374,54 @@ where
     )
 }
 
+/// Inputs copied from the cache by one blocking task: a C compile's
+/// headers take one, a job with thousands of inputs several at once.
+const INPUTS_PER_COPY_TASK: usize = 64;
+
+/// Copies into the job's source directory every input of `inputs` the
+/// cache holds, in one blocking task (a hop to a blocking thread to open
+/// each input and another to copy it cost the worker more than the
+/// copies); returns those it does not hold, for [`stage_input`].
+async fn copy_cached_inputs(
+    cache: &Cache,
+    inputs: &[InputFile],
+    src: &Path,
+) -> Result<Vec<InputFile>, String> {
+    let cache = cache.clone();
+    let inputs = inputs.to_vec();
+    let src = src.to_path_buf();
+    blocking(move || {
+        let mut absent = Vec::new();
+        for input in inputs {
+            let what = || format!("input {:?}", input.path);
+            let opened = cache
+                .open_blob(input.digest)
+                .map_err(|e| format!("{}: {e}", what()))?;
+            let Some((mut file, _pin)) = opened else {
+                absent.push(input);
+                continue;
+            };
+            let dest = src.join(&input.path);
+            copy_input(&mut file, &dest)
+                .map_err(|e| format!("{}: write {}: {e}", what(), dest.display()))?;
+        }
+        Ok(absent)
+    })
+    .await
+}
+
+/// Writes the content of `file` to a new file at `dest`.
+fn copy_input(file: &mut fs::File, dest: &Path) -> io::Result<()> {
+    if let Some(parent) = dest.parent() {
+        fs::create_dir_all(parent)?;
+    }
+    let mut out = fs::File::create(dest)?;
+    io::copy(file, &mut out)?;
+    Ok(())
+}
+
+/// Fetches `input` into the cache if it is absent, and copies it into the
+/// job's source directory.
 async fn stage_input(env: &JobEnv, input: &InputFile, layout: &Layout) -> Result<(), String> {
     let what = format!("input {:?}", input.path);
     let (mut file, pin, _) = open_or_fetch(&env.cache, input.digest, &what, || async {
@@ -394,15 +442,7 @@ async fn stage_input(env: &JobEnv, input: &InputFile, layout: &Layout) -> Result
     let dest = layout.src.join(&input.path);
     blocking(move || {
         let _pin = pin;
-        let mut copy = || -> io::Result<()> {
-            if let Some(parent) = dest.parent() {
-                fs::create_dir_all(parent)?;
-            }
-            let mut out = fs::File::create(&dest)?;
-            io::copy(&mut file, &mut out)?;
-            Ok(())
-        };
-        copy().map_err(|e| format!("{what}: write {}: {e}", dest.display()))
+        copy_input(&mut file, &dest).map_err(|e| format!("{what}: write {}: {e}", dest.display()))
     })
     .await
 }
@@ -579,8 +619,16 @@ async fn run_steps(
 
     // Futures collected first: a stream holding the mapping closure trips
     // the compiler's higher-ranked lifetime check once spawned.
-    let staged_inputs: Vec<_> = spec
+    let copies: Vec<_> = spec
         .inputs
+        .chunks(INPUTS_PER_COPY_TASK)
+        .map(|chunk| copy_cached_inputs(&env.cache, chunk, &layout.src))
+        .collect();
+    let absent: Vec<InputFile> = futures::stream::iter(copies)
+        .buffer_unordered(MAX_PARALLEL_FETCHES)
+        .try_concat()
+        .await?;
+    let staged_inputs: Vec<_> = absent
         .iter()
         .map(|input| stage_input(env, input, layout))
         .collect();
