@@ -5,7 +5,6 @@
 //! <sandbox>/root/     the action's input root, materialized from the CAS;
 //!                     the command runs in root/<working_directory>
 //! <sandbox>/upload/   encoded Trees, stdout and stderr waiting for upload
-//! <sandbox>/          scratch files of blob downloads
 //! ```
 //!
 //! The Action, its Command and every Directory of its input root are read
@@ -458,7 +457,6 @@ async fn open_or_fetch(
     env: &JobEnv,
     key: BlobKey,
     size: u64,
-    scratch: &Path,
 ) -> Result<(fs::File, Pin), ActionError> {
     // A second round only when the blob was evicted between its fetch and
     // its opening (a cache too small for the work at hand).
@@ -471,7 +469,7 @@ async fn open_or_fetch(
         if let Some(opened) = opened {
             return Ok(opened);
         }
-        fetch_blob(&env.coordinator, &env.cache, key, size, scratch)
+        fetch_blob(&env.coordinator, &env.cache, key, size)
             .await
             .map_err(|error| match error {
                 FetchError::NotFound { key, size, .. } => ActionError::Missing { key, size },
@@ -493,7 +491,6 @@ async fn read_message<M: Message + Default>(
     key: BlobKey,
     size: u64,
     what: &str,
-    scratch: &Path,
 ) -> Result<M, ActionError> {
     if size > MAX_ACTION_MESSAGE_BYTES {
         return Err(format!(
@@ -501,7 +498,7 @@ async fn read_message<M: Message + Default>(
         )
         .into());
     }
-    let (file, pin) = open_or_fetch(env, key, size, scratch).await?;
+    let (file, pin) = open_or_fetch(env, key, size).await?;
     let bytes = distbuild_proto::blocking::run(move || {
         let _pin = pin;
         let mut bytes = Vec::new();
@@ -545,7 +542,6 @@ async fn read_input_tree(
     function: HashFunction,
     root: BlobKey,
     size: u64,
-    scratch: &Path,
 ) -> Result<InputTree, ActionError> {
     let mut tree = InputTree::default();
     let mut messages: HashMap<BlobKey, Directory> = HashMap::new();
@@ -572,7 +568,7 @@ async fn read_input_tree(
             .into_iter()
             .map(|(key, size, path)| async move {
                 let what = format!("input directory {}", quoted_path(path));
-                read_message::<Directory>(env, key, size, &what, scratch)
+                read_message::<Directory>(env, key, size, &what)
                     .await
                     .map(|directory| (key, directory))
             })
@@ -642,12 +638,11 @@ async fn place_file(
     size: u64,
     destinations: Vec<(PathBuf, bool)>,
     root: &Path,
-    scratch: &Path,
 ) -> Result<(), ActionError> {
     let source = if is_empty_blob(&key, size) {
         None
     } else {
-        Some(open_or_fetch(env, key, size, scratch).await?)
+        Some(open_or_fetch(env, key, size).await?)
     };
     let root = root.to_path_buf();
     distbuild_proto::blocking::run(move || {
@@ -684,12 +679,7 @@ async fn place_file(
 
 /// Creates `tree` below `root` (which exists): directories, then files
 /// ([`MAX_PARALLEL_FETCHES`] distinct contents at a time), then symlinks.
-async fn materialize(
-    env: &JobEnv,
-    tree: InputTree,
-    root: &Path,
-    scratch: &Path,
-) -> Result<(), ActionError> {
+async fn materialize(env: &JobEnv, tree: InputTree, root: &Path) -> Result<(), ActionError> {
     let InputTree {
         directories,
         files,
@@ -708,7 +698,7 @@ async fn materialize(
     }
     let placed: Vec<_> = files
         .into_iter()
-        .map(|((key, size), destinations)| place_file(env, key, size, destinations, root, scratch))
+        .map(|((key, size), destinations)| place_file(env, key, size, destinations, root))
         .collect();
     futures::stream::iter(placed)
         .buffer_unordered(MAX_PARALLEL_FETCHES)
@@ -1085,19 +1075,17 @@ async fn run_steps(
     }
 
     let input_fetch_start = now();
-    let action: Action =
-        read_message(env, spec.action, spec.action_size, "the Action", sandbox).await?;
+    let action: Action = read_message(env, spec.action, spec.action_size, "the Action").await?;
     let (command_key, command_size) = key_of(action.command_digest.as_ref(), function, || {
         "Action.command_digest".into()
     })?;
     let (input_key, input_size) = key_of(action.input_root_digest.as_ref(), function, || {
         "Action.input_root_digest".into()
     })?;
-    let command: Command =
-        read_message(env, command_key, command_size, "the Command", sandbox).await?;
+    let command: Command = read_message(env, command_key, command_size, "the Command").await?;
     let command = check_command(&command)?;
-    let tree = read_input_tree(env, function, input_key, input_size, sandbox).await?;
-    materialize(env, tree, &root, sandbox).await?;
+    let tree = read_input_tree(env, function, input_key, input_size).await?;
+    materialize(env, tree, &root).await?;
     let cwd = join(&root, &command.working_directory);
     {
         // The server creates the working directory and every output's
@@ -1764,10 +1752,9 @@ mod tests {
         // fetched, never needed in the cache.
         let (root_key, root_size) = f.put_message(&root_directory);
 
-        let scratch = f.dir.path().join("sandbox");
-        let root = scratch.join("root");
+        let root = f.dir.path().join("sandbox/root");
         fs::create_dir_all(&root).expect("mkdir");
-        let tree = read_input_tree(&f.env, SHA256, root_key, root_size, &scratch)
+        let tree = read_input_tree(&f.env, SHA256, root_key, root_size)
             .await
             .expect("read");
         assert_eq!(
@@ -1782,7 +1769,7 @@ mod tests {
             ]),
             "one content, two places"
         );
-        materialize(&f.env, tree, &root, &scratch)
+        materialize(&f.env, tree, &root)
             .await
             .expect("materialized");
 
@@ -1841,9 +1828,7 @@ mod tests {
         };
         f.put_message(&bad);
         let (root_key, root_size) = f.put_message(&root_directory);
-        let scratch = f.dir.path().join("sandbox");
-        fs::create_dir_all(&scratch).expect("mkdir");
-        let err = read_input_tree(&f.env, SHA256, root_key, root_size, &scratch)
+        let err = read_input_tree(&f.env, SHA256, root_key, root_size)
             .await
             .expect_err("refused");
         assert_eq!(
@@ -1861,7 +1846,7 @@ mod tests {
             ..Directory::default()
         };
         let (root_key, root_size) = f.put_message(&sha1_root);
-        let err = read_input_tree(&f.env, SHA256, root_key, root_size, &scratch)
+        let err = read_input_tree(&f.env, SHA256, root_key, root_size)
             .await
             .expect_err("refused");
         assert!(

@@ -163,6 +163,30 @@ pub struct Cache {
     /// into (see [`Cache::donate`]).
     attic: Arc<Mutex<Vec<PathBuf>>>,
     attic_next: Arc<std::sync::atomic::AtomicU64>,
+    /// A lock per blob being fetched (see [`Cache::fetch_turn`]).
+    fetching: Arc<Mutex<BTreeMap<BlobKey, Arc<tokio::sync::Mutex<()>>>>>,
+}
+
+/// The turn to fetch one blob into the cache (see [`Cache::fetch_turn`]).
+pub struct FetchTurn {
+    fetching: Arc<Mutex<BTreeMap<BlobKey, Arc<tokio::sync::Mutex<()>>>>>,
+    key: BlobKey,
+    held: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Drop for FetchTurn {
+    fn drop(&mut self) {
+        let mut fetching = self.fetching.lock().expect("fetching poisoned");
+        self.held = None;
+        // The map holds the last reference when nobody waits: forgotten,
+        // so the map holds only fetches under way.
+        if fetching
+            .get(&self.key)
+            .is_some_and(|lock| Arc::strong_count(lock) == 1)
+        {
+            fetching.remove(&self.key);
+        }
+    }
 }
 
 /// Keeps a blob from eviction while it lives.
@@ -221,6 +245,7 @@ impl Cache {
             index: Arc::new(Mutex::new(index)),
             attic: Arc::default(),
             attic_next: Arc::default(),
+            fetching: Arc::default(),
         };
         cache.evict()?;
         Ok(cache)
@@ -272,6 +297,34 @@ impl Cache {
     /// most [`MAX_EVICTION_LOG`]); SHA-256 evictions are not reported.
     pub fn take_evicted(&self) -> Vec<Digest> {
         std::mem::take(&mut self.index.lock().expect("cache index poisoned").evicted)
+    }
+
+    /// Waits for the turn to fetch blob `key`: one fetch of a blob at a
+    /// time, so jobs staging the same new input (a header every compile
+    /// includes) wait for the first one's fetch and find the blob held
+    /// ([`Cache::holds`]) instead of fetching it again.
+    pub async fn fetch_turn(&self, key: BlobKey) -> FetchTurn {
+        let lock = self
+            .fetching
+            .lock()
+            .expect("fetching poisoned")
+            .entry(key)
+            .or_default()
+            .clone();
+        FetchTurn {
+            fetching: self.fetching.clone(),
+            key,
+            held: Some(lock.lock_owned().await),
+        }
+    }
+
+    /// Whether blob `key` is held.
+    pub fn holds(&self, key: BlobKey) -> bool {
+        self.index
+            .lock()
+            .expect("cache index poisoned")
+            .entries
+            .contains_key(&key)
     }
 
     /// Opens a held blob for reading, pinned while the pin lives, and marks
@@ -455,7 +508,7 @@ impl Cache {
     pub fn adopt(
         &self,
         file: tempfile::NamedTempFile,
-        digest: Digest,
+        digest: impl Into<BlobKey>,
         size: u64,
     ) -> Result<(), CacheError> {
         if size > self.max_bytes {
@@ -464,7 +517,7 @@ impl Cache {
                 max_bytes: self.max_bytes,
             });
         }
-        self.store(file, BlobKey::from(digest), size)
+        self.store(file, digest.into(), size)
     }
 
     /// The most bytes the cache holds.
@@ -493,9 +546,49 @@ impl Cache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn blob(n: u8, len: usize) -> Vec<u8> {
         vec![n; len]
+    }
+
+    /// A blob is fetched by one caller at a time: the next waits for the
+    /// turn and then finds it held; other blobs go ahead; a finished
+    /// turn is forgotten.
+    #[tokio::test]
+    async fn one_fetch_of_a_blob_at_a_time() {
+        let dir = tempfile::TempDir::new().expect("tempdir");
+        let cache = Cache::open(dir.path(), 1 << 20).expect("open");
+        let key = BlobKey::from(Digest::of(b"x"));
+        let first = cache.fetch_turn(key).await;
+        let second = tokio::spawn({
+            let cache = cache.clone();
+            async move {
+                let _turn = cache.fetch_turn(key).await;
+                cache.holds(key)
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            !second.is_finished(),
+            "the second fetch waits for the first"
+        );
+        let other = tokio::time::timeout(
+            Duration::from_secs(5),
+            cache.fetch_turn(BlobKey::from(Digest::of(b"y"))),
+        )
+        .await
+        .expect("another blob's fetch goes ahead");
+        cache
+            .insert(Some(Digest::of(b"x")), &b"x"[..])
+            .expect("insert");
+        drop(first);
+        assert!(second.await.expect("joined"), "the second finds it held");
+        drop(other);
+        assert!(
+            cache.fetching.lock().expect("lock").is_empty(),
+            "no finished turn is kept"
+        );
     }
 
     #[test]

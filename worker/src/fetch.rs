@@ -1,12 +1,12 @@
 //! Getting blobs into the cache: blobs from the coordinators (`FetchBlob`:
 //! distbuild's sources by SHA-1, Remote Execution API CAS blobs by SHA-1 or
 //! SHA-256), dependency artifacts from the peers holding them
-//! (`PeerApi.FetchArtifact`). Content is written to a scratch file, then
-//! verified against its key as the cache stores it. A blob the coordinators
+//! (`PeerApi.FetchArtifact`). Content is written straight into a cache
+//! temporary file, checked against its key as it arrives, and stored under
+//! it. A blob the coordinators
 //! do not have is a [`FetchError::NotFound`], told apart from every other
 //! failure.
 
-use std::path::Path;
 use std::time::Duration;
 
 use distbuild_proto::blob::{self, BlobCheck, OpenError, ReceiveError};
@@ -59,7 +59,7 @@ pub enum FetchError {
         /// The answer, as any other failure of the call shows it.
         message: String,
     },
-    /// Something on this worker failed (a scratch file, the disk).
+    /// Something on this worker failed (a download file, the disk).
     #[error("{0}")]
     Local(String),
     /// The content could not be stored (or did not match its digest).
@@ -105,23 +105,22 @@ pub async fn fetch_source_blob(
     cache: &Cache,
     digest: Digest,
     size: u64,
-    scratch: &Path,
 ) -> Result<(), FetchError> {
-    fetch_blob(coordinator, cache, digest.into(), size, scratch).await
+    fetch_blob(coordinator, cache, digest.into(), size).await
 }
 
-/// Fetches blob `key` (`size` bytes) from the coordinators into the cache;
-/// `scratch` is a directory for the partial download. Retries through
-/// failovers for up to [`SOURCE_FETCH_RETRY_WINDOW`]; a refusal, wrong
-/// content or a local failure ends it at once, and a blob the coordinators
-/// do not have is [`FetchError::NotFound`]. The empty blob, which every
-/// CAS holds without storing it, is never asked for.
+/// Fetches blob `key` (`size` bytes) from the coordinators into the cache,
+/// unless another fetch of it, which this one waits for, stored it (see
+/// [`Cache::fetch_turn`]). Retries through failovers for up to
+/// [`SOURCE_FETCH_RETRY_WINDOW`]; a refusal, wrong content or a local
+/// failure ends it at once, and a blob the coordinators do not have is
+/// [`FetchError::NotFound`]. The empty blob, which every CAS holds without
+/// storing it, is never asked for.
 pub async fn fetch_blob(
     coordinator: &CoordinatorClient,
     cache: &Cache,
     key: BlobKey,
     size: u64,
-    scratch: &Path,
 ) -> Result<(), FetchError> {
     if size == 0 && key == key.function().key_of(b"") {
         let cache = cache.clone();
@@ -131,6 +130,10 @@ pub async fn fetch_blob(
                 .map_err(FetchError::from)
         })
         .await;
+    }
+    let _turn = cache.fetch_turn(key).await;
+    if cache.holds(key) {
+        return Ok(());
     }
     let give_up = Instant::now() + SOURCE_FETCH_RETRY_WINDOW;
     let mut backoff = Backoff::new();
@@ -142,7 +145,7 @@ pub async fn fetch_blob(
             .fetch_blob(request, UNARY_DEADLINE, Persistence::Until(give_up))
             .await
         {
-            Ok(stream) => receive_into_cache(stream, cache, key, size, scratch).await,
+            Ok(stream) => receive_into_cache(stream, cache, key, size).await,
             Err(e) if e.code() == Code::NotFound => Err(FetchError::NotFound {
                 key,
                 size,
@@ -166,7 +169,8 @@ pub async fn fetch_blob(
 }
 
 /// Fetches artifact `digest` (`size` bytes) from the first of `holders`
-/// (peer addresses, tried in order) that delivers it intact.
+/// (peer addresses, tried in order) that delivers it intact, unless
+/// another fetch of it, which this one waits for, stored it.
 ///
 /// When none can ([`FetchError::Lost`]): every holder was unreachable,
 /// refused, or sent something broken, or no holder was named. A local
@@ -179,7 +183,6 @@ pub async fn fetch_artifact(
     cache: &Cache,
     digest: Digest,
     size: u64,
-    scratch: &Path,
 ) -> Result<(), FetchError> {
     if holders.is_empty() {
         return Err(FetchError::Lost {
@@ -187,13 +190,17 @@ pub async fn fetch_artifact(
             problems: "no worker holds it".to_string(),
         });
     }
+    let _turn = cache.fetch_turn(digest.into()).await;
+    if cache.holds(digest.into()) {
+        return Ok(());
+    }
     let mut backoff = Backoff::new();
     let mut round = 1;
     loop {
         let mut problems = Vec::new();
         let mut busy = false;
         for holder in holders {
-            match fetch_artifact_from(connector, holder, cache, digest, size, scratch).await {
+            match fetch_artifact_from(connector, holder, cache, digest, size).await {
                 Ok(()) => return Ok(()),
                 Err(e) if e.is_local() => return Err(e),
                 Err(e) => {
@@ -223,7 +230,6 @@ async fn fetch_artifact_from(
     cache: &Cache,
     digest: Digest,
     size: u64,
-    scratch: &Path,
 ) -> Result<(), FetchError> {
     let stream = match blob::open_artifact(
         connector.as_ref(),
@@ -250,30 +256,33 @@ async fn fetch_artifact_from(
             )));
         }
     };
-    receive_into_cache(stream, cache, digest, size, scratch).await
+    receive_into_cache(stream, cache, digest, size).await
 }
 
 /// Writes the chunks of `stream` (at most `size` bytes in all, each chunk
-/// within [`FETCH_IDLE_TIMEOUT`]) to a scratch file, checked against
-/// `digest` as they arrive ([`BlobCheck`]), then stores it in the cache
-/// (which verifies what it stores, again). A stream ended by NOT_FOUND is
+/// within [`FETCH_IDLE_TIMEOUT`]) into a cache temporary file, checked
+/// against `digest` as they arrive ([`BlobCheck`]), then stores it in the
+/// cache under `digest`. A stream ended by NOT_FOUND is
 /// [`FetchError::NotFound`].
 pub async fn receive_into_cache(
     mut stream: Streaming<BlobChunk>,
     cache: &Cache,
     digest: impl Into<BlobKey>,
     size: u64,
-    scratch: &Path,
 ) -> Result<(), FetchError> {
     let digest: BlobKey = digest.into();
     let transfer = |problem: String| FetchError::Transfer(format!("blob {digest}: {problem}"));
     let local = |problem: String| FetchError::Local(format!("blob {digest}: {problem}"));
-    let temp = tempfile::NamedTempFile::new_in(scratch).map_err(|e| {
-        local(format!(
-            "create a download file in {}: {e}",
-            scratch.display()
-        ))
-    })?;
+    let temp = {
+        let cache = cache.clone();
+        distbuild_proto::blocking::run(move || {
+            cache
+                .temp_file()
+                .map_err(|e| format!("create a download file: {e}"))
+        })
+        .await
+        .map_err(local)?
+    };
     let (std_file, temp_path) = temp.into_parts();
     let mut file = distbuild_proto::blocking::FileWriter::new(std_file);
     let mut check = BlobCheck::new(digest, size);
@@ -310,17 +319,14 @@ pub async fn receive_into_cache(
             actual: mismatch.actual,
         }));
     }
-    drop(
-        file.into_inner()
-            .map_err(|e| local(format!("write {}: {e}", temp_path.display())))?,
-    );
+    let std_file = file
+        .into_inner()
+        .map_err(|e| local(format!("write {}: {e}", temp_path.display())))?;
+    // Checked as it arrived: stored as it is, not read and hashed again.
+    let temp = tempfile::NamedTempFile::from_parts(std_file, temp_path);
     let cache = cache.clone();
-    distbuild_proto::blocking::run(move || -> Result<(), FetchError> {
-        let reader = std::fs::File::open(&temp_path)
-            .map_err(|e| FetchError::Local(format!("reopen {}: {e}", temp_path.display())))?;
-        cache.insert_key(digest, reader)?;
-        // The temporary path is removed when `temp_path` drops.
-        Ok(())
+    distbuild_proto::blocking::run(move || {
+        cache.adopt(temp, digest, size).map_err(FetchError::from)
     })
     .await
 }
@@ -395,41 +401,43 @@ mod tests {
         .await;
         let busy = serve_peer(BusyPeer, &stop).await;
         let dead = "127.0.0.1:1".to_string();
-        let scratch = dir.path().join("scratch");
-        std::fs::create_dir(&scratch).expect("mkdir");
-        let missing_scratch = dir.path().join("no such directory");
-
-        let cases: Vec<(&str, Vec<String>, &Path, Want)> = vec![
-            ("no holder named", vec![], &scratch, Want::Lost),
+        // Whether the cache can make no download file (its `tmp/` gone).
+        let broken = true;
+        let cases: Vec<(&str, Vec<String>, bool, Want)> = vec![
+            ("no holder named", vec![], !broken, Want::Lost),
             (
                 "the only holder is dead",
                 vec![dead.clone()],
-                &scratch,
+                !broken,
                 Want::Lost,
             ),
             (
                 "a busy holder still has it",
                 vec![dead.clone(), busy.clone()],
-                &scratch,
+                !broken,
                 Want::NotLost("3 rounds"),
             ),
             (
                 "a live holder after a dead one",
                 vec![dead.clone(), good.clone()],
-                &scratch,
+                !broken,
                 Want::Fetched,
             ),
             (
                 "a local failure is not the holders'",
                 vec![good.clone(), dead.clone()],
-                &missing_scratch,
+                broken,
                 Want::NotLost("create a download file"),
             ),
         ];
         let connector: SharedConnector = Arc::new(TcpConnector::default());
-        for (i, (what, holders, scratch, want)) in cases.into_iter().enumerate() {
-            let cache = Cache::open(&dir.path().join(format!("cache{i}")), 1 << 20).expect("cache");
-            let result = fetch_artifact(&connector, &holders, &cache, digest, size, scratch).await;
+        for (i, (what, holders, broken, want)) in cases.into_iter().enumerate() {
+            let cache_dir = dir.path().join(format!("cache{i}"));
+            let cache = Cache::open(&cache_dir, 1 << 20).expect("cache");
+            if broken {
+                std::fs::remove_dir_all(cache_dir.join("tmp")).expect("remove the cache's tmp/");
+            }
+            let result = fetch_artifact(&connector, &holders, &cache, digest, size).await;
             match (&result, &want) {
                 (Ok(()), Want::Fetched) => {
                     assert!(cache.open_blob(digest).expect("open").is_some(), "{what}");

@@ -425,14 +425,7 @@ fn copy_input(file: &mut fs::File, dest: &Path) -> io::Result<()> {
 async fn stage_input(env: &JobEnv, input: &InputFile, layout: &Layout) -> Result<(), String> {
     let what = format!("input {:?}", input.path);
     let (mut file, pin, _) = open_or_fetch(&env.cache, input.digest, &what, || async {
-        fetch_source_blob(
-            &env.coordinator,
-            &env.cache,
-            input.digest,
-            input.size,
-            &layout.root,
-        )
-        .await?;
+        fetch_source_blob(&env.coordinator, &env.cache, input.digest, input.size).await?;
         env.coordinator_bytes_fetched
             .fetch_add(input.size, std::sync::atomic::Ordering::Relaxed);
         Ok(())
@@ -457,7 +450,6 @@ async fn stage_dep(env: &JobEnv, dep: &DepArtifact, layout: &Layout) -> Result<b
             &env.cache,
             dep.digest,
             dep.size,
-            &layout.root,
         )
         .await?;
         env.peer_bytes_fetched

@@ -157,8 +157,7 @@ pub const MAX_COPIES_AT_ONCE: usize = 4;
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Where a worker with its cache in `cache_dir` makes its jobs'
-/// directories: `slot-<n>/<lease>/` for each slot's job, `copies/` for
-/// copies fetched for draining workers.
+/// directories: `slot-<n>/<lease>/` for each slot's job.
 pub fn sandbox_root(cache_dir: &Path) -> PathBuf {
     cache_dir.join("sandbox")
 }

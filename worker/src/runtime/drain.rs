@@ -133,21 +133,18 @@ impl Worker {
             let worker = Arc::clone(self);
             self.tracker.spawn(async move {
                 let permit = worker.copy_slots.acquire().await;
-                let scratch = worker.sandbox_root.join("copies");
-                let fetched = match (permit, tokio::fs::create_dir_all(&scratch).await) {
-                    (Ok(_permit), Ok(())) => tokio::select! {
+                let fetched = match permit {
+                    Ok(_permit) => tokio::select! {
                         fetched = fetch_artifact(
                             &worker.env.connector,
                             &copy.holders,
                             &worker.env.cache,
                             digest,
                             copy.size,
-                            &scratch,
                         ) => fetched.map_err(|e| e.to_string()),
                         () = worker.shutdown.cancelled() => Err("shutting down".into()),
                     },
-                    (_, Err(e)) => Err(e.to_string()),
-                    (Err(_), _) => Err("shutting down".into()),
+                    Err(_) => Err("shutting down".into()),
                 };
                 match fetched {
                     Ok(()) => {
