@@ -2047,6 +2047,35 @@ fn a_plain_success_reported_for_an_action_fails_it_and_caches_nothing() {
 }
 
 #[test]
+fn a_queued_action_whose_platform_its_worker_no_longer_offers_fails_when_it_registers_again() {
+    let mut h = Harness::new();
+    let stranded = h.submit("op-1", vec![action_job(1, "b", false)]);
+    let placeable = h.submit("op-2", vec![action_job(2, "a", false)]);
+    // b starts again offering another pool; a's offer is unchanged.
+    for (worker, pool) in [("a", "a"), ("b", "c")] {
+        h.apply(Command::RegisterWorker {
+            worker_id: worker.into(),
+            addr: format!("{worker}:1"),
+            slots: 2,
+            ahead: 0,
+            held: Vec::new(),
+            properties: vec![("pool".into(), pool.into())],
+            now_ms: h.now_ms,
+        });
+    }
+    let events = h.take_events();
+    assert!(
+        Harness::error_of(&events, stranded, 0).contains("no worker with platform pool=b"),
+        "{events:?}"
+    );
+    assert!(
+        !events.iter().any(|(b, _, _)| *b == placeable),
+        "the action worker a can run still waits: {events:?}"
+    );
+    assert_eq!(h.pick("a"), [h.k(2)]);
+}
+
+#[test]
 fn a_queued_action_whose_platform_left_with_its_worker_fails_instead_of_waiting_forever() {
     let mut h = Harness::new();
     let stranded = h.submit("op-1", vec![action_job(1, "b", false)]);

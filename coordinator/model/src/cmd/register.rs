@@ -31,6 +31,9 @@ impl Model {
             self.drop_holding(worker_id, *digest);
         }
         let worker = self.workers.entry(worker_id.to_string()).or_default();
+        // A worker back with other properties may leave queued actions
+        // that only it could run with none to run them (checked below).
+        let properties_changed = worker.properties != properties;
         worker.addr = addr.to_string();
         worker.slots = slots;
         worker.ahead = ahead;
@@ -42,6 +45,9 @@ impl Model {
         self.dirty.workers.insert(worker_id.to_string());
         for digest in new_held {
             self.add_listed_holding(worker_id, digest);
+        }
+        if properties_changed {
+            self.give_up_stranded_actions();
         }
     }
 }
