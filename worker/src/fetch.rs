@@ -3,9 +3,9 @@
 //! SHA-256), dependency artifacts from the peers holding them
 //! (`PeerApi.FetchArtifact`). Content is written straight into a cache
 //! temporary file, checked against its key as it arrives, and stored under
-//! it. A blob the coordinators
-//! do not have is a [`FetchError::NotFound`], told apart from every other
-//! failure.
+//! it; one fetch of a blob at a time ([`Cache::fetch_turn`]). A blob the
+//! coordinators do not have is a [`FetchError::NotFound`], told apart from
+//! every other failure.
 
 use std::time::Duration;
 
@@ -131,11 +131,14 @@ pub async fn fetch_blob(
         })
         .await;
     }
+    // The window counts from the call, not from the turn: behind a fetch
+    // that spent the window failing, this one tries once, not a window
+    // more.
+    let give_up = Instant::now() + SOURCE_FETCH_RETRY_WINDOW;
     let _turn = cache.fetch_turn(key).await;
     if cache.holds(key) {
         return Ok(());
     }
-    let give_up = Instant::now() + SOURCE_FETCH_RETRY_WINDOW;
     let mut backoff = Backoff::new();
     loop {
         let request = FetchRequest {
