@@ -2046,6 +2046,21 @@ fn a_plain_success_reported_for_an_action_fails_it_and_caches_nothing() {
     assert_eq!(h.pick("a"), [h.k(1)]);
 }
 
+/// Build `stranded` (action 1, pool b) failed naming its platform, and
+/// build `placeable` (action 2, pool a) still waits for worker a.
+fn only_the_stranded_action_failed(h: &mut Harness, stranded: u64, placeable: u64) {
+    let events = h.take_events();
+    assert!(
+        Harness::error_of(&events, stranded, 0).contains("no worker with platform pool=b"),
+        "{events:?}"
+    );
+    assert!(
+        !events.iter().any(|(b, _, _)| *b == placeable),
+        "the action worker a can run still waits: {events:?}"
+    );
+    assert_eq!(h.pick("a"), [h.k(2)]);
+}
+
 #[test]
 fn a_queued_action_whose_platform_its_worker_no_longer_offers_fails_when_it_registers_again() {
     let mut h = Harness::new();
@@ -2063,16 +2078,7 @@ fn a_queued_action_whose_platform_its_worker_no_longer_offers_fails_when_it_regi
             now_ms: h.now_ms,
         });
     }
-    let events = h.take_events();
-    assert!(
-        Harness::error_of(&events, stranded, 0).contains("no worker with platform pool=b"),
-        "{events:?}"
-    );
-    assert!(
-        !events.iter().any(|(b, _, _)| *b == placeable),
-        "the action worker a can run still waits: {events:?}"
-    );
-    assert_eq!(h.pick("a"), [h.k(2)]);
+    only_the_stranded_action_failed(&mut h, stranded, placeable);
 }
 
 #[test]
@@ -2085,14 +2091,5 @@ fn a_queued_action_whose_platform_left_with_its_worker_fails_instead_of_waiting_
     h.heartbeat("a", &[]);
     h.expire(3, 5_000);
     assert!(!h.model.workers().contains_key("b"), "b removed");
-    let events = h.take_events();
-    assert!(
-        Harness::error_of(&events, stranded, 0).contains("no worker with platform pool=b"),
-        "{events:?}"
-    );
-    assert!(
-        !events.iter().any(|(b, _, _)| *b == placeable),
-        "the action worker a can run still waits: {events:?}"
-    );
-    assert_eq!(h.pick("a"), [h.k(2)]);
+    only_the_stranded_action_failed(&mut h, stranded, placeable);
 }
