@@ -55,6 +55,36 @@ async fn read_all(
     Ok(data)
 }
 
+/// Writes `data` by ByteStream in 1 MiB pieces under upload `uuid`; the
+/// committed size.
+async fn write_blob(
+    bytestream: &mut ByteStreamClient<Channel>,
+    uuid: &str,
+    data: &[u8],
+) -> Result<i64, tonic::Status> {
+    let digest = sha256(data);
+    let upload = format!(
+        "main/uploads/{uuid}/blobs/{}/{}",
+        digest.hash, digest.size_bytes
+    );
+    let pieces: Vec<WriteRequest> = data
+        .chunks(1 << 20)
+        .enumerate()
+        .map(|(i, piece)| WriteRequest {
+            resource_name: if i == 0 {
+                upload.clone()
+            } else {
+                String::new()
+            },
+            write_offset: (i << 20) as i64,
+            finish_write: (i + 1) << 20 >= data.len(),
+            data: piece.to_vec(),
+        })
+        .collect();
+    let written = bytestream.write(futures::stream::iter(pieces)).await?;
+    Ok(written.into_inner().committed_size)
+}
+
 #[test]
 fn the_cas_and_bytestream_serve_blobs_by_sha256_and_sha1_and_refuse_bad_input_clearly() {
     let cluster = Cluster::start(0, 1);
@@ -218,26 +248,14 @@ fn the_cas_and_bytestream_serve_blobs_by_sha256_and_sha1_and_refuse_bad_input_cl
             "main/uploads/5a1e2f0c-1111-2222-3333-444455556666/blobs/{}/{}",
             digest.hash, digest.size_bytes
         );
-        let pieces: Vec<WriteRequest> = large
-            .chunks(1 << 20)
-            .enumerate()
-            .map(|(i, piece)| WriteRequest {
-                resource_name: if i == 0 {
-                    upload.clone()
-                } else {
-                    String::new()
-                },
-                write_offset: (i << 20) as i64,
-                finish_write: (i + 1) << 20 >= large.len(),
-                data: piece.to_vec(),
-            })
-            .collect();
-        let written = bytestream
-            .write(futures::stream::iter(pieces))
-            .await
-            .expect("write")
-            .into_inner();
-        assert_eq!(written.committed_size, large.len() as i64);
+        let committed = write_blob(
+            &mut bytestream,
+            "5a1e2f0c-1111-2222-3333-444455556666",
+            &large,
+        )
+        .await
+        .expect("write");
+        assert_eq!(committed, large.len() as i64);
         let status = bytestream
             .query_write_status(QueryWriteStatusRequest {
                 resource_name: upload.clone(),
@@ -478,6 +496,29 @@ fn the_cas_and_bytestream_serve_blobs_by_sha256_and_sha1_and_refuse_bad_input_cl
             .expect("get")
             .into_inner();
         assert_eq!(got, with_directory);
+
+        // The trees read for their files are bounded, 16 MiB in all.
+        let big: Vec<u8> = (0..(16 << 20) + 1).map(|i: u32| (i % 253) as u8).collect();
+        write_blob(
+            &mut bytestream,
+            "5a1e2f0c-7777-8888-9999-444455556666",
+            &big,
+        )
+        .await
+        .expect("write the big blob");
+        let too_big = re::ActionResult {
+            output_directories: vec![re::OutputDirectory {
+                path: "out/big".into(),
+                tree_digest: Some(sha256(&big)),
+                ..Default::default()
+            }],
+            ..good.clone()
+        };
+        refused(
+            action_cache.update_action_result(update(too_big)).await,
+            Code::InvalidArgument,
+            "the result's trees are over 16777216 bytes in all",
+        );
         refused(
             action_cache.get_action_result(get("other")).await,
             Code::NotFound,

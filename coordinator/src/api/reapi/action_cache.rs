@@ -71,8 +71,9 @@ pub fn named_blobs(
     Ok(blobs)
 }
 
-/// Largest Tree blob of an output directory read for the files it names
-/// (a tree of 100,000 files, the most a result may name, is about this).
+/// Most bytes of output directories' Tree blobs read for the files they
+/// name, all of one result's trees together, each distinct tree once (a
+/// tree of 100,000 files, the most a result may name, is about this).
 pub const MAX_TREE_BYTES: u64 = 16 << 20;
 
 /// The blobs `result` names (see [`named_blobs`]) and the files in its
@@ -86,6 +87,8 @@ pub async fn result_blobs(
     digest_function: i32,
 ) -> Result<Vec<(BlobKey, u64)>, Status> {
     let mut blobs = named_blobs(result, digest_function)?;
+    let mut read = std::collections::BTreeSet::new();
+    let mut read_bytes = 0u64;
     for (i, dir) in result.output_directories.iter().enumerate() {
         let what = format!("action_result.output_directories[{i}]");
         let (key, size) = key_of(
@@ -93,9 +96,13 @@ pub async fn result_blobs(
             digest_function,
             &format!("{what}.tree_digest"),
         )?;
-        if size > MAX_TREE_BYTES {
+        if !read.insert(key) {
+            continue;
+        }
+        read_bytes += size;
+        if read_bytes > MAX_TREE_BYTES {
             return Err(Status::invalid_argument(format!(
-                "{what}: its tree is {size} bytes, over the limit of {MAX_TREE_BYTES}"
+                "{what}: the result's trees are over {MAX_TREE_BYTES} bytes in all, the most read for the files they name"
             )));
         }
         let Some(bytes) = super::cas::read_whole(node, key, size).await? else {
