@@ -50,9 +50,12 @@
 //! and run). The three configurations take turns going first.
 //!
 //! A warm-up round (not counted) comes first, so the coordinator has seen
-//! every job name. Then, on a cluster of three coordinators (the first
-//! one stopped), a warm-up and one cold build per round; their median
-//! against one coordinator's. Every distbuild build must succeed and run
+//! every job name. A second cluster, of three coordinators, runs beside
+//! the first from the start (idle but for its heartbeats while the others
+//! build): after its own warm-up it builds each round's cold build too,
+//! taking turns with the one-coordinator cold build and ninja's, so its
+//! ratio to one coordinator compares builds of the same few seconds.
+//! Every distbuild build must succeed and run
 //! exactly the jobs it should (the rest cached), and where the test
 //! program ran it must have printed OK; every ninja build must run as many
 //! edges as distbuild ran jobs, and leave OK in its result file.
@@ -737,6 +740,8 @@ fn median(list: &[f64]) -> f64 {
 struct Round {
     cold: f64,
     ninja_cold: Option<f64>,
+    /// The cold build on three coordinators (None without them).
+    three_cold: Option<f64>,
     touched: f64,
     ninja_touched: Option<f64>,
     floor_touched: f64,
@@ -807,8 +812,29 @@ fn main() {
         took
     };
 
+    let three = three_coordinators.then(|| HaCluster::start(3, 0, 1, cpus as u32));
+    let limit = Duration::from_secs(if benchmarking { 1800 } else { 300 });
+    let three_cold = |round: &str| -> Option<f64> {
+        let three = three.as_ref()?;
+        let path = scratch.path().join(format!("graph-3-{round}.json"));
+        std::fs::write(&path, graph(&libraries, round).to_string()).expect("write graph");
+        let mut command = support::build_command(&path, &src, &three.all_addrs(), &[]);
+        command
+            .args(three.client_flags())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let started = Instant::now();
+        let run = finish_build(command.spawn().expect("spawn distbuild build"), limit);
+        let took = started.elapsed().as_secs_f64();
+        let what = format!("3 coordinators, round {round}, cold");
+        check(&run, &all, &all, &what, &|| three.logs());
+        Some(took)
+    };
+
     if benchmarking {
         distbuild("warmup", &all, "warm-up");
+        three_cold("warmup");
         if have_ninja {
             ninja_cold("warmup");
         }
@@ -818,14 +844,17 @@ fn main() {
     let mut results = Vec::new();
     for round in 0..rounds {
         let tag = round.to_string();
-        let ninja_first = round % 2 == 1;
+        let mut cold = 0.0;
         let mut ninja_cold_time = None;
-        if have_ninja && ninja_first {
-            ninja_cold_time = Some(ninja_cold(&tag));
-        }
-        let cold = distbuild(&tag, &all, "cold");
-        if have_ninja && !ninja_first {
-            ninja_cold_time = Some(ninja_cold(&tag));
+        let mut three_cold_time = None;
+        // As below: each configuration goes first in every third round.
+        for turn in 0..3 {
+            match (round + turn) % 3 {
+                0 => cold = distbuild(&tag, &all, "cold"),
+                1 if have_ninja => ninja_cold_time = Some(ninja_cold(&tag)),
+                1 => {}
+                _ => three_cold_time = three_cold(&tag),
+            }
         }
         touch(&src, &tag);
         let mut ninja_touched = None;
@@ -844,6 +873,7 @@ fn main() {
         results.push(Round {
             cold,
             ninja_cold: ninja_cold_time,
+            three_cold: three_cold_time,
             touched: touched_time,
             ninja_touched,
             floor_touched,
@@ -851,6 +881,7 @@ fn main() {
         });
     }
     drop(cluster);
+    drop(three);
 
     println!(
         "cproject: {} ({compiles} compiles, {} archive(s), test program compile, link, run: {} jobs), \
@@ -866,10 +897,11 @@ fn main() {
     let ratio = |a: f64, b: Option<f64>| b.map_or("-".to_string(), |b| format!("{:.2}x", a / b));
     for (round, r) in results.iter().enumerate() {
         println!(
-            "  round {round}: cold {:.2} s, ninja {} ({}); header touched {:.2} s, ninja {} ({}), floor {:.2} s; cached {:.2} s",
+            "  round {round}: cold {:.2} s, ninja {} ({}), 3 coordinators {}; header touched {:.2} s, ninja {} ({}), floor {:.2} s; cached {:.2} s",
             r.cold,
             secs(r.ninja_cold),
             ratio(r.cold, r.ninja_cold),
+            secs(r.three_cold),
             r.touched,
             secs(r.ninja_touched),
             ratio(r.touched, r.ninja_touched),
@@ -907,41 +939,10 @@ fn main() {
         "    distbuild cached:         {:>6.2} s",
         of(&|r| Some(r.cached)).expect("rounds")
     );
-
-    if three_coordinators {
-        let three = HaCluster::start(3, 0, 1, cpus as u32);
-        let limit = Duration::from_secs(if benchmarking { 1800 } else { 300 });
-        let build = |round: &str| -> f64 {
-            let path = scratch.path().join(format!("graph-{round}.json"));
-            std::fs::write(&path, graph(&libraries, round).to_string()).expect("write graph");
-            let mut command = support::build_command(&path, &src, &three.all_addrs(), &[]);
-            command
-                .args(three.client_flags())
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped());
-            let started = Instant::now();
-            let run = finish_build(command.spawn().expect("spawn distbuild build"), limit);
-            let took = started.elapsed().as_secs_f64();
-            check(
-                &run,
-                &all,
-                &all,
-                &format!("3 coordinators, round {round}"),
-                &|| three.logs(),
-            );
-            took
-        };
-        if benchmarking {
-            build("ha-warmup");
-        }
-        let times: Vec<f64> = (0..rounds).map(|i| build(&format!("ha{i}"))).collect();
-        let list: Vec<String> = times.iter().map(|t| format!("{t:.2}")).collect();
+    if let Some(three) = of(&|r| r.three_cold) {
         println!(
-            "    3 coordinators, cold:     {:>6.2} s   ({} s)   3 coordinators / 1 {:.2}x",
-            median(&times),
-            list.join(", "),
-            median(&times) / cold
+            "    3 coordinators, cold:     {three:>6.2} s   3 coordinators / 1 {:.2}x",
+            of(&|r| Some(r.three_cold? / r.cold)).expect("three_cold")
         );
     }
 }
