@@ -77,6 +77,83 @@ fn a_second_build_is_served_from_the_cache_and_a_source_change_reruns() {
     assert_eq!(lines(&ran).len(), 2, "a changed source re-runs the job");
 }
 
+/// The digest cache: once its sources have settled, a build reads none
+/// whose stat is unchanged; one edited in place (same size) is read again
+/// and its new content built; `--digest-cache=false` reads them all. The
+/// cache is a private file in the output base.
+#[test]
+fn unchanged_sources_are_not_read_again_and_an_edited_one_is() {
+    let cluster = Cluster::start(1, 2);
+    let src = cluster.path("src");
+    write(&src, "a.txt", "one\n");
+    write(&src, "sub/b.txt", "bee\n");
+    let g = graph(
+        &["a.txt", "sub/b.txt"],
+        vec![sh_job(
+            "cat",
+            &["a.txt", "sub/b.txt"],
+            &[],
+            &["cat {{.SourceDir}}/a.txt {{.SourceDir}}/sub/b.txt"],
+        )],
+    );
+    let graph_path = cluster.path("graph.json");
+    std::fs::write(&graph_path, g.to_string()).expect("write graph");
+    let base = cluster.path("output-base");
+    let build = |extra: &[&str]| {
+        let mut args = vec![
+            "--log-format",
+            "json",
+            "--output-base",
+            base.to_str().expect("utf-8"),
+        ];
+        args.extend_from_slice(extra);
+        let out = support::build_command(&graph_path, &src, &cluster.coordinator_addr(), &args)
+            .args(cluster.client_flags())
+            .env("DISTBUILD_LOG", "distbuild_client=debug")
+            .output()
+            .expect("run distbuild build");
+        let run = support::BuildRun::from(out);
+        assert_eq!(run.code, Some(0), "{}", run.describe());
+        let read = run
+            .stderr
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|l| l["message"] == "hashed sources")
+            .unwrap_or_else(|| panic!("no hashing logged: {}", run.stderr))["read"]
+            .clone();
+        (run, read)
+    };
+    // Files changed within the last two seconds are not remembered.
+    std::thread::sleep(
+        distbuild_client::digests::RACY_WINDOW + std::time::Duration::from_millis(500),
+    );
+
+    let (first, read) = build(&[]);
+    assert_eq!(read, 2, "a first build reads every source");
+    assert_eq!(first.finished(&id("cat"))["stdout"], "one\nbee\n");
+    let cache = base.join("digests");
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(&cache)
+        .expect("the cache file")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o077, 0, "the digest cache is its owner's only");
+
+    let (second, read) = build(&[]);
+    assert_eq!(read, 0, "unchanged sources are not read");
+    assert_eq!(second.finished(&id("cat"))["cached"], true);
+
+    // Same size, same second: the change time still moves.
+    write(&src, "a.txt", "two\n");
+    let (third, read) = build(&[]);
+    assert_eq!(read, 1, "the edited source is read again");
+    assert_eq!(third.finished(&id("cat"))["cached"], false);
+    assert_eq!(third.finished(&id("cat"))["stdout"], "two\nbee\n");
+
+    let (_, read) = build(&["--digest-cache=false"]);
+    assert_eq!(read, 2, "without the cache every source is read");
+}
+
 /// Early cutoff: a job is keyed by what its dependencies produced, so a
 /// dependency that runs again (its source changed) but writes the same
 /// bytes leaves its dependents cached.

@@ -141,10 +141,17 @@ pub struct BuildArgs {
     #[command(flatten)]
     pub connection: ConnectionArgs,
 
-    /// Local server mode: the directory of the server's state (default:
-    /// under $XDG_CACHE_HOME/distbuild/, per user and workspace).
+    /// The directory of the workspace's state: the digest cache, and in
+    /// local server mode the server's (default: under
+    /// $XDG_CACHE_HOME/distbuild/, per user and workspace).
     #[arg(long, value_name = "DIR")]
     pub output_base: Option<PathBuf>,
+
+    /// Remember each source file's digest with its stat in the output
+    /// base, so the next build reads only the files that changed
+    /// (`--digest-cache=false`: hash every source file every build).
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub digest_cache: bool,
 
     /// Local server mode: wait while another command uses the server
     /// (`--block-for-lock=false` fails at once, exit code 4).

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -19,10 +20,11 @@ use tokio::time::Instant;
 use crate::args::BuildArgs;
 use crate::cluster::{CallError, Cluster, RPC_TIMEOUT};
 use crate::connect::{Connector, client_api};
+use crate::digests::DigestCache;
 use crate::download::{DownloadError, Output, download_outputs};
 use crate::exit_code;
 use crate::render::{Console, Reporter, print_error};
-use crate::sources::hash_sources;
+use crate::sources::{Source, SourceError, hash_sources_with};
 use crate::upload::{MIN_UPLOAD_BYTES_PER_SEC, UploadError, upload_missing};
 use crate::watch::{Watched, watch_build};
 
@@ -129,6 +131,63 @@ pub fn read_graph(path: &Path) -> Result<(Bytes, BuildGraph), GraphFileError> {
     Ok((Bytes::from(bytes), graph))
 }
 
+/// Hashes the graph's sources, through the workspace's digest cache unless
+/// `--digest-cache=false`, and saves what it learned for the next build.
+/// The cache is an optimisation: when it cannot be used the build goes on
+/// (a warning says why) and every file is hashed.
+async fn hash_with_cache(graph: &BuildGraph, args: &BuildArgs) -> Result<Vec<Source>, SourceError> {
+    let mut cache = None;
+    if args.digest_cache && !graph.source_files.is_empty() {
+        let (source_dir, output_base) = (args.source_dir.clone(), args.output_base.clone());
+        let loaded = distbuild_proto::blocking::run(move || -> Result<_, String> {
+            let path = digest_cache_path(&source_dir, output_base.as_deref())?;
+            let (cache, ignored) = DigestCache::load(&path);
+            Ok((path, cache, ignored))
+        })
+        .await;
+        match loaded {
+            Ok((path, loaded, ignored)) => {
+                if let Some(why) = ignored {
+                    tracing::warn!("digest cache ignored, every source is hashed: {why}");
+                }
+                cache = Some((path, Arc::new(loaded)));
+            }
+            Err(why) => tracing::warn!("no digest cache, every source is hashed: {why}"),
+        }
+    }
+    let shared = cache.as_ref().map(|(_, loaded)| Arc::clone(loaded));
+    let hashed = hash_sources_with(graph, &args.source_dir, shared).await?;
+    tracing::debug!(
+        read = hashed.read,
+        of = hashed.sources.len(),
+        "hashed sources"
+    );
+    if let Some((path, loaded)) = cache {
+        let learned = hashed.learned;
+        let saved = distbuild_proto::blocking::run(move || {
+            loaded
+                .save(&path, &learned)
+                .map_err(|e| format!("write {}: {e}", path.display()))
+        })
+        .await;
+        if let Err(why) = saved {
+            tracing::warn!("digest cache not saved: {why}");
+        }
+    }
+    Ok(hashed.sources)
+}
+
+/// Where the digest cache of the workspace at `source_dir` is: `digests`
+/// in its output base, made (private) if new.
+fn digest_cache_path(source_dir: &Path, output_base: Option<&Path>) -> Result<PathBuf, String> {
+    let workspace = std::fs::canonicalize(source_dir)
+        .map_err(|e| format!("source directory {}: {e}", source_dir.display()))?;
+    let base = crate::local::OutputBase::for_workspace(&workspace, output_base)
+        .map_err(|e| e.to_string())?;
+    base.ensure_private().map_err(|e| e.to_string())?;
+    Ok(base.dir.join("digests"))
+}
+
 /// Runs `distbuild build` through `connector`, writing to `console`;
 /// returns the process exit code. Bad input is reported before anything is
 /// sent to the cluster.
@@ -149,7 +208,7 @@ pub async fn run_build(args: BuildArgs, connector: Connector, console: Console) 
         Ok(read) => read,
         Err(message) => return print_error(err, exit_code::BAD_INPUT, message),
     };
-    let sources = match hash_sources(&graph, &args.source_dir).await {
+    let sources = match hash_with_cache(&graph, &args).await {
         Ok(sources) => sources,
         Err(e) => return print_error(err, exit_code::BAD_INPUT, e),
     };

@@ -8,7 +8,7 @@
 //! Layout by concern: [`args`] (flags), [`connect`] (the one place that
 //! opens a connection — the network seam), [`cluster`] (the client's side
 //! of `distbuild_proto::leader`: retries, deadlines, following the
-//! leader), [`sources`] and [`upload`] (source files), [`watch`] (the event
+//! leader), [`digests`], [`sources`] and [`upload`] (source files), [`watch`] (the event
 //! stream, resumed after a break), [`render`] (what the user sees),
 //! [`download`] (leaf outputs), [`build`], [`status`] and [`membership`]
 //! (the commands), [`local`] (local server mode). Depends only on
@@ -16,7 +16,7 @@
 //!
 //! Layering: a module imports only modules before it in this list, never
 //! one that imports it back: `exit_code`, `connect`, `args`, `render`,
-//! `certs`, `sources`, `cluster`, `upload`, `download`, `watch`, `local`,
+//! `certs`, `digests`, `sources`, `cluster`, `upload`, `download`, `watch`, `local`,
 //! `status`, `membership`, `reapi_proxy`, `build`.
 
 pub mod args;
@@ -24,6 +24,7 @@ pub mod build;
 pub mod certs;
 pub mod cluster;
 pub mod connect;
+pub mod digests;
 pub mod download;
 pub mod drain;
 pub mod exit_code;

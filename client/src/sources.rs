@@ -1,14 +1,20 @@
 //! The graph's source files on disk: checked, then hashed by streaming (a
-//! file of any size costs one buffer), several groups of files at a time.
+//! file of any size costs one buffer), several groups of files at a time;
+//! a file whose stat the workspace's digest cache remembers is not read
+//! (see `digests`).
 
 use std::fs::File;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
 
 use distbuild_proto::Digest;
 use distbuild_proto::graph::BuildGraph;
 use futures::{StreamExt, TryStreamExt};
 use sha1::{Digest as _, Sha1};
+
+use crate::digests::{DigestCache, Learned, Stamp};
 
 /// Bytes read per step while hashing a file.
 pub const HASH_BUFFER_BYTES: usize = 256 << 10;
@@ -101,19 +107,28 @@ pub fn hash_file(path: &Path) -> io::Result<(Digest, u64)> {
     hash_reader(File::open(path)?)
 }
 
+/// A source file found to be a regular file, not yet hashed.
+#[derive(Debug)]
+pub struct Checked {
+    /// The file ID the graph gives it.
+    pub id: String,
+    /// Its path as the graph writes it.
+    pub path: String,
+    /// Where it is on this machine.
+    pub local_path: PathBuf,
+    /// Its stat when checked.
+    pub stamp: Stamp,
+}
+
 /// Checks that every source file the graph lists is a regular file under
 /// `source_dir` (symlinks are followed), in the graph's order; returns them
-/// unhashed: `(id, path, local path)`. A graph without source files never
-/// looks at `source_dir`.
-pub fn check_sources(
-    graph: &BuildGraph,
-    source_dir: &Path,
-) -> Result<Vec<(String, String, PathBuf)>, SourceError> {
+/// unhashed. A graph without source files never looks at `source_dir`.
+pub fn check_sources(graph: &BuildGraph, source_dir: &Path) -> Result<Vec<Checked>, SourceError> {
     let mut out = Vec::with_capacity(graph.source_files.len());
     for (id, path) in &graph.source_files {
         let local_path = source_dir.join(path);
-        match std::fs::metadata(&local_path) {
-            Ok(meta) if meta.is_file() => {}
+        let stamp = match std::fs::metadata(&local_path) {
+            Ok(meta) if meta.is_file() => Stamp::of(&meta),
             Ok(_) => {
                 return Err(SourceError::NotRegular {
                     id: id.clone(),
@@ -134,8 +149,13 @@ pub fn check_sources(
                     source,
                 });
             }
-        }
-        out.push((id.clone(), path.clone(), local_path));
+        };
+        out.push(Checked {
+            id: id.clone(),
+            path: path.clone(),
+            local_path,
+            stamp,
+        });
     }
     Ok(out)
 }
@@ -146,6 +166,29 @@ pub async fn hash_sources(
     graph: &BuildGraph,
     source_dir: &Path,
 ) -> Result<Vec<Source>, SourceError> {
+    Ok(hash_sources_with(graph, source_dir, None).await?.sources)
+}
+
+/// The graph's sources hashed, and what the digest cache should remember.
+#[derive(Debug)]
+pub struct Hashed {
+    /// Every source, in the graph's order.
+    pub sources: Vec<Source>,
+    /// The digests to remember for the next build (see `digests`).
+    pub learned: Vec<Learned>,
+    /// How many files were read and hashed (the rest the cache answered).
+    pub read: usize,
+}
+
+/// [`hash_sources`], taking each digest `cache` remembers for the file's
+/// current stat instead of reading the file.
+pub async fn hash_sources_with(
+    graph: &BuildGraph,
+    source_dir: &Path,
+    cache: Option<Arc<DigestCache>>,
+) -> Result<Hashed, SourceError> {
+    // Before any stat: a file changed after this is never remembered.
+    let began = SystemTime::now();
     let checked = check_sources(graph, source_dir)?;
     // Spread over the concurrent tasks while there are few files.
     let per_task = checked
@@ -157,29 +200,73 @@ pub async fn hash_sources(
     while files.peek().is_some() {
         groups.push(files.by_ref().take(per_task).collect::<Vec<_>>());
     }
-    let hashed: Vec<Vec<Source>> = futures::stream::iter(groups)
-        .map(|group| distbuild_proto::blocking::run(move || hash_group(group)))
+    let hashed: Vec<Vec<(Source, Option<Learned>, bool)>> = futures::stream::iter(groups)
+        .map(|group| {
+            let cache = cache.clone();
+            distbuild_proto::blocking::run(move || hash_group(group, cache.as_deref(), began))
+        })
         .buffered(MAX_CONCURRENT_HASHES)
         .try_collect()
         .await?;
-    Ok(hashed.into_iter().flatten().collect())
+    let mut out = Hashed {
+        sources: Vec::new(),
+        learned: Vec::new(),
+        read: 0,
+    };
+    for (source, learned, read) in hashed.into_iter().flatten() {
+        out.sources.push(source);
+        out.learned.extend(learned);
+        out.read += usize::from(read);
+    }
+    Ok(out)
 }
 
-/// Hashes each of `files` (ID, path in the graph, local path), in order,
-/// with one buffer.
-fn hash_group(files: Vec<(String, String, PathBuf)>) -> Result<Vec<Source>, SourceError> {
+/// Hashes each of `files`, in order, with one buffer; or takes its digest
+/// from `cache`. Each comes back with the entry to remember, if any, and
+/// whether it was read.
+fn hash_group(
+    files: Vec<Checked>,
+    cache: Option<&DigestCache>,
+    began: SystemTime,
+) -> Result<Vec<(Source, Option<Learned>, bool)>, SourceError> {
     let mut buffer = vec![0u8; HASH_BUFFER_BYTES];
     files
         .into_iter()
-        .map(|(id, path, local_path)| {
-            match File::open(&local_path).and_then(|file| hash_with(file, &mut buffer)) {
-                Ok((digest, size)) => Ok(Source {
+        .map(|file| {
+            let Checked {
+                id,
+                path,
+                local_path,
+                stamp,
+            } = file;
+            if let Some(digest) = cache.and_then(|c| c.lookup(&path, &stamp)) {
+                let learned = (path.clone(), stamp, digest);
+                let source = Source {
                     id,
                     path,
                     local_path,
                     digest,
-                    size,
-                }),
+                    size: stamp.size(),
+                };
+                return Ok((source, Some(learned), false));
+            }
+            let hashed = File::open(&local_path).and_then(|mut file| {
+                let (digest, size) = hash_with(&mut file, &mut buffer)?;
+                Ok((digest, size, Stamp::of(&file.metadata()?)))
+            });
+            match hashed {
+                Ok((digest, size, after)) => {
+                    let learned = DigestCache::may_remember(&stamp, &after, began)
+                        .then(|| (path.clone(), stamp, digest));
+                    let source = Source {
+                        id,
+                        path,
+                        local_path,
+                        digest,
+                        size,
+                    };
+                    Ok((source, learned, true))
+                }
                 Err(source) => Err(SourceError::Io { id, path, source }),
             }
         })
@@ -307,6 +394,49 @@ mod tests {
             .await
             .expect("followed");
         assert_eq!(sources[0].digest, Digest::of(b"x"));
+    }
+
+    /// A file whose stat the cache remembers is not read: its digest is
+    /// the remembered one (here deliberately not its content's, to see
+    /// that). One whose stat moved is read, and its new digest learned.
+    #[tokio::test]
+    async fn the_digest_cache_answers_for_files_whose_stat_is_unchanged() {
+        use crate::digests::Stamp;
+        let dir = tempfile::tempdir().expect("tempdir");
+        fs::write(dir.path().join("a.c"), b"int a;").expect("write");
+        fs::write(dir.path().join("b.c"), b"int b;").expect("write");
+        let stamp = |name: &str| Stamp::of(&fs::metadata(dir.path().join(name)).expect("stat"));
+        let remembered = Digest::of(b"what the cache says");
+        let cache_file = dir.path().join("digests");
+        let entries = vec![
+            ("a.c".to_string(), stamp("a.c"), remembered),
+            ("b.c".to_string(), stamp("b.c"), remembered),
+        ];
+        DigestCache::default()
+            .save(&cache_file, &entries)
+            .expect("save");
+        // b.c changes (same size): its change time moves.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        fs::write(dir.path().join("b.c"), b"int c;").expect("write");
+        let (cache, _) = DigestCache::load(&cache_file);
+        let g = graph(&[(A, "a.c"), (B, "b.c")]);
+        let hashed = hash_sources_with(&g, dir.path(), Some(Arc::new(cache)))
+            .await
+            .expect("hashed");
+        let got: Vec<(&str, Digest, u64)> = hashed
+            .sources
+            .iter()
+            .map(|s| (s.path.as_str(), s.digest, s.size))
+            .collect();
+        assert_eq!(
+            got,
+            vec![("a.c", remembered, 6), ("b.c", Digest::of(b"int c;"), 6)]
+        );
+        assert_eq!(hashed.read, 1, "only b.c is read");
+        // a.c stays remembered; b.c was changed just now (racy), so it is
+        // not remembered until it has settled.
+        let learned: Vec<&str> = hashed.learned.iter().map(|(p, _, _)| p.as_str()).collect();
+        assert_eq!(learned, ["a.c"]);
     }
 
     #[tokio::test]

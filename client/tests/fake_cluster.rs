@@ -49,6 +49,7 @@ fn args(dir: &Path, graph: &Path, coordinators: Vec<String>, timeout_secs: u64) 
             security: Default::default(),
         },
         output_base: None,
+        digest_cache: false,
         block_for_lock: true,
         max_idle_secs: 60,
         sandbox_writable_paths: Vec::new(),

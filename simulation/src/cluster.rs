@@ -400,6 +400,9 @@ pub fn run(config: RunConfig, dir: &Path) -> RunResult {
                     security: Default::default(),
                 },
                 output_base: None,
+                // Real files and the real clock, outside the simulated world: every
+                // build hashes its sources.
+                digest_cache: false,
                 block_for_lock: true,
                 max_idle_secs: 0,
                 sandbox_writable_paths: Vec::new(),

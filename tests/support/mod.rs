@@ -19,10 +19,17 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// `DISTBUILD_BENCH_BINARY` names (benchmarks use it to compare an older
 /// build against this one in the same run, on the same harness).
 pub fn distbuild() -> Command {
-    match std::env::var_os("DISTBUILD_BENCH_BINARY") {
+    let mut command = match std::env::var_os("DISTBUILD_BENCH_BINARY") {
         Some(path) => Command::new(path),
         None => Command::new(env!("CARGO_BIN_EXE_distbuild")),
-    }
+    };
+    // Output bases (each build's digest cache, local servers) go under the
+    // target directory, not the user's ~/.cache.
+    command.env(
+        "XDG_CACHE_HOME",
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join("xdg-cache"),
+    );
+    command
 }
 
 /// A cluster CA made with `distbuild certs` in a directory, issuing a
