@@ -5,8 +5,9 @@
 # causes), raft-store appends against the disk's fsync rate, and the soak
 # (coordinator disk and memory over 200 builds with garbage collection),
 # what TLS and the job sandbox cost per job, Bazel building zlib
-# locally against remotely, and a C project (zlib, bzip2 and lz4) on
-# distbuild against ninja.
+# locally against remotely, a C project (zlib, bzip2 and lz4) on
+# distbuild against ninja, and 20,000 sources with nothing or one file
+# changed against ninja.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
@@ -18,4 +19,5 @@ cargo bench --locked --bench soak
 cargo bench --locked --bench security
 cargo bench --locked --bench bazel
 cargo bench --locked --bench cproject
+cargo bench --locked --bench sources
 cargo bench --locked -p distbuild-raft-store --bench append
